@@ -1,0 +1,157 @@
+"""`xlp`: the pipeline's command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+xlstm-pipeline: pretrain xLSTM language models from raw corpus to evaluated checkpoint.
+
+A run is a config (YAML + key=value overrides). Its stages write to RUN_DIR/<stage>/; a stage that
+is done and unchanged is skipped, a changed one and everything after it reruns.
+"""
+
+RUN_EPILOG = """\
+overrides are OmegaConf dot-list items, e.g.
+  xlp run configs/demo.yaml train.steps=20 model.d_model=256
+  xlp run configs/demo.yaml model=xlstm_125m          (picks configs/model/xlstm_125m.yaml)
+  xlp run configs/demo.yaml --stages tokenizer,shard --run-dir /tmp/run1
+An unknown key or a value of the wrong type is an error that names the key and what is valid.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.stages import stage_names
+
+    stages_help = ", ".join(stage_names()) or "(none registered)"
+    parser = argparse.ArgumentParser(
+        prog="xlp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline's missing or stale stages on this machine (embedded Ray)",
+        description="Run the pipeline here: the stages that are missing or stale, in order, each "
+        "as a Ray task in an embedded Ray instance (or the cluster in RAY_ADDRESS).",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", metavar="CONFIG", help="run config YAML, e.g. configs/demo.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dot-list)")
+    run.add_argument(
+        "--stages",
+        metavar="A,B",
+        help=f"run only these stages (their inputs must be done); stages: {stages_help}",
+    )
+    run.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
+    run.add_argument("--run-dir", metavar="DIR", help="run directory (default: the config's run.dir)")
+
+    status = sub.add_parser(
+        "status",
+        help="show each stage of a run: done / stale / running / failed / pending",
+        description="Show each stage of a run directory: status (done, stale: done with a different "
+        "config; running; failed: raised or was killed; pending: never ran), fingerprint, duration "
+        "and headline metrics. Works while a run is in progress, also from another machine that "
+        "sees the run directory.",
+    )
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    cfg = sub.add_parser(
+        "config",
+        help="print the resolved, validated config of a run",
+        description="Print the resolved config that `xlp run` would use (after defaults, composition, "
+        "overrides and interpolation), or fail with the config error.",
+    )
+    cfg.add_argument("config", metavar="CONFIG")
+    cfg.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from pipeline.config import ConfigError
+    from pipeline.runner import PipelineError
+
+    try:
+        return {"run": cmd_run, "status": cmd_status, "config": cmd_config}[args.command](args)
+    except (ConfigError, PipelineError) as e:
+        print(f"xlp {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"xlp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from pipeline.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import stage_states
+    from pipeline.stages import STAGES
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
+    cfg = load_config(config_file)
+    states = stage_states(STAGES, cfg, run_dir)
+    headline = {s.name: s.headline for s in STAGES}
+    if args.json:
+        print(json.dumps({s.name: {"status": s.status, "fingerprint": s.fingerprint, **s.marker} for s in states}, indent=2, default=str))
+        return 0
+    rows = [("STAGE", "STATUS", "FINGERPRINT", "DURATION", "METRICS")]
+    for s in states:
+        metrics = s.marker.get("metrics", {})
+        keys = [k for k in headline[s.name] if k in metrics] or list(metrics)[:3]
+        shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
+        if s.status == "failed" and s.marker.get("error"):
+            shown = s.marker["error"].splitlines()[-1][:80]
+        elif s.status == "running":
+            shown = f"started {time.strftime('%H:%M:%S', time.localtime(s.marker['started_at']))} on {s.marker.get('host')}"
+        duration = _duration(s.marker.get("duration_s"))
+        rows.append((s.name, s.status, s.fingerprint, duration, shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"run dir: {run_dir.resolve()}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

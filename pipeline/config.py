@@ -1,0 +1,264 @@
+"""The pipeline's config: OmegaConf structured configs built from the dataclasses next to each part.
+
+Loading a run config:
+  1. defaults from the dataclasses (PipelineConfig below),
+  2. the YAML file, after its `defaults:` list has been composed in, e.g.
+         defaults:
+           - model: tiny          # configs/model/tiny.yaml merged under `model`
+           - base.yaml            # another file merged at the top level
+  3. dot-list overrides from the command line (`train.steps=10`, `model=xlstm_125m` picks a group file),
+  4. `${...}` interpolations resolved, then each section validated.
+Unknown keys and wrong types fail with the key, where it came from, and what is valid there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pipeline.data.config import DataConfig, TokenizerConfig
+from pipeline.eval.config import EvalConfig
+from pipeline.train.config import TrainConfig
+from xlstm_model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.
+GROUPS = ("model",)
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    dir: str = "runs/${run.name}"  # RUN_DIR: stage outputs, stage.json markers, the resolved config
+    seed: int = 0
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # auto | reference | triton (auto: Triton on CUDA tensors, else reference)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "xlstm-pipeline"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, where it came from, and the fix."""
+
+
+CHOICES = {
+    "kernels.backend": ("auto", "reference", "triton"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The validated, resolved config of a run: defaults <- YAML file <- overrides."""
+    cfg = OmegaConf.structured(PipelineConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        merge_into(cfg, compose_file(path), f"config file {path}")
+    group_overrides, dot_overrides = split_overrides(overrides)
+    for group, name in group_overrides:
+        merge_into(cfg, {group: read_yaml(group_file(group, name, CONFIG_DIR))}, f"override {group}={name}")
+    for item in dot_overrides:
+        key, _, value = item.partition("=")
+        merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
+    return finalize(cfg)
+
+
+def finalize(cfg: DictConfig) -> DictConfig:
+    """Resolve interpolations, check the values, and make the config read-only."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve interpolation at {_key_of(e)}: {_msg_of(e)}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def split_overrides(overrides) -> tuple[list[tuple[str, str]], list[str]]:
+    groups, dots = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not key=value (e.g. train.steps=10, model=xlstm_125m)"
+            )
+        key, _, value = item.partition("=")
+        if key in GROUPS and value and not value.startswith("{"):
+            groups.append((key, value))
+        else:
+            dots.append(item)
+    return groups, dots
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def group_file(group: str, name: str, base_dir: Path) -> Path:
+    for directory in (base_dir / group, CONFIG_DIR / group):
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    raise ConfigError(f"no {group} config named {name!r}; available: {', '.join(available) or 'none'}")
+
+
+def compose_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """The YAML file with its `defaults:` list merged in (entries first, the file's own keys last)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"config files include each other: {' -> '.join(map(str, _seen + (path,)))}")
+    data = read_yaml(path)
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: `defaults` must be a list, e.g. [{{model: tiny}}, base.yaml]")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if isinstance(entry, dict) and len(entry) == 1:
+            (group, name), = entry.items()
+            if group not in GROUPS:
+                raise ConfigError(f"{path}: defaults entry {entry}: unknown group {group!r}; groups: {', '.join(GROUPS)}")
+            part = OmegaConf.create({group: read_yaml(group_file(group, str(name), path.parent))})
+        elif isinstance(entry, str):
+            part = compose_file(path.parent / entry, _seen + (path,))
+        else:
+            raise ConfigError(f"{path}: defaults entry {entry!r} must be `group: name` or a file name")
+        merged = OmegaConf.merge(merged, part)
+    return OmegaConf.merge(merged, OmegaConf.create(data))
+
+
+def merge_into(cfg: DictConfig, update: Any, source: str) -> None:
+    """Merge `update` into the structured `cfg`, turning OmegaConf's errors into ones users can act on."""
+    try:
+        cfg.merge_with(update)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(cfg, e, source)) from None
+    except ValidationError as e:
+        raise ConfigError(_type_message(cfg, e, source)) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_key_of(e)}: {_msg_of(e)}") from None
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    return getattr(e, "full_key", None) or str(getattr(e, "key", "?"))
+
+
+def _msg_of(e: OmegaConfBaseException) -> str:
+    return str(e).split("\n")[0]
+
+
+def _parent_node(cfg: DictConfig, full_key: str) -> tuple[str, Any]:
+    parent_key = full_key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    return parent_key, node
+
+
+def _unknown_key_message(cfg: DictConfig, e: ConfigKeyError, source: str) -> str:
+    full_key = _key_of(e)
+    parent_key, node = _parent_node(cfg, full_key)
+    where = f"in section `{parent_key}`" if parent_key else "at the top level"
+    valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return (
+        f"unknown config key `{full_key}` ({source}), {where}. "
+        f"Valid keys there: {', '.join(valid)}"
+    )
+
+
+def _type_message(cfg: DictConfig, e: ValidationError, source: str) -> str:
+    full_key = _key_of(e)
+    expected = _expected_type(full_key)
+    value = getattr(e, "msg", str(e)).split("\n")[0]
+    return f"wrong type for config key `{full_key}` ({source}): expected {expected}. ({value})"
+
+
+def _expected_type(full_key: str) -> str:
+    """The declared type of a key, read from the dataclasses (e.g. `int`, `Optional[str]`)."""
+    import typing
+
+    cls: Any = PipelineConfig
+    typ: Any = None
+    for part in full_key.split("."):
+        name, _, index = part.partition("[")
+        if not dataclasses.is_dataclass(cls):
+            break
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            break
+        typ = cls = hints[name]
+        if index and typing.get_args(typ):  # an element of a list
+            typ = cls = typing.get_args(typ)[0]
+    if typ is None:
+        return "a different type"
+    return getattr(typ, "__name__", None) if isinstance(typ, type) else str(typ).replace("typing.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values (types are checked by OmegaConf on merge)
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
+    for section in ("data", "tokenizer", "model", "train", "eval"):
+        obj = OmegaConf.to_object(cfg[section])
+        check = getattr(obj, "validate", None)
+        if check is not None:
+            try:
+                check()
+            except (ValueError, TypeError) as e:
+                raise ConfigError(str(e)) from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def run_dir_of(cfg: DictConfig, override: str | os.PathLike | None = None) -> Path:
+    return Path(override) if override else Path(cfg.run.dir)
+
+
+def section(cfg: DictConfig, name: str):
+    """A config section as its dataclass (e.g. `section(cfg, "model")` -> ModelConfig)."""
+    return OmegaConf.to_object(cfg[name])

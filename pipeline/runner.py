@@ -1,0 +1,379 @@
+"""Runs the stages of a pipeline that are missing or stale, each as a Ray task.
+
+For each stage, in dependency order: a stage whose `stage.json` says done with the current
+fingerprint is skipped; otherwise its inputs must be done (run earlier in this call, or before), its
+directory is cleared (or kept, when an interrupted attempt with the same fingerprint can resume), and
+its function runs as a Ray task in the embedded (or connected) Ray instance. The stage's output goes
+to `RUN_DIR/<stage>/stage.log`, which this process echoes to the terminal, so Ray's own log lines
+stay out of the user's way.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, TextIO
+
+from omegaconf import DictConfig
+
+from pipeline.config import to_yaml
+from pipeline.stage import (
+    STAGE_JSON,
+    Stage,
+    StageContext,
+    atomic_write_json,
+    atomic_write_text,
+    fingerprints,
+    read_stage_json,
+    toposort,
+)
+
+LOG_NAME = "stage.log"
+HEARTBEAT_S = 10.0
+# A marker that says "running" but has not been refreshed for this long belongs to a dead run.
+STALE_HEARTBEAT_S = 60.0
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot go on; the message says which stage and what to do."""
+
+
+@dataclass
+class StageState:
+    """What `xlp status` shows for one stage."""
+
+    name: str
+    status: str  # done | stale | running | failed | pending
+    fingerprint: str  # the fingerprint the current config gives
+    marker: dict
+
+    @property
+    def duration_s(self) -> Optional[float]:
+        return self.marker.get("duration_s")
+
+
+def stage_states(stages: list[Stage], cfg: DictConfig, run_dir: Path) -> list[StageState]:
+    """Each stage's status in `run_dir` relative to `cfg`."""
+    fps = fingerprints(stages, cfg)
+    states = []
+    for stage in toposort(stages):
+        marker = read_stage_json(run_dir / stage.name)
+        status = _status(marker, fps[stage.name], run_dir)
+        states.append(StageState(stage.name, status, fps[stage.name], marker))
+    return states
+
+
+def _status(marker: dict, fp: str, run_dir: Path | None = None) -> str:
+    status = marker.get("status")
+    if status is None:
+        return "pending"
+    if status == "done":
+        return "done" if marker.get("fingerprint") == fp else "stale"
+    if status == "running" and _still_running(marker, run_dir):
+        return "running"
+    return "failed"  # it raised, or its process died without saying so (SIGKILL, node lost)
+
+
+def _still_running(marker: dict, run_dir: Path | None) -> bool:
+    if time.time() - marker.get("heartbeat_at", 0) > STALE_HEARTBEAT_S:
+        return False
+    if run_dir is not None and marker.get("host") == socket.gethostname():
+        return RunLock(run_dir).held_by_other()  # same machine: the lock tells at once
+    return True
+
+
+class RunLock:
+    """An advisory lock on RUN_DIR held by the `xlp run` using it, so two runs never interleave."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise PipelineError(
+                f"another `xlp run` ({holder or 'unknown process'}) is using {self.path.parent}; "
+                "wait for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def held_by_other(self) -> bool:
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+def run_pipeline(
+    cfg: DictConfig,
+    *,
+    stages: list[Stage] | None = None,
+    only: Iterable[str] | None = None,
+    force: bool = False,
+    run_dir: str | os.PathLike | None = None,
+    out: TextIO | None = None,
+    config_source: str | None = None,
+) -> dict[str, str]:
+    """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError."""
+    if stages is None:
+        from pipeline.stages import STAGES
+
+        stages = STAGES
+    out = out or sys.stdout
+    run_dir = Path(run_dir or cfg.run.dir).absolute()
+    order = toposort(stages)
+    names = [s.name for s in order]
+    selected = list(names) if only is None else list(only)
+    unknown = [n for n in selected if n not in names]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+
+    lock = RunLock(run_dir)
+    lock.acquire()
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    fps = fingerprints(stages, cfg)
+    print(f"run dir: {run_dir}", file=out)
+
+    outcome: dict[str, str] = {}
+    started_ray = False
+    try:
+        started_ray = _ensure_ray()
+        for stage in order:
+            if stage.name not in selected:
+                continue
+            stage_dir = run_dir / stage.name
+            marker = read_stage_json(stage_dir)
+            fp = fps[stage.name]
+            if marker.get("status") == "done" and marker.get("fingerprint") == fp and not force:
+                print(f"= {stage.name}: done (fingerprint {fp}), skipped", file=out)
+                outcome[stage.name] = "skipped"
+                continue
+            _check_inputs(stage, run_dir, fps, config_source)
+            resumed = _prepare_dir(stage, stage_dir, marker, fp, force)
+            _run_one(stage, cfg, run_dir, fp, resumed, out)
+            outcome[stage.name] = "ran"
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        lock.release()
+    return outcome
+
+
+def _check_inputs(stage: Stage, run_dir: Path, fps: dict[str, str], config_source: str | None) -> None:
+    for dep in stage.needs:
+        marker = read_stage_json(run_dir / dep)
+        status = _status(marker, fps[dep])
+        if status != "done":
+            cmd = f"xlp run {config_source or 'CONFIG'} --stages {dep}"
+            raise PipelineError(
+                f"stage {stage.name!r} needs stage {dep!r}, which is {status} in {run_dir}: "
+                f"run `{cmd}` first (or run without --stages)"
+            )
+
+
+def _prepare_dir(stage: Stage, stage_dir: Path, marker: dict, fp: str, force: bool) -> bool:
+    """Clear old outputs; keep those of an interrupted attempt that can resume. Returns `resumed`."""
+    can_resume = (
+        stage.resumable
+        and not force
+        and marker.get("fingerprint") == fp
+        and marker.get("status") in ("running", "failed")
+    )
+    if stage_dir.exists() and not can_resume:
+        # Move aside first: a rename is atomic, so a crash mid-delete leaves no half-cleared stage.
+        trash = stage_dir.with_name(f".{stage.name}.trash-{os.getpid()}")
+        os.replace(stage_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return can_resume
+
+
+def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: bool, out: TextIO) -> None:
+    import ray
+
+    stage_dir = run_dir / stage.name
+    log_path = stage_dir / LOG_NAME
+    started = time.time()
+    marker = {
+        "stage": stage.name,
+        "status": "running",
+        "fingerprint": fp,
+        "started_at": started,
+        "heartbeat_at": started,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "resumed": resumed,
+    }
+    atomic_write_json(stage_dir / STAGE_JSON, marker)
+    how = "resuming" if resumed else "running"
+    print(f"> {stage.name}: {how} (fingerprint {fp}); log: {log_path}", file=out, flush=True)
+
+    task = _remote_stage().remote(stage, cfg, str(run_dir), fp, resumed, str(log_path))
+    tail = _LogTail(log_path, out)
+    try:
+        last_beat = time.time()
+        while True:
+            ready, _ = ray.wait([task], timeout=0.5)
+            tail.pump()
+            if time.time() - last_beat > HEARTBEAT_S:
+                marker["heartbeat_at"] = last_beat = time.time()
+                atomic_write_json(stage_dir / STAGE_JSON, marker)
+            if ready:
+                break
+        metrics = ray.get(task)
+    except KeyboardInterrupt:
+        ray.cancel(task, force=True)
+        _fail(stage_dir, marker, "interrupted (Ctrl-C)")
+        raise
+    except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
+        tail.pump()
+        cause = getattr(e, "cause", None) or e
+        message = f"{type(cause).__name__}: {cause}".strip()
+        _fail(stage_dir, marker, message)
+        raise PipelineError(
+            f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}"
+        ) from None
+    tail.pump()
+    ended = time.time()
+    marker.update(
+        status="done",
+        ended_at=ended,
+        heartbeat_at=ended,
+        duration_s=round(ended - started, 3),
+        metrics=metrics or {},
+    )
+    atomic_write_json(stage_dir / STAGE_JSON, marker)
+    print(f"+ {stage.name}: done in {ended - started:.1f}s {_short_metrics(stage, metrics)}", file=out, flush=True)
+
+
+def _fail(stage_dir: Path, marker: dict, error: str) -> None:
+    marker.update(status="failed", ended_at=time.time(), error=error)
+    atomic_write_json(stage_dir / STAGE_JSON, marker)
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(lines[-n:]) if len(lines) > n else text.strip()
+
+
+def _short_metrics(stage: Stage, metrics: dict | None) -> str:
+    if not metrics:
+        return ""
+    keys = [k for k in stage.headline if k in metrics] or list(metrics)[:4]
+    return " ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class _LogTail:
+    """Echoes what the stage appends to its log file."""
+
+    def __init__(self, path: Path, out: TextIO):
+        self.path, self.out, self.pos = path, out, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        if chunk:
+            self.pos += len(chunk)
+            self.out.write(chunk.decode("utf-8", errors="replace"))
+            self.out.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ensure_ray() -> bool:
+    """Connect to Ray: the cluster in RAY_ADDRESS if set, else start an embedded one. True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = os.cpu_count()
+    ray.init(**kwargs)
+    return True
+
+
+def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, resumed: bool, log_path: str) -> dict:
+    ctx = StageContext(
+        name=stage.name, cfg=cfg, run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
+    )
+    with _output_to(Path(log_path)):
+        try:
+            return stage.load_fn()(ctx) or {}
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
+@functools.cache
+def _remote_stage() -> Callable:
+    import ray
+
+    # num_cpus=0: the stage's own work runs in the Ray tasks or processes it starts.
+    return ray.remote(num_cpus=0, max_retries=0)(_execute_stage_impl)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors too, for subprocesses) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)

@@ -1,0 +1,186 @@
+"""What a stage is: a function of the config keys it reads and the stages it needs.
+
+A stage's fingerprint hashes the values of the keys it reads and its upstream fingerprints (marin's
+executor steps). Its outputs live in `RUN_DIR/<stage>/`; `RUN_DIR/<stage>/stage.json` says whether
+they are whole: it is written last, atomically, with `status: done` (datatrove's completion marker),
+so a killed stage never looks done.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+# Bump when a stage's code changes what it writes, so old outputs become stale.
+FINGERPRINT_VERSION = 1
+
+STAGE_JSON = "stage.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage.
+
+    name:  the stage's directory name under the run dir and its name on the command line.
+    reads: config keys (dotted; a key names its whole subtree) whose values the fingerprint hashes.
+    needs: names of upstream stages whose outputs this stage reads.
+    fn:    "module:function"; the function takes a StageContext and returns a dict of metrics.
+           An import string, so the registry imports nothing heavy and Ray workers import the code.
+    resumable: keep the outputs of an interrupted attempt with the same fingerprint (the stage
+           itself skips the work already whole: shards written, checkpoints saved).
+    headline: metric names `xlp status` shows.
+    """
+
+    name: str
+    reads: tuple[str, ...]
+    needs: tuple[str, ...]
+    fn: str
+    resumable: bool = True
+    headline: tuple[str, ...] = ()
+    description: str = ""
+
+    def load_fn(self) -> Callable[["StageContext"], dict]:
+        module, _, attr = self.fn.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the resolved config, where to write, where its inputs are."""
+
+    name: str
+    cfg: DictConfig  # the whole resolved, validated config (read-only)
+    run_dir: Path
+    fingerprint: str
+    resumed: bool = False  # an interrupted attempt with the same fingerprint left outputs here
+    log_file: Optional[Path] = None
+
+    @property
+    def out_dir(self) -> Path:
+        """The stage's output directory, `RUN_DIR/<stage>/`; it exists when the stage runs."""
+        return self.run_dir / self.name
+
+    def input_dir(self, stage: str) -> Path:
+        """Output directory of an upstream stage; the runner has checked that it is done."""
+        return self.run_dir / stage
+
+    def input_metrics(self, stage: str) -> dict:
+        return read_stage_json(self.run_dir / stage).get("metrics", {})
+
+
+def select_keys(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of `keys` (dotted) in `cfg`, resolved to plain Python; a missing key is None."""
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = value
+    return out
+
+
+def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str]) -> str:
+    """sha256 over the stage's name, the values of the keys it reads and its upstream fingerprints."""
+    payload = {
+        "stage": stage.name,
+        "version": FINGERPRINT_VERSION,
+        "reads": select_keys(cfg, stage.reads),
+        "upstream": {name: upstream[name] for name in sorted(stage.needs)},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprints(stages: list[Stage], cfg: DictConfig) -> dict[str, str]:
+    """Fingerprints of all stages (in dependency order)."""
+    fps: dict[str, str] = {}
+    for stage in toposort(stages):
+        fps[stage.name] = fingerprint(stage, cfg, fps)
+    return fps
+
+
+def toposort(stages: list[Stage]) -> list[Stage]:
+    by_name = {s.name: s for s in stages}
+    order: list[Stage] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name not in by_name:
+            raise ValueError(f"stage {path[-1]!r} needs unknown stage {name!r}")
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise ValueError(f"stage dependency cycle: {' -> '.join(path + (name,))}")
+        state[name] = 1
+        for dep in by_name[name].needs:
+            visit(dep, path + (name,))
+        state[name] = 2
+        order.append(by_name[name])
+
+    for s in stages:
+        visit(s.name, ())
+    return order
+
+
+def downstream(stages: list[Stage], name: str) -> list[str]:
+    """Names of stages that depend on `name`, directly or not."""
+    out: list[str] = []
+    frontier = [name]
+    while frontier:
+        cur = frontier.pop()
+        for s in stages:
+            if cur in s.needs and s.name not in out:
+                out.append(s.name)
+                frontier.append(s.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes and the stage.json marker
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_stage_json(stage_dir: Path) -> dict:
+    """The stage's marker, or {} when the stage never started (or the marker is unreadable)."""
+    try:
+        return json.loads((Path(stage_dir) / STAGE_JSON).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def now() -> float:
+    return time.time()

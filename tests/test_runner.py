@@ -1,0 +1,138 @@
+"""The stage runner: caching by fingerprint, reruns downstream of a change, --stages, --force,
+atomic completion under SIGKILL, failures, and `xlp status`."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import XLP, xlp_env
+from pipeline.config import load_config
+from pipeline.runner import PipelineError, run_pipeline, stage_states
+from toy_stages import BROKEN_STAGES, TOY_STAGES
+
+
+def calls(run_dir: Path) -> list[str]:
+    path = run_dir / "calls.txt"
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+def run(run_dir: Path, overrides=(), **kw) -> dict:
+    cfg = load_config(None, [f"run.dir={run_dir}", *overrides])
+    return run_pipeline(cfg, stages=TOY_STAGES, out=io.StringIO(), **kw)
+
+
+def test_second_run_skips_every_done_stage(tmp_path, ray_local):
+    assert run(tmp_path) == {"numbers": "ran", "total": "ran", "report": "ran"}
+    assert run(tmp_path) == {"numbers": "skipped", "total": "skipped", "report": "skipped"}
+    assert calls(tmp_path) == ["numbers fresh", "total fresh", "report fresh"]
+    marker = json.loads((tmp_path / "total" / "stage.json").read_text())
+    assert marker["status"] == "done" and marker["metrics"] == {"total": sum(range(256)) * 100}
+    assert marker["ended_at"] >= marker["started_at"]
+    assert (tmp_path / "config.yaml").read_text().count("seq_len: 256") == 1
+
+
+def test_changed_key_reruns_that_stage_and_downstream_only(tmp_path, ray_local):
+    run(tmp_path)
+    # train.steps is read by `total` only: `numbers` stays, `total` and `report` rerun.
+    assert run(tmp_path, ["train.steps=3"]) == {"numbers": "skipped", "total": "ran", "report": "ran"}
+    assert (tmp_path / "report" / "report.txt").read_text() == f"total is {sum(range(256)) * 3}\n"
+    # A key no stage reads changes nothing.
+    assert set(run(tmp_path, ["train.steps=3", "wandb.mode=disabled"]).values()) == {"skipped"}
+    # data.seq_len is read by the first stage: everything reruns.
+    assert run(tmp_path, ["train.steps=3", "data.seq_len=10"]) == {"numbers": "ran", "total": "ran", "report": "ran"}
+    assert (tmp_path / "report" / "report.txt").read_text() == f"total is {sum(range(10)) * 3}\n"
+
+
+def test_only_selected_stages_and_missing_inputs(tmp_path, ray_local):
+    with pytest.raises(PipelineError, match=r"needs stage 'numbers', which is pending.*--stages numbers"):
+        run(tmp_path, only=["total"])
+    assert run(tmp_path, only=["numbers"]) == {"numbers": "ran"}
+    assert run(tmp_path, only=["total", "report"]) == {"total": "ran", "report": "ran"}
+    # A stale input is refused too: changing seq_len makes `numbers` stale for this config.
+    with pytest.raises(PipelineError, match=r"needs stage 'numbers', which is stale"):
+        run(tmp_path, ["data.seq_len=5"], only=["total"])
+    with pytest.raises(PipelineError, match=r"unknown stage\(s\) nope; stages: numbers, total, report"):
+        run(tmp_path, only=["nope"])
+
+
+def test_force_reruns_done_stage(tmp_path, ray_local):
+    run(tmp_path)
+    assert run(tmp_path, only=["total"], force=True) == {"total": "ran"}
+    assert calls(tmp_path)[-1] == "total fresh"
+
+
+def test_failing_stage_is_marked_failed_with_its_error(tmp_path, ray_local):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    with pytest.raises(PipelineError, match=r"stage 'broken' failed: ValueError: the input file example.jsonl line 3"):
+        run_pipeline(cfg, stages=BROKEN_STAGES, out=io.StringIO())
+    states = {s.name: s.status for s in stage_states(BROKEN_STAGES, cfg, tmp_path)}
+    assert states == {"numbers": "done", "broken": "failed"}
+    assert "Traceback" in (tmp_path / "broken" / "stage.log").read_text()
+
+
+def test_stage_output_is_echoed_to_the_terminal(tmp_path, ray_local):
+    out = io.StringIO()
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    run_pipeline(cfg, stages=TOY_STAGES, out=out)
+    text = out.getvalue()
+    assert "wrote 256 numbers" in text and "+ numbers: done" in text and "(pid=" not in text
+
+
+KILLABLE_RUN = textwrap.dedent(
+    """
+    import sys
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+    from toy_stages import TOY_STAGES
+    run_pipeline(load_config(None, ["run.dir=" + sys.argv[1]]), stages=TOY_STAGES)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_leaves_it_not_done_and_rerun_completes(tmp_path):
+    env = xlp_env({"TOY_STAGE_SLEEP": "120"})
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = tmp_path / "total" / "started"
+    deadline = time.time() + 120
+    while not started.exists():
+        assert proc.poll() is None, "the run ended before the stage started"
+        assert time.time() < deadline, "the stage never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    cfg = load_config(tmp_path / "config.yaml")
+    states = {s.name: s.status for s in stage_states(TOY_STAGES, cfg, tmp_path)}
+    # killed: not done, and not "running" either (no process holds the run dir's lock)
+    assert states == {"numbers": "done", "total": "failed", "report": "pending"}
+    assert not (tmp_path / "total" / "total.txt").exists()
+
+    env["TOY_STAGE_SLEEP"] = "0"
+    rerun = subprocess.run([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "= numbers: done" in rerun.stdout and "> total: resuming" in rerun.stdout
+    assert (tmp_path / "total" / "total.txt").read_text() == str(sum(range(256)) * 100)
+    assert calls(tmp_path) == ["numbers fresh", "total fresh", "total resumed", "report fresh"]
+
+
+def test_second_run_on_same_dir_is_refused_while_first_holds_it(tmp_path):
+    from pipeline.runner import RunLock
+
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    try:
+        with pytest.raises(PipelineError, match=r"another `xlp run` \(pid \d+ on .*\) is using"):
+            run(tmp_path)
+    finally:
+        lock.release()
