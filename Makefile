@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   the whole pipeline on this machine's CPU, on the embedded default corpus
+#   make test   the test suite (what CI runs)
+# Both create a virtual environment in $(VENV) if there is none and install the project into it.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# torch is installed first, on its own: a CPU machine gets this build (on CI it is a local file);
+# a GPU user sets TORCH_PIP_ARGS to their CUDA build, or installs torch into the venv beforehand.
+TORCH_PIP_ARGS ?= torch==2.13.0
+DEMO_CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-dev clean-demo help
+
+help:
+	@echo "make demo    run configs/demo.yaml end to end on CPU (creates $(VENV) if needed)"
+	@echo "make test    install test dependencies and run the test suite"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(VENV)/.torch: | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: keeping it" || $(PY) -m pip install $(TORCH_PIP_ARGS)
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/xlp run $(DEMO_CONFIG)
+	$(VENV)/bin/xlp status runs/demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/demo

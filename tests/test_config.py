@@ -1,0 +1,125 @@
+"""Config loading: composition, overrides, interpolation, and errors that name the bad key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, XLP, xlp_env
+from pipeline.config import ConfigError, load_config
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_demo_composes_model_file_and_resolves_interpolation():
+    cfg = load_config(DEMO)
+    tiny = OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")
+    for key, value in tiny.items():
+        assert cfg.model[key] == value, key
+    assert cfg.run.dir == "runs/demo"  # ${run.name} resolved
+    assert cfg.data.sources == ["stdlib"]
+    assert OmegaConf.is_readonly(cfg)
+
+
+def test_override_order_defaults_file_cli(tmp_path):
+    base = write(tmp_path / "base.yaml", "train:\n  steps: 7\n  micro_batch_size: 3\n")
+    run = write(tmp_path / "run.yaml", "defaults:\n  - base.yaml\n  - model: tiny\ntrain:\n  steps: 9\nrun:\n  name: x\n")
+    cfg = load_config(run, ["train.micro_batch_size=5", "run.dir=/tmp/${run.name}-${train.steps}"])
+    assert (cfg.train.steps, cfg.train.micro_batch_size) == (9, 5)
+    assert cfg.run.dir == "/tmp/x-9"
+    assert base.exists()
+
+
+def test_group_override_picks_model_file():
+    cfg = load_config(DEMO, ["model=xlstm_125m"])
+    expected = OmegaConf.load(REPO / "configs" / "model" / "xlstm_125m.yaml")
+    assert cfg.model.d_model == expected.d_model and cfg.model.num_blocks == expected.num_blocks
+    with pytest.raises(ConfigError, match=r"no model config named 'nope'; available: .*tiny"):
+        load_config(DEMO, ["model=nope"])
+
+
+def test_typo_in_override_names_key_place_and_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["train.stepz=3"])
+    msg = str(e.value)
+    assert "`train.stepz`" in msg and "command-line override" in msg and "section `train`" in msg
+    assert "steps" in msg and "micro_batch_size" in msg
+
+
+def test_typo_in_yaml_file_names_the_file(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "defaults:\n  - model: tiny\ndata:\n  seq_lenn: 128\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "`data.seq_lenn`" in msg and str(bad) in msg and "seq_len" in msg
+    top = write(tmp_path / "top.yaml", "trian:\n  steps: 1\n")
+    with pytest.raises(ConfigError, match=r"`trian`.*at the top level.*train"):
+        load_config(top)
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train.steps`.*expected int"):
+        load_config(DEMO, ["train.steps=many"])
+    bad = write(tmp_path / "bad.yaml", "data:\n  val_fraction: lots\n")
+    with pytest.raises(ConfigError, match=rf"`data.val_fraction` \(config file {bad}\): expected float"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"`model.slstm_at\[0\]`.*expected int"):
+        load_config(DEMO, ["model.slstm_at=[first]"])
+
+
+def test_bad_values_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"`wandb.mode` is 'loud'; valid values: offline, online, disabled"):
+        load_config(DEMO, ["wandb.mode=loud"])
+    with pytest.raises(ConfigError, match=r"not key=value"):
+        load_config(DEMO, ["train.steps"])
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(write(tmp_path / "broken.yaml", "train: [1,\n"))
+    with pytest.raises(ConfigError, match=r"cannot resolve interpolation at run.dir"):
+        load_config(DEMO, ["run.dir=${run.nothing}"])
+
+
+def test_cli_reports_config_errors_and_help():
+    env = xlp_env()
+    bad = subprocess.run(XLP + ["run", str(DEMO), "train.stepz=3"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "xlp run: error: unknown config key `train.stepz`" in bad.stderr and "Traceback" not in bad.stderr
+    for args, words in (
+        ([], ["run", "status", "config"]),
+        (["run"], ["--stages", "--force", "--run-dir", "key=value", "CONFIG"]),
+        (["status"], ["RUN_DIR", "--json", "stale", "pending"]),
+    ):
+        out = subprocess.run(XLP + args + ["--help"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0
+        for word in words:
+            assert word in out.stdout, (args, word)
+    shown = subprocess.run(XLP + ["config", str(DEMO), "train.steps=3"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "steps: 3" in shown.stdout
+
+
+def test_transformers_imports_beside_our_top_level_packages():
+    """Our top-level names (kernels, tokenizer, ...) must not shadow what transformers imports."""
+    transformers = pytest.importorskip("transformers")
+    code = (
+        "import kernels, tokenizer, pipeline, xlstm_model, torch\n"
+        "import transformers\n"
+        "from transformers import AutoModelForCausalLM, GPT2Config\n"
+        "from transformers.utils import is_kernels_available\n"
+        "assert not is_kernels_available(), 'our kernels package was taken for HF kernels'\n"
+        "m = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,"
+        " bos_token_id=0, eos_token_id=0))\n"
+        "print(m(torch.randint(0, 64, (1, 5))).logits.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1, 5, 64])" in out.stdout
+    assert transformers.__version__
