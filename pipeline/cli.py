@@ -50,6 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
     run.add_argument("--run-dir", metavar="DIR", help="run directory (default: the config's run.dir)")
 
+    submit = sub.add_parser(
+        "submit",
+        help="send the run to a Slurm or Ray cluster",
+        description="Send the run that `xlp run` would do here to a cluster. The config is checked "
+        "before anything is queued. The run directory must be on a filesystem the cluster's nodes "
+        "share; `xlp status RUN_DIR` works there while the job runs.",
+        epilog="examples:\n"
+        "  xlp submit configs/xlstm_125m.yaml --to slurm slurm.partition=gpu slurm.nodes=4 slurm.gpus_per_node=8\n"
+        "  xlp submit configs/demo.yaml --to ray --address http://head:8265 --wait\n"
+        "  xlp submit configs/demo.yaml --to slurm --stages eval     (rerun just eval on the cluster)\n"
+        "Ray clusters with token authentication: the token in ~/.ray/auth_token or RAY_AUTH_TOKEN is used.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("config", metavar="CONFIG", help="run config YAML")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dot-list)")
+    submit.add_argument("--to", required=True, choices=("slurm", "ray"), help="the kind of cluster")
+    submit.add_argument("--address", metavar="URL", help="Ray: the Jobs API address, e.g. http://head:8265 "
+                        "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    submit.add_argument("--wait", action="store_true", help="stream the job's output and exit with its status")
+    submit.add_argument("--stages", metavar="A,B", help=f"run only these stages on the cluster; stages: {stages_help}")
+    submit.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
+    submit.add_argument("--run-dir", metavar="DIR", help="run directory on the shared filesystem (default: run.dir)")
+
     status = sub.add_parser(
         "status",
         help="show each stage of a run: done / stale / running / failed / pending",
@@ -74,16 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`xlp run C --stages train train.steps=5`): argparse leaves
+    # those to us as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 2
     from pipeline.config import ConfigError
     from pipeline.runner import PipelineError
+    from pipeline.submit import SubmitError
 
+    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "config": cmd_config}
     try:
-        return {"run": cmd_run, "status": cmd_status, "config": cmd_config}[args.command](args)
-    except (ConfigError, PipelineError) as e:
+        return commands[args.command](args)
+    except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -96,9 +128,35 @@ def cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    only = _stage_list(args.stages)
     run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
     return 0
+
+
+def _stage_list(spec: str | None) -> list[str] | None:
+    from pipeline.runner import PipelineError
+    from pipeline.stages import stage_names
+
+    if not spec:
+        return None
+    only = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in only if s not in stage_names()]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stage_names())}")
+    return only
+
+
+def cmd_submit(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.submit import submit_ray, submit_slurm
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
+    only = _stage_list(args.stages)
+    run_dir = Path(args.run_dir or cfg.run.dir).absolute()
+    kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout)
+    if args.to == "slurm":
+        return submit_slurm(cfg, **kw)
+    return submit_ray(cfg, address=args.address, **kw)
 
 
 def cmd_config(args) -> int:

@@ -1,0 +1,201 @@
+"""`xlp submit`: send the run that `xlp run` would do here to a Slurm or Ray cluster.
+
+The config is validated and resolved here, before anything is queued, and saved into the run
+directory, which must be on a filesystem the cluster's nodes share (so are `xlp status` and the
+outputs). On the cluster, the job runs `xlp run` on that saved config.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from string import Template
+from typing import Optional, TextIO
+
+from omegaconf import DictConfig
+
+from pipeline.config import to_yaml
+from pipeline.stage import atomic_write_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SBATCH_TEMPLATE = REPO_ROOT / "slurm" / "pipeline.sbatch"
+TERMINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class SubmitError(RuntimeError):
+    """The cluster refused the run or could not be reached; the message says what to fix."""
+
+
+def save_submitted_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """The resolved config the job will run, in RUN_DIR/submit/ (kept: one file per submission)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = run_dir / "submit" / f"config-{stamp}.yaml"
+    atomic_write_text(path, to_yaml(cfg))
+    return path
+
+
+def run_args(config: Path, run_dir: Path, only: Optional[list[str]], force: bool) -> list[str]:
+    args = ["run", str(config), "--run-dir", str(run_dir)]
+    if only:
+        args += ["--stages", ",".join(only)]
+    if force:
+        args.append("--force")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+
+
+def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optional[list[str]], force: bool) -> str:
+    s = cfg.slurm
+    optional = []
+    if s.partition:
+        optional.append(f"#SBATCH --partition={s.partition}")
+    if s.account:
+        optional.append(f"#SBATCH --account={s.account}")
+    if s.gpus_per_node:
+        optional.append(f"#SBATCH --gpus-per-node={s.gpus_per_node}")
+    if s.requeue:
+        optional.append("#SBATCH --requeue")
+    for line in s.extra:
+        optional.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
+    python = s.python or sys.executable
+    values = {
+        "job_name": s.job_name or f"xlp-{cfg.run.name}",
+        "nodes": s.nodes,
+        "cpus_per_task": s.cpus_per_task,
+        "time": s.time,
+        "signal_seconds": s.signal_seconds,
+        "optional_lines": "\n".join(optional),
+        "workdir": shlex.quote(str(REPO_ROOT)),
+        "run_dir": shlex.quote(str(run_dir)),
+        "config": shlex.quote(str(config)),
+        "python": shlex.quote(python),
+        "ray": shlex.quote(str(Path(python).with_name("ray"))),
+        "ray_port": s.ray_port,
+        "stages": f"--stages {','.join(only)}" if only else "",
+        "force": "--force" if force else "",
+    }
+    return Template(SBATCH_TEMPLATE.read_text()).substitute(values)
+
+
+def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], force: bool, wait: bool,
+                 out: TextIO) -> int:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: run `xlp submit --to slurm` on a Slurm login node "
+                          "(or start a local Slurm with infra/local-slurm.sh)")
+    config = save_submitted_config(cfg, run_dir)
+    script = render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force)
+    script_path = config.with_suffix(".sbatch")
+    atomic_write_text(script_path, script)
+    proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch refused {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    log = run_dir / "submit" / f"slurm-{job_id}.out"
+    print(f"submitted Slurm job {job_id}\n  script: {script_path}\n  log:    {log}\n"
+          f"  follow: xlp status {run_dir}   |   tail -f {log}", file=out, flush=True)
+    if not wait:
+        return 0
+    return wait_slurm(job_id, log, out)
+
+
+def slurm_job_state(job_id: str) -> tuple[str, str]:
+    """(JobState, ExitCode) from scontrol; ("UNKNOWN", "") once the controller has forgotten the job."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "UNKNOWN", ""
+    fields = dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+    return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+
+
+def wait_slurm(job_id: str, log: Path, out: TextIO, poll_s: float = 2.0) -> int:
+    pos = 0
+    state, exit_code = "PENDING", ""
+    while True:
+        if log.exists():
+            with open(log, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            out.write(chunk.decode(errors="replace"))
+            out.flush()
+        if state in TERMINAL_SLURM_STATES or state == "UNKNOWN":
+            break
+        time.sleep(poll_s)
+        state, exit_code = slurm_job_state(job_id)
+    print(f"Slurm job {job_id}: {state} (exit code {exit_code or '?'})", file=out, flush=True)
+    return 0 if state == "COMPLETED" else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray_auth_env() -> dict[str, str]:
+    """RAY_AUTH_MODE=token when a token is at hand and the user has not chosen a mode."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_path.is_file():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
+def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: Optional[list[str]],
+               force: bool, wait: bool, out: TextIO) -> int:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no Ray cluster given: pass --address http://HEAD:8265 (the Jobs API of the "
+                          "head node; infra/local-ray.sh starts one here) or set RAY_API_SERVER_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    os.environ.update(_ray_auth_env())
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - Ray raises several kinds; all mean "cannot use this cluster"
+        raise SubmitError(_ray_error(address, e)) from None
+    config = save_submitted_config(cfg, run_dir)
+    entrypoint = shlex.join([sys.executable, "-m", "pipeline.cli", *run_args(config, run_dir, only, force)])
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "XLP_LAUNCHER": "ray",
+                                      "PYTHONPATH": str(REPO_ROOT)}},
+            metadata={"xlp_run_dir": str(run_dir), "xlp_run_name": str(cfg.run.name)},
+        )
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(_ray_error(address, e)) from None
+    print(f"submitted Ray job {job_id} to {address}\n  follow: ray job logs --follow {job_id}   |   "
+          f"xlp status {run_dir}", file=out, flush=True)
+    if not wait:
+        return 0
+    import asyncio
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(stream())
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(1)
+    print(f"Ray job {job_id}: {status.value}", file=out, flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _ray_error(address: str, e: Exception) -> str:
+    text = str(e)
+    if "authentication" in text.lower() or "unauthorized" in text.lower():
+        return (f"the Ray cluster at {address} requires its authentication token: copy it from the head "
+                "node (`ray get-auth-token` there) into ~/.ray/auth_token or the RAY_AUTH_TOKEN variable, "
+                "and set RAY_AUTH_MODE=token")
+    return f"cannot submit to the Ray cluster at {address}: {text.splitlines()[0] if text else type(e).__name__}"
