@@ -1,0 +1,173 @@
+"""The numerical ops the models call, one public function per op.
+
+Each op takes `backend=None | "auto" | "reference" | "triton"`; None means the default backend
+(`set_default_backend(...)`, else the environment variable XLP_KERNEL_BACKEND, else "auto").
+"auto" runs the Triton kernel for CUDA tensors where one exists and the pure-PyTorch reference
+otherwise (see kernels/dispatch.py). Shapes follow the xLSTM literature; gates are pre-activations.
+
+mLSTM state conventions (every backend): state = (C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH)),
+float32 (float64 for float64 inputs); C, n accumulate the keys already scaled by DQK^-1/2;
+`initial_state=None` is the empty memory C = 0, n = 0, m = -inf. `doc_starts` is a bool mask (B, S),
+True where a token begins a new document (the memory is cleared before it), or cumulative sequence
+lengths cu_seqlens (N+1,) of N documents packed into one row (B = 1).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor
+
+from kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend
+from kernels.reference.common import doc_starts_mask
+from kernels.reference.mlstm import MLSTMState
+from kernels.reference.slstm import SLSTMState
+
+__all__ = [
+    "BACKENDS",
+    "MLSTMState",
+    "SLSTMState",
+    "default_backend",
+    "doc_starts_mask",
+    "layer_norm",
+    "linear_cross_entropy",
+    "mlstm_chunkwise",
+    "mlstm_parallel",
+    "mlstm_step",
+    "rms_norm",
+    "set_default_backend",
+    "slstm_sequence",
+    "slstm_step",
+]
+
+
+def mlstm_parallel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    i: Tensor,
+    f: Tensor,
+    *,
+    initial_state: Optional[MLSTMState] = None,
+    return_final_state: bool = False,
+    doc_starts: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, MLSTMState]]:
+    """Stabilised mLSTM in its parallel (attention-like) form, O(S^2) memory: the ground truth.
+
+    q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S) input/forget gate pre-activations.
+    Returns h (B, NH, S, DV) in v's dtype, plus the final state (C, n, m) if return_final_state.
+    """
+    fn = resolve("mlstm_parallel", backend, q)
+    return fn(q, k, v, i, f, initial_state=initial_state, return_final_state=return_final_state, doc_starts=doc_starts)
+
+
+def mlstm_chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    i: Tensor,
+    f: Tensor,
+    *,
+    chunk_size: int = 64,
+    initial_state: Optional[MLSTMState] = None,
+    return_final_state: bool = False,
+    doc_starts: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, MLSTMState]]:
+    """Stabilised mLSTM, chunkwise: exact inside chunks of `chunk_size`, recurrent state between them.
+
+    O(S * chunk_size) memory; any S (padded internally) and any chunk size. Same shapes and results
+    as `mlstm_parallel`: h (B, NH, S, DV), and the final state (C, n, m) if return_final_state.
+    """
+    fn = resolve("mlstm_chunkwise", backend, q)
+    return fn(
+        q, k, v, i, f,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        doc_starts=doc_starts,
+    )
+
+
+def mlstm_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    i: Tensor,
+    f: Tensor,
+    state: Optional[MLSTMState] = None,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, MLSTMState]:
+    """One token of the mLSTM recurrence (generation). q, k: (B, NH, DQK); v: (B, NH, DV);
+    i, f: (B, NH); state (C, n, m) or None. Returns h (B, NH, DV) and the new state."""
+    fn = resolve("mlstm_step", backend, q)
+    return fn(q, k, v, i, f, state)
+
+
+def slstm_sequence(
+    gates: Tensor,
+    R: Tensor,
+    *,
+    forget_gate: str = "sigmoid",
+    initial_state: Optional[SLSTMState] = None,
+    return_final_state: bool = False,
+    doc_starts: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, SLSTMState]]:
+    """sLSTM over a sequence (scalar memory, exponential input gate, stabiliser state m).
+
+    gates: (B, S, 4, NH, DH) input pre-activations W x + b in gate order (i, f, z, o);
+    R: (4, NH, DH, DH) block-diagonal recurrent weights (gate g of head j adds h_{t-1}[j] @ R[g, j]);
+    forget_gate: "sigmoid" | "exp"; state (h, c, n, m), each (B, NH, DH), None = empty (m = -inf).
+    Returns h (B, S, NH, DH) in the gates' dtype, plus the final state if return_final_state.
+    """
+    fn = resolve("slstm_sequence", backend, gates)
+    return fn(
+        gates, R,
+        forget_gate=forget_gate,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        doc_starts=doc_starts,
+    )
+
+
+def slstm_step(
+    gates: Tensor,
+    R: Tensor,
+    state: Optional[SLSTMState] = None,
+    *,
+    forget_gate: str = "sigmoid",
+    backend: Optional[str] = None,
+) -> tuple[Tensor, SLSTMState]:
+    """One sLSTM token. gates: (B, 4, NH, DH); R: (4, NH, DH, DH); state (h, c, n, m) or None.
+    Returns h (B, NH, DH) and the new state."""
+    fn = resolve("slstm_step", backend, gates)
+    return fn(gates, R, state, forget_gate=forget_gate)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:
+    """RMSNorm over the last dim. x: (..., D); weight: (D,) or None. Returns x's dtype."""
+    return resolve("rms_norm", backend, x)(x, weight, eps)
+
+
+def layer_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5, *, backend: Optional[str] = None
+) -> Tensor:
+    """LayerNorm over the last dim. x: (..., D); weight, bias: (D,) or None. Returns x's dtype."""
+    return resolve("layer_norm", backend, x)(x, weight, bias, eps)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    soft_cap: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Mean cross-entropy of (hidden @ weight^T), optionally soft-capped c*tanh(z/c), over targets
+    != ignore_index. hidden: (..., D); weight: (V, D); targets: (...). Returns a float32 scalar."""
+    fn = resolve("linear_cross_entropy", backend, hidden)
+    return fn(hidden, weight, targets, ignore_index=ignore_index, soft_cap=soft_cap)

@@ -1,0 +1,94 @@
+"""Pick the implementation of an op: the pure-PyTorch reference or the Triton kernel.
+
+backend "reference" always works; "triton" imports `kernels.triton.<module>` lazily and calls the
+function of the same name and signature (an error says what is missing); "auto" takes Triton for
+CUDA tensors when that op exists there, the reference otherwise. The default comes from
+`set_default_backend(...)`, else the environment variable XLP_KERNEL_BACKEND, else "auto".
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+import kernels.reference as reference
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "XLP_KERNEL_BACKEND"
+
+# op name -> module under kernels/triton/ that holds its Triton version
+TRITON_MODULES = {
+    "mlstm_parallel": "mlstm",
+    "mlstm_chunkwise": "mlstm",
+    "mlstm_step": "mlstm",
+    "slstm_sequence": "slstm",
+    "slstm_step": "slstm",
+    "rms_norm": "norms",
+    "layer_norm": "norms",
+    "linear_cross_entropy": "cross_entropy",
+}
+
+_default_override: Optional[str] = None
+_triton_cache: dict[str, Any] = {}  # op -> callable, or the exception that made it unavailable
+_warned: set[str] = set()
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
+    return name
+
+
+def set_default_backend(name: Optional[str]) -> None:
+    """Set the backend ops use when called without `backend=` (name in BACKENDS), or None to go
+    back to the environment variable XLP_KERNEL_BACKEND (else "auto")."""
+    global _default_override
+    _default_override = None if name is None else _check_name(name)
+
+
+def default_backend() -> str:
+    if _default_override is not None:
+        return _default_override
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def _load_triton(op: str) -> Any:
+    """The Triton function for `op`, or the exception explaining why there is none (cached)."""
+    if op not in _triton_cache:
+        module = f"kernels.triton.{TRITON_MODULES[op]}"
+        try:
+            fn = getattr(importlib.import_module(module), op)
+        except (ImportError, AttributeError) as exc:  # no triton installed, module or op not written
+            fn = exc
+        _triton_cache[op] = fn
+    return _triton_cache[op]
+
+
+def resolve(op: str, backend: Optional[str], *tensors: Optional[torch.Tensor]) -> Callable:
+    """The callable that runs `op` for these tensors under `backend` (None/"auto" as described above)."""
+    if op not in TRITON_MODULES:
+        raise KeyError(f"unknown kernel op {op!r}")
+    name = _check_name(backend) if backend is not None else default_backend()
+    if name == "reference":
+        return getattr(reference, op)
+    if name == "triton":
+        fn = _load_triton(op)
+        if isinstance(fn, Exception):
+            raise RuntimeError(
+                f"kernel backend 'triton' requested for {op}, but kernels.triton.{TRITON_MODULES[op]}.{op} "
+                f"is not available ({type(fn).__name__}: {fn}). Use backend='reference' or 'auto'."
+            ) from fn
+        return fn
+    # auto
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if on_cuda:
+        fn = _load_triton(op)
+        if not isinstance(fn, Exception):
+            return fn
+        if op not in _warned:
+            _warned.add(op)
+            warnings.warn(f"no Triton kernel for {op} ({fn}); using the reference implementation", stacklevel=3)
+    return getattr(reference, op)

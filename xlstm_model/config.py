@@ -1,0 +1,149 @@
+"""Model configuration: one dataclass for every architecture the package builds.
+
+The pipeline composes this dataclass into its config schema under the key `model`, so every field
+here is a config key (`model.d_model=512` on the command line). Only types OmegaConf structured
+configs support are used. Fields that belong to one architecture are ignored by the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+ARCHS = ("xlstm", "xlstm_large", "llama")
+INITS = ("small_wang", "normal")
+FORGET_GATES = ("sigmoid", "exp")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "xlstm"  # xlstm (NeurIPS xLSTM[a:b]) | xlstm_large (7B style) | llama (baseline)
+    # None: the tokenizer's vocabulary, rounded up to a multiple of 64 (the pipeline fills it in).
+    vocab_size: Optional[int] = None
+    d_model: int = 128
+    num_blocks: int = 2
+    num_heads: int = 4  # mLSTM heads (xlstm, xlstm_large) or attention heads (llama)
+    slstm_at: list[int] = field(default_factory=list)  # block indices that are sLSTM (xlstm arch)
+    tie_weights: bool = False
+    activation_checkpointing: bool = False
+
+    # --- xlstm (NeurIPS) mLSTM block: pre up-projection ---
+    mlstm_proj_factor: float = 2.0  # inner dim = factor * d_model
+    conv_kernel: int = 4  # causal depthwise conv (mLSTM and sLSTM blocks)
+    qkv_blocksize: int = 4  # block-diagonal ("head-wise") q/k/v projections, block size
+    # --- xlstm (NeurIPS) sLSTM block: post up-projection ---
+    slstm_num_heads: int = 4
+    slstm_forget_gate: str = "sigmoid"  # sigmoid | exp
+    slstm_ffn_factor: float = 4.0 / 3.0  # gated FFN after the sLSTM
+
+    # --- xlstm_large (xLSTM 7B) block ---
+    qk_dim_factor: float = 0.5  # q/k dim = factor * d_model
+    v_dim_factor: float = 1.0  # v dim = factor * d_model
+    # Soft caps c * tanh(x / c). None: the architecture's default (xlstm_large: gates 15, logits 30;
+    # others: off). 0 turns a cap off.
+    gate_soft_cap: Optional[float] = None
+    logit_soft_cap: Optional[float] = None
+
+    # --- FFNs (SwiGLU in xlstm_large and llama) ---
+    ffn_factor: float = 8.0 / 3.0
+    ffn_multiple_of: int = 64  # FFN hidden dims are rounded up to a multiple of this
+
+    # --- llama ---
+    rope_theta: float = 10000.0
+
+    # --- shared ---
+    norm_eps: float = 1e-5
+    mlstm_chunk_size: int = 64  # chunk length of the chunkwise mLSTM kernel (training/prefill)
+    # small_wang: small init sqrt(2/(5d)) (Nguyen & Salazar) for inputs, Wang init 2/(L sqrt(d)) for
+    # the projections that write into the residual stream (xLSTM papers). normal: GPT-2 style 0.02.
+    init: str = "small_wang"
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the bad key (`model.<key>`); returns self so calls can chain."""
+
+        def bad(key: str, why: str) -> None:
+            raise ValueError(f"model.{key}: {why}")
+
+        if self.arch not in ARCHS:
+            bad("arch", f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            bad("vocab_size", f"must be a positive integer or null, got {self.vocab_size}")
+        for key in ("d_model", "num_blocks", "num_heads", "conv_kernel", "qkv_blocksize", "slstm_num_heads",
+                    "ffn_multiple_of", "mlstm_chunk_size"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("mlstm_proj_factor", "slstm_ffn_factor", "qk_dim_factor", "v_dim_factor", "ffn_factor",
+                    "norm_eps", "rope_theta"):
+            if not getattr(self, key) > 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("gate_soft_cap", "logit_soft_cap"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                bad(key, f"must be null (arch default), 0 (off) or > 0, got {getattr(self, key)}")
+        if self.d_model % self.num_heads:
+            bad("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.init not in INITS:
+            bad("init", f"unknown init recipe {self.init!r}; valid: {', '.join(INITS)}")
+        if self.slstm_forget_gate not in FORGET_GATES:
+            bad("slstm_forget_gate", f"must be one of {', '.join(FORGET_GATES)}, got {self.slstm_forget_gate!r}")
+        slstm_at = list(self.slstm_at)
+        if slstm_at and self.arch != "xlstm":
+            bad("slstm_at", f"sLSTM blocks exist only in arch 'xlstm', not {self.arch!r}; use []")
+        for idx in slstm_at:
+            if not 0 <= idx < self.num_blocks:
+                bad("slstm_at", f"block index {idx} out of range [0, {self.num_blocks})")
+        if len(set(slstm_at)) != len(slstm_at):
+            bad("slstm_at", f"duplicate block indices in {slstm_at}")
+
+        if self.arch == "xlstm":
+            inner = self.mlstm_inner_dim
+            if inner % self.num_heads:
+                bad("mlstm_proj_factor", f"inner dim {inner} is not divisible by num_heads={self.num_heads}")
+            if inner % self.qkv_blocksize:
+                bad("qkv_blocksize", f"inner dim {inner} is not divisible by qkv_blocksize={self.qkv_blocksize}")
+            if slstm_at and self.d_model % self.slstm_num_heads:
+                bad("slstm_num_heads", f"d_model={self.d_model} is not divisible by slstm_num_heads={self.slstm_num_heads}")
+        elif self.arch == "xlstm_large":
+            for key, dim in (("qk_dim_factor", self.qk_dim), ("v_dim_factor", self.v_dim)):
+                if dim < self.num_heads or dim % self.num_heads:
+                    bad(key, f"dim {dim} is not divisible by num_heads={self.num_heads}")
+        elif self.arch == "llama":
+            if (self.d_model // self.num_heads) % 2:
+                bad("num_heads", f"head dim {self.d_model // self.num_heads} must be even for RoPE")
+        return self
+
+    # Derived sizes (properties, so they are not config keys).
+    @property
+    def mlstm_inner_dim(self) -> int:
+        return round(self.mlstm_proj_factor * self.d_model)
+
+    @property
+    def qk_dim(self) -> int:
+        return round(self.qk_dim_factor * self.d_model)
+
+    @property
+    def v_dim(self) -> int:
+        return round(self.v_dim_factor * self.d_model)
+
+    def round_up(self, x: float) -> int:
+        m = self.ffn_multiple_of
+        return int(-(-int(round(x)) // m) * m)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.round_up(self.ffn_factor * self.d_model)
+
+    @property
+    def slstm_ffn_dim(self) -> int:
+        return self.round_up(self.slstm_ffn_factor * self.d_model)
+
+    @property
+    def resolved_gate_soft_cap(self) -> float:
+        if self.gate_soft_cap is None:
+            return 15.0 if self.arch == "xlstm_large" else 0.0
+        return float(self.gate_soft_cap)
+
+    @property
+    def resolved_logit_soft_cap(self) -> float:
+        if self.logit_soft_cap is None:
+            return 30.0 if self.arch == "xlstm_large" else 0.0
+        return float(self.logit_soft_cap)

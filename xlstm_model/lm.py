@@ -1,0 +1,197 @@
+"""The language model shared by every architecture: embedding -> blocks -> final norm -> LM head.
+
+One class for xLSTM[a:b], xLSTM-large and the Llama baseline, so the families share embedding,
+head, loss, checkpointing and generation code and can be trained side by side on the same shards.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from xlstm_model.config import ModelConfig
+from xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
+from xlstm_model.llama import LlamaBlock
+from xlstm_model.xlstm import MLSTMBlock, SLSTMBlock
+from xlstm_model.xlstm_large import XLSTMLargeBlock
+
+State = list[Any]  # one entry per block: (conv state, cell state) for xLSTM blocks, the KV cache for Llama
+
+
+def make_block(cfg: ModelConfig, index: int) -> nn.Module:
+    if cfg.arch == "xlstm":
+        return SLSTMBlock(cfg) if index in cfg.slstm_at else MLSTMBlock(cfg)
+    if cfg.arch == "xlstm_large":
+        return XLSTMLargeBlock(cfg)
+    return LlamaBlock(cfg)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size: must be set before building the model (the pipeline fills it from the tokenizer)")
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(make_block(cfg, idx) for idx in range(cfg.num_blocks))
+        # The NeurIPS xLSTM uses LayerNorm throughout; xLSTM 7B and Llama use RMSNorm.
+        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps) if cfg.arch == "xlstm" else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.embedding.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=std_in(self.config))
+        if not self.config.tie_weights:
+            nn.init.normal_(self.head.weight, std=std_in(self.config))
+        for block in self.blocks:
+            block.init_weights()
+
+    # ----------------------------------------------------------------------------------- training
+    def hidden_states(self, input_ids: Tensor, doc_starts: Optional[Tensor] = None) -> Tensor:
+        """(B, S) token ids -> (B, S, D) final-normed hidden states."""
+        B, S = input_ids.shape
+        reset = kernels.doc_starts_mask(doc_starts, B, S, input_ids.device)
+        x = self.embedding(input_ids)
+        use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:  # recompute the block in backward instead of storing its activations
+                x = checkpoint(block, x, reset, use_reentrant=False)
+            else:
+                x = block(x, reset)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return soft_cap(self.head(hidden), self.config.resolved_logit_soft_cap)  # xLSTM 7B caps at 30
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        doc_starts: Optional[Tensor] = None,
+        targets: Optional[Tensor] = None,
+    ) -> Tensor:
+        """input_ids: (B, S) int64. doc_starts: bool (B, S), True where a new document begins (no
+        state or attention crosses it), or cu_seqlens for B = 1. Returns logits (B, S, V) if targets
+        is None, else the mean cross-entropy over targets != -100 (a scalar)."""
+        hidden = self.hidden_states(input_ids, doc_starts)
+        if targets is None:
+            return self.logits(hidden)
+        return kernels.linear_cross_entropy(
+            hidden, self.head.weight, targets, ignore_index=-100, soft_cap=self.config.resolved_logit_soft_cap or None
+        )
+
+    # --------------------------------------------------------------------------------- recurrence
+    def forward_with_state(self, input_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """Run (B, S) tokens continuing from `state` (None: fresh). Returns logits (B, S, V) and the
+        state after the last token: recurrent states for xLSTM, the KV cache for Llama."""
+        x = self.embedding(input_ids)
+        state = state if state is not None else [None] * len(self.blocks)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block(x, None, block_state, return_state=True)
+            new_state.append(block_state)
+        return self.logits(self.norm(x)), new_state
+
+    def step(self, token_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """One token per row: token_ids (B,) -> logits (B, V), new state. Uses the step kernels."""
+        x = self.embedding(token_ids)
+        state = state if state is not None else [None] * len(self.blocks)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block.step(x, block_state)
+            new_state.append(block_state)
+        return self.logits(self.norm(x)), new_state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Continue the prompts ids (B, S) by up to max_new_tokens sampled tokens; returns (B, S + n).
+
+        The prompt is read once (chunkwise / full attention), then one token at a time from the
+        recurrent state, so xLSTM memory does not grow with the context (Llama keeps a KV cache).
+        temperature 0 is greedy. Rows that emitted `eos` keep emitting it; stops when all have.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            logits, state = self.forward_with_state(ids)
+            logits = logits[:, -1]
+            out = [ids]
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            for n in range(max_new_tokens):
+                token = sample(logits, temperature, top_k, top_p, generator)
+                if eos is not None:
+                    token = torch.where(done, torch.full_like(token, eos), token)
+                    done = done | (token == eos)
+                out.append(token[:, None])
+                if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
+                    break
+                logits, state = self.step(token, state)
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Sample one token per row from logits (B, V): temperature, then top-k, then nucleus (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
+        drop = torch.cumsum(probs, dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def build_model(cfg: Union[ModelConfig, Any]) -> LanguageModel:
+    """Build the model a config describes (ModelConfig, an OmegaConf node, or a dict).
+    cfg.vocab_size must be set. Weights are initialised by the papers' recipes."""
+    return LanguageModel(as_model_config(cfg))
+
+
+def as_model_config(cfg: Union[ModelConfig, Any]) -> ModelConfig:
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        obj = OmegaConf.to_object(cfg)
+        if isinstance(obj, ModelConfig):
+            return obj
+        cfg = obj
+    if isinstance(cfg, dict):
+        known = set(ModelConfig.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"model.{unknown[0]}: unknown key; valid: {', '.join(sorted(known))}")
+        return ModelConfig(**cfg)
+    raise TypeError(f"expected a ModelConfig, DictConfig or dict, got {type(cfg).__name__}")
