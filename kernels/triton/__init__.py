@@ -1,0 +1,1 @@
+"""Triton backend of kernels/: same functions and signatures as kernels/reference (see NOTES.md)."""

@@ -1,0 +1,53 @@
+"""Compile every Triton kernel for an H100 (sm_90) without a GPU: catches compiler rejections
+(non-constexpr globals, bad dot shapes, type errors) the CPU interpreter does not.
+    python -m kernels.triton.aot_check [bf16|fp32]
+"""
+import triton, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.triton.mlstm as M, kernels.triton.slstm as SL, kernels.triton.norms as N, kernels.triton.cross_entropy as CE
+tgt = GPUTarget("cuda", 90, 32)
+def comp(fn, sig, consts, name):
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        k = triton.compile(src, target=tgt, options={"num_warps": 8 if 'chunk' in name else 4})
+        print("OK", name, "regs/spills:", getattr(k, 'n_regs', '?'), getattr(k, 'n_spills', '?'))
+    except Exception as e:
+        print("FAIL", name, str(e)[-700:])
+P=lambda t: "*"+t
+dt = sys.argv[1] if len(sys.argv)>1 else "bf16"
+c = dict(DQK=128, DV=256, L=64, BK=64, BV=64, PREC=("ieee" if dt=="fp32" else "tf32"))
+names = lambda fn: fn.arg_names
+def sig_for(fn, ptr_types, ints):
+    s = {}
+    for a in fn.arg_names:
+        if a in c or a in ("NBLK","BT"): s[a] = "constexpr"
+        elif a in ptr_types: s[a] = P(ptr_types[a])
+        elif a in ints: s[a] = ints[a]
+        else: s[a] = "*fp32"
+    return s
+ints = {"NH":"i32","S_P":"i32","NC":"i32","scale":"fp32"}
+k1 = sig_for(M._fwd_states_kernel, {"K":dt,"V":dt,"SEG":"i32","CST":dt}, ints)
+comp(M._fwd_states_kernel, k1, c, "fwd_states")
+k2 = sig_for(M._fwd_out_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","CST":dt,"H":dt}, ints)
+comp(M._fwd_out_kernel, k2, dict(c, BV=128), "fwd_out")
+k3 = sig_for(M._bwd_states_kernel, {"Q":dt,"DH":dt,"SEG":"i32","CST":dt,"DCST":dt}, ints)
+comp(M._bwd_states_kernel, k3, dict(c, NBLK=8), "bwd_states")
+k4 = sig_for(M._bwd_chunk_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","DH":dt,"CST":dt,"DCST":dt,"DQ":dt,"DK":dt,"DV_":dt}, ints)
+comp(M._bwd_chunk_kernel, k4, c, "bwd_chunk")
+ks = {"GX":dt,"R":"fp32","RESET":"i32","HOUT":dt}
+ints2 = {"S":"i32","NH":"i32","DH":"i32"}
+def sig2(fn, pt, ints, cs):
+    return {a: ("constexpr" if a in cs else (P(pt[a]) if a in pt else (ints[a] if a in ints else "*fp32"))) for a in fn.arg_names}
+cs = dict(BD=64, EXP_F=False, R_REG=True, HAS_RESET=True)
+comp(SL._slstm_fwd_kernel, sig2(SL._slstm_fwd_kernel, ks, ints2, cs), cs, "slstm_fwd")
+comp(SL._slstm_bwd_kernel, sig2(SL._slstm_bwd_kernel, ks, ints2, cs), cs, "slstm_bwd")
+cs2 = dict(cs, BD=256, R_REG=False)
+comp(SL._slstm_fwd_kernel, sig2(SL._slstm_fwd_kernel, ks, ints2, cs2), cs2, "slstm_fwd DH256")
+cn = dict(BD=2048, ROWS=4, HAS_W=True, HAS_B=True, LN=True)
+comp(N._norm_fwd_kernel, sig2(N._norm_fwd_kernel, {"X":dt,"W":dt,"B_":dt,"Y":dt}, {"N":"i32","D":"i32","eps":"fp32"}, cn), cn, "norm_fwd")
+comp(N._norm_bwd_kernel, sig2(N._norm_bwd_kernel, {"X":dt,"W":dt,"DY":dt,"DX":dt}, {"N":"i32","D":"i32"}, cn), cn, "norm_bwd")
+cc = dict(BV=4096, HAS_CAP=True, GRAD=True)
+comp(CE._ce_kernel, sig2(CE._ce_kernel, {"LOGITS":dt,"TGT":"i64"}, {"V":"i32","stride":"i32","ignore_index":"i32","inv_count":"fp32","soft_cap":"fp32"}, cc), cc, "ce")
+comp(M._step_kernel, sig2(M._step_kernel, {"Q":dt,"K":dt,"V":dt,"H":dt}, {"scale":"fp32"}, dict(DQK=128,DV=256,BK=64,BV=64)), dict(DQK=128,DV=256,BK=64,BV=64), "step")
+comp(M._bwd_prep_kernel, sig2(M._bwd_prep_kernel, {"H":dt,"DH":dt}, {"S_P":"i32"}, dict(DV=256,BT=64,BV=64)), dict(DV=256,BT=64,BV=64), "bwd_prep")

@@ -1,0 +1,314 @@
+"""Triton backend vs the pure-PyTorch reference: outputs and gradients, small shapes, fp32.
+
+Without a GPU the kernels run in Triton's CPU interpreter. Triton decides interpreter-or-compiler
+when a kernel is *decorated* (@triton.jit reads TRITON_INTERPRET then), i.e. when kernels.triton.*
+is first imported, so the variable must be set before that import -- hence the setdefault below,
+before any kernels import. If another test module already imported kernels.triton without it (on a
+machine with no GPU), the kernels in this process cannot run; then every test here is skipped and
+`test_rerun_in_subprocess` runs this file again in a fresh interpreter with the variable set.
+On a CUDA machine nothing is forced and the same tests run on the GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernels.triton import
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from kernels import dispatch  # noqa: E402
+from kernels.reference import cross_entropy as ref_ce  # noqa: E402
+from kernels.reference import mlstm as ref_mlstm  # noqa: E402
+from kernels.reference import norms as ref_norms  # noqa: E402
+from kernels.reference import slstm as ref_slstm  # noqa: E402
+from kernels.triton import cross_entropy as tri_ce  # noqa: E402
+from kernels.triton import mlstm as tri_mlstm  # noqa: E402
+from kernels.triton import norms as tri_norms  # noqa: E402
+from kernels.triton import slstm as tri_slstm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_runnable() -> bool:
+    if DEVICE == "cuda":
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tri_mlstm._fwd_states_kernel, InterpretedFunction)
+
+
+RUNNABLE = _kernels_runnable()
+needs_kernels = pytest.mark.skipif(
+    not RUNNABLE, reason="kernels.triton was imported before TRITON_INTERPRET=1; see test_rerun_in_subprocess"
+)
+
+
+@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
+def test_rerun_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max() / (b.detach().float().abs().max() + 1e-12))
+
+
+def _assert_close(got, want, name, tol=2e-5):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = _rel(got, want)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def _leaf(*shape, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, device=DEVICE) * scale + shift).requires_grad_()
+
+
+# ------------------------------------------------------------------------------------ mLSTM
+MLSTM_CASES = {
+    # name: (B, NH, S, DQK, DV, chunk, init_state, doc_mode)
+    "plain": (1, 2, 40, 16, 32, 16, False, None),
+    "states_in_out": (2, 1, 37, 16, 16, 16, True, None),
+    "docs_and_state": (2, 1, 37, 16, 16, 16, True, "mask"),
+    "docs_reset_at_0": (1, 2, 33, 16, 16, 16, True, "mask0"),
+    "cu_seqlens": (1, 1, 29, 16, 16, 16, False, "cu"),
+    "odd_dims_short": (1, 1, 5, 12, 20, 16, True, None),
+    "chunk_32": (1, 1, 45, 32, 16, 32, False, "mask"),
+}
+
+
+def _doc_starts(mode, B, S):
+    if mode is None:
+        return None
+    if mode == "cu":
+        return torch.tensor([0, 7, 8, 20, S], device=DEVICE)
+    ds = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    ds[0, 5] = True
+    ds[0, S // 2] = True
+    ds[-1, S - 3] = True
+    if mode == "mask0":
+        ds[:, 0] = True
+    return ds
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", list(MLSTM_CASES))
+def test_mlstm_chunkwise_matches_reference(case):
+    torch.manual_seed(0)
+    B, NH, S, DQK, DV, L, init, doc = MLSTM_CASES[case]
+    q, k = _leaf(B, NH, S, DQK), _leaf(B, NH, S, DQK)
+    v = _leaf(B, NH, S, DV)
+    i = _leaf(B, NH, S, scale=2.0)
+    f = _leaf(B, NH, S, shift=2.0)
+    state = (_leaf(B, NH, DQK, DV), _leaf(B, NH, DQK), _leaf(B, NH)) if init else None
+    ds = _doc_starts(doc, B, S)
+    inputs = [q, k, v, i, f] + (list(state) if state else [])
+    wh = torch.randn(B, NH, S, DV, device=DEVICE)
+    results = []
+    for mod in (ref_mlstm, tri_mlstm):
+        h, (C, n, m) = mod.mlstm_chunkwise(
+            q, k, v, i, f, chunk_size=L, initial_state=state, return_final_state=True, doc_starts=ds
+        )
+        # a loss that touches every output, the final state (m included) too
+        loss = (h * wh).sum() + 0.3 * C.sum() + 0.2 * n.sum() + 0.7 * m.sum()
+        results.append([h, C, n, m] + list(torch.autograd.grad(loss, inputs)))
+    names = ["h", "C", "n", "m", "dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"]
+    for name, got, want in zip(names, results[1], results[0]):
+        _assert_close(got, want, f"{case}/{name}")
+
+
+@needs_kernels
+def test_mlstm_chunkwise_h_only_and_parallel_alias():
+    torch.manual_seed(1)
+    B, NH, S, D = 1, 1, 20, 16
+    q, k, v = _leaf(B, NH, S, D), _leaf(B, NH, S, D), _leaf(B, NH, S, D)
+    i, f = _leaf(B, NH, S), _leaf(B, NH, S, shift=1.0)
+    want = ref_mlstm.mlstm_parallel(q, k, v, i, f)
+    got = tri_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    _assert_close(got, want, "h")
+    _assert_close(tri_mlstm.mlstm_parallel(q, k, v, i, f), want, "parallel alias")
+    gw = torch.autograd.grad(want.square().sum(), [q, k, v, i, f])
+    gg = torch.autograd.grad(got.square().sum(), [q, k, v, i, f])
+    for name, a, b in zip("qkvif", gg, gw):
+        _assert_close(a, b, "d" + name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mlstm_step_matches_reference(with_state):
+    torch.manual_seed(2)
+    B, NH, DQK, DV = 2, 2, 16, 32
+    args = [torch.randn(B, NH, DQK, device=DEVICE), torch.randn(B, NH, DQK, device=DEVICE),
+            torch.randn(B, NH, DV, device=DEVICE), torch.randn(B, NH, device=DEVICE), torch.randn(B, NH, device=DEVICE)]
+    state = None
+    if with_state:
+        state = (torch.randn(B, NH, DQK, DV, device=DEVICE), torch.randn(B, NH, DQK, device=DEVICE),
+                 torch.randn(B, NH, device=DEVICE))
+    h_r, st_r = ref_mlstm.mlstm_step(*args, state)
+    h_t, st_t = tri_mlstm.mlstm_step(*args, state)
+    _assert_close(h_t, h_r, "h")
+    for name, a, b in zip("Cnm", st_t, st_r):
+        _assert_close(a, b, name)
+
+
+@needs_kernels
+def test_mlstm_step_continues_chunkwise():
+    """Prefill with the chunkwise kernel, then step: the same as running the reference on it all."""
+    torch.manual_seed(3)
+    B, NH, S, D = 1, 2, 18, 16
+    q, k, v = (torch.randn(B, NH, S + 1, D, device=DEVICE) for _ in range(3))
+    i, f = torch.randn(B, NH, S + 1, device=DEVICE), torch.randn(B, NH, S + 1, device=DEVICE) + 1
+    _, st = tri_mlstm.mlstm_chunkwise(q[:, :, :S], k[:, :, :S], v[:, :, :S], i[..., :S], f[..., :S],
+                                      chunk_size=16, return_final_state=True)
+    h_step, _ = tri_mlstm.mlstm_step(q[:, :, S], k[:, :, S], v[:, :, S], i[..., S], f[..., S], st)
+    h_ref = ref_mlstm.mlstm_parallel(q, k, v, i, f)[:, :, S]
+    _assert_close(h_step, h_ref, "h")
+
+
+# ------------------------------------------------------------------------------------ sLSTM
+@needs_kernels
+@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+@pytest.mark.parametrize("init_and_docs", [False, True])
+def test_slstm_sequence_matches_reference(forget_gate, init_and_docs):
+    torch.manual_seed(4)
+    B, S, NH, DH = 2, 9, 2, 8
+    gates = _leaf(B, S, 4, NH, DH)
+    R = (torch.randn(4, NH, DH, DH, device=DEVICE) * 0.3).requires_grad_()
+    state, ds = None, None
+    if init_and_docs:
+        state = tuple(_leaf(B, NH, DH) for _ in range(4))
+        ds = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+        ds[0, 3] = True
+        ds[1, 0] = True
+    inputs = [gates, R] + (list(state) if state else [])
+    wh = torch.randn(B, S, NH, DH, device=DEVICE)
+    results = []
+    for mod in (ref_slstm, tri_slstm):
+        h, (hf, cf, nf, mf) = mod.slstm_sequence(
+            gates, R, forget_gate=forget_gate, initial_state=state, return_final_state=True, doc_starts=ds
+        )
+        loss = (h * wh).sum() + 0.5 * hf.sum() + 0.3 * cf.sum() + 0.2 * nf.sum() + 0.1 * mf.sum()
+        results.append([h, hf, cf, nf, mf] + list(torch.autograd.grad(loss, inputs)))
+    names = ["h", "hf", "cf", "nf", "mf", "dgates", "dR", "dh0", "dc0", "dn0", "dm0"]
+    for name, got, want in zip(names, results[1], results[0]):
+        _assert_close(got, want, f"{forget_gate}/{name}")
+
+
+@needs_kernels
+def test_slstm_step_matches_reference():
+    torch.manual_seed(5)
+    B, NH, DH = 2, 2, 8
+    gates = torch.randn(B, 4, NH, DH, device=DEVICE)
+    R = torch.randn(4, NH, DH, DH, device=DEVICE) * 0.3
+    h_r, st_r = ref_slstm.slstm_step(gates, R)
+    h_t, st_t = tri_slstm.slstm_step(gates, R)
+    _assert_close(h_t, h_r, "h")
+    h_r, _ = ref_slstm.slstm_step(gates, R, st_r)
+    h_t, _ = tri_slstm.slstm_step(gates, R, st_t)
+    _assert_close(h_t, h_r, "h2")
+
+
+# ------------------------------------------------------------------------------------ norms, loss
+@needs_kernels
+@pytest.mark.parametrize("kind", ["rms", "rms_noweight", "ln", "ln_noaffine"])
+def test_norms_match_reference(kind):
+    torch.manual_seed(6)
+    x = _leaf(3, 5, 40)
+    w, b = _leaf(40), _leaf(40)
+    if kind == "rms":
+        fr, ft, args = ref_norms.rms_norm, tri_norms.rms_norm, (w,)
+    elif kind == "rms_noweight":
+        fr, ft, args = ref_norms.rms_norm, tri_norms.rms_norm, (None,)
+    elif kind == "ln":
+        fr, ft, args = ref_norms.layer_norm, tri_norms.layer_norm, (w, b)
+    else:
+        fr, ft, args = ref_norms.layer_norm, tri_norms.layer_norm, (None, None)
+    inputs = [x] + [a for a in args if a is not None]
+    gy = torch.randn(3, 5, 40, device=DEVICE)
+    res = []
+    for fn in (fr, ft):
+        y = fn(x, *args)
+        res.append([y] + list(torch.autograd.grad((y * gy).sum(), inputs)))
+    for name, got, want in zip(["y", "dx", "dw", "db"], res[1], res[0]):
+        _assert_close(got, want, f"{kind}/{name}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("soft_cap", [None, 3.0])
+def test_linear_cross_entropy_matches_reference(soft_cap):
+    torch.manual_seed(7)
+    h = _leaf(2, 7, 24)
+    W = _leaf(50, 24)
+    t = torch.randint(0, 50, (2, 7), device=DEVICE)
+    t[0, 2] = -100
+    res = []
+    for fn in (ref_ce.linear_cross_entropy, tri_ce.linear_cross_entropy):
+        loss = fn(h, W, t, soft_cap=soft_cap)
+        res.append([loss] + list(torch.autograd.grad(1.7 * loss, [h, W])))
+    for name, got, want in zip(["loss", "dh", "dW"], res[1], res[0]):
+        _assert_close(got, want, name)
+
+
+@needs_kernels
+def test_linear_cross_entropy_chunks_rows_and_all_ignored(monkeypatch):
+    torch.manual_seed(8)
+    monkeypatch.setattr(tri_ce, "_rows_per_chunk", lambda N, V, D: 3)  # several row chunks
+    h, W = _leaf(10, 16), _leaf(33, 16)
+    t = torch.randint(0, 33, (10,), device=DEVICE)
+    want = ref_ce.linear_cross_entropy(h, W, t)
+    got = tri_ce.linear_cross_entropy(h, W, t)
+    _assert_close(got, want, "loss")
+    for a, b in zip(torch.autograd.grad(got, [h, W]), torch.autograd.grad(want, [h, W])):
+        _assert_close(a, b, "grad")
+    t_ign = torch.full_like(t, -100)
+    assert float(tri_ce.linear_cross_entropy(h, W, t_ign)) == 0.0
+
+
+# ------------------------------------------------------------------------------------ integration
+@needs_kernels
+def test_dispatch_forced_triton():
+    torch.manual_seed(9)
+    import kernels
+
+    x = torch.randn(4, 32, device=DEVICE)
+    w = torch.randn(32, device=DEVICE)
+    got = kernels.rms_norm(x, w, backend="triton")
+    _assert_close(got, ref_norms.rms_norm(x, w), "rms via dispatch")
+    assert dispatch.TRITON_MODULES["mlstm_chunkwise"] == "mlstm"
+
+
+@needs_kernels
+def test_torch_compile_traces_custom_ops():
+    """aot_eager runs the fake (meta) implementations and the registered autograd: no graph breaks."""
+    torch.manual_seed(10)
+    B, NH, S, D = 1, 1, 20, 16
+    q, k, v = _leaf(B, NH, S, D), _leaf(B, NH, S, D), _leaf(B, NH, S, D)
+    i, f = _leaf(B, NH, S), _leaf(B, NH, S, shift=1.0)
+    w = _leaf(D)
+
+    def fn(q, k, v, i, f, w):
+        h = tri_mlstm.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+        return tri_norms.rms_norm(h, w).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v, i, f, w)
+    want = fn(q, k, v, i, f, w)
+    _assert_close(got, want, "loss")
+    g_c = torch.autograd.grad(got, [q, v, f, w])
+    g_e = torch.autograd.grad(want, [q, v, f, w])
+    for a, b in zip(g_c, g_e):
+        _assert_close(a, b, "grad")
