@@ -1,0 +1,162 @@
+"""Data benchmark: raw SentencePiece encoding vs the shard stage (1 and 2 Ray workers) vs the loader.
+
+    python -m pipeline.bench_data                      # the stdlib corpus, a fresh 8k BPE tokenizer
+    python -m pipeline.bench_data --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
+
+Prints the machine, the command, and:
+  raw encode      MB/s of SentencePiece encoding the corpus in one thread (per core)
+  shard stage     MB/s of the shard stage end to end (read, split, encode, pack, write tar + manifest)
+                  with N Ray workers, and its ratio to N x the raw per-core rate (target >= 0.8)
+  scaling         shard stage 2 workers / 1 worker (target >= 1.7)
+  loader          tokens/s ShardLoader yields in one process (num_workers=0; target >= 1M)
+Ray is started (and its workers warmed) before the timed runs: a stage in `xlp run` finds it running.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import ray
+    import sentencepiece
+    import torch
+
+    return (f"{cpu}, {cores} cores usable; python {platform.python_version()}, torch {torch.__version__}, "
+            f"ray {ray.__version__}, sentencepiece {sentencepiece.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_data", description=__doc__.split("\n")[0])
+    ap.add_argument("--sources", nargs="+", default=["stdlib"], help="data.sources (default: stdlib)")
+    ap.add_argument("--tokenizer", help="a SentencePiece .model (default: train an 8k BPE on a sample)")
+    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to time")
+    ap.add_argument("--partition-mb", type=float, default=None, help="data.partition_bytes in MiB")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--loader-batches", type=int, default=400)
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    import logging
+
+    import ray
+
+    import tokenizer as tk
+    from pipeline.config import load_config
+    from pipeline.data.loader import ShardLoader
+    from pipeline.data.readers import ReadStats, iter_documents, resolve_sources
+    from pipeline.stage import StageContext
+    from pipeline.stages import shard as shard_stage
+
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'pipeline.bench_data'] + (argv if argv is not None else sys.argv[1:]))}")
+    results: dict = {"machine": machine(), "argv": argv if argv is not None else sys.argv[1:]}
+
+    stats = ReadStats()
+    t = time.perf_counter()
+    docs = [d for f in resolve_sources(args.sources, stats=stats) for d in iter_documents(f, stats=stats)]
+    nbytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
+    print(f"corpus: {args.sources}: {len(docs)} documents, {nbytes / 1e6:.1f} MB (read in {time.perf_counter() - t:.1f}s)")
+
+    work = Path(tempfile.mkdtemp(prefix="xlp-bench-data-"))
+    try:
+        if args.tokenizer:
+            tok = tk.load(args.tokenizer)
+        else:
+            t = time.perf_counter()
+            tok = tk.train(docs[::8], vocab_size=args.vocab_size, num_threads=os.cpu_count() or 1)
+            print(f"tokenizer: trained BPE vocab {tok.vocab_size} on every 8th document in {time.perf_counter() - t:.1f}s")
+        (work / "tokenizer").mkdir()
+        tok.save(work / "tokenizer" / "tokenizer.model")
+
+        def raw_rate() -> float:
+            t = time.perf_counter()
+            tok.encode_batch(docs, num_threads=1)
+            return nbytes / (time.perf_counter() - t) / 1e6
+
+        raw_before = raw_rate()
+        print(f"raw encode: {raw_before:.2f} MB/s per core (1 thread, SentencePiece on every document)")
+
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.ERROR)
+
+        @ray.remote(num_cpus=1)
+        def warm() -> int:
+            import pipeline.data.work  # noqa: F401
+            import tokenizer  # noqa: F401
+
+            time.sleep(0.5)
+            return os.getpid()
+
+        ray.get([warm.remote() for _ in range(max(args.workers))])
+
+        shard_mb_s = {}
+        for n in args.workers:
+            run_dir = work / f"run{n}"
+            shutil.copytree(work / "tokenizer", run_dir / "tokenizer")
+            (run_dir / "shard").mkdir()
+            ov = [f"data.sources={json.dumps(args.sources)}", f"data.num_workers={n}",
+                  f"data.seq_len={args.seq_len}"]
+            if args.partition_mb:
+                ov.append(f"data.partition_bytes={int(args.partition_mb * (1 << 20))}")
+            cfg = load_config(None, ov)
+            ctx = StageContext(name="shard", cfg=cfg, run_dir=run_dir, fingerprint="bench")
+            t = time.perf_counter()
+            m = shard_stage.run(ctx)
+            dt = time.perf_counter() - t
+            shard_mb_s[n] = nbytes / dt / 1e6
+            print(f"shard stage, {n} Ray worker{'s' if n > 1 else ''}: {shard_mb_s[n]:.2f} MB/s ({dt:.1f}s, "
+                  f"{m['tokens'] / 1e6:.2f}M tokens, {m['partitions']} partitions, {m['shards']} shards)")
+            results[f"shard_mb_s_{n}w"] = shard_mb_s[n]
+        raw_after = raw_rate()
+        raw = (raw_before + raw_after) / 2  # the machine may be shared: raw is measured around the runs
+        print(f"raw encode again: {raw_after:.2f} MB/s per core; mean {raw:.2f}")
+        results["raw_mb_s_per_core"] = raw
+        for n in shard_mb_s:
+            results[f"shard_vs_raw_{n}w"] = shard_mb_s[n] / (raw * n)
+            print(f"shard stage, {n} worker(s) vs {n} x mean raw: {results[f'shard_vs_raw_{n}w']:.0%}")
+        if 1 in shard_mb_s and 2 in shard_mb_s:
+            results["scaling_2w_over_1w"] = shard_mb_s[2] / shard_mb_s[1]
+            print(f"scaling: 2 workers / 1 worker = {results['scaling_2w_over_1w']:.2f}x")
+
+        shard_dir = work / f"run{args.workers[-1]}" / "shard"
+        loader = ShardLoader(shard_dir, split="train", seq_len=args.seq_len, batch_size=args.batch_size)
+        it = iter(loader)
+        next(it)  # first shard loaded
+        t = time.perf_counter()
+        n_tok = sum(b["input_ids"].numel() for b in itertools.islice(it, args.loader_batches))
+        dt = time.perf_counter() - t
+        results["loader_tokens_s"] = n_tok / dt
+        print(f"loader: {n_tok / dt / 1e6:.2f}M tokens/s in one process (seq_len {args.seq_len}, "
+              f"batch {args.batch_size}, {args.loader_batches} batches, num_workers=0)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if hasattr(os, "getloadavg"):
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} (numbers are noisy above the core count)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

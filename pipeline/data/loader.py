@@ -1,0 +1,322 @@
+"""The training data loader: WebDataset token shards -> packed (B, S) batches, resumable exactly.
+
+    loader = ShardLoader("runs/demo/shard", split="train", seq_len=256, batch_size=8,
+                         rank=rank, world_size=world, num_workers=2, seed=0)
+    for step, batch in zip(range(steps), loader):   # endless epochs
+        batch["input_ids"], batch["targets"], batch["doc_starts"]   # (B, S) each
+        ...
+        ckpt["data"] = loader.state_dict()
+    # after a restart:
+    loader.load_state_dict(ckpt["data"])              # the next batches are the ones an
+                                                      # uninterrupted run would have seen
+    for batch in loader.one_epoch(): ...              # validation: exactly one pass
+
+How data is split and ordered (all of it a function of seed and epoch, nothing else):
+- There are W = world_size * max(1, num_workers) streams; stream g = rank * max(1, num_workers) + w.
+- Each epoch the split's shards are permuted by (seed, epoch), and the samples inside a shard by
+  (seed, epoch, shard). With at least W shards, stream g reads shards g, g+W, ... of that order; with
+  fewer (a small val split), every stream reads every shard and keeps every W-th sample. Either way
+  each sample is read by exactly one stream per epoch.
+- A stream concatenates its samples' tokens (documents end with <eos>) and cuts rows of S+1 tokens
+  that overlap by one: input_ids = row[:-1], targets = row[1:]. doc_starts marks each document's first
+  token, and position 0 of every row. In endless mode a stream runs on into the next epoch; with
+  `epochs=n` it stops after n epochs and drops its last incomplete batch.
+- A DataLoader worker makes whole batches from its own stream; batches arrive round-robin from the
+  workers. The state is each stream's position (epoch, shard, sample, token) after its last consumed
+  batch plus which worker is next, so resuming reproduces the batch sequence exactly (with the same
+  world_size, num_workers, seq_len, batch_size, seed; other values are refused).
+"""
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.shards import load_manifest, open_bytes, read_shard
+
+STATE_VERSION = 1
+Pos = tuple[int, int, int, int]  # (epoch, piece index in the stream's epoch plan, sample index, token offset)
+
+
+class _Plan:
+    """Which samples a stream reads, in which order (pure function of the manifest, seed, epoch)."""
+
+    def __init__(self, shard_dir: str, shards: list[dict], dtype: np.dtype, n_streams: int, seed: int,
+                 shuffle: bool):
+        self.shard_dir, self.shards, self.dtype = shard_dir, shards, dtype
+        self.n_streams, self.seed, self.shuffle = n_streams, seed, shuffle
+        self._cache: tuple[Optional[int], list] = (None, [])
+
+    def shard_order(self, epoch: int) -> list[int]:
+        n = len(self.shards)
+        if not self.shuffle:
+            return list(range(n))
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(n).tolist()
+
+    def sample_order(self, epoch: int, shard: int) -> np.ndarray:
+        n = self.shards[shard]["samples"]
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, shard, 0x5A]).permutation(n)
+
+    @property
+    def shard_level(self) -> bool:
+        return len(self.shards) >= self.n_streams
+
+    def pieces(self, g: int, epoch: int) -> list[tuple[int, Optional[int]]]:
+        """The stream's shards this epoch: (shard index, global sample offset or None for 'all')."""
+        order = self.shard_order(epoch)
+        if self.shard_level:
+            return [(s, None) for s in order[g::self.n_streams]]
+        out, offset = [], 0
+        for s in order:
+            out.append((s, offset))
+            offset += self.shards[s]["samples"]
+        return out
+
+    def load(self, shard: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        if self._cache[0] != shard:
+            data = open_bytes(self.shard_dir, self.shards[shard]["path"])
+            self._cache = (shard, read_shard(data, self.dtype))
+        return self._cache[1]
+
+    def kept(self, g: int, epoch: int, piece: tuple[int, Optional[int]]) -> np.ndarray:
+        """Indices (in the shard) of the samples of `piece` stream g reads, in reading order."""
+        shard, offset = piece
+        order = self.sample_order(epoch, shard)
+        if offset is None:
+            return order
+        j = np.arange(len(order))
+        return order[(offset + j) % self.n_streams == g]
+
+    def stream_tokens(self, g: int, epoch: int) -> int:
+        if self.shard_level:
+            return sum(self.shards[s]["tokens"] for s, _ in self.pieces(g, epoch))
+        total = 0
+        for piece in self.pieces(g, epoch):
+            samples = self.load(piece[0])
+            total += sum(len(samples[i][1]) for i in self.kept(g, epoch, piece))
+        return total
+
+
+def _segments(plan: _Plan, g: int, pos: Pos, last_epoch: Optional[int]) -> Iterator[tuple[np.ndarray, np.ndarray, Pos]]:
+    """(tokens, doc_start flags, position of tokens[0]) of stream g from `pos` onward."""
+    epoch, piece0, sample0, off0 = pos
+    first = True
+    while last_epoch is None or epoch <= last_epoch:
+        pieces = plan.pieces(g, epoch)
+        produced = False
+        for pi in range(piece0 if first else 0, len(pieces)):
+            kept = plan.kept(g, epoch, pieces[pi])
+            if not len(kept):
+                continue
+            samples = plan.load(pieces[pi][0])
+            start_si = sample0 if first and pi == piece0 else 0
+            for si in range(start_si, len(kept)):
+                _, tokens, lens = samples[kept[si]]
+                starts = np.zeros(len(tokens), dtype=bool)
+                starts[0] = True
+                starts[np.cumsum(lens[:-1], dtype=np.int64)] = True
+                off = off0 if first and pi == piece0 and si == start_si else 0
+                first = False
+                produced = True
+                yield tokens[off:].astype(np.int64), starts[off:], (epoch, pi, si, off)
+        if not produced and last_epoch is None and not _stream_has_data(plan, g, epoch):
+            raise ValueError(
+                f"loader stream {g} of {plan.n_streams} gets no samples in epoch {epoch}: the split has "
+                f"{sum(s['samples'] for s in plan.shards)} samples in {len(plan.shards)} shards; use fewer "
+                "ranks/workers or more data (smaller data.sample_tokens)")
+        first = False
+        epoch += 1
+
+
+def _stream_has_data(plan: _Plan, g: int, epoch: int) -> bool:
+    return any(len(plan.kept(g, epoch, p)) for p in plan.pieces(g, epoch))
+
+
+def _rows(segments: Iterator, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray, Pos]]:
+    """Rows of seq_len+1 tokens overlapping by one, their doc-start flags, and where the next row starts."""
+    need = seq_len + 1
+    segs: deque = deque()
+    n = 0
+    for seg in segments:
+        if not len(seg[0]):
+            continue
+        segs.append(seg)
+        n += len(seg[0])
+        while n >= need:
+            row = np.empty(need, dtype=np.int64)
+            st = np.empty(need, dtype=bool)
+            k = 0
+            for t, s, _ in segs:
+                take = min(len(t), need - k)
+                row[k:k + take] = t[:take]
+                st[k:k + take] = s[:take]
+                k += take
+                if k == need:
+                    break
+            c = seq_len  # consume all but the row's last token: it starts the next row
+            while c:
+                t, s, p = segs[0]
+                if len(t) <= c:
+                    segs.popleft()
+                    c -= len(t)
+                    n -= len(t)
+                else:
+                    segs[0] = (t[c:], s[c:], (p[0], p[1], p[2], p[3] + c))
+                    n -= c
+                    c = 0
+            yield row, st, segs[0][2]
+
+
+class _Streams(IterableDataset):
+    """Each DataLoader worker (or the main process) yields (local stream, position after, batch)."""
+
+    def __init__(self, loader: "ShardLoader", positions: dict[int, Pos], worker_offset: int,
+                 last_epoch: Optional[int], start_epoch: int):
+        super().__init__()
+        self.loader = loader
+        self.positions = positions
+        self.worker_offset = worker_offset
+        self.last_epoch = last_epoch
+        self.start_epoch = start_epoch
+
+    def __iter__(self):
+        L = self.loader
+        nw = max(1, L.num_workers)
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        local = (wid + self.worker_offset) % nw
+        g = L.rank * nw + local
+        plan = L._plan()
+        pos = self.positions.get(local, (self.start_epoch, 0, 0, 0))
+        B, S = L.batch_size, L.seq_len
+        rows, starts = [], []
+        for row, st, nxt in _rows(_segments(plan, g, pos, self.last_epoch), S):
+            rows.append(row)
+            starts.append(st[:S])
+            if len(rows) == B:
+                x = torch.from_numpy(np.stack(rows))
+                d = torch.from_numpy(np.stack(starts))
+                d[:, 0] = True
+                batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(), "doc_starts": d}
+                yield local, nxt, batch
+                rows, starts = [], []
+
+
+class ShardLoader:
+    """Packed (B, S) batches from the shard stage's output; see the module docstring."""
+
+    def __init__(self, shard_dir: str | Path, *, split: str, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, epochs: Optional[int] = None,
+                 shuffle: bool = True, pin_memory: bool = False, prefetch_factor: int = 4):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be None (endless) or >= 1, got {epochs}")
+        self.shard_dir = str(shard_dir)
+        self.split, self.seq_len, self.batch_size = split, int(seq_len), int(batch_size)
+        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
+        self.seed, self.epochs, self.shuffle = int(seed), epochs, shuffle
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.manifest = load_manifest(self.shard_dir)
+        self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        if not self.shards:
+            splits = sorted({s["split"] for s in self.manifest["shards"]})
+            raise ValueError(f"no {split!r} shards in {self.shard_dir} (splits there: {splits})")
+        self.dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[self.manifest["dtype"]])
+        self.tokens = sum(s["tokens"] for s in self.shards)
+        self._positions: dict[int, Pos] = {}
+        self._next_local = 0
+        self._batches = 0
+        self._start_epoch = 0
+
+    @property
+    def n_streams(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+    def _plan(self) -> _Plan:
+        return _Plan(self.shard_dir, self.shards, self.dtype, self.n_streams, self.seed, self.shuffle)
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        nw = max(1, self.num_workers)
+        last_epoch = None if self.epochs is None else self._start_epoch + self.epochs - 1
+        ds = _Streams(self, dict(self._positions), self._next_local, last_epoch, self._start_epoch)
+        if self.num_workers == 0:
+            it: Any = iter(ds)
+        else:
+            it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                 prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        for local, pos, batch in it:
+            self._positions[int(local)] = tuple(int(v) for v in pos)  # type: ignore[assignment]
+            self._next_local = (int(local) + 1) % nw
+            self._batches += 1
+            yield batch
+
+    def one_epoch(self, epoch: int = 0) -> "ShardLoader":
+        """A fresh loader over exactly one epoch (`epoch` picks the shuffle), e.g. for validation."""
+        other = ShardLoader(self.shard_dir, split=self.split, seq_len=self.seq_len, batch_size=self.batch_size,
+                            rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
+                            seed=self.seed, epochs=1, shuffle=self.shuffle, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor)
+        other._start_epoch = epoch
+        return other
+
+    def epoch_batches(self, rank: Optional[int] = None, epoch: int = 0) -> int:
+        """Batches `rank` (default: this one) gets from one epoch in `epochs=1` mode."""
+        rank = self.rank if rank is None else rank
+        nw = max(1, self.num_workers)
+        plan = self._plan()
+        total = 0
+        for local in range(nw):
+            t = plan.stream_tokens(rank * nw + local, epoch)
+            rows = (t - 1) // self.seq_len if t > 1 else 0
+            total += rows // self.batch_size
+        return total
+
+    def common_epoch_batches(self, epoch: int = 0) -> int:
+        """The fewest batches any rank gets from one epoch: iterate that many on every rank so that
+        collective ops stay in step (e.g. `itertools.islice(loader.one_epoch(), n)`)."""
+        return min(self.epoch_batches(r, epoch) for r in range(self.world_size))
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _shape(self) -> dict:
+        return {"split": self.split, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
+                "shuffle": self.shuffle, "shards": [s["sha256"] for s in self.shards][:1] + [len(self.shards)]}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, **self._shape(),
+                "positions": {str(k): list(v) for k, v in sorted(self._positions.items())},
+                "next_worker": self._next_local, "batches": self._batches, "start_epoch": self._start_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        mine = self._shape()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("loader state was saved with different settings; exact resume needs the same "
+                             + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items()))
+        self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}  # type: ignore[misc]
+        self._next_local = int(state["next_worker"])
+        self._batches = int(state["batches"])
+        self._start_epoch = int(state.get("start_epoch", 0))
+
+    @property
+    def batches_seen(self) -> int:
+        return self._batches
+
+    def __repr__(self) -> str:
+        return (f"ShardLoader({self.shard_dir!r}, split={self.split!r}, seq_len={self.seq_len}, "
+                f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
+                f"num_workers={self.num_workers}, shards={len(self.shards)}, tokens={self.tokens})")

@@ -1,0 +1,286 @@
+"""WebDataset tar shards of token ids, their per-shard records, and the manifest.
+
+A shard is a plain tar (WebDataset layout: members `KEY.EXT`, the members of one sample adjacent).
+A sample holds one or more whole documents, in order, each ending with `<eos>`:
+
+    KEY.tokens    token ids, little-endian `dtype` (uint16 when the vocabulary fits, else uint32)
+    KEY.doclens   little-endian uint32 document lengths; they sum to the number of tokens
+
+so document boundaries survive into training. Tar headers carry fixed metadata (mtime 0, uid 0,
+mode 0644): the same documents give byte-identical shards.
+
+Shards are named `{split}-{partition:05d}-{index:04d}.tar`. Each is written under a temporary name
+and renamed when whole, after its record `meta/{name}.json` (samples, docs, tokens, bytes, sha256,
+per-source counts) is in place; a finished partition writes `meta/part-{partition:05d}.json`.
+`manifest.json` is assembled from the records once every partition is done.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+META_DIR = "meta"
+FORMAT = "xlp-webdataset-tokens-v1"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return {2: "uint16", 4: "uint32"}[np.dtype(dtype).itemsize]
+
+
+def shard_name(split: str, partition: int, index: int) -> str:
+    return f"{split}-{partition:05d}-{index:04d}.tar"
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+class ShardWriter:
+    """Writes one split of one partition: documents -> samples -> shards of at most `shard_bytes`.
+
+    `start_index`/`start_sample` continue after the shards a killed attempt already finished.
+    Returns a record per finished shard from `add_doc`/`close` (via `finished`).
+    """
+
+    def __init__(self, out_dir: Path, split: str, partition: int, *, dtype: np.dtype,
+                 sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0):
+        self.out_dir = Path(out_dir)
+        self.meta_dir = self.out_dir / META_DIR
+        self.split, self.partition = split, partition
+        self.dtype = np.dtype(dtype)
+        self.sample_tokens, self.shard_bytes = sample_tokens, shard_bytes
+        self.index, self.next_sample = start_index, start_sample
+        self.finished: list[dict] = []
+        self._docs: list[np.ndarray] = []
+        self._doc_sources: list[str] = []
+        self._ntok = 0
+        self._tar: Optional[tarfile.TarFile] = None
+        self._tmp: Optional[Path] = None
+        self._shard = self._new_shard_stats()
+
+    def _new_shard_stats(self) -> dict:
+        return {"samples": 0, "docs": 0, "tokens": 0, "sources": {}}
+
+    def add_doc(self, tokens: np.ndarray, source: str) -> None:
+        """One document's ids (already ending with <eos>)."""
+        if self._docs and self._ntok + len(tokens) > self.sample_tokens:
+            self._flush_sample()
+        self._docs.append(tokens)
+        self._doc_sources.append(source)
+        self._ntok += len(tokens)
+
+    def _flush_sample(self) -> None:
+        if not self._docs:
+            return
+        tokens = np.concatenate(self._docs).astype(self.dtype, copy=False).tobytes()
+        lens = np.asarray([len(d) for d in self._docs], dtype="<u4").tobytes()
+        if self._tar is not None and self._shard["tokens"] and \
+                (self._shard["tokens"] * self.dtype.itemsize + len(tokens)) > self.shard_bytes:
+            self._close_shard()
+        if self._tar is None:
+            name = shard_name(self.split, self.partition, self.index)
+            self._tmp = self.out_dir / f".{name}.tmp"
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        key = f"{self.split}-{self.partition:05d}-{self.next_sample:08d}"
+        self._tar.addfile(_tarinfo(f"{key}.tokens", len(tokens)), io.BytesIO(tokens))
+        self._tar.addfile(_tarinfo(f"{key}.doclens", len(lens)), io.BytesIO(lens))
+        self.next_sample += 1
+        st = self._shard
+        st["samples"] += 1
+        st["docs"] += len(self._docs)
+        st["tokens"] += self._ntok
+        for doc, source in zip(self._docs, self._doc_sources):
+            s = st["sources"].setdefault(source, {"docs": 0, "tokens": 0})
+            s["docs"] += 1
+            s["tokens"] += len(doc)
+        self._docs, self._doc_sources, self._ntok = [], [], 0
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._tmp is not None
+        self._tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        name = shard_name(self.split, self.partition, self.index)
+        record = dict(self._shard, path=name, split=self.split, partition=self.partition, index=self.index,
+                      bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp))
+        self.meta_dir.mkdir(exist_ok=True)
+        _atomic_json(self.meta_dir / f"{name}.json", record)  # the record first, then the shard
+        os.replace(self._tmp, self.out_dir / name)
+        self.finished.append(record)
+        self._tar, self._tmp = None, None
+        self._shard = self._new_shard_stats()
+        self.index += 1
+
+    def close(self) -> None:
+        self._flush_sample()
+        if self._tar is not None:
+            self._close_shard()
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+            self._tar = None
+
+
+def complete_shards(out_dir: Path, split: str, partition: int) -> list[dict]:
+    """Records of the shards of (split, partition) a previous attempt finished: a prefix 0..k-1."""
+    out = []
+    index = 0
+    while True:
+        name = shard_name(split, partition, index)
+        meta = Path(out_dir) / META_DIR / f"{name}.json"
+        if not (Path(out_dir) / name).is_file() or not meta.is_file():
+            break
+        out.append(json.loads(meta.read_text()))
+        index += 1
+    return out
+
+
+def remove_incomplete(out_dir: Path) -> int:
+    """Delete temporary files a killed attempt left behind; returns how many."""
+    n = 0
+    for p in list(Path(out_dir).glob(".*.tmp")) + list((Path(out_dir) / META_DIR).glob(".*.tmp")):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def remove_all(out_dir: Path) -> None:
+    """Delete the shard stage's own outputs (shards, records, manifest) from `out_dir`."""
+    out_dir = Path(out_dir)
+    for pattern in ("*.tar", ".*.tmp", MANIFEST):
+        for p in out_dir.glob(pattern):
+            p.unlink(missing_ok=True)
+    meta = out_dir / META_DIR
+    if meta.is_dir():
+        for p in meta.iterdir():
+            p.unlink(missing_ok=True)
+        meta.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of a WebDataset tar held in memory."""
+    cur_key: Optional[str] = None
+    cur: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        for ti in tf:
+            if not ti.isfile():
+                continue
+            base = ti.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key != cur_key:
+                if cur_key is not None:
+                    yield cur_key, cur
+                cur_key, cur = key, {}
+            f = tf.extractfile(ti)
+            assert f is not None
+            cur[ext] = f.read()
+    if cur_key is not None:
+        yield cur_key, cur
+
+
+def read_shard(data: bytes, dtype: np.dtype) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(key, tokens, doclens)] of a shard's bytes."""
+    out = []
+    for key, members in iter_tar_samples(data):
+        tokens = np.frombuffer(members["tokens"], dtype=dtype)
+        lens = np.frombuffer(members["doclens"], dtype="<u4")
+        out.append((key, tokens, lens))
+    return out
+
+
+def open_bytes(base: str | Path, rel: str) -> bytes:
+    """The bytes of `rel` under a local directory or an fsspec URL."""
+    base = str(base)
+    if "://" in base and not base.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(base.rstrip("/") + "/" + rel, "rb") as f:
+            return f.read()
+    if base.startswith("file://"):
+        base = base[len("file://"):]
+    return (Path(base) / rel).read_bytes()
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    try:
+        return json.loads(open_bytes(shard_dir, MANIFEST))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: run the shard stage first") from None
+
+
+def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, config: dict,
+                   read_counts: dict, per_source: dict) -> dict:
+    """The manifest from the shard records in `out_dir/meta` (no times inside: deterministic)."""
+    out_dir = Path(out_dir)
+    records = []
+    for meta in sorted((out_dir / META_DIR).glob("*.tar.json")):
+        rec = json.loads(meta.read_text())
+        if (out_dir / rec["path"]).is_file():
+            records.append(rec)
+    records.sort(key=lambda r: (SPLITS.index(r["split"]) if r["split"] in SPLITS else 9, r["partition"], r["index"]))
+    splits = {}
+    for split in SPLITS:
+        rs = [r for r in records if r["split"] == split]
+        splits[split] = {k: sum(r[k] for r in rs) for k in ("samples", "docs", "tokens", "bytes")}
+        splits[split]["shards"] = len(rs)
+    sources = {name: dict(counts, tokens=0, docs_written=0) for name, counts in per_source.items()}
+    for r in records:
+        for name, c in r["sources"].items():
+            s = sources.setdefault(name, {"tokens": 0, "docs_written": 0})
+            s["tokens"] += c["tokens"]
+            s["docs_written"] += c["docs"]
+    shards = [{k: r[k] for k in ("path", "split", "samples", "docs", "tokens", "bytes", "sha256")} for r in records]
+    return {
+        "format": FORMAT,
+        "dtype": dtype_name(dtype),
+        "members": {"tokens": f"little-endian {dtype_name(dtype)} token ids",
+                    "doclens": "little-endian uint32 document lengths (each document ends with eos)"},
+        "tokenizer": tokenizer_info,
+        "config": config,
+        "splits": splits,
+        "tokens": sum(r["tokens"] for r in records),
+        "counts": read_counts,
+        "sources": sources,
+        "shards": shards,
+    }

@@ -1,0 +1,206 @@
+"""The per-partition work of the data stages (each runs as one Ray task via `run_parallel`).
+
+- `sample_partition`: a uniform, deterministic sample of documents (tokenizer training + held-out).
+- `hash_partition`:   16-byte digests of the documents (exact dedup across the whole corpus).
+- `shard_partition`:  read, split train/val by document hash, tokenize, append <eos>, write shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline.data.readers import (
+    FileRef,
+    ReadStats,
+    doc_hash,
+    hash_unit,
+    iter_documents,
+)
+from pipeline.data.shards import META_DIR, SPLITS, ShardWriter, complete_shards
+
+
+@dataclass
+class ReadOptions:
+    text_field: str = "text"
+    on_error: str = "fail"
+
+
+def _docs(files: list[FileRef], opts: ReadOptions, stats: ReadStats, report):
+    """(source, text) of every non-empty document of the files, in order; progress reported."""
+    for ref in files:
+        src = stats.src(ref.source)
+        last = src["bytes"]
+        reported = n = 0
+        for text in iter_documents(ref, text_field=opts.text_field, on_error=opts.on_error, stats=stats):
+            n += 1
+            yield ref.source, text
+            if src["bytes"] - last > 1 << 20:  # a big file: report as it goes, up to its stored size
+                step = min(src["bytes"] - last, max(0, ref.size - reported))
+                report(step, n)
+                reported += step
+                last, n = src["bytes"], 0
+        report(max(0, ref.size - reported), n)  # the bar's total is the files' sizes on storage
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer sample
+
+
+@dataclass
+class SampleJob:
+    files: list[FileRef]
+    opts: ReadOptions
+    rate: float  # P(document in the training sample)
+    heldout_rate: float  # P(document in the held-out sample), disjoint from the training sample
+    seed: int = 0
+
+
+def sample_unit(text: str, seed: int) -> float:
+    key = seed.to_bytes(8, "little", signed=False)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest()
+    return hash_unit(digest)
+
+
+def sample_partition(job: SampleJob, report) -> dict:
+    stats = ReadStats()
+    sample: list[str] = []
+    heldout: list[str] = []
+    for _, text in _docs(job.files, job.opts, stats, report):
+        u = sample_unit(text, job.seed)
+        if u < job.rate:
+            sample.append(text)
+        elif u < job.rate + job.heldout_rate:
+            heldout.append(text)
+    return {"sample": sample, "heldout": heldout, "stats": stats.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
+# dedup
+
+
+@dataclass
+class HashJob:
+    files: list[FileRef]
+    opts: ReadOptions
+
+
+def hash_partition(job: HashJob, report) -> bytes:
+    stats = ReadStats()
+    return b"".join(doc_hash(text) for _, text in _docs(job.files, job.opts, stats, report))
+
+
+def duplicates(hashes: list[bytes]) -> list[list[int]]:
+    """Per partition, the indices of documents whose text appeared before (in partition order)."""
+    counts = [len(h) // 16 for h in hashes]
+    if not sum(counts):
+        return [[] for _ in hashes]
+    allh = np.frombuffer(b"".join(hashes), dtype="S16")
+    _, first = np.unique(allh, return_index=True)
+    dup = np.ones(len(allh), dtype=bool)
+    dup[first] = False
+    out, start = [], 0
+    for c in counts:
+        out.append(np.nonzero(dup[start:start + c])[0].tolist())
+        start += c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+
+
+@dataclass
+class ShardJob:
+    partition: int
+    files: list[FileRef]
+    opts: ReadOptions
+    out_dir: str
+    tokenizer: object  # tokenizer.Tokenizer (pickles as its model bytes)
+    dtype: str
+    val_fraction: float
+    sample_tokens: int
+    shard_bytes: int
+    drop: list[int] = field(default_factory=list)  # indices of duplicate documents in this partition
+    encode_batch_chars: int = 1 << 18
+
+
+def part_record_path(out_dir: Path, partition: int) -> Path:
+    return Path(out_dir) / META_DIR / f"part-{partition:05d}.json"
+
+
+def shard_partition(job: ShardJob, report) -> dict:
+    """Tokenize one partition into shards; keeps the shards a killed attempt finished."""
+    out_dir = Path(job.out_dir)
+    (out_dir / META_DIR).mkdir(parents=True, exist_ok=True)
+    tok = job.tokenizer
+    eos = np.asarray([tok.eos_id], dtype=np.int64)
+    stats = ReadStats()
+    drop = set(job.drop)
+    writers: dict[str, ShardWriter] = {}
+    skip: dict[str, int] = {}  # documents of each split already inside finished shards
+    kept_records: list[dict] = []
+    for split in SPLITS:
+        done = complete_shards(out_dir, split, job.partition)
+        kept_records.extend(done)
+        skip[split] = sum(r["docs"] for r in done)
+        writers[split] = ShardWriter(
+            out_dir, split, job.partition, dtype=np.dtype(job.dtype), sample_tokens=job.sample_tokens,
+            shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done))
+    seen = {split: 0 for split in SPLITS}
+    batch: list[tuple[str, str, str]] = []  # (split, source, text)
+    batch_chars = 0
+
+    def encode_and_write() -> None:
+        nonlocal batch, batch_chars
+        if not batch:
+            return
+        ids = tok.encode_batch([t for _, _, t in batch], num_threads=1)
+        for (split, source, _), doc in zip(batch, ids):
+            writers[split].add_doc(np.concatenate([np.asarray(doc, dtype=np.int64), eos]), source)
+        batch, batch_chars = [], 0
+
+    try:
+        for i, (source, text) in enumerate(_docs(job.files, job.opts, stats, report)):
+            if i in drop:
+                stats.add(source, "docs_duplicate")
+                continue
+            stats.add(source, "docs_kept")
+            u = hash_unit(doc_hash(text))
+            split = "val" if u < job.val_fraction else "train"
+            seen[split] += 1
+            if seen[split] <= skip[split]:
+                continue  # already in a finished shard
+            batch.append((split, source, text))
+            batch_chars += len(text)
+            if batch_chars >= job.encode_batch_chars:
+                encode_and_write()
+        encode_and_write()
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    written = [r for w in writers.values() for r in w.finished]
+    record = {"partition": job.partition, "files": len(job.files), "stats": stats.to_dict(),
+              "shards_written": len(written), "shards_kept": len(kept_records),
+              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}}
+    path = part_record_path(out_dir, job.partition)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def load_part_record(out_dir: Path, partition: int) -> Optional[dict]:
+    path = part_record_path(out_dir, partition)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,127 @@
+"""The `shard` stage: tokenize the corpus into WebDataset tar shards plus manifest.json.
+
+One Ray task per partition of the corpus reads its documents, puts each in train or val by a hash of
+its text (stable when data is added), optionally drops exact duplicates (data.dedup, found by a first
+pass over document hashes), encodes it with the tokenizer stage's model, appends <eos>, and writes
+shards (see pipeline/data/shards.py). Deterministic: the same input and config give byte-identical
+shards. Resumable: after a kill, a rerun keeps the finished shards and partitions and writes the rest.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tokenizer as tk
+from pipeline.data.parallel import run_parallel
+from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+from pipeline.data.shards import (
+    MANIFEST,
+    build_manifest,
+    dtype_name,
+    remove_all,
+    remove_incomplete,
+    token_dtype,
+)
+from pipeline.data.work import (
+    HashJob,
+    ReadOptions,
+    ShardJob,
+    duplicates,
+    hash_partition,
+    load_part_record,
+    shard_partition,
+)
+from pipeline.stage import StageContext, atomic_write_json
+from pipeline.stages.tokenizer import MODEL, _sections, read_metrics
+
+READS = (
+    "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
+    "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
+)
+
+
+def run(ctx: StageContext) -> dict:
+    t0 = time.time()
+    dc, _ = _sections(ctx.cfg)
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ctx.resumed:
+        remove_incomplete(out)
+    else:
+        remove_all(out)
+    tok = tk.load(Path(ctx.input_dir("tokenizer")) / MODEL)
+    dtype = token_dtype(tok.vocab_size)
+    stats = ReadStats()
+    files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
+                            partition_bytes=dc.partition_bytes, stats=stats)
+    parts = plan_partitions(files, dc.partition_bytes)
+    sizes = [sum(f.size for f in p) for p in parts]
+    total = sum(sizes)
+    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error)
+
+    drops: list[list[int]] = [[] for _ in parts]
+    t_dedup = 0.0
+    if dc.dedup:
+        t1 = time.time()
+        hashes = run_parallel(hash_partition, [HashJob(files=p, opts=opts) for p in parts],
+                              num_workers=dc.num_workers, total_bytes=total, desc="shard dedup")
+        drops = duplicates(hashes)
+        t_dedup = time.time() - t1
+
+    records: dict[int, dict] = {}
+    if ctx.resumed:
+        for i in range(len(parts)):
+            rec = load_part_record(out, i)
+            if rec is not None:
+                records[i] = rec
+    todo = [i for i in range(len(parts)) if i not in records]
+    tok_ref = tok  # pickled once per task as the model bytes
+    jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
+                     dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
+                     shard_bytes=dc.shard_bytes, drop=drops[i]) for i in todo]
+    t1 = time.time()
+    new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
+                       done_bytes=sum(sizes[i] for i in records), desc="shard")
+    t_shard = time.time() - t1
+    resumed_parts = len(records)
+    for i, rec in zip(todo, new):
+        records[i] = rec
+    for i in sorted(records):
+        stats.merge(records[i]["stats"])
+
+    config = {k.split(".", 1)[1]: v for k, v in
+              {"data.val_fraction": dc.val_fraction, "data.dedup": dc.dedup, "data.sample_tokens": dc.sample_tokens,
+               "data.shard_bytes": dc.shard_bytes, "data.partition_bytes": dc.partition_bytes,
+               "data.format": dc.format, "data.text_field": dc.text_field}.items()}
+    tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    rm = read_metrics(stats)
+    counts = {k: v for k, v in rm.items() if not isinstance(v, list)}
+    manifest = build_manifest(out, dtype=dtype, tokenizer_info=tok_info, config=config,
+                              read_counts=counts, per_source=stats.per_source)
+    atomic_write_json(out / MANIFEST, manifest)
+
+    elapsed = time.time() - t0
+    metrics = dict(rm)
+    metrics.update({
+        "tokens": manifest["tokens"],
+        "train_tokens": manifest["splits"]["train"]["tokens"],
+        "val_tokens": manifest["splits"]["val"]["tokens"],
+        "train_docs": manifest["splits"]["train"]["docs"],
+        "val_docs": manifest["splits"]["val"]["docs"],
+        "shards": len(manifest["shards"]),
+        "shards_written": sum(r.get("shards_written", 0) for r in new),
+        "shards_kept": sum(r.get("shards_kept", 0) for r in new) + sum(
+            records[i]["shards_written"] + records[i]["shards_kept"] for i in records if i not in todo),
+        "partitions": len(parts),
+        "partitions_resumed": resumed_parts,
+        "dtype": dtype_name(dtype),
+        "dedup_seconds": round(t_dedup, 2),
+        "shard_seconds": round(t_shard, 2),
+        "seconds": round(elapsed, 2),
+        "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
+        "per_source": manifest["sources"],
+    })
+    return metrics

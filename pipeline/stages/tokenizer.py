@@ -1,0 +1,116 @@
+"""The `tokenizer` stage: train SentencePiece on a uniform sample of the corpus (or take
+`tokenizer.path`), and measure chars per token on a held-out sample.
+
+Outputs in RUN_DIR/tokenizer/: tokenizer.model (SentencePiece), tokenizer.vocab (piece<TAB>id),
+stats.json. The sample is drawn in parallel, one Ray task per partition of the corpus: a document is
+in it when a keyed hash of its text falls under tokenizer.sample_bytes / corpus bytes, so the sample
+is uniform over documents and the same on every run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import tokenizer as tk
+from pipeline.data.config import DataConfig, TokenizerConfig
+from pipeline.data.parallel import default_workers, run_parallel
+from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+from pipeline.data.work import ReadOptions, SampleJob, sample_partition
+from pipeline.stage import StageContext, atomic_write_json, atomic_write_text
+
+READS = (
+    "data.sources", "data.format", "data.text_field", "data.on_error",
+    "tokenizer.vocab_size", "tokenizer.path", "tokenizer.type", "tokenizer.byte_fallback",
+    "tokenizer.character_coverage", "tokenizer.sample_bytes", "tokenizer.heldout_bytes", "tokenizer.seed",
+)
+MODEL = "tokenizer.model"
+
+
+def _sections(cfg) -> tuple[DataConfig, TokenizerConfig]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.tokenizer)
+
+
+def read_metrics(stats: ReadStats) -> dict:
+    """The reader counts of a stage as flat metrics, plus the skipped files and bad records by name."""
+    t = stats.totals()
+    t["docs_kept"] = t["docs_read"] - t["docs_empty"] - t["docs_duplicate"]
+    out = {k: t[k] for k in ("files", "files_skipped", "bytes", "docs_read", "docs_kept", "docs_empty",
+                             "docs_duplicate", "replacement_chars", "bad_records", "blank_lines")}
+    out["skipped_files"] = stats.skipped
+    out["bad_record_list"] = stats.bad_records
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    t0 = time.time()
+    dc, tc = _sections(ctx.cfg)
+    out = Path(ctx.out_dir)
+    stats = ReadStats()
+    files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
+                            partition_bytes=dc.partition_bytes, stats=stats)
+    parts = plan_partitions(files, dc.partition_bytes)
+    total = sum(f.size for f in files)
+    rate = 0.0 if tc.path else min(1.0, tc.sample_bytes / max(1, total))
+    heldout_rate = min(1.0 - rate, tc.heldout_bytes / max(1, total))
+    if rate >= 1.0:  # everything trains the tokenizer: measure on (part of) the training sample
+        heldout_rate = 0.0
+    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error)
+    jobs = [SampleJob(files=p, opts=opts, rate=rate, heldout_rate=heldout_rate, seed=tc.seed) for p in parts]
+    results = run_parallel(sample_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
+                           desc="tokenizer sample")
+    sample: list[str] = []
+    heldout: list[str] = []
+    for r in results:
+        stats.merge(r["stats"])
+        sample.extend(r["sample"])
+        heldout.extend(r["heldout"])
+    t_read = time.time() - t0
+
+    t1 = time.time()
+    if tc.path:
+        tok = tk.load(tc.path)
+        source = str(tc.path)
+    else:
+        if not sample:
+            raise ValueError("tokenizer stage: the corpus has no documents to train on (data.sources)")
+        threads = tc.num_threads or default_workers()
+        tok = tk.train(sample, vocab_size=tc.vocab_size, model_type=tc.type, byte_fallback=tc.byte_fallback,
+                       character_coverage=tc.character_coverage, num_threads=threads, seed=tc.seed)
+        source = "trained"
+    t_train = time.time() - t1
+    tok.save(out / MODEL)
+    atomic_write_text(out / "tokenizer.vocab",
+                      "".join(f"{tok.id_to_piece(i)}\t{i}\n" for i in range(tok.vocab_size)))
+    measure = heldout if heldout else sample[: max(1, len(sample) // 10)]
+    cpt = tk.chars_per_token(tok, measure, num_threads=tc.num_threads or default_workers())
+    stats_json = {
+        "model": MODEL,
+        "source": source,
+        "sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "type": tc.type if not tc.path else None,
+        "specials": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id},
+        "sample": {"docs": len(sample), "chars": sum(len(s) for s in sample), "rate": rate},
+        "heldout": dict(cpt, measured_on="heldout" if heldout else "training sample"),
+        "corpus": read_metrics(stats),
+    }
+    atomic_write_json(out / "stats.json", stats_json)
+    metrics = read_metrics(stats)
+    metrics.update({
+        "vocab_size": tok.vocab_size,
+        "chars_per_token": cpt["chars_per_token"],
+        "bytes_per_token": cpt["bytes_per_token"],
+        "heldout_docs": cpt["docs"],
+        "sample_docs": len(sample),
+        "sample_chars": stats_json["sample"]["chars"],
+        "partitions": len(parts),
+        "read_seconds": round(t_read, 2),
+        "train_seconds": round(t_train, 2),
+        "seconds": round(time.time() - t0, 2),
+        "per_source": stats.per_source,
+    })
+    return metrics
