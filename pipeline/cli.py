@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    compare = sub.add_parser(
+        "compare",
+        help="print the eval stage's headline numbers of several runs side by side",
+        description="Print the headline numbers of the eval stage (RUN_DIR/eval/metrics.json) of each "
+        "run side by side, e.g. an xLSTM run and the Llama baseline trained on the same shards.",
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with a done eval stage")
+
     cfg = sub.add_parser(
         "config",
         help="print the resolved, validated config of a run",
@@ -112,15 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import PipelineError
     from pipeline.submit import SubmitError
 
-    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "config": cmd_config}
+    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "config": cmd_config,
+                "compare": cmd_compare}
     try:
         return commands[args.command](args)
     except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"xlp {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from pipeline.runner import Stopped
+
+        sigterm = isinstance(e, Stopped) and e.args and e.args[0] == "SIGTERM"
+        print(f"xlp {args.command}: {'stopped by SIGTERM' if sigterm else 'interrupted'}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 143 if sigterm else 130
 
 
 def cmd_run(args) -> int:
@@ -157,6 +170,12 @@ def cmd_submit(args) -> int:
     if args.to == "slurm":
         return submit_slurm(cfg, **kw)
     return submit_ray(cfg, address=args.address, **kw)
+
+
+def cmd_compare(args) -> int:
+    from pipeline.eval.compare import main as compare_main
+
+    return compare_main(list(args.run_dirs))
 
 
 def cmd_config(args) -> int:

@@ -46,11 +46,33 @@ class KernelsConfig:
 
 @dataclass
 class WandbConfig:
+    # Read by the train stage at run time, not part of any fingerprint: changing them reruns nothing.
     mode: str = "offline"  # offline | online | disabled
     project: str = "xlstm-pipeline"
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None  # the W&B run's display name (None: run.name)
+    notes: Optional[str] = None
+    dir: Optional[str] = None  # where the wandb/ folder goes (None: RUN_DIR/train)
+
+
+@dataclass
+class SlurmConfig:
+    """How `xlp submit --to slurm` asks for an allocation (rendered into slurm/pipeline.sbatch)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU ranks (train.cpu_processes per node)
+    cpus_per_task: int = 8  # CPUs per node for the job's one task (Ray, data stages, CPU ranks)
+    time: str = "24:00:00"
+    job_name: Optional[str] = None  # None: xlp-<run.name>
+    requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume
+    signal_seconds: int = 300  # SIGTERM this long before the time limit, to save a checkpoint
+    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
+    python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
+    ray_port: int = 0  # the job's Ray head port; 0: a free one
 
 
 @dataclass
@@ -63,6 +85,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 class ConfigError(ValueError):

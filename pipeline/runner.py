@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -39,6 +40,7 @@ from pipeline.stage import (
 )
 
 LOG_NAME = "stage.log"
+TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
 HEARTBEAT_S = 10.0
 # A marker that says "running" but has not been refreshed for this long belongs to a dead run.
 STALE_HEARTBEAT_S = 60.0
@@ -46,6 +48,35 @@ STALE_HEARTBEAT_S = 60.0
 
 class PipelineError(RuntimeError):
     """A run that cannot go on; the message says which stage and what to do."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (preemption, a scheduler's time limit, `kill`): stop the running stage gracefully."""
+
+
+class _StopRequests:
+    """Signals received while a stage runs. The handler only records them: an exception raised
+    inside ray.wait leaves Ray unable to cancel the task afterwards, so the wait loop checks."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def handler(self, signum, frame):  # noqa: ARG002
+        self.received.append(signum)
+        if signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting at once
+
+    def pending(self) -> str | None:
+        if not self.received:
+            return None
+        return "SIGTERM" if signal.SIGTERM in self.received else "Ctrl-C"
+
+
+_stop_requests = _StopRequests()
+
+
+# How long a stopped stage may take to wind down (the train stage saves a checkpoint).
+STOP_GRACE_S = float(os.environ.get("XLP_STOP_GRACE_S", "600"))
 
 
 @dataclass
@@ -167,8 +198,14 @@ def run_pipeline(
 
     outcome: dict[str, str] = {}
     started_ray = False
+    previous_sigterm = None
     try:
         started_ray = _ensure_ray()
+        # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
+        if threading.current_thread() is threading.main_thread():
+            _stop_requests.received.clear()
+            previous_sigterm = (signal.signal(signal.SIGTERM, _stop_requests.handler),
+                                signal.signal(signal.SIGINT, _stop_requests.handler))
         for stage in order:
             if stage.name not in selected:
                 continue
@@ -184,6 +221,9 @@ def run_pipeline(
             _run_one(stage, cfg, run_dir, fp, resumed, out)
             outcome[stage.name] = "ran"
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm[0])
+            signal.signal(signal.SIGINT, previous_sigterm[1])
         if started_ray:
             import ray
 
@@ -241,6 +281,8 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
     how = "resuming" if resumed else "running"
     print(f"> {stage.name}: {how} (fingerprint {fp}); log: {log_path}", file=out, flush=True)
 
+    ended_marker = stage_dir / TASK_ENDED
+    ended_marker.unlink(missing_ok=True)
     task = _remote_stage().remote(stage, cfg, str(run_dir), fp, resumed, str(log_path))
     tail = _LogTail(log_path, out)
     try:
@@ -248,16 +290,31 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         while True:
             ready, _ = ray.wait([task], timeout=0.5)
             tail.pump()
+            if _stop_requests.pending():
+                raise Stopped()
             if time.time() - last_beat > HEARTBEAT_S:
                 marker["heartbeat_at"] = last_beat = time.time()
                 atomic_write_json(stage_dir / STAGE_JSON, marker)
             if ready:
                 break
         metrics = ray.get(task)
-    except KeyboardInterrupt:
-        ray.cancel(task, force=True)
-        _fail(stage_dir, marker, "interrupted (Ctrl-C)")
-        raise
+    except KeyboardInterrupt:  # Stopped (SIGTERM or a first Ctrl-C), or a second Ctrl-C
+        why = _stop_requests.pending() or "Ctrl-C"
+        print(f"! {stage.name}: {why}: stopping the stage (up to {STOP_GRACE_S:.0f}s to wind down)", file=out, flush=True)
+        # A plain cancel raises KeyboardInterrupt inside the stage, which can save its state
+        # (the train stage checkpoints); only if it does not end in time is it killed.
+        # Ray reports a cancelled task at once, while it may still be winding down: wait for the
+        # task's own end marker instead.
+        ray.cancel(task)
+        deadline = time.time() + STOP_GRACE_S
+        while not ended_marker.exists() and time.time() < deadline:
+            time.sleep(0.5)
+            tail.pump()
+        tail.pump()
+        if not ended_marker.exists():
+            ray.cancel(task, force=True)
+        _fail(stage_dir, marker, f"interrupted ({why}); rerun to resume")
+        raise Stopped(why) from None
     except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
         tail.pump()
         cause = getattr(e, "cause", None) or e
@@ -334,7 +391,9 @@ def _ensure_ray() -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = os.cpu_count()
+        # "local": a new embedded instance, even when a `ray start` cluster runs on this machine
+        # (plain ray.init() would join that one).
+        kwargs.update(address="local", num_cpus=os.cpu_count())
     ray.init(**kwargs)
     return True
 
@@ -343,12 +402,15 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
     ctx = StageContext(
         name=stage.name, cfg=cfg, run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
     )
-    with _output_to(Path(log_path)):
-        try:
-            return stage.load_fn()(ctx) or {}
-        except BaseException:
-            traceback.print_exc()
-            raise
+    try:
+        with _output_to(Path(log_path)):
+            try:
+                return stage.load_fn()(ctx) or {}
+            except BaseException:
+                traceback.print_exc()
+                raise
+    finally:
+        Path(log_path).with_name(TASK_ENDED).touch()
 
 
 @functools.cache

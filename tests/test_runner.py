@@ -136,3 +136,23 @@ def test_second_run_on_same_dir_is_refused_while_first_holds_it(tmp_path):
             run(tmp_path)
     finally:
         lock.release()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
+    env = xlp_env({"TOY_STAGE_SLEEP": "120"})
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = tmp_path / "total" / "started"
+    deadline = time.time() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.time() < deadline, "the stage never started"
+        time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30, "the stage was not stopped promptly"
+    assert proc.returncode != 0
+    assert "SIGTERM: stopping the stage" in output
+    marker = json.loads((tmp_path / "total" / "stage.json").read_text())
+    assert marker["status"] == "failed" and "interrupted (SIGTERM)" in marker["error"]

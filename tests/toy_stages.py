@@ -28,7 +28,10 @@ def total(ctx: StageContext) -> dict:
     values = [int(x) for x in (ctx.input_dir("numbers") / "numbers.txt").read_text().split()]
     # A stage that can be killed part way: it marks that it started, then waits if told to.
     (ctx.out_dir / "started").write_text(str(os.getpid()))
-    time.sleep(float(os.environ.get("TOY_STAGE_SLEEP", "0")))
+    # Short sleeps: Ray's cancel raises KeyboardInterrupt between Python bytecodes, as in real stages.
+    until = time.time() + float(os.environ.get("TOY_STAGE_SLEEP", "0"))
+    while time.time() < until:
+        time.sleep(0.1)
     result = sum(values) * ctx.cfg.train.steps
     atomic_write_text(ctx.out_dir / "total.txt", str(result))
     return {"total": result}
