@@ -1,0 +1,102 @@
+"""`xlp compare RUN_A RUN_B ...`: the eval stage's headline numbers of several runs side by side
+(e.g. xLSTM vs the Llama baseline trained on the same shards).
+
+Reads RUN_DIR/eval/metrics.json (written by the eval stage) and a few facts from
+RUN_DIR/eval/results.json (architecture, parameters, training tokens). Lower is better for
+losses, bpb and memory; higher for accuracies and tokens/s.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+INFO_ROWS = (("arch", "arch"), ("params (M)", "params"), ("train steps", "train_steps"),
+             ("tokens seen", "tokens_seen"), ("seq len", "seq_len"), ("device", "device"))
+# shown first, in this order; every other headline key follows, sorted
+FIRST = ("val_loss", "val_ppl", "val_bpb", "untrained_bpb", "bytes_per_token", "loss_1x", "loss_2x", "loss_4x",
+         "loss_8x", "loss_beyond_train_len", "recall_acc")
+
+
+def _load(run_dir: Path) -> tuple[dict, dict]:
+    ev = Path(run_dir) / "eval"
+    metrics_file = ev / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: no eval/metrics.json (run the eval stage: xlp run CONFIG --stages eval)")
+    metrics = json.loads(metrics_file.read_text())
+    info = {}
+    try:
+        info = json.loads((ev / "results.json").read_text()).get("info", {})
+    except (OSError, json.JSONDecodeError):
+        pass
+    return metrics, info
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+    return str(v)
+
+
+def _order(keys: set[str]) -> list[str]:
+    def gen_key(k: str):  # gen_<ctx>_<what>: by what, then context
+        parts = k.split("_")
+        try:
+            return ("_".join(parts[2:]), int(parts[1]))
+        except (IndexError, ValueError):
+            return (k, 0)
+
+    first = [k for k in FIRST if k in keys]
+    gen = sorted((k for k in keys if k.startswith("gen_") and k not in first), key=gen_key)
+    rest = sorted(k for k in keys if k not in first and k not in gen)
+    return first + [k for k in rest if not k.startswith(("xlp_", "recall_acc_"))] + \
+        sorted(k for k in rest if k.startswith("recall_acc_")) + gen + [k for k in rest if k.startswith("xlp_")]
+
+
+def compare_table(run_dirs: list[str]) -> list[list[str]]:
+    cols = []
+    for rd in run_dirs:
+        metrics, info = _load(Path(rd))
+        cols.append((Path(rd).name or str(rd), metrics, info))
+    rows = [["metric"] + [c[0] for c in cols]]
+    for label, key in INFO_ROWS:
+        vals = [c[2].get(key) for c in cols]
+        if key == "params":
+            vals = [v / 1e6 if isinstance(v, (int, float)) else v for v in vals]
+        rows.append([label] + [_fmt(v) for v in vals])
+    keys = set().union(*(c[1].keys() for c in cols))
+    for k in _order(keys):
+        rows.append([k] + [_fmt(c[1].get(k)) for c in cols])
+    return rows
+
+
+def main(run_dirs: list[str], out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    if not run_dirs:
+        print("xlp compare: give one or more run directories", file=sys.stderr)
+        return 2
+    try:
+        rows = compare_table(run_dirs)
+    except FileNotFoundError as e:
+        print(f"xlp compare: error: {e}", file=sys.stderr)
+        return 1
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip(), file=out)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

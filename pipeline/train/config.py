@@ -1,0 +1,117 @@
+"""Config section of the train stage: `train.*`.
+
+Every field is a config key (`train.lr=1e-3` on the command line). `validate()` raises ValueError
+naming the key (`train.<key>`); the pipeline config turns that into a ConfigError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SCHEDULES = ("cosine", "wsd")
+PRECISIONS = ("fp32", "bf16")
+
+# DeepSpeed keys the train config sets itself: `train.deepspeed` may not set them (use the train key).
+OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision (fp16 is not supported: use bf16)",
+    "optimizer": "train.lr, train.betas, train.eps, train.weight_decay (AdamW with parameter groups)",
+    "scheduler": "train.schedule, train.warmup, train.min_lr",
+}
+OWNED_ZERO_KEYS = {
+    "stage": "train.zero_stage",
+    "offload_optimizer": "train.offload_optimizer",
+    "offload_param": "train.offload_params",
+}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps (each: micro_batch_size x grad_accum x ranks sequences)
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    precision: str = "fp32"  # fp32 | bf16
+    cpu_processes: int = 1  # gloo ranks on this machine when there is no GPU
+    grad_accum: int = 1  # micro-steps per optimizer step
+
+    # AdamW; no weight decay on norms, biases, embeddings and gate biases (any tensor with ndim < 2)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup: int = 10  # steps of linear warmup from 0 to lr
+    schedule: str = "cosine"  # cosine (warmup, cosine decay to min_lr) | wsd (warmup-stable-decay)
+    wsd_decay: float = 0.2  # wsd: fraction of train.steps spent in the final (linear) decay
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    # checkpoints, evaluation, logging
+    save_every: int = 100  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    eval_every: int = 50  # steps between validation passes (0: only at the end)
+    eval_batches: int = 8  # validation micro-batches per rank per pass (0: the whole val split)
+    log_every: int = 10  # steps between console lines (W&B and metrics.jsonl get every step)
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the stage fails
+
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (zero_stage >= 1)
+    offload_params: bool = False  # ZeRO-Infinity parameter offload to CPU (zero_stage 3)
+    # Any other DeepSpeed config key, merged over the generated config (e.g.
+    # {zero_optimization: {reduce_bucket_size: 5e7}, communication_data_type: fp32}).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    num_workers: int = 0  # loader worker processes per rank
+    threads: int = 0  # torch CPU threads per rank (0: CPU cores / ranks on this machine)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (None: known GPUs' table; CPU: measured)
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"config key `train.{key}` {msg}")
+
+        for key in ("steps", "micro_batch_size", "cpu_processes", "grad_accum", "keep_checkpoints",
+                    "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"is {getattr(self, key)}; must be >= 1")
+        for key in ("warmup", "save_every", "eval_every", "eval_batches", "log_every", "num_workers",
+                    "threads"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"is {getattr(self, key)}; must be >= 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise bad("zero_stage", f"is {self.zero_stage}; valid values: 0, 1, 2, 3")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"is {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"is {self.schedule!r}; valid values: {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise bad("lr", f"is {self.lr}; must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise bad("min_lr", f"is {self.min_lr}; must be between 0 and train.lr ({self.lr})")
+        if not 0 < self.wsd_decay <= 1:
+            raise bad("wsd_decay", f"is {self.wsd_decay}; must be in (0, 1]")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"is {self.weight_decay}; must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad("betas", f"is {list(self.betas)}; must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not self.eps > 0:
+            raise bad("eps", f"is {self.eps}; must be > 0")
+        if self.grad_clip < 0:
+            raise bad("grad_clip", f"is {self.grad_clip}; must be >= 0 (0 disables clipping)")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise bad("offload_optimizer", "needs train.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise bad("offload_params", "needs train.zero_stage=3")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise bad("peak_tflops", f"is {self.peak_tflops}; must be > 0 or null")
+        ds = dict(self.deepspeed or {})
+        for key, owner in OWNED_DEEPSPEED_KEYS.items():
+            if key in ds:
+                raise bad(f"deepspeed.{key}", f"is set by {owner}; set that instead")
+        zero = ds.get("zero_optimization") or {}
+        if not isinstance(zero, dict):
+            raise bad("deepspeed.zero_optimization", "must be a mapping")
+        for key, owner in OWNED_ZERO_KEYS.items():
+            if key in zero:
+                raise bad(f"deepspeed.zero_optimization.{key}", f"is set by {owner}; set that instead")
