@@ -112,6 +112,15 @@ def test_stdlib_source():
     assert [r for p in parts for r in p] == refs
 
 
+def test_stdlib_package_source():
+    refs = resolve_sources(["stdlib:json"])
+    names = sorted(os.path.basename(r.url) for r in refs)
+    assert "decoder.py" in names and "encoder.py" in names and all(n.endswith(".py") for n in names)
+    assert all(os.sep + "json" + os.sep in r.url for r in refs)
+    with pytest.raises(DataError, match=r"stdlib:nonexistent_pkg.*no standard-library package"):
+        resolve_sources(["stdlib:nonexistent_pkg"])
+
+
 def test_invalid_utf8_replaced_and_counted(corpus):
     docs, stats = read_all([str(corpus / "corpus" / "bad_utf8.txt")])
     assert docs == ["ok \ufffd\ufffd bytes \ufffd( end"]

@@ -119,9 +119,12 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files() -> list[str]:
-    """The .py files of the running interpreter's standard library, sorted (site-packages left out)."""
-    root = stdlib_root()
+def stdlib_files(package: str = "") -> list[str]:
+    """The .py files of the running interpreter's standard library, sorted (site-packages left out);
+    with `package` (e.g. "json", "email"), only that package's files: a small real corpus."""
+    root = stdlib_root() / package.replace(".", os.sep) if package else stdlib_root()
+    if package and not root.is_dir():
+        raise FileNotFoundError(f"no standard-library package {package!r} in {stdlib_root()}")
     out = []
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")
@@ -240,9 +243,9 @@ def resolve_sources(
     for source in sources:
         stats.src(source)
         try:
-            if source == "stdlib":
+            if source == "stdlib" or source.startswith("stdlib:"):
                 files = [_file_ref(source, p, os.path.getsize(p), "text" if fmt == "auto" else fmt)
-                         for p in stdlib_files()]
+                         for p in stdlib_files(source.partition(":")[2])]
             elif source.startswith("hf://"):
                 files = _resolve_hf(source, partition_bytes)
             elif is_url(source) and not source.startswith("file://"):

@@ -1,0 +1,170 @@
+"""`xlp submit` against real services started on this machine: a single-node Slurm
+(infra/local-slurm.sh: munge, slurmctld, slurmd) and a Ray head with the Jobs API and token
+authentication (infra/local-ray.sh)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, XLP, xlp_env
+from pipeline.train.checkpoint import complete_checkpoints
+
+TINY = REPO / "configs" / "tiny.yaml"
+ALL_STAGES = ["tokenizer", "shard", "train", "eval"]
+
+can_run_slurm = shutil.which("sbatch") is not None or (os.geteuid() == 0 and shutil.which("apt-get") is not None)
+pytestmark = pytest.mark.slow
+
+
+def xlp(*args, env=None, timeout=900, check=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(XLP + list(args), env=env or xlp_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"xlp {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def stage_status(run_dir: Path) -> dict[str, str]:
+    out = xlp("status", str(run_dir), "--json", check=True)
+    return {name: s["status"] for name, s in json.loads(out.stdout).items()}
+
+
+def assert_pipeline_complete(run_dir: Path) -> None:
+    assert stage_status(run_dir) == {s: "done" for s in ALL_STAGES}
+    model = run_dir / "train" / "model"
+    assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
+    assert (run_dir / "eval" / "report.md").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not can_run_slurm:
+        pytest.skip("needs Slurm, or root with apt-get to install it (infra/local-slurm.sh)")
+    proc = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+
+
+def slurm_jobs() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def job_id_of(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("submitted Slurm job "):
+            return line.split()[3]
+    raise AssertionError(f"no job id in:\n{output}")
+
+
+def test_slurm_bad_config_fails_before_anything_is_queued(slurm, tmp_path):
+    before = slurm_jobs()
+    proc = xlp("submit", str(TINY), "--to", "slurm", "train.stepz=3", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 1
+    assert "unknown config key `train.stepz`" in proc.stderr
+    assert slurm_jobs() == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Slurm job" in proc.stdout and "COMPLETED" in proc.stdout
+    assert_pipeline_complete(run_dir)
+    script = next((run_dir / "submit").glob("*.sbatch")).read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --cpus-per-task=2" in script
+
+    # --stages eval reruns just that stage on the cluster.
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2",
+               "--stages", "eval", "--force")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "> eval: running" in proc.stdout
+    for stage in ("tokenizer", "shard", "train"):
+        assert f"> {stage}:" not in proc.stdout
+    assert_pipeline_complete(run_dir)
+
+
+def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ["slurm.cpus_per_task=2", "train.steps=400", "train.save_every=10"]
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *overrides, check=True)
+    job = job_id_of(proc.stdout)
+    checkpoints = run_dir / "train" / "checkpoints"
+    deadline = time.time() + 600
+    while not complete_checkpoints(checkpoints):
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        assert job in slurm_jobs(), (run_dir / "submit" / f"slurm-{job}.out").read_text()[-3000:]
+        time.sleep(1)
+    subprocess.run(["scancel", job], check=True)
+    while job in slurm_jobs():
+        time.sleep(1)
+    assert stage_status(run_dir)["train"] in ("failed", "running")
+    saved = complete_checkpoints(checkpoints)[-1][0]
+
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *overrides[:1],
+               "train.steps=400", "train.save_every=10", timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for stage in ("tokenizer", "shard"):
+        assert f"= {stage}: done" in proc.stdout  # done stages skipped
+    assert "> train: resuming" in proc.stdout
+    resumed_at = int(proc.stdout.split("resumed from ", 1)[1].split("(step ", 1)[1].split(",")[0])
+    assert resumed_at >= saved  # the step counter continues (SIGTERM may have saved a later one)
+    assert_pipeline_complete(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2",
+               RAY_TEMP_DIR=str(tmp_path_factory.mktemp("ray")))
+    script = str(REPO / "infra" / "local-ray.sh")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield f"http://127.0.0.1:{dash}"
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_bad_config_fails_before_submitting(ray_head, tmp_path):
+    proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "train.steps=lots",
+               "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "`train.steps`" in proc.stderr and "expected int" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_without_token_says_what_to_set(ray_head, tmp_path):
+    env = xlp_env()
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_MODE", None)
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token here
+    proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "--run-dir", str(tmp_path / "run"), env=env)
+    assert proc.returncode == 1
+    assert "RAY_AUTH_TOKEN" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
+
+
+def test_ray_job_runs_the_tiny_pipeline(ray_head, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert_pipeline_complete(run_dir)
