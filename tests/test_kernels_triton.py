@@ -312,3 +312,49 @@ def test_torch_compile_traces_custom_ops():
     g_e = torch.autograd.grad(want, [q, v, f, w])
     for a, b in zip(g_c, g_e):
         _assert_close(a, b, "grad")
+
+
+# ------------------------------------------------------------------------------------ bf16
+@needs_kernels
+@pytest.mark.parametrize("L,init,docs", [(16, True, True), (32, False, False)])
+def test_mlstm_chunkwise_bf16_within_reference_yardstick(L, init, docs):
+    """bf16 inputs: the kernel's error vs a float64 truth on the SAME rounded inputs must stay near
+    what the reference itself loses in bf16 (yardstick: bf16 in/out, and torch.autocast matmuls).
+    A kernel that rounds a stabiliser, an exp or a state to bf16 where it must not is 10-1000x off.
+    On CPU the interpreter's bf16 dot is patched to behave like tensor cores (kernels/triton/_interp.py)."""
+    if DEVICE == "cpu":
+        from kernels.triton._interp import patch_interpreter_bf16
+
+        patch_interpreter_bf16()
+    torch.manual_seed(0)
+    B, NH, S, DQK, DV = 1, 2, 100, 32, 32
+    base = [torch.randn(B, NH, S, DQK, device=DEVICE), torch.randn(B, NH, S, DQK, device=DEVICE),
+            torch.randn(B, NH, S, DV, device=DEVICE), torch.randn(B, NH, S, device=DEVICE) - 2,
+            torch.randn(B, NH, S, device=DEVICE) + 3]
+    xs = [x.bfloat16() for x in base]
+    st = (torch.randn(B, NH, DQK, DV, device=DEVICE) * 0.1, torch.randn(B, NH, DQK, device=DEVICE) * 0.1,
+          torch.zeros(B, NH, device=DEVICE)) if init else None
+    ds = _doc_starts("mask", B, S) if docs else None
+    dh = torch.randn(B, NH, S, DV, device=DEVICE, dtype=torch.float64)
+
+    def run(mod, ins, autocast=False):
+        ins = [x.detach().clone().requires_grad_() for x in ins]
+        cdt = torch.float64 if ins[0].dtype == torch.float64 else torch.float32
+        state = tuple(x.to(cdt) for x in st) if st else None
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            h, (C, n, m) = mod.mlstm_chunkwise(*ins, chunk_size=L, initial_state=state,
+                                               return_final_state=True, doc_starts=ds)
+        g = torch.autograd.grad((h.to(cdt) * dh.to(cdt)).sum() + C.to(cdt).sum(), ins)
+        return [h, C, n, m] + list(g)
+
+    truth = run(ref_mlstm, [x.double() for x in xs])
+    got = run(tri_mlstm, xs)
+    yard_io = run(ref_mlstm, xs)
+    yard_ac = run(ref_mlstm, xs, autocast=True)
+    names = ["h", "C", "n", "m", "dq", "dk", "dv", "di", "df"]
+    msgs = []
+    for name, g_, t, a, b in zip(names, got, truth, yard_io, yard_ac):
+        err, yard = _rel(g_, t), max(_rel(a, t), _rel(b, t))
+        if not (math.isfinite(err) and err <= max(2.5 * yard, 8e-3)):
+            msgs.append(f"{name}: {err:.1e} vs yardstick {yard:.1e}")
+    assert not msgs, "; ".join(msgs)

@@ -7,34 +7,53 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.triton.mlstm as M, kernels.triton.slstm as SL, kernels.triton.norms as N, kernels.triton.cross_entropy as CE
 tgt = GPUTarget("cuda", 90, 32)
-def comp(fn, sig, consts, name):
+def comp(fn, sig, consts, name, opts=None):
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        k = triton.compile(src, target=tgt, options={"num_warps": 8 if 'chunk' in name else 4})
+        k = triton.compile(src, target=tgt, options=opts or {"num_warps": 8 if 'chunk' in name else 4})
         print("OK", name, "regs/spills:", getattr(k, 'n_regs', '?'), getattr(k, 'n_spills', '?'))
     except Exception as e:
+        global failed
+        failed += 1
         print("FAIL", name, str(e)[-700:])
+failed = 0
 P=lambda t: "*"+t
 dt = sys.argv[1] if len(sys.argv)>1 else "bf16"
-c = dict(DQK=128, DV=256, L=64, BK=64, BV=64, PREC=("ieee" if dt=="fp32" else "tf32"))
+PREC = "ieee" if dt=="fp32" else "tf32"
+c = dict(DQK=128, DV=256, L=64, BK=64, BV=64, PREC=PREC)
 names = lambda fn: fn.arg_names
-def sig_for(fn, ptr_types, ints):
+def sig_for(fn, ptr_types, ints, consts):
     s = {}
     for a in fn.arg_names:
-        if a in c or a in ("NBLK","BT"): s[a] = "constexpr"
+        if a in consts or a in ("BT", "HAS_DCF"): s[a] = "constexpr"
         elif a in ptr_types: s[a] = P(ptr_types[a])
         elif a in ints: s[a] = ints[a]
         else: s[a] = "*fp32"
     return s
 ints = {"NH":"i32","S_P":"i32","NC":"i32","scale":"fp32"}
-k1 = sig_for(M._fwd_states_kernel, {"K":dt,"V":dt,"SEG":"i32","CST":dt}, ints)
-comp(M._fwd_states_kernel, k1, c, "fwd_states")
-k2 = sig_for(M._fwd_out_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","CST":dt,"H":dt}, ints)
-comp(M._fwd_out_kernel, k2, dict(c, BV=128), "fwd_out")
-k3 = sig_for(M._bwd_states_kernel, {"Q":dt,"DH":dt,"SEG":"i32","CST":dt,"DCST":dt}, ints)
-comp(M._bwd_states_kernel, k3, dict(c, NBLK=8), "bwd_states")
-k4 = sig_for(M._bwd_chunk_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","DH":dt,"CST":dt,"DCST":dt,"DQ":dt,"DK":dt,"DV_":dt}, ints)
-comp(M._bwd_chunk_kernel, k4, c, "bwd_chunk")
+# every launch configuration kernels.bench --sweep can time (and the default), at the bench shape
+import torch
+from kernels.bench import FWD_VARIANTS, BWD_VARIANTS
+tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+seen = set()
+for change in FWD_VARIANTS + BWD_VARIANTS:
+    M.set_mlstm_config(change)
+    for kname, fn, ptrs, extra in (
+        ("fs", M._fwd_states_kernel, {"K":dt,"V":dt,"SEG":"i32","CST":dt}, {}),
+        ("fo", M._fwd_out_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","CST":dt,"H":dt}, {}),
+        ("bs", M._bwd_states_kernel, {"Q":dt,"DH":dt,"SEG":"i32","DCST":dt}, {"HAS_DCF": False}),
+        ("bc", M._bwd_chunk_kernel, {"Q":dt,"K":dt,"V":dt,"SEG":"i32","DH":dt,"CST":dt,"DCST":dt,"DQ":dt,"DK":dt,"DV_":dt}, {}),
+    ):
+        BK, BV, kw = M._kcfg(kname, 128, 256, 64, tdt)
+        key = (kname, BK, BV, kw["num_warps"], kw["num_stages"])
+        if key in seen:
+            continue
+        seen.add(key)
+        consts = dict(c, BK=BK, BV=BV, **extra)
+        comp(fn, sig_for(fn, ptrs, ints, consts), consts, f"{kname} BK{BK} BV{BV} w{kw['num_warps']} s{kw['num_stages']}", kw)
+M.set_mlstm_config({})
+consts = dict(c, HAS_DCF=True)
+comp(M._bwd_states_kernel, sig_for(M._bwd_states_kernel, {"Q":dt,"DH":dt,"SEG":"i32","DCST":dt}, ints, consts), consts, "bs HAS_DCF", {"num_warps": 4, "num_stages": 2})
 ks = {"GX":dt,"R":"fp32","RESET":"i32","HOUT":dt}
 ints2 = {"S":"i32","NH":"i32","DH":"i32"}
 def sig2(fn, pt, ints, cs):
@@ -51,3 +70,5 @@ cc = dict(BV=4096, HAS_CAP=True, GRAD=True)
 comp(CE._ce_kernel, sig2(CE._ce_kernel, {"LOGITS":dt,"TGT":"i64"}, {"V":"i32","stride":"i32","ignore_index":"i32","inv_count":"fp32","soft_cap":"fp32"}, cc), cc, "ce")
 comp(M._step_kernel, sig2(M._step_kernel, {"Q":dt,"K":dt,"V":dt,"H":dt}, {"scale":"fp32"}, dict(DQK=128,DV=256,BK=64,BV=64)), dict(DQK=128,DV=256,BK=64,BV=64), "step")
 comp(M._bwd_prep_kernel, sig2(M._bwd_prep_kernel, {"H":dt,"DH":dt}, {"S_P":"i32"}, dict(DV=256,BT=64,BV=64)), dict(DV=256,BT=64,BV=64), "bwd_prep")
+print("aot_check:", "ALL OK" if not failed else f"{failed} FAILED")
+sys.exit(1 if failed else 0)

@@ -19,6 +19,7 @@ true dependence on m is the returned final m, whose gradient is routed in PyTorc
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -188,11 +189,11 @@ def _bwd_prep_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_states_kernel(
-    Q, DH, G, SEG, MT, UT, DU, CST, NST, MST, DCF, DNF,
-    DCST, DNST, DC0, DN0, DBETA,
+    Q, DH, G, SEG, MT, UT, DU, MST, DCF, DNF,
+    DCST, DNST, DC0, DN0,
     NH, S_P, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NBLK: tl.constexpr, PREC: tl.constexpr,
+    HAS_DCF: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: states of long sequences exceed 2^31
     pid_k = tl.program_id(1)
@@ -203,8 +204,12 @@ def _bwd_states_kernel(
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mat = offs_k[:, None] * DV + offs_v[None, :]
-    dC = tl.load(DCF + pid_bh * DQK * DV + mat)
-    dn = tl.load(DNF + pid_bh * DQK + offs_k)
+    if HAS_DCF:
+        dC = tl.load(DCF + pid_bh * DQK * DV + mat)
+        dn = tl.load(DNF + pid_bh * DQK + offs_k)
+    else:  # no gradient reaches the final state: start from zero without reading a zero tensor
+        dC = tl.zeros([BK, BV], dtype=tl.float32)
+        dn = tl.zeros([BK], dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         tl.store(DCST + (pid_bh * NC + c) * DQK * DV + mat, dC.to(DCST.dtype.element_ty))
@@ -221,13 +226,8 @@ def _bwd_states_kernel(
         m_c = tl.load(MST + pid_bh * (NC + 1) + c)
         m_next = tl.load(MST + pid_bh * (NC + 1) + c + 1)
         beta = tl.exp(tl.where(seg_end == 0, g_end + m_c, NEG_INF) - m_next)
-        # d log(beta_c) = beta <dC~_{c+1}, C~_c> (+ <dn~, n~_c>): partial sums, one slot per block
-        Cc = tl.load(CST + (pid_bh * (NC + 1) + c) * DQK * DV + mat).to(tl.float32)
-        part = beta * tl.sum(tl.sum(dC * Cc, axis=1), axis=0)
-        if pid_v == 0:
-            nc_ = tl.load(NST + (pid_bh * (NC + 1) + c) * DQK + offs_k)
-            part += beta * tl.sum(dn * nc_, axis=0)
-        tl.store(DBETA + (pid_bh * NC + c) * NBLK + pid_k * (DV // BV) + pid_v, part)
+        # d log(beta_c) = beta <dC~_{c+1}, C~_c> is summed in _bwd_chunk_kernel, which reads both
+        # states anyway (this pass used to re-read every C~_c just for it: ~1 GB at the bench shape)
         floor = tl.exp(-m_t)
         den = tl.maximum(tl.abs(u), floor)
         alpha = tl.exp(tl.where(seg == 0, g + m_c, NEG_INF) - m_t)
@@ -247,7 +247,7 @@ def _bwd_states_kernel(
 @triton.jit
 def _bwd_chunk_kernel(
     Q, K, V, I, G, SEG, DH, MT, UT, DU, RT, CST, NST, MST, DCST, DNST,
-    DQ, DK, DV_, DG, DI, DALPHA,
+    DQ, DK, DV_, DG, DI, DALPHA, DLBETA,
     NH, S_P, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
@@ -271,7 +271,6 @@ def _bwd_chunk_kernel(
     m_t = tl.load(MT + pid_bh * S_P + row)
     u = tl.load(UT + pid_bh * S_P + row)
     du = tl.load(DU + pid_bh * S_P + row)
-    R = tl.load(RT + pid_bh * S_P + row)
     g_end = tl.load(G + pid_bh * S_P + c * L + L - 1)
     seg_end = tl.load(SEG + b * S_P + c * L + L - 1)
     m_c = tl.load(MST + pid_bh * (NC + 1) + c)
@@ -315,6 +314,8 @@ def _bwd_chunk_kernel(
     dP = dPv + du[:, None]
     dS = (dP * E).to(dt)
     dlogD = P * dP
+    dlb = tl.zeros([BK], dtype=tl.float32)  # <dC~_{c+1}, C~_c> + <dn~_{c+1}, n~_c>, row partials
+    ra = tl.zeros([L], dtype=tl.float32)  # q_t.(C~_c dnum_t + n~_c du_t): d log(alpha_t) / alpha_t
     for k0 in range(0, DQK, BK):
         offs_k = k0 + tl.arange(0, BK)
         qb = tl.load(Q + qk_base + offs_k[None, :])
@@ -327,13 +328,17 @@ def _bwd_chunk_kernel(
             offs_v = v0 + tl.arange(0, BV)
             dnum = (tl.load(DH + v_base + offs_v[None, :]).to(tl.float32) * inv_den[:, None]).to(dt)
             vb = tl.load(V + v_base + offs_v[None, :])
-            Cb = tl.load(cst + offs_k[:, None] * DV + offs_v[None, :]).to(dt)
-            dCb = tl.load(dcst + offs_k[:, None] * DV + offs_v[None, :]).to(dt)
-            qCd += tl.dot(dnum, tl.trans(Cb), input_precision=PREC)
-            vdC += tl.dot(vb, tl.trans(dCb), input_precision=PREC)
+            Cb = tl.load(cst + offs_k[:, None] * DV + offs_v[None, :])
+            dCb = tl.load(dcst + offs_k[:, None] * DV + offs_v[None, :])
+            dlb += tl.sum(Cb.to(tl.float32) * dCb.to(tl.float32), axis=1)
+            qCd += tl.dot(dnum, tl.trans(Cb.to(dt)), input_precision=PREC)
+            vdC += tl.dot(vb, tl.trans(dCb.to(dt)), input_precision=PREC)
         nb = tl.load(nst + offs_k)
         dnb = tl.load(dnst + offs_k)
-        dqb += alpha[:, None] * (qCd + du[:, None] * nb[None, :])
+        dlb += nb * dnb
+        qCdn = qCd + du[:, None] * nb[None, :]
+        ra += tl.sum(qb.to(tl.float32) * qCdn, axis=1)
+        dqb += alpha[:, None] * qCdn
         dkb += gamma[:, None] * (vdC + dnb[None, :])
         dlg += tl.sum(kb.to(tl.float32) * dnb[None, :], axis=1)
         tl.store(DQ + qk_base + offs_k[None, :], dqb.to(DQ.dtype.element_ty))
@@ -342,36 +347,104 @@ def _bwd_chunk_kernel(
     dlog_gamma = gamma * dlg
     colsum = tl.sum(dlogD, axis=0)
     rowsum = tl.sum(dlogD, axis=1)
-    dg = R - colsum - dlog_gamma + tl.where(offs_t == L - 1, tl.sum(dlog_gamma, axis=0), 0.0)
+    beta = tl.exp(tl.where(seg_end == 0, g_end + m_c, NEG_INF) - m_next)
+    dlogbeta = beta * tl.sum(dlb, axis=0)
+    tl.store(DLBETA + pid_bh * NC + c, dlogbeta)
+    # query-side total of token t's log-weights, summed from the same fp32 terms as colsum (not
+    # dh.h with the stored bf16 h, which left di/df ~2x worse than necessary in bf16)
+    dlog_alpha = tl.where(seg == 0, alpha * ra, 0.0)
+    R = rowsum + dlog_alpha
+    dg = R - colsum - dlog_gamma + tl.where(offs_t == L - 1, tl.sum(dlog_gamma, axis=0) + dlogbeta, 0.0)
     tl.store(DG + pid_bh * S_P + row, dg)
     tl.store(DI + pid_bh * S_P + row, colsum + dlog_gamma)
-    tl.store(DALPHA + pid_bh * S_P + row, tl.where(seg == 0, R - rowsum, 0.0))
+    tl.store(DALPHA + pid_bh * S_P + row, dlog_alpha)
 
 
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
-def _blocks(DQK: int, DV: int, L: int) -> tuple[int, int]:
-    # BK x BV tiles of the state; L x L score tiles live in registers, so big L wants smaller tiles
-    cap = 64 if L <= 64 else 32
-    return pow2_block(DQK, cap), pow2_block(DV, cap)
+# Launch configuration of the four chunkwise kernels: block caps (the largest power of two <= cap
+# dividing the head dim is used), num_warps (w) and num_stages (s). fs = _fwd_states_kernel,
+# fo = _fwd_out_kernel, bs = _bwd_states_kernel, bc = _bwd_chunk_kernel; chunk = 0 lets
+# pick_chunk_size decide, else it forces L (a power of two >= 16; tuning only).
+# `python -m kernels.bench --sweep` times variants on a GPU and prints the best as an
+# XLP_MLSTM_CFG string; set that environment variable (or call set_mlstm_config) to use it.
+# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python -m kernels.bench --sweep` at
+# 65,536 tokens, NH=16, DQK=128, DV=256, bf16: fwd+bwd 10.6 -> 9.3 ms against the previous table
+# (kernels/triton/gpu_check_h100_run2.log, ..._run3_tuned.log).
+DEFAULT_CFG = dict(
+    fs_bk=64, fs_bv=64, fs_w=4, fs_s=3,
+    fo_bk=64, fo_bv=128, fo_w=4, fo_s=2,
+    bs_bk=64, bs_bv=64, bs_w=4, bs_s=3,
+    bc_bk=64, bc_bv=128, bc_w=8, bc_s=1,
+    chunk=0,
+)
+_CFG = dict(DEFAULT_CFG)
+
+
+def parse_cfg(text: str) -> dict:
+    """'bc_w=4,bc_s=2' -> {'bc_w': 4, 'bc_s': 2}; unknown keys are an error."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in DEFAULT_CFG:
+            raise ValueError(f"XLP_MLSTM_CFG: unknown key {key!r}; valid: {', '.join(DEFAULT_CFG)}")
+        out[key] = int(val)
+    return out
+
+
+def format_cfg(cfg: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg.items() if DEFAULT_CFG.get(k) != v) or "default"
+
+
+def mlstm_config() -> dict:
+    return dict(_CFG)
+
+
+def set_mlstm_config(cfg: Optional[dict] = None, **kw) -> dict:
+    """Replace the launch configuration (missing keys take DEFAULT_CFG); returns the previous one."""
+    prev = dict(_CFG)
+    new = dict(DEFAULT_CFG)
+    new.update(cfg or {})
+    new.update(kw)
+    bad = set(new) - set(DEFAULT_CFG)
+    if bad:
+        raise ValueError(f"unknown mLSTM config keys {sorted(bad)}; valid: {', '.join(DEFAULT_CFG)}")
+    _CFG.clear()
+    _CFG.update(new)
+    return prev
+
+
+_CFG.update(parse_cfg(os.environ.get("XLP_MLSTM_CFG", "")))
+
+
+def _kcfg(name: str, DQK: int, DV: int, L: int, dtype: torch.dtype) -> tuple[int, int, dict]:
+    """(BK, BV, launch kwargs) of one kernel under the current configuration."""
+    c = _CFG
+    bk, bv, w, st = c[name + "_bk"], c[name + "_bv"], c[name + "_w"], c[name + "_s"]
+    if L > 64:  # L x L tiles take the registers: smaller state tiles
+        bk, bv = min(bk, 32), min(bv, 64 if name == "fo" else 32)
+    if dtype == torch.float32 and name in ("fs", "bs"):
+        st = 1  # fp32 tiles are twice the shared memory per stage
+    return pow2_block(DQK, bk), pow2_block(DV, bv), {"num_warps": w, "num_stages": st}
 
 
 def pick_chunk_size(S: int, DQK: int, DV: int, requested: Optional[int] = None) -> int:
     """Chunk size table: a power of two >= 16. The L x L tiles of the backward live in registers,
-    which caps L at 64 for head dims >= 256 on current GPUs; short sequences use shorter chunks."""
-    L = requested if requested else 64
-    L = 1 << max(4, (int(L) - 1).bit_length())  # round up to a power of two, at least 16
-    L = min(L, 128)
-    if max(DQK, DV) >= 256:
-        L = min(L, 64)
+    which caps L at 64 for head dims >= 256 on current GPUs (so chunk_size=128 runs as 64 there);
+    short sequences use shorter chunks. The `chunk` config key (tuning) overrides the table."""
+    if _CFG.get("chunk"):
+        L = 1 << max(4, (int(_CFG["chunk"]) - 1).bit_length())
+    else:
+        L = requested if requested else 64
+        L = 1 << max(4, (int(L) - 1).bit_length())  # round up to a power of two, at least 16
+        L = min(L, 128)
+        if max(DQK, DV) >= 256:
+            L = min(L, 64)
     while L > 16 and L >= 2 * S:
         L //= 2
     return L
-
-
-def _launch_cfg(dtype: torch.dtype) -> dict:
-    return {"num_warps": 4, "num_stages": 2} if dtype != torch.float32 else {"num_warps": 4, "num_stages": 1}
 
 
 def _seg_chunk(doc_starts: Optional[Tensor], B: int, S: int, S_P: int, L: int, device) -> Tensor:
@@ -392,58 +465,56 @@ def _fwd_impl(q, k, v, i, f, C0, n0, m0, seg, L):
     NH = BH // seg.shape[0]
     NC = S_P // L
     scale = DQK**-0.5
-    BK, BV = _blocks(DQK, DV, L)
     dev = q.device
     a = F.logsigmoid(f)
-    g = torch.cumsum(a.view(BH, NC, L), dim=-1).view(BH, S_P).contiguous()
+    g = torch.cumsum(a.view(BH, NC, L), dim=-1).view(BH, S_P)
     cst = torch.empty(BH, NC + 1, DQK, DV, dtype=q.dtype, device=dev)
     nst = torch.empty(BH, NC + 1, DQK, dtype=torch.float32, device=dev)
     mst = torch.empty(BH, NC + 1, dtype=torch.float32, device=dev)
     Cf = torch.empty(BH, DQK, DV, dtype=torch.float32, device=dev)
     nf = torch.empty(BH, DQK, dtype=torch.float32, device=dev)
     prec = dot_precision(q.dtype)
-    cfg = _launch_cfg(q.dtype)
+    BK, BV, kw = _kcfg("fs", DQK, DV, L, q.dtype)
     _fwd_states_kernel[(BH, DQK // BK, DV // BV)](
         k, v, i, g, seg, C0, n0, m0, cst, nst, mst, Cf, nf, NH, S_P, NC, scale,
-        DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=prec, **cfg,
+        DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=prec, **kw,
     )
     h = torch.empty_like(v)
     mt = torch.empty(BH, S_P, dtype=torch.float32, device=dev)
     ut = torch.empty(BH, S_P, dtype=torch.float32, device=dev)
-    BVo = pow2_block(DV, 128 if L <= 64 else 64)  # fewer DV blocks: q and k are re-read once per block
+    BKo, BVo, kw = _kcfg("fo", DQK, DV, L, q.dtype)
     _fwd_out_kernel[(NC, DV // BVo, BH)](
         q, k, v, i, g, seg, cst, nst, mst, h, mt, ut, NH, S_P, NC, scale,
-        DQK=DQK, DV=DV, L=L, BK=BK, BV=BVo, PREC=prec, num_warps=8 if L * BVo >= 8192 else 4,
-        num_stages=cfg["num_stages"],
+        DQK=DQK, DV=DV, L=L, BK=BKo, BV=BVo, PREC=prec, **kw,
     )
     return h, Cf, nf, mst[:, NC].clone(), cst, nst, mst, mt, ut, g
 
 
 def _bwd_impl(q, k, v, i, f, g, seg, h, dh, cst, nst, mst, mt, ut, dCf, dnf, L):
+    """dCf/dnf None: no gradient reaches the final state (no zero tensors are made or read)."""
     BH, S_P, DQK = q.shape
     DV = v.shape[-1]
     NH = BH // seg.shape[0]
     NC = S_P // L
     scale = DQK**-0.5
-    BK, BV = _blocks(DQK, DV, L)
     dev = q.device
     prec = dot_precision(q.dtype)
-    cfg = _launch_cfg(q.dtype)
     du = torch.empty(BH, S_P, dtype=torch.float32, device=dev)
     rt = torch.empty_like(du)
     BT = 64
     _bwd_prep_kernel[(triton.cdiv(S_P, BT), BH)](
         h, dh, mt, ut, du, rt, S_P, DV=DV, BT=BT, BV=pow2_block(DV, 64), num_warps=4,
     )
-    nblk = (DQK // BK) * (DV // BV)
     dcst = torch.empty(BH, NC, DQK, DV, dtype=q.dtype, device=dev)
     dnst = torch.empty(BH, NC, DQK, dtype=torch.float32, device=dev)
     dC0 = torch.empty(BH, DQK, DV, dtype=torch.float32, device=dev)
     dn0 = torch.empty(BH, DQK, dtype=torch.float32, device=dev)
-    dbeta = torch.empty(BH, NC, nblk, dtype=torch.float32, device=dev)
+    has_dcf = dCf is not None
+    BK, BV, kw = _kcfg("bs", DQK, DV, L, q.dtype)
     _bwd_states_kernel[(BH, DQK // BK, DV // BV)](
-        q, dh, g, seg, mt, ut, du, cst, nst, mst, dCf, dnf, dcst, dnst, dC0, dn0, dbeta,
-        NH, S_P, NC, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, NBLK=nblk, PREC=prec, **cfg,
+        q, dh, g, seg, mt, ut, du, mst, dCf if has_dcf else dC0, dnf if has_dcf else dn0,
+        dcst, dnst, dC0, dn0, NH, S_P, NC,
+        DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, HAS_DCF=has_dcf, PREC=prec, **kw,
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -451,13 +522,13 @@ def _bwd_impl(q, k, v, i, f, g, seg, h, dh, cst, nst, mst, mt, ut, dCf, dnf, L):
     dg = torch.empty(BH, S_P, dtype=torch.float32, device=dev)
     di = torch.empty_like(dg)
     dalpha = torch.empty_like(dg)
+    dlogbeta = torch.empty(BH, NC, dtype=torch.float32, device=dev)
+    BK, BV, kw = _kcfg("bc", DQK, DV, L, q.dtype)
     _bwd_chunk_kernel[(NC, BH)](
         q, k, v, i, g, seg, dh, mt, ut, du, rt, cst, nst, mst, dcst, dnst,
-        dq, dk, dv, dg, di, dalpha, NH, S_P, NC, scale,
-        DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=prec, num_warps=8 if L >= 64 else 4, num_stages=1,
+        dq, dk, dv, dg, di, dalpha, dlogbeta, NH, S_P, NC, scale,
+        DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=prec, **kw,
     )
-    dlogbeta = dbeta.sum(-1)  # (BH, NC)
-    dg.view(BH, NC, L)[:, :, -1] += dlogbeta
     # g = chunk-local cumsum of a  ->  da_r = sum_{t >= r in the chunk} dg_t
     da = torch.flip(torch.cumsum(torch.flip(dg.view(BH, NC, L), [-1]), -1), [-1]).reshape(BH, S_P)
     dm0 = dlogbeta[:, 0] + dalpha[:, :L].sum(-1)
@@ -516,16 +587,26 @@ def _(q, k, v, i, f, C0, n0, m0, seg, chunk_size):
 def _mlstm_bwd_op(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, m0: Tensor, seg: Tensor,
     h: Tensor, dh: Tensor, cst: Tensor, nst: Tensor, mst: Tensor, mt: Tensor, ut: Tensor,
-    Cf: Tensor, nf: Tensor, dCf: Tensor, dnf: Tensor, dmf: Tensor, chunk_size: int,
+    Cf: Tensor, nf: Tensor, dCf: Optional[Tensor], dnf: Optional[Tensor], dmf: Optional[Tensor],
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dCf, dnf, dmf: gradients of the returned final state, or all None when none reaches it
+    (the training case: then no zero tensors, no dm_eff reduction and no host sync)."""
     L = chunk_size
     BH, S_P, _ = q.shape
     NC = S_P // L
     a = F.logsigmoid(f)
-    g = torch.cumsum(a.view(BH, NC, L), dim=-1).view(BH, S_P).contiguous()
+    g = torch.cumsum(a.view(BH, NC, L), dim=-1).view(BH, S_P)
+    has_state_grad = dCf is not None or dnf is not None or dmf is not None
+    if has_state_grad:
+        dCf = torch.zeros_like(Cf) if dCf is None else dCf.contiguous()
+        dnf = torch.zeros_like(nf) if dnf is None else dnf.contiguous()
+        dmf = torch.zeros_like(m0) if dmf is None else dmf
     dq, dk, dv, da, di, dC0, dn0, dm0 = _bwd_impl(
-        q, k, v, i, f, g, seg, h, dh.contiguous(), cst, nst, mst, mt, ut, dCf.contiguous(), dnf.contiguous(), L
+        q, k, v, i, f, g, seg, h, dh.contiguous(), cst, nst, mst, mt, ut, dCf, dnf, L
     )
+    if not has_state_grad:
+        return dq, dk, dv, di, da * torch.sigmoid(-f), dC0, dn0, dm0
     # the returned C~ = C exp(-m), n~ likewise: their gradients also reach m; route it to the argmax
     dm_eff = dmf - (dCf * Cf).sum((-1, -2)) - (dnf * nf).sum(-1)
     if bool((dm_eff != 0).any()):
@@ -556,14 +637,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, i, f, m0, seg, h, cst, nst, mst, mt, ut, Cf, nf)
     ctx.chunk_size = chunk_size
     ctx.mark_non_differentiable(cst, nst, mst, mt, ut)
+    # unused outputs (the final state in training) get None, not zero tensors: see _mlstm_bwd_op
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dh, dCf, dnf, dmf, *_):
     q, k, v, i, f, m0, seg, h, cst, nst, mst, mt, ut, Cf, nf = ctx.saved_tensors
     dh = torch.zeros_like(h) if dh is None else dh
-    dCf = torch.zeros_like(Cf) if dCf is None else dCf
-    dnf = torch.zeros_like(nf) if dnf is None else dnf
-    dmf = torch.zeros_like(m0) if dmf is None else dmf
     dq, dk, dv, di, df, dC0, dn0, dm0 = _mlstm_bwd_op(
         q, k, v, i, f, m0, seg, h, dh, cst, nst, mst, mt, ut, Cf, nf, dCf, dnf, dmf, ctx.chunk_size
     )
@@ -611,8 +691,12 @@ def mlstm_chunkwise(
     kp = prep(k * (DQK_P / DQK) ** 0.5 if DQK_P != DQK else k, DQK_P)
     vp = prep(v, DV_P)
     # padded tokens: no input (i = -inf), no decay (f = +inf -> logsigmoid 0)
-    ip = F.pad(i.float(), (0, pad_s), value=-math.inf).reshape(B * NH, S_P).contiguous()
-    fp = F.pad(f.float(), (0, pad_s), value=math.inf).reshape(B * NH, S_P).contiguous()
+    ip, fp = i.float(), f.float()
+    if pad_s:
+        ip = F.pad(ip, (0, pad_s), value=-math.inf)
+        fp = F.pad(fp, (0, pad_s), value=math.inf)
+    ip = ip.reshape(B * NH, S_P).contiguous()
+    fp = fp.reshape(B * NH, S_P).contiguous()
     if initial_state is None:
         C0 = q.new_zeros(B * NH, DQK_P, DV_P, dtype=torch.float32)
         n0 = q.new_zeros(B * NH, DQK_P, dtype=torch.float32)
