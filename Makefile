@@ -27,11 +27,11 @@ $(VENV)/.torch: | $(PY)
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[eval]"
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,eval]"
 	@touch $@
 
 install: $(VENV)/.installed

@@ -21,6 +21,7 @@ ALL_STAGES = ["tokenizer", "shard", "train", "eval"]
 
 can_run_slurm = shutil.which("sbatch") is not None or (os.geteuid() == 0 and shutil.which("apt-get") is not None)
 pytestmark = pytest.mark.slow
+needs_slurm = pytest.mark.skipif(not can_run_slurm, reason="needs Slurm, or root with apt-get to install it")
 
 
 def xlp(*args, env=None, timeout=900, check=False) -> subprocess.CompletedProcess:
@@ -54,8 +55,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def slurm():
-    if not can_run_slurm:
-        pytest.skip("needs Slurm, or root with apt-get to install it (infra/local-slurm.sh)")
     proc = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield
@@ -73,6 +72,7 @@ def job_id_of(output: str) -> str:
     raise AssertionError(f"no job id in:\n{output}")
 
 
+@needs_slurm
 def test_slurm_bad_config_fails_before_anything_is_queued(slurm, tmp_path):
     before = slurm_jobs()
     proc = xlp("submit", str(TINY), "--to", "slurm", "train.stepz=3", "--run-dir", str(tmp_path / "run"))
@@ -82,6 +82,7 @@ def test_slurm_bad_config_fails_before_anything_is_queued(slurm, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@needs_slurm
 def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
     run_dir = tmp_path / "run"
     proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2")
@@ -101,6 +102,7 @@ def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
     assert_pipeline_complete(run_dir)
 
 
+@needs_slurm
 def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["slurm.cpus_per_task=2", "train.steps=400", "train.save_every=10"]

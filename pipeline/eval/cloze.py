@@ -1,17 +1,17 @@
 """The bundled offline lm-eval tasks: cloze items made from held-out (val split) documents.
 
-`build_items` decodes val documents and, from each, picks one line to predict (a line of 8 to 100
-characters, not blank, not the document's first lines), with up to `context_chars` characters of
-the document before it as context (starting at a line start). One JSONL record per item:
+`build_items` decodes val documents and picks lines to predict (a line of 8 to 100 characters with a
+word in it, not among the document's first two lines), one per document, then more per document
+when the val split is small, each with up to `context_chars` characters of the document before it
+as context (starting at a line start). One JSONL record per item:
 
-    {"id", "context", "target", "word_context", "word", "choices", "label", "text"}
+    {"id", "doc", "context", "target", "word_context", "word", "choices", "label", "text"}
 
 - `target`: the line (without its newline); the context ends with "\\n", so no delimiter is needed.
 - `word_context`/`word`: LAMBADA-style, the line's last word (an identifier of 3+ characters, with the
   spaces before it) after the context and the rest of the line.
 - `choices`/`label`: the target among 3 distractors, target lines of other items (multiple choice).
-- `text`: the document's opening (up to 2 x context_chars, cut at a line end), for rolling
-  perplexity / bits per byte.
+- `text`: context + target line, for rolling perplexity / bits per byte.
 
 The task definitions are lm-eval YAML in configs/eval/ (xlp_cloze: loglikelihood of the last word ->
 perplexity and greedy accuracy, as LAMBADA; xlp_cloze_mc: multiple choice -> acc, acc_norm; xlp_cloze_gen: generate_until "\\n"
@@ -36,44 +36,60 @@ MIN_LINE, MAX_LINE = 8, 100
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 
 
-def _pick_line(lines: list[str], rng: np.random.Generator) -> int | None:
-    good = [k for k in range(2, len(lines))
-            if MIN_LINE <= len(lines[k].strip()) <= MAX_LINE and WORD.search(lines[k])]
-    if not good:
-        return None
-    return int(good[rng.integers(len(good))])
+MIN_GAP = 20  # lines between two items taken from the same document
 
 
-def build_items(shard_dir: Path, tok, *, n_docs: int, context_chars: int, seed: int = 0) -> list[dict]:
+def _candidates(lines: list[str]) -> list[int]:
+    return [k for k in range(2, len(lines))
+            if MIN_LINE <= len(lines[k].strip()) <= MAX_LINE and WORD.search(lines[k])
+            and lines[k - 1].endswith("\n")]
+
+
+def _item(lines: list[str], k: int, context_chars: int) -> dict:
+    before = "".join(lines[:k])
+    context = before[-context_chars:]
+    if len(before) > context_chars:  # start at a line start
+        cut = context.find("\n")
+        context = context[cut + 1:] if 0 <= cut < len(context) - 1 else context
+    target = lines[k].rstrip("\n")
+    # LAMBADA-style: the line's last word, after the rest of the line; whitespace before the word
+    # goes with the word (as SentencePiece joins a space to the word after it)
+    m = list(WORD.finditer(target))[-1]
+    head = target[:m.start()]
+    word_context = context + head.rstrip(" \t")
+    word = head[len(head.rstrip(" \t")):] + m.group(0)
+    return {"context": context, "target": target, "word_context": word_context, "word": word,
+            "text": context + target + "\n"}
+
+
+def build_items(shard_dir: Path, tok, *, n_items: int, context_chars: int, seed: int = 0) -> list[dict]:
+    """Up to n_items cloze items: one per val document in shard order, then (a small val split) more
+    from the same documents, round-robin, at least MIN_GAP lines apart."""
     rng = np.random.default_rng([seed, 0xC10E])
-    items = []
+    docs: list[tuple[list[str], list[int]]] = []
     for doc_ids in val_documents(shard_dir):
-        if len(items) >= n_docs:
+        if len(docs) >= n_items:
             break
-        text = tok.decode(doc_ids.tolist())
-        lines = text.splitlines(keepends=True)
-        k = _pick_line(lines, rng)
-        if k is None:
-            continue
-        before = "".join(lines[:k])
-        if not before.endswith("\n"):
-            continue
-        context = before[-context_chars:]
-        if len(before) > context_chars:  # start at a line start
-            cut = context.find("\n")
-            context = context[cut + 1:] if 0 <= cut < len(context) - 1 else context
-        target = lines[k].rstrip("\n")
-        # LAMBADA-style: the line's last word, after the rest of the line; whitespace before the word
-        # goes with the word (as SentencePiece joins a space to the word after it)
-        m = list(WORD.finditer(target))[-1]
-        head = target[:m.start()]
-        word_context = context + head.rstrip(" \t")
-        word = head[len(head.rstrip(" \t")):] + m.group(0)
-        opening = text[:2 * context_chars]
-        if len(text) > 2 * context_chars and "\n" in opening:
-            opening = opening[:opening.rindex("\n") + 1]
-        items.append({"id": len(items), "context": context, "target": target, "word_context": word_context,
-                      "word": word, "text": opening})
+        lines = tok.decode(doc_ids.tolist()).splitlines(keepends=True)
+        good = _candidates(lines)
+        if good:
+            docs.append((lines, good))
+    picked: list[list[int]] = [[] for _ in docs]
+    items: list[dict] = []
+    while len(items) < n_items:
+        added = False
+        for di, (lines, good) in enumerate(docs):
+            if len(items) >= n_items:
+                break
+            left = [k for k in good if all(abs(k - p) >= MIN_GAP for p in picked[di])]
+            if not left:
+                continue
+            k = int(left[rng.integers(len(left))])
+            picked[di].append(k)
+            items.append({"id": len(items), "doc": di, **_item(lines, k, context_chars)})
+            added = True
+        if not added:
+            break
     # distractors: target lines of other items, different from this target
     targets = [it["target"] for it in items]
     for i, it in enumerate(items):

@@ -60,7 +60,7 @@ def _order(keys: set[str]) -> list[str]:
     gen = sorted((k for k in keys if k.startswith("gen_") and k not in first), key=gen_key)
     rest = sorted(k for k in keys if k not in first and k not in gen)
     return first + [k for k in rest if not k.startswith(("xlp_", "recall_acc_"))] + \
-        sorted(k for k in rest if k.startswith("recall_acc_")) + gen + [k for k in rest if k.startswith("xlp_")]
+        sorted((k for k in rest if k.startswith("recall_acc_")), key=lambda k: int(k.rsplit("_", 1)[1])) + gen + [k for k in rest if k.startswith("xlp_")]
 
 
 def compare_table(run_dirs: list[str]) -> list[list[str]]:

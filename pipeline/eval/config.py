@@ -71,7 +71,7 @@ class EvalConfig:
     # Offline (default): no hub access; only tasks from local files (the bundled configs/eval/
     # tasks, built from the val split). false: hub tasks (e.g. hellaswag) may download data.
     lm_eval_offline: bool = True
-    cloze_docs: int = 500  # held-out documents turned into cloze items for the bundled tasks
+    cloze_items: int = 500  # cloze items built from val documents for the bundled tasks
     cloze_context_chars: int = 1500  # characters of document before the line to predict
 
     # --- report ---
@@ -87,7 +87,7 @@ class EvalConfig:
         if self.device not in DEVICES:
             raise bad("device", f"is {self.device!r}; valid values: {', '.join(DEVICES)}")
         for key in ("batch_size", "gen_tokens", "prefill_chunk", "recall_queries", "recall_trials",
-                    "recall_batch_size", "lm_eval_batch_size", "cloze_docs", "cloze_context_chars",
+                    "recall_batch_size", "lm_eval_batch_size", "cloze_items", "cloze_context_chars",
                     "long_context_tokens"):
             if getattr(self, key) < 1:
                 raise bad(key, f"is {getattr(self, key)}; must be >= 1")

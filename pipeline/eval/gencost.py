@@ -121,3 +121,62 @@ def generation_cost(model, *, contexts: list[int], gen_tokens: int, prefill_chun
             "weight_bytes": weights,
             "memory_source": "cuda.max_memory_allocated" if device.type == "cuda" else "weights + VmHWM rise",
             "results": rows}
+
+
+def _model_from_config(name: str, vocab_size: int | None):
+    """A randomly initialised model of configs/model/<name>.yaml (timing does not depend on training)."""
+    import yaml
+
+    from xlstm_model import ModelConfig, build_model
+
+    path = Path(__file__).resolve().parent.parent.parent / "configs" / "model" / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    if vocab_size or not data.get("vocab_size"):
+        data["vocab_size"] = vocab_size or 50304
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**data))
+
+
+def main(argv=None) -> int:
+    """`python -m pipeline.eval.gencost --models xlstm_125m llama_125m`: the eval stage's generation-cost
+    measurement on randomly initialised models of configs/model/, side by side (no run needed)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--models", nargs="+", default=["tiny", "tiny_llama"], help="configs/model/ names")
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    out = {}
+    for name in a.models:
+        model = _model_from_config(name, a.vocab_size).to(device).eval()
+        if a.dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        res = generation_cost(model, contexts=a.contexts, gen_tokens=a.gen_tokens, prefill_chunk=a.prefill_chunk,
+                              vocab_size=model.config.vocab_size, device=device,
+                              log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
+        out[name] = res
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    mib = 2.0 ** 20
+    print(f"\n{'model':16s} {'context':>8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'state MiB':>10s} "
+          f"{'decode peak MiB':>16s}")
+    for name, res in out.items():
+        for r in res["results"]:
+            print(f"{name:16s} {r['context']:8d} {r['prefill_tokens_per_s']:14.0f} {r['decode_tokens_per_s']:13.1f} "
+                  f"{r['state_bytes'] / mib:10.2f} {r['decode_peak_bytes'] / mib:16.1f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -50,7 +50,7 @@ class XLPLM(LM):
         super().__init__()
         if kwargs:
             log.warning("xlp model: ignoring unknown model_args %s", sorted(kwargs))
-        dev = pick_device(device if device in ("auto", "cpu", "cuda") else "cuda" if str(device).startswith("cuda") else "cpu")
+        dev = _resolve_device(device)
         if model is None:
             from xlstm_model import load_model
 
@@ -214,6 +214,19 @@ class XLPLM(LM):
         return f"xlp-spm-{self.tok.sha256[:12]}"
 
 
+def _resolve_device(device: Any) -> torch.device:
+    """auto/None: cuda when there is a GPU, else cpu. lm_eval's CLI passes cuda:0 by default: on a
+    machine without a GPU that falls back to cpu with a warning."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return pick_device("auto")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("xlp model: device %s asked for but torch sees no GPU; using cpu", device)
+        return torch.device("cpu")
+    return torch.device(str(device))
+
+
 def _run_seq_len(run_dir: Path) -> Optional[int]:
     """data.seq_len of the run (its config.yaml), the context the model was trained on."""
     try:
@@ -225,16 +238,32 @@ def _run_seq_len(run_dir: Path) -> Optional[int]:
         return None
 
 
+BINARY_METRICS = ("acc", "acc_norm", "exact_match")
+
+
 def flatten_results(results: dict) -> dict:
-    """{task: {metric: value}} from simple_evaluate's output (`acc,none` -> `acc`)."""
+    """{task: {metric: value}} from simple_evaluate's output (`acc,none` -> `acc`), with `n` (the
+    documents scored) and the binomial standard error `<metric>_stderr` of 0/1 metrics (run_tasks
+    turns lm-eval's bootstrap off: it forks a process pool, slow inside a stage)."""
     out: dict = {}
     for task, metrics in (results.get("results") or {}).items():
         row = {}
+        n = None
         for key, value in metrics.items():
-            if key == "alias" or key.startswith("sample_len") or not isinstance(value, (int, float)):
-                continue
             name, _, filt = key.partition(",")
+            if name == "sample_len" or key == "sample_len":
+                n = value
+                continue
+            if key == "alias" or not isinstance(value, (int, float)):
+                continue
             row[name if filt in ("none", "") else f"{name}[{filt}]"] = float(value)
+        n = n or (results.get("n-samples", {}).get(task) or {}).get("effective")
+        if n:
+            row["n"] = int(n)
+            for name in BINARY_METRICS:
+                if name in row and f"{name}_stderr" not in row and n > 1:
+                    p = row[name]
+                    row[f"{name}_stderr"] = (p * (1 - p) / (n - 1)) ** 0.5
         out[task] = row
     return out
 
@@ -247,7 +276,7 @@ def run_tasks(lm: LM, tasks: list[str], *, include_path: Optional[Path], limit: 
 
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not offline)
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit or None,
-                           log_samples=log_samples, bootstrap_iters=100, random_seed=0, numpy_random_seed=0,
+                           log_samples=log_samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                            torch_random_seed=0, fewshot_random_seed=0)
 
 

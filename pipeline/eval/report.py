@@ -275,10 +275,11 @@ def write_report(out_dir: Path, results: dict, plots: list[Path]) -> Path:
             rows = []
             for task, metrics in lm["results"].items():
                 for name, value in metrics.items():
-                    if "stderr" in name:
+                    if "stderr" in name or name == "n":
                         continue
                     rows.append([task, name, value, metrics.get(f"{name}_stderr")])
             md.append(_table(["task", "metric", "value", "stderr"], rows))
+            md.append("\nstderr: binomial standard error of 0/1 metrics over the documents scored.\n")
         md.append("")
     path = out_dir / "report.md"
     from pipeline.stage import atomic_write_text

@@ -60,7 +60,7 @@ def headline_metrics(results: dict) -> dict:
     lm = results.get("lm_eval") or {}
     for task, metrics in (lm.get("results") or {}).items():
         for name, value in metrics.items():
-            if "stderr" not in name:
+            if "stderr" not in name and name != "n":
                 h[f"{task}/{name}"] = value
     return h
 
@@ -181,7 +181,7 @@ def _lm_eval(ec, out: Path, shard_dir: Path, model, tok, seq_len: int, device) -
     from pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
 
     lm_dir = out / "lm_eval"
-    items = build_items(shard_dir, tok, n_docs=ec.cloze_docs, context_chars=ec.cloze_context_chars, seed=ec.seed)
+    items = build_items(shard_dir, tok, n_items=ec.cloze_items, context_chars=ec.cloze_context_chars, seed=ec.seed)
     if not items:
         raise RuntimeError("eval: no val document has a line to predict; the bundled lm-eval tasks need a bigger "
                            "val split (data.val_fraction)")
@@ -203,6 +203,6 @@ def _lm_eval(ec, out: Path, shard_dir: Path, model, tok, seq_len: int, device) -
     keep = {k: v for k, v in res.items() if k not in ("samples",)}
     atomic_write_text(lm_dir / "results.json", json.dumps(keep, indent=2, default=handle_non_serializable))
     for task, metrics in flat.items():
-        _log(f"eval lm-eval: {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
+        _log(f"eval lm-eval: {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "stderr" not in k))
     return {"tasks": list(ec.tasks), "limit": ec.lm_eval_limit, "max_length": max_length, "items": len(items),
             "results": flat, "seconds": round(time.time() - t0, 1)}
