@@ -60,7 +60,7 @@ def synthetic_shards(out_dir: Path, vocab: int, tokens: int, seed: int = 0) -> N
     (out_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
-def bare_loops(cfg, steps: int, warmup: int, threads: int) -> dict[str, float]:
+def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> dict[str, float]:
     """ms per optimizer step of the bare torch loop and the bare one-rank DeepSpeed loop."""
     import torch
 
@@ -71,13 +71,15 @@ def bare_loops(cfg, steps: int, warmup: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     tc, mcfg = typed_section(cfg, "train"), typed_section(cfg, "model")
     seq, mbs = int(cfg.data.seq_len), tc.micro_batch_size
-    g = torch.Generator().manual_seed(0)
+    # the batches the train loop gets (same documents, same document boundaries), read beforehand
+    from pipeline.data.loader import ShardLoader
+
+    loader = ShardLoader(shard_dir, split="train", seq_len=seq, batch_size=mbs, seed=int(cfg.run.seed))
+    it = iter(loader)
     batches = []
-    for _ in range(8):
-        x = torch.randint(3, mcfg.vocab_size, (mbs, seq + 1), generator=g)
-        ds = torch.zeros(mbs, seq, dtype=torch.bool)
-        ds[:, 0] = True
-        batches.append((x[:, :-1].contiguous(), ds, x[:, 1:].contiguous()))
+    for _ in range((steps + warmup) * tc.grad_accum):
+        b = next(it)
+        batches.append((b["input_ids"], b["doc_starts"], b["targets"]))
     out = {}
 
     torch.manual_seed(0)
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.d_model=256")
     args = ap.parse_args(argv)
+    os.environ.update(XLP_TRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")  # a CPU benchmark, GPUs or not
 
     from pipeline.config import load_config, to_yaml
 
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
               f"vocab={cfg.model.vocab_size}; batch {tc.micro_batch_size}x{cfg.data.seq_len} tokens, "
               f"grad_accum {tc.grad_accum}, ZeRO-{tc.zero_stage}; {args.steps} timed steps")
 
-        bare = bare_loops(cfg, args.steps, args.warmup, threads)
+        bare = bare_loops(cfg, run_dir / "shard", args.steps, args.warmup, threads)
 
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                    XLP_TRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),

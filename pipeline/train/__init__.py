@@ -1,1 +1,41 @@
-"""The train stage: a DeepSpeed ZeRO training loop."""
+"""The train stage: a DeepSpeed ZeRO training loop, on GPUs (NCCL) or CPU processes (gloo).
+
+Modules
+  config.py      `train.*` (TrainConfig) and its validation
+  main.py        one rank: `python -m pipeline.train.main --run-dir RUN_DIR [--config FILE]`
+  launch.py      starts the ranks on this machine for the stage (one per GPU, else train.cpu_processes)
+  dist.py        rank/world size from torchrun, `deepspeed`, srun, mpirun, Ray Train or nothing
+  checkpoint.py  atomic checkpoints (newest train.keep_checkpoints kept) and the consolidated model
+  optim.py       AdamW parameter groups (no decay on norms, biases, gates, embeddings), step veto
+  schedule.py    warmup + cosine, warmup-stable-decay (a function of the step: nothing to restore)
+  monitor.py     W&B (wandb.*), metrics.jsonl, console progress, MFU, memory
+
+Launching outside the stage (the config is the run's resolved config, RUN_DIR/config.yaml):
+  torchrun --nproc-per-node 8 -m pipeline.train.main --run-dir RUN_DIR
+  deepspeed --num_gpus 8 --module pipeline.train.main --run-dir RUN_DIR
+  srun --ntasks-per-node 8 python -m pipeline.train.main --run-dir RUN_DIR
+  Ray Train: TorchTrainer(pipeline.train.main.ray_train_loop, train_loop_config={"run_dir": RUN_DIR}, ...)
+
+Outputs in RUN_DIR/train/
+  checkpoints/step_XXXXXXXX/  DeepSpeed module/optimizer/engine state + per-rank RNG and loader state
+  model/                      model.safetensors + config.json (fp32 master weights, gathered from any
+                              ZeRO stage): what eval and export read
+  metrics.jsonl               every step's metrics (rank 0), val/loss every train.eval_every steps
+  result.json                 final_loss, val_loss, tokens_per_s, mfu, ... (the stage's metrics)
+  wandb/, wandb_run_id        the W&B run (offline by default); a rerun continues the same run id
+  logs/rank_<r>.log           each rank's output; rank_<r>.error holds a failed rank's message
+
+Resume: a rerun of the stage (same fingerprint) continues from the newest complete checkpoint, with the
+same number of ranks; the result is bitwise the same as an uninterrupted run on the same machine
+(tests/test_train.py::test_exact_resume_after_sigkill). SIGTERM/SIGINT: the ranks finish the current
+step, save a checkpoint and exit with status 143; the stage fails with "rerun to resume".
+
+Non-finite loss or gradients: the step is skipped (no parameter or optimizer-state change) and counted
+(train/skipped_steps); train.max_bad_steps in a row fail the run, naming the steps.
+
+Nothing is compiled on CPU: DeepSpeed's shared-memory comm op (only used by its inference all-reduce)
+is not built (XLP_DS_SHM_COMM=1 builds it; torch caches JIT ops in $TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions/<python>_<cuda>/, so a CI cache of that directory builds each op once), and
+the CPU optimizer is torch's AdamW. On GPUs, train.offload_optimizer uses DeepSpeedCPUAdam, a JIT-built
+op cached the same way.
+"""

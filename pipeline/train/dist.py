@@ -88,9 +88,19 @@ def setup_env() -> DistEnv:
     elif d.launcher == "single":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
-    elif "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+    elif ("MASTER_ADDR" not in env or "MASTER_PORT" not in env) and not _group_started():
         raise RuntimeError(f"{d.launcher} launcher set RANK/WORLD_SIZE but not MASTER_ADDR and MASTER_PORT")
     return d
+
+
+def _group_started() -> bool:
+    """The launcher (e.g. Ray Train) already started the torch.distributed process group."""
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except ImportError:
+        return False
 
 
 def use_cuda() -> bool:

@@ -39,9 +39,40 @@ def _pdeathsig() -> None:
         pass
 
 
-def count_gpus() -> int:
-    if os.environ.get("XLP_TRAIN_DEVICE", "").lower() == "cpu":
+def visible_devices_for_ranks(env: dict) -> None:
+    """Undo Ray's hiding of GPUs: a Ray task that asked for no GPUs (the runner's stage tasks ask
+    for num_cpus=0 only) gets CUDA_VISIBLE_DEVICES="", but the ranks we start should see the
+    machine's GPUs. XLP_CUDA_VISIBLE_DEVICES, when set, says which."""
+    if "XLP_CUDA_VISIBLE_DEVICES" in env:
+        env["CUDA_VISIBLE_DEVICES"] = env["XLP_CUDA_VISIBLE_DEVICES"]
+    elif env.get("CUDA_VISIBLE_DEVICES") == "" and _in_ray_worker():
+        del env["CUDA_VISIBLE_DEVICES"]
+
+
+def _in_ray_worker() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def count_gpus(env: Optional[dict] = None) -> int:
+    """GPUs the ranks will see (0 with XLP_TRAIN_DEVICE=cpu)."""
+    env = dict(os.environ if env is None else env)
+    if env.get("XLP_TRAIN_DEVICE", "").lower() == "cpu":
         return 0
+    if env.get("CUDA_VISIBLE_DEVICES") != os.environ.get("CUDA_VISIBLE_DEVICES"):
+        # this process's CUDA view differs from the ranks': ask a fresh interpreter
+        try:
+            out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+            return int(out.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return 0
     try:
         import torch
 
@@ -66,9 +97,10 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stream = stream or sys.stdout
-    gpus = count_gpus()
-    n = gpus or cpu_processes
     env = dict(os.environ)
+    visible_devices_for_ranks(env)
+    gpus = count_gpus(env)
+    n = gpus or cpu_processes
     env.update({
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
@@ -98,13 +130,12 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
         log_path = logs / f"rank_{r}.log"
         f = open(log_path, "w")
         log_files.append(f)
+        # every rank writes only its log file, so a rank never depends on us reading a pipe (it
+        # must still save a checkpoint when this process is gone); rank 0's log is followed
+        p = subprocess.Popen(cmd, env=renv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
         if r == 0:
-            p = subprocess.Popen(cmd, env=renv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 bufsize=1, preexec_fn=_pdeathsig)
-            pump = threading.Thread(target=_pump, args=(p.stdout, f, stream), daemon=True)
+            pump = threading.Thread(target=_follow, args=(log_path, p, stream), daemon=True)
             pump.start()
-        else:
-            p = subprocess.Popen(cmd, env=renv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
         procs.append(p)
 
     received: list[int] = []
@@ -146,15 +177,32 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
     return n
 
 
-def _pump(src: IO[str], log: IO[str], stream: IO[str]) -> None:
-    for line in src:
-        log.write(line)
-        log.flush()
-        try:
-            stream.write(line)
-            stream.flush()
-        except (ValueError, OSError):
-            pass
+def _follow(path: Path, proc: subprocess.Popen, stream: IO[str]) -> None:
+    """Copy the lines appended to `path` to `stream` until `proc` has exited and all are copied."""
+    with open(path, "r", errors="replace") as src:
+        pending = ""
+        while True:
+            done = proc.poll() is not None
+            chunk = src.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                try:
+                    for line in lines:
+                        stream.write(line + "\n")
+                    stream.flush()
+                except (ValueError, OSError):
+                    pass
+            elif done:
+                break
+            else:
+                time.sleep(0.1)
+        if pending:
+            try:
+                stream.write(pending + "\n")
+                stream.flush()
+            except (ValueError, OSError):
+                pass
 
 
 def _wait(procs: list[subprocess.Popen], received: list[int], grace_s: float,

@@ -15,7 +15,6 @@ those steps), `kill_after_save@30` (every rank SIGKILLs itself once the step-30 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +93,12 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _select(cfg, key: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
+
+
 def _section_classes() -> dict:
     from pipeline.config import WandbConfig
     from pipeline.train.config import TrainConfig
@@ -133,14 +139,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--config", type=Path, help="resolved config (default RUN_DIR/config.yaml)")
     ap.add_argument("--out-dir", type=Path, help="default RUN_DIR/train")
     ap.add_argument("--shard-dir", type=Path, help="default RUN_DIR/shard")
+    # the `deepspeed` launcher passes --local_rank (LOCAL_RANK is in the environment as well)
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    run_dir = args.run_dir
-    out_dir = args.out_dir or run_dir / "train"
-    config_path = args.config or run_dir / "config.yaml"
-    shard_dir = args.shard_dir or run_dir / "shard"
+    return run_rank(args.run_dir, config=args.config, out_dir=args.out_dir, shard_dir=args.shard_dir)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+
+def ray_train_loop(config: dict) -> None:
+    """`train_loop_per_worker` for Ray Train's TorchTrainer (which sets RANK, WORLD_SIZE, LOCAL_RANK and
+    starts the process group):
+        TorchTrainer(ray_train_loop, train_loop_config={"run_dir": "runs/demo"},
+                     scaling_config=ScalingConfig(num_workers=8, use_gpu=True)).fit()
+    """
+    code = run_rank(Path(config["run_dir"]), config=config.get("config"), out_dir=config.get("out_dir"),
+                    shard_dir=config.get("shard_dir"), exit_on_error=False)
+    if code != 0:
+        raise RuntimeError(f"training stopped early (exit status {code}); a checkpoint was saved")
+
+
+def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[Path] = None,
+             shard_dir: Optional[Path] = None, exit_on_error: bool = True) -> int:
+    """This process's rank of the job, to the end. Returns the exit status (0 or EXIT_STOPPED)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "train"
+    config_path = Path(config) if config else run_dir / "config.yaml"
+    shard_dir = Path(shard_dir) if shard_dir else run_dir / "shard"
+
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    # DeepSpeed calls torch.distributed functions torch has deprecated: one warning per rank and call site
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     d = xdist.setup_env()
     cuda = xdist.use_cuda()
     if not cuda:
@@ -154,6 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     import torch.distributed as dist
 
+    own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
     try:
         cfg = load_run_config(config_path)
         threads = typed_section(cfg, "train").threads or max(1, len(os.sched_getaffinity(0)) // max(1, d.local_size))
@@ -176,10 +208,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         error_file.write_text(msg + "\n")
         sys.stdout.flush()
         sys.stderr.flush()
+        if not exit_on_error:
+            own_group = False  # a peer may be blocked in a collective: leave the group to its owner
+            raise
         # a peer may be blocked in a collective; the launcher ends it. Skip the group teardown.
         os._exit(1)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if own_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -200,6 +235,11 @@ class Trainer:
         self.seq_len = int(cfg.data.seq_len)
         self.seed = int(cfg.run.seed)
         self.faults = parse_faults(os.environ.get("XLP_TRAIN_FAULTS", ""))
+        backend = str(_select(cfg, "kernels.backend") or "auto")
+        if backend != "auto":  # "auto" leaves XLP_KERNEL_BACKEND (or auto) in charge
+            from kernels.dispatch import set_default_backend
+
+            set_default_backend(backend)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -264,6 +304,12 @@ class Trainer:
                                                config=deepspeed_config(tc, self.world, self.cuda),
                                                dist_init_required=False)
         loader = self._loader("train")
+        try:
+            self._loader("val")
+            self.has_val = True
+        except ValueError as e:  # a corpus too small for a val split (data.val_fraction)
+            self.has_val = False
+            no_val = str(e)
 
         step, tokens_seen, skipped_total = 0, 0, 0
         if latest is not None:
@@ -274,6 +320,8 @@ class Trainer:
 
         monitor = Monitor(enabled=self.rank == 0, out_dir=self.out_dir, cfg=self.cfg, wandb_cfg=self.wandb_cfg,
                           total_steps=tc.steps, start_step=step, run_name=str(self.cfg.run.name))
+        if not self.has_val:
+            monitor.message(f"validation skipped: {no_val}")
         if latest is not None:
             monitor.message(f"resumed from {latest} (step {step}, {tokens_seen:,} tokens seen)")
         t_engine = time.perf_counter()
@@ -389,7 +437,7 @@ class Trainer:
             }
             if self.rank == 0:
                 metrics.update(memory_metrics(self.cuda))
-            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+            if self.has_val and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
                 t = time.perf_counter()
                 val_loss = self.evaluate(engine)
                 timing["eval_s"] += time.perf_counter() - t
