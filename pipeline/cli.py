@@ -100,6 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg.add_argument("config", metavar="CONFIG")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
+
+    export = sub.add_parser(
+        "export",
+        help="write a trained model (+ tokenizer) for use outside the pipeline",
+        description="Export RUN_DIR's trained model (RUN_DIR/train/model) with its tokenizer. --format hf: "
+        "transformers' xLSTM (arch xlstm_large only; AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)); "
+        "--format native: our safetensors + config.json + tokenizer.model (every arch).",
+    )
+    export.add_argument("source", metavar="RUN_DIR", help="a run directory (or an export directory)")
+    export.add_argument("out", metavar="OUT", help="output directory")
+    export.add_argument("--format", required=True, choices=("hf", "native"), help="output format")
+    export.add_argument("--no-check", action="store_true", help="hf: skip the tokenizer round-trip check")
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample a continuation of a prompt, streamed to the terminal",
+        description="Sample from RUN_DIR's trained model or an export directory; prints tokens/s to stderr.",
+    )
+    gen.add_argument("source", metavar="RUN_DIR|EXPORT_DIR")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    gen.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep sampling after <eos>")
     return parser
 
 
@@ -121,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.submit import SubmitError
 
     commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "config": cmd_config,
-                "compare": cmd_compare}
+                "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
     try:
         return commands[args.command](args)
     except (ConfigError, PipelineError, SubmitError) as e:
@@ -176,6 +205,18 @@ def cmd_compare(args) -> int:
     from pipeline.eval.compare import main as compare_main
 
     return compare_main(list(args.run_dirs))
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import main as export_main
+
+    return export_main(args)
+
+
+def cmd_generate(args) -> int:
+    from pipeline.generate import main as generate_main
+
+    return generate_main(args)
 
 
 def cmd_config(args) -> int:

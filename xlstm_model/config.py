@@ -12,6 +12,8 @@ from typing import Optional
 ARCHS = ("xlstm", "xlstm_large", "llama")
 INITS = ("small_wang", "normal")
 FORGET_GATES = ("sigmoid", "exp")
+HEAD_NORMS = ("layer", "rms")
+INIT_FROM_SCHEMES = ("hf", "native")
 
 
 @dataclass
@@ -42,6 +44,9 @@ class ModelConfig:
     # others: off). 0 turns a cap off.
     gate_soft_cap: Optional[float] = None
     logit_soft_cap: Optional[float] = None
+    # Per-head norm of the mLSTM output: layer | rms. None: layer (as xLSTM 7B and transformers' xLSTM).
+    # Models saved before this key existed load as rms (xlstm_model.io keeps their function).
+    head_norm: Optional[str] = None
 
     # --- FFNs (SwiGLU in xlstm_large and llama) ---
     ffn_factor: float = 8.0 / 3.0
@@ -56,6 +61,9 @@ class ModelConfig:
     # small_wang: small init sqrt(2/(5d)) (Nguyen & Salazar) for inputs, Wang init 2/(L sqrt(d)) for
     # the projections that write into the residual stream (xLSTM papers). normal: GPT-2 style 0.02.
     init: str = "small_wang"
+    # Start from a checkpoint instead of the init recipe: "hf:PATH" (a transformers xLSTM checkpoint
+    # directory) or "native:PATH" (a model directory we saved). Its architecture must equal this one.
+    init_from: Optional[str] = None
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
@@ -85,6 +93,15 @@ class ModelConfig:
             bad("init", f"unknown init recipe {self.init!r}; valid: {', '.join(INITS)}")
         if self.slstm_forget_gate not in FORGET_GATES:
             bad("slstm_forget_gate", f"must be one of {', '.join(FORGET_GATES)}, got {self.slstm_forget_gate!r}")
+        if self.head_norm is not None and self.head_norm not in HEAD_NORMS:
+            bad("head_norm", f"must be null or one of {', '.join(HEAD_NORMS)}, got {self.head_norm!r}")
+        if self.head_norm is not None and self.arch != "xlstm_large":
+            bad("head_norm", f"applies to arch 'xlstm_large' only, not {self.arch!r}; use null")
+        if self.init_from is not None:
+            scheme, sep, path = str(self.init_from).partition(":")
+            if not sep or scheme not in INIT_FROM_SCHEMES or not path:
+                bad("init_from", "expected null, 'hf:PATH' (a transformers xLSTM checkpoint directory) or "
+                    f"'native:PATH' (a model directory saved by this package), got {self.init_from!r}")
         slstm_at = list(self.slstm_at)
         if slstm_at and self.arch != "xlstm":
             bad("slstm_at", f"sLSTM blocks exist only in arch 'xlstm', not {self.arch!r}; use []")
@@ -141,6 +158,10 @@ class ModelConfig:
         if self.gate_soft_cap is None:
             return 15.0 if self.arch == "xlstm_large" else 0.0
         return float(self.gate_soft_cap)
+
+    @property
+    def resolved_head_norm(self) -> str:
+        return self.head_norm or "layer"
 
     @property
     def resolved_logit_soft_cap(self) -> float:

@@ -37,7 +37,10 @@ def load_config(directory: Union[str, os.PathLike]) -> ModelConfig:
     data = json.loads((Path(directory) / CONFIG).read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{directory}/{CONFIG}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
-    return as_model_config(data["model"])
+    model = dict(data["model"])
+    if model.get("arch") == "xlstm_large" and "head_norm" not in model:
+        model["head_norm"] = "rms"  # saved before the key existed: xlstm_large then used RMS head norms
+    return as_model_config(model)
 
 
 def load_model(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> LanguageModel:

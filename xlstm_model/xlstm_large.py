@@ -26,7 +26,7 @@ class XLSTMLargeBlock(nn.Module):
         # q, k (qk_dim each), v and the output gate o (v_dim each) in one matmul
         self.qkvo = nn.Linear(d, 2 * self.qk_dim + 2 * self.v_dim, bias=False)
         self.if_gates = nn.Linear(d, 2 * nh, bias=True)  # i~, f~ per head
-        self.head_norm = MultiHeadNorm(nh, self.v_dim // nh, cfg.norm_eps, "rms")
+        self.head_norm = MultiHeadNorm(nh, self.v_dim // nh, cfg.norm_eps, cfg.resolved_head_norm)
         self.out = nn.Linear(self.v_dim, d, bias=False)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn = GatedFFN(d, cfg.ffn_dim, act=F.silu)  # SwiGLU

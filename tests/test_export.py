@@ -1,0 +1,247 @@
+"""Issue 9: the model leaves the pipeline. `xlp export` (hf, native), import (`model.init_from`),
+`xlp generate`, and the preallocated-state step decoder.
+
+One real tiny run (tokenizer -> shard -> 2 training steps, arch xlstm_large) is made per module
+(~1 min on 2 CPU cores); XLP_TEST_TINY_RUN=DIR reuses an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xlstm_model import ModelConfig, build_model, load_model, save_model
+from xlstm_model import hf
+from xlstm_model.decode import StepDecoder, generate_stream, prefill
+
+REPO = Path(__file__).resolve().parents[1]
+XLP = [sys.executable, "-m", "pipeline.cli"]
+
+transformers = pytest.importorskip("transformers")
+
+
+def _xlp(*args, cwd=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([*XLP, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    reuse = os.environ.get("XLP_TEST_TINY_RUN")
+    if reuse and (Path(reuse) / "train" / "model" / "config.json").is_file():
+        return Path(reuse)
+    run_dir = tmp_path_factory.mktemp("tiny_large")
+    r = _xlp("run", REPO / "configs" / "tiny.yaml", "model=tiny_xlstm_large", "model.slstm_at=[]",
+             "train.steps=2", "train.save_every=2", "train.eval_every=2",
+             "--stages", "tokenizer,shard,train", "--run-dir", run_dir, cwd=run_dir)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def hf_export(tiny_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "export"
+    r = _xlp("export", tiny_run, out, "--format", "hf")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _random_large(seed=0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(arch="xlstm_large", vocab_size=384, d_model=128, num_blocks=2, num_heads=4,
+                                tie_weights=True, norm_eps=1e-6), **kw})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # move off the init (zero gate weights) so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+# ------------------------------------------------------------------------------------ hf export
+def test_hf_export_logits_match_transformers(hf_export, tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((hf_export / "config.json").read_text())
+    assert cfg["model_type"] == "xlstm" and cfg["architectures"] == ["xLSTMForCausalLM"]
+    theirs = AutoModelForCausalLM.from_pretrained(hf_export, dtype=torch.float32).eval()
+    ours = load_model(tiny_run / "train" / "model").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_hf_roundtrip_random_weights(tmp_path, tie):
+    """Perturbed weights (nonzero gate matrices, untied head): transformers' forward and generate agree
+    with ours, and the import reproduces our logits exactly."""
+    from transformers import AutoModelForCausalLM
+
+    ours = _random_large(tie_weights=tie)
+    hf.save_hf(ours, ours.config, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 384, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = ours(ids)
+        assert (a - theirs(ids).logits).abs().max().item() < 1e-4
+        back = hf.load_hf_model(tmp_path).eval()
+        assert torch.equal(back(ids), a)
+        g_theirs = theirs.generate(ids[:1, :12], max_new_tokens=6, do_sample=False)
+    assert torch.equal(g_theirs, ours.generate(ids[:1, :12], 6, temperature=0))
+
+
+def test_hf_tokenizer_round_trip(hf_export, tiny_run):
+    from transformers import AutoTokenizer
+
+    import tokenizer as tk
+    from pipeline.export import CHECK_TEXTS
+
+    ours = tk.load(tiny_run / "tokenizer" / "tokenizer.model")
+    theirs = AutoTokenizer.from_pretrained(hf_export)
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 \t\n\r_-+=(){}[]:;'\"#éü世界😀\u00a0"
+    texts = list(CHECK_TEXTS) + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(30)]
+    texts.append((REPO / "xlstm_model" / "hf.py").read_text()[:3000])
+    for text in texts:
+        ids = ours.encode(text)
+        assert theirs.encode(text, add_special_tokens=False) == ids, text
+        assert theirs.decode(ids) == ours.decode(ids) == text
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+
+
+# ------------------------------------------------------------------------------------- import
+def test_import_reproduces_logits_and_init_from(hf_export, tiny_run):
+    ours = load_model(tiny_run / "train" / "model").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 70))
+    with torch.no_grad():
+        want = ours(ids)
+        assert torch.allclose(hf.load_hf_model(hf_export).eval()(ids), want, atol=1e-6, rtol=0)
+        # init_from on a freshly initialised model of the run's config (as the train stage does)
+        cfg = ModelConfig(**{**ours.config.__dict__, "init_from": f"hf:{hf_export}"})
+        fresh = build_model(cfg).eval()
+        assert not torch.allclose(fresh(ids), want)
+        hf.init_from(fresh, cfg.init_from)
+        assert torch.allclose(fresh(ids), want, atol=1e-6, rtol=0)
+        assert fresh.head.weight is fresh.embedding.weight  # ties survive
+        other = build_model(ModelConfig(**{**cfg.__dict__, "d_model": 256, "num_heads": 4})).eval()
+    with pytest.raises(ValueError, match=r"model\.d_model=128 \(run has 256\)"):
+        hf.init_from(other, cfg.init_from)
+
+
+def test_init_from_native(tmp_path):
+    model = _random_large(tie_weights=False)
+    save_model(model, model.config, tmp_path)
+    fresh = build_model(ModelConfig(**{**model.config.__dict__, "init_from": f"native:{tmp_path}"}))
+    hf.init_from(fresh, fresh.config.init_from)
+    for (n, p), q in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("spec", ["hf", "hf:", "gguf:/x", "/just/a/path"])
+def test_init_from_validated(spec):
+    with pytest.raises(ValueError, match="model.init_from"):
+        ModelConfig(arch="xlstm_large", init_from=spec).validate()
+
+
+# ---------------------------------------------------------------------------- refusals, native
+@pytest.mark.parametrize("kw,match", [
+    (dict(arch="xlstm", d_model=64), "arch='xlstm'.*--format native"),
+    (dict(arch="llama", d_model=64), "arch='llama'.*--format native"),
+    (dict(arch="xlstm_large", head_norm="rms"), "head_norm='rms'"),
+    (dict(arch="xlstm_large", gate_soft_cap=0.0), "gate_soft_cap=0"),
+    (dict(arch="xlstm_large", logit_soft_cap=0.0), "logit_soft_cap=0"),
+    (dict(arch="xlstm_large", qk_dim_factor=0.25), "qk_dim_factor: width 32"),
+])
+def test_hf_export_refuses_unmappable(kw, match):
+    cfg = ModelConfig(**{**dict(vocab_size=384, d_model=128, num_heads=4), **kw})
+    with pytest.raises(hf.HFConversionError, match=match):
+        hf.to_hf_config(cfg)
+
+
+def test_old_xlstm_large_checkpoints_keep_rms_head_norm(tmp_path):
+    model = _random_large()
+    save_model(model, model.config, tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["model"]["head_norm"], data["model"]["init_from"]  # as written before issue 9
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert load_model(tmp_path).config.resolved_head_norm == "rms"
+
+
+@pytest.mark.parametrize("arch", ["xlstm", "llama"])
+def test_native_export_and_hf_refusal_cli(tiny_run, tmp_path, arch):
+    """A run directory holding an xlstm (sLSTM) or llama model: native export works (and generates);
+    --format hf fails with a message naming the arch."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=64, num_blocks=2, num_heads=4,
+                      slstm_at=[1] if arch == "xlstm" else [])
+    model = build_model(cfg).eval()
+    save_model(model, cfg, run / "train" / "model")
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.model").write_bytes((tiny_run / "tokenizer" / "tokenizer.model").read_bytes())
+    r = _xlp("export", run, tmp_path / "hf", "--format", "hf")
+    assert r.returncode == 1 and f"model.arch='{arch}'" in r.stderr and "--format native" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _xlp("export", run, tmp_path / "native", "--format", "native")
+    assert r.returncode == 0, r.stderr
+    back = load_model(tmp_path / "native")
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    assert (tmp_path / "native" / "tokenizer.model").is_file()
+
+
+# ----------------------------------------------------------------------------------- generate
+def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
+    assert _xlp("export", tiny_run, tmp_path / "nat", "--format", "native").returncode == 0
+    outs = []
+    for source in (tiny_run, tmp_path / "nat", hf_export):
+        r = _xlp("generate", source, "--prompt", "import json\n", "--max-new-tokens", "12", "--seed", "3",
+                 "--top-k", "40", "--top-p", "0.95", "--temperature", "0.9", "--ignore-eos")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith("import json\n") and len(r.stdout) > len("import json\n") + 1
+        assert "12 tokens" in r.stderr and "tokens/s" in r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] == outs[2]  # same weights, seed and sampler: the same text
+    r = _xlp("generate", tmp_path / "nowhere", "--prompt", "x")
+    assert r.returncode == 1 and "xlp generate: error" in r.stderr
+
+
+# ------------------------------------------------------------------------------ step decoder
+@pytest.mark.parametrize("arch", ["xlstm_large", "xlstm", "llama"])
+def test_step_decoder_equals_model_step(arch):
+    """The preallocated-state decoder (graph path off on CPU) gives model.step's logits exactly, and
+    generate_stream greedy equals LanguageModel.generate greedy."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
+                      slstm_at=[1] if arch == "xlstm" else [])
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 128, (2, 37))
+    with torch.no_grad():
+        _, state = prefill(model, ids, segment=16)
+        _, ref_state = model.forward_with_state(ids)
+        dec = StepDecoder(model, state, 2, use_graph=True)  # CPU: graphs requested but not used
+        assert dec.graph is None and dec.static == (arch != "llama")
+        token = ids[:, -1]
+        for _ in range(4):
+            want, ref_state = model.step(token, ref_state)
+            got = dec.step(token)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            token = want.argmax(-1)
+    stream = torch.stack(list(generate_stream(model, ids, 6, temperature=0)), dim=1)
+    assert torch.equal(stream, model.generate(ids, 6, temperature=0)[:, ids.shape[1]:])
+
+
+def test_bench_decode_runs_on_cpu():
+    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+                        "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tokens/s" in r.stdout and "command:" in r.stdout and "machine:" in r.stdout
