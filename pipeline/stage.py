@@ -34,6 +34,8 @@ class Stage:
     needs: names of upstream stages whose outputs this stage reads.
     fn:    "module:function"; the function takes a StageContext and returns a dict of metrics.
            An import string, so the registry imports nothing heavy and Ray workers import the code.
+    ignores: keys inside `reads` that change how the stage runs but not what it writes (where the
+           ranks are launched, how often it logs): left out of the fingerprint.
     resumable: keep the outputs of an interrupted attempt with the same fingerprint (the stage
            itself skips the work already whole: shards written, checkpoints saved).
     headline: metric names `xlp status` shows.
@@ -43,6 +45,7 @@ class Stage:
     reads: tuple[str, ...]
     needs: tuple[str, ...]
     fn: str
+    ignores: tuple[str, ...] = ()
     resumable: bool = True
     headline: tuple[str, ...] = ()
     description: str = ""
@@ -76,13 +79,22 @@ class StageContext:
         return read_stage_json(self.run_dir / stage).get("metrics", {})
 
 
-def select_keys(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
-    """The values of `keys` (dotted) in `cfg`, resolved to plain Python; a missing key is None."""
+def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = ()) -> dict[str, Any]:
+    """The values of `keys` (dotted) in `cfg`, resolved to plain Python, without the `ignores` keys
+    inside them; a missing key is None."""
     out = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, DictConfig) or OmegaConf.is_list(value):
             value = OmegaConf.to_container(value, resolve=True)
+        for ignored in ignores:
+            if ignored.startswith(key + ".") and isinstance(value, dict):
+                node = value
+                *parents, leaf = ignored[len(key) + 1:].split(".")
+                for part in parents:
+                    node = node.get(part, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node.pop(leaf, None)
         out[key] = value
     return out
 
@@ -92,7 +104,7 @@ def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str]) -> str:
     payload = {
         "stage": stage.name,
         "version": FINGERPRINT_VERSION,
-        "reads": select_keys(cfg, stage.reads),
+        "reads": select_keys(cfg, stage.reads, stage.ignores),
         "upstream": {name: upstream[name] for name in sorted(stage.needs)},
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -156,3 +156,12 @@ def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
     assert "SIGTERM: stopping the stage" in output
     marker = json.loads((tmp_path / "total" / "stage.json").read_text())
     assert marker["status"] == "failed" and "interrupted (SIGTERM)" in marker["error"]
+
+
+def test_ignored_keys_stay_out_of_the_fingerprint():
+    from pipeline.stage import Stage, fingerprint
+
+    stage = Stage("train", reads=("train",), needs=(), fn="x:y", ignores=("train.launcher", "train.log_every"))
+    base = fingerprint(stage, load_config(None, []), {})
+    assert fingerprint(stage, load_config(None, ["train.launcher=local", "train.log_every=3"]), {}) == base
+    assert fingerprint(stage, load_config(None, ["train.steps=7"]), {}) != base

@@ -91,6 +91,10 @@ def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
     assert_pipeline_complete(run_dir)
     script = next((run_dir / "submit").glob("*.sbatch")).read_text()
     assert "#SBATCH --requeue" in script and "#SBATCH --cpus-per-task=2" in script
+    # the train stage started its ranks as an srun step of the job, and rank 0's output reached the stage log
+    assert "launch: srun, 2 ranks" in proc.stdout
+    assert "--ntasks-per-node=2" in (run_dir / "train" / "logs" / "srun.log").read_text()
+    assert (run_dir / "train" / "logs" / "rank_1.log").is_file()
 
     # --stages eval reruns just that stage on the cluster.
     proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2",
@@ -169,4 +173,6 @@ def test_ray_job_runs_the_tiny_pipeline(ray_head, tmp_path):
     proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "SUCCEEDED" in proc.stdout
+    assert "launch: ray train, 2 workers" in proc.stdout  # the ranks ran as Ray Train workers
+    assert (run_dir / "train" / "logs" / "rank_1.log").is_file()
     assert_pipeline_complete(run_dir)

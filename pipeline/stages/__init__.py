@@ -36,6 +36,8 @@ STAGES: list[Stage] = [
         name="train",
         # wandb.* is read at run time but not hashed: monitoring settings change no result
         reads=("model", "train", "data.seq_len", "run.seed", "kernels"),
+        # where the ranks run and how often the console prints change no result
+        ignores=("train.launcher", "train.log_every"),
         needs=("tokenizer", "shard"),
         fn="pipeline.stages.train:run",
         resumable=True,

@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> dict:
     result_file.unlink(missing_ok=True)
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out, shard_dir=ctx.input_dir("shard"), threads=int(ctx.cfg.train.threads),
-                   stream=sys.stdout)
+                   stream=sys.stdout, launcher=str(OmegaConf.select(ctx.cfg, "train.launcher", default="auto")))
     result = json.loads(result_file.read_text())
     result["ranks"] = ranks
     result["model_dir"] = str(out / "model")

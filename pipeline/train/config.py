@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
+LAUNCHERS = ("auto", "local", "slurm", "ray")
 
 # DeepSpeed keys the train config sets itself: `train.deepspeed` may not set them (use the train key).
 OWNED_DEEPSPEED_KEYS = {
@@ -35,7 +36,10 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per micro-step
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: str = "fp32"  # fp32 | bf16
-    cpu_processes: int = 1  # gloo ranks on this machine when there is no GPU
+    cpu_processes: int = 1  # gloo ranks on this machine (per node under srun) when there is no GPU
+    # how the ranks start: local processes | slurm (srun in the allocation) | ray (Ray Train workers);
+    # auto: what `xlp submit` says for the job (XLP_LAUNCHER), else local
+    launcher: str = "auto"
     grad_accum: int = 1  # micro-steps per optimizer step
 
     # AdamW; no weight decay on norms, biases, embeddings and gate biases (any tensor with ndim < 2)
@@ -83,6 +87,8 @@ class TrainConfig:
             raise bad("zero_stage", f"is {self.zero_stage}; valid values: 0, 1, 2, 3")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"is {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
+        if self.launcher not in LAUNCHERS:
+            raise bad("launcher", f"is {self.launcher!r}; valid values: {', '.join(LAUNCHERS)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"is {self.schedule!r}; valid values: {', '.join(SCHEDULES)}")
         if not self.lr > 0:

@@ -297,6 +297,10 @@ class Trainer:
 
         self._seed()
         model = build_model(self.model_cfg)
+        if model.config.init_from:  # start from a checkpoint's weights instead of the init recipe
+            from xlstm_model.hf import init_from
+
+            init_from(model, model.config.init_from)
         n_params = count_params(model)
         optimizer = build_optimizer(model, tc, cpu_adam=self.cuda and tc.offload_optimizer)
         gate = StepGate(optimizer)

@@ -128,7 +128,16 @@ class Monitor:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001
+                self._lost_wandb(e)
+
+    def _lost_wandb(self, e: Exception) -> None:
+        """W&B's service process is gone (a cluster's SIGTERM reaches every process of the job step,
+        wandb-core included): go on without W&B, so the rank can still save its checkpoint."""
+        print(f"W&B: {type(e).__name__}: {e}; logging to metrics.jsonl only from here", flush=True)
+        self.run = None
 
     def progress(self, step: int, loss: float, tokens_per_s: float, *, force: bool = False,
                  log_every: int = 10, extra: str = "") -> None:
@@ -156,8 +165,11 @@ class Monitor:
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
-            for k, v in values.items():
-                self.run.summary[k] = v
+            try:
+                for k, v in values.items():
+                    self.run.summary[k] = v
+            except Exception as e:  # noqa: BLE001
+                self._lost_wandb(e)
 
     def finish(self, exit_code: int = 0) -> None:
         if not self.enabled:
@@ -167,7 +179,10 @@ class Monitor:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001
+                self._lost_wandb(e)
             self.run = None
 
 
