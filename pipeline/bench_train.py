@@ -24,17 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from xlstm_model.machine import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic_shards(out_dir: Path, vocab: int, tokens: int, seed: int = 0) -> None:

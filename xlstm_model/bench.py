@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from pathlib import Path
 
 import torch
 
+from xlstm_model.machine import cpu_name, peak_rss, reset_peak_rss
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
 def machine_info() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.machine()}, "
             f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
 
@@ -65,27 +59,6 @@ def train_tokens_per_s(config: str, batch: int, seq_len: int, steps: int, vocab:
     return batch * seq_len * steps / dt, count_params(model)
 
 
-def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss() -> int:
-    """Reset the peak RSS to the current RSS where Linux allows it (a forked child otherwise starts
-    with its parent's peak) and return it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _peak_rss()
-
-
 def _memory_child(form: str, seq_len: int) -> None:
     """Run in a fresh process: print the peak RSS rise (bytes) of one forward + backward."""
     import kernels
@@ -97,7 +70,7 @@ def _memory_child(form: str, seq_len: int) -> None:
     # warm the allocator and kernels on a tiny problem so one-off costs do not count
     small = [x[:, :, :64].detach().clone().requires_grad_() for x in (q, k, v, i, f)]
     kernels.mlstm_chunkwise(*small, chunk_size=64, backend="reference").sum().backward()
-    before = _reset_peak_rss()
+    before = reset_peak_rss()
     t0 = time.perf_counter()
     if form == "chunkwise":
         h = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=64, backend="reference")
@@ -105,7 +78,7 @@ def _memory_child(form: str, seq_len: int) -> None:
         h = kernels.mlstm_parallel(q, k, v, i, f, backend="reference")
     h.sum().backward()
     dt = time.perf_counter() - t0
-    peak = _peak_rss()
+    peak = peak_rss()
     print(json.dumps({"peak_rise": peak - before, "seconds": dt}))
 
 

@@ -21,18 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.eval.common import param_bytes, tensor_bytes
-
-
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from xlstm_model.machine import peak_rss
 
 
 class _Peak:
@@ -52,13 +41,13 @@ class _Peak:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-        self.base = _peak_rss()
+        self.base = peak_rss()
 
     def read(self) -> int:
         if self.cuda:
             torch.cuda.synchronize()
             return int(torch.cuda.max_memory_allocated())
-        return self.weights + max(0, _peak_rss() - self.base)
+        return self.weights + max(0, peak_rss() - self.base)
 
 
 def _sync(device: torch.device) -> None:
