@@ -66,7 +66,8 @@ def run(ctx: StageContext) -> dict:
     if dc.dedup:
         t1 = time.time()
         hashes = run_parallel(hash_partition, [HashJob(files=p, opts=opts) for p in parts],
-                              num_workers=dc.num_workers, total_bytes=total, desc="shard dedup")
+                              num_workers=dc.num_workers, total_bytes=total, desc="shard dedup",
+                              progress_dir=out / ".progress")
         drops = duplicates(hashes)
         t_dedup = time.time() - t1
 
@@ -83,7 +84,7 @@ def run(ctx: StageContext) -> dict:
                      shard_bytes=dc.shard_bytes, drop=drops[i]) for i in todo]
     t1 = time.time()
     new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
-                       done_bytes=sum(sizes[i] for i in records), desc="shard")
+                       done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
     t_shard = time.time() - t1
     resumed_parts = len(records)
     for i, rec in zip(todo, new):

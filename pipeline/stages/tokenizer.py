@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict:
     opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error)
     jobs = [SampleJob(files=p, opts=opts, rate=rate, heldout_rate=heldout_rate, seed=tc.seed) for p in parts]
     results = run_parallel(sample_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
-                           desc="tokenizer sample")
+                           desc="tokenizer sample", progress_dir=ctx.out_dir / ".progress")
     sample: list[str] = []
     heldout: list[str] = []
     for r in results:
