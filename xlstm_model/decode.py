@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from xlstm_model.lm import LanguageModel, sample
+from xlstm_model.lm import LanguageModel, sample_tokens
 
 PREFILL_SEGMENT = 2048  # prompt tokens per forward pass (bounds the (B, S, V) logits of a long prompt)
 
@@ -123,15 +123,12 @@ def generate_stream(
     model.eval()
     logits, state = prefill(model, ids)
     decoder = None
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for n in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)
-        if eos is not None:
-            token = torch.where(done, torch.full_like(token, eos), token)
-            done = done | (token == eos)
-        yield token
-        if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
-            return
-        if decoder is None:
+
+    def next_logits(token: Tensor) -> Tensor:
+        nonlocal decoder
+        if decoder is None:  # built on the first step only: a one-token request needs none
             decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph)
-        logits = decoder.step(token)
+        return decoder.step(token)
+
+    yield from sample_tokens(logits, next_logits, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, eos=eos, generator=generator)

@@ -5,7 +5,7 @@ head, loss, checkpointing and generation code and can be trained side by side on
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -130,21 +130,43 @@ class LanguageModel(nn.Module):
         self.eval()
         try:
             logits, state = self.forward_with_state(ids)
-            logits = logits[:, -1]
-            out = [ids]
-            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-            for n in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, top_p, generator)
-                if eos is not None:
-                    token = torch.where(done, torch.full_like(token, eos), token)
-                    done = done | (token == eos)
-                out.append(token[:, None])
-                if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
-                    break
-                logits, state = self.step(token, state)
-            return torch.cat(out, dim=1)
+
+            def next_logits(token: Tensor) -> Tensor:
+                nonlocal state
+                step_logits, state = self.step(token, state)
+                return step_logits
+
+            tokens = sample_tokens(logits[:, -1], next_logits, max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, eos=eos, generator=generator)
+            return torch.cat([ids] + [t[:, None] for t in tokens], dim=1)
         finally:
             self.train(was_training)
+
+
+def sample_tokens(
+    logits: Tensor,
+    next_logits: Callable[[Tensor], Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """The sampling loop every generator shares: from the prompt's last logits (B, V), sample a token
+    (B,), yield it, and ask `next_logits(token)` for the next step's logits. Rows that emitted `eos`
+    keep emitting it; stops after max_new_tokens or when every row has emitted `eos`."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for n in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        if eos is not None:
+            token = torch.where(done, torch.full_like(token, eos), token)
+            done = done | (token == eos)
+        yield token
+        if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
+            return
+        logits = next_logits(token)
 
 
 def sample(
