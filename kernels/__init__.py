@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend
+from kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend, use_backend
 from kernels.reference.common import doc_starts_mask
 from kernels.reference.mlstm import MLSTMState
 from kernels.reference.slstm import SLSTMState
@@ -37,6 +37,7 @@ __all__ = [
     "set_default_backend",
     "slstm_sequence",
     "slstm_step",
+    "use_backend",
 ]
 
 

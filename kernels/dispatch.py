@@ -7,10 +7,11 @@ CUDA tensors when that op exists there, the reference otherwise. The default com
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -47,6 +48,18 @@ def set_default_backend(name: Optional[str]) -> None:
     back to the environment variable XLP_KERNEL_BACKEND (else "auto")."""
     global _default_override
     _default_override = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """`set_default_backend(name)` for the duration of a `with` block, then the previous setting."""
+    global _default_override
+    previous = _default_override
+    set_default_backend(name)
+    try:
+        yield
+    finally:
+        _default_override = previous
 
 
 def default_backend() -> str:

@@ -245,3 +245,33 @@ def test_bench_decode_runs_on_cpu():
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokens/s" in r.stdout and "command:" in r.stdout and "machine:" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["xlstm_large", "xlstm"])
+def test_compiled_step_decoder_matches_model_step(arch):
+    """The torch.compile'd step (the GPU default; here inductor's CPU backend, same trace: the ops through
+    their reference, matrix-vector products as reductions) gives model.step's logits and state, and a
+    second decoder on the same model reuses the compiled graph instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
+                      slstm_at=[1] if arch == "xlstm" else [])
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 128, (2, 37))
+    with torch.no_grad():
+        _, state = prefill(model, ids, segment=16)
+        _, ref_state = model.forward_with_state(ids)
+        dec = StepDecoder(model, state, 2, use_compile=True)
+        assert dec.compiled and dec.graph is None
+        token = ids[:, -1]
+        for _ in range(3):
+            want, ref_state = model.step(token, ref_state)
+            torch.testing.assert_close(dec.step(token), want, atol=1e-4, rtol=1e-4)
+            token = want.argmax(-1)
+        graphs = counters["stats"]["unique_graphs"]
+        again = StepDecoder(model, state, 2, use_compile=True)
+        want, _ = model.step(token, state)
+        torch.testing.assert_close(again.step(token), want, atol=1e-4, rtol=1e-4)
+        assert counters["stats"]["unique_graphs"] == graphs

@@ -1,8 +1,9 @@
 """Batch-1 decode speed after long prompts: tokens/s and memory at 1k, 4k and 16k tokens of context.
 
-    python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, CUDA graph
+    python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
+    python -m xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
+    python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
     python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
-    python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph     # eager baseline
 
 Random weights (speed does not depend on them). The prompt is read in segments carrying the state
 (xlstm_model.decode.prefill); then --new-tokens greedy steps are timed, each ending in a host sync
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from xlstm_model.config import ModelConfig
-from xlstm_model.decode import StepDecoder, graphs_wanted, prefill
+from xlstm_model.decode import StepDecoder, compile_wanted, decode_compile_options, graphs_wanted, prefill
 from xlstm_model.lm import as_model_config, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,10 +62,31 @@ def state_mb(state) -> float:
 
 
 @torch.no_grad()
+def print_profile(decoder, token, device, steps: int = 20) -> None:
+    """Kernels of `steps` decode steps, by total device time (what a step spends its time on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
+            token.item()
+    events = prof.key_averages()
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    if device.type == "cuda":
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        n = sum(e.count for e in kernels)
+        t = sum(e.device_time_total for e in kernels)
+        print(f"profile: {n / steps:.0f} kernels per step, {t / steps / 1e3:.3f} ms of kernel time per step")
+
+
+@torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
-                   rounds: int = 8) -> list[dict]:
+                   rounds: int = 8, use_compile=None, profile: bool = False) -> list[dict]:
     """Prefill each context, then time greedy steps round-robin over the contexts (rounds x
-    new_tokens/rounds steps each), so a noisy machine slows every context alike."""
+    new_tokens/rounds steps each), so a noisy machine slows every context alike. The decoder's first
+    logits are compared with the plain eager `model.step` on the same state (max_abs_diff)."""
     rows, decoders, tokens = [], [], []
     for ctx in contexts:
         gen = torch.Generator(device="cpu").manual_seed(ctx)
@@ -77,12 +99,22 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         token = logits.argmax(-1)
         token.item()
         prefill_s = time.perf_counter() - t0
-        decoder = StepDecoder(model, state, 1, use_graph=use_graph)
+        expected, _ = model.step(token, [tuple(t.clone() for t in s) for s in state])
+        t0 = time.perf_counter()
+        decoder = StepDecoder(model, state, 1, use_graph=use_graph, use_compile=use_compile)
+        got = decoder.step(token).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        setup_s = time.perf_counter() - t0
+        diff = (got - expected.float()).abs().max().item()
+        same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
+        del expected, got
         for _ in range(warmup):
             token = decoder.step(token).argmax(-1)
             token.item()
-        rows.append({"ctx": ctx, "prefill_s": prefill_s, "memory": memory_mb(device), "state_mb": state_mb(state),
-                     "graph": decoder.graph is not None, "times": []})
+        rows.append({"ctx": ctx, "prefill_s": prefill_s, "setup_s": setup_s, "max_abs_diff": diff,
+                     "same_argmax": same_argmax, "memory": memory_mb(device), "state_mb": state_mb(state),
+                     "graph": decoder.graph is not None, "compiled": decoder.compiled, "times": []})
         decoders.append(decoder)
         tokens.append(token)
         del ids, logits
@@ -96,6 +128,8 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
                 token.item()  # host sync per token, as when streaming
                 rows[j]["times"].append(time.perf_counter() - t0)
             tokens[j] = token
+    if profile:
+        print_profile(decoders[0], tokens[0], device)
     for r in rows:
         times = sorted(r.pop("times"))
         r["ms_per_token"] = 1e3 * sum(times) / len(times)
@@ -116,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads")
     p.add_argument("--no-graph", action="store_true", help="eager steps (no CUDA graph)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the step (CUDA default: compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step on CPU too")
+    p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -131,16 +168,23 @@ def main(argv=None) -> int:
         model = build_model(cfg)
     model = model.to(getattr(torch, dtype)).eval()
     use_graph = False if args.no_graph else None
+    use_compile = False if args.no_compile else (True if args.compile else None)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"command: {shlex.join([sys.executable, '-m', 'xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
+    if compile_wanted(device, use_compile):
+        print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
+              "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
-          f"params={n_params / 1e6:.1f}M dtype={dtype} cuda_graph={graphs_wanted(device, use_graph)}")
+          f"params={n_params / 1e6:.1f}M dtype={dtype} "
+          f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
     rows = bench_contexts(model, [int(c) for c in args.contexts.split(",")], args.new_tokens, device, use_graph,
-                          args.warmup)
+                          args.warmup, use_compile=use_compile, profile=args.profile)
     for r in rows:
         print(f"context {r['ctx']:>6}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
-              f"prefill {r['prefill_s']:.2f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  graph={r['graph']}",
+              f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
+              f"graph={r['graph']} compiled={r['compiled']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
+              f"same argmax {r['same_argmax']}",
               flush=True)
     if len(rows) > 1:
         print(f"ms/token at {rows[-1]['ctx']} vs {rows[0]['ctx']}: {rows[-1]['ms_per_token'] / rows[0]['ms_per_token']:.3f}x mean, "

@@ -3,10 +3,13 @@ in a CUDA graph on GPU.
 
 xLSTM decoding is one `LanguageModel.step` per token on a state of fixed size, so every step runs the
 same kernels on the same shapes: exactly what a CUDA graph replays without the per-kernel launch
-overhead of Python (hundreds of small kernels per token at batch 1). `StepDecoder` keeps the token,
-the state and the logits in fixed buffers; a step copies the token in, replays the graph (or, off
-CUDA, runs the same code eagerly) and the state is updated in place. On CPU, or with graphs off, the
-outputs are those of `model.step` exactly (the tests check this).
+overhead of Python. At batch 1 a step is hundreds of tiny kernels (norms, gates, the state update)
+around matrix-vector products, so on CUDA the step is first compiled with `torch.compile` (inductor
+fuses the elementwise work around the matmuls; the ops run through their pure-PyTorch reference so
+that inductor sees them) and the compiled step is then captured in the graph. `StepDecoder` keeps the
+token, the state and the logits in fixed buffers; a step copies the token in, replays the graph (or,
+off CUDA, runs the same code eagerly) and the state is updated in place. On CPU, or with graphs off,
+the outputs are those of `model.step` exactly (the tests check this).
 
 Architectures whose state grows (the Llama baseline's KV cache) fall back to the plain eager step.
 """
@@ -16,7 +19,11 @@ import os
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+import kernels
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from xlstm_model.lm import LanguageModel, sample_tokens
@@ -29,6 +36,14 @@ def graphs_wanted(device: torch.device, use_graph: Optional[bool]) -> bool:
     if use_graph is None:
         use_graph = os.environ.get("XLP_CUDA_GRAPH", "1") != "0"
     return bool(use_graph) and device.type == "cuda"
+
+
+def compile_wanted(device: torch.device, use_compile: Optional[bool]) -> bool:
+    """None (auto): on for CUDA unless XLP_DECODE_COMPILE=0 (off on CPU, where eager is already
+    bound by the matmuls and a compile costs more than a short generation saves)."""
+    if use_compile is None:
+        return device.type == "cuda" and os.environ.get("XLP_DECODE_COMPILE", "1") != "0"
+    return bool(use_compile)
 
 
 @torch.no_grad()
@@ -44,12 +59,74 @@ def prefill(model: LanguageModel, ids: Tensor, segment: int = PREFILL_SEGMENT) -
     return logits, state
 
 
+class MatvecAsReduction(TorchFunctionMode):
+    """F.linear as multiply-and-sum, so that inductor writes the matrix-vector products of a batch-1
+    step as reduction kernels and fuses the surrounding elementwise work into them, instead of
+    calling a cuBLAS GEMM (a kernel of its own) for each. Used only while compiling the step."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = (x.unsqueeze(-2) * weight).sum(-1)
+            return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+def decode_compile_options() -> tuple[Optional[str], bool, bool]:
+    """(torch.compile mode, matvec-as-reduction, coordinate-descent tuning) from
+    XLP_DECODE_COMPILE_MODE (default: inductor's default mode), XLP_DECODE_MATVEC ("reduce" or
+    "gemm", default reduce) and XLP_DECODE_TUNE (1: inductor's coordinate-descent tuning of each
+    generated kernel's launch parameters; default 0)."""
+    mode = os.environ.get("XLP_DECODE_COMPILE_MODE") or None
+    matvec = os.environ.get("XLP_DECODE_MATVEC", "reduce").strip().lower()
+    if matvec not in ("reduce", "gemm"):
+        raise ValueError(f"XLP_DECODE_MATVEC={matvec!r}: expected 'reduce' or 'gemm'")
+    tune = os.environ.get("XLP_DECODE_TUNE", "0").strip()
+    if tune not in ("0", "1"):
+        raise ValueError(f"XLP_DECODE_TUNE={tune!r}: expected 0 or 1")
+    if mode and tune == "1":
+        raise ValueError("XLP_DECODE_TUNE=1 and XLP_DECODE_COMPILE_MODE cannot be combined (torch.compile takes a mode "
+                         "or options, not both)")
+    return mode, matvec == "reduce", tune == "1"
+
+
+def step_in_place(model: LanguageModel, token: Tensor, state: Any) -> Tensor:
+    """`model.step`, writing the new state into the tensors of `state`; returns the logits."""
+    logits, new_state = model.step(token, state)
+    for buf, t in zip(tree_flatten(state)[0], tree_flatten(new_state)[0]):
+        buf.copy_(t)
+    return logits
+
+
+_compiled_step_in_place = None
+
+
+def compiled_step_in_place():
+    """`step_in_place` under torch.compile, made once per process: the state buffers are arguments,
+    so decoders for the same model and batch size share one compiled graph."""
+    global _compiled_step_in_place
+    if _compiled_step_in_place is None:
+        mode, as_reduction, tune = decode_compile_options()
+        options = {"coordinate_descent_tuning": True} if tune else None
+        compiled = torch.compile(step_in_place, fullgraph=True, dynamic=False, mode=mode, options=options)
+        if as_reduction:
+            def compiled_with_reductions(*args):
+                with MatvecAsReduction():
+                    return compiled(*args)
+            _compiled_step_in_place = compiled_with_reductions
+        else:
+            _compiled_step_in_place = compiled
+    return _compiled_step_in_place
+
+
 class StepDecoder:
     """One token per call on preallocated buffers; `step(token)` -> logits (B, V) (a view of a buffer
     that the next step overwrites). Build it from the state after the prompt."""
 
     def __init__(self, model: LanguageModel, state: Any, batch_size: int, *, use_graph: Optional[bool] = None,
-                 warmup: int = 2):
+                 use_compile: Optional[bool] = None, warmup: int = 2):
         self.model = model
         device = next(model.parameters()).device
         leaves, self._spec = tree_flatten(state)
@@ -69,26 +146,29 @@ class StepDecoder:
         # keep the step's dtypes (e.g. fp32 cell states), so a replay never changes a buffer's type
         self.buffers = [b.to(p.dtype) for b, p in zip(self.buffers, probe_leaves)]
         self.logits: Optional[Tensor] = None
+        self.compiled = compile_wanted(device, use_compile)
         if graphs_wanted(device, use_graph):
             self._capture(warmup)
 
-    def _body(self) -> Tensor:
-        logits, new_state = self.model.step(self.token, tree_unflatten(self.buffers, self._spec))
-        for buf, t in zip(self.buffers, tree_flatten(new_state)[0]):
-            buf.copy_(t)
-        return logits
+    def _run(self) -> Tensor:
+        state = tree_unflatten(self.buffers, self._spec)
+        if not self.compiled:
+            return step_in_place(self.model, self.token, state)
+        # Inductor fuses the reference ops; it would only see our Triton kernels as opaque calls.
+        with kernels.use_backend("reference"):
+            return compiled_step_in_place()(self.model, self.token, state)
 
     def _capture(self, warmup: int) -> None:
         saved = [b.clone() for b in self.buffers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile / autotune every kernel before capture
-            for _ in range(warmup):
-                self._body()
+            for _ in range(max(warmup, 1)):
+                self._run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._body()
+            self.logits = self._run()
         for b, s in zip(self.buffers, saved):  # warmup and capture advanced the state: undo
             b.copy_(s)
         self.graph = graph
@@ -102,7 +182,7 @@ class StepDecoder:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        return self._body()
+        return self._run()
 
 
 @torch.no_grad()
@@ -117,18 +197,16 @@ def generate_stream(
     eos: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     use_graph: Optional[bool] = None,
+    use_compile: Optional[bool] = None,
 ) -> Iterator[Tensor]:
     """Yield the sampled tokens (B,) one step at a time (stops after max_new_tokens, or when every row
     has emitted `eos`). Same sampling as `LanguageModel.generate`."""
     model.eval()
     logits, state = prefill(model, ids)
+    # Built (compiled, captured) before the first token is yielded, so the tokens after it come at the
+    # decoder's pace; a one-token request needs none.
     decoder = None
-
-    def next_logits(token: Tensor) -> Tensor:
-        nonlocal decoder
-        if decoder is None:  # built on the first step only: a one-token request needs none
-            decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph)
-        return decoder.step(token)
-
-    yield from sample_tokens(logits, next_logits, max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos=eos, generator=generator)
+    if max_new_tokens > 1:
+        decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile)
+    yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, eos=eos, generator=generator)

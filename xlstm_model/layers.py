@@ -128,7 +128,7 @@ class HeadwiseLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim // blocksize, blocksize, blocksize))
 
     def forward(self, x: Tensor) -> Tensor:
-        xb = x.unflatten(-1, (-1, self.blocksize))
+        xb = x.reshape(*x.shape[:-1], -1, self.blocksize)  # not unflatten (torch.compile fails on it in decode)
         return torch.einsum("...nb,nbc->...nc", xb, self.weight).flatten(-2)
 
 

@@ -145,7 +145,7 @@ class LanguageModel(nn.Module):
 
 def sample_tokens(
     logits: Tensor,
-    next_logits: Callable[[Tensor], Tensor],
+    next_logits: Optional[Callable[[Tensor], Tensor]],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -156,7 +156,8 @@ def sample_tokens(
 ) -> Iterator[Tensor]:
     """The sampling loop every generator shares: from the prompt's last logits (B, V), sample a token
     (B,), yield it, and ask `next_logits(token)` for the next step's logits. Rows that emitted `eos`
-    keep emitting it; stops after max_new_tokens or when every row has emitted `eos`."""
+    keep emitting it; stops after max_new_tokens or when every row has emitted `eos`. `next_logits`
+    may be None when max_new_tokens <= 1 (it is never called)."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for n in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)

@@ -245,7 +245,7 @@ def mlstm_step(
         i_s = torch.exp(i - m_new)  # eq. (16): stabilised input gate
         C = f_s[..., None, None] * C + i_s[..., None, None] * (k[..., :, None] * v[..., None, :])  # eq. (19)
         n = f_s[..., None] * n + i_s[..., None] * k  # eq. (20)
-        num = (q[..., None, :] @ C).squeeze(-2)
+        num = (q[..., :, None] * C).sum(-2)  # q^T C as multiply-sum: one fused kernel with the update under inductor
         den = (q * n).sum(dim=-1)
         h = num / torch.maximum(den.abs(), torch.exp(-m_new))[..., None]  # eq. (21)
     return h.to(out_dtype), (C, n, m_new)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-shot GPU decode check (issue 9), sized for a lent H100 (~14 minutes at most, all steps): batch-1
+# decode tokens/s of xlstm_large_400m (bf16) after 1k/4k/16k-token prompts. Steps:
+#   graph              eager ops captured in a CUDA graph (--no-compile)
+#   compiled           the torch.compile'd step in a CUDA graph (the default on CUDA), with a kernel profile;
+#                      matrix-vector products written as inductor reductions (XLP_DECODE_MATVEC=reduce)
+#   compiled_gemm      the same with cuBLAS matrix-vector products (XLP_DECODE_MATVEC=gemm)
+#   compiled_tune      the same with inductor's coordinate-descent tuning (XLP_DECODE_TUNE=1)
+#   compiled_autotune  inductor's max-autotune-no-cudagraphs mode (XLP_DECODE_COMPILE_MODE)
+#   eager              plain eager steps (--no-graph --no-compile)
+#   gencost            the eval stage's generation-cost table (xlstm_125m vs llama_125m, bf16, 1k-16k)
+# Each bench also prints the decoder's logits against the plain eager model.step on the same state.
+# Usage (repo root, CUDA machine): bash xlstm_model/gpu_decode_check.sh [STEP ...]   (logs to $OUT or /tmp)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if [ -d .devcarry/site ]; then export PYTHONPATH="$PWD/.devcarry/site${PYTHONPATH:+:$PYTHONPATH}"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+LOGDIR=${OUT:-/tmp}
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+rc=0
+run() {  # run NAME TIMEOUT ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(( $(date +%s) - t0 ))s so far) =="
+  timeout "$limit" "$PY" "$@" 2>&1 | tee "$LOGDIR/$name.log"
+  local r=${PIPESTATUS[0]}
+  [ "$r" -ne 0 ] && { echo "!! $name exited $r"; rc=1; }
+}
+M="-m xlstm_model.bench_decode --model xlstm_large_400m"
+for step in ${@:-graph compiled compiled_gemm compiled_tune compiled_autotune eager gencost}; do
+  case $step in
+    graph) run decode_graph 100 $M --no-compile ;;
+    compiled) run decode_compiled 110 $M --profile ;;
+    compiled_gemm) XLP_DECODE_MATVEC=gemm run decode_compiled_gemm 110 $M --profile ;;
+    compiled_tune) XLP_DECODE_TUNE=1 run decode_compiled_tune 170 $M --profile ;;
+    compiled_autotune) XLP_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs run decode_compiled_autotune 200 $M ;;
+    eager) run decode_eager 70 $M --no-graph --no-compile ;;
+    gencost) run gencost 70 -m pipeline.eval.gencost --models xlstm_125m llama_125m --dtype bf16 --contexts 1024 4096 16384 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+echo "== summary ($(( $(date +%s) - t0 ))s total) =="
+for f in "$LOGDIR"/decode_*.log; do echo "-- $(basename "$f")"; grep -hE "^(compile options|context|ms/token|profile:)|Error|Traceback" "$f" | cut -c1-250; done
+exit $rc
