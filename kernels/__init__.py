@@ -26,11 +26,13 @@ __all__ = [
     "BACKENDS",
     "MLSTMState",
     "SLSTMState",
+    "decode_linear",
     "default_backend",
     "doc_starts_mask",
     "layer_norm",
     "linear_cross_entropy",
     "mlstm_chunkwise",
+    "mlstm_decode_mix",
     "mlstm_parallel",
     "mlstm_step",
     "rms_norm",
@@ -172,3 +174,49 @@ def linear_cross_entropy(
     != ignore_index. hidden: (..., D); weight: (V, D); targets: (...). Returns a float32 scalar."""
     fn = resolve("linear_cross_entropy", backend, hidden)
     return fn(hidden, weight, targets, ignore_index=ignore_index, soft_cap=soft_cap)
+
+
+# --------------------------------------------------------------------------- fused one-token decode
+def decode_linear(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    norm_eps: float = 1e-6,
+    bias: Optional[Tensor] = None,
+    glu: bool = False,
+    soft_cap: float = 0.0,
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Matrix-vector product of a decode step with its neighbours fused: x (B, K), weight (N, K) ->
+    residual + soft_cap(glu(RMSNorm(x) @ weight^T + bias)) (B, N, or N/2 with glu: silu of the first
+    half times the second). Each part is optional (norm when norm_weight is given). No autograd."""
+    fn = resolve("decode_linear", backend, x)
+    return fn(x, weight, norm_weight=norm_weight, norm_eps=norm_eps, bias=bias, glu=glu, soft_cap=soft_cap,
+              residual=residual)
+
+
+def mlstm_decode_mix(
+    x: Tensor,
+    qkvo: Tensor,
+    gate_weight: Tensor,
+    gate_bias: Tensor,
+    state: MLSTMState,
+    *,
+    num_heads: int,
+    norm_weight: Tensor,
+    norm_eps: float,
+    gate_soft_cap: float,
+    head_norm_weight: Tensor,
+    head_norm_eps: float,
+    head_norm: str = "layer",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """One token of an xLSTM-large block's mLSTM cell: gates from RMSNorm(x), the stabilised state
+    update (state (C, n, m), float32, updated IN PLACE), read-out, per-head norm and sigmoid output
+    gate. x (B, D); qkvo (B, 2 DQK + 2 DV) = [q | k | v | o]. Returns (B, DV) in x's dtype. No autograd."""
+    fn = resolve("mlstm_decode_mix", backend, x)
+    return fn(x, qkvo, gate_weight, gate_bias, state, num_heads=num_heads, norm_weight=norm_weight,
+              norm_eps=norm_eps, gate_soft_cap=gate_soft_cap, head_norm_weight=head_norm_weight,
+              head_norm_eps=head_norm_eps, head_norm=head_norm)

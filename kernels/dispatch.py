@@ -30,6 +30,8 @@ TRITON_MODULES = {
     "rms_norm": "norms",
     "layer_norm": "norms",
     "linear_cross_entropy": "cross_entropy",
+    "decode_linear": "decode",
+    "mlstm_decode_mix": "decode",
 }
 
 _default_override: Optional[str] = None

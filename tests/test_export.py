@@ -18,7 +18,7 @@ import torch
 
 from xlstm_model import ModelConfig, build_model, load_model, save_model
 from xlstm_model import hf
-from xlstm_model.decode import StepDecoder, generate_stream, prefill
+from xlstm_model.decode import StepDecoder, fused_wanted, generate_stream, prefill
 
 REPO = Path(__file__).resolve().parents[1]
 XLP = [sys.executable, "-m", "pipeline.cli"]
@@ -275,3 +275,30 @@ def test_compiled_step_decoder_matches_model_step(arch):
         want, _ = model.step(token, state)
         torch.testing.assert_close(again.step(token), want, atol=1e-4, rtol=1e-4)
         assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("head_norm", ["layer", "rms"])
+def test_fused_step_reference_matches_model_step(head_norm):
+    """The fused decode step (kernels.decode_linear / mlstm_decode_mix, reference backend on CPU) is
+    the same computation as model.step, state included; other architectures say they have none."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="xlstm_large", vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
+                      head_norm=head_norm)
+    model = build_model(cfg).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, 128, (2, 37))
+    with torch.no_grad():
+        _, state = prefill(model, ids, segment=16)
+        dec = StepDecoder(model, state, 2, use_fused=True)
+        assert dec.fused and not dec.compiled
+        token = ids[:, -1]
+        for _ in range(4):
+            want, state = model.step(token, state)
+            torch.testing.assert_close(dec.step(token), want, atol=1e-5, rtol=1e-5)
+            token = want.argmax(-1)
+        for got, ref in zip(dec.buffers, torch.utils._pytree.tree_flatten(state)[0]):
+            torch.testing.assert_close(got, ref.to(got.dtype), atol=1e-5, rtol=1e-5)
+    llama = build_model(ModelConfig(arch="llama", vocab_size=128, d_model=64, num_blocks=1, num_heads=4)).eval()
+    with pytest.raises(ValueError, match="no fused decode step for arch 'llama'"):
+        fused_wanted(llama, True)

@@ -358,3 +358,92 @@ def test_mlstm_chunkwise_bf16_within_reference_yardstick(L, init, docs):
         if not (math.isfinite(err) and err <= max(2.5 * yard, 8e-3)):
             msgs.append(f"{name}: {err:.1e} vs yardstick {yard:.1e}")
     assert not msgs, "; ".join(msgs)
+
+
+# ------------------------------------------------------------------------- fused one-token decode
+@needs_kernels
+@pytest.mark.parametrize("B,K,N", [(1, 96, 40), (3, 130, 66)])
+@pytest.mark.parametrize("parts", ["plain", "norm", "bias_cap", "norm_glu_residual", "norm_bias_residual"])
+def test_decode_linear_matches_reference(B, K, N, parts):
+    """Every prologue/epilogue of the fused matrix-vector product, on sizes that fit no block."""
+    from kernels.reference import decode as ref_decode
+    from kernels.triton import decode as tri_decode
+
+    torch.manual_seed(0)
+    x = torch.randn(B, K, device=DEVICE)
+    w = torch.randn(N, K, device=DEVICE) / K**0.5
+    out_n = N // 2 if "glu" in parts else N
+    kw = {}
+    if "norm" in parts:
+        kw.update(norm_weight=torch.rand(K, device=DEVICE) + 0.5, norm_eps=1e-5)
+    if "bias" in parts:
+        kw["bias"] = torch.randn(N, device=DEVICE)
+    if "cap" in parts:
+        kw["soft_cap"] = 2.0
+    if "glu" in parts:
+        kw["glu"] = True
+    if "residual" in parts:
+        kw["residual"] = torch.randn(B, out_n, device=DEVICE)
+    want = ref_decode.decode_linear(x, w, **kw)
+    _assert_close(tri_decode.decode_linear(x, w, **kw), want, f"decode_linear[{parts}]")
+    if parts == "norm_glu_residual":  # bf16 weights and activations, as decoding runs on GPU
+        if DEVICE == "cpu":
+            from kernels.triton._interp import patch_interpreter_bf16
+
+            patch_interpreter_bf16()
+        kb = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        got = tri_decode.decode_linear(x.bfloat16(), w.bfloat16(), **kb)
+        want = ref_decode.decode_linear(x.bfloat16(), w.bfloat16(), **kb)
+        assert got.dtype == torch.bfloat16
+        _assert_close(got, want, "decode_linear bf16", tol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_norm", ["layer", "rms"])
+def test_mlstm_decode_mix_matches_reference(head_norm):
+    """Gates, in-place state update, read-out, head norm and output gate of one token, from a
+    non-empty state; head sizes that are no power of two."""
+    from kernels.reference import decode as ref_decode
+    from kernels.triton import decode as tri_decode
+
+    torch.manual_seed(0)
+    B, D, NH, dqk, dv = 2, 48, 3, 8, 12
+    x = torch.randn(B, D, device=DEVICE)
+    qkvo = torch.randn(B, 2 * NH * (dqk + dv), device=DEVICE)
+    gw, gb = torch.randn(2 * NH, D, device=DEVICE) / 7, torch.randn(2 * NH, device=DEVICE)
+    kw = dict(num_heads=NH, norm_weight=torch.rand(D, device=DEVICE) + 0.5, norm_eps=1e-6, gate_soft_cap=15.0,
+              head_norm_weight=torch.rand(NH * dv, device=DEVICE) + 0.5, head_norm_eps=1e-6, head_norm=head_norm)
+    start = (torch.randn(B, NH, dqk, dv, device=DEVICE), torch.randn(B, NH, dqk, device=DEVICE),
+             torch.randn(B, NH, device=DEVICE))
+    s_ref = tuple(t.clone() for t in start)
+    s_tri = tuple(t.clone() for t in start)
+    want = ref_decode.mlstm_decode_mix(x, qkvo, gw, gb, s_ref, **kw)
+    _assert_close(tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, s_tri, **kw), want, "h")
+    for name, got, ref, old in zip("Cnm", s_tri, s_ref, start):
+        assert not torch.equal(ref, old), f"{name} was not updated in place"
+        _assert_close(got, ref, name)
+
+
+@needs_kernels
+def test_fused_decode_step_matches_model_step():
+    """A tiny xlstm_large decoding through the Triton fused step gives model.step's logits."""
+    from xlstm_model.config import ModelConfig
+    from xlstm_model.decode import StepDecoder, prefill
+    from xlstm_model.lm import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="xlstm_large", vocab_size=96, d_model=64, num_blocks=2,
+                                    num_heads=2)).to(DEVICE).eval()
+    for p in model.parameters():  # away from the small init, so every part of the block matters
+        p.data.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, 96, (2, 20), device=DEVICE)
+    with torch.no_grad():
+        _, state = prefill(model, ids)
+        _, ref_state = model.forward_with_state(ids)
+        with dispatch.use_backend("triton"):
+            decoder = StepDecoder(model, state, 2, use_fused=True, use_graph=False)
+            token = ids[:, -1]
+            for _ in range(3):
+                want, ref_state = model.step(token, ref_state)
+                _assert_close(decoder.step(token), want, "logits", tol=1e-4)
+                token = want.argmax(-1)

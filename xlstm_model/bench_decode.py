@@ -2,6 +2,7 @@
 
     python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
+    python -m xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
     python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
 
@@ -83,7 +84,7 @@ def print_profile(decoder, token, device, steps: int = 20) -> None:
 
 @torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
-                   rounds: int = 8, use_compile=None, profile: bool = False) -> list[dict]:
+                   rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None) -> list[dict]:
     """Prefill each context, then time greedy steps round-robin over the contexts (rounds x
     new_tokens/rounds steps each), so a noisy machine slows every context alike. The decoder's first
     logits are compared with the plain eager `model.step` on the same state (max_abs_diff)."""
@@ -101,7 +102,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         prefill_s = time.perf_counter() - t0
         expected, _ = model.step(token, [tuple(t.clone() for t in s) for s in state])
         t0 = time.perf_counter()
-        decoder = StepDecoder(model, state, 1, use_graph=use_graph, use_compile=use_compile)
+        decoder = StepDecoder(model, state, 1, use_graph=use_graph, use_compile=use_compile, use_fused=use_fused)
         got = decoder.step(token).float()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,7 +115,8 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
             token.item()
         rows.append({"ctx": ctx, "prefill_s": prefill_s, "setup_s": setup_s, "max_abs_diff": diff,
                      "same_argmax": same_argmax, "memory": memory_mb(device), "state_mb": state_mb(state),
-                     "graph": decoder.graph is not None, "compiled": decoder.compiled, "times": []})
+                     "graph": decoder.graph is not None, "compiled": decoder.compiled, "fused": decoder.fused,
+                     "times": []})
         decoders.append(decoder)
         tokens.append(token)
         del ids, logits
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true", help="eager steps (no CUDA graph)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the step (CUDA default: compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the step on CPU too")
+    p.add_argument("--fused", action="store_true", help="xlstm_large: the hand-fused step kernels (no compile)")
     p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     args = p.parse_args(argv)
 
@@ -172,18 +175,19 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"command: {shlex.join([sys.executable, '-m', 'xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
-    if compile_wanted(device, use_compile):
+    if compile_wanted(device, use_compile) and not args.fused:
         print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
               "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
           f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
     rows = bench_contexts(model, [int(c) for c in args.contexts.split(",")], args.new_tokens, device, use_graph,
-                          args.warmup, use_compile=use_compile, profile=args.profile)
+                          args.warmup, use_compile=use_compile, profile=args.profile,
+                          use_fused=True if args.fused else None)
     for r in rows:
         print(f"context {r['ctx']:>6}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
               f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
-              f"graph={r['graph']} compiled={r['compiled']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
+              f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
               f"same argmax {r['same_argmax']}",
               flush=True)
     if len(rows) > 1:

@@ -6,7 +6,9 @@ same kernels on the same shapes: exactly what a CUDA graph replays without the p
 overhead of Python. At batch 1 a step is hundreds of tiny kernels (norms, gates, the state update)
 around matrix-vector products, so on CUDA the step is first compiled with `torch.compile` (inductor
 fuses the elementwise work around the matmuls; the ops run through their pure-PyTorch reference so
-that inductor sees them) and the compiled step is then captured in the graph. `StepDecoder` keeps the
+that inductor sees them) and the compiled step is then captured in the graph. For xlstm_large a
+hand-fused step (five Triton kernels per block: kernels.decode_linear / mlstm_decode_mix) is there
+too, opt-in (XLP_DECODE_FUSED=1) until its GPU speed is measured. `StepDecoder` keeps the
 token, the state and the logits in fixed buffers; a step copies the token in, replays the graph (or,
 off CUDA, runs the same code eagerly) and the state is updated in place. On CPU, or with graphs off,
 the outputs are those of `model.step` exactly (the tests check this).
@@ -36,6 +38,18 @@ def graphs_wanted(device: torch.device, use_graph: Optional[bool]) -> bool:
     if use_graph is None:
         use_graph = os.environ.get("XLP_CUDA_GRAPH", "1") != "0"
     return bool(use_graph) and device.type == "cuda"
+
+
+def fused_wanted(model: LanguageModel, use_fused: Optional[bool]) -> bool:
+    """None (auto): on when XLP_DECODE_FUSED=1 and the model has a fused step (xlstm_large). Off by
+    default until its GPU speed is measured (the compiled step is the measured default)."""
+    if use_fused is None:
+        use_fused = os.environ.get("XLP_DECODE_FUSED", "0") == "1"
+    if use_fused and not model.has_fused_step:
+        if os.environ.get("XLP_DECODE_FUSED") == "1":
+            return False  # the environment asks for it where it applies; other models decode as before
+        raise ValueError(f"no fused decode step for arch {model.config.arch!r} (only xlstm_large has one)")
+    return bool(use_fused)
 
 
 def compile_wanted(device: torch.device, use_compile: Optional[bool]) -> bool:
@@ -126,8 +140,9 @@ class StepDecoder:
     that the next step overwrites). Build it from the state after the prompt."""
 
     def __init__(self, model: LanguageModel, state: Any, batch_size: int, *, use_graph: Optional[bool] = None,
-                 use_compile: Optional[bool] = None, warmup: int = 2):
+                 use_compile: Optional[bool] = None, use_fused: Optional[bool] = None, warmup: int = 2):
         self.model = model
+        self.compiled = self.fused = False
         device = next(model.parameters()).device
         leaves, self._spec = tree_flatten(state)
         self.static = model.config.arch != "llama" and all(isinstance(t, Tensor) for t in leaves) and bool(leaves)
@@ -146,12 +161,15 @@ class StepDecoder:
         # keep the step's dtypes (e.g. fp32 cell states), so a replay never changes a buffer's type
         self.buffers = [b.to(p.dtype) for b, p in zip(self.buffers, probe_leaves)]
         self.logits: Optional[Tensor] = None
-        self.compiled = compile_wanted(device, use_compile)
+        self.fused = fused_wanted(model, use_fused)  # hand-fused kernels: no compile needed
+        self.compiled = not self.fused and compile_wanted(device, use_compile)
         if graphs_wanted(device, use_graph):
             self._capture(warmup)
 
     def _run(self) -> Tensor:
         state = tree_unflatten(self.buffers, self._spec)
+        if self.fused:
+            return self.model.step_fused(self.token, state)
         if not self.compiled:
             return step_in_place(self.model, self.token, state)
         # Inductor fuses the reference ops; it would only see our Triton kernels as opaque calls.
@@ -198,6 +216,7 @@ def generate_stream(
     generator: Optional[torch.Generator] = None,
     use_graph: Optional[bool] = None,
     use_compile: Optional[bool] = None,
+    use_fused: Optional[bool] = None,
 ) -> Iterator[Tensor]:
     """Yield the sampled tokens (B,) one step at a time (stops after max_new_tokens, or when every row
     has emitted `eos`). Same sampling as `LanguageModel.generate`."""
@@ -207,6 +226,7 @@ def generate_stream(
     # decoder's pace; a one-token request needs none.
     decoder = None
     if max_new_tokens > 1:
-        decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile)
+        decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile,
+                              use_fused=use_fused)
     yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, eos=eos, generator=generator)

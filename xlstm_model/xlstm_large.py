@@ -79,3 +79,18 @@ class XLSTMLargeBlock(nn.Module):
         q, k, v, i, f, o = self._mix_in(x[:, None])
         h, state = kernels.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], state)
         return self._mix_out(x[:, None], h[:, None], o)[:, 0], state
+
+    def step_fused(self, x: Tensor, state: Any) -> Tensor:
+        """`step` as five fused kernels (the same equations): x (B, D) -> the block's output; the
+        state (C, n, m), contiguous float32, is updated in place."""
+        h = kernels.mlstm_decode_mix(
+            x, kernels.decode_linear(x, self.qkvo.weight, norm_weight=self.norm.weight, norm_eps=self.norm.eps),
+            self.if_gates.weight, self.if_gates.bias, state,
+            num_heads=self.num_heads, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
+            gate_soft_cap=self.cfg.resolved_gate_soft_cap, head_norm_weight=self.head_norm.weight,
+            head_norm_eps=self.head_norm.eps, head_norm=self.head_norm.kind,
+        )
+        x = kernels.decode_linear(h, self.out.weight, residual=x)
+        a = kernels.decode_linear(x, self.ffn.gate_up.weight, norm_weight=self.ffn_norm.weight,
+                                  norm_eps=self.ffn_norm.eps, glu=True)  # SwiGLU
+        return kernels.decode_linear(a, self.ffn.down.weight, residual=x)

@@ -70,5 +70,20 @@ cc = dict(BV=4096, HAS_CAP=True, GRAD=True)
 comp(CE._ce_kernel, sig2(CE._ce_kernel, {"LOGITS":dt,"TGT":"i64"}, {"V":"i32","stride":"i32","ignore_index":"i32","inv_count":"fp32","soft_cap":"fp32"}, cc), cc, "ce")
 comp(M._step_kernel, sig2(M._step_kernel, {"Q":dt,"K":dt,"V":dt,"H":dt}, {"scale":"fp32"}, dict(DQK=128,DV=256,BK=64,BV=64)), dict(DQK=128,DV=256,BK=64,BV=64), "step")
 comp(M._bwd_prep_kernel, sig2(M._bwd_prep_kernel, {"H":dt,"DH":dt}, {"S_P":"i32"}, dict(DV=256,BT=64,BV=64)), dict(DV=256,BT=64,BV=64), "bwd_prep")
+import kernels.triton.decode as DEC
+lin = DEC._linear_kernel.fn  # under triton.autotune: the jit function itself
+lp = {"X":dt,"W":dt,"G":dt,"BIAS":dt,"R":dt,"Y":dt}
+li = {"N_OUT":"i32","K":"i32","eps":"fp32","cap":"fp32"}
+for cfg in DEC._LINEAR_CONFIGS:
+    for feats in (dict(NORM=True, HAS_BIAS=False, GLU=False, CAP=False, RES=False),
+                  dict(NORM=False, HAS_BIAS=False, GLU=False, CAP=False, RES=True),
+                  dict(NORM=True, HAS_BIAS=True, GLU=True, CAP=True, RES=True)):
+        cl = dict(feats, **cfg.kwargs)
+        comp(lin, sig2(lin, lp, li, cl), cl, f"decode_linear {cfg.kwargs} {feats}", {"num_warps": cfg.num_warps})
+mp = {"X":dt,"QKVO":dt,"GW":dt,"GB":dt,"NW":dt,"HW":dt,"OUT":dt}
+mi = {"D":"i32","norm_eps":"fp32","head_eps":"fp32","cap":"fp32","qk_scale":"fp32"}
+for ln in (True, False):
+    cm = dict(NH=4, DQK=128, DV=256, DQK_P=128, DV_P=256, BD=1024, BK=16, CAP=True, LN=ln)
+    comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm, f"mlstm_decode_mix LN={ln}")
 print("aot_check:", "ALL OK" if not failed else f"{failed} FAILED")
 sys.exit(1 if failed else 0)

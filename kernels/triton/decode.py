@@ -1,0 +1,232 @@
+"""Fused one-token decode kernels (no autograd): `decode_linear` and `mlstm_decode_mix`, same
+arguments and results as kernels/reference/decode.py.
+
+At batch 1 a step is bound by reading the weights once and by how many kernels it takes, not by
+arithmetic. `decode_linear` is a matrix-vector product in which every program streams BN whole rows
+of the weight (full K, fp32 accumulation) and does the rest itself: the RMSNorm of its input
+(recomputed per program: K values, cheaper than a kernel of its own), bias, SwiGLU (a program owns
+gate row j and up row j + N/2), soft cap and residual. `mlstm_decode_mix` is one program per
+(row, head): the two gate dot products from the normed input, the stabilised state update in place
+(C in BK-row slices), the read-out, the per-head norm and the output gate.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.triton._common import check_device
+
+# (BN rows per program, BK columns per load, warps): a small grid of choices, picked per (N, K) by
+# triton.autotune on first use (before any CUDA-graph capture).
+_LINEAR_CONFIGS = [
+    triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+    for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4))
+]
+
+
+def _configs(interpreting: bool):
+    return _LINEAR_CONFIGS[1:2] if interpreting else _LINEAR_CONFIGS
+
+
+def _interp() -> bool:
+    from kernels.triton._common import interpreting
+
+    return interpreting()
+
+
+@triton.jit
+def _rstd(X, K, eps, BK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row X[0:K]."""
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += x * x
+    return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+
+
+@triton.autotune(configs=_configs(_interp()), key=["N_OUT", "K", "GLU", "NORM"])
+@triton.jit
+def _linear_kernel(
+    X, W, G, BIAS, R, Y, N_OUT, K, eps, cap,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, CAP: tl.constexpr, RES: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    X += row * K
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N_OUT
+    if NORM:  # this program's own copy of the input's RMSNorm statistic
+        scale = _rstd(X, K, eps, BK)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    acc_up = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        if NORM:
+            x = x * scale * tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+        wmask = rmask[:, None] & cmask[None, :]
+        w = tl.load(W + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+        if GLU:  # the up row that pairs with gate row `rows` sits N_OUT rows further down
+            wu = tl.load(W + (rows[:, None] + N_OUT) * K + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_up += tl.sum(wu * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
+        if GLU:
+            acc_up += tl.load(BIAS + N_OUT + rows, mask=rmask, other=0.0).to(tl.float32)
+    y = acc
+    if GLU:
+        y = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
+    if CAP:
+        y = cap * (2.0 / (1.0 + tl.exp(-2.0 * y / cap)) - 1.0)  # cap * tanh(y / cap)
+    if RES:
+        y += tl.load(R + row * N_OUT + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rmask)
+
+
+def decode_linear(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    norm_eps: float = 1e-6,
+    bias: Optional[Tensor] = None,
+    glu: bool = False,
+    soft_cap: float = 0.0,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Fused matrix-vector product; see kernels.reference.decode.decode_linear."""
+    check_device(x, weight)
+    B, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"decode_linear: x has {K} features but weight is {tuple(weight.shape)}")
+    if glu and N % 2:
+        raise ValueError(f"decode_linear: glu needs an even number of weight rows, got {N}")
+    n_out = N // 2 if glu else N
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty(B, n_out, dtype=x.dtype, device=x.device)
+    res = residual.contiguous() if residual is not None else y
+    if residual is not None and tuple(res.shape) != (B, n_out):
+        raise ValueError(f"decode_linear: residual {tuple(res.shape)} does not match the output {(B, n_out)}")
+    def grid(meta):
+        return (triton.cdiv(n_out, meta["BN"]), B)
+
+    _linear_kernel[grid](
+        x, weight, norm_weight if norm_weight is not None else x, bias if bias is not None else x, res, y,
+        n_out, K, float(norm_eps), float(soft_cap or 1.0),
+        NORM=norm_weight is not None, HAS_BIAS=bias is not None, GLU=bool(glu), CAP=bool(soft_cap),
+        RES=residual is not None,
+    )
+    return y
+
+
+@triton.jit
+def _mix_kernel(
+    X, QKVO, GW, GB, NW, HW, C, N_, M, OUT,
+    D, norm_eps, head_eps, cap, qk_scale,
+    NH: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+    BD: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr, LN: tl.constexpr,
+):
+    pid = tl.program_id(0)  # = row * NH + head
+    row = pid // NH
+    head = pid % NH
+    X += row * D
+    # gates: [i~ | f~] = soft_cap(RMSNorm(x) . w + b) for this head
+    rstd = _rstd(X, D, norm_eps, BD)
+    acc_i = tl.zeros([BD], dtype=tl.float32)
+    acc_f = tl.zeros([BD], dtype=tl.float32)
+    for k0 in range(0, D, BD):
+        cols = k0 + tl.arange(0, BD)
+        cmask = cols < D
+        xn = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
+        xn *= tl.load(NW + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_i += xn * tl.load(GW + head * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_f += xn * tl.load(GW + (NH + head) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    i = tl.sum(acc_i, axis=0) + tl.load(GB + head).to(tl.float32)
+    f = tl.sum(acc_f, axis=0) + tl.load(GB + NH + head).to(tl.float32)
+    if CAP:
+        i = cap * (2.0 / (1.0 + tl.exp(-2.0 * i / cap)) - 1.0)
+        f = cap * (2.0 / (1.0 + tl.exp(-2.0 * f / cap)) - 1.0)
+    # stabilised gates, xLSTM eqs. (15)-(17); logsigmoid(f) = min(f, 0) - log(1 + exp(-|f|))
+    log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
+    m_prev = tl.load(M + pid)
+    m_new = tl.maximum(log_f + m_prev, i)
+    f_s = tl.exp(log_f + m_prev - m_new)
+    i_s = tl.exp(i - m_new)
+    base = QKVO + row * (2 * NH * DQK + 2 * NH * DV)
+    offs_v = tl.arange(0, DV_P)
+    vmask = offs_v < DV
+    v = tl.load(base + 2 * NH * DQK + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
+    o = tl.load(base + 2 * NH * DQK + NH * DV + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
+    num = tl.zeros([DV_P], dtype=tl.float32)
+    den = tl.zeros([BK], dtype=tl.float32)
+    C += pid * DQK * DV
+    N_ += pid * DQK
+    for k0 in range(0, DQK_P, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < DQK
+        q = tl.load(base + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32)
+        k = tl.load(base + NH * DQK + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32) * qk_scale
+        cmask = kmask[:, None] & vmask[None, :]
+        c_ptrs = C + offs_k[:, None] * DV + offs_v[None, :]
+        c = f_s * tl.load(c_ptrs, mask=cmask, other=0.0) + i_s * (k[:, None] * v[None, :])  # eq. (19)
+        tl.store(c_ptrs, c, mask=cmask)
+        nn = f_s * tl.load(N_ + offs_k, mask=kmask, other=0.0) + i_s * k  # eq. (20)
+        tl.store(N_ + offs_k, nn, mask=kmask)
+        num += tl.sum(q[:, None] * c, axis=0)
+        den += q * nn
+    d = tl.sum(den, axis=0)
+    h = num / tl.maximum(tl.abs(d), tl.exp(-m_new))  # eq. (21)
+    if LN:
+        mu = tl.sum(tl.where(vmask, h, 0.0), axis=0) / DV
+        h = tl.where(vmask, h - mu, 0.0)
+    h = h / tl.sqrt(tl.sum(h * h, axis=0) / DV + head_eps)
+    w = tl.load(HW + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
+    out = h * w / (1.0 + tl.exp(-o))  # sigmoid output gate
+    tl.store(OUT + row * NH * DV + head * DV + offs_v, out.to(OUT.dtype.element_ty), mask=vmask)
+    tl.store(M + pid, m_new)
+
+
+def mlstm_decode_mix(
+    x: Tensor,
+    qkvo: Tensor,
+    gate_weight: Tensor,
+    gate_bias: Tensor,
+    state,
+    *,
+    num_heads: int,
+    norm_weight: Tensor,
+    norm_eps: float,
+    gate_soft_cap: float,
+    head_norm_weight: Tensor,
+    head_norm_eps: float,
+    head_norm: str = "layer",
+) -> Tensor:
+    """One-token mLSTM cell of an xLSTM-large block; see kernels.reference.decode.mlstm_decode_mix."""
+    C, n, m = state
+    check_device(x, qkvo, C)
+    B, D = x.shape
+    NH = num_heads
+    dqk, dv = C.shape[-2], C.shape[-1]
+    if C.dtype != torch.float32 or not (C.is_contiguous() and n.is_contiguous() and m.is_contiguous()):
+        raise ValueError("mlstm_decode_mix: the state (C, n, m) must be contiguous float32 (it is updated in place)")
+    if tuple(qkvo.shape) != (B, 2 * NH * (dqk + dv)):
+        raise ValueError(f"mlstm_decode_mix: qkvo {tuple(qkvo.shape)} does not match {NH} heads of "
+                         f"dqk={dqk}, dv={dv} (expected {(B, 2 * NH * (dqk + dv))})")
+    out = torch.empty(B, NH * dv, dtype=x.dtype, device=x.device)
+    _mix_kernel[(B * NH,)](
+        x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
+        head_norm_weight, C, n, m, out, D, float(norm_eps), float(head_norm_eps), float(gate_soft_cap or 1.0), dqk**-0.5,
+        NH=NH, DQK=dqk, DV=dv, DQK_P=triton.next_power_of_2(dqk), DV_P=triton.next_power_of_2(dv),
+        BD=min(triton.next_power_of_2(D), 1024), BK=min(16, triton.next_power_of_2(dqk)),
+        CAP=bool(gate_soft_cap), LN=head_norm != "rms", num_warps=4,
+    )
+    return out
