@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 import shutil
+import _thread
+import ctypes
 import signal
 import socket
 import sys
@@ -41,6 +43,7 @@ from pipeline.stage import (
 
 LOG_NAME = "stage.log"
 TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
+STOP_REQUESTED = ".stop-requested"  # written by the driver to ask the stage's task to wind down
 HEARTBEAT_S = 10.0
 # A marker that says "running" but has not been refreshed for this long belongs to a dead run.
 STALE_HEARTBEAT_S = 60.0
@@ -283,6 +286,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
 
     ended_marker = stage_dir / TASK_ENDED
     ended_marker.unlink(missing_ok=True)
+    (stage_dir / STOP_REQUESTED).unlink(missing_ok=True)
     task = _remote_stage().remote(stage, cfg, str(run_dir), fp, resumed, str(log_path))
     tail = _LogTail(log_path, out)
     try:
@@ -301,11 +305,11 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
     except KeyboardInterrupt:  # Stopped (SIGTERM or a first Ctrl-C), or a second Ctrl-C
         why = _stop_requests.pending() or "Ctrl-C"
         print(f"! {stage.name}: {why}: stopping the stage (up to {STOP_GRACE_S:.0f}s to wind down)", file=out, flush=True)
-        # A plain cancel raises KeyboardInterrupt inside the stage, which can save its state
-        # (the train stage checkpoints); only if it does not end in time is it killed.
-        # Ray reports a cancelled task at once, while it may still be winding down: wait for the
-        # task's own end marker instead.
-        ray.cancel(task)
+        # The task raises KeyboardInterrupt inside the stage when it sees the request file, so the
+        # stage can save its state (the train stage checkpoints); only if it does not end in time
+        # is it killed. (Not ray.cancel: under load its interrupt was seen to get lost, and a
+        # second one could cut a checkpoint short.) Wait for the task's own end marker.
+        (stage_dir / STOP_REQUESTED).touch()
         deadline = time.time() + STOP_GRACE_S
         while not ended_marker.exists() and time.time() < deadline:
             time.sleep(0.5)
@@ -402,6 +406,7 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
     ctx = StageContext(
         name=stage.name, cfg=cfg, run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
     )
+    watcher = _StopWatcher(Path(log_path).with_name(STOP_REQUESTED))
     try:
         with _output_to(Path(log_path)):
             try:
@@ -410,7 +415,36 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
                 traceback.print_exc()
                 raise
     finally:
-        Path(log_path).with_name(TASK_ENDED).touch()
+        try:
+            watcher.close()
+        finally:
+            Path(log_path).with_name(TASK_ENDED).touch()
+
+
+class _StopWatcher:
+    """Raises KeyboardInterrupt once in the thread that runs the stage when the driver's stop-request
+    file appears (as Ctrl-C would: signal handlers the stage installed see it as SIGINT)."""
+
+    def __init__(self, path: Path, poll_s: float = 0.2):
+        self.path, self.poll_s = path, poll_s
+        self.target = threading.current_thread()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="xlp-stop-watcher", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.closed.wait(self.poll_s):
+            if self.path.exists():
+                if self.target is threading.main_thread():
+                    _thread.interrupt_main()
+                else:  # not the main thread: no signal reaches it; an asynchronous exception does
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target.ident),
+                                                               ctypes.py_object(KeyboardInterrupt))
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
 
 
 @functools.cache
