@@ -215,17 +215,27 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
 
 
 # ------------------------------------------------------------------------------ step decoder
+def _tiny_model_after_prompt(arch: str, perturb: bool = False, **overrides):
+    """A 2-block model of `arch`, a random prompt (2, 37) and the state after it (read in segments)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
+                      slstm_at=[1] if arch == "xlstm" else [], **overrides)
+    model = build_model(cfg).eval()
+    if perturb:  # away from the small init, so every part of a block matters
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, 128, (2, 37))
+    with torch.no_grad():
+        _, state = prefill(model, ids, segment=16)
+    return model, ids, state
+
+
 @pytest.mark.parametrize("arch", ["xlstm_large", "xlstm", "llama"])
 def test_step_decoder_equals_model_step(arch):
     """The preallocated-state decoder (graph path off on CPU) gives model.step's logits exactly, and
     generate_stream greedy equals LanguageModel.generate greedy."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
-                      slstm_at=[1] if arch == "xlstm" else [])
-    model = build_model(cfg).eval()
-    ids = torch.randint(0, 128, (2, 37))
+    model, ids, state = _tiny_model_after_prompt(arch)
     with torch.no_grad():
-        _, state = prefill(model, ids, segment=16)
         _, ref_state = model.forward_with_state(ids)
         dec = StepDecoder(model, state, 2, use_graph=True)  # CPU: graphs requested but not used
         assert dec.graph is None and dec.static == (arch != "llama")
@@ -251,17 +261,12 @@ def test_bench_decode_runs_on_cpu():
 @pytest.mark.parametrize("arch", ["xlstm_large", "xlstm"])
 def test_compiled_step_decoder_matches_model_step(arch):
     """The torch.compile'd step (the GPU default; here inductor's CPU backend, same trace: the ops through
-    their reference, matrix-vector products as reductions) gives model.step's logits and state, and a
+    their reference, matrix-vector products as reductions) gives model.step's logits, and a
     second decoder on the same model reuses the compiled graph instead of compiling again."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
-                      slstm_at=[1] if arch == "xlstm" else [])
-    model = build_model(cfg).eval()
-    ids = torch.randint(0, 128, (2, 37))
+    model, ids, state = _tiny_model_after_prompt(arch)
     with torch.no_grad():
-        _, state = prefill(model, ids, segment=16)
         _, ref_state = model.forward_with_state(ids)
         dec = StepDecoder(model, state, 2, use_compile=True)
         assert dec.compiled and dec.graph is None
@@ -281,15 +286,8 @@ def test_compiled_step_decoder_matches_model_step(arch):
 def test_fused_step_reference_matches_model_step(head_norm):
     """The fused decode step (kernels.decode_linear / mlstm_decode_mix, reference backend on CPU) is
     the same computation as model.step, state included; other architectures say they have none."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="xlstm_large", vocab_size=128, d_model=64, num_blocks=2, num_heads=4,
-                      head_norm=head_norm)
-    model = build_model(cfg).eval()
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p) * 0.1)
-    ids = torch.randint(0, 128, (2, 37))
+    model, ids, state = _tiny_model_after_prompt("xlstm_large", perturb=True, head_norm=head_norm)
     with torch.no_grad():
-        _, state = prefill(model, ids, segment=16)
         dec = StepDecoder(model, state, 2, use_fused=True)
         assert dec.fused and not dec.compiled
         token = ids[:, -1]

@@ -10,8 +10,9 @@ that inductor sees them) and the compiled step is then captured in the graph. Fo
 hand-fused step (five Triton kernels per block: kernels.decode_linear / mlstm_decode_mix) is there
 too, opt-in (XLP_DECODE_FUSED=1) until its GPU speed is measured. `StepDecoder` keeps the
 token, the state and the logits in fixed buffers; a step copies the token in, replays the graph (or,
-off CUDA, runs the same code eagerly) and the state is updated in place. On CPU, or with graphs off,
-the outputs are those of `model.step` exactly (the tests check this).
+off CUDA, runs the same code eagerly) and the state is updated in place. Uncompiled and unfused (the
+CPU default) the outputs are those of `model.step` exactly; compiled or fused, equal to rounding
+(the tests check both).
 
 Architectures whose state grows (the Llama baseline's KV cache) fall back to the plain eager step.
 """
@@ -24,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-
-import kernels
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+import kernels
 from xlstm_model.lm import LanguageModel, sample_tokens
 
 PREFILL_SEGMENT = 2048  # prompt tokens per forward pass (bounds the (B, S, V) logits of a long prompt)
