@@ -428,6 +428,12 @@ class _StopWatcher:
     def __init__(self, path: Path, poll_s: float = 0.2):
         self.path, self.poll_s = path, poll_s
         self.target = threading.current_thread()
+        self.previous_sigint = None
+        if self.target is threading.main_thread() and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN,
+                                                                                           signal.SIG_DFL, None):
+            # A process started in the background (`nohup xlp run ... &`, a CI job) inherits SIGINT
+            # ignored, and then interrupt_main (like Ray's own cancel) does nothing.
+            self.previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="xlp-stop-watcher", daemon=True)
         self.thread.start()
@@ -435,6 +441,8 @@ class _StopWatcher:
     def _watch(self) -> None:
         while not self.closed.wait(self.poll_s):
             if self.path.exists():
+                print(f"[xlp] stop requested: interrupting the stage (thread {self.target.name}, "
+                      f"SIGINT handler {signal.getsignal(signal.SIGINT)!r})", file=sys.stderr, flush=True)
                 if self.target is threading.main_thread():
                     _thread.interrupt_main()
                 else:  # not the main thread: no signal reaches it; an asynchronous exception does
@@ -445,6 +453,8 @@ class _StopWatcher:
     def close(self) -> None:
         self.closed.set()
         self.thread.join()
+        if self.previous_sigint is not None:
+            signal.signal(signal.SIGINT, self.previous_sigint)
 
 
 @functools.cache
