@@ -307,8 +307,9 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         print(f"! {stage.name}: {why}: stopping the stage (up to {STOP_GRACE_S:.0f}s to wind down)", file=out, flush=True)
         # The task raises KeyboardInterrupt inside the stage when it sees the request file, so the
         # stage can save its state (the train stage checkpoints); only if it does not end in time
-        # is it killed. (Not ray.cancel: under load its interrupt was seen to get lost, and a
-        # second one could cut a checkpoint short.) Wait for the task's own end marker.
+        # is it killed. (Not ray.cancel: its interrupt does nothing in a worker that inherited
+        # SIGINT ignored, e.g. under `nohup ... &`; the task's watcher handles that.) Wait for the
+        # task's own end marker.
         (stage_dir / STOP_REQUESTED).touch()
         deadline = time.time() + STOP_GRACE_S
         while not ended_marker.exists() and time.time() < deadline:
