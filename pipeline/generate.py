@@ -43,7 +43,7 @@ def run(
 
     import tokenizer as tk
     from pipeline.export import find_model, load_any
-    from xlstm_model.decode import compile_wanted, generate_stream
+    from xlstm_model.decode import generate_stream, step_compiles
 
     dev = pick_device(device)
     model_dir, tok_path = find_model(Path(source))
@@ -59,7 +59,7 @@ def run(
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed if seed is not None else int(time.time_ns() % (2**31)))
 
-    if compile_wanted(torch.device(dev), use_compile) and model.config.arch != "llama":
+    if step_compiles(model, torch.device(dev), use_compile, use_fused=None):
         print("[compiling the decode step: once per process, ~40 s on a GPU; --no-compile skips it]", file=err)
     t0 = time.perf_counter()
     new: list[int] = []

@@ -9,7 +9,6 @@ stay out of the user's way.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import logging
@@ -37,6 +36,7 @@ from pipeline.stage import (
     atomic_write_json,
     atomic_write_text,
     fingerprints,
+    output_to,
     read_stage_json,
     toposort,
 )
@@ -409,7 +409,7 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
     )
     watcher = _StopWatcher(Path(log_path).with_name(STOP_REQUESTED))
     try:
-        with _output_to(Path(log_path)):
+        with output_to(Path(log_path)):
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException:
@@ -466,21 +466,3 @@ def _remote_stage() -> Callable:
     return ray.remote(num_cpus=0, max_retries=0)(_execute_stage_impl)
 
 
-@contextlib.contextmanager
-def _output_to(path: Path):
-    """Send this process's stdout and stderr (file descriptors too, for subprocesses) to `path`."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)

@@ -7,15 +7,17 @@ so a killed stage never looks done.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -199,6 +201,27 @@ def read_stage_json(stage_dir: Path) -> dict:
         return json.loads((Path(stage_dir) / STAGE_JSON).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+@contextlib.contextmanager
+def output_to(path: Path, *, append: bool = True) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors too, for subprocesses) to `path`
+    (appended to, or truncated first), then restore them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
 
 
 def now() -> float:

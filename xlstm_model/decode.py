@@ -43,11 +43,9 @@ def graphs_wanted(device: torch.device, use_graph: Optional[bool]) -> bool:
 def fused_wanted(model: LanguageModel, use_fused: Optional[bool]) -> bool:
     """None (auto): on when XLP_DECODE_FUSED=1 and the model has a fused step (xlstm_large). Off by
     default until its GPU speed is measured (the compiled step is the measured default)."""
-    if use_fused is None:
-        use_fused = os.environ.get("XLP_DECODE_FUSED", "0") == "1"
+    if use_fused is None:  # the environment asks for it where it applies; other models decode as before
+        return os.environ.get("XLP_DECODE_FUSED", "0") == "1" and model.has_fused_step
     if use_fused and not model.has_fused_step:
-        if os.environ.get("XLP_DECODE_FUSED") == "1":
-            return False  # the environment asks for it where it applies; other models decode as before
         raise ValueError(f"no fused decode step for arch {model.config.arch!r} (only xlstm_large has one)")
     return bool(use_fused)
 
@@ -58,6 +56,19 @@ def compile_wanted(device: torch.device, use_compile: Optional[bool]) -> bool:
     if use_compile is None:
         return device.type == "cuda" and os.environ.get("XLP_DECODE_COMPILE", "1") != "0"
     return bool(use_compile)
+
+
+def has_static_state(model: LanguageModel) -> bool:
+    """Whether the step's state has a fixed size (recurrent), so it can live in preallocated buffers;
+    the Llama baseline's KV cache grows."""
+    return model.config.arch != "llama"
+
+
+def step_compiles(model: LanguageModel, device: torch.device, use_compile: Optional[bool],
+                  use_fused: Optional[bool]) -> bool:
+    """Whether a StepDecoder with these options compiles the step (a one-off cost before the first
+    decoded token)."""
+    return has_static_state(model) and not fused_wanted(model, use_fused) and compile_wanted(device, use_compile)
 
 
 @torch.no_grad()
@@ -145,7 +156,7 @@ class StepDecoder:
         self.compiled = self.fused = False
         device = next(model.parameters()).device
         leaves, self._spec = tree_flatten(state)
-        self.static = model.config.arch != "llama" and all(isinstance(t, Tensor) for t in leaves) and bool(leaves)
+        self.static = has_static_state(model) and all(isinstance(t, Tensor) for t in leaves) and bool(leaves)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
         if not self.static:  # growing state (KV cache): plain eager steps

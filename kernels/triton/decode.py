@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton._common import check_device
+from kernels.triton._common import check_device, interpreting
 
 # (BN rows per program, BK columns per load, warps): a small grid of choices, picked per (N, K) by
 # triton.autotune on first use (before any CUDA-graph capture).
@@ -26,16 +26,6 @@ _LINEAR_CONFIGS = [
     triton.Config({"BN": bn, "BK": bk}, num_warps=w)
     for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4))
 ]
-
-
-def _configs(interpreting: bool):
-    return _LINEAR_CONFIGS[1:2] if interpreting else _LINEAR_CONFIGS
-
-
-def _interp() -> bool:
-    from kernels.triton._common import interpreting
-
-    return interpreting()
 
 
 @triton.jit
@@ -49,7 +39,8 @@ def _rstd(X, K, eps, BK: tl.constexpr):
     return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
 
 
-@triton.autotune(configs=_configs(_interp()), key=["N_OUT", "K", "GLU", "NORM"])
+# the interpreter times nothing: one config there
+@triton.autotune(configs=_LINEAR_CONFIGS[1:2] if interpreting() else _LINEAR_CONFIGS, key=["N_OUT", "K", "GLU", "NORM"])
 @triton.jit
 def _linear_kernel(
     X, W, G, BIAS, R, Y, N_OUT, K, eps, cap,

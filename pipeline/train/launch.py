@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import IO, Optional
 
+from pipeline.stage import output_to
 from pipeline.train.dist import free_port
 from pipeline.train.main import EXIT_STOPPED
 
@@ -629,20 +630,9 @@ def _ray_rank(config: dict) -> None:
                 return
 
     threading.Thread(target=watch, daemon=True).start()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
     try:
-        args = {k: config[k] for k in ("run_dir", "config", "out_dir", "shard_dir") if config.get(k)}
-        train_main.ray_train_loop(args)
+        with output_to(log_path, append=False):
+            args = {k: config[k] for k in ("run_dir", "config", "out_dir", "shard_dir") if config.get(k)}
+            train_main.ray_train_loop(args)
     finally:
         finished.set()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
