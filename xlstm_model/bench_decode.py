@@ -3,6 +3,7 @@
     python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
+    XLP_DECODE_PDL=1 python -m xlstm_model.bench_decode --fused               # ... kernels overlapped (Hopper PDL)
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
     python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
 
@@ -178,6 +179,10 @@ def main(argv=None) -> int:
     if compile_wanted(device, use_compile) and not args.fused:
         print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
               "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
+    if args.fused and device.type == "cuda":
+        from kernels.triton.decode import pdl_wanted
+
+        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_wanted(device) else 'off'}")
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
           f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")

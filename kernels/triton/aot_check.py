@@ -75,15 +75,17 @@ lin = DEC._linear_kernel.fn  # under triton.autotune: the jit function itself
 lp = {"X":dt,"W":dt,"G":dt,"BIAS":dt,"R":dt,"Y":dt}
 li = {"N_OUT":"i32","K":"i32","eps":"fp32","cap":"fp32"}
 for cfg in DEC._LINEAR_CONFIGS:
-    for feats in (dict(NORM=True, HAS_BIAS=False, GLU=False, CAP=False, RES=False),
-                  dict(NORM=False, HAS_BIAS=False, GLU=False, CAP=False, RES=True),
-                  dict(NORM=True, HAS_BIAS=True, GLU=True, CAP=True, RES=True)):
+    for feats in (dict(NORM=True, HAS_BIAS=False, GLU=False, CAP=False, RES=False, PDL=False),
+                  dict(NORM=False, HAS_BIAS=False, GLU=False, CAP=False, RES=True, PDL=True),
+                  dict(NORM=True, HAS_BIAS=True, GLU=True, CAP=True, RES=True, PDL=True)):
         cl = dict(feats, **cfg.kwargs)
-        comp(lin, sig2(lin, lp, li, cl), cl, f"decode_linear {cfg.kwargs} {feats}", {"num_warps": cfg.num_warps})
+        comp(lin, sig2(lin, lp, li, cl), cl, f"decode_linear {cfg.kwargs} {feats}",
+             {"num_warps": cfg.num_warps, "launch_pdl": feats["PDL"]})
 mp = {"X":dt,"QKVO":dt,"GW":dt,"GB":dt,"NW":dt,"HW":dt,"OUT":dt}
 mi = {"D":"i32","norm_eps":"fp32","head_eps":"fp32","cap":"fp32","qk_scale":"fp32"}
-for ln in (True, False):
-    cm = dict(NH=4, DQK=128, DV=256, DQK_P=128, DV_P=256, BD=1024, BK=16, CAP=True, LN=ln)
-    comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm, f"mlstm_decode_mix LN={ln}")
+for ln, pdl in ((True, True), (False, False)):  # xlstm_large_400m's heads: dqk 128, dv 256
+    cm = dict(NH=4, DQK=128, DV=256, DQK_P=128, DV_P=256, BD=1024, BK=DEC.mix_tile_rows(128, 256), CAP=True, LN=ln, PDL=pdl)
+    comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm, f"mlstm_decode_mix LN={ln} PDL={pdl} BK={cm['BK']}",
+         {"num_warps": DEC._MIX_WARPS, "launch_pdl": pdl})
 print("aot_check:", "ALL OK" if not failed else f"{failed} FAILED")
 sys.exit(1 if failed else 0)

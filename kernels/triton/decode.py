@@ -3,14 +3,23 @@ arguments and results as kernels/reference/decode.py.
 
 At batch 1 a step is bound by reading the weights once and by how many kernels it takes, not by
 arithmetic. `decode_linear` is a matrix-vector product in which every program streams BN whole rows
-of the weight (full K, fp32 accumulation) and does the rest itself: the RMSNorm of its input
-(recomputed per program: K values, cheaper than a kernel of its own), bias, SwiGLU (a program owns
-gate row j and up row j + N/2), soft cap and residual. `mlstm_decode_mix` is one program per
+of the weight (full K, fp32 accumulation) and does the rest itself: the RMSNorm of its input (its
+1/rms is a scalar, so it factors out of the dot product: one pass over x), bias, SwiGLU (a program
+owns gate row j and up row j + N/2), soft cap and residual. `mlstm_decode_mix` is one program per
 (row, head): the two gate dot products from the normed input, the stabilised state update in place
-(C in BK-row slices), the read-out, the per-head norm and the output gate.
+(C in BK-row tiles), the read-out, the per-head norm and the output gate.
+
+Latency, not arithmetic, decides the speed of such small kernels, so both keep loads in flight:
+the next weight (or state) tile is requested before the current one is reduced, and the first
+tile, which does not depend on the previous kernel, is requested before anything that does. With
+programmatic dependent launch (PDL=True, Hopper and later: XLP_DECODE_PDL=1) a kernel is launched
+while its predecessor still runs; it streams its first weight tile, then waits (gdc_wait) for the
+predecessor's results before it reads its input.
 """
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Optional
 
 import torch
@@ -20,54 +29,90 @@ from torch import Tensor
 
 from kernels.triton._common import check_device, interpreting
 
-# (BN rows per program, BK columns per load, warps): a small grid of choices, picked per (N, K) by
-# triton.autotune on first use (before any CUDA-graph capture).
+try:  # grid dependency control (Triton >= 3.3); PDL is off where it is missing
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_wait = gdc_launch_dependents = None
+
+# (BN rows per program, BK columns per load, warps): picked per (N, K) by triton.autotune on first use
+# (before any CUDA-graph capture). Small BN with whole-K tiles gives many programs per SM, each with
+# a large load in flight; large BN fewer, longer programs.
 _LINEAR_CONFIGS = [
     triton.Config({"BN": bn, "BK": bk}, num_warps=w)
-    for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4))
+    for bn, bk, w in ((1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
+                      (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8))
 ]
+_INTERPRETER_CONFIG = 5  # (8, 256, 4): the interpreter times nothing, one config there
+_MIX_TILE = 8192  # C elements (fp32) per state tile of mlstm_decode_mix
+_MIX_WARPS = 8
+
+
+def pdl_wanted(device: torch.device) -> bool:
+    """XLP_DECODE_PDL=1 on a Hopper-or-later GPU with a Triton that has grid dependency control."""
+    if os.environ.get("XLP_DECODE_PDL", "0") != "1" or interpreting() or device.type != "cuda":
+        return False
+    return gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
-def _rstd(X, K, eps, BK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row X[0:K]."""
-    acc = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += x * x
-    return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+def _soft_cap(y, cap):
+    return cap * (2.0 / (1.0 + tl.exp(-2.0 * y / cap)) - 1.0)  # cap * tanh(y / cap)
 
 
-# the interpreter times nothing: one config there
-@triton.autotune(configs=_LINEAR_CONFIGS[1:2] if interpreting() else _LINEAR_CONFIGS, key=["N_OUT", "K", "GLU", "NORM"])
+# cache_results (Triton >= 3.2): the choice is kept on disk beside the compiled kernels, so only a
+# machine's first decoder pays for the tuning
+_AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+@triton.autotune(configs=[_LINEAR_CONFIGS[_INTERPRETER_CONFIG]] if interpreting() else _LINEAR_CONFIGS,
+                 key=["N_OUT", "K", "GLU", "NORM"], **_AUTOTUNE_CACHE)
 @triton.jit
 def _linear_kernel(
     X, W, G, BIAS, R, Y, N_OUT, K, eps, cap,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, CAP: tl.constexpr, RES: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    PDL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     X += row * K
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N_OUT
-    if NORM:  # this program's own copy of the input's RMSNorm statistic
-        scale = _rstd(X, K, eps, BK)
+    cols = tl.arange(0, BK)
+    w_ptrs = W + rows[:, None] * K + cols[None, :]
+    wmask = rmask[:, None] & (cols < K)[None, :]
+    # the weights are not the previous kernel's output: start streaming them before waiting for it
+    w = tl.load(w_ptrs, mask=wmask, other=0.0)
+    wu = w
+    if GLU:  # the up row that pairs with gate row `rows` sits N_OUT rows further down
+        wu = tl.load(w_ptrs + N_OUT * K, mask=wmask, other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros([BN], dtype=tl.float32)
     acc_up = tl.zeros([BN], dtype=tl.float32)
+    sum_sq = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
-        if NORM:
-            x = x * scale * tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
-        wmask = rmask[:, None] & cmask[None, :]
-        w = tl.load(W + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)
-        if GLU:  # the up row that pairs with gate row `rows` sits N_OUT rows further down
-            wu = tl.load(W + (rows[:, None] + N_OUT) * K + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_up += tl.sum(wu * x[None, :], axis=1)
+        c = k0 + cols
+        cmask = c < K
+        x = tl.load(X + c, mask=cmask, other=0.0).to(tl.float32)
+        # the next tile is in flight while this one is reduced (fully masked past K: no traffic)
+        nmask = rmask[:, None] & (c + BK < K)[None, :]
+        w_next = tl.load(w_ptrs + k0 + BK, mask=nmask, other=0.0)
+        wu_next = w_next
+        if GLU:
+            wu_next = tl.load(w_ptrs + N_OUT * K + k0 + BK, mask=nmask, other=0.0)
+        if NORM:  # RMSNorm(x) . w = (1/rms) * ((g * x) . w): the statistic is applied after the loop
+            sum_sq += x * x
+            x = x * tl.load(G + c, mask=cmask, other=0.0).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if GLU:
+            acc_up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+        w = w_next
+        wu = wu_next
+    if NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
+        acc = acc * inv_rms
+        acc_up = acc_up * inv_rms
     if HAS_BIAS:
         acc += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
         if GLU:
@@ -76,7 +121,7 @@ def _linear_kernel(
     if GLU:
         y = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
     if CAP:
-        y = cap * (2.0 / (1.0 + tl.exp(-2.0 * y / cap)) - 1.0)  # cap * tanh(y / cap)
+        y = _soft_cap(y, cap)
     if RES:
         y += tl.load(R + row * N_OUT + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(Y + row * N_OUT + rows, y.to(Y.dtype.element_ty), mask=rmask)
@@ -114,9 +159,14 @@ def decode_linear(
         x, weight, norm_weight if norm_weight is not None else x, bias if bias is not None else x, res, y,
         n_out, K, float(norm_eps), float(soft_cap or 1.0),
         NORM=norm_weight is not None, HAS_BIAS=bias is not None, GLU=bool(glu), CAP=bool(soft_cap),
-        RES=residual is not None,
+        RES=residual is not None, **_pdl_args(x.device),
     )
     return y
+
+
+def _pdl_args(device: torch.device) -> dict:
+    pdl = pdl_wanted(device)
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 @triton.jit
@@ -124,56 +174,68 @@ def _mix_kernel(
     X, QKVO, GW, GB, NW, HW, C, N_, M, OUT,
     D, norm_eps, head_eps, cap, qk_scale,
     NH: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
-    BD: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr, LN: tl.constexpr,
+    BD: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)  # = row * NH + head
     row = pid // NH
     head = pid % NH
     X += row * D
-    # gates: [i~ | f~] = soft_cap(RMSNorm(x) . w + b) for this head
-    rstd = _rstd(X, D, norm_eps, BD)
+    C += pid * DQK * DV
+    N_ += pid * DQK
+    offs_v = tl.arange(0, DV_P)
+    vmask = offs_v < DV
+    offs_t = tl.arange(0, BK)
+    c_ptrs = C + offs_t[:, None] * DV + offs_v[None, :]
+    # The state was last written by this block's previous step and the gate weights never change:
+    # request them (the first C tile, the largest load) before waiting for this step's inputs.
+    c = tl.load(c_ptrs, mask=(offs_t < DQK)[:, None] & vmask[None, :], other=0.0)
+    m_prev = tl.load(M + pid)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    # gates: [i~ | f~] = soft_cap(RMSNorm(x) . w + b) for this head; 1/rms applied after the sums
     acc_i = tl.zeros([BD], dtype=tl.float32)
     acc_f = tl.zeros([BD], dtype=tl.float32)
+    sum_sq = tl.zeros([BD], dtype=tl.float32)
     for k0 in range(0, D, BD):
         cols = k0 + tl.arange(0, BD)
         cmask = cols < D
-        xn = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
-        xn *= tl.load(NW + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_i += xn * tl.load(GW + head * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_f += xn * tl.load(GW + (NH + head) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    i = tl.sum(acc_i, axis=0) + tl.load(GB + head).to(tl.float32)
-    f = tl.sum(acc_f, axis=0) + tl.load(GB + NH + head).to(tl.float32)
+        x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        sum_sq += x * x
+        xg = x * tl.load(NW + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_i += xg * tl.load(GW + head * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_f += xg * tl.load(GW + (NH + head) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / D + norm_eps)
+    i = tl.sum(acc_i, axis=0) * inv_rms + tl.load(GB + head).to(tl.float32)
+    f = tl.sum(acc_f, axis=0) * inv_rms + tl.load(GB + NH + head).to(tl.float32)
     if CAP:
-        i = cap * (2.0 / (1.0 + tl.exp(-2.0 * i / cap)) - 1.0)
-        f = cap * (2.0 / (1.0 + tl.exp(-2.0 * f / cap)) - 1.0)
+        i = _soft_cap(i, cap)
+        f = _soft_cap(f, cap)
     # stabilised gates, xLSTM eqs. (15)-(17); logsigmoid(f) = min(f, 0) - log(1 + exp(-|f|))
     log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))
-    m_prev = tl.load(M + pid)
     m_new = tl.maximum(log_f + m_prev, i)
     f_s = tl.exp(log_f + m_prev - m_new)
     i_s = tl.exp(i - m_new)
     base = QKVO + row * (2 * NH * DQK + 2 * NH * DV)
-    offs_v = tl.arange(0, DV_P)
-    vmask = offs_v < DV
     v = tl.load(base + 2 * NH * DQK + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
     o = tl.load(base + 2 * NH * DQK + NH * DV + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
     num = tl.zeros([DV_P], dtype=tl.float32)
     den = tl.zeros([BK], dtype=tl.float32)
-    C += pid * DQK * DV
-    N_ += pid * DQK
     for k0 in range(0, DQK_P, BK):
-        offs_k = k0 + tl.arange(0, BK)
+        offs_k = k0 + offs_t
         kmask = offs_k < DQK
+        cmask = kmask[:, None] & vmask[None, :]
+        # next state tile in flight while this one is updated (fully masked past DQK: no traffic)
+        c_next = tl.load(c_ptrs + (k0 + BK) * DV, mask=((offs_k + BK) < DQK)[:, None] & vmask[None, :], other=0.0)
         q = tl.load(base + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32)
         k = tl.load(base + NH * DQK + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32) * qk_scale
-        cmask = kmask[:, None] & vmask[None, :]
-        c_ptrs = C + offs_k[:, None] * DV + offs_v[None, :]
-        c = f_s * tl.load(c_ptrs, mask=cmask, other=0.0) + i_s * (k[:, None] * v[None, :])  # eq. (19)
-        tl.store(c_ptrs, c, mask=cmask)
+        c = f_s * c + i_s * (k[:, None] * v[None, :])  # eq. (19)
+        tl.store(c_ptrs + k0 * DV, c, mask=cmask)
         nn = f_s * tl.load(N_ + offs_k, mask=kmask, other=0.0) + i_s * k  # eq. (20)
         tl.store(N_ + offs_k, nn, mask=kmask)
         num += tl.sum(q[:, None] * c, axis=0)
         den += q * nn
+        c = c_next
     d = tl.sum(den, axis=0)
     h = num / tl.maximum(tl.abs(d), tl.exp(-m_new))  # eq. (21)
     if LN:
@@ -184,6 +246,11 @@ def _mix_kernel(
     out = h * w / (1.0 + tl.exp(-o))  # sigmoid output gate
     tl.store(OUT + row * NH * DV + head * DV + offs_v, out.to(OUT.dtype.element_ty), mask=vmask)
     tl.store(M + pid, m_new)
+
+
+def mix_tile_rows(dqk: int, dv: int) -> int:
+    """Rows of C per state tile: as many as fit _MIX_TILE elements (a head's whole C when it fits)."""
+    return max(1, min(triton.next_power_of_2(dqk), _MIX_TILE // triton.next_power_of_2(dv)))
 
 
 def mlstm_decode_mix(
@@ -217,7 +284,7 @@ def mlstm_decode_mix(
         x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
         head_norm_weight, C, n, m, out, D, float(norm_eps), float(head_norm_eps), float(gate_soft_cap or 1.0), dqk**-0.5,
         NH=NH, DQK=dqk, DV=dv, DQK_P=triton.next_power_of_2(dqk), DV_P=triton.next_power_of_2(dv),
-        BD=min(triton.next_power_of_2(D), 1024), BK=min(16, triton.next_power_of_2(dqk)),
-        CAP=bool(gate_soft_cap), LN=head_norm != "rms", num_warps=4,
+        BD=min(triton.next_power_of_2(D), 1024), BK=mix_tile_rows(dqk, dv),
+        CAP=bool(gate_soft_cap), LN=head_norm != "rms", num_warps=_MIX_WARPS, **_pdl_args(x.device),
     )
     return out
