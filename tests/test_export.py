@@ -249,6 +249,34 @@ def test_step_decoder_equals_model_step(arch):
     assert torch.equal(stream, model.generate(ids, 6, temperature=0)[:, ids.shape[1]:])
 
 
+@pytest.mark.parametrize("vocab", [512, 50304, 96, 130])  # two-pass (256- and 32-blocks) and one-pass sizes
+def test_greedy_token_is_the_first_argmax(vocab):
+    """The decoder's two-pass argmax picks what torch.argmax picks, ties (first maximum) included,
+    in bf16 logits as on GPU."""
+    from xlstm_model.decode import greedy_token
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, vocab).bfloat16()
+    logits[1, vocab // 3] = logits[1, vocab - 1] = 9.0  # a tie across blocks
+    logits[2, 7] = logits[2, 8] = 9.0  # a tie inside a block
+    logits[3] = 0.0  # all equal
+    assert torch.equal(greedy_token(logits), logits.argmax(-1))
+    assert greedy_token(logits)[3] == 0
+
+
+def test_step_greedy_follows_step():
+    """step_greedy returns the argmax of the step's logits, and a result fed back is the next input."""
+    model, ids, state = _tiny_model_after_prompt("xlstm_large")
+    with torch.no_grad():
+        ref = StepDecoder(model, [tuple(t.clone() for t in s) for s in state], 2)
+        dec = StepDecoder(model, state, 2)
+        token = ids[:, -1]
+        for _ in range(3):
+            want = ref.step(token).argmax(-1)
+            token = dec.step_greedy(token)
+            assert torch.equal(token, want)
+
+
 def test_bench_decode_runs_on_cpu():
     r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512"],

@@ -146,9 +146,25 @@ def compiled_step_in_place():
     return _compiled_step_in_place
 
 
+def greedy_token(logits: Tensor) -> Tensor:
+    """argmax over the vocabulary (B, V) -> (B,), the first maximum as torch.argmax: in two passes
+    (block maxima, then the best block) where V allows, because a one-pass argmax of a single 50k
+    row runs as one thread block on GPU."""
+    B, V = logits.shape
+    block = 256
+    while block > 1 and V % block:
+        block //= 2
+    if block < 32 or V // block < 2:
+        return logits.argmax(-1)
+    block_max, block_arg = logits.view(B, V // block, block).max(-1)  # first maximum in each block
+    best = block_max.argmax(-1, keepdim=True)  # first block holding the maximum
+    return (best * block + block_arg.gather(-1, best))[:, 0]
+
+
 class StepDecoder:
     """One token per call on preallocated buffers; `step(token)` -> logits (B, V) (a view of a buffer
-    that the next step overwrites). Build it from the state after the prompt."""
+    that the next step overwrites); `step_greedy(token)` -> the next tokens (B,), chosen on the
+    device in the same graph. Build it from the state after the prompt."""
 
     def __init__(self, model: LanguageModel, state: Any, batch_size: int, *, use_graph: Optional[bool] = None,
                  use_compile: Optional[bool] = None, use_fused: Optional[bool] = None, warmup: int = 2):
@@ -158,7 +174,9 @@ class StepDecoder:
         leaves, self._spec = tree_flatten(state)
         self.static = has_static_state(model) and all(isinstance(t, Tensor) for t in leaves) and bool(leaves)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.greedy_graph: Optional[torch.cuda.CUDAGraph] = None  # step + argmax, captured on first use
         self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._fed_back: Optional[Tensor] = None  # the last step_greedy result, already in self.token
         if not self.static:  # growing state (KV cache): plain eager steps
             self.state = state
             return
@@ -174,8 +192,10 @@ class StepDecoder:
         self.logits: Optional[Tensor] = None
         self.fused = fused_wanted(model, use_fused)  # hand-fused kernels: no compile needed
         self.compiled = not self.fused and compile_wanted(device, use_compile)
-        if graphs_wanted(device, use_graph):
-            self._capture(warmup)
+        self.use_graph = graphs_wanted(device, use_graph)
+        self.warmup = warmup
+        if self.use_graph:
+            self.graph, self.logits = self._capture(self._run)
 
     def _run(self) -> Tensor:
         state = tree_unflatten(self.buffers, self._spec)
@@ -187,20 +207,28 @@ class StepDecoder:
         with kernels.use_backend("reference"):
             return compiled_step_in_place()(self.model, self.token, state)
 
-    def _capture(self, warmup: int) -> None:
-        saved = [b.clone() for b in self.buffers]
+    def _run_greedy(self) -> Tensor:
+        """A step whose argmax becomes the next step's input on the device (no copy in, no launch)."""
+        logits = self._run()
+        self.token.copy_(greedy_token(logits))
+        return logits
+
+    def _capture(self, run) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Capture `run` -> (graph, its logits buffer), leaving state and token as they were."""
+        saved = [b.clone() for b in self.buffers] + [self.token.clone()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile / autotune every kernel before capture
-            for _ in range(max(warmup, 1)):
-                self._run()
+            for _ in range(max(self.warmup, 1)):
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._run()
-        for b, s in zip(self.buffers, saved):  # warmup and capture advanced the state: undo
+        # the two graphs of a decoder never run at once: one memory pool
+        with torch.cuda.graph(graph, pool=self.graph.pool() if self.graph is not None else None):
+            logits = run()
+        for b, s in zip(self.buffers + [self.token], saved):  # warmup and capture advanced them: undo
             b.copy_(s)
-        self.graph = graph
+        return graph, logits
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:
@@ -208,10 +236,25 @@ class StepDecoder:
             logits, self.state = self.model.step(token, self.state)
             return logits
         self.token.copy_(token)
+        self._fed_back = None
         if self.graph is not None:
             self.graph.replay()
             return self.logits
         return self._run()
+
+    @torch.no_grad()
+    def step_greedy(self, token: Tensor) -> Tensor:
+        """Greedy decoding: one step on `token` (B,), returns argmax of its logits (B,), a new tensor.
+        Passing that result back in skips the copy: the graph has already made it the next input."""
+        if not self.static or self.graph is None:
+            return greedy_token(self.step(token))
+        if token is not self._fed_back:
+            self.token.copy_(token)
+        if self.greedy_graph is None:
+            self.greedy_graph, _ = self._capture(self._run_greedy)
+        self.greedy_graph.replay()
+        self._fed_back = self.token.clone()
+        return self._fed_back
 
 
 @torch.no_grad()
@@ -239,5 +282,6 @@ def generate_stream(
     if max_new_tokens > 1:
         decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile,
                               use_fused=use_fused)
-    yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens, temperature=temperature,
+    yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens,
+                             next_greedy=decoder.step_greedy if decoder else None, temperature=temperature,
                              top_k=top_k, top_p=top_p, eos=eos, generator=generator)

@@ -167,21 +167,25 @@ def sample_tokens(
     top_p: Optional[float] = None,
     eos: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    next_greedy: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Iterator[Tensor]:
     """The sampling loop every generator shares: from the prompt's last logits (B, V), sample a token
     (B,), yield it, and ask `next_logits(token)` for the next step's logits. Rows that emitted `eos`
     keep emitting it; stops after max_new_tokens or when every row has emitted `eos`. `next_logits`
-    may be None when max_new_tokens <= 1 (it is never called)."""
+    may be None when max_new_tokens <= 1 (it is never called). Greedy (temperature <= 0) decoding
+    asks `next_greedy(token)` for the next token instead where one is given (a decoder that takes
+    the argmax on the device, inside the step)."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    greedy = temperature <= 0 and next_greedy is not None
+    token = sample(logits, temperature, top_k, top_p, generator)
     for n in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             token = torch.where(done, torch.full_like(token, eos), token)
             done = done | (token == eos)
         yield token
         if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
             return
-        logits = next_logits(token)
+        token = next_greedy(token) if greedy else sample(next_logits(token), temperature, top_k, top_p, generator)
 
 
 def sample(
