@@ -7,11 +7,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.triton.mlstm as M, kernels.triton.slstm as SL, kernels.triton.norms as N, kernels.triton.cross_entropy as CE
 tgt = GPUTarget("cuda", 90, 32)
-def comp(fn, sig, consts, name, opts=None):
+def resource_usage(k) -> str:
+    """Registers / stack (spills) / shared memory per thread block, from the cubin (no GPU needed)."""
+    import os, subprocess, tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in k.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(t.split(":", 1) for line in out.splitlines() if "REG:" in line for t in line.split() if ":" in t)
+    return " ".join(f"{key.lower()}={fields[key]}" for key in ("REG", "STACK", "SHARED") if key in fields)
+
+
+def comp(fn, sig, consts, name, opts=None, aligned=()):
+    """aligned: arguments Triton would specialise as multiples of 16 at run time (pointers from torch,
+    sizes like 1024), which decides whether loads are vectorised."""
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=tgt, options=opts or {"num_warps": 8 if 'chunk' in name else 4})
-        print("OK", name, "regs/spills:", getattr(k, 'n_regs', '?'), getattr(k, 'n_spills', '?'))
+        print("OK", name, resource_usage(k))
     except Exception as e:
         global failed
         failed += 1
@@ -80,12 +97,12 @@ for cfg in DEC._LINEAR_CONFIGS:
                   dict(NORM=True, HAS_BIAS=True, GLU=True, CAP=True, RES=True, PDL=True)):
         cl = dict(feats, **cfg.kwargs)
         comp(lin, sig2(lin, lp, li, cl), cl, f"decode_linear {cfg.kwargs} {feats}",
-             {"num_warps": cfg.num_warps, "launch_pdl": feats["PDL"]})
+             {"num_warps": cfg.num_warps, "launch_pdl": feats["PDL"]}, aligned=(*lp, "N_OUT", "K"))
 mp = {"X":dt,"QKVO":dt,"GW":dt,"GB":dt,"NW":dt,"HW":dt,"OUT":dt}
 mi = {"D":"i32","norm_eps":"fp32","head_eps":"fp32","cap":"fp32","qk_scale":"fp32"}
 for ln, pdl in ((True, True), (False, False)):  # xlstm_large_400m's heads: dqk 128, dv 256
     cm = dict(NH=4, DQK=128, DV=256, DQK_P=128, DV_P=256, BD=1024, BK=DEC.mix_tile_rows(128, 256), CAP=True, LN=ln, PDL=pdl)
     comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm, f"mlstm_decode_mix LN={ln} PDL={pdl} BK={cm['BK']}",
-         {"num_warps": DEC._MIX_WARPS, "launch_pdl": pdl})
+         {"num_warps": DEC._MIX_WARPS, "launch_pdl": pdl}, aligned=(*mp, "C", "N_", "M", "D"))
 print("aot_check:", "ALL OK" if not failed else f"{failed} FAILED")
 sys.exit(1 if failed else 0)

@@ -43,8 +43,8 @@ _LINEAR_CONFIGS = [
                       (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8))
 ]
 _INTERPRETER_CONFIG = 5  # (8, 256, 4): the interpreter times nothing, one config there
-_MIX_TILE = 8192  # C elements (fp32) per state tile of mlstm_decode_mix
-_MIX_WARPS = 8
+_MIX_TILE = 16384  # C elements (fp32) per state tile of mlstm_decode_mix: 64 KB, two in flight
+_MIX_WARPS = 16  # one program per head and few heads: each program has an SM to itself
 
 
 def pdl_wanted(device: torch.device) -> bool:
