@@ -400,7 +400,7 @@ def test_decode_linear_matches_reference(B, K, N, parts):
 
 @needs_kernels
 @pytest.mark.parametrize("head_norm", ["layer", "rms"])
-@pytest.mark.parametrize("dqk,dv", [(8, 12), (40, 200)])  # 40 x 200: C in two tiles, the second part-filled
+@pytest.mark.parametrize("dqk,dv", [(8, 12), (40, 600)])  # 40 x 600: C in three tiles, the last part-filled
 def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
     """Gates, in-place state update, read-out, head norm and output gate of one token, from a
     non-empty state; head sizes that are no power of two."""
