@@ -399,6 +399,29 @@ def test_decode_linear_matches_reference(B, K, N, parts):
 
 
 @needs_kernels
+def test_decode_linear_every_autotune_config():
+    """Each launch configuration the GPU autotuner may pick (the interpreter runs only one through
+    decode_linear) computes the same product: norm + SwiGLU + bias + cap + residual, K = 1100 ends
+    every tile size part-way."""
+    from kernels.reference import decode as ref_decode
+    from kernels.triton import decode as tri_decode
+
+    torch.manual_seed(0)
+    B, K, N = 2, 1100, 18
+    x, w = torch.randn(B, K, device=DEVICE), torch.randn(N, K, device=DEVICE) / K**0.5
+    g, bias, res = torch.rand(K, device=DEVICE) + 0.5, torch.randn(N, device=DEVICE), torch.randn(B, N // 2, device=DEVICE)
+    want = ref_decode.decode_linear(x, w, norm_weight=g, norm_eps=1e-5, bias=bias, glu=True, soft_cap=3.0,
+                                    residual=res)
+    for cfg in tri_decode._LINEAR_CONFIGS:
+        y = torch.empty(B, N // 2, device=DEVICE)
+        grid = (triton.cdiv(N // 2, cfg.kwargs["BN"]), B)
+        tri_decode._linear_kernel.fn[grid](x, w, g, bias, res, y, N // 2, K, 1e-5, 3.0, NORM=True, HAS_BIAS=True,
+                                           GLU=True, CAP=True, RES=True, PDL=False, num_warps=cfg.num_warps,
+                                           **cfg.kwargs)
+        _assert_close(y, want, f"decode_linear {cfg}")
+
+
+@needs_kernels
 @pytest.mark.parametrize("head_norm", ["layer", "rms"])
 @pytest.mark.parametrize("dqk,dv", [(8, 12), (40, 600)])  # 40 x 600: C in three tiles, the last part-filled
 def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):

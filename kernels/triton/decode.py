@@ -187,7 +187,9 @@ def _mix_kernel(
     offs_t = tl.arange(0, BK)
     c_ptrs = C + offs_t[:, None] * DV + offs_v[None, :]
     # The state was last written by this block's previous step and the gate weights never change:
-    # request them (the first C tile, the largest load) before waiting for this step's inputs.
+    # request them (the first C tile, the largest load) before waiting for this step's inputs. (Under
+    # PDL only the kernel just before this one can still be running, and it does not write C or m:
+    # nothing but this kernel may write them inside a decode step.)
     c = tl.load(c_ptrs, mask=(offs_t < DQK)[:, None] & vmask[None, :], other=0.0)
     m_prev = tl.load(M + pid)
     if PDL:
@@ -232,6 +234,9 @@ def _mix_kernel(
         c = f_s * c + i_s * (k[:, None] * v[None, :])  # eq. (19)
         tl.store(c_ptrs + k0 * DV, c, mask=cmask)
         nn = f_s * tl.load(N_ + offs_k, mask=kmask, other=0.0) + i_s * k  # eq. (20)
+        # n's tile is a short vector that every warp holds a copy of, and one warp stores it: without
+        # a barrier a lagging warp could read the new n instead of the old one
+        tl.debug_barrier()
         tl.store(N_ + offs_k, nn, mask=kmask)
         num += tl.sum(q[:, None] * c, axis=0)
         den += q * nn
