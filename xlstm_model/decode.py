@@ -223,8 +223,7 @@ class StepDecoder:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # the two graphs of a decoder never run at once: one memory pool
-        with torch.cuda.graph(graph, pool=self.graph.pool() if self.graph is not None else None):
+        with torch.cuda.graph(graph):
             logits = run()
         for b, s in zip(self.buffers + [self.token], saved):  # warmup and capture advanced them: undo
             b.copy_(s)

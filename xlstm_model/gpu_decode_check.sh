@@ -36,8 +36,8 @@ M="-m xlstm_model.bench_decode --model xlstm_large_400m"
 for step in ${@:-fused fused_pdl compiled graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
-    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 150 $M --fused --profile ;;
-    fused_pdl) XLP_DECODE_PDL=1 run decode_fused_pdl 150 $M --fused --profile ;;
+    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 200 $M --fused --profile ;;
+    fused_pdl) TRITON_PRINT_AUTOTUNING=1 XLP_DECODE_PDL=1 run decode_fused_pdl 200 $M --fused --profile ;;
     compiled) run decode_compiled 110 $M --profile ;;
     compiled_gemm) XLP_DECODE_MATVEC=gemm run decode_compiled_gemm 110 $M --profile ;;
     compiled_tune) XLP_DECODE_TUNE=1 run decode_compiled_tune 170 $M --profile ;;
