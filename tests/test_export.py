@@ -277,6 +277,40 @@ def test_step_greedy_follows_step():
             assert torch.equal(token, want)
 
 
+def test_greedy_tokens_and_eos():
+    """greedy_tokens gives step_greedy's sequence; generate_stream greedy with an eos equals
+    LanguageModel.generate, and until_eos stops pulling from its source once every row is done."""
+    from xlstm_model.lm import until_eos
+
+    model, ids, state = _tiny_model_after_prompt("xlstm_large")
+    with torch.no_grad():
+        ref = StepDecoder(model, [tuple(t.clone() for t in s) for s in state], 2)
+        dec = StepDecoder(model, state, 2)
+        token = ids[:, -1]
+        got = list(dec.greedy_tokens(token, 5))
+        want = []
+        for _ in range(5):
+            token = ref.step_greedy(token)
+            want.append(token)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)) and len(got) == 5
+    plain = model.generate(ids, 8, temperature=0)[:, ids.shape[1]:]
+    eos = int(plain[0, 2])  # row 0 emits it third; row 1 maybe never
+    stream = torch.stack(list(generate_stream(model, ids, 8, temperature=0, eos=eos)), dim=1)
+    assert torch.equal(stream, model.generate(ids, 8, temperature=0, eos=eos)[:, ids.shape[1]:])
+    assert (stream[0, 2:] == eos).all()
+
+    pulled = []
+
+    def source():
+        for t in ([5, 1], [7, 7], [9, 9], [4, 4]):
+            pulled.append(t)
+            yield torch.tensor(t)
+    out = [t.tolist() for t in until_eos(source(), eos=7)]
+    assert out == [[5, 1], [7, 7]] and len(pulled) == 2
+    out = [t.tolist() for t in until_eos(iter([torch.tensor([7, 1]), torch.tensor([2, 7])]), eos=7)]
+    assert out == [[7, 1], [7, 7]]
+
+
 def test_bench_decode_runs_on_cpu():
     r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512"],

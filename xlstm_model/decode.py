@@ -18,7 +18,9 @@ Architectures whose state grows (the Llama baseline's KV cache) fall back to the
 """
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import kernels
-from xlstm_model.lm import LanguageModel, sample_tokens
+from xlstm_model.lm import LanguageModel, sample_tokens, until_eos
 
 PREFILL_SEGMENT = 2048  # prompt tokens per forward pass (bounds the (B, S, V) logits of a long prompt)
 
@@ -255,6 +257,43 @@ class StepDecoder:
         self._fed_back = self.token.clone()
         return self._fed_back
 
+    @torch.no_grad()
+    def greedy_tokens(self, token: Tensor, n: int, run_ahead: int = 4) -> Iterator[Tensor]:
+        """n greedy tokens after `token` (B,), each yielded on the host as soon as it is there. With a
+        CUDA graph the device runs up to `run_ahead` steps ahead of the host: each step's argmax is
+        already the next step's input on the device, so reading a token back (or printing it) never
+        holds up the next step. Stopping early leaves the state up to `run_ahead` steps further on."""
+        if not self.static or self.graph is None:
+            for _ in range(n):
+                token = self.step_greedy(token)
+                yield token.cpu()
+            return
+        if token is not self._fed_back:
+            self.token.copy_(token)
+        self._fed_back = None
+        if self.greedy_graph is None:
+            self.greedy_graph, _ = self._capture(self._run_greedy)
+        # a ring of pinned host buffers: slot i is refilled only after its token was handed out
+        ring = [torch.empty(self.token.shape, dtype=self.token.dtype, pin_memory=True) for _ in range(run_ahead + 1)]
+        pending: deque = deque()
+
+        def ready() -> Tensor:
+            host, copied = pending.popleft()
+            copied.synchronize()
+            return host.clone()
+
+        for i in range(n):
+            self.greedy_graph.replay()
+            host = ring[i % len(ring)]
+            host.copy_(self.token, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            pending.append((host, copied))
+            if len(pending) > run_ahead:
+                yield ready()
+        while pending:
+            yield ready()
+
 
 @torch.no_grad()
 def generate_stream(
@@ -272,7 +311,8 @@ def generate_stream(
     use_fused: Optional[bool] = None,
 ) -> Iterator[Tensor]:
     """Yield the sampled tokens (B,) one step at a time (stops after max_new_tokens, or when every row
-    has emitted `eos`). Same sampling as `LanguageModel.generate`."""
+    has emitted `eos`). Same sampling as `LanguageModel.generate`. Greedy tokens (temperature <= 0)
+    come on the host, the others on the model's device."""
     model.eval()
     logits, state = prefill(model, ids)
     # Built (compiled, captured) before the first token is yielded, so the tokens after it come at the
@@ -281,6 +321,10 @@ def generate_stream(
     if max_new_tokens > 1:
         decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile,
                               use_fused=use_fused)
-    yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens,
-                             next_greedy=decoder.step_greedy if decoder else None, temperature=temperature,
+    if decoder is not None and temperature <= 0:  # greedy: the argmax stays on the device, which runs ahead
+        first = logits.argmax(-1)
+        tokens = decoder.greedy_tokens(first, max_new_tokens - 1)
+        yield from until_eos(itertools.chain([first.cpu()], tokens), eos)  # all on the host
+        return
+    yield from sample_tokens(logits, decoder.step if decoder else None, max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, eos=eos, generator=generator)

@@ -5,7 +5,7 @@ head, loss, checkpointing and generation code and can be trained side by side on
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -167,25 +167,36 @@ def sample_tokens(
     top_p: Optional[float] = None,
     eos: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    next_greedy: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Iterator[Tensor]:
     """The sampling loop every generator shares: from the prompt's last logits (B, V), sample a token
     (B,), yield it, and ask `next_logits(token)` for the next step's logits. Rows that emitted `eos`
     keep emitting it; stops after max_new_tokens or when every row has emitted `eos`. `next_logits`
-    may be None when max_new_tokens <= 1 (it is never called). Greedy (temperature <= 0) decoding
-    asks `next_greedy(token)` for the next token instead where one is given (a decoder that takes
-    the argmax on the device, inside the step)."""
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    greedy = temperature <= 0 and next_greedy is not None
-    token = sample(logits, temperature, top_k, top_p, generator)
-    for n in range(max_new_tokens):
+    may be None when max_new_tokens <= 1 (it is never called)."""
+
+    def tokens() -> Iterator[Tensor]:
+        token = sample(logits, temperature, top_k, top_p, generator)
+        for n in range(max_new_tokens):
+            yield token
+            if n < max_new_tokens - 1:  # asked for only when the caller wants another token
+                token = sample(next_logits(token), temperature, top_k, top_p, generator)
+
+    yield from until_eos(tokens(), eos)
+
+
+def until_eos(tokens: Iterable[Tensor], eos: Optional[int]) -> Iterator[Tensor]:
+    """Pass the tokens (B,) through; a row that emitted `eos` emits it from then on, and the stream
+    ends once every row has (the source is not asked for more: no step is wasted). A done row's
+    later tokens never reach its output, and rows do not interact, so what the source feeds the
+    model for it does not matter."""
+    done: Optional[Tensor] = None
+    for token in tokens:
         if eos is not None:
+            done = torch.zeros_like(token, dtype=torch.bool) if done is None else done
             token = torch.where(done, torch.full_like(token, eos), token)
             done = done | (token == eos)
         yield token
-        if (eos is not None and bool(done.all())) or n == max_new_tokens - 1:
+        if done is not None and bool(done.all()):
             return
-        token = next_greedy(token) if greedy else sample(next_logits(token), temperature, top_k, top_p, generator)
 
 
 def sample(
