@@ -12,7 +12,8 @@ Random weights (speed does not depend on them). The prompt is read in segments c
 argmax is taken on the device in the step's graph, as greedy generation does), each ending in a host
 sync (the token is read back, as a streaming generator does). Then the same number of tokens as
 `xlp generate --temperature 0` produces them ("run-ahead": StepDecoder.greedy_tokens, the device
-up to 4 steps ahead of the host, each token read back as soon as it is there). xLSTM's state has a fixed size, so the time
+up to 4 steps ahead of the host, each token read back as soon as it is there). Every row also says
+whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a fixed size, so the time
 per token should not depend on the context length.
 """
 from __future__ import annotations
@@ -86,12 +87,47 @@ def print_profile(decoder, token, device, steps: int = 20) -> None:
         print(f"profile: {n / steps:.0f} kernels per step, {t / steps / 1e3:.3f} ms of kernel time per step")
 
 
+def greedy_agreement(decoder, token, n: int = 8) -> str:
+    """Whether the greedy paths (step + argmax in one graph, and the run-ahead loop) pick the tokens
+    that the plain step's logits do, from the same state; the state is put back afterwards."""
+    saved = [b.clone() for b in decoder.buffers] if decoder.static else None
+
+    def restore():
+        if saved is not None:
+            for b, s in zip(decoder.buffers, saved):
+                b.copy_(s)
+
+    plain, t = [], token
+    for _ in range(n):
+        t = decoder.step(t).argmax(-1)
+        plain.append(t.item())
+    restore()
+    greedy, t = [], token
+    for _ in range(n):
+        t = decoder.step_greedy(t)
+        greedy.append(t.item())
+    restore()
+    ahead = [t.item() for t in decoder.greedy_tokens(token, n)]
+    restore()
+    same = lambda got: sum(a == b for a, b in zip(got, plain))
+    return f"greedy tokens = step+argmax: graph {same(greedy)}/{n}, run-ahead {same(ahead)}/{n}"
+
+
+def print_row(r: dict) -> None:
+    print(f"context {r['ctx']:>6}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
+          f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
+          f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
+          f"same argmax {r['same_argmax']}; {r['agreement']}", flush=True)
+
+
 @torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
                    rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None) -> list[dict]:
     """Prefill each context, then time greedy steps round-robin over the contexts (rounds x
-    new_tokens/rounds steps each), so a noisy machine slows every context alike. The decoder's first
-    logits are compared with the plain eager `model.step` on the same state (max_abs_diff)."""
+    new_tokens/rounds steps each), so a noisy machine slows every context alike; then the run-ahead
+    generation of new_tokens per context. The decoder's first logits are compared with the plain
+    eager `model.step` on the same state (max_abs_diff), and its greedy tokens with the argmax of its
+    plain step. Each row is printed as soon as it is measured."""
     rows, decoders, tokens = [], [], []
     for ctx in contexts:
         gen = torch.Generator(device="cpu").manual_seed(ctx)
@@ -114,13 +150,14 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         token.item()
         setup_s = time.perf_counter() - t0
         del expected, got
+        agreement = greedy_agreement(decoder, token)
         for _ in range(warmup):
             token = decoder.step_greedy(token)
             token.item()
         rows.append({"ctx": ctx, "prefill_s": prefill_s, "setup_s": setup_s, "max_abs_diff": diff,
                      "same_argmax": same_argmax, "memory": memory_mb(device), "state_mb": state_mb(state),
-                     "graph": decoder.graph is not None, "compiled": decoder.compiled, "fused": decoder.fused,
-                     "times": []})
+                     "graph": decoder.use_graph, "compiled": decoder.compiled, "fused": decoder.fused,
+                     "agreement": agreement, "times": []})
         decoders.append(decoder)
         tokens.append(token)
         del ids, logits
@@ -130,27 +167,29 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
             token = tokens[j]
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                token = decoder.step_greedy(token)  # as xlp generate --temperature 0 decodes
+                token = decoder.step_greedy(token)
                 token.item()  # host sync per token, as when streaming
                 rows[j]["times"].append(time.perf_counter() - t0)
             tokens[j] = token
-    # Greedy generation as xlp generate runs it: the device runs ahead of the host (greedy_tokens).
-    for j, decoder in enumerate(decoders):
-        try:
-            t0 = time.perf_counter()
-            for token in decoder.greedy_tokens(tokens[j], new_tokens):
-                token.item()
-            rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
-        except Exception as e:  # keep the per-token numbers above when this path fails
-            rows[j]["run_ahead_tps"] = float("nan")
-            print(f"greedy_tokens failed at context {rows[j]['ctx']}: {type(e).__name__}: {e}", flush=True)
-    if profile:
-        print_profile(decoders[0], tokens[0], device)
     for r in rows:
         times = sorted(r.pop("times"))
         r["ms_per_token"] = 1e3 * sum(times) / len(times)
         r["median_ms"] = 1e3 * times[len(times) // 2]
         r["tokens_per_s"] = len(times) / sum(times)
+        print_row(r)
+    if len(rows) > 1:
+        print(f"ms/token at {rows[-1]['ctx']} vs {rows[0]['ctx']}: {rows[-1]['ms_per_token'] / rows[0]['ms_per_token']:.3f}x mean, "
+              f"{rows[-1]['median_ms'] / rows[0]['median_ms']:.3f}x median", flush=True)
+    if profile:
+        print_profile(decoders[0], tokens[0], device)
+    # Greedy generation as xlp generate runs it: the device runs ahead of the host (greedy_tokens).
+    for j, decoder in enumerate(decoders):
+        t0 = time.perf_counter()
+        for token in decoder.greedy_tokens(tokens[j], new_tokens):
+            token.item()
+        rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
+        print(f"context {rows[j]['ctx']:>6}: run-ahead (xlp generate --temperature 0) {rows[j]['run_ahead_tps']:8.1f} "
+              f"tokens/s  {1e3 / rows[j]['run_ahead_tps']:7.3f} ms/token", flush=True)
     return rows
 
 
@@ -202,17 +241,7 @@ def main(argv=None) -> int:
     rows = bench_contexts(model, [int(c) for c in args.contexts.split(",")], args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
                           use_fused=True if args.fused else None)
-    for r in rows:
-        print(f"context {r['ctx']:>6}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
-              f"run-ahead {r['run_ahead_tps']:.1f} tokens/s  "
-              f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
-              f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
-              f"same argmax {r['same_argmax']}",
-              flush=True)
-    if len(rows) > 1:
-        print(f"ms/token at {rows[-1]['ctx']} vs {rows[0]['ctx']}: {rows[-1]['ms_per_token'] / rows[0]['ms_per_token']:.3f}x mean, "
-              f"{rows[-1]['median_ms'] / rows[0]['median_ms']:.3f}x median")
-    return 0
+    return 0 if rows else 1
 
 
 if __name__ == "__main__":

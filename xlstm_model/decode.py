@@ -166,17 +166,20 @@ def greedy_token(logits: Tensor) -> Tensor:
 class StepDecoder:
     """One token per call on preallocated buffers; `step(token)` -> logits (B, V) (a view of a buffer
     that the next step overwrites); `step_greedy(token)` -> the next tokens (B,), chosen on the
-    device in the same graph. Build it from the state after the prompt."""
+    device in the same graph; `greedy_tokens` runs ahead of the host. Build it from the state after
+    the prompt. On CUDA each of the two kinds of step is captured in a graph on first use; the kind
+    named by `greedy` (a greedy decoder: step + argmax) is captured here, before the first token."""
 
     def __init__(self, model: LanguageModel, state: Any, batch_size: int, *, use_graph: Optional[bool] = None,
-                 use_compile: Optional[bool] = None, use_fused: Optional[bool] = None, warmup: int = 2):
+                 use_compile: Optional[bool] = None, use_fused: Optional[bool] = None, warmup: int = 2,
+                 greedy: bool = False):
         self.model = model
-        self.compiled = self.fused = False
+        self.compiled = self.fused = self.use_graph = False
         device = next(model.parameters()).device
         leaves, self._spec = tree_flatten(state)
         self.static = has_static_state(model) and all(isinstance(t, Tensor) for t in leaves) and bool(leaves)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.greedy_graph: Optional[torch.cuda.CUDAGraph] = None  # step + argmax, captured on first use
+        self.greedy_graph: Optional[torch.cuda.CUDAGraph] = None  # step + argmax
         self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._fed_back: Optional[Tensor] = None  # the last step_greedy result, already in self.token
         if not self.static:  # growing state (KV cache): plain eager steps
@@ -196,7 +199,9 @@ class StepDecoder:
         self.compiled = not self.fused and compile_wanted(device, use_compile)
         self.use_graph = graphs_wanted(device, use_graph)
         self.warmup = warmup
-        if self.use_graph:
+        if self.use_graph and greedy:
+            self.greedy_graph, _ = self._capture(self._run_greedy)
+        elif self.use_graph:
             self.graph, self.logits = self._capture(self._run)
 
     def _run(self) -> Tensor:
@@ -238,7 +243,9 @@ class StepDecoder:
             return logits
         self.token.copy_(token)
         self._fed_back = None
-        if self.graph is not None:
+        if self.use_graph:
+            if self.graph is None:
+                self.graph, self.logits = self._capture(self._run)
             self.graph.replay()
             return self.logits
         return self._run()
@@ -247,7 +254,7 @@ class StepDecoder:
     def step_greedy(self, token: Tensor) -> Tensor:
         """Greedy decoding: one step on `token` (B,), returns argmax of its logits (B,), a new tensor.
         Passing that result back in skips the copy: the graph has already made it the next input."""
-        if not self.static or self.graph is None:
+        if not self.use_graph:
             return greedy_token(self.step(token))
         if token is not self._fed_back:
             self.token.copy_(token)
@@ -263,7 +270,7 @@ class StepDecoder:
         CUDA graph the device runs up to `run_ahead` steps ahead of the host: each step's argmax is
         already the next step's input on the device, so reading a token back (or printing it) never
         holds up the next step. Stopping early leaves the state up to `run_ahead` steps further on."""
-        if not self.static or self.graph is None:
+        if not self.use_graph:
             for _ in range(n):
                 token = self.step_greedy(token)
                 yield token.cpu()
@@ -320,7 +327,7 @@ def generate_stream(
     decoder = None
     if max_new_tokens > 1:
         decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile,
-                              use_fused=use_fused)
+                              use_fused=use_fused, greedy=temperature <= 0)
     if decoder is not None and temperature <= 0:  # greedy: the argmax stays on the device, which runs ahead
         first = logits.argmax(-1)
         tokens = decoder.greedy_tokens(first, max_new_tokens - 1)

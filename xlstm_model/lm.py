@@ -185,7 +185,7 @@ def sample_tokens(
 
 def until_eos(tokens: Iterable[Tensor], eos: Optional[int]) -> Iterator[Tensor]:
     """Pass the tokens (B,) through; a row that emitted `eos` emits it from then on, and the stream
-    ends once every row has (the source is not asked for more: no step is wasted). A done row's
+    ends once every row has (the source is not asked for another token). A done row's
     later tokens never reach its output, and rows do not interact, so what the source feeds the
     model for it does not matter."""
     done: Optional[Tensor] = None
