@@ -210,6 +210,18 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
         assert "12 tokens" in r.stderr and "tokens/s" in r.stderr
         outs.append(r.stdout)
     assert outs[0] == outs[1] == outs[2]  # same weights, seed and sampler: the same text
+    # greedy (the decoder's argmax path) prints the tokens LanguageModel.generate picks
+    r = _xlp("generate", tiny_run, "--prompt", "import json\n", "--max-new-tokens", "10", "--temperature", "0",
+             "--ignore-eos")
+    assert r.returncode == 0 and "10 tokens" in r.stderr, r.stderr[-2000:]
+    import tokenizer as tk
+    from pipeline.export import find_model, load_any
+
+    model_dir, tok_path = find_model(Path(tiny_run))
+    tok, model = tk.load(tok_path), load_any(model_dir).eval()
+    ids = torch.tensor([tok.encode("import json\n", add_bos=False)])
+    want = tok.decode(model.generate(ids, 10, temperature=0)[0, ids.shape[1]:].tolist())
+    assert r.stdout == "import json\n" + want + "\n"  # the CLI ends the text with a newline
     r = _xlp("generate", tmp_path / "nowhere", "--prompt", "x")
     assert r.returncode == 1 and "xlp generate: error" in r.stderr
 
