@@ -10,7 +10,9 @@ that inductor sees them) and the compiled step is then captured in the graph. Fo
 hand-fused step (five Triton kernels per block: kernels.decode_linear / mlstm_decode_mix) is there
 too, opt-in (XLP_DECODE_FUSED=1) until its GPU speed is measured. `StepDecoder` keeps the
 token, the state and the logits in fixed buffers; a step copies the token in, replays the graph (or,
-off CUDA, runs the same code eagerly) and the state is updated in place. Uncompiled and unfused (the
+off CUDA, runs the same code eagerly) and the state is updated in place. Greedy decoding captures the
+argmax in the same graph and feeds it back as the next input on the device, so the GPU can run
+several steps ahead of the host that prints the tokens. Uncompiled and unfused (the
 CPU default) the outputs are those of `model.step` exactly; compiled or fused, equal to rounding
 (the tests check both).
 
