@@ -13,8 +13,8 @@ argmax is taken on the device in the step's graph, as greedy generation does), e
 sync (the token is read back, as a streaming generator does). Then the same number of tokens as
 `xlp generate --temperature 0` produces them ("run-ahead": StepDecoder.greedy_tokens, the device
 up to 4 steps ahead of the host, each token read back as soon as it is there). Every row also says
-whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a fixed size, so the time
-per token should not depend on the context length.
+whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a
+fixed size, so the time per token should not depend on the context length.
 """
 from __future__ import annotations
 
@@ -90,25 +90,19 @@ def print_profile(decoder, token, device, steps: int = 20) -> None:
 def greedy_agreement(decoder, token, n: int = 8) -> str:
     """Whether the greedy paths (step + argmax in one graph, and the run-ahead loop) pick the tokens
     that the plain step's logits do, from the same state; the state is put back afterwards."""
-    saved = [b.clone() for b in decoder.buffers] if decoder.static else None
-
-    def restore():
-        if saved is not None:
-            for b, s in zip(decoder.buffers, saved):
-                b.copy_(s)
-
+    saved = decoder.snapshot()
     plain, t = [], token
     for _ in range(n):
         t = decoder.step(t).argmax(-1)
         plain.append(t.item())
-    restore()
+    decoder.restore(saved)
     greedy, t = [], token
     for _ in range(n):
         t = decoder.step_greedy(t)
         greedy.append(t.item())
-    restore()
+    decoder.restore(saved)
     ahead = [t.item() for t in decoder.greedy_tokens(token, n)]
-    restore()
+    decoder.restore(saved)
     same = lambda got: sum(a == b for a, b in zip(got, plain))
     return f"greedy tokens = step+argmax: graph {same(greedy)}/{n}, run-ahead {same(ahead)}/{n}"
 

@@ -222,9 +222,20 @@ class StepDecoder:
         self.token.copy_(greedy_token(logits))
         return logits
 
+    def snapshot(self) -> Optional[list[Tensor]]:
+        """Copies of the state and input token buffers, for `restore` (None: a growing state)."""
+        return [b.clone() for b in self.buffers + [self.token]] if self.static else None
+
+    def restore(self, snapshot: Optional[list[Tensor]]) -> None:
+        """Put back the state and input token of a `snapshot`."""
+        if snapshot is not None:
+            for b, s in zip(self.buffers + [self.token], snapshot):
+                b.copy_(s)
+            self._fed_back = None
+
     def _capture(self, run) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Capture `run` -> (graph, its logits buffer), leaving state and token as they were."""
-        saved = [b.clone() for b in self.buffers] + [self.token.clone()]
+        saved = self.snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile / autotune every kernel before capture
@@ -234,8 +245,7 @@ class StepDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = run()
-        for b, s in zip(self.buffers + [self.token], saved):  # warmup and capture advanced them: undo
-            b.copy_(s)
+        self.restore(saved)  # warmup and capture advanced them: undo
         return graph, logits
 
     @torch.no_grad()
@@ -252,16 +262,21 @@ class StepDecoder:
             return self.logits
         return self._run()
 
+    def _greedy_input(self, token: Tensor) -> None:
+        """Make `token` the greedy graph's input (no copy when it is the result fed back), capturing
+        that graph on first use."""
+        if token is not self._fed_back:
+            self.token.copy_(token)
+        if self.greedy_graph is None:
+            self.greedy_graph, _ = self._capture(self._run_greedy)
+
     @torch.no_grad()
     def step_greedy(self, token: Tensor) -> Tensor:
         """Greedy decoding: one step on `token` (B,), returns argmax of its logits (B,), a new tensor.
         Passing that result back in skips the copy: the graph has already made it the next input."""
         if not self.use_graph:
             return greedy_token(self.step(token))
-        if token is not self._fed_back:
-            self.token.copy_(token)
-        if self.greedy_graph is None:
-            self.greedy_graph, _ = self._capture(self._run_greedy)
+        self._greedy_input(token)
         self.greedy_graph.replay()
         self._fed_back = self.token.clone()
         return self._fed_back
@@ -277,11 +292,8 @@ class StepDecoder:
                 token = self.step_greedy(token)
                 yield token.cpu()
             return
-        if token is not self._fed_back:
-            self.token.copy_(token)
+        self._greedy_input(token)
         self._fed_back = None
-        if self.greedy_graph is None:
-            self.greedy_graph, _ = self._capture(self._run_greedy)
         # a ring of pinned host buffers: slot i is refilled only after its token was handed out
         ring = [torch.empty(self.token.shape, dtype=self.token.dtype, pin_memory=True) for _ in range(run_ahead + 1)]
         pending: deque = deque()
