@@ -186,27 +186,47 @@ def _mix_kernel(
     vmask = offs_v < DV
     offs_t = tl.arange(0, BK)
     c_ptrs = C + offs_t[:, None] * DV + offs_v[None, :]
-    # The state was last written by this block's previous step and the gate weights never change:
-    # request them (the first C tile, the largest load) before waiting for this step's inputs. (Under
-    # PDL only the kernel just before this one can still be running, and it does not write C or m:
+    # The state was last written by this block's previous step and the weights never change: request
+    # them (the first C tile, the largest load) before waiting for this step's inputs. (Under
+    # PDL only the kernel just before this one can still be running, and it does not write C, n or m:
     # nothing but this kernel may write them inside a decode step.)
     c = tl.load(c_ptrs, mask=(offs_t < DQK)[:, None] & vmask[None, :], other=0.0)
+    n_prev = tl.load(N_ + offs_t, mask=offs_t < DQK, other=0.0)
     m_prev = tl.load(M + pid)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    g_norm = tl.load(NW + offs_d, mask=dmask, other=0.0)
+    g_i = tl.load(GW + head * D + offs_d, mask=dmask, other=0.0)
+    g_f = tl.load(GW + (NH + head) * D + offs_d, mask=dmask, other=0.0)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+    # this step's q, k (first tile), v and o are requested now, so that their latency overlaps the
+    # gate dot products' instead of following it
+    base = QKVO + row * (2 * NH * DQK + 2 * NH * DV)
+    kmask = offs_t < DQK
+    q = tl.load(base + head * DQK + offs_t, mask=kmask, other=0.0)
+    k = tl.load(base + NH * DQK + head * DQK + offs_t, mask=kmask, other=0.0)
+    v = tl.load(base + 2 * NH * DQK + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
+    o = tl.load(base + 2 * NH * DQK + NH * DV + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
     # gates: [i~ | f~] = soft_cap(RMSNorm(x) . w + b) for this head; 1/rms applied after the sums
     acc_i = tl.zeros([BD], dtype=tl.float32)
     acc_f = tl.zeros([BD], dtype=tl.float32)
     sum_sq = tl.zeros([BD], dtype=tl.float32)
     for k0 in range(0, D, BD):
-        cols = k0 + tl.arange(0, BD)
-        cmask = cols < D
-        x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        cols = k0 + offs_d
+        x = tl.load(X + cols, mask=cols < D, other=0.0).to(tl.float32)
+        nmask = cols + BD < D  # the next chunk of the weights in flight (none past D)
+        g_norm_next = tl.load(NW + BD + cols, mask=nmask, other=0.0)
+        g_i_next = tl.load(GW + head * D + BD + cols, mask=nmask, other=0.0)
+        g_f_next = tl.load(GW + (NH + head) * D + BD + cols, mask=nmask, other=0.0)
         sum_sq += x * x
-        xg = x * tl.load(NW + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_i += xg * tl.load(GW + head * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_f += xg * tl.load(GW + (NH + head) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        xg = x * g_norm.to(tl.float32)
+        acc_i += xg * g_i.to(tl.float32)
+        acc_f += xg * g_f.to(tl.float32)
+        g_norm = g_norm_next
+        g_i = g_i_next
+        g_f = g_f_next
     inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / D + norm_eps)
     i = tl.sum(acc_i, axis=0) * inv_rms + tl.load(GB + head).to(tl.float32)
     f = tl.sum(acc_f, axis=0) * inv_rms + tl.load(GB + NH + head).to(tl.float32)
@@ -218,29 +238,34 @@ def _mix_kernel(
     m_new = tl.maximum(log_f + m_prev, i)
     f_s = tl.exp(log_f + m_prev - m_new)
     i_s = tl.exp(i - m_new)
-    base = QKVO + row * (2 * NH * DQK + 2 * NH * DV)
-    v = tl.load(base + 2 * NH * DQK + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
-    o = tl.load(base + 2 * NH * DQK + NH * DV + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
     num = tl.zeros([DV_P], dtype=tl.float32)
     den = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, DQK_P, BK):
         offs_k = k0 + offs_t
         kmask = offs_k < DQK
         cmask = kmask[:, None] & vmask[None, :]
-        # next state tile in flight while this one is updated (fully masked past DQK: no traffic)
-        c_next = tl.load(c_ptrs + (k0 + BK) * DV, mask=((offs_k + BK) < DQK)[:, None] & vmask[None, :], other=0.0)
-        q = tl.load(base + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32)
-        k = tl.load(base + NH * DQK + head * DQK + offs_k, mask=kmask, other=0.0).to(tl.float32) * qk_scale
+        # the next state tile, q and k in flight while this one is updated (fully masked past DQK: no traffic)
+        nkmask = (offs_k + BK) < DQK
+        c_next = tl.load(c_ptrs + (k0 + BK) * DV, mask=nkmask[:, None] & vmask[None, :], other=0.0)
+        q_next = tl.load(base + head * DQK + BK + offs_k, mask=nkmask, other=0.0)
+        k_next = tl.load(base + NH * DQK + head * DQK + BK + offs_k, mask=nkmask, other=0.0)
+        n_next = tl.load(N_ + BK + offs_k, mask=nkmask, other=0.0)
+        q = q.to(tl.float32)
+        k = k.to(tl.float32) * qk_scale
         c = f_s * c + i_s * (k[:, None] * v[None, :])  # eq. (19)
         tl.store(c_ptrs + k0 * DV, c, mask=cmask)
-        nn = f_s * tl.load(N_ + offs_k, mask=kmask, other=0.0) + i_s * k  # eq. (20)
+        nn = f_s * n_prev + i_s * k  # eq. (20)
         # n's tile is a short vector that every warp holds a copy of, and one warp stores it: without
-        # a barrier a lagging warp could read the new n instead of the old one
+        # a barrier a lagging warp could still be reading the old n (this tile's, loaded one iteration
+        # or more ago) when the new one lands
         tl.debug_barrier()
         tl.store(N_ + offs_k, nn, mask=kmask)
         num += tl.sum(q[:, None] * c, axis=0)
         den += q * nn
         c = c_next
+        q = q_next
+        k = k_next
+        n_prev = n_next
     d = tl.sum(den, axis=0)
     h = num / tl.maximum(tl.abs(d), tl.exp(-m_new))  # eq. (21)
     if LN:
