@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -324,11 +325,39 @@ def test_greedy_tokens_and_eos():
 
 
 def test_bench_decode_runs_on_cpu():
+    """The benchmark, with a variant (the fused step) measured beside the base decoder in one run."""
     r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
-                        "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512"],
+                        "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512",
+                        "--variant", "fused:XLP_DECODE_FUSED=1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "tokens/s" in r.stdout and "command:" in r.stdout and "machine:" in r.stdout
+    assert "command:" in r.stdout and "machine:" in r.stdout and "variant fused: XLP_DECODE_FUSED=1" in r.stdout
+    for ctx in (64, 256):
+        base = re.search(rf"^context +{ctx}: .*fused=False .*same argmax True; greedy tokens = step\+argmax: "
+                         rf"graph 8/8, run-ahead 8/8$", r.stdout, re.M)
+        fused = re.search(rf"^context +{ctx} \[fused\]: .*fused=True .*same argmax True", r.stdout, re.M)
+        assert base and fused, r.stdout
+    assert re.search(r"^ms/token \[fused\] vs base: 64: [0-9.]+x  256: [0-9.]+x$", r.stdout, re.M), r.stdout
+    assert len(re.findall(r"run-ahead \(xlp generate --temperature 0\) +[0-9.]+ tokens/s", r.stdout)) == 4
+
+
+def test_bench_decode_variant_errors_name_the_bad_part():
+    from xlstm_model.bench_decode import environment, parse_variant
+
+    assert parse_variant("pdl:XLP_DECODE_PDL=1,XLP_CUDA_GRAPH=0") == (
+        "pdl", {"XLP_DECODE_PDL": "1", "XLP_CUDA_GRAPH": "0"})
+    for spec, words in (("pdl", "NAME:ENV=VALUE"), ("base:XLP_DECODE_PDL=1", "other than 'base'"),
+                        ("x:XLP_DECODE_TUNE=1", "'XLP_DECODE_TUNE=1' is not ENV=VALUE"),
+                        ("x:XLP_DECODE_PDL", "'XLP_DECODE_PDL' is not ENV=VALUE")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_variant(spec)
+    os.environ.pop("XLP_DECODE_PDL", None)
+    with environment({"XLP_DECODE_PDL": "1"}):
+        assert os.environ["XLP_DECODE_PDL"] == "1"
+    assert "XLP_DECODE_PDL" not in os.environ
+    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--variant", "a:XLP_DECODE_PDL=1",
+                        "--variant", "a:XLP_DECODE_PDL=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "each variant needs its own NAME" in r.stderr
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
     python -m xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
     XLP_DECODE_PDL=1 python -m xlstm_model.bench_decode --fused               # ... kernels overlapped (Hopper PDL)
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
+    python -m xlstm_model.bench_decode --fused --variant pdl:XLP_DECODE_PDL=1 --variant compiled:XLP_DECODE_FUSED=0
     python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
 
 Random weights (speed does not depend on them). The prompt is read in segments carrying the state
@@ -15,11 +16,20 @@ sync (the token is read back, as a streaming generator does). Then the same numb
 up to 4 steps ahead of the host, each token read back as soon as it is there). Every row also says
 whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a
 fixed size, so the time per token should not depend on the context length.
+
+--variant NAME:ENV=VALUE[,ENV=VALUE...] (repeatable) also measures decoders built under other
+settings, in the same process, from the same prefilled states, with their steps interleaved with the
+base decoder's: ratios between them are not skewed by a shared machine's drift, and the prompts and
+the Triton autotuning are paid once. A setting a variant names is left to the environment (e.g.
+XLP_DECODE_FUSED=0 overrides --fused for that variant).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
+import re
 import resource
 import shlex
 import sys
@@ -33,6 +43,44 @@ from xlstm_model.decode import StepDecoder, compile_wanted, decode_compile_optio
 from xlstm_model.lm import as_model_config, build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# Settings read when a decoder is built or its graphs are captured. The torch.compile options
+# (XLP_DECODE_MATVEC, XLP_DECODE_TUNE, XLP_DECODE_COMPILE_MODE) are fixed once per process, so they
+# cannot differ between variants.
+VARIANT_ENV = {"XLP_DECODE_PDL": None, "XLP_DECODE_FUSED": "use_fused", "XLP_DECODE_COMPILE": "use_compile",
+               "XLP_CUDA_GRAPH": "use_graph"}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'NAME:ENV=VALUE[,ENV=VALUE...]' -> (NAME, {ENV: VALUE}); the error names the bad part."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not re.fullmatch(r"[\w.+-]+", name) or name == "base":
+        raise ValueError(f"--variant {spec!r}: expected NAME:ENV=VALUE[,ENV=VALUE...] with a NAME of letters, "
+                         f"digits, '_.+-' other than 'base'")
+    env = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in VARIANT_ENV:
+            raise ValueError(f"--variant {spec!r}: {item!r} is not ENV=VALUE with ENV one of {', '.join(VARIANT_ENV)}")
+        env[key] = value.strip()
+    return name, env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """os.environ with `env` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def model_config(name: str, overrides: list[str], vocab_size: int) -> ModelConfig:
@@ -107,8 +155,12 @@ def greedy_agreement(decoder, token, n: int = 8) -> str:
     return f"greedy tokens = step+argmax: graph {same(greedy)}/{n}, run-ahead {same(ahead)}/{n}"
 
 
+def label(r: dict) -> str:
+    return f"context {r['ctx']:>6}" + (f" [{r['variant']}]" if r["variant"] != "base" else "")
+
+
 def print_row(r: dict) -> None:
-    print(f"context {r['ctx']:>6}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
+    print(f"{label(r)}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
           f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
           f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
           f"same argmax {r['same_argmax']}; {r['agreement']}", flush=True)
@@ -116,13 +168,16 @@ def print_row(r: dict) -> None:
 
 @torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
-                   rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None) -> list[dict]:
-    """Prefill each context, then time greedy steps round-robin over the contexts (rounds x
-    new_tokens/rounds steps each), so a noisy machine slows every context alike; then the run-ahead
-    generation of new_tokens per context. The decoder's first logits are compared with the plain
-    eager `model.step` on the same state (max_abs_diff), and its greedy tokens with the argmax of its
-    plain step. Each row is printed as soon as it is measured."""
+                   rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None,
+                   variants: tuple = ()) -> list[dict]:
+    """Prefill each context, build a decoder on it for the base settings and each variant (name,
+    env), then time greedy steps round-robin over all decoders (rounds x new_tokens/rounds steps
+    each), so a noisy machine slows every one alike; then the run-ahead generation of new_tokens per
+    decoder. Each decoder's first logits are compared with the plain eager `model.step` on the same
+    state (max_abs_diff), and its greedy tokens with the argmax of its plain step. Each row is printed
+    as soon as it is measured."""
     rows, decoders, tokens = [], [], []
+    base = {"use_graph": use_graph, "use_compile": use_compile, "use_fused": use_fused}
     for ctx in contexts:
         gen = torch.Generator(device="cpu").manual_seed(ctx)
         ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=gen).to(device)
@@ -135,35 +190,40 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         token.item()
         prefill_s = time.perf_counter() - t0
         expected, _ = model.step(token, [tuple(t.clone() for t in s) for s in state])
-        t0 = time.perf_counter()
-        decoder = StepDecoder(model, state, 1, use_graph=use_graph, use_compile=use_compile, use_fused=use_fused)
-        got = decoder.step(token).float()
-        diff = (got - expected.float()).abs().max().item()
-        same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
-        token = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
-        token.item()
-        setup_s = time.perf_counter() - t0
-        del expected, got
-        agreement = greedy_agreement(decoder, token)
-        for _ in range(warmup):
-            token = decoder.step_greedy(token)
-            token.item()
-        rows.append({"ctx": ctx, "prefill_s": prefill_s, "setup_s": setup_s, "max_abs_diff": diff,
-                     "same_argmax": same_argmax, "memory": memory_mb(device), "state_mb": state_mb(state),
-                     "graph": decoder.use_graph, "compiled": decoder.compiled, "fused": decoder.fused,
-                     "agreement": agreement, "times": []})
-        decoders.append(decoder)
-        tokens.append(token)
-        del ids, logits
+        for name, env in (("base", {}), *variants):
+            left_to_env = {VARIANT_ENV[key] for key in env}
+            options = {k: (None if k in left_to_env else v) for k, v in base.items()}
+            with environment(env):
+                t0 = time.perf_counter()
+                decoder = StepDecoder(model, state, 1, **options)  # copies the state: each variant starts alike
+                got = decoder.step(token).float()
+                diff = (got - expected.float()).abs().max().item()
+                same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
+                first = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
+                first.item()
+                setup_s = time.perf_counter() - t0
+                del got
+                agreement = greedy_agreement(decoder, first)
+                for _ in range(warmup):
+                    first = decoder.step_greedy(first)
+                    first.item()
+            rows.append({"ctx": ctx, "variant": name, "env": env, "prefill_s": prefill_s, "setup_s": setup_s,
+                         "max_abs_diff": diff, "same_argmax": same_argmax, "memory": memory_mb(device),
+                         "state_mb": state_mb(state), "graph": decoder.use_graph, "compiled": decoder.compiled,
+                         "fused": decoder.fused, "agreement": agreement, "times": []})
+            decoders.append(decoder)
+            tokens.append(first)
+        del ids, logits, expected
     per_round = max(1, new_tokens // rounds)
     for _ in range(rounds):
         for j, decoder in enumerate(decoders):
             token = tokens[j]
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                token = decoder.step_greedy(token)
-                token.item()  # host sync per token, as when streaming
-                rows[j]["times"].append(time.perf_counter() - t0)
+            with environment(rows[j]["env"]):  # what an uncaptured (eager) step reads at each call
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    token = decoder.step_greedy(token)
+                    token.item()  # host sync per token, as when streaming
+                    rows[j]["times"].append(time.perf_counter() - t0)
             tokens[j] = token
     for r in rows:
         times = sorted(r.pop("times"))
@@ -171,18 +231,31 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         r["median_ms"] = 1e3 * times[len(times) // 2]
         r["tokens_per_s"] = len(times) / sum(times)
         print_row(r)
-    if len(rows) > 1:
-        print(f"ms/token at {rows[-1]['ctx']} vs {rows[0]['ctx']}: {rows[-1]['ms_per_token'] / rows[0]['ms_per_token']:.3f}x mean, "
-              f"{rows[-1]['median_ms'] / rows[0]['median_ms']:.3f}x median", flush=True)
+    names = [name for name, _ in (("base", {}), *variants)]
+    by = {(r["ctx"], r["variant"]): r for r in rows}
+    if len(contexts) > 1:
+        for name in names:
+            lo, hi = by[contexts[0], name], by[contexts[-1], name]
+            print(f"ms/token at {hi['ctx']} vs {lo['ctx']}{'' if name == 'base' else f' [{name}]'}: "
+                  f"{hi['ms_per_token'] / lo['ms_per_token']:.3f}x mean, {hi['median_ms'] / lo['median_ms']:.3f}x median",
+                  flush=True)
+    for name in names[1:]:
+        ratios = "  ".join(f"{ctx}: {by[ctx, name]['ms_per_token'] / by[ctx, 'base']['ms_per_token']:.3f}x"
+                           for ctx in contexts)
+        print(f"ms/token [{name}] vs base: {ratios}", flush=True)
     if profile:
-        print_profile(decoders[0], tokens[0], device)
+        for j, r in enumerate(rows[:len(names)]):
+            print(f"profile of {label(r)}:")
+            with environment(r["env"]):
+                print_profile(decoders[j], tokens[j], device)
     # Greedy generation as xlp generate runs it: the device runs ahead of the host (greedy_tokens).
     for j, decoder in enumerate(decoders):
-        t0 = time.perf_counter()
-        for token in decoder.greedy_tokens(tokens[j], new_tokens):
-            token.item()
-        rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
-        print(f"context {rows[j]['ctx']:>6}: run-ahead (xlp generate --temperature 0) {rows[j]['run_ahead_tps']:8.1f} "
+        with environment(rows[j]["env"]):
+            t0 = time.perf_counter()
+            for token in decoder.greedy_tokens(tokens[j], new_tokens):
+                token.item()
+            rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
+        print(f"{label(rows[j])}: run-ahead (xlp generate --temperature 0) {rows[j]['run_ahead_tps']:8.1f} "
               f"tokens/s  {1e3 / rows[j]['run_ahead_tps']:7.3f} ms/token", flush=True)
     return rows
 
@@ -202,8 +275,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the step (CUDA default: compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the step on CPU too")
     p.add_argument("--fused", action="store_true", help="xlstm_large: the hand-fused step kernels (no compile)")
-    p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
+    p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps (each variant's)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:ENV=VALUE[,ENV=VALUE]",
+                   help="also measure a decoder built with these settings, interleaved with the base one "
+                        f"(ENV: {', '.join(VARIANT_ENV)}); repeatable")
     args = p.parse_args(argv)
+    try:
+        variants = tuple(parse_variant(v) for v in args.variant)
+    except ValueError as e:
+        p.error(str(e))
+    if len({name for name, _ in variants}) != len(variants):
+        p.error("--variant: each variant needs its own NAME")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -222,19 +304,22 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"command: {shlex.join([sys.executable, '-m', 'xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
-    if compile_wanted(device, use_compile) and not args.fused:
+    if compile_wanted(device, use_compile) and (not args.fused or any("XLP_DECODE_FUSED" in env for _, env in variants)):
         print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
               "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
     if args.fused and device.type == "cuda":
         from kernels.triton.decode import pdl_wanted
 
-        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_wanted(device) else 'off'}")
+        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_wanted(device) else 'off'}"
+              f"{' (base)' if variants else ''}")
+    for name, env in variants:
+        print(f"variant {name}: " + " ".join(f"{k}={v}" for k, v in env.items()))
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
           f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
     rows = bench_contexts(model, [int(c) for c in args.contexts.split(",")], args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
-                          use_fused=True if args.fused else None)
+                          use_fused=True if args.fused else None, variants=variants)
     return 0 if rows else 1
 
 

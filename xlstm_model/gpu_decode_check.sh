@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU decode check (issue 9), sized for a lent H100 (~16 minutes at most, all steps; name the steps to fit a lease): batch-1
 # decode tokens/s of xlstm_large_400m (bf16) after 1k/4k/16k-token prompts. Steps:
-#   fused              the hand-fused xlstm_large step (kernels/triton/decode.py) in a CUDA graph (--fused)
-#   fused_pdl          the same with programmatic dependent launch (XLP_DECODE_PDL=1): each kernel streams its
-#                      first weight tile while its predecessor finishes
+#   fused              in one process, interleaved on the same prompts: the hand-fused xlstm_large step
+#                      (kernels/triton/decode.py) in a CUDA graph (--fused); the same with programmatic dependent
+#                      launch (variant pdl, XLP_DECODE_PDL=1: each kernel streams its first weight tile while its
+#                      predecessor finishes); and the compiled step (variant compiled), with a profile of each
 #   graph              eager ops captured in a CUDA graph (--no-compile)
 #   compiled           the torch.compile'd step in a CUDA graph (the default on CUDA), with a kernel profile;
 #                      matrix-vector products written as inductor reductions (XLP_DECODE_MATVEC=reduce)
@@ -33,11 +34,11 @@ run() {  # run NAME TIMEOUT ARGS...
   [ "$r" -ne 0 ] && { echo "!! $name exited $r"; rc=1; }
 }
 M="-m xlstm_model.bench_decode --model xlstm_large_400m"
-for step in ${@:-fused fused_pdl compiled graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
+for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
-    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 200 $M --fused --profile ;;
-    fused_pdl) TRITON_PRINT_AUTOTUNING=1 XLP_DECODE_PDL=1 run decode_fused_pdl 200 $M --fused --profile ;;
+    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 330 $M --fused --profile \
+             --variant pdl:XLP_DECODE_PDL=1 --variant compiled:XLP_DECODE_FUSED=0 ;;
     compiled) run decode_compiled 110 $M --profile ;;
     compiled_gemm) XLP_DECODE_MATVEC=gemm run decode_compiled_gemm 110 $M --profile ;;
     compiled_tune) XLP_DECODE_TUNE=1 run decode_compiled_tune 170 $M --profile ;;
@@ -48,5 +49,5 @@ for step in ${@:-fused fused_pdl compiled graph compiled_gemm compiled_tune comp
   esac
 done
 echo "== summary ($(( $(date +%s) - t0 ))s total) =="
-for f in "$LOGDIR"/decode_*.log; do echo "-- $(basename "$f")"; grep -hE "^(compile options|fused step|context|ms/token|profile:)|Error|Traceback" "$f" | cut -c1-250; done
+for f in "$LOGDIR"/decode_*.log; do echo "-- $(basename "$f")"; grep -hE "^(compile options|fused step|variant|context|ms/token|profile)|Error|Traceback" "$f" | cut -c1-250; done
 exit $rc
