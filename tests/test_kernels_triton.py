@@ -459,6 +459,40 @@ def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
     for name, got, ref, old in zip("Cnm", s_tri, s_ref, start):
         assert not torch.equal(ref, old), f"{name} was not updated in place"
         _assert_close(got, ref, name)
+    # every (tile, warps) that the first call on a GPU may pick
+    consts = dict(norm_eps=1e-6, head_eps=1e-6, cap=15.0, num_heads=NH, ln=head_norm != "rms")
+    candidates = tri_decode.mix_candidates(dqk, dv)
+    launches = {(tri_decode.mix_tile_rows(dqk, dv, t), w) for t, w in candidates}
+    assert len(launches) == len(candidates) and (dqk > 8 or len(candidates) < len(tri_decode._MIX_CONFIGS))
+    for tile, warps in candidates:
+        s_cfg = tuple(t.clone() for t in start)
+        h = tri_decode._mix(x, qkvo, gw, gb, kw["norm_weight"], kw["head_norm_weight"], s_cfg, **consts,
+                            tile=tile, warps=warps)
+        _assert_close(h, want, f"h, tile {tile}, {warps} warps")
+        for name, got, ref in zip("Cnm", s_cfg, s_ref):
+            _assert_close(got, ref, f"{name}, tile {tile}, {warps} warps")
+
+
+@needs_kernels
+def test_mlstm_decode_mix_gate_weights_in_chunks():
+    """A model width over 1024: the gate dot products run over several chunks of x (the last part-filled)."""
+    from kernels.reference import decode as ref_decode
+    from kernels.triton import decode as tri_decode
+
+    torch.manual_seed(1)
+    B, D, NH, dqk, dv = 1, 2100, 2, 8, 16
+    x = torch.randn(B, D, device=DEVICE)
+    qkvo = torch.randn(B, 2 * NH * (dqk + dv), device=DEVICE)
+    gw, gb = torch.randn(2 * NH, D, device=DEVICE) / 30, torch.randn(2 * NH, device=DEVICE)
+    kw = dict(num_heads=NH, norm_weight=torch.rand(D, device=DEVICE) + 0.5, norm_eps=1e-6, gate_soft_cap=15.0,
+              head_norm_weight=torch.rand(NH * dv, device=DEVICE) + 0.5, head_norm_eps=1e-6)
+    start = (torch.randn(B, NH, dqk, dv, device=DEVICE), torch.randn(B, NH, dqk, device=DEVICE),
+             torch.randn(B, NH, device=DEVICE))
+    s_ref, s_tri = tuple(t.clone() for t in start), tuple(t.clone() for t in start)
+    want = ref_decode.mlstm_decode_mix(x, qkvo, gw, gb, s_ref, **kw)
+    _assert_close(tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, s_tri, **kw), want, "h")
+    for name, got, ref in zip("Cnm", s_tri, s_ref):
+        _assert_close(got, ref, name)
 
 
 @needs_kernels

@@ -2,7 +2,9 @@
 (non-constexpr globals, bad dot shapes, type errors) the CPU interpreter does not.
     python -m kernels.triton.aot_check [bf16|fp32]
 """
-import triton, sys
+import itertools, sys
+
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.triton.mlstm as M, kernels.triton.slstm as SL, kernels.triton.norms as N, kernels.triton.cross_entropy as CE
@@ -100,9 +102,16 @@ for cfg in DEC._LINEAR_CONFIGS:
              {"num_warps": cfg.num_warps, "launch_pdl": feats["PDL"]}, aligned=(*lp, "N_OUT", "K"))
 mp = {"X":dt,"QKVO":dt,"GW":dt,"GB":dt,"NW":dt,"HW":dt,"OUT":dt}
 mi = {"D":"i32","norm_eps":"fp32","head_eps":"fp32","cap":"fp32","qk_scale":"fp32"}
-for ln, pdl in ((True, True), (False, False)):  # xlstm_large_400m's heads: dqk 128, dv 256
-    cm = dict(NH=4, DQK=128, DV=256, DQK_P=128, DV_P=256, BD=1024, BK=DEC.mix_tile_rows(128, 256), CAP=True, LN=ln, PDL=pdl)
-    comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm, f"mlstm_decode_mix LN={ln} PDL={pdl} BK={cm['BK']}",
-         {"num_warps": DEC._MIX_WARPS, "launch_pdl": pdl}, aligned=(*mp, "C", "N_", "M", "D"))
+# every (tile, warps) the first call may pick, for xlstm_large_400m's heads (dqk 128, dv 256) and
+# xLSTM 7B's (dqk 256, dv 512), with and without PDL and the layer norm
+mix_launches = {(shape, DEC.mix_tile_rows(shape[1], shape[2], tile), warps)
+                for shape, (tile, warps) in itertools.product(((4, 128, 256, 1024), (8, 256, 512, 4096)), DEC._MIX_CONFIGS)}
+for (nh, dqk, dv, d), bk, warps in sorted(mix_launches):
+    for ln, pdl in ((True, True), (False, False))[:2 if nh == 4 else 1]:
+        cm = dict(NH=nh, DQK=dqk, DV=dv, DQK_P=dqk, DV_P=dv, BD=min(d, 1024), BK=bk, CAP=True, LN=ln, PDL=pdl,
+                  ONE_TILE=bk >= dqk)
+        comp(DEC._mix_kernel, sig2(DEC._mix_kernel, mp, mi, cm), cm,
+             f"mlstm_decode_mix dqk={dqk} dv={dv} BK={bk} warps={warps} LN={ln} PDL={pdl}",
+             {"num_warps": warps, "launch_pdl": pdl}, aligned=(*mp, "C", "N_", "M", "D"))
 print("aot_check:", "ALL OK" if not failed else f"{failed} FAILED")
 sys.exit(1 if failed else 0)

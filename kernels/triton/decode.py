@@ -11,7 +11,9 @@ owns gate row j and up row j + N/2), soft cap and residual. `mlstm_decode_mix` i
 
 Latency, not arithmetic, decides the speed of such small kernels, so both keep loads in flight:
 the next weight (or state) tile is requested before the current one is reduced, and the first
-tile, which does not depend on the previous kernel, is requested before anything that does. With
+tile, which does not depend on the previous kernel, is requested before anything that does. Tile
+sizes and warps are timed on the first call per shape (Triton's autotuner for `decode_linear`; for
+`mlstm_decode_mix`, which updates the state in place, a few configs timed on a copy of it). With
 programmatic dependent launch (PDL=True, Hopper and later: XLP_DECODE_PDL=1) a kernel is launched
 while its predecessor still runs; it streams its first weight tile, then waits (gdc_wait) for the
 predecessor's results before it reads its input.
@@ -43,8 +45,14 @@ _LINEAR_CONFIGS = [
                       (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8))
 ]
 _INTERPRETER_CONFIG = 5  # (8, 256, 4): the interpreter times nothing, one config there
-_MIX_TILE = 16384  # C elements (fp32) per state tile of mlstm_decode_mix: 64 KB, two in flight
-_MIX_WARPS = 16  # one program per head and few heads: each program has an SM to itself
+# mlstm_decode_mix: (C elements (fp32) per state tile, warps), one program per head (each has an SM to
+# itself). A head's whole C in one tile is requested at once, before the kernel waits for its inputs;
+# smaller tiles keep two in flight. Which is faster is measured on the first call per head shape (on a
+# copy of the state: the kernel updates it in place, so triton.autotune's repeated runs cannot be used
+# on the real one). The interpreter, and a first call inside a graph capture, take the default.
+_MIX_CONFIGS = ((32768, 8), (32768, 16), (16384, 16), (16384, 8), (8192, 8), (4096, 4))
+_MIX_DEFAULT = (16384, 16)
+_mix_choice: dict[tuple, tuple[int, int]] = {}
 
 
 def pdl_wanted(device: torch.device) -> bool:
@@ -175,6 +183,7 @@ def _mix_kernel(
     D, norm_eps, head_eps, cap, qk_scale,
     NH: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
     BD: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # = row * NH + head
     row = pid // NH
@@ -246,7 +255,10 @@ def _mix_kernel(
         cmask = kmask[:, None] & vmask[None, :]
         # the next state tile, q and k in flight while this one is updated (fully masked past DQK: no traffic)
         nkmask = (offs_k + BK) < DQK
-        c_next = tl.load(c_ptrs + (k0 + BK) * DV, mask=nkmask[:, None] & vmask[None, :], other=0.0)
+        if ONE_TILE:  # no next tile (and no registers held for one)
+            c_next = c
+        else:
+            c_next = tl.load(c_ptrs + (k0 + BK) * DV, mask=nkmask[:, None] & vmask[None, :], other=0.0)
         q_next = tl.load(base + head * DQK + BK + offs_k, mask=nkmask, other=0.0)
         k_next = tl.load(base + NH * DQK + head * DQK + BK + offs_k, mask=nkmask, other=0.0)
         n_next = tl.load(N_ + BK + offs_k, mask=nkmask, other=0.0)
@@ -278,9 +290,10 @@ def _mix_kernel(
     tl.store(M + pid, m_new)
 
 
-def mix_tile_rows(dqk: int, dv: int) -> int:
-    """Rows of C per state tile: as many as fit _MIX_TILE elements (a head's whole C when it fits)."""
-    return max(1, min(triton.next_power_of_2(dqk), _MIX_TILE // triton.next_power_of_2(dv)))
+def mix_tile_rows(dqk: int, dv: int, tile: int = _MIX_DEFAULT[0]) -> int:
+    """Rows of C per state tile of `tile` elements (a head's whole C when it fits)."""
+    dqk_p, dv_p = triton.next_power_of_2(dqk), triton.next_power_of_2(dv)
+    return max(1, min(dqk_p, tile // dv_p))
 
 
 def mlstm_decode_mix(
@@ -309,12 +322,60 @@ def mlstm_decode_mix(
     if tuple(qkvo.shape) != (B, 2 * NH * (dqk + dv)):
         raise ValueError(f"mlstm_decode_mix: qkvo {tuple(qkvo.shape)} does not match {NH} heads of "
                          f"dqk={dqk}, dv={dv} (expected {(B, 2 * NH * (dqk + dv))})")
-    out = torch.empty(B, NH * dv, dtype=x.dtype, device=x.device)
-    _mix_kernel[(B * NH,)](
-        x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
-        head_norm_weight, C, n, m, out, D, float(norm_eps), float(head_norm_eps), float(gate_soft_cap or 1.0), dqk**-0.5,
-        NH=NH, DQK=dqk, DV=dv, DQK_P=triton.next_power_of_2(dqk), DV_P=triton.next_power_of_2(dv),
-        BD=min(triton.next_power_of_2(D), 1024), BK=mix_tile_rows(dqk, dv),
-        CAP=bool(gate_soft_cap), LN=head_norm != "rms", num_warps=_MIX_WARPS, **_pdl_args(x.device),
+    args = (x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
+            head_norm_weight)
+    consts = dict(norm_eps=norm_eps, head_eps=head_norm_eps, cap=gate_soft_cap, num_heads=NH, ln=head_norm != "rms")
+    key = (B, NH, D, dqk, dv, x.dtype, consts["ln"], bool(gate_soft_cap), x.device, pdl_wanted(x.device))
+    config = _mix_choice.get(key)
+    if config is None:
+        config = _tune_mix(args, state, consts, key)
+    return _mix(*args, state, **consts, tile=config[0], warps=config[1])
+
+
+def _mix(x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, state, *, norm_eps, head_eps, cap,
+         num_heads, ln, tile, warps) -> Tensor:
+    """One launch of _mix_kernel with `tile` C elements per state tile and `warps` warps."""
+    C, n, m = state
+    B, D = x.shape
+    dqk, dv = C.shape[-2], C.shape[-1]
+    dqk_p, dv_p = triton.next_power_of_2(dqk), triton.next_power_of_2(dv)
+    bk = mix_tile_rows(dqk, dv, tile)
+    out = torch.empty(B, num_heads * dv, dtype=x.dtype, device=x.device)
+    _mix_kernel[(B * num_heads,)](
+        x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, C, n, m, out, D, float(norm_eps),
+        float(head_eps), float(cap or 1.0), dqk**-0.5,
+        NH=num_heads, DQK=dqk, DV=dv, DQK_P=dqk_p, DV_P=dv_p, BD=min(triton.next_power_of_2(D), 1024), BK=bk,
+        CAP=bool(cap), LN=ln, ONE_TILE=bk >= dqk_p, num_warps=warps, **_pdl_args(x.device),
     )
     return out
+
+
+def mix_candidates(dqk: int, dv: int) -> list[tuple[int, int]]:
+    """_MIX_CONFIGS less those that launch the same kernel as an earlier one for these head sizes
+    (the same tile rows and warps)."""
+    seen = {}
+    for tile, warps in _MIX_CONFIGS:
+        seen.setdefault((mix_tile_rows(dqk, dv, tile), warps), (tile, warps))
+    return list(seen.values())
+
+
+def _tune_mix(args, state, consts, key) -> tuple[int, int]:
+    """The fastest of _MIX_CONFIGS for this shape, timed on a copy of the state (the default where
+    nothing can be timed: under the interpreter, off CUDA, or while a CUDA graph is being captured)."""
+    x = args[0]
+    if interpreting() or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return _MIX_DEFAULT
+    import triton.testing
+
+    dqk, dv = state[0].shape[-2], state[0].shape[-1]
+    scratch = tuple(t.clone() for t in state)
+    times = {}
+    for tile, warps in mix_candidates(dqk, dv):
+        times[tile, warps] = triton.testing.do_bench(
+            lambda: _mix(*args, scratch, **consts, tile=tile, warps=warps), return_mode="median")
+    best = min(times, key=times.get)
+    _mix_choice[key] = best
+    if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+        print(f"mlstm_decode_mix: dqk={dqk} dv={dv} heads={consts['num_heads']}: (tile, warps) {best}; timed "
+              + ", ".join(f"{c}: {t * 1e3:.2f} us" for c, t in times.items()), flush=True)
+    return best
