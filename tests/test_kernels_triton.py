@@ -474,6 +474,31 @@ def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
 
 
 @needs_kernels
+def test_mlstm_decode_mix_config_from_environment(monkeypatch):
+    """XLP_DECODE_MIX fixes the state tile and warps (here: C in tiles of 64 elements, 4 rows each);
+    a bad value is refused with its name."""
+    from kernels.reference import decode as ref_decode
+    from kernels.triton import decode as tri_decode
+
+    torch.manual_seed(2)
+    B, D, NH, dqk, dv = 1, 32, 2, 12, 16
+    x, qkvo = torch.randn(B, D, device=DEVICE), torch.randn(B, 2 * NH * (dqk + dv), device=DEVICE)
+    gw, gb = torch.randn(2 * NH, D, device=DEVICE) / 5, torch.randn(2 * NH, device=DEVICE)
+    kw = dict(num_heads=NH, norm_weight=torch.rand(D, device=DEVICE) + 0.5, norm_eps=1e-6, gate_soft_cap=15.0,
+              head_norm_weight=torch.rand(NH * dv, device=DEVICE) + 0.5, head_norm_eps=1e-6)
+    start = (torch.randn(B, NH, dqk, dv, device=DEVICE), torch.randn(B, NH, dqk, device=DEVICE),
+             torch.randn(B, NH, device=DEVICE))
+    want = ref_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw)
+    monkeypatch.setenv("XLP_DECODE_MIX", "64x4")
+    assert tri_decode.mix_config_from_env() == (64, 4) and tri_decode.mix_tile_rows(dqk, dv, 64) == 4
+    _assert_close(tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw), want, "h")
+    for bad in ("64", "48x4", "64x3", "bigx8", "64,4"):
+        monkeypatch.setenv("XLP_DECODE_MIX", bad)
+        with pytest.raises(ValueError, match=f"XLP_DECODE_MIX='{bad}'"):
+            tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw)
+
+
+@needs_kernels
 def test_mlstm_decode_mix_gate_weights_in_chunks():
     """A model width over 1024: the gate dot products run over several chunks of x (the last part-filled)."""
     from kernels.reference import decode as ref_decode

@@ -20,8 +20,10 @@ fixed size, so the time per token should not depend on the context length.
 --variant NAME:ENV=VALUE[,ENV=VALUE...] (repeatable) also measures decoders built under other
 settings, in the same process, from the same prefilled states, with their steps interleaved with the
 base decoder's: ratios between them are not skewed by a shared machine's drift, and the prompts and
-the Triton autotuning are paid once. A setting a variant names is left to the environment (e.g.
-XLP_DECODE_FUSED=0 overrides --fused for that variant).
+the compiles are paid once. A setting a variant names is left to the environment (e.g.
+XLP_DECODE_FUSED=0 overrides --fused for that variant). The first decoder's set-up time includes the
+compiles and tuning that the later ones reuse; a variant's peak memory counts from its own set-up
+(the base's includes the prompt).
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Settings read when a decoder is built or its graphs are captured. The torch.compile options
 # (XLP_DECODE_MATVEC, XLP_DECODE_TUNE, XLP_DECODE_COMPILE_MODE) are fixed once per process, so they
 # cannot differ between variants.
-VARIANT_ENV = {"XLP_DECODE_PDL": None, "XLP_DECODE_FUSED": "use_fused", "XLP_DECODE_COMPILE": "use_compile",
-               "XLP_CUDA_GRAPH": "use_graph"}
+VARIANT_ENV = {"XLP_DECODE_PDL": None, "XLP_DECODE_MIX": None, "XLP_DECODE_FUSED": "use_fused",
+               "XLP_DECODE_COMPILE": "use_compile", "XLP_CUDA_GRAPH": "use_graph"}
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -101,6 +103,13 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def pdl_on(device: torch.device) -> bool:
+    """Whether fused kernels launched now would use programmatic dependent launch (XLP_DECODE_PDL)."""
+    from kernels.triton.decode import pdl_wanted
+
+    return pdl_wanted(device)
 
 
 def memory_mb(device: torch.device) -> str:
@@ -162,7 +171,7 @@ def label(r: dict) -> str:
 def print_row(r: dict) -> None:
     print(f"{label(r)}: {r['tokens_per_s']:8.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token (median {r['median_ms']:.3f})  "
           f"prefill {r['prefill_s']:.2f}s  setup {r['setup_s']:.1f}s  state {r['state_mb']:.2f} MiB  {r['memory']}  "
-          f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
+          f"graph={r['graph']} compiled={r['compiled']} fused={r['fused']} pdl={r['pdl']}  vs eager step: max|dlogit| {r['max_abs_diff']:.3g} "
           f"same argmax {r['same_argmax']}; {r['agreement']}", flush=True)
 
 
@@ -193,9 +202,13 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         for name, env in (("base", {}), *variants):
             left_to_env = {VARIANT_ENV[key] for key in env}
             options = {k: (None if k in left_to_env else v) for k, v in base.items()}
+            if name != "base" and device.type == "cuda":  # its own peak, not the prompt's or other decoders'
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
             with environment(env):
                 t0 = time.perf_counter()
                 decoder = StepDecoder(model, state, 1, **options)  # copies the state: each variant starts alike
+                pdl = decoder.fused and device.type == "cuda" and pdl_on(device)
                 got = decoder.step(token).float()
                 diff = (got - expected.float()).abs().max().item()
                 same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
@@ -210,7 +223,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
             rows.append({"ctx": ctx, "variant": name, "env": env, "prefill_s": prefill_s, "setup_s": setup_s,
                          "max_abs_diff": diff, "same_argmax": same_argmax, "memory": memory_mb(device),
                          "state_mb": state_mb(state), "graph": decoder.use_graph, "compiled": decoder.compiled,
-                         "fused": decoder.fused, "agreement": agreement, "times": []})
+                         "fused": decoder.fused, "pdl": pdl, "agreement": agreement, "times": []})
             decoders.append(decoder)
             tokens.append(first)
         del ids, logits, expected
@@ -286,6 +299,12 @@ def main(argv=None) -> int:
         p.error(str(e))
     if len({name for name, _ in variants}) != len(variants):
         p.error("--variant: each variant needs its own NAME")
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        p.error(f"--contexts {args.contexts!r}: expected comma-separated token counts, e.g. 1024,4096,16384")
+    if len(set(contexts)) != len(contexts) or min(contexts) < 1:
+        p.error(f"--contexts {args.contexts!r}: each context once, each at least 1 token")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -308,16 +327,14 @@ def main(argv=None) -> int:
         print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
               "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
     if args.fused and device.type == "cuda":
-        from kernels.triton.decode import pdl_wanted
-
-        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_wanted(device) else 'off'}"
+        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_on(device) else 'off'}"
               f"{' (base)' if variants else ''}")
     for name, env in variants:
         print(f"variant {name}: " + " ".join(f"{k}={v}" for k, v in env.items()))
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
           f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
-    rows = bench_contexts(model, [int(c) for c in args.contexts.split(",")], args.new_tokens, device, use_graph,
+    rows = bench_contexts(model, contexts, args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
                           use_fused=True if args.fused else None, variants=variants)
     return 0 if rows else 1

@@ -4,7 +4,9 @@
 #   fused              in one process, interleaved on the same prompts: the hand-fused xlstm_large step
 #                      (kernels/triton/decode.py) in a CUDA graph (--fused); the same with programmatic dependent
 #                      launch (variant pdl, XLP_DECODE_PDL=1: each kernel streams its first weight tile while its
-#                      predecessor finishes); and the compiled step (variant compiled), with a profile of each
+#                      predecessor finishes); and the compiled step (variant compiled), with a profile of each;
+#                      and, with PDL, the state update with its whole C in one tile (8 warps) and in 64 KB
+#                      tiles (16 warps) instead of the choice timed on the kernel alone
 #   graph              eager ops captured in a CUDA graph (--no-compile)
 #   compiled           the torch.compile'd step in a CUDA graph (the default on CUDA), with a kernel profile;
 #                      matrix-vector products written as inductor reductions (XLP_DECODE_MATVEC=reduce)
@@ -37,8 +39,10 @@ M="-m xlstm_model.bench_decode --model xlstm_large_400m"
 for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
-    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 330 $M --fused --profile \
-             --variant pdl:XLP_DECODE_PDL=1 --variant compiled:XLP_DECODE_FUSED=0 ;;
+    fused) TRITON_PRINT_AUTOTUNING=1 run decode_fused 360 $M --fused --profile \
+             --variant pdl:XLP_DECODE_PDL=1 --variant compiled:XLP_DECODE_FUSED=0 \
+             --variant pdl_whole8:XLP_DECODE_PDL=1,XLP_DECODE_MIX=32768x8 \
+             --variant pdl_tiles16:XLP_DECODE_PDL=1,XLP_DECODE_MIX=16384x16 ;;
     compiled) run decode_compiled 110 $M --profile ;;
     compiled_gemm) XLP_DECODE_MATVEC=gemm run decode_compiled_gemm 110 $M --profile ;;
     compiled_tune) XLP_DECODE_TUNE=1 run decode_compiled_tune 170 $M --profile ;;

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from kernels.triton._common import check_device, interpreting
 
@@ -49,7 +50,9 @@ _INTERPRETER_CONFIG = 5  # (8, 256, 4): the interpreter times nothing, one confi
 # itself). A head's whole C in one tile is requested at once, before the kernel waits for its inputs;
 # smaller tiles keep two in flight. Which is faster is measured on the first call per head shape (on a
 # copy of the state: the kernel updates it in place, so triton.autotune's repeated runs cannot be used
-# on the real one). The interpreter, and a first call inside a graph capture, take the default.
+# on the real one). The interpreter, and a first call inside a graph capture, take the default;
+# XLP_DECODE_MIX=TILExWARPS (e.g. 32768x8) fixes the choice (the timing sees the kernel alone, with a cold cache and
+# no predecessor to overlap: `bench_decode --variant` compares choices within whole decode steps).
 _MIX_CONFIGS = ((32768, 8), (32768, 16), (16384, 16), (16384, 8), (8192, 8), (4096, 4))
 _MIX_DEFAULT = (16384, 16)
 _mix_choice: dict[tuple, tuple[int, int]] = {}
@@ -73,7 +76,7 @@ _AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signatur
 
 
 @triton.autotune(configs=[_LINEAR_CONFIGS[_INTERPRETER_CONFIG]] if interpreting() else _LINEAR_CONFIGS,
-                 key=["N_OUT", "K", "GLU", "NORM"], **_AUTOTUNE_CACHE)
+                 key=["N_OUT", "K", "GLU", "NORM", "PDL"], **_AUTOTUNE_CACHE)
 @triton.jit
 def _linear_kernel(
     X, W, G, BIAS, R, Y, N_OUT, K, eps, cap,
@@ -325,11 +328,26 @@ def mlstm_decode_mix(
     args = (x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
             head_norm_weight)
     consts = dict(norm_eps=norm_eps, head_eps=head_norm_eps, cap=gate_soft_cap, num_heads=NH, ln=head_norm != "rms")
-    key = (B, NH, D, dqk, dv, x.dtype, consts["ln"], bool(gate_soft_cap), x.device, pdl_wanted(x.device))
-    config = _mix_choice.get(key)
+    config = mix_config_from_env()
     if config is None:
-        config = _tune_mix(args, state, consts, key)
+        key = (B, NH, D, dqk, dv, x.dtype, consts["ln"], bool(gate_soft_cap), x.device, pdl_wanted(x.device))
+        config = _mix_choice.get(key) or _tune_mix(args, state, consts, key)
     return _mix(*args, state, **consts, tile=config[0], warps=config[1])
+
+
+def mix_config_from_env() -> Optional[tuple[int, int]]:
+    """XLP_DECODE_MIX: 'auto' or unset (None: timed on first use) or 'TILExWARPS', e.g. '32768x8'."""
+    value = os.environ.get("XLP_DECODE_MIX", "auto").strip().lower()
+    if value == "auto":
+        return None
+    try:
+        tile, warps = (int(v) for v in value.split("x"))
+    except ValueError:
+        tile = warps = 0
+    if tile < 1 or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"XLP_DECODE_MIX={value!r}: expected 'auto' or 'TILExWARPS' with TILE a power of two "
+                         f"(C elements per state tile) and WARPS one of 1, 2, 4, 8, 16, 32")
+    return tile, warps
 
 
 def _mix(x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, state, *, norm_eps, head_eps, cap,
@@ -363,19 +381,31 @@ def _tune_mix(args, state, consts, key) -> tuple[int, int]:
     """The fastest of _MIX_CONFIGS for this shape, timed on a copy of the state (the default where
     nothing can be timed: under the interpreter, off CUDA, or while a CUDA graph is being captured)."""
     x = args[0]
-    if interpreting() or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    dqk, dv = state[0].shape[-2], state[0].shape[-1]
+    say = os.environ.get("TRITON_PRINT_AUTOTUNING") == "1"
+    if interpreting() or x.device.type != "cuda":
+        return _MIX_DEFAULT
+    if torch.cuda.is_current_stream_capturing():  # nothing can run now: the default, not remembered
+        if say:
+            print(f"mlstm_decode_mix: dqk={dqk} dv={dv}: first call inside a CUDA graph capture, default "
+                  f"(tile, warps) {_MIX_DEFAULT}", flush=True)
         return _MIX_DEFAULT
     import triton.testing
 
-    dqk, dv = state[0].shape[-2], state[0].shape[-1]
     scratch = tuple(t.clone() for t in state)
-    times = {}
+    times, failed = {}, {}
     for tile, warps in mix_candidates(dqk, dv):
-        times[tile, warps] = triton.testing.do_bench(
-            lambda: _mix(*args, scratch, **consts, tile=tile, warps=warps), return_mode="median")
+        try:
+            times[tile, warps] = triton.testing.do_bench(
+                lambda: _mix(*args, scratch, **consts, tile=tile, warps=warps), return_mode="median")
+        except OutOfResources as e:  # too many registers or too much shared memory
+            failed[tile, warps] = e
+    if not times:
+        raise RuntimeError(f"mlstm_decode_mix: no launch configuration fits dqk={dqk} dv={dv}: {failed}")
     best = min(times, key=times.get)
     _mix_choice[key] = best
-    if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+    if say:
         print(f"mlstm_decode_mix: dqk={dqk} dv={dv} heads={consts['num_heads']}: (tile, warps) {best}; timed "
-              + ", ".join(f"{c}: {t * 1e3:.2f} us" for c, t in times.items()), flush=True)
+              + ", ".join(f"{c}: {t * 1e3:.2f} us" for c, t in times.items())
+              + "".join(f"; {c} does not fit ({e})" for c, e in failed.items()), flush=True)
     return best
