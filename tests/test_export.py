@@ -360,6 +360,21 @@ def test_bench_decode_variant_errors_name_the_bad_part():
     assert r.returncode == 2 and "each variant needs its own NAME" in r.stderr
 
 
+def test_bench_decode_reports_a_variant_that_fails_and_keeps_the_others():
+    """A variant whose decoder cannot be set up (here: a bad XLP_DECODE_MIX reaches the Triton state
+    update, run by the interpreter) is reported with its error; the base is still measured; exit 1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", XLP_KERNEL_BACKEND="triton")
+    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+                        "--contexts", "16", "--new-tokens", "8", "--warmup", "1", "--vocab-size", "512",
+                        "--device", "cpu", "--variant", "bad:XLP_DECODE_FUSED=1,XLP_DECODE_MIX=7x3"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert re.search(r"^context +16 \[bad\]: FAILED to set up: ValueError: XLP_DECODE_MIX='7x3'", r.stdout, re.M), out
+    assert re.search(r"^context +16: +[0-9.]+ tokens/s", r.stdout, re.M), out
+    assert "FAILED to set up: bad" in r.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["xlstm_large", "xlstm"])
 def test_compiled_step_decoder_matches_model_step(arch):

@@ -36,6 +36,7 @@ import resource
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -176,6 +177,33 @@ def print_row(r: dict) -> None:
 
 
 @torch.no_grad()
+def set_up(model, state, token, expected, env: dict, options: dict, device, warmup: int):
+    """A decoder under `env` on a copy of `state`, its graphs captured, checked against the eager
+    step's logits `expected` and warmed up -> (its row's fields, the decoder, its next input token)."""
+    if env and device.type == "cuda":  # its own peak, not the prompt's or other decoders'
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    with environment(env):
+        t0 = time.perf_counter()
+        decoder = StepDecoder(model, state, 1, **options)  # copies the state: each variant starts alike
+        pdl = decoder.fused and device.type == "cuda" and pdl_on(device)
+        got = decoder.step(token).float()
+        diff = (got - expected.float()).abs().max().item()
+        same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
+        first = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
+        first.item()
+        setup_s = time.perf_counter() - t0
+        agreement = greedy_agreement(decoder, first)
+        for _ in range(warmup):
+            first = decoder.step_greedy(first)
+            first.item()
+    row = {"setup_s": setup_s, "max_abs_diff": diff, "same_argmax": same_argmax, "memory": memory_mb(device),
+           "state_mb": state_mb(state), "graph": decoder.use_graph, "compiled": decoder.compiled,
+           "fused": decoder.fused, "pdl": pdl, "agreement": agreement, "times": []}
+    return row, decoder, first
+
+
+@torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
                    rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None,
                    variants: tuple = ()) -> list[dict]:
@@ -185,7 +213,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
     decoder. Each decoder's first logits are compared with the plain eager `model.step` on the same
     state (max_abs_diff), and its greedy tokens with the argmax of its plain step. Each row is printed
     as soon as it is measured."""
-    rows, decoders, tokens = [], [], []
+    rows, decoders, tokens, failed = [], [], [], []
     base = {"use_graph": use_graph, "use_compile": use_compile, "use_fused": use_fused}
     for ctx in contexts:
         gen = torch.Generator(device="cpu").manual_seed(ctx)
@@ -202,28 +230,14 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         for name, env in (("base", {}), *variants):
             left_to_env = {VARIANT_ENV[key] for key in env}
             options = {k: (None if k in left_to_env else v) for k, v in base.items()}
-            if name != "base" and device.type == "cuda":  # its own peak, not the prompt's or other decoders'
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-            with environment(env):
-                t0 = time.perf_counter()
-                decoder = StepDecoder(model, state, 1, **options)  # copies the state: each variant starts alike
-                pdl = decoder.fused and device.type == "cuda" and pdl_on(device)
-                got = decoder.step(token).float()
-                diff = (got - expected.float()).abs().max().item()
-                same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
-                first = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
-                first.item()
-                setup_s = time.perf_counter() - t0
-                del got
-                agreement = greedy_agreement(decoder, first)
-                for _ in range(warmup):
-                    first = decoder.step_greedy(first)
-                    first.item()
-            rows.append({"ctx": ctx, "variant": name, "env": env, "prefill_s": prefill_s, "setup_s": setup_s,
-                         "max_abs_diff": diff, "same_argmax": same_argmax, "memory": memory_mb(device),
-                         "state_mb": state_mb(state), "graph": decoder.use_graph, "compiled": decoder.compiled,
-                         "fused": decoder.fused, "pdl": pdl, "agreement": agreement, "times": []})
+            try:
+                row, decoder, first = set_up(model, state, token, expected, env, options, device, warmup)
+            except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
+                failed.append(name)
+                print(f"context {ctx:>6} [{name}]: FAILED to set up: {type(e).__name__}: {e}", flush=True)
+                traceback.print_exc()
+                continue
+            rows.append({"ctx": ctx, "variant": name, "env": env, "prefill_s": prefill_s, **row})
             decoders.append(decoder)
             tokens.append(first)
         del ids, logits, expected
@@ -246,21 +260,24 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         print_row(r)
     names = [name for name, _ in (("base", {}), *variants)]
     by = {(r["ctx"], r["variant"]): r for r in rows}
-    if len(contexts) > 1:
-        for name in names:
+    for name in names:
+        if len(contexts) > 1 and (contexts[0], name) in by and (contexts[-1], name) in by:
             lo, hi = by[contexts[0], name], by[contexts[-1], name]
             print(f"ms/token at {hi['ctx']} vs {lo['ctx']}{'' if name == 'base' else f' [{name}]'}: "
                   f"{hi['ms_per_token'] / lo['ms_per_token']:.3f}x mean, {hi['median_ms'] / lo['median_ms']:.3f}x median",
                   flush=True)
     for name in names[1:]:
         ratios = "  ".join(f"{ctx}: {by[ctx, name]['ms_per_token'] / by[ctx, 'base']['ms_per_token']:.3f}x"
-                           for ctx in contexts)
-        print(f"ms/token [{name}] vs base: {ratios}", flush=True)
-    if profile:
-        for j, r in enumerate(rows[:len(names)]):
-            print(f"profile of {label(r)}:")
-            with environment(r["env"]):
-                print_profile(decoders[j], tokens[j], device)
+                           for ctx in contexts if (ctx, name) in by and (ctx, "base") in by)
+        if ratios:
+            print(f"ms/token [{name}] vs base: {ratios}", flush=True)
+    if profile:  # each decoder's first context
+        for name in names:
+            j = next((j for j, r in enumerate(rows) if r["variant"] == name), None)
+            if j is not None:
+                print(f"profile of {label(rows[j])}:")
+                with environment(rows[j]["env"]):
+                    print_profile(decoders[j], tokens[j], device)
     # Greedy generation as xlp generate runs it: the device runs ahead of the host (greedy_tokens).
     for j, decoder in enumerate(decoders):
         with environment(rows[j]["env"]):
@@ -270,7 +287,9 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
             rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
         print(f"{label(rows[j])}: run-ahead (xlp generate --temperature 0) {rows[j]['run_ahead_tps']:8.1f} "
               f"tokens/s  {1e3 / rows[j]['run_ahead_tps']:7.3f} ms/token", flush=True)
-    return rows
+    if failed:
+        print(f"FAILED to set up: {', '.join(sorted(set(failed)))} (see above)", flush=True)
+    return rows, failed
 
 
 def main(argv=None) -> int:
@@ -334,10 +353,10 @@ def main(argv=None) -> int:
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
           f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
-    rows = bench_contexts(model, contexts, args.new_tokens, device, use_graph,
+    rows, failed = bench_contexts(model, contexts, args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
                           use_fused=True if args.fused else None, variants=variants)
-    return 0 if rows else 1
+    return 0 if rows and not failed else 1
 
 
 if __name__ == "__main__":
