@@ -53,5 +53,5 @@ for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager
   esac
 done
 echo "== summary ($(( $(date +%s) - t0 ))s total) =="
-for f in "$LOGDIR"/decode_*.log; do echo "-- $(basename "$f")"; grep -hE "^(compile options|fused step|variant|context|ms/token|profile)|Error|Traceback" "$f" | cut -c1-250; done
+for f in "$LOGDIR"/decode_*.log; do echo "-- $(basename "$f")"; grep -hE "^(compile options|fused step|variant|context|ms/token|profile|mlstm_decode_mix:|FAILED)|Error|Traceback" "$f" | cut -c1-250; done
 exit $rc
