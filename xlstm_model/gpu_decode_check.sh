@@ -35,7 +35,9 @@ run() {  # run NAME TIMEOUT ARGS...
   local r=${PIPESTATUS[0]}
   [ "$r" -ne 0 ] && { echo "!! $name exited $r"; rc=1; }
 }
-M="-m xlstm_model.bench_decode --model xlstm_large_400m"
+# BENCH_ARGS replaces the model arguments, e.g. for a dry run of the script on CPU:
+#   BENCH_ARGS="--model tiny_xlstm_large --contexts 64,128 --new-tokens 8 --vocab-size 512 --device cpu" bash xlstm_model/gpu_decode_check.sh fused
+M="-m xlstm_model.bench_decode ${BENCH_ARGS:---model xlstm_large_400m}"
 for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
