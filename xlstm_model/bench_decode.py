@@ -215,6 +215,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
     as soon as it is measured."""
     rows, decoders, tokens, failed = [], [], [], []
     base = {"use_graph": use_graph, "use_compile": use_compile, "use_fused": use_fused}
+    settings = (("base", {}), *variants)
     for ctx in contexts:
         gen = torch.Generator(device="cpu").manual_seed(ctx)
         ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=gen).to(device)
@@ -227,7 +228,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         token.item()
         prefill_s = time.perf_counter() - t0
         expected, _ = model.step(token, [tuple(t.clone() for t in s) for s in state])
-        for name, env in (("base", {}), *variants):
+        for name, env in settings:
             left_to_env = {VARIANT_ENV[key] for key in env}
             options = {k: (None if k in left_to_env else v) for k, v in base.items()}
             try:
@@ -258,7 +259,7 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         r["median_ms"] = 1e3 * times[len(times) // 2]
         r["tokens_per_s"] = len(times) / sum(times)
         print_row(r)
-    names = [name for name, _ in (("base", {}), *variants)]
+    names = [name for name, _ in settings]
     by = {(r["ctx"], r["variant"]): r for r in rows}
     for name in names:
         if len(contexts) > 1 and (contexts[0], name) in by and (contexts[-1], name) in by:

@@ -202,8 +202,9 @@ def _mix_kernel(
     # them (the first C tile, the largest load) before waiting for this step's inputs. (Under
     # PDL only the kernel just before this one can still be running, and it does not write C, n or m:
     # nothing but this kernel may write them inside a decode step.)
-    c = tl.load(c_ptrs, mask=(offs_t < DQK)[:, None] & vmask[None, :], other=0.0)
-    n_prev = tl.load(N_ + offs_t, mask=offs_t < DQK, other=0.0)
+    kmask = offs_t < DQK  # the first tile's rows of C (and of n, q, k)
+    c = tl.load(c_ptrs, mask=kmask[:, None] & vmask[None, :], other=0.0)
+    n_prev = tl.load(N_ + offs_t, mask=kmask, other=0.0)
     m_prev = tl.load(M + pid)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
@@ -216,7 +217,6 @@ def _mix_kernel(
     # this step's q, k (first tile), v and o are requested now, so that their latency overlaps the
     # gate dot products' instead of following it
     base = QKVO + row * (2 * NH * DQK + 2 * NH * DV)
-    kmask = offs_t < DQK
     q = tl.load(base + head * DQK + offs_t, mask=kmask, other=0.0)
     k = tl.load(base + NH * DQK + head * DQK + offs_t, mask=kmask, other=0.0)
     v = tl.load(base + 2 * NH * DQK + head * DV + offs_v, mask=vmask, other=0.0).to(tl.float32)
