@@ -25,7 +25,7 @@ from pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dt
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
 from pipeline.train.dist import detect
-from pipeline.train.main import deepspeed_config, parse_faults
+from pipeline.train.hooks import TrainHooks, load_hooks
 from pipeline.train.monitor import read_metrics
 from pipeline.train.optim import StepGate, param_groups
 from pipeline.train.schedule import lr_at
@@ -157,7 +157,7 @@ def test_config_defaults_and_validation():
 def test_deepspeed_config_passthrough():
     tc = TrainConfig(micro_batch_size=4, grad_accum=3, zero_stage=2, grad_clip=0.5, offload_optimizer=True,
                      deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "communication_data_type": "fp32"})
-    ds = deepspeed_config(tc, world_size=2, cuda=False)
+    ds = tc.deepspeed_config(world_size=2, cuda=False)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "reduce_bucket_size": 1000}
@@ -245,8 +245,17 @@ def test_checkpoint_listing_ignores_partial_and_prunes(tmp_path):
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [20, 30]
 
 
-def test_faults_and_metrics_reader(tmp_path):
-    assert parse_faults("nan_loss@5-7,kill_after_save@30") == {"nan_loss": {5, 6, 7}, "kill_after_save": {30}}
+def test_hooks_and_metrics_reader(tmp_path):
+    from tests.train_faults import KILL_AFTER_SAVE_30, NAN_LOSS_AT_3_4
+
+    assert type(load_hooks(None)) is TrainHooks and load_hooks("tests.train_faults:NAN_LOSS_AT_3_4") is NAN_LOSS_AT_3_4
+    assert load_hooks("tests.train_faults:KILL_AFTER_SAVE_30") is KILL_AFTER_SAVE_30
+    assert math.isnan(NAN_LOSS_AT_3_4.loss(3, 0, torch.tensor(1.0))) and NAN_LOSS_AT_3_4.loss(3, 1, 1.0) == 1.0
+    assert NAN_LOSS_AT_3_4.loss(5, 0, 1.0) == 1.0
+    for spec, words in (("nocolon", "expected module:name"), ("tests.train_faults:NOPE", "NOPE"),
+                        ("tests.train_faults:signal", "not a TrainHooks")):
+        with pytest.raises(ValueError, match=words):
+            load_hooks(spec)
     p = tmp_path / "m.jsonl"
     p.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 2, "a": 3}\n{"step": 3, "a"')
     assert read_metrics(p) == {1: {"step": 1, "a": 1}, 2: {"step": 2, "a": 3}}
@@ -270,11 +279,11 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("data") / "shard")
 
 
-def train(run_dir: Path, shards: Path, overrides: list[str], procs: int = 2, env: dict | None = None) -> dict:
+def train(run_dir: Path, shards: Path, overrides: list[str], procs: int = 2, hooks: str | None = None) -> dict:
     from pipeline.train.launch import launch
 
     config = write_config(run_dir, [f"train.cpu_processes={procs}", *overrides])
-    launch(run_dir, config=config, cpu_processes=procs, shard_dir=shards, extra_env=env)
+    launch(run_dir, config=config, cpu_processes=procs, shard_dir=shards, hooks=hooks)
     return json.loads((run_dir / "train" / "result.json").read_text())
 
 
@@ -333,7 +342,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
 
     killed = tmp_path / "killed"
     with pytest.raises(TrainFailed, match="SIGKILL"):
-        train(killed, shards, common, env={"XLP_TRAIN_FAULTS": "kill_after_save@30"})
+        train(killed, shards, common, hooks="tests.train_faults:KILL_AFTER_SAVE_30")
     assert ckpt.latest_checkpoint(killed / "train" / "checkpoints").name == ckpt.name_of(30)
     assert max(read_metrics(killed / "train" / "metrics.jsonl")) == 30
     result = train(killed, shards, common)  # the rerun resumes from step 30
@@ -432,7 +441,7 @@ def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     common = ["train.steps=8", "train.eval_every=0", "train.save_every=0", "train.max_bad_steps=3"]
     # ZeRO-0 (our own check) with 2 ranks: rank 0's NaN must stop the step on both ranks
     run = tmp_path / "skip"
-    result = train(run, shards, [*common, "train.zero_stage=0"], env={"XLP_TRAIN_FAULTS": "nan_loss@3-4"})
+    result = train(run, shards, [*common, "train.zero_stage=0"], hooks="tests.train_faults:NAN_LOSS_AT_3_4")
     m = read_metrics(run / "train" / "metrics.jsonl")
     assert result["skipped_steps"] == 2 and result["step"] == 8
     assert [m[s]["train/skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 2, 2, 2, 2, 2]
@@ -441,4 +450,4 @@ def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     # ZeRO-2 (DeepSpeed's overflow check), one rank: 3 bad steps in a row fail the run, naming the step
     run = tmp_path / "fail"
     with pytest.raises(TrainFailed, match="at step 4.*steps 2-4.*train.max_bad_steps=3"):
-        train(run, shards, [*common, "train.zero_stage=2"], procs=1, env={"XLP_TRAIN_FAULTS": "nan_loss@2-6"})
+        train(run, shards, [*common, "train.zero_stage=2"], procs=1, hooks="tests.train_faults:NAN_LOSS_AT_2_6")

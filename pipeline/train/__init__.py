@@ -1,16 +1,21 @@
 """The train stage: a DeepSpeed ZeRO training loop, on GPUs (NCCL) or CPU processes (gloo).
 
 Modules
-  config.py      `train.*` (TrainConfig) and its validation
-  main.py        one rank: `python -m pipeline.train.main --run-dir RUN_DIR [--config FILE]`
-  launch.py      starts the ranks on this machine for the stage (one per GPU, else train.cpu_processes)
+  config.py      `train.*` (TrainConfig), its validation, and the DeepSpeed config it gives
+  trainer.py     the loop of one rank: Trainer.train_step / validate / save / restore / log, StepStats
+  main.py        the rank's entry points: `python -m pipeline.train.main --run-dir RUN_DIR [KEY=VALUE ...]`
+                 and `ray_train_loop` for Ray Train; reads the config, starts the process group
+  hooks.py       TrainHooks: where tests step into the loop (`--hooks module:name`), no-ops otherwise
+  launch.py      starts the ranks (local processes, srun in an allocation, Ray Train workers) and
+                 watches them with one `supervise()`: log streaming, stop on SIGTERM, failures
   dist.py        rank/world size from torchrun, `deepspeed`, srun, mpirun, Ray Train or nothing
   checkpoint.py  atomic checkpoints (newest train.keep_checkpoints kept) and the consolidated model
   optim.py       AdamW parameter groups (no decay on norms, biases, gates, embeddings), step veto
   schedule.py    warmup + cosine, warmup-stable-decay (a function of the step: nothing to restore)
   monitor.py     W&B (wandb.*), metrics.jsonl, console progress, MFU, memory
 
-Launching outside the stage (the config is the run's resolved config, RUN_DIR/config.yaml):
+Launching outside the stage (the config is the run's resolved config, RUN_DIR/config.yaml; KEY=VALUE
+arguments after it override keys, e.g. `train.device=cpu`):
   torchrun --nproc-per-node 8 -m pipeline.train.main --run-dir RUN_DIR
   deepspeed --num_gpus 8 --module pipeline.train.main --run-dir RUN_DIR
   srun --ntasks-per-node 8 python -m pipeline.train.main --run-dir RUN_DIR

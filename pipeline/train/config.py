@@ -11,6 +11,7 @@ from typing import Any, Optional
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
 LAUNCHERS = ("auto", "local", "slurm", "ray")
+DEVICES = ("auto", "cpu")
 
 # DeepSpeed keys the train config sets itself: `train.deepspeed` may not set them (use the train key).
 OWNED_DEEPSPEED_KEYS = {
@@ -38,8 +39,11 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     cpu_processes: int = 1  # gloo ranks on this machine (per node under srun) when there is no GPU
     # how the ranks start: local processes | slurm (srun in the allocation) | ray (Ray Train workers);
-    # auto: what `xlp submit` says for the job (XLP_LAUNCHER), else local
+    # auto: local (`xlp submit` sets slurm or ray in the config it sends)
     launcher: str = "auto"
+    # auto: one rank per GPU when there are GPUs, else train.cpu_processes gloo ranks; cpu: CPU ranks
+    # even where there are GPUs (a launcher passes its choice to the ranks as this key)
+    device: str = "auto"
     grad_accum: int = 1  # micro-steps per optimizer step
 
     # AdamW; no weight decay on norms, biases, embeddings and gate biases (any tensor with ndim < 2)
@@ -89,6 +93,8 @@ class TrainConfig:
             raise bad("precision", f"is {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
         if self.launcher not in LAUNCHERS:
             raise bad("launcher", f"is {self.launcher!r}; valid values: {', '.join(LAUNCHERS)}")
+        if self.device not in DEVICES:
+            raise bad("device", f"is {self.device!r}; valid values: {', '.join(DEVICES)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"is {self.schedule!r}; valid values: {', '.join(SCHEDULES)}")
         if not self.lr > 0:
@@ -121,3 +127,32 @@ class TrainConfig:
         for key, owner in OWNED_ZERO_KEYS.items():
             if key in zero:
                 raise bad(f"deepspeed.zero_optimization.{key}", f"is set by {owner}; set that instead")
+
+    def deepspeed_config(self, world_size: int, cuda: bool) -> dict[str, Any]:
+        """The DeepSpeed config from train.*, with train.deepspeed merged over it."""
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        if self.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro_batch_size * self.grad_accum * world_size,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16", "check_grad_overflow": True},
+            "zero_allow_untested_optimizer": True,
+            # on CPU the torch AdamW works on the offloaded states (DeepSpeedCPUAdam is a JIT-built op)
+            "zero_force_ds_cpu_optimizer": bool(cuda),
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        return _deep_merge(cfg, dict(self.deepspeed or {}))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -103,9 +103,9 @@ def _group_started() -> bool:
         return False
 
 
-def use_cuda() -> bool:
-    """GPUs unless XLP_TRAIN_DEVICE=cpu (or there are none)."""
-    if os.environ.get("XLP_TRAIN_DEVICE", "").lower() == "cpu":
+def use_cuda(device: str = "auto") -> bool:
+    """GPUs unless `train.device` is cpu (or there are none)."""
+    if device == "cpu":
         return False
     import torch
 

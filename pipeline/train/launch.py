@@ -1,13 +1,16 @@
 """Start the training ranks and watch them: as processes on this machine, with `srun` inside a Slurm
 allocation, or as Ray Train workers on a Ray cluster (`train.launcher`: auto | local | slurm | ray;
-auto follows XLP_LAUNCHER, which `xlp submit` sets for the job, else local).
+auto is local, and `xlp submit` sets slurm or ray in the config it sends).
 
-One rank per GPU, or `train.cpu_processes` gloo ranks when there is none (or XLP_TRAIN_DEVICE=cpu);
-with srun that is per node of the allocation, with Ray Train one per GPU of the cluster.
-Every rank writes RUN_DIR/train/logs/rank_<r>.log; rank 0's streams to our stdout. A rank that fails
-fails the launch (TrainFailed) with its log tail; the others are ended. SIGTERM or SIGINT here is
-forwarded to the ranks, which save a checkpoint and exit (TrainInterrupted); locally the ranks also
-get SIGTERM if this process dies (PR_SET_PDEATHSIG), under srun the srun step does.
+One rank per GPU, or `train.cpu_processes` gloo ranks when there is none (or `train.device=cpu`);
+with srun that is per node of the allocation, with Ray Train one per GPU of the cluster. The launcher
+passes its choices to the ranks as config overrides (`train.device=cpu`), never through the environment.
+
+Every launcher starts a `Ranks` and hands it to `supervise()`, which is the same for all three: rank
+0's log (RUN_DIR/train/logs/rank_0.log) streams to our stdout; SIGTERM or SIGINT here asks the ranks
+to save a checkpoint and exit (TrainInterrupted), and after `grace_s` they are killed; a rank that
+fails fails the launch (TrainFailed) with its log tail, and the others are ended. Locally the ranks
+also get SIGTERM if this process dies (PR_SET_PDEATHSIG); under srun the srun step does.
 """
 from __future__ import annotations
 
@@ -21,14 +24,16 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
-from pipeline.stage import output_to
+from pipeline.layout import RunLayout, TrainLayout
 from pipeline.train.dist import free_port
-from pipeline.train.main import EXIT_STOPPED
+from pipeline.train.trainer import EXIT_STOPPED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LAUNCHERS = ("auto", "local", "slurm", "ray")
 
 
 class TrainFailed(RuntimeError):
@@ -39,11 +44,251 @@ class TrainInterrupted(RuntimeError):
     """The ranks stopped on a signal after saving a checkpoint; rerunning the stage resumes."""
 
 
-def _pdeathsig() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+@dataclass
+class RankCommand:
+    """What every launcher starts: `python -m pipeline.train.main` with these arguments."""
+
+    run_dir: Path
+    config: Path
+    out: TrainLayout
+    shard_dir: Optional[Path] = None
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE, e.g. train.device=cpu
+    hooks: Optional[str] = None  # module:name of pipeline.train.hooks.TrainHooks (tests)
+
+    def argv(self) -> list[str]:
+        cmd = [sys.executable, "-m", "pipeline.train.main", "--run-dir", str(self.run_dir), "--config",
+               str(self.config), "--out-dir", str(self.out.root)]
+        if self.shard_dir is not None:
+            cmd += ["--shard-dir", str(self.shard_dir)]
+        if self.hooks:
+            cmd += ["--hooks", self.hooks]
+        return cmd + self.overrides
+
+    def loop_config(self) -> dict:
+        """The same, as pipeline.train.main.ray_train_loop's config."""
+        return {"run_dir": str(self.run_dir), "config": str(self.config), "out_dir": str(self.out.root),
+                "shard_dir": str(self.shard_dir) if self.shard_dir is not None else None,
+                "overrides": list(self.overrides), "hooks": self.hooks}
+
+    def on_cpu(self) -> None:
+        self.overrides.append("train.device=cpu")
+
+
+def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional[Path] = None,
+           shard_dir: Optional[Path] = None, threads: int = 0, stream: Optional[IO[str]] = None,
+           extra_env: Optional[dict] = None, grace_s: float = 600.0, launcher: str = "auto",
+           device: str = "auto", hooks: Optional[str] = None) -> int:
+    """Run the ranks to completion. Returns the number of ranks; raises TrainFailed/TrainInterrupted."""
+    run_dir = Path(run_dir)
+    out = TrainLayout(Path(out_dir)) if out_dir else RunLayout(run_dir).train
+    out.logs.mkdir(parents=True, exist_ok=True)
+    stream = stream or sys.stdout
+    how = choose_launcher(launcher)
+    command = RankCommand(run_dir, Path(config), out, shard_dir, hooks=hooks)
+    start = {"local": LocalRanks, "slurm": SlurmRanks, "ray": RayRanks}[how]
+    _clear_rank_logs(out.logs)
+    ranks = start(command, cpu_processes=cpu_processes, threads=threads, device=device,
+                  extra_env=extra_env or {}, stream=stream)
+    return supervise(ranks, out, stream=stream, grace_s=grace_s)
+
+
+def choose_launcher(requested: str = "auto", env: Optional[dict] = None) -> str:
+    """local | slurm | ray for `train.launcher` (auto: local; slurm only inside an allocation)."""
+    env = os.environ if env is None else env
+    requested = (requested or "auto").strip().lower()
+    if requested not in LAUNCHERS:
+        raise TrainFailed(f"train.launcher is {requested!r}; valid values: {', '.join(LAUNCHERS)}")
+    if requested == "auto":
+        return "local"
+    if requested == "slurm":
+        if not env.get("SLURM_JOB_ID"):
+            raise TrainFailed("train.launcher=slurm needs a Slurm allocation (SLURM_JOB_ID is not set): "
+                              "submit with `xlp submit --to slurm`, or set train.launcher=local")
+        if shutil.which("srun", path=env.get("PATH")) is None:
+            raise TrainFailed("train.launcher=slurm: srun is not on PATH")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# supervise: one way to wait for ranks, whoever started them
+
+
+@dataclass(frozen=True)
+class Failure:
+    rank: int
+    how: str  # "exit status 1", "srun killed by SIGKILL", "Ray Train"
+    why: str  # the rank's error message, or where to look
+
+
+STOPPED = "stopped"  # Ranks.outcome(): they saved a checkpoint and exited on a stop request
+
+
+class Ranks:
+    """A started set of ranks, as `supervise` sees it."""
+
+    n: int
+
+    def done(self) -> bool:
+        """All ranks have ended (may also end the others once one has failed)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask every rank to save a checkpoint and exit."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """The stop took longer than its grace period: end the ranks now."""
+        raise NotImplementedError
+
+    def outcome(self, received: list[int]) -> "None | str | Failure":
+        """None (trained to the end), STOPPED, or the Failure of the rank that caused it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
         pass
+
+
+def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float) -> int:
+    """Wait for `ranks`, rank 0's log followed to `stream`, SIGTERM/SIGINT forwarded as a stop
+    request. Returns the number of ranks; raises TrainFailed or TrainInterrupted."""
+    ended = threading.Event()
+    pump = threading.Thread(target=follow_log, args=(out.rank_log(0), ended, stream), daemon=True)
+    pump.start()
+    received: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        if not received:
+            ranks.stop()
+        received.append(signum)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, forward)
+    try:
+        _wait(ranks, received, grace_s)
+    except BaseException:  # e.g. Ray cancelling the stage task: let the ranks save, then go
+        forward(signal.SIGTERM, None)
+        _wait(ranks, received, grace_s)
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        ended.set()
+        pump.join(timeout=10)
+        ranks.close()
+    outcome = ranks.outcome(received)
+    if outcome is None:
+        return ranks.n
+    if outcome == STOPPED:
+        name = signal.Signals(received[0]).name if received else "SIGTERM"
+        raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
+                               f"({out.checkpoints}); rerun the stage to resume")
+    log = out.rank_log(outcome.rank)
+    raise TrainFailed(f"train rank {outcome.rank} failed ({outcome.how}): {outcome.why}\n"
+                      f"--- last lines of {log} ---\n{tail(log)}")
+
+
+def _wait(ranks: Ranks, received: list[int], grace_s: float) -> None:
+    """Until every rank has ended; once a stop was asked for, give them grace_s, then kill them."""
+    deadline: Optional[float] = None
+    while not ranks.done():
+        if received and deadline is None:
+            deadline = time.monotonic() + grace_s
+        if deadline is not None and time.monotonic() > deadline:
+            ranks.kill()
+            deadline = time.monotonic() + 3600
+        time.sleep(0.1)
+
+
+def follow_log(path: Path, ended: threading.Event, stream: IO[str]) -> None:
+    """Copy the lines written to `path` (once it exists) to `stream`, until `ended` is set and all
+    are copied."""
+    while not path.exists():
+        if ended.wait(0.2):
+            return
+    with open(path, "r", errors="replace") as src:
+        pending = ""
+        while True:
+            done = ended.is_set()
+            chunk = src.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                _say(stream, "\n".join(lines), empty_ok=False)
+            elif done:
+                break
+            else:
+                time.sleep(0.1)
+        if pending:
+            _say(stream, pending)
+
+
+def _say(stream: IO[str], text: str, empty_ok: bool = True) -> None:
+    if not text and not empty_ok:
+        return
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (ValueError, OSError):
+        pass
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _code(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _why(out: TrainLayout, rank: int, code: int) -> str:
+    err = out.rank_error(rank)
+    if err.is_file():
+        return err.read_text().strip()
+    if code < 0:
+        return "the process was killed (out of memory? killed by hand?)"
+    return "see the log below"
+
+
+def _clear_rank_logs(logs: Path) -> None:
+    """Old rank logs would be followed (and blamed) before the new ranks write theirs."""
+    for pattern in ("rank_*.log", "rank_*.error"):
+        for f in logs.glob(pattern):
+            f.unlink(missing_ok=True)
+
+
+def _first_error_rank(out: TrainLayout) -> Optional[int]:
+    """The rank that wrote an error message (rank_<r>.error), lowest first."""
+    ranks = sorted(int(m.group(1)) for f in out.logs.glob("rank_*.error")
+                   if (m := re.fullmatch(r"rank_(\d+)\.error", f.name)))
+    return ranks[0] if ranks else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What every launcher gives its ranks
+
+
+def rank_env(base: dict, *, cpu_threads: Optional[int], extra_env: dict) -> dict:
+    """The ranks' environment: ours, with the repo importable, unbuffered output, and on CPU the
+    DeepSpeed CPU accelerator and `cpu_threads` OpenMP threads (None: ranks on GPUs)."""
+    env = dict(base)
+    env.update({
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    })
+    if cpu_threads is not None:
+        env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cpu_threads)})
+    env.update(extra_env)
+    return env
 
 
 def visible_devices_for_ranks(env: dict) -> None:
@@ -67,11 +312,11 @@ def _in_ray_worker() -> bool:
         return False
 
 
-def count_gpus(env: Optional[dict] = None) -> int:
-    """GPUs the ranks will see (0 with XLP_TRAIN_DEVICE=cpu)."""
-    env = dict(os.environ if env is None else env)
-    if env.get("XLP_TRAIN_DEVICE", "").lower() == "cpu":
+def count_gpus(env: Optional[dict] = None, device: str = "auto") -> int:
+    """GPUs the ranks will see (0 with train.device=cpu)."""
+    if device == "cpu":
         return 0
+    env = dict(os.environ if env is None else env)
     if env.get("CUDA_VISIBLE_DEVICES") != os.environ.get("CUDA_VISIBLE_DEVICES"):
         # this process's CUDA view differs from the ranks': ask a fresh interpreter
         try:
@@ -88,250 +333,81 @@ def count_gpus(env: Optional[dict] = None) -> int:
         return 0
 
 
-def tail(path: Path, lines: int = 40) -> str:
+def _pdeathsig() -> None:
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-LAUNCHERS = ("auto", "local", "slurm", "ray")
-
-
-def choose_launcher(requested: str = "auto", env: Optional[dict] = None) -> str:
-    """local | slurm | ray for `train.launcher` (auto: XLP_LAUNCHER, else local; slurm only inside an
-    allocation)."""
-    env = os.environ if env is None else env
-    requested = (requested or "auto").strip().lower()
-    if requested not in LAUNCHERS:
-        raise TrainFailed(f"train.launcher is {requested!r}; valid values: {', '.join(LAUNCHERS)}")
-    explicit = requested != "auto"
-    if not explicit:
-        requested = env.get("XLP_LAUNCHER", "").strip().lower() or "local"
-        if requested not in LAUNCHERS[1:]:
-            raise TrainFailed(f"XLP_LAUNCHER is {requested!r}; valid values: local, slurm, ray")
-    if requested == "slurm":
-        if not env.get("SLURM_JOB_ID"):
-            if not explicit:
-                return "local"  # XLP_LAUNCHER=slurm leaked outside an allocation: run here
-            raise TrainFailed("train.launcher=slurm needs a Slurm allocation (SLURM_JOB_ID is not set): "
-                              "submit with `xlp submit --to slurm`, or set train.launcher=local")
-        if shutil.which("srun", path=env.get("PATH")) is None:
-            raise TrainFailed("train.launcher=slurm (or XLP_LAUNCHER=slurm): srun is not on PATH")
-    return requested
-
-
-def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional[Path] = None,
-           shard_dir: Optional[Path] = None, threads: int = 0, stream: Optional[IO[str]] = None,
-           extra_env: Optional[dict] = None, grace_s: float = 600.0, launcher: str = "auto") -> int:
-    """Run the ranks to completion. Returns the number of ranks; raises TrainFailed/TrainInterrupted."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir / "train")
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    stream = stream or sys.stdout
-    how = choose_launcher(launcher)
-    kwargs = dict(config=config, cpu_processes=cpu_processes, out_dir=out_dir, shard_dir=shard_dir,
-                  threads=threads, stream=stream, extra_env=extra_env, grace_s=grace_s)
-    if how == "slurm":
-        return launch_slurm(run_dir, **kwargs)
-    if how == "ray":
-        return launch_ray(run_dir, **kwargs)
-    env = dict(os.environ)
-    visible_devices_for_ranks(env)
-    gpus = count_gpus(env)
-    n = gpus or cpu_processes
-    env.update({
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(n),
-        "LOCAL_SIZE": str(n),
-        "LOCAL_WORLD_SIZE": str(n),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    })
-    for key in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):  # we are the launcher now
-        env.pop(key, None)
-    if not gpus:
-        cores = len(os.sched_getaffinity(0))
-        t = threads or max(1, cores // n)
-        env.update({"XLP_TRAIN_DEVICE": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(t)})
-    env.update(extra_env or {})
-    cmd = [sys.executable, "-m", "pipeline.train.main", "--run-dir", str(run_dir), "--config", str(config),
-           "--out-dir", str(out_dir)]
-    if shard_dir is not None:
-        cmd += ["--shard-dir", str(shard_dir)]
-    _say(stream, f"launch: local processes, {n} ranks ({'GPU' if gpus else 'CPU'})")
-
-    procs: list[subprocess.Popen] = []
-    log_files = []
-    pump: Optional[threading.Thread] = None
-    for r in range(n):
-        renv = dict(env, RANK=str(r), LOCAL_RANK=str(r))
-        log_path = logs / f"rank_{r}.log"
-        f = open(log_path, "w")
-        log_files.append(f)
-        # every rank writes only its log file, so a rank never depends on us reading a pipe (it
-        # must still save a checkpoint when this process is gone); rank 0's log is followed
-        p = subprocess.Popen(cmd, env=renv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
-        if r == 0:
-            pump = threading.Thread(target=_follow, args=(log_path, p, stream), daemon=True)
-            pump.start()
-        procs.append(p)
-
-    received: list[int] = []
-
-    def forward(signum, frame):  # noqa: ARG001
-        received.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGINT):
-            old[s] = signal.signal(s, forward)
-    try:
-        failed = _wait(procs, received, grace_s, out_dir)
-    except BaseException:  # e.g. Ray cancelling the task: let the ranks save, then go
-        forward(signal.SIGTERM, None)
-        _wait(procs, received, grace_s, out_dir)
-        raise
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if pump is not None:
-            pump.join(timeout=10)
-        for f in log_files:
-            f.close()
-
-    if failed is not None:
-        r, code = failed
-        why = _why(out_dir, r, code)
-        raise TrainFailed(f"train rank {r} failed ({_code(code)}): {why}\n"
-                          f"--- last lines of {logs / f'rank_{r}.log'} ---\n{tail(logs / f'rank_{r}.log')}")
-    codes = [p.returncode for p in procs]
-    if received or any(c == EXIT_STOPPED for c in codes):
-        name = signal.Signals(received[0]).name if received else "SIGTERM"
-        raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
-                               f"({out_dir / 'checkpoints'}); rerun the stage to resume")
-    return n
-
-
-def _follow(path: Path, proc: subprocess.Popen, stream: IO[str]) -> None:
-    """Copy the lines appended to `path` to `stream` until `proc` has exited and all are copied."""
-    with open(path, "r", errors="replace") as src:
-        pending = ""
-        while True:
-            done = proc.poll() is not None
-            chunk = src.read()
-            if chunk:
-                pending += chunk
-                *lines, pending = pending.split("\n")
-                try:
-                    for line in lines:
-                        stream.write(line + "\n")
-                    stream.flush()
-                except (ValueError, OSError):
-                    pass
-            elif done:
-                break
-            else:
-                time.sleep(0.1)
-        if pending:
-            try:
-                stream.write(pending + "\n")
-                stream.flush()
-            except (ValueError, OSError):
-                pass
-
-
-def _wait(procs: list[subprocess.Popen], received: list[int], grace_s: float,
-          out_dir: Path) -> Optional[tuple[int, int]]:
-    """Wait for every rank. On the first failure end the rest; returns (rank, exit code) of it."""
-    failed: Optional[tuple[int, int]] = None
-    deadline: Optional[float] = None
-    while True:
-        codes = [p.poll() for p in procs]
-        if failed is None:
-            bad = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (0, EXIT_STOPPED)]
-            if bad:
-                # the rank that wrote an error message is the cause; the others lost their peer
-                failed = next((b for b in bad if (out_dir / "logs" / f"rank_{b[0]}.error").is_file()), bad[0])
-                deadline = time.monotonic() + 5.0  # peers blocked in a collective never finish
-        if all(c is not None for c in codes):
-            return failed
-        if received and deadline is None:
-            deadline = time.monotonic() + grace_s
-        if deadline is not None and time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            deadline = time.monotonic() + 3600
-        time.sleep(0.1)
-
-
-def _code(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
-def _why(out_dir: Path, rank: int, code: int) -> str:
-    err = out_dir / "logs" / f"rank_{rank}.error"
-    if err.is_file():
-        return err.read_text().strip()
-    if code < 0:
-        return "the process was killed (out of memory? killed by hand?)"
-    return "see the log below"
-
-
-def _say(stream: IO[str], line: str) -> None:
-    try:
-        stream.write(line + "\n")
-        stream.flush()
-    except (ValueError, OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
 
 
-def _main_cmd(run_dir: Path, config: Path, out_dir: Path, shard_dir: Optional[Path]) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.train.main", "--run-dir", str(run_dir), "--config", str(config),
-           "--out-dir", str(out_dir)]
-    if shard_dir is not None:
-        cmd += ["--shard-dir", str(shard_dir)]
-    return cmd
+# ---------------------------------------------------------------------------------------------
+# Local: one process per rank on this machine
 
 
-def _clear_rank_logs(logs: Path) -> None:
-    """Old rank logs would be followed (and blamed) before the new ranks write theirs."""
-    for pattern in ("rank_*.log", "rank_*.error"):
-        for f in logs.glob(pattern):
-            f.unlink(missing_ok=True)
+class LocalRanks(Ranks):
+    """Rank processes on this machine, each writing only its own log file (a rank never depends on
+    us reading a pipe: it must still save a checkpoint when this process is gone)."""
 
+    def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
+                 extra_env: dict, stream: IO[str]):
+        self.out = command.out
+        base = dict(os.environ)
+        visible_devices_for_ranks(base)
+        gpus = count_gpus(base, device)
+        self.n = n = gpus or cpu_processes
+        for key in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):  # we are the launcher now
+            base.pop(key, None)
+        base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n),
+                     "LOCAL_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)})
+        cpu_threads = None if gpus else threads or max(1, len(os.sched_getaffinity(0)) // n)
+        if not gpus:
+            command.on_cpu()
+        env = rank_env(base, cpu_threads=cpu_threads, extra_env=extra_env)
+        _say(stream, f"launch: local processes, {n} ranks ({'GPU' if gpus else 'CPU'})")
+        self.failed: Optional[tuple[int, int]] = None
+        self._kill_at: Optional[float] = None
+        self.procs: list[subprocess.Popen] = []
+        self.log_files = []
+        for r in range(n):
+            f = open(self.out.rank_log(r), "w")
+            self.log_files.append(f)
+            self.procs.append(subprocess.Popen(command.argv(), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                               stdout=f, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig))
 
-def _follow_when_created(path: Path, done, stream: IO[str]) -> None:
-    """_follow for a log another process creates: wait until it exists (or `done()` is true)."""
-    while not path.exists():
-        if done():
-            return
-        time.sleep(0.2)
+    def done(self) -> bool:
+        codes = [p.poll() for p in self.procs]
+        if self.failed is None:
+            bad = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (0, EXIT_STOPPED)]
+            if bad:
+                # the rank that wrote an error message is the cause; the others lost their peer
+                self.failed = next((b for b in bad if self.out.rank_error(b[0]).is_file()), bad[0])
+                self._kill_at = time.monotonic() + 5.0  # peers blocked in a collective never finish
+        if self._kill_at is not None and time.monotonic() > self._kill_at:
+            self.kill()
+            self._kill_at = None
+        return all(c is not None for c in codes)
 
-    class _Done:  # the poll() that _follow asks
-        @staticmethod
-        def poll():
-            return 0 if done() else None
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
 
-    _follow(path, _Done, stream)  # type: ignore[arg-type]
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
 
+    def outcome(self, received: list[int]) -> "None | str | Failure":
+        if self.failed is not None:
+            r, code = self.failed
+            return Failure(r, _code(code), _why(self.out, r, code))
+        if received or any(p.returncode == EXIT_STOPPED for p in self.procs):
+            return STOPPED
+        return None
 
-def _first_error_rank(logs: Path) -> Optional[int]:
-    """The rank that wrote an error message (pipeline.train.main writes rank_<r>.error), lowest first."""
-    ranks = sorted(int(m.group(1)) for f in logs.glob("rank_*.error")
-                   if (m := re.fullmatch(r"rank_(\d+)\.error", f.name)))
-    return ranks[0] if ranks else None
+    def close(self) -> None:
+        for f in self.log_files:
+            f.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,9 +450,9 @@ def slurm_hosts(env: dict) -> list[str]:
     return [h for h in nodelist.split(",") if h and "[" not in h] or [socket.gethostname()]
 
 
-def slurm_gpus_per_node(env: dict) -> int:
+def slurm_gpus_per_node(env: dict, device: str = "auto") -> int:
     """GPUs per node for the ranks: the job's GPUs on this node, else what this node shows."""
-    if env.get("XLP_TRAIN_DEVICE", "").lower() == "cpu":
+    if device == "cpu":
         return 0
     for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         n = _slurm_count(env.get(key))
@@ -387,98 +463,84 @@ def slurm_gpus_per_node(env: dict) -> int:
     return count_gpus(env)
 
 
-def launch_slurm(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Path, shard_dir: Optional[Path],
-                 threads: int, stream: IO[str], extra_env: Optional[dict], grace_s: float) -> int:
+class SlurmRanks(Ranks):
     """The ranks as one `srun` step of the allocation we run in: G tasks per node (G = GPUs per node,
     else train.cpu_processes) on every node of the job; rendezvous on the job's first node."""
-    logs = out_dir / "logs"
-    env = dict(os.environ)
-    visible_devices_for_ranks(env)
-    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    gpus = slurm_gpus_per_node(env)
-    per_node = gpus or cpu_processes
-    n = nodes * per_node
-    cpus = (_slurm_count(env.get("SLURM_CPUS_PER_TASK")) or _slurm_count(env.get("SLURM_JOB_CPUS_PER_NODE"))
-            or len(os.sched_getaffinity(0)))
-    cpus_per_task = max(1, cpus // per_node)
-    hosts = slurm_hosts(env)
-    master = hosts[0]
-    here = {socket.gethostname().split(".")[0], env.get("SLURMD_NODENAME", "")}
-    # a free port when the rendezvous is on this node; else one the job's id picks (as dist.py does)
-    port = free_port() if master.split(".")[0] in here else 20000 + (int(env["SLURM_JOB_ID"]) * 7 + 13) % 20000
-    for key in (*_SLURM_STEP_VARS, *_TORCH_RANK_VARS):
-        env.pop(key, None)
-    env.update({
-        "MASTER_ADDR": master,
-        "MASTER_PORT": str(port),
-        "LOCAL_SIZE": str(per_node),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    })
-    if not gpus:
-        env.update({"XLP_TRAIN_DEVICE": "cpu", "DS_ACCELERATOR": "cpu",
-                    "OMP_NUM_THREADS": str(threads or cpus_per_task)})
-    env.update(extra_env or {})
-    step_name = f"xlp-train-{os.getpid()}"
-    cmd = ["srun", "--overlap", "--export=ALL", f"--nodes={nodes}", f"--ntasks={n}",
-           f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus_per_task}", "--mem=0", "--cpu-bind=none",
-           "--kill-on-bad-exit=1", f"--job-name={step_name}", f"--output={logs}/rank_%t.log"]
-    if gpus:
-        cmd.append(f"--gpus-per-node={gpus}")
-    cmd += _main_cmd(run_dir, config, out_dir, shard_dir)
-    _clear_rank_logs(logs)
-    _say(stream, f"launch: srun, {n} ranks ({nodes} node(s) x {per_node} {'GPU' if gpus else 'CPU'} ranks, "
-                 f"rendezvous {master}:{port}, job {env.get('SLURM_JOB_ID')})")
-    srun_log_path = logs / "srun.log"
-    with open(srun_log_path, "w") as srun_log:
-        srun_log.write("$ " + " ".join(cmd) + "\n")
-        srun_log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=srun_log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
-        pump = threading.Thread(target=_follow_when_created, args=(logs / "rank_0.log", lambda: proc.poll() is not None,
-                                                                   stream), daemon=True)
-        pump.start()
-        received: list[int] = []
 
-        def forward(signum, frame):  # noqa: ARG001
-            # SIGTERM to the step's tasks (the ranks save a checkpoint and exit). Not to srun: a SIGTERM
-            # there makes it terminate the step (SIGKILL soon after), before the ranks have saved.
-            if not received and proc.poll() is None:
-                if not _signal_step(env["SLURM_JOB_ID"], step_name):
-                    proc.send_signal(signal.SIGTERM)
-            received.append(signum)
+    def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
+                 extra_env: dict, stream: IO[str]):
+        self.out = command.out
+        base = dict(os.environ)
+        visible_devices_for_ranks(base)
+        nodes = int(base.get("SLURM_JOB_NUM_NODES") or base.get("SLURM_NNODES") or 1)
+        gpus = slurm_gpus_per_node(base, device)
+        per_node = gpus or cpu_processes
+        self.n = n = nodes * per_node
+        cpus = (_slurm_count(base.get("SLURM_CPUS_PER_TASK")) or _slurm_count(base.get("SLURM_JOB_CPUS_PER_NODE"))
+                or len(os.sched_getaffinity(0)))
+        cpus_per_task = max(1, cpus // per_node)
+        master, port = self._rendezvous(base)
+        for key in (*_SLURM_STEP_VARS, *_TORCH_RANK_VARS):
+            base.pop(key, None)
+        base.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "LOCAL_SIZE": str(per_node)})
+        if not gpus:
+            command.on_cpu()
+        self.env = rank_env(base, cpu_threads=None if gpus else threads or cpus_per_task, extra_env=extra_env)
+        self.step_name = f"xlp-train-{os.getpid()}"
+        cmd = ["srun", "--overlap", "--export=ALL", f"--nodes={nodes}", f"--ntasks={n}",
+               f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus_per_task}", "--mem=0", "--cpu-bind=none",
+               "--kill-on-bad-exit=1", f"--job-name={self.step_name}", f"--output={self.out.logs}/rank_%t.log"]
+        if gpus:
+            cmd.append(f"--gpus-per-node={gpus}")
+        cmd += command.argv()
+        _say(stream, f"launch: srun, {n} ranks ({nodes} node(s) x {per_node} {'GPU' if gpus else 'CPU'} ranks, "
+                     f"rendezvous {master}:{port}, job {base.get('SLURM_JOB_ID')})")
+        self.srun_log_path = self.out.logs / "srun.log"
+        self.srun_log = open(self.srun_log_path, "w")
+        self.srun_log.write("$ " + " ".join(cmd) + "\n")
+        self.srun_log.flush()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.srun_log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_pdeathsig)
 
-        old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                old[s] = signal.signal(s, forward)
-        try:
-            code = _wait_one(proc, received, grace_s)
-        except BaseException:  # e.g. Ray cancelling the stage task: let the ranks save, then go
-            forward(signal.SIGTERM, None)
-            _wait_one(proc, received, grace_s)
-            raise
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            pump.join(timeout=10)
-    if code == 0:
-        return n
-    err_rank = _first_error_rank(logs)
-    if err_rank is None and (received or code == EXIT_STOPPED):
-        # our SIGTERM, or one from Slurm (scancel, preemption, time limit) to the tasks
-        name = signal.Signals(received[0]).name if received else "SIGTERM"
-        raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
-                               f"({out_dir / 'checkpoints'}); rerun the stage to resume")
-    srun_out = srun_log_path.read_text(errors="replace")
-    rank = err_rank
-    if rank is None:  # srun says which tasks ended badly: "task 1: Exited with exit code 1", "tasks 0-1: Killed"
+    @staticmethod
+    def _rendezvous(env: dict) -> tuple[str, int]:
+        """The job's first node, and a free port when that is this node; else one the job's id picks
+        (as dist.py does)."""
+        master = slurm_hosts(env)[0]
+        here = {socket.gethostname().split(".")[0], env.get("SLURMD_NODENAME", "")}
+        if master.split(".")[0] in here:
+            return master, free_port()
+        return master, 20000 + (int(env["SLURM_JOB_ID"]) * 7 + 13) % 20000
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def stop(self) -> None:
+        # SIGTERM to the step's tasks (the ranks save a checkpoint and exit). Not to srun: a SIGTERM
+        # there makes it terminate the step (SIGKILL soon after), before the ranks have saved.
+        if self.proc.poll() is None and not _signal_step(self.env["SLURM_JOB_ID"], self.step_name):
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def outcome(self, received: list[int]) -> "None | str | Failure":
+        code = self.proc.returncode
+        if code == 0:
+            return None
+        err_rank = _first_error_rank(self.out)
+        if err_rank is None and (received or code == EXIT_STOPPED):
+            return STOPPED  # our SIGTERM, or one from Slurm (scancel, preemption, time limit) to the tasks
+        if err_rank is not None:
+            return Failure(err_rank, f"srun {_code(code)}", _why(self.out, err_rank, code))
+        # srun says which tasks ended badly: "task 1: Exited with exit code 1", "tasks 0-1: Killed"
         m = re.search(r"tasks? (\d+)[-,\d]*: (?:Exited with exit code|Killed|Terminated|Segmentation|Aborted)",
-                      srun_out)
-        rank = int(m.group(1)) if m else 0
-    log = logs / f"rank_{rank}.log"
-    why = _why(out_dir, rank, code) if err_rank is not None else f"see the log below; srun said:\n{tail(srun_log_path, 15)}"
-    raise TrainFailed(f"train rank {rank} failed (srun {_code(code)}): {why}\n"
-                      f"--- last lines of {log} ---\n{tail(log)}")
+                      self.srun_log_path.read_text(errors="replace"))
+        return Failure(int(m.group(1)) if m else 0, f"srun {_code(code)}",
+                       f"see the log below; srun said:\n{tail(self.srun_log_path, 15)}")
+
+    def close(self) -> None:
+        self.srun_log.close()
 
 
 def _signal_step(job_id: str, step_name: str) -> bool:
@@ -494,145 +556,111 @@ def _signal_step(job_id: str, step_name: str) -> bool:
         return False
 
 
-def _wait_one(proc: subprocess.Popen, received: list[int], grace_s: float) -> int:
-    """Wait for `proc`; once a stop was asked for, give it grace_s, then kill it."""
-    deadline: Optional[float] = None
-    while proc.poll() is None:
-        if received and deadline is None:
-            deadline = time.monotonic() + grace_s
-        if deadline is not None and time.monotonic() > deadline:
-            proc.kill()
-            deadline = time.monotonic() + 3600
-        time.sleep(0.1)
-    return proc.returncode
-
-
 # ---------------------------------------------------------------------------------------------
 # Ray: Ray Train workers
 
-
+# The workers get their environment from Ray (the job's runtime env), not from this process: these
+# are passed on (WANDB_API_KEY and HF_TOKEN among them: the ranks log to W&B, read hubs)
 _RAY_WORKER_ENV_PREFIXES = ("XLP_", "WANDB_", "TRITON_", "DS_", "DEEPSPEED_", "NCCL_", "TORCH_", "HF_", "OMP_")
 
 
-def launch_ray(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Path, shard_dir: Optional[Path],
-               threads: int, stream: IO[str], extra_env: Optional[dict], grace_s: float) -> int:
-    """The ranks as Ray Train workers (TorchTrainer over pipeline.train.main.ray_train_loop): one per GPU
-    of the Ray cluster, else train.cpu_processes CPU workers (gloo). Ray Train starts the process group."""
-    import ray
+class RayRanks(Ranks):
+    """The ranks as Ray Train workers (TorchTrainer over `_ray_rank`): one per GPU of the Ray cluster,
+    else train.cpu_processes CPU workers (gloo). Ray Train starts the process group. A stop request
+    is a file every worker watches (RUN_DIR/train/logs/STOP)."""
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
+                 extra_env: dict, stream: IO[str]):
+        import ray
 
-    logs = out_dir / "logs"
-    resources = ray.cluster_resources()
-    cpu_only = os.environ.get("XLP_TRAIN_DEVICE", "").lower() == "cpu"
-    gpus = 0 if cpu_only else int(resources.get("GPU", 0))
-    n = gpus or cpu_processes
-    # the workers get their environment from Ray (the job's runtime env), not from this process: pass on
-    # the settings a rank reads (XLP_KERNEL_BACKEND, XLP_TRAIN_FAULTS, WANDB_API_KEY, NCCL_*, ...)
-    worker_env = {k: v for k, v in os.environ.items()
-                  if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k not in ("XLP_CUDA_VISIBLE_DEVICES",)}
-    worker_env.update({
-        "PYTHONUNBUFFERED": "1",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # print() to the rank's log, not to Ray's logger
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    })
-    if not gpus:
-        t = threads or max(1, int(resources.get("CPU", n)) // n)
-        worker_env.update({"XLP_TRAIN_DEVICE": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(t)})
-    worker_env.update(extra_env or {})
-    stop_file = logs / "STOP"
-    stop_file.unlink(missing_ok=True)
-    _clear_rank_logs(logs)
-    loop_config = {"run_dir": str(run_dir), "config": str(config), "out_dir": str(out_dir),
-                   "shard_dir": str(shard_dir) if shard_dir is not None else None,
-                   "env": worker_env, "stop_file": str(stop_file)}
-    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    trainer = TorchTrainer(
-        _ray_rank,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=n, use_gpu=gpus > 0, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name=name,
-                             failure_config=FailureConfig(max_failures=0),
-                             worker_runtime_env={"env_vars": worker_env}),
-    )
-    _say(stream, f"launch: ray train, {n} workers ({'GPU' if gpus else 'CPU'}; cluster {dict(resources)})")
-    box: dict = {}
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
-    def fit() -> None:
+        resources = ray.cluster_resources()
+        gpus = 0 if device == "cpu" else int(resources.get("GPU", 0))
+        self.n = n = gpus or cpu_processes
+        if not gpus:
+            command.on_cpu()
+        passed = {k: v for k, v in os.environ.items()
+                  if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
+        worker_env = rank_env(passed, cpu_threads=None if gpus else threads or max(1, int(resources.get("CPU", n)) // n),
+                              extra_env={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **extra_env})  # print() to the log
+        self.stop_file = command.out.logs / "STOP"
+        self.stop_file.unlink(missing_ok=True)
+        trainer = TorchTrainer(
+            _ray_rank,
+            train_loop_config={**command.loop_config(), "stop_file": str(self.stop_file)},
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=gpus > 0, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=str(command.out.root / "ray_train"),
+                                 name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                 failure_config=FailureConfig(max_failures=0),
+                                 worker_runtime_env={"env_vars": worker_env}),
+        )
+        _say(stream, f"launch: ray train, {n} workers ({'GPU' if gpus else 'CPU'}; cluster {dict(resources)})")
+        self.out = command.out
+        self.box: dict = {}
+        self.abandoned = False
+        self.runner = threading.Thread(target=self._fit, args=(trainer,), name="xlp-ray-train", daemon=True)
+        self.runner.start()
+
+    def _fit(self, trainer) -> None:
         try:
-            box["result"] = trainer.fit()
+            self.box["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001
-            box["error"] = e
+            self.box["error"] = e
 
-    runner = threading.Thread(target=fit, name="xlp-ray-train", daemon=True)
-    runner.start()
-    pump = threading.Thread(target=_follow_when_created, args=(logs / "rank_0.log", lambda: not runner.is_alive(),
-                                                               stream), daemon=True)
-    pump.start()
-    received: list[int] = []
+    def done(self) -> bool:
+        self.runner.join(0.1)
+        return self.abandoned or not self.runner.is_alive()
 
-    def forward(signum, frame):  # noqa: ARG001
-        received.append(signum)
-        stop_file.touch()  # every worker watches it: saves a checkpoint and stops
+    def stop(self) -> None:
+        self.stop_file.touch()
 
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGINT):
-            old[s] = signal.signal(s, forward)
-    try:
-        while runner.is_alive():
-            runner.join(0.2)
-    except BaseException:  # e.g. Ray cancelling the stage task: let the workers save, then go
-        forward(signal.SIGTERM, None)
-        runner.join(grace_s)
-        raise
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        pump.join(timeout=10)
-    error = box.get("error")
-    if error is None:
-        return n
-    err_rank = _first_error_rank(logs)
-    if err_rank is None and received:
-        name = signal.Signals(received[0]).name
-        raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
-                               f"({out_dir / 'checkpoints'}); rerun the stage to resume")
-    failures = getattr(error, "worker_failures", None) or {}
-    rank = err_rank if err_rank is not None else (min(failures) if failures else 0)
-    cause = failures.get(rank, error)
-    why = _why(out_dir, rank, 1) if err_rank is not None else f"{type(cause).__name__}: {str(cause).strip()[-2000:]}"
-    log = logs / f"rank_{rank}.log"
-    raise TrainFailed(f"train rank {rank} failed (Ray Train): {why}\n--- last lines of {log} ---\n{tail(log)}")
+    def kill(self) -> None:
+        self.abandoned = True  # Ray Train's workers are Ray's to end; stop waiting for them
+
+    def outcome(self, received: list[int]) -> "None | str | Failure":
+        error = self.box.get("error")
+        if error is None and not self.abandoned:
+            return None
+        err_rank = _first_error_rank(self.out)
+        if err_rank is None and received:
+            return STOPPED
+        if err_rank is not None:
+            return Failure(err_rank, "Ray Train", _why(self.out, err_rank, 1))
+        failures = getattr(error, "worker_failures", None) or {}
+        rank = min(failures) if failures else 0
+        cause = failures.get(rank, error)
+        return Failure(rank, "Ray Train", f"{type(cause).__name__}: {str(cause).strip()[-2000:]}")
 
 
 def _ray_rank(config: dict) -> None:
     """A Ray Train worker: this rank's output to RUN_DIR/train/logs/rank_<r>.log, a stop request (the
-    launcher touches logs/STOP) turned into the SIGTERM stop of pipeline.train.main, then the rank."""
-    os.environ.update(config.get("env") or {})
+    launcher touches logs/STOP) turned into the rank's StopRequest, then the rank."""
     import ray.train
 
-    from pipeline.train import main as train_main
+    from pipeline.stage import output_to
+    from pipeline.train.main import ray_train_loop
+    from pipeline.train.trainer import StopRequest
 
-    rank = ray.train.get_context().get_world_rank()
-    log_path = Path(config["out_dir"]) / "logs" / f"rank_{rank}.log"
+    out = TrainLayout(Path(config["out_dir"]))
+    log_path = out.rank_log(ray.train.get_context().get_world_rank())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     stop_file = Path(config["stop_file"])
+    stop = StopRequest()
     finished = threading.Event()
 
     def watch() -> None:  # the loop runs outside the main thread here: no signal handlers
         while not finished.wait(0.5):
             if stop_file.exists():
-                train_main.STOP["signal"] = signal.SIGTERM
+                stop.set(signal.SIGTERM)
                 return
 
     threading.Thread(target=watch, daemon=True).start()
     try:
         with output_to(log_path, append=False):
-            args = {k: config[k] for k in ("run_dir", "config", "out_dir", "shard_dir") if config.get(k)}
-            train_main.ray_train_loop(args)
+            ray_train_loop({**{k: v for k, v in config.items() if k != "stop_file"}, "stop": stop})
     finally:
         finished.set()

@@ -6,7 +6,6 @@ train/skipped_steps, throughput/tokens_per_s, throughput/mfu, memory/*, val/loss
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import time
@@ -32,11 +31,12 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def device_peak_flops(precision: str, *, configured_tflops: Optional[float] = None) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the number came from (config, table, measured)."""
+def device_peak_flops(precision: str, *, cuda: bool, configured_tflops: Optional[float] = None) -> tuple[float, str]:
+    """Peak FLOP/s of one device (a GPU when `cuda`, else this process's CPU threads) and where the
+    number came from (config, table, measured)."""
     if configured_tflops:
         return configured_tflops * 1e12, "config"
-    if torch.cuda.is_available() and os.environ.get("XLP_TRAIN_DEVICE", "").lower() != "cpu":
+    if cuda:
         name = torch.cuda.get_device_name()
         for key, (bf16, fp32) in GPU_PEAK_TFLOPS:
             if key in name:

@@ -1,0 +1,453 @@
+"""The training loop of one rank: a DeepSpeed engine over the shards, stepped to `train.steps`.
+
+    trainer = Trainer(cfg, ...)      # nothing heavy yet
+    trainer.run()                    # setup(), then train_step / validate / save / log until done
+
+Every rank runs the same loop; the ranks agree once per step (one all-reduce of the step's loss sum,
+non-finite count and stop requests), so a NaN or a SIGTERM on one rank skips or stops the step on all.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.layout import TrainLayout
+from pipeline.train import dist as xdist
+from pipeline.train.hooks import TrainHooks
+
+EXIT_STOPPED = 143
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """Set by a signal handler or a watcher thread; the loop reads it once per step."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        self.signal = signum
+
+    def on_signal(self, signum, frame) -> None:  # noqa: ARG002  (a signal handler)
+        self.set(signum)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step as every rank sees it after the step's all-reduce."""
+
+    step: int
+    loss: float  # mean of the finite micro-batch losses of all ranks (nan when none was finite)
+    lr: float
+    grad_norm: Optional[float]
+    applied: bool  # False: a loss or gradient was not finite, and the update was skipped
+    seconds: float
+    stop: bool  # a rank was asked to stop (SIGTERM/SIGINT): save and end after this step
+
+
+def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
+    """model.vocab_size, or the tokenizer's vocabulary rounded up to a multiple of 64."""
+    if model_cfg.vocab_size:
+        return int(model_cfg.vocab_size)
+    if not tokenizer_model.is_file():
+        raise FileNotFoundError(f"model.vocab_size is null and there is no tokenizer at {tokenizer_model}")
+    import tokenizer
+
+    return int(math.ceil(tokenizer.load(tokenizer_model).vocab_size / 64) * 64)
+
+
+class Trainer:
+    def __init__(self, cfg, *, out: TrainLayout, shard_dir: Path, tokenizer_model: Path, env: xdist.DistEnv,
+                 cuda: bool, hooks: Optional[TrainHooks] = None, stop: Optional[StopRequest] = None,
+                 started_at: Optional[float] = None):
+        import torch
+
+        from pipeline.config import section
+
+        self.cfg = cfg
+        self.tc = section(cfg, "train")
+        self.model_cfg = section(cfg, "model")
+        self.out, self.shard_dir, self.tokenizer_model = out, Path(shard_dir), Path(tokenizer_model)
+        self.rank, self.world = env.rank, env.world_size
+        self.cuda = cuda
+        self.device = torch.device(f"cuda:{env.local_rank}") if cuda else torch.device("cpu")
+        self.seq_len = int(cfg.data.seq_len)
+        self.seed = int(cfg.run.seed)
+        self.hooks = hooks or TrainHooks()
+        self.stop = stop or StopRequest()
+        self.started_at = time.perf_counter() if started_at is None else started_at
+        # where the run stands (restored from a checkpoint)
+        self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
+        self.last_saved = -1
+        # this attempt
+        self.bad_in_row, self.first_bad = 0, None
+        self.val_loss: Optional[float] = None
+        self.loss_value = float("nan")
+        self.run_tokens, self.run_time = 0, 0.0  # steps after this attempt's first (warm-up excluded)
+        self.timing = {"eval_s": 0.0, "ckpt_s": 0.0}
+        self.t_first_done: Optional[float] = None  # the loop's wall time counts from the first step's end
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to train.steps (0), or until a stop request (EXIT_STOPPED, after a checkpoint)."""
+        self.setup()
+        self.engine.train()
+        t_ready = time.perf_counter()
+        stopped = False
+        while self.step < self.tc.steps:
+            stats = self.train_step()
+            self.account(stats)
+            self.log(stats)
+            stopped = stats.stop
+            if self._due(self.tc.save_every) or stopped:
+                self.save()
+            if stopped:
+                name = signal.Signals(self.stop.signal).name if self.stop else "a signal on another rank"
+                self.monitor.message(f"stopped by {name} at step {self.step}; checkpoint saved; rerun to resume")
+                break
+            if self.t_first_done is None:
+                self.t_first_done = time.perf_counter()
+                self.timing.update(eval_s=0.0, ckpt_s=0.0)
+        if not stopped and self.last_saved != self.step:
+            self.save()
+        return self.finish(stopped, t_ready)
+
+    def _due(self, every: int) -> bool:
+        return bool(every and self.step % every == 0) or self.step == self.tc.steps
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """The model, DeepSpeed engine, loaders and monitor; the newest checkpoint restored."""
+        import deepspeed
+
+        from pipeline.train.optim import StepGate, build_optimizer
+        from pipeline.train.schedule import schedule_of
+        from xlstm_model import build_model, count_params, flops_per_token
+
+        tc = self.tc
+        self.model_cfg.vocab_size = resolve_vocab_size(self.model_cfg, self.tokenizer_model)
+        latest = self._agree_on_checkpoint()
+        t_start = time.perf_counter()
+        self._seed()
+        model = build_model(self.model_cfg)
+        if model.config.init_from:  # start from a checkpoint's weights instead of the init recipe
+            from xlstm_model.hf import init_from
+
+            init_from(model, model.config.init_from)
+        self.n_params = count_params(model)
+        optimizer = build_optimizer(model, tc, cpu_adam=self.cuda and tc.offload_optimizer)
+        self.gate = StepGate(optimizer)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=tc.deepspeed_config(self.world, self.cuda),
+                                                    dist_init_required=False)
+        self.zero0 = self.engine.zero_optimization_stage() == 0
+        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.loader = self._loader("train")
+        no_val = self._check_val_split()
+        if latest is not None:
+            self.restore(latest)
+        self._first_step_of_attempt = self.step + 1
+        self.data = iter(self.loader)
+        self.schedule = schedule_of(tc)
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.world * self.seq_len
+        self.flops_per_token = float(flops_per_token(self.model_cfg, self.seq_len))
+        self._start_monitor(latest, no_val, t_start, time.perf_counter())
+
+    def _agree_on_checkpoint(self) -> Optional[Path]:
+        """Rank 0 picks the newest whole checkpoint (after removing partial ones); all ranks load it."""
+        import torch.distributed as dist
+
+        from pipeline.train import checkpoint as ckpt
+
+        box: list[Any] = [None]
+        if self.rank == 0:
+            self.out.root.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.out.checkpoints)
+            latest = ckpt.latest_checkpoint(self.out.checkpoints)
+            box[0] = str(latest) if latest else None
+        dist.broadcast_object_list(box, src=0)
+        return Path(box[0]) if box[0] else None
+
+    def _seed(self) -> None:
+        import numpy as np
+        import torch
+
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def _loader(self, split: str):
+        from pipeline.data.loader import ShardLoader
+
+        return ShardLoader(self.shard_dir, split=split, seq_len=self.seq_len, batch_size=self.tc.micro_batch_size,
+                           rank=self.rank, world_size=self.world, num_workers=self.tc.num_workers if split == "train" else 0,
+                           seed=self.seed)
+
+    def _check_val_split(self) -> Optional[str]:
+        """None when there is a val split; else why not (a corpus too small for data.val_fraction)."""
+        try:
+            self._loader("val")
+        except ValueError as e:
+            self.has_val = False
+            return str(e)
+        self.has_val = True
+        return None
+
+    def _start_monitor(self, latest: Optional[Path], no_val: Optional[str], t_start: float, t_engine: float) -> None:
+        from pipeline.config import section
+        from pipeline.train.monitor import Monitor, device_peak_flops
+
+        tc = self.tc
+        self.monitor = Monitor(enabled=self.rank == 0, out_dir=self.out.root, cfg=self.cfg,
+                               wandb_cfg=section(self.cfg, "wandb"), total_steps=tc.steps, start_step=self.step,
+                               run_name=str(self.cfg.run.name))
+        if no_val is not None:
+            self.monitor.message(f"validation skipped: {no_val}")
+        if latest is not None:
+            self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        self.monitor.message(
+            f"train: {self.model_cfg.arch}, {self.n_params / 1e6:.2f}M params, ZeRO-{tc.zero_stage}, {tc.precision}, "
+            f"{self.world} rank(s) on {'GPU' if self.cuda else 'CPU'}, {tc.steps} steps")
+        self.peak_flops = 0.0
+        if self.rank == 0:
+            self.peak_flops, source = device_peak_flops(tc.precision, cuda=self.cuda, configured_tflops=tc.peak_tflops)
+            self.monitor.summary({"throughput/peak_flops_per_device": self.peak_flops,
+                                  "throughput/peak_source": source, "model/params": self.n_params,
+                                  "model/flops_per_token": self.flops_per_token})
+        now = time.perf_counter()
+        self.monitor.message(f"ready in {now - self.started_at:.1f}s (start-up {t_start - self.started_at:.1f}s, "
+                             f"model and engine {t_engine - t_start:.1f}s, MFU reference {now - t_engine:.1f}s)")
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def train_step(self) -> StepStats:
+        """grad_accum micro-batches forward and backward, the ranks' agreement, the optimizer step
+        (vetoed on every rank when any loss or gradient is not finite)."""
+        import torch
+        import torch.distributed as dist
+
+        tc, engine = self.tc, self.engine
+        self.step += 1
+        lr = self.schedule(self.step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # finite micro-batch losses
+        nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)  # micro-batches that were not
+        for micro in range(tc.grad_accum):
+            batch = self._batch(next(self.data))
+            loss = engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
+            loss = self.hooks.loss(self.step, self.rank, loss)
+            lv = loss.detach().double()
+            finite = torch.isfinite(lv)
+            loss_sum += torch.where(finite, lv, torch.zeros_like(lv))
+            nonfinite += (~finite).double()
+            engine.backward(loss)
+            if micro < tc.grad_accum - 1:
+                engine.step()
+        stop = torch.tensor(1.0 if self.stop else 0.0, dtype=torch.float64, device=self.device)
+        agreed = torch.stack([loss_sum, nonfinite, stop])  # one all-reduce for the three
+        dist.all_reduce(agreed)
+        all_loss_sum, all_nonfinite, all_stops = agreed.tolist()
+        skip = all_nonfinite > 0
+        grad_norm = self._zero0_grad_norm() if self.zero0 else None
+        skip |= grad_norm is not None and not math.isfinite(grad_norm)
+        if skip:
+            self.gate.close()
+        engine.step()
+        self.gate.open()
+        applied = not skip and engine.was_step_applied()
+        if not self.zero0:
+            gn = engine.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
+        finite_losses = tc.grad_accum * self.world - all_nonfinite
+        loss = all_loss_sum / finite_losses if finite_losses > 0 else float("nan")
+        return StepStats(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, applied=applied,
+                         seconds=time.perf_counter() - t0, stop=all_stops > 0)
+
+    def _zero0_grad_norm(self) -> float:
+        """Under ZeRO-0 the gradients are whole and averaged on every rank after the boundary backward."""
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _batch(self, batch: dict) -> dict:
+        if self.cuda:
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
+
+    def account(self, stats: StepStats) -> None:
+        """Tokens, throughput and skipped steps; train.max_bad_steps skipped in a row fail the run."""
+        self.tokens_seen += self.tokens_per_step
+        if self.t_first_done is not None:
+            self.run_tokens += self.tokens_per_step
+            self.run_time += stats.seconds
+        self.loss_value = stats.loss
+        if stats.applied:
+            self.bad_in_row, self.first_bad = 0, None
+            return
+        self.skipped_total += 1
+        self.bad_in_row += 1
+        self.first_bad = self.first_bad or stats.step
+        self.monitor.message(f"step {stats.step}: non-finite loss or gradients (grad norm {stats.grad_norm}); "
+                             f"step skipped ({self.bad_in_row} in a row, {self.skipped_total} in all)")
+        if self.bad_in_row >= self.tc.max_bad_steps:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {stats.step}: {self.bad_in_row} steps in a row "
+                f"(steps {self.first_bad}-{stats.step}) reached train.max_bad_steps={self.tc.max_bad_steps}")
+
+    # -- validation, logging ------------------------------------------------------------------
+
+    def log(self, stats: StepStats) -> None:
+        """The step's metrics to W&B and metrics.jsonl (validation first when it is due), a console line."""
+        from pipeline.train.monitor import memory_metrics
+
+        tokens_per_s = self.tokens_per_step / stats.seconds
+        metrics = {
+            "train/loss": stats.loss,
+            "train/lr": stats.lr,
+            "train/grad_norm": stats.grad_norm,
+            "train/tokens_seen": self.tokens_seen,
+            "train/skipped_steps": self.skipped_total,
+            "throughput/tokens_per_s": tokens_per_s,
+            "throughput/step_time_s": stats.seconds,
+            "throughput/mfu": self._mfu(tokens_per_s),
+        }
+        if self.rank == 0:
+            metrics.update(memory_metrics(self.cuda))
+        if self.has_val and self._due(self.tc.eval_every):
+            t = time.perf_counter()
+            self.val_loss = self.validate()
+            self.timing["eval_s"] += time.perf_counter() - t
+            metrics["val/loss"] = self.val_loss
+            self.monitor.message(f"step {stats.step}: val/loss {self.val_loss:.4f}")
+        self.monitor.log(stats.step, metrics)
+        self.monitor.progress(stats.step, stats.loss, tokens_per_s, log_every=self.tc.log_every,
+                              force=stats.step == self.tc.steps)
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world) if self.peak_flops > 0 else 0.0
+
+    def validate(self) -> float:
+        """Mean validation loss over targets, all ranks; the same batches every time."""
+        import torch
+        import torch.distributed as dist
+
+        from pipeline.train import checkpoint as ckpt
+
+        rng = ckpt.rng_state()  # evaluation must not move the training RNG (exact resume)
+        self.engine.eval()
+        it = iter(self._loader("val").one_epoch())
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        n = 0
+        with torch.no_grad():
+            while self.tc.eval_batches == 0 or n < self.tc.eval_batches:
+                batch = next(it, None)
+                have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank runs the same number (ZeRO-3)
+                if have.item() < 1:
+                    break
+                batch = self._batch(batch)
+                loss = self.engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
+                count = (batch["targets"] != -100).sum().double()
+                total[0] += loss.double() * count
+                total[1] += count
+                n += 1
+        dist.all_reduce(total)
+        self.engine.train()
+        ckpt.set_rng_state(rng)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """A checkpoint of this step: engine state, and each rank's RNG and loader position."""
+        from pipeline.train import checkpoint as ckpt
+
+        t = time.perf_counter()
+        tc = self.tc
+        meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
+                "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time()}
+        ckpt.save(self.engine, self.out.checkpoints, self.step, rank=self.rank, keep=tc.keep_checkpoints, meta=meta,
+                  rank_state={"rng": ckpt.rng_state(), "loader": self.loader.state_dict()})
+        self.last_saved = self.step
+        self.timing["ckpt_s"] += time.perf_counter() - t
+        self.monitor.message(f"checkpoint: step {self.step} -> {self.out.checkpoints / ckpt.name_of(self.step)}")
+        self.hooks.saved(self.step)
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint: engine state, counters, this rank's loader position and RNG."""
+        from pipeline.train import checkpoint as ckpt
+
+        meta, rank_state = ckpt.load(self.engine, path, rank=self.rank, world_size=self.world)
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.skipped_total = meta.get("skipped_steps", 0)
+        self.last_saved = self.step
+        self.loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def finish(self, stopped: bool, t_ready: float) -> int:
+        """The consolidated model (when trained to the end), result.json, the W&B summary."""
+        t_end = time.perf_counter()
+        if not stopped:
+            self._export_model()
+        result = self._result(stopped, t_end)
+        if self.rank == 0:
+            from pipeline.stage import atomic_write_json
+
+            atomic_write_json(self.out.result, result)
+            self.monitor.summary({k: v for k, v in result.items() if v is not None})
+            run = self.monitor.run
+            if stopped and run is not None and hasattr(run, "mark_preempting"):
+                run.mark_preempting()
+        self.monitor.message(f"loop {t_end - t_ready:.1f}s, export {time.perf_counter() - t_end:.1f}s")
+        self.monitor.finish(exit_code=0)
+        return EXIT_STOPPED if stopped else 0
+
+    def _export_model(self) -> None:
+        import torch.distributed as dist
+
+        from pipeline.train import checkpoint as ckpt
+
+        state = ckpt.gather_full_state(self.engine, rank=self.rank)
+        if self.rank == 0:
+            model_dir = ckpt.export_model(state, self.model_cfg, self.out.model_dir)
+            self.monitor.message(f"model: {model_dir}")
+        dist.barrier()
+
+    def _result(self, stopped: bool, t_end: float) -> dict:
+        tps = self.run_tokens / self.run_time if self.run_time > 0 else 0.0
+        return {
+            "step": self.step,
+            "final_loss": self.loss_value,
+            "val_loss": self.val_loss,
+            "tokens_per_s": tps,
+            "mfu": self._mfu(tps),
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_total,
+            "params": self.n_params,
+            "ranks": self.world,
+            "stopped": stopped,
+            # wall time of this attempt's loop after its first step: steps, loader, logging, eval, saves
+            "loop_s": (t_end - self.t_first_done) if self.t_first_done else 0.0,
+            "loop_steps": max(0, self.step - self._first_step_of_attempt),
+            **self.timing,
+        }

@@ -1,0 +1,36 @@
+"""Faults the slow train tests install in the ranks' loop (`launch(..., hooks="tests.train_faults:NAME")`),
+for what cannot be made from outside a process at an exact step."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from pipeline.train.hooks import TrainHooks
+
+
+class NanLoss(TrainHooks):
+    """Rank 0's loss becomes NaN at these steps (the other ranks' stay finite)."""
+
+    def __init__(self, steps: range):
+        self.steps = set(steps)
+
+    def loss(self, step, rank, loss):
+        return loss * float("nan") if rank == 0 and step in self.steps else loss
+
+
+class KillAfterSave(TrainHooks):
+    """Every rank SIGKILLs itself once the checkpoint of `step` is whole: a node lost right after a save."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def saved(self, step):
+        if step == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+NAN_LOSS_AT_3_4 = NanLoss(range(3, 5))
+NAN_LOSS_AT_2_6 = NanLoss(range(2, 7))
+KILL_AFTER_SAVE_30 = KillAfterSave(30)
