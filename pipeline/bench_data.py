@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.data.loader import ShardLoader
     from pipeline.data.readers import ReadStats, iter_documents, resolve_sources
+    from pipeline.layout import RunLayout
     from pipeline.stage import StageContext
     from pipeline.stages import shard as shard_stage
 
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             tok = tk.train(docs[::8], vocab_size=args.vocab_size, num_threads=os.cpu_count() or 1)
             print(f"tokenizer: trained BPE vocab {tok.vocab_size} on every 8th document in {time.perf_counter() - t:.1f}s")
-        (work / "tokenizer").mkdir()
-        tok.save(work / "tokenizer" / "tokenizer.model")
+        trained = RunLayout(work)  # the tokenizer stage's output, copied into each run below
+        trained.tokenizer_dir.mkdir()
+        tok.save(trained.tokenizer_model)
 
         def raw_rate() -> float:
             t = time.perf_counter()
@@ -107,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
         shard_mb_s = {}
         for n in args.workers:
-            run_dir = work / f"run{n}"
-            shutil.copytree(work / "tokenizer", run_dir / "tokenizer")
-            (run_dir / "shard").mkdir()
+            run = RunLayout(work / f"run{n}")
+            shutil.copytree(trained.tokenizer_dir, run.tokenizer_dir)
+            run.shard_dir.mkdir()
             ov = [f"data.sources={json.dumps(args.sources)}", f"data.num_workers={n}",
                   f"data.seq_len={args.seq_len}"]
             if args.partition_mb:
                 ov.append(f"data.partition_bytes={int(args.partition_mb * (1 << 20))}")
             cfg = load_config(None, ov)
-            ctx = StageContext(name="shard", cfg=cfg, run_dir=run_dir, fingerprint="bench")
+            ctx = StageContext(name="shard", cfg=cfg, run_dir=run.root, fingerprint="bench")
             t = time.perf_counter()
             m = shard_stage.run(ctx)
             dt = time.perf_counter() - t
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             results["scaling_2w_over_1w"] = shard_mb_s[2] / shard_mb_s[1]
             print(f"scaling: 2 workers / 1 worker = {results['scaling_2w_over_1w']:.2f}x")
 
-        shard_dir = work / f"run{args.workers[-1]}" / "shard"
+        shard_dir = RunLayout(work / f"run{args.workers[-1]}").shard_dir
         loader = ShardLoader(shard_dir, split="train", seq_len=args.seq_len, batch_size=args.batch_size)
         it = iter(loader)
         next(it)  # first shard loaded

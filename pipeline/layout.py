@@ -4,9 +4,10 @@
       config.yaml                 the resolved config of the last `xlp run`
       .lock                       held while an `xlp run` works here
       submit/                     what `xlp submit` saved: configs, rendered sbatch scripts, job logs
+                                  (config-<time>.yaml, config-<time>.sbatch, slurm-<job>.out, ray-<job>.log)
       <stage>/stage.json          a stage's marker (status, fingerprint, times, metrics)
       <stage>/stage.log           its output
-      tokenizer/tokenizer.model   the SentencePiece model
+      tokenizer/tokenizer.model   the SentencePiece model (tokenizer.vocab: its pieces; stats.json)
       shard/manifest.json         the shards' index; shard/<split>/*.tar the WebDataset shards
       train/config.yaml           the config the ranks read
       train/checkpoints/          DeepSpeed checkpoints (step_<n>/)
@@ -14,7 +15,7 @@
       train/metrics.jsonl         one row of metrics per step
       train/result.json           rank 0's summary of the attempt
       train/logs/rank_<r>.log     each rank's output (rank_<r>.error: its error message)
-      eval/                       report.md, plots, eval metrics
+      eval/                       report.md, plots, results.json (everything), metrics.json (headline)
 
 Stages get their directories from here; no module spells these names itself.
 """
@@ -22,6 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# File names inside a directory, for the code that gets the directory alone (a stage's dir, a shard
+# dir that may be a URL, an exported model dir).
+STAGE_JSON = "stage.json"
+STAGE_LOG = "stage.log"
+MANIFEST = "manifest.json"
+TOKENIZER_MODEL = "tokenizer.model"
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,12 @@ class RunLayout:
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
+
+    def stage_json(self, stage: str) -> Path:
+        return self.stage_dir(stage) / STAGE_JSON
+
+    def stage_log(self, stage: str) -> Path:
+        return self.stage_dir(stage) / STAGE_LOG
 
     # the run
     @property
@@ -47,10 +61,33 @@ class RunLayout:
     def submit_dir(self) -> Path:
         return self.root / "submit"
 
+    def submitted_config(self, stamp: str) -> Path:
+        return self.submit_dir / f"config-{stamp}.yaml"
+
+    def slurm_log(self, job_id: str) -> Path:
+        """The Slurm job's output (job_id "%j" gives the pattern sbatch fills in)."""
+        return self.submit_dir / f"slurm-{job_id}.out"
+
+    def ray_log(self, job_id: str) -> Path:
+        """The output of the Ray processes a Slurm job starts."""
+        return self.submit_dir / f"ray-{job_id}.log"
+
     # tokenizer
     @property
+    def tokenizer_dir(self) -> Path:
+        return self.stage_dir("tokenizer")
+
+    @property
     def tokenizer_model(self) -> Path:
-        return self.stage_dir("tokenizer") / "tokenizer.model"
+        return self.tokenizer_dir / TOKENIZER_MODEL
+
+    @property
+    def tokenizer_vocab(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.vocab"
+
+    @property
+    def tokenizer_stats(self) -> Path:
+        return self.tokenizer_dir / "stats.json"
 
     # shard
     @property
@@ -59,7 +96,7 @@ class RunLayout:
 
     @property
     def manifest(self) -> Path:
-        return self.shard_dir / "manifest.json"
+        return self.shard_dir / MANIFEST
 
     # train
     @property
@@ -70,9 +107,26 @@ class RunLayout:
     def train(self) -> "TrainLayout":
         return TrainLayout(self.train_dir)
 
+    # eval
     @property
     def eval_dir(self) -> Path:
         return self.stage_dir("eval")
+
+    @property
+    def eval_results(self) -> Path:
+        return self.eval_dir / "results.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval_dir / "metrics.json"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval_dir / "report.md"
+
+    @property
+    def lm_eval_dir(self) -> Path:
+        return self.eval_dir / "lm_eval"
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Optional, TextIO
 from omegaconf import DictConfig
 
 from pipeline.config import to_yaml
+from pipeline.layout import RunLayout
 from pipeline.stage import (
-    STAGE_JSON,
     Stage,
     StageContext,
     atomic_write_json,
@@ -41,7 +41,6 @@ from pipeline.stage import (
     toposort,
 )
 
-LOG_NAME = "stage.log"
 TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
 STOP_REQUESTED = ".stop-requested"  # written by the driver to ask the stage's task to wind down
 HEARTBEAT_S = 10.0
@@ -99,9 +98,10 @@ class StageState:
 def stage_states(stages: list[Stage], cfg: DictConfig, run_dir: Path) -> list[StageState]:
     """Each stage's status in `run_dir` relative to `cfg`."""
     fps = fingerprints(stages, cfg)
+    layout = RunLayout(run_dir)
     states = []
     for stage in toposort(stages):
-        marker = read_stage_json(run_dir / stage.name)
+        marker = read_stage_json(layout.stage_dir(stage.name))
         status = _status(marker, fps[stage.name], run_dir)
         states.append(StageState(stage.name, status, fps[stage.name], marker))
     return states
@@ -130,7 +130,7 @@ class RunLock:
     """An advisory lock on RUN_DIR held by the `xlp run` using it, so two runs never interleave."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = RunLayout(run_dir).lock
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -193,9 +193,10 @@ def run_pipeline(
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
 
+    layout = RunLayout(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_text(layout.config, to_yaml(cfg))
     fps = fingerprints(stages, cfg)
     print(f"run dir: {run_dir}", file=out)
 
@@ -212,7 +213,7 @@ def run_pipeline(
         for stage in order:
             if stage.name not in selected:
                 continue
-            stage_dir = run_dir / stage.name
+            stage_dir = layout.stage_dir(stage.name)
             marker = read_stage_json(stage_dir)
             fp = fps[stage.name]
             if marker.get("status") == "done" and marker.get("fingerprint") == fp and not force:
@@ -237,7 +238,7 @@ def run_pipeline(
 
 def _check_inputs(stage: Stage, run_dir: Path, fps: dict[str, str], config_source: str | None) -> None:
     for dep in stage.needs:
-        marker = read_stage_json(run_dir / dep)
+        marker = read_stage_json(RunLayout(run_dir).stage_dir(dep))
         status = _status(marker, fps[dep])
         if status != "done":
             cmd = f"xlp run {config_source or 'CONFIG'} --stages {dep}"
@@ -267,8 +268,9 @@ def _prepare_dir(stage: Stage, stage_dir: Path, marker: dict, fp: str, force: bo
 def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: bool, out: TextIO) -> None:
     import ray
 
-    stage_dir = run_dir / stage.name
-    log_path = stage_dir / LOG_NAME
+    layout = RunLayout(run_dir)
+    stage_dir, marker_path = layout.stage_dir(stage.name), layout.stage_json(stage.name)
+    log_path = layout.stage_log(stage.name)
     started = time.time()
     marker = {
         "stage": stage.name,
@@ -280,7 +282,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         "pid": os.getpid(),
         "resumed": resumed,
     }
-    atomic_write_json(stage_dir / STAGE_JSON, marker)
+    atomic_write_json(marker_path, marker)
     how = "resuming" if resumed else "running"
     print(f"> {stage.name}: {how} (fingerprint {fp}); log: {log_path}", file=out, flush=True)
 
@@ -298,7 +300,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
                 raise Stopped()
             if time.time() - last_beat > HEARTBEAT_S:
                 marker["heartbeat_at"] = last_beat = time.time()
-                atomic_write_json(stage_dir / STAGE_JSON, marker)
+                atomic_write_json(marker_path, marker)
             if ready:
                 break
         metrics = ray.get(task)
@@ -318,13 +320,13 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         tail.pump()
         if not ended_marker.exists():
             ray.cancel(task, force=True)
-        _fail(stage_dir, marker, f"interrupted ({why}); rerun to resume")
+        _fail(marker_path, marker, f"interrupted ({why}); rerun to resume")
         raise Stopped(why) from None
     except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
         tail.pump()
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
-        _fail(stage_dir, marker, message)
+        _fail(marker_path, marker, message)
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}"
         ) from None
@@ -337,13 +339,13 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         duration_s=round(ended - started, 3),
         metrics=metrics or {},
     )
-    atomic_write_json(stage_dir / STAGE_JSON, marker)
+    atomic_write_json(marker_path, marker)
     print(f"+ {stage.name}: done in {ended - started:.1f}s {_short_metrics(stage, metrics)}", file=out, flush=True)
 
 
-def _fail(stage_dir: Path, marker: dict, error: str) -> None:
+def _fail(marker_path: Path, marker: dict, error: str) -> None:
     marker.update(status="failed", ended_at=time.time(), error=error)
-    atomic_write_json(stage_dir / STAGE_JSON, marker)
+    atomic_write_json(marker_path, marker)
 
 
 def _first_lines(text: str, n: int = 12) -> str:

@@ -14,17 +14,16 @@ import json
 import os
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.layout import STAGE_JSON, RunLayout
+
 # Bump when a stage's code changes what it writes, so old outputs become stale.
 FINGERPRINT_VERSION = 1
-
-STAGE_JSON = "stage.json"
 
 
 @dataclass(frozen=True)
@@ -69,16 +68,21 @@ class StageContext:
     log_file: Optional[Path] = None
 
     @property
+    def layout(self) -> RunLayout:
+        """The paths of the run directory (its inputs: layout.tokenizer_model, layout.manifest, ...)."""
+        return RunLayout(self.run_dir)
+
+    @property
     def out_dir(self) -> Path:
         """The stage's output directory, `RUN_DIR/<stage>/`; it exists when the stage runs."""
-        return self.run_dir / self.name
+        return self.layout.stage_dir(self.name)
 
     def input_dir(self, stage: str) -> Path:
         """Output directory of an upstream stage; the runner has checked that it is done."""
-        return self.run_dir / stage
+        return self.layout.stage_dir(stage)
 
     def input_metrics(self, stage: str) -> dict:
-        return read_stage_json(self.run_dir / stage).get("metrics", {})
+        return read_stage_json(self.input_dir(stage)).get("metrics", {})
 
 
 def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = ()) -> dict[str, Any]:
@@ -142,19 +146,6 @@ def toposort(stages: list[Stage]) -> list[Stage]:
     for s in stages:
         visit(s.name, ())
     return order
-
-
-def downstream(stages: list[Stage], name: str) -> list[str]:
-    """Names of stages that depend on `name`, directly or not."""
-    out: list[str] = []
-    frontier = [name]
-    while frontier:
-        cur = frontier.pop()
-        for s in stages:
-            if cur in s.needs and s.name not in out:
-                out.append(s.name)
-                frontier.append(s.name)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +213,3 @@ def output_to(path: Path, *, append: bool = True) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for f in (fd, *saved):
             os.close(f)
-
-
-def now() -> float:
-    return time.time()

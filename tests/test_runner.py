@@ -165,3 +165,13 @@ def test_ignored_keys_stay_out_of_the_fingerprint():
     base = fingerprint(stage, load_config(None, []), {})
     assert fingerprint(stage, load_config(None, ["train.launcher=local", "train.log_every=3"]), {}) == base
     assert fingerprint(stage, load_config(None, ["train.steps=7"]), {}) != base
+
+
+def test_stage_registry_imports_nothing_heavy():
+    """Each stage module declares its STAGE and imports what it runs with inside run(), so the
+    registry (imported by `xlp status`, the config schema, Ray workers) stays cheap."""
+    code = ("import sys, pipeline.stages; "
+            "print(sorted(m for m in ('ray', 'torch', 'numpy', 'sentencepiece', 'deepspeed', 'wandb') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=xlp_env(), check=True)
+    assert proc.stdout.strip() == "[]"

@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-MANIFEST = "manifest.json"
+from pipeline.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
+
 META_DIR = "meta"
 FORMAT = "xlp-webdataset-tokens-v1"
 SPLITS = ("train", "val")

@@ -9,7 +9,6 @@ the context the model learnt to predict a document's first token from.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODEL_SUBDIR = "model"
-TOKENIZER_FILE = "tokenizer.model"
+from pipeline.layout import RunLayout
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,7 +40,7 @@ def set_threads(threads: int) -> int:
 def load_trained(run_dir: Path, device: torch.device):
     from xlstm_model import load_model
 
-    model = load_model(Path(run_dir) / "train" / MODEL_SUBDIR, map_location="cpu").to(device)
+    model = load_model(RunLayout(run_dir).train.model_dir, map_location="cpu").to(device)
     return model.eval()
 
 
@@ -59,7 +57,7 @@ def build_untrained(model_cfg, seed: int, device: torch.device):
 def load_tokenizer(run_dir: Path):
     import tokenizer
 
-    return tokenizer.load(Path(run_dir) / "tokenizer" / TOKENIZER_FILE)
+    return tokenizer.load(RunLayout(run_dir).tokenizer_model)
 
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -142,10 +140,6 @@ def write_json(path: Path, obj) -> None:
     from pipeline.stage import atomic_write_json
 
     atomic_write_json(Path(path), obj)
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
 
 
 def param_bytes(model) -> int:

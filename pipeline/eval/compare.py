@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from pipeline.layout import RunLayout
+
 INFO_ROWS = (("arch", "arch"), ("params (M)", "params"), ("train steps", "train_steps"),
              ("tokens seen", "tokens_seen"), ("seq len", "seq_len"), ("device", "device"))
 # shown first, in this order; every other headline key follows, sorted
@@ -21,14 +23,14 @@ FIRST = ("val_loss", "val_ppl", "val_bpb", "untrained_bpb", "bytes_per_token", "
 
 
 def _load(run_dir: Path) -> tuple[dict, dict]:
-    ev = Path(run_dir) / "eval"
-    metrics_file = ev / "metrics.json"
+    layout = RunLayout(run_dir)
+    metrics_file = layout.eval_metrics
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{run_dir}: no eval/metrics.json (run the eval stage: xlp run CONFIG --stages eval)")
     metrics = json.loads(metrics_file.read_text())
     info = {}
     try:
-        info = json.loads((ev / "results.json").read_text()).get("info", {})
+        info = json.loads(layout.eval_results.read_text()).get("info", {})
     except (OSError, json.JSONDecodeError):
         pass
     return metrics, info

@@ -9,49 +9,54 @@ shards. Resumable: after a kill, a rerun keeps the finished shards and partition
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import numpy as np
+from pipeline.stage import Stage, StageContext, atomic_write_json
 
-import tokenizer as tk
-from pipeline.data.parallel import run_parallel
-from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
-from pipeline.data.shards import (
-    MANIFEST,
-    build_manifest,
-    dtype_name,
-    remove_all,
-    remove_incomplete,
-    token_dtype,
-)
-from pipeline.data.work import (
-    HashJob,
-    ReadOptions,
-    ShardJob,
-    duplicates,
-    hash_partition,
-    load_part_record,
-    shard_partition,
-)
-from pipeline.stage import StageContext, atomic_write_json
-from pipeline.stages.tokenizer import MODEL, _sections, read_metrics
+# The registry imports this module: what the stage runs with (Ray, numpy, SentencePiece) is imported
+# inside run().
 
 READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
     "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
 )
 
+STAGE = Stage(
+    name="shard",
+    reads=READS,
+    needs=("tokenizer",),
+    fn="pipeline.stages.shard:run",
+    resumable=True,
+    headline=("tokens", "shards", "docs_kept", "docs_empty", "files_skipped", "bad_records"),
+    description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
+)
+
 
 def run(ctx: StageContext) -> dict:
+    import tokenizer as tk
+    from pipeline.data.parallel import run_parallel
+    from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+    from pipeline.data.shards import build_manifest, dtype_name, remove_all, remove_incomplete, token_dtype
+    from pipeline.data.work import (
+        HashJob,
+        ReadOptions,
+        ShardJob,
+        duplicates,
+        hash_partition,
+        load_part_record,
+        shard_partition,
+    )
+    from pipeline.stages.tokenizer import _sections, read_metrics
+
     t0 = time.time()
     dc, _ = _sections(ctx.cfg)
-    out = Path(ctx.out_dir)
+    layout = ctx.layout
+    out = layout.shard_dir
     out.mkdir(parents=True, exist_ok=True)
     if ctx.resumed:
         remove_incomplete(out)
     else:
         remove_all(out)
-    tok = tk.load(Path(ctx.input_dir("tokenizer")) / MODEL)
+    tok = tk.load(layout.tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
     files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
@@ -102,7 +107,7 @@ def run(ctx: StageContext) -> dict:
     counts = {k: v for k, v in rm.items() if not isinstance(v, list)}
     manifest = build_manifest(out, dtype=dtype, tokenizer_info=tok_info, config=config,
                               read_counts=counts, per_source=stats.per_source)
-    atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(layout.manifest, manifest)
 
     elapsed = time.time() - t0
     metrics = dict(rm)

@@ -6,7 +6,6 @@ embeddings (the weights of nn.Embedding modules, tied output heads included).
 from __future__ import annotations
 
 import functools
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -31,10 +30,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return groups
-
-
-def group_sizes(groups: Iterable[dict]) -> dict[str, int]:
-    return {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
 
 
 class StepGate:
