@@ -187,14 +187,17 @@ def decode_linear(
     glu: bool = False,
     soft_cap: float = 0.0,
     residual: Optional[Tensor] = None,
+    pdl: bool = False,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Matrix-vector product of a decode step with its neighbours fused: x (B, K), weight (N, K) ->
     residual + soft_cap(glu(RMSNorm(x) @ weight^T + bias)) (B, N, or N/2 with glu: silu of the first
-    half times the second). Each part is optional (norm when norm_weight is given). No autograd."""
+    half times the second). Each part is optional (norm when norm_weight is given). No autograd.
+    pdl: Triton on a Hopper-or-later GPU launches the kernel with programmatic dependent launch
+    (it overlaps its predecessor; no effect elsewhere)."""
     fn = resolve("decode_linear", backend, x)
     return fn(x, weight, norm_weight=norm_weight, norm_eps=norm_eps, bias=bias, glu=glu, soft_cap=soft_cap,
-              residual=residual)
+              residual=residual, pdl=pdl)
 
 
 def mlstm_decode_mix(
@@ -211,12 +214,16 @@ def mlstm_decode_mix(
     head_norm_weight: Tensor,
     head_norm_eps: float,
     head_norm: str = "layer",
+    pdl: bool = False,
+    mix: Optional[tuple[int, int]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """One token of an xLSTM-large block's mLSTM cell: gates from RMSNorm(x), the stabilised state
     update (state (C, n, m), float32, updated IN PLACE), read-out, per-head norm and sigmoid output
-    gate. x (B, D); qkvo (B, 2 DQK + 2 DV) = [q | k | v | o]. Returns (B, DV) in x's dtype. No autograd."""
+    gate. x (B, D); qkvo (B, 2 DQK + 2 DV) = [q | k | v | o]. Returns (B, DV) in x's dtype. No autograd.
+    Launch options of the Triton kernel (no effect on the result, nor on the reference): pdl as for
+    decode_linear; mix = (C elements per state tile, warps), None: timed on the first GPU call."""
     fn = resolve("mlstm_decode_mix", backend, x)
     return fn(x, qkvo, gate_weight, gate_bias, state, num_heads=num_heads, norm_weight=norm_weight,
               norm_eps=norm_eps, gate_soft_cap=gate_soft_cap, head_norm_weight=head_norm_weight,
-              head_norm_eps=head_norm_eps, head_norm=head_norm)
+              head_norm_eps=head_norm_eps, head_norm=head_norm, pdl=pdl, mix=mix)

@@ -4,6 +4,7 @@
     python -m kernels.bench --check         # Triton vs reference at real shapes (bf16 / fp32), then exit
     python -m kernels.bench --chunks 32,64  # also compare chunk sizes (the effective L is printed)
     python -m kernels.bench --sweep         # time launch-config variants, then the table with the best
+    python -m kernels.bench --mlstm bc_w=4,bc_s=2   # the table under a changed mLSTM launch configuration
     TRITON_INTERPRET=1 python -m kernels.bench --check-cpu   # dry run of --check's code on CPU
 
 Protocol: 65,536 tokens per step, S in {2k, 8k, 32k} (B = tokens / S), NH=16, DQK=128, DV=256, bf16;
@@ -20,6 +21,8 @@ import sys
 import time
 
 import torch
+
+from kernels.config import check_mlstm_launch, format_mlstm_launch
 
 
 def _sync_ms(fn, warmup: int = 3, rep_ms: int = 200) -> float:
@@ -150,8 +153,8 @@ def bench_official(tokens, seqlens, NH, DQK, DV, dtype, rep_ms):
 
 
 # ------------------------------------------------------------------------------------ sweep
-# Single-key changes from the default launch configuration (see kernels/triton/mlstm.py,
-# DEFAULT_CFG), plus a few combinations. Forward variants are timed as the no-grad forward;
+# Single-key changes from the default launch configuration (see kernels/config.py,
+# MLSTM_LAUNCH), plus a few combinations. Forward variants are timed as the no-grad forward;
 # backward variants as autograd.grad on ONE retained graph per length (the saved tensors do not
 # depend on the launch configuration), so no forward is recomputed.
 FWD_VARIANTS = [
@@ -413,6 +416,18 @@ def check(strict: bool = False, dev: str = "cuda", small: bool = False) -> bool:
     return ok
 
 
+def parse_launch(text: str) -> dict:
+    """--mlstm 'bc_w=4,bc_s=2' -> {'bc_w': 4, 'bc_s': 2}, checked (the error names the bad key)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, eq, val = item.partition("=")
+        try:
+            out[key.strip()] = int(val)
+        except ValueError:
+            raise ValueError(f"--mlstm: {item!r} is not KEY=N") from None
+    return check_mlstm_launch(out, "--mlstm")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=65536)
@@ -433,7 +448,14 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-seqlens", default="2048,32768", help="lengths the sweep scores (worst one counts)")
     p.add_argument("--sweep-budget", type=float, default=120.0, help="seconds the sweep may take")
     p.add_argument("--sweep-rep-ms", type=int, default=40)
+    p.add_argument("--mlstm", default="", metavar="KEY=N[,KEY=N]",
+                   help="changes to the mLSTM launch table to time, e.g. bc_w=4,bc_s=2 (the pipeline's "
+                        "kernels.mlstm config key; keys: kernels/config.py MLSTM_LAUNCH)")
     a = p.parse_args(argv)
+    try:
+        parse_launch(a.mlstm)
+    except ValueError as e:
+        p.error(str(e))
     if a.check_cpu:
         from kernels.triton._interp import patch_interpreter_bf16
 
@@ -452,6 +474,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     seqlens = [int(s) for s in a.seqlens.split(",")]
     chunks = [int(c) for c in a.chunks.split(",")]
+    if a.mlstm:
+        tm.set_mlstm_config(parse_launch(a.mlstm))
     current = tm.mlstm_config()
     print(f"mLSTM launch config: {tm.format_cfg(current)}", flush=True)
     rows = []
@@ -483,8 +507,8 @@ def main(argv=None) -> int:
             print(f"SUMMARY S={S}: best {b[0]}  fwd {b[3]:.2f} ms  fwd+bwd {b[4]:.2f} ms", flush=True)
     print(f"SUMMARY worst fwd+bwd {worst:.2f} ms (target <= 12 ms: {'met' if worst <= 12 else 'NOT met'})", flush=True)
     if tuned:
-        print(f"SUMMARY tuned config: XLP_MLSTM_CFG='{tm.format_cfg(tuned)}' "
-              "(paste into kernels/triton/mlstm.py DEFAULT_CFG to make it the default)", flush=True)
+        print(f"SUMMARY tuned config: {format_mlstm_launch(tuned)} "
+              "(config overrides; paste into kernels/config.py MLSTM_LAUNCH to make it the default)", flush=True)
     return 0
 
 

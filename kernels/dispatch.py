@@ -3,7 +3,9 @@
 backend "reference" always works; "triton" imports `kernels.triton.<module>` lazily and calls the
 function of the same name and signature (an error says what is missing); "auto" takes Triton for
 CUDA tensors when that op exists there, the reference otherwise. The default comes from
-`set_default_backend(...)`, else the environment variable XLP_KERNEL_BACKEND, else "auto".
+`set_default_backend(...)`, else the environment variable XLP_KERNEL_BACKEND, else "auto". The
+environment variable is for code that calls the kernels directly (benchmarks, notebooks): pipeline
+processes set the default from the `kernels.backend` config key (kernels.config.KernelsConfig.apply).
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 import kernels.reference as reference
-
-BACKENDS = ("auto", "reference", "triton")
+from kernels.config import BACKENDS
 ENV_VAR = "XLP_KERNEL_BACKEND"
 
 # op name -> module under kernels/triton/ that holds its Triton version

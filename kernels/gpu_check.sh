@@ -7,7 +7,7 @@
 #       bwd separately, S=2k and 32k, ~100 s budget), then the table (65,536 tokens/step, S in
 #       {2k, 8k, 32k}, NH=16, DQK=128, DV=256, bf16) for the default AND the best config, beside
 #       torch SDPA flash (NH=32, D=128) and mlstm_kernels if importable;
-#   (c) a compact summary (the [ok]/[FAIL] lines, SUMMARY lines, the tuned XLP_MLSTM_CFG string).
+#   (c) a compact summary (the [ok]/[FAIL] lines, SUMMARY lines, the tuned kernels.mlstm.* overrides).
 # Usage (repo root, CUDA machine):  bash kernels/gpu_check.sh [extra kernels.bench args]
 # Exit status: non-zero if any check failed, the bench crashed or a step timed out.
 set -uo pipefail

@@ -4,14 +4,52 @@ terminal as tokens arrive; tokens/s on stderr at the end.
 Reads a run directory (RUN_DIR/train/model + RUN_DIR/tokenizer/tokenizer.model) or an export
 directory (`xlp export`, native or hf format). Decoding uses xlstm_model.decode: the prompt in
 segments, then one step per token on a preallocated state (on GPU: compiled with torch.compile and
-captured in a CUDA graph).
+captured in a CUDA graph). Settings: the run's `kernels.*` and `decode.*` config keys (their
+defaults for an export directory), changed by `key=value` arguments.
 """
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
+
+from pipeline.layout import RunLayout
+
+
+SETTINGS_SECTIONS = ("kernels", "decode")
+
+
+def model_settings(source: Path, overrides=()):
+    """(KernelsConfig, DecodeConfig) for running the model of `source`: the `kernels` and `decode`
+    sections of the run's config (RUN_DIR/config.yaml; their defaults for an export directory), then
+    `overrides` (`kernels.*` / `decode.*` key=value items), validated."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from kernels.config import KernelsConfig
+    from pipeline.config import ConfigError, merge_into
+    from xlstm_model.decode import DecodeConfig
+
+    cfg = OmegaConf.create({"kernels": OmegaConf.structured(KernelsConfig),
+                            "decode": OmegaConf.structured(DecodeConfig)})
+    config_file = RunLayout(source).config
+    if config_file.is_file():
+        data = yaml.safe_load(config_file.read_text()) or {}
+        merge_into(cfg, {k: data[k] for k in SETTINGS_SECTIONS if data.get(k)}, f"config file {config_file}")
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or key.split(".")[0] not in SETTINGS_SECTIONS:
+            raise ConfigError(f"override {item!r}: only kernels.* and decode.* keys can be set here "
+                              "(e.g. kernels.backend=triton decode.fused=true)")
+        merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
+    kernels, decode = OmegaConf.to_object(cfg["kernels"]), OmegaConf.to_object(cfg["decode"])
+    for part in (kernels, decode):
+        try:
+            part.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return kernels, decode
 
 
 def pick_device(name: str) -> str:
@@ -36,6 +74,7 @@ def run(
     use_graph: Optional[bool] = None,
     use_compile: Optional[bool] = None,
     stop_at_eos: bool = True,
+    overrides: Sequence[str] = (),
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> dict:
@@ -47,6 +86,8 @@ def run(
 
     dev = pick_device(device)
     model_dir, tok_path = find_model(Path(source))
+    kernels_cfg, decode_cfg = model_settings(Path(source), overrides)
+    kernels_cfg.apply()
     tok = tk.load(tok_path)
     model = load_any(model_dir, map_location=dev)
     if dtype == "auto":
@@ -59,7 +100,7 @@ def run(
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed if seed is not None else int(time.time_ns() % (2**31)))
 
-    if step_compiles(model, torch.device(dev), use_compile, use_fused=None):
+    if step_compiles(model, torch.device(dev), use_compile, use_fused=None, config=decode_cfg):
         print("[compiling the decode step: once per process, ~40 s on a GPU; --no-compile skips it]", file=err)
     t0 = time.perf_counter()
     new: list[int] = []
@@ -69,7 +110,7 @@ def run(
     out.flush()
     for token in generate_stream(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  eos=tok.eos_id if stop_at_eos else None, generator=generator, use_graph=use_graph,
-                                 use_compile=use_compile):
+                                 use_compile=use_compile, config=decode_cfg):
         t = int(token[0])
         if t_first is None:
             t_first = time.perf_counter()
@@ -114,7 +155,7 @@ def main(args) -> int:
         run(args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype,
             use_graph=False if args.no_cuda_graph else None, use_compile=args.compile,
-            stop_at_eos=not args.ignore_eos)
+            stop_at_eos=not args.ignore_eos, overrides=getattr(args, "overrides", ()))
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"xlp generate: error: {e}", file=sys.stderr)
         return 1

@@ -223,8 +223,40 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
     ids = torch.tensor([tok.encode("import json\n", add_bos=False)])
     want = tok.decode(model.generate(ids, 10, temperature=0)[0, ids.shape[1]:].tolist())
     assert r.stdout == "import json\n" + want + "\n"  # the CLI ends the text with a newline
+    # decode.* / kernels.* over the run's settings: the fused step (reference kernels on CPU) picks the same tokens
+    r = _xlp("generate", tiny_run, "--prompt", "import json\n", "--max-new-tokens", "10", "--temperature", "0",
+             "--ignore-eos", "decode.fused=true", "kernels.backend=reference")
+    assert r.returncode == 0 and r.stdout == "import json\n" + want + "\n", r.stderr[-2000:]
     r = _xlp("generate", tmp_path / "nowhere", "--prompt", "x")
     assert r.returncode == 1 and "xlp generate: error" in r.stderr
+    r = _xlp("generate", tiny_run, "--prompt", "x", "decode.mix=7x3")
+    assert r.returncode == 1 and "xlp generate: error: decode.mix='7x3'" in r.stderr, r.stderr[-2000:]
+
+
+def test_model_settings_come_from_the_run_config(tiny_run, tmp_path):
+    """generate / export run the model with the run's kernels.* and decode.* (defaults for an export
+    directory), changed by kernels.* / decode.* overrides only."""
+    import yaml
+
+    from kernels.config import KernelsConfig
+    from pipeline.config import ConfigError
+    from pipeline.generate import model_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    data["kernels"] = {"backend": "reference", "mlstm": {"bc_w": 4}}
+    data["decode"] = {"pdl": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    k, d = model_settings(run, ["decode.mix=32768x8"])
+    assert k == KernelsConfig(backend="reference", mlstm={"bc_w": 4}) and d.pdl and d.mix_launch() == (32768, 8)
+    assert model_settings(tmp_path)[0] == KernelsConfig()  # no config.yaml: the defaults
+    for item, words in (("train.steps=1", "only kernels.* and decode.* keys"),
+                        ("kernels.backend=cuda", "`kernels.backend` is 'cuda'; valid values: auto, reference, triton"),
+                        ("kernels.mlstm.xx=2", "kernels.mlstm: unknown key 'xx'; valid: fs_bk"),
+                        ("decode.nope=1", "unknown config key `decode.nope`")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            model_settings(run, [item])
 
 
 # ------------------------------------------------------------------------------ step decoder
@@ -328,10 +360,10 @@ def test_bench_decode_runs_on_cpu():
     """The benchmark, with a variant (the fused step) measured beside the base decoder in one run."""
     r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512",
-                        "--variant", "fused:XLP_DECODE_FUSED=1"],
+                        "--variant", "fused:fused=1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "command:" in r.stdout and "machine:" in r.stdout and "variant fused: XLP_DECODE_FUSED=1" in r.stdout
+    assert "command:" in r.stdout and "machine:" in r.stdout and "variant fused: fused=True" in r.stdout
     for ctx in (64, 256):
         base = re.search(rf"^context +{ctx}: .*fused=False .*same argmax True; greedy tokens = step\+argmax: "
                          rf"graph 8/8, run-ahead 8/8$", r.stdout, re.M)
@@ -342,35 +374,42 @@ def test_bench_decode_runs_on_cpu():
 
 
 def test_bench_decode_variant_errors_name_the_bad_part():
-    from xlstm_model.bench_decode import environment, parse_variant
+    from xlstm_model.bench_decode import parse_settings, parse_variant
 
-    assert parse_variant("pdl:XLP_DECODE_PDL=1,XLP_CUDA_GRAPH=0") == (
-        "pdl", {"XLP_DECODE_PDL": "1", "XLP_CUDA_GRAPH": "0"})
-    for spec, words in (("pdl", "NAME:ENV=VALUE"), ("base:XLP_DECODE_PDL=1", "other than 'base'"),
-                        ("x:XLP_DECODE_TUNE=1", "'XLP_DECODE_TUNE=1' is not ENV=VALUE"),
-                        ("x:XLP_DECODE_PDL", "'XLP_DECODE_PDL' is not ENV=VALUE")):
+    assert parse_variant("pdl:pdl=1,cuda_graph=0,mix=32768x8") == (
+        "pdl", {"pdl": True, "cuda_graph": False, "mix": "32768x8"})
+    valid = "valid: pdl, mix, fused, compile, cuda_graph"
+    for spec, words in (("pdl", "NAME:key=value"), ("base:pdl=1", "other than 'base'"),
+                        ("x:tune=1", f"unknown key 'tune'; {valid} (compile_mode, matvec and tune are the same for "
+                                     "every decoder of a run: give them with --decode)"),
+                        ("x:XLP_DECODE_PDL=1", f"unknown key 'XLP_DECODE_PDL'; {valid}"),
+                        ("x:pdl", "'pdl' is not key=value"), ("x:pdl=maybe", "'pdl=maybe': Value 'maybe' is not a valid bool")):
         with pytest.raises(ValueError, match=re.escape(words)):
             parse_variant(spec)
-    os.environ.pop("XLP_DECODE_PDL", None)
-    with environment({"XLP_DECODE_PDL": "1"}):
-        assert os.environ["XLP_DECODE_PDL"] == "1"
-    assert "XLP_DECODE_PDL" not in os.environ
-    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--variant", "a:XLP_DECODE_PDL=1",
-                        "--variant", "a:XLP_DECODE_PDL=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert parse_settings("tune=1,matvec=gemm", "--decode") == {"tune": True, "matvec": "gemm"}
+    with pytest.raises(ValueError, match=re.escape("--decode: unknown key 'nope'; valid: cuda_graph, compile, "
+                                                   "compile_mode, matvec, tune, fused, pdl, mix")):
+        parse_settings("nope=1", "--decode")
+    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--variant", "a:pdl=1",
+                        "--variant", "a:pdl=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "each variant needs its own NAME" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--decode", "matvec=fast"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "config key `decode.matvec` is 'fast'; valid values: reduce, gemm" in r.stderr
 
 
 def test_bench_decode_reports_a_variant_that_fails_and_keeps_the_others():
-    """A variant whose decoder cannot be set up (here: a bad XLP_DECODE_MIX reaches the Triton state
-    update, run by the interpreter) is reported with its error; the base is still measured; exit 1."""
+    """A variant whose decoder cannot be set up (here: a bad decode.mix for the fused Triton step, run
+    by the interpreter; refused when its decoder is built) is reported with its error; the base is
+    still measured; exit 1."""
     env = dict(os.environ, TRITON_INTERPRET="1", XLP_KERNEL_BACKEND="triton")
     r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "16", "--new-tokens", "8", "--warmup", "1", "--vocab-size", "512",
-                        "--device", "cpu", "--variant", "bad:XLP_DECODE_FUSED=1,XLP_DECODE_MIX=7x3"],
+                        "--device", "cpu", "--variant", "bad:fused=1,mix=7x3"],
                        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]
-    assert re.search(r"^context +16 \[bad\]: FAILED to set up: ValueError: XLP_DECODE_MIX='7x3'", r.stdout, re.M), out
+    assert re.search(r"^context +16 \[bad\]: FAILED to set up: ValueError: decode.mix='7x3'", r.stdout, re.M), out
     assert re.search(r"^context +16: +[0-9.]+ tokens/s", r.stdout, re.M), out
     assert "FAILED to set up: bad" in r.stdout
 

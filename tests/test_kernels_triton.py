@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -474,11 +475,12 @@ def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
 
 
 @needs_kernels
-def test_mlstm_decode_mix_config_from_environment(monkeypatch):
-    """XLP_DECODE_MIX fixes the state tile and warps (here: C in tiles of 64 elements, 4 rows each);
-    a bad value is refused with its name."""
+def test_mlstm_decode_mix_launch_from_config():
+    """decode.mix fixes the state tile and warps (here: C in tiles of 64 elements, 4 rows each); a bad
+    value is refused with its key, and a bad (tile, warps) passed to the kernel itself too."""
     from kernels.reference import decode as ref_decode
     from kernels.triton import decode as tri_decode
+    from xlstm_model.decode import DecodeConfig
 
     torch.manual_seed(2)
     B, D, NH, dqk, dv = 1, 32, 2, 12, 16
@@ -489,13 +491,16 @@ def test_mlstm_decode_mix_config_from_environment(monkeypatch):
     start = (torch.randn(B, NH, dqk, dv, device=DEVICE), torch.randn(B, NH, dqk, device=DEVICE),
              torch.randn(B, NH, device=DEVICE))
     want = ref_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw)
-    monkeypatch.setenv("XLP_DECODE_MIX", "64x4")
-    assert tri_decode.mix_config_from_env() == (64, 4) and tri_decode.mix_tile_rows(dqk, dv, 64) == 4
-    _assert_close(tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw), want, "h")
+    mix = DecodeConfig(mix="64x4").mix_launch()
+    assert mix == (64, 4) and tri_decode.mix_tile_rows(dqk, dv, 64) == 4 and DecodeConfig().mix_launch() is None
+    _assert_close(tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), mix=mix, **kw),
+                  want, "h")
     for bad in ("64", "48x4", "64x3", "bigx8", "64,4"):
-        monkeypatch.setenv("XLP_DECODE_MIX", bad)
-        with pytest.raises(ValueError, match=f"XLP_DECODE_MIX='{bad}'"):
-            tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), **kw)
+        with pytest.raises(ValueError, match=f"decode.mix='{bad}'"):
+            DecodeConfig(mix=bad).validate()
+    for bad in ((48, 4), (64, 3), (64,)):
+        with pytest.raises(ValueError, match=re.escape(f"mlstm_decode_mix: mix={bad!r}")):
+            tri_decode.mlstm_decode_mix(x, qkvo, gw, gb, tuple(t.clone() for t in start), mix=bad, **kw)
 
 
 @needs_kernels

@@ -3,9 +3,10 @@
     python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
     python -m xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
-    XLP_DECODE_PDL=1 python -m xlstm_model.bench_decode --fused               # ... kernels overlapped (Hopper PDL)
+    python -m xlstm_model.bench_decode --fused --decode pdl=true              # ... kernels overlapped (Hopper PDL)
     python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
-    python -m xlstm_model.bench_decode --fused --variant pdl:XLP_DECODE_PDL=1 --variant compiled:XLP_DECODE_FUSED=0
+    python -m xlstm_model.bench_decode --decode matvec=gemm                   # compiled, cuBLAS matrix-vector products
+    python -m xlstm_model.bench_decode --fused --variant pdl:pdl=true --variant compiled:fused=false
     python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
 
 Random weights (speed does not depend on them). The prompt is read in segments carrying the state
@@ -17,19 +18,19 @@ up to 4 steps ahead of the host, each token read back as soon as it is there). E
 whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a
 fixed size, so the time per token should not depend on the context length.
 
---variant NAME:ENV=VALUE[,ENV=VALUE...] (repeatable) also measures decoders built under other
-settings, in the same process, from the same prefilled states, with their steps interleaved with the
-base decoder's: ratios between them are not skewed by a shared machine's drift, and the prompts and
-the compiles are paid once. A setting a variant names is left to the environment (e.g.
-XLP_DECODE_FUSED=0 overrides --fused for that variant). The first decoder's set-up time includes the
-compiles and tuning that the later ones reuse; a variant's peak memory counts from its own set-up
-(the base's includes the prompt).
+--decode KEY=VALUE[,KEY=VALUE...] sets the base decoder's DecodeConfig (xlstm_model.decode: the
+pipeline's `decode.*` config keys without the prefix). --variant NAME:KEY=VALUE[,KEY=VALUE...]
+(repeatable) also measures decoders built with some of those keys changed (VARIANT_KEYS), in the same
+process, from the same prefilled states, with their steps interleaved with the base decoder's: ratios
+between them are not skewed by a shared machine's drift, and the prompts and the compiles are paid
+once. A key a variant names wins over the matching command-line flag (e.g. fused=false overrides
+--fused for that variant). The first decoder's set-up time includes the compiles and tuning that the
+later ones reuse; a variant's peak memory counts from its own set-up (the base's includes the prompt).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import dataclasses
 import platform
 import re
 import resource
@@ -42,48 +43,51 @@ from pathlib import Path
 import torch
 
 from xlstm_model.config import ModelConfig
-from xlstm_model.decode import StepDecoder, compile_wanted, decode_compile_options, graphs_wanted, prefill
+from xlstm_model.decode import DecodeConfig, StepDecoder, compile_wanted, graphs_wanted, prefill
 from xlstm_model.lm import as_model_config, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Settings read when a decoder is built or its graphs are captured. The torch.compile options
-# (XLP_DECODE_MATVEC, XLP_DECODE_TUNE, XLP_DECODE_COMPILE_MODE) are fixed once per process, so they
-# cannot differ between variants.
-VARIANT_ENV = {"XLP_DECODE_PDL": None, "XLP_DECODE_MIX": None, "XLP_DECODE_FUSED": "use_fused",
-               "XLP_DECODE_COMPILE": "use_compile", "XLP_CUDA_GRAPH": "use_graph"}
+# DecodeConfig keys a variant may change -> the StepDecoder option (set by a command-line flag) that it
+# replaces for that variant. The torch.compile options (compile_mode, matvec, tune) are the same for
+# every decoder of a run (--decode): the compiled step is shared.
+VARIANT_KEYS = {"pdl": None, "mix": None, "fused": "use_fused", "compile": "use_compile", "cuda_graph": "use_graph"}
+DECODE_KEYS = tuple(f.name for f in dataclasses.fields(DecodeConfig))
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """'NAME:ENV=VALUE[,ENV=VALUE...]' -> (NAME, {ENV: VALUE}); the error names the bad part."""
-    name, sep, rest = spec.partition(":")
-    if not sep or not re.fullmatch(r"[\w.+-]+", name) or name == "base":
-        raise ValueError(f"--variant {spec!r}: expected NAME:ENV=VALUE[,ENV=VALUE...] with a NAME of letters, "
-                         f"digits, '_.+-' other than 'base'")
-    env = {}
-    for item in rest.split(","):
+def parse_settings(text: str, what: str, keys=DECODE_KEYS) -> dict:
+    """'KEY=VALUE[,KEY=VALUE...]' -> {KEY: value typed as DecodeConfig's field}; the error names `what`,
+    the bad part and the valid keys."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    out = {}
+    for item in text.split(","):
         key, eq, value = item.partition("=")
         key = key.strip()
-        if not eq or key not in VARIANT_ENV:
-            raise ValueError(f"--variant {spec!r}: {item!r} is not ENV=VALUE with ENV one of {', '.join(VARIANT_ENV)}")
-        env[key] = value.strip()
-    return name, env
+        if not eq:
+            raise ValueError(f"{what}: {item!r} is not key=value (keys: {', '.join(keys)})")
+        if key not in keys:
+            extra = (" (compile_mode, matvec and tune are the same for every decoder of a run: give them with "
+                     "--decode)") if key in DECODE_KEYS else ""
+            raise ValueError(f"{what}: unknown key {key!r}; valid: {', '.join(keys)}{extra}")
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(DecodeConfig), {key: value.strip() or None})
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{what}: {item!r}: {str(e).splitlines()[0]}") from None
+        out[key] = typed[key]
+    return out
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    """os.environ with `env` set, restored afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'NAME:KEY=VALUE[,KEY=VALUE...]' -> (NAME, {KEY: value}) over VARIANT_KEYS; the error names the
+    bad part. Values are checked when the variant's decoder is built (a bad one fails that variant)."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not re.fullmatch(r"[\w.+-]+", name) or name == "base":
+        raise ValueError(f"--variant {spec!r}: expected NAME:key=value[,key=value...] with a NAME of letters, "
+                         f"digits, '_.+-' other than 'base'")
+    return name, parse_settings(rest, f"--variant {spec!r}", tuple(VARIANT_KEYS))
 
 
 def model_config(name: str, overrides: list[str], vocab_size: int) -> ModelConfig:
@@ -106,11 +110,12 @@ def machine(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def pdl_on(device: torch.device) -> bool:
-    """Whether fused kernels launched now would use programmatic dependent launch (XLP_DECODE_PDL)."""
+def pdl_on(device: torch.device, config: DecodeConfig) -> bool:
+    """Whether fused kernels launched with this config use programmatic dependent launch (decode.pdl
+    on a GPU that has it)."""
     from kernels.triton.decode import pdl_wanted
 
-    return pdl_wanted(device)
+    return pdl_wanted(device, config.pdl)
 
 
 def memory_mb(device: torch.device) -> str:
@@ -177,26 +182,27 @@ def print_row(r: dict) -> None:
 
 
 @torch.no_grad()
-def set_up(model, state, token, expected, env: dict, options: dict, device, warmup: int):
-    """A decoder under `env` on a copy of `state`, its graphs captured, checked against the eager
-    step's logits `expected` and warmed up -> (its row's fields, the decoder, its next input token)."""
-    if env and device.type == "cuda":  # its own peak, not the prompt's or other decoders'
+def set_up(model, state, token, expected, config: DecodeConfig, options: dict, device, warmup: int,
+           own_peak: bool = False):
+    """A decoder with `config` and `options` on a copy of `state`, its graphs captured, checked against
+    the eager step's logits `expected` and warmed up -> (its row's fields, the decoder, its next input
+    token). own_peak: its peak memory counts from here."""
+    if own_peak and device.type == "cuda":  # its own peak, not the prompt's or other decoders'
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    with environment(env):
-        t0 = time.perf_counter()
-        decoder = StepDecoder(model, state, 1, **options)  # copies the state: each variant starts alike
-        pdl = decoder.fused and device.type == "cuda" and pdl_on(device)
-        got = decoder.step(token).float()
-        diff = (got - expected.float()).abs().max().item()
-        same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
-        first = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
+    t0 = time.perf_counter()
+    decoder = StepDecoder(model, state, 1, config=config, **options)  # copies the state: each variant starts alike
+    pdl = decoder.fused and device.type == "cuda" and pdl_on(device, config)
+    got = decoder.step(token).float()
+    diff = (got - expected.float()).abs().max().item()
+    same_argmax = bool(got.argmax(-1).eq(expected.argmax(-1)).all())
+    first = decoder.step_greedy(token)  # its graph (step + argmax) is captured on first use
+    first.item()
+    setup_s = time.perf_counter() - t0
+    agreement = greedy_agreement(decoder, first)
+    for _ in range(warmup):
+        first = decoder.step_greedy(first)
         first.item()
-        setup_s = time.perf_counter() - t0
-        agreement = greedy_agreement(decoder, first)
-        for _ in range(warmup):
-            first = decoder.step_greedy(first)
-            first.item()
     row = {"setup_s": setup_s, "max_abs_diff": diff, "same_argmax": same_argmax, "memory": memory_mb(device),
            "state_mb": state_mb(state), "graph": decoder.use_graph, "compiled": decoder.compiled,
            "fused": decoder.fused, "pdl": pdl, "agreement": agreement, "times": []}
@@ -206,14 +212,15 @@ def set_up(model, state, token, expected, env: dict, options: dict, device, warm
 @torch.no_grad()
 def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_graph, warmup: int,
                    rounds: int = 8, use_compile=None, profile: bool = False, use_fused=None,
-                   variants: tuple = ()) -> list[dict]:
-    """Prefill each context, build a decoder on it for the base settings and each variant (name,
-    env), then time greedy steps round-robin over all decoders (rounds x new_tokens/rounds steps
+                   variants: tuple = (), config: DecodeConfig | None = None) -> list[dict]:
+    """Prefill each context, build a decoder on it for the base settings (`config` and the use_*
+    options) and each variant (name, {DecodeConfig key: value}), then time greedy steps round-robin over all decoders (rounds x new_tokens/rounds steps
     each), so a noisy machine slows every one alike; then the run-ahead generation of new_tokens per
     decoder. Each decoder's first logits are compared with the plain eager `model.step` on the same
     state (max_abs_diff), and its greedy tokens with the argmax of its plain step. Each row is printed
     as soon as it is measured."""
     rows, decoders, tokens, failed = [], [], [], []
+    config = config or DecodeConfig()
     base = {"use_graph": use_graph, "use_compile": use_compile, "use_fused": use_fused}
     settings = (("base", {}), *variants)
     for ctx in contexts:
@@ -228,17 +235,18 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
         token.item()
         prefill_s = time.perf_counter() - t0
         expected, _ = model.step(token, [tuple(t.clone() for t in s) for s in state])
-        for name, env in settings:
-            left_to_env = {VARIANT_ENV[key] for key in env}
-            options = {k: (None if k in left_to_env else v) for k, v in base.items()}
+        for name, changes in settings:
+            left_to_config = {VARIANT_KEYS[key] for key in changes}
+            options = {k: (None if k in left_to_config else v) for k, v in base.items()}
             try:
-                row, decoder, first = set_up(model, state, token, expected, env, options, device, warmup)
+                row, decoder, first = set_up(model, state, token, expected, dataclasses.replace(config, **changes),
+                                             options, device, warmup, own_peak=name != "base")
             except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
                 failed.append(name)
                 print(f"context {ctx:>6} [{name}]: FAILED to set up: {type(e).__name__}: {e}", flush=True)
                 traceback.print_exc()
                 continue
-            rows.append({"ctx": ctx, "variant": name, "env": env, "prefill_s": prefill_s, **row})
+            rows.append({"ctx": ctx, "variant": name, "prefill_s": prefill_s, **row})
             decoders.append(decoder)
             tokens.append(first)
         del ids, logits, expected
@@ -246,12 +254,11 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
     for _ in range(rounds):
         for j, decoder in enumerate(decoders):
             token = tokens[j]
-            with environment(rows[j]["env"]):  # what an uncaptured (eager) step reads at each call
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    token = decoder.step_greedy(token)
-                    token.item()  # host sync per token, as when streaming
-                    rows[j]["times"].append(time.perf_counter() - t0)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                token = decoder.step_greedy(token)
+                token.item()  # host sync per token, as when streaming
+                rows[j]["times"].append(time.perf_counter() - t0)
             tokens[j] = token
     for r in rows:
         times = sorted(r.pop("times"))
@@ -277,15 +284,13 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
             j = next((j for j, r in enumerate(rows) if r["variant"] == name), None)
             if j is not None:
                 print(f"profile of {label(rows[j])}:")
-                with environment(rows[j]["env"]):
-                    print_profile(decoders[j], tokens[j], device)
+                print_profile(decoders[j], tokens[j], device)
     # Greedy generation as xlp generate runs it: the device runs ahead of the host (greedy_tokens).
     for j, decoder in enumerate(decoders):
-        with environment(rows[j]["env"]):
-            t0 = time.perf_counter()
-            for token in decoder.greedy_tokens(tokens[j], new_tokens):
-                token.item()
-            rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for token in decoder.greedy_tokens(tokens[j], new_tokens):
+            token.item()
+        rows[j]["run_ahead_tps"] = new_tokens / (time.perf_counter() - t0)
         print(f"{label(rows[j])}: run-ahead (xlp generate --temperature 0) {rows[j]['run_ahead_tps']:8.1f} "
               f"tokens/s  {1e3 / rows[j]['run_ahead_tps']:7.3f} ms/token", flush=True)
     if failed:
@@ -309,11 +314,15 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the step on CPU too")
     p.add_argument("--fused", action="store_true", help="xlstm_large: the hand-fused step kernels (no compile)")
     p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps (each variant's)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:ENV=VALUE[,ENV=VALUE]",
-                   help="also measure a decoder built with these settings, interleaved with the base one "
-                        f"(ENV: {', '.join(VARIANT_ENV)}); repeatable")
+    p.add_argument("--decode", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help=f"the base decoder's settings (DecodeConfig; keys: {', '.join(DECODE_KEYS)})")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also measure a decoder built with these settings changed, interleaved with the base one "
+                        f"(KEY: {', '.join(VARIANT_KEYS)}); repeatable")
     args = p.parse_args(argv)
     try:
+        config = DecodeConfig(**parse_settings(args.decode, "--decode")) if args.decode else DecodeConfig()
+        config.validate()
         variants = tuple(parse_variant(v) for v in args.variant)
     except ValueError as e:
         p.error(str(e))
@@ -343,20 +352,24 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"command: {shlex.join([sys.executable, '-m', 'xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
-    if compile_wanted(device, use_compile) and (not args.fused or any("XLP_DECODE_FUSED" in env for _, env in variants)):
-        print("compile options (XLP_DECODE_COMPILE_MODE, XLP_DECODE_MATVEC, XLP_DECODE_TUNE): mode=%s "
-              "matvec_as_reduction=%s coordinate_descent_tuning=%s" % decode_compile_options())
-    if args.fused and device.type == "cuda":
-        print(f"fused step: programmatic dependent launch (XLP_DECODE_PDL) {'on' if pdl_on(device) else 'off'}"
+    fused = True if args.fused else None
+    if compile_wanted(device, use_compile, config) and (not (args.fused or config.fused)
+                                                        or any("fused" in changes for _, changes in variants)):
+        print("compile options (decode.compile_mode, decode.matvec, decode.tune): mode=%s "
+              "matvec_as_reduction=%s coordinate_descent_tuning=%s" % config.compile_options())
+    if (args.fused or config.fused) and device.type == "cuda":
+        print(f"fused step: programmatic dependent launch (decode.pdl) {'on' if pdl_on(device, config) else 'off'}"
               f"{' (base)' if variants else ''}")
-    for name, env in variants:
-        print(f"variant {name}: " + " ".join(f"{k}={v}" for k, v in env.items()))
+    if args.decode:
+        print("decode: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
+    for name, changes in variants:
+        print(f"variant {name}: " + " ".join(f"{k}={v}" for k, v in changes.items()))
     print(f"model: {args.model} arch={cfg.arch} d_model={cfg.d_model} blocks={cfg.num_blocks} "
           f"params={n_params / 1e6:.1f}M dtype={dtype} "
-          f"cuda_graph={graphs_wanted(device, use_graph)} compiled={compile_wanted(device, use_compile)}")
+          f"cuda_graph={graphs_wanted(device, use_graph, config)} compiled={compile_wanted(device, use_compile, config)}")
     rows, failed = bench_contexts(model, contexts, args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
-                          use_fused=True if args.fused else None, variants=variants)
+                          use_fused=fused, variants=variants, config=config)
     return 0 if rows and not failed else 1
 
 

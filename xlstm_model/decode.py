@@ -8,7 +8,7 @@ around matrix-vector products, so on CUDA the step is first compiled with `torch
 fuses the elementwise work around the matmuls; the ops run through their pure-PyTorch reference so
 that inductor sees them) and the compiled step is then captured in the graph. For xlstm_large a
 hand-fused step (five Triton kernels per block: kernels.decode_linear / mlstm_decode_mix) is there
-too, opt-in (XLP_DECODE_FUSED=1) until its GPU speed is measured. `StepDecoder` keeps the
+too, opt-in (`decode.fused=true`) until its GPU speed is measured. `StepDecoder` keeps the
 token, the state and the logits in fixed buffers; a step copies the token in, replays the graph (or,
 off CUDA, runs the same code eagerly) and the state is updated in place. Greedy decoding captures the
 argmax in the same graph and feeds it back as the next input on the device, so the GPU can run
@@ -17,13 +17,16 @@ CPU default) the outputs are those of `model.step` exactly; compiled or fused, e
 (the tests check both).
 
 Architectures whose state grows (the Llama baseline's KV cache) fall back to the plain eager step.
+
+`DecodeConfig` holds the decoder's settings (the pipeline config's `decode` section, read by
+`xlp generate`); the `use_*` arguments of StepDecoder and generate_stream override it per call.
 """
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,30 +38,74 @@ import kernels
 from xlstm_model.lm import LanguageModel, sample_tokens, until_eos
 
 PREFILL_SEGMENT = 2048  # prompt tokens per forward pass (bounds the (B, S, V) logits of a long prompt)
+MATVECS = ("reduce", "gemm")
+MIX_WARPS = (1, 2, 4, 8, 16, 32)
 
 
-def graphs_wanted(device: torch.device, use_graph: Optional[bool]) -> bool:
-    """None (auto): on for CUDA unless XLP_CUDA_GRAPH=0."""
+@dataclass
+class DecodeConfig:
+    """How the one-token step runs (the `decode` config section). None of these changes what a step
+    computes beyond rounding; they change how fast."""
+
+    cuda_graph: bool = True  # CUDA: capture the step in a CUDA graph (replayed without launch overhead)
+    compile: bool = True  # CUDA: torch.compile the step (never on CPU unless asked for per call)
+    compile_mode: Optional[str] = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs (None: default)
+    matvec: str = "reduce"  # compiled step: matrix-vector products as inductor reductions (reduce) or cuBLAS (gemm)
+    tune: bool = False  # compiled step: inductor's coordinate-descent tuning of each kernel's launch parameters
+    fused: bool = False  # xlstm_large: the hand-fused Triton step instead of the compiled one (other archs: ignored)
+    pdl: bool = False  # fused step: programmatic dependent launch on Hopper and later
+    mix: str = "auto"  # fused step: mlstm_decode_mix's (state tile, warps), 'TILExWARPS' e.g. 32768x8; auto: timed
+
+    def validate(self) -> None:
+        if self.matvec not in MATVECS:
+            raise ValueError(f"config key `decode.matvec` is {self.matvec!r}; valid values: {', '.join(MATVECS)}")
+        if self.tune and self.compile_mode:
+            raise ValueError("decode.tune=true and decode.compile_mode cannot be combined (torch.compile takes a "
+                             "mode or options, not both)")
+        self.mix_launch()
+
+    def mix_launch(self) -> Optional[tuple[int, int]]:
+        """decode.mix as (TILE, WARPS), None for auto; ValueError naming the key for a bad value."""
+        value = str(self.mix).strip().lower()
+        if value == "auto":
+            return None
+        try:
+            tile, warps = (int(v) for v in value.split("x"))
+        except ValueError:
+            tile = warps = 0
+        if tile < 1 or tile & (tile - 1) or warps not in MIX_WARPS:
+            raise ValueError(f"decode.mix={self.mix!r}: expected 'auto' or 'TILExWARPS' with TILE a power of two "
+                             f"(C elements per state tile) and WARPS one of {', '.join(map(str, MIX_WARPS))}")
+        return tile, warps
+
+    def compile_options(self) -> tuple[Optional[str], bool, bool]:
+        """(torch.compile mode, matvec-as-reduction, coordinate-descent tuning), checked."""
+        self.validate()
+        return self.compile_mode or None, self.matvec == "reduce", bool(self.tune)
+
+
+def graphs_wanted(device: torch.device, use_graph: Optional[bool], config: Optional[DecodeConfig] = None) -> bool:
+    """None (auto): decode.cuda_graph (default on), on CUDA only."""
     if use_graph is None:
-        use_graph = os.environ.get("XLP_CUDA_GRAPH", "1") != "0"
+        use_graph = (config or DecodeConfig()).cuda_graph
     return bool(use_graph) and device.type == "cuda"
 
 
-def fused_wanted(model: LanguageModel, use_fused: Optional[bool]) -> bool:
-    """None (auto): on when XLP_DECODE_FUSED=1 and the model has a fused step (xlstm_large). Off by
-    default until its GPU speed is measured (the compiled step is the measured default)."""
-    if use_fused is None:  # the environment asks for it where it applies; other models decode as before
-        return os.environ.get("XLP_DECODE_FUSED", "0") == "1" and model.has_fused_step
+def fused_wanted(model: LanguageModel, use_fused: Optional[bool], config: Optional[DecodeConfig] = None) -> bool:
+    """None (auto): on when decode.fused and the model has a fused step (xlstm_large). Off by default
+    until its GPU speed is measured (the compiled step is the measured default)."""
+    if use_fused is None:  # the config asks for it where it applies; other models decode as before
+        return (config or DecodeConfig()).fused and model.has_fused_step
     if use_fused and not model.has_fused_step:
         raise ValueError(f"no fused decode step for arch {model.config.arch!r} (only xlstm_large has one)")
     return bool(use_fused)
 
 
-def compile_wanted(device: torch.device, use_compile: Optional[bool]) -> bool:
-    """None (auto): on for CUDA unless XLP_DECODE_COMPILE=0 (off on CPU, where eager is already
-    bound by the matmuls and a compile costs more than a short generation saves)."""
+def compile_wanted(device: torch.device, use_compile: Optional[bool], config: Optional[DecodeConfig] = None) -> bool:
+    """None (auto): decode.compile (default on) on CUDA; off on CPU, where eager is already bound by
+    the matmuls and a compile costs more than a short generation saves."""
     if use_compile is None:
-        return device.type == "cuda" and os.environ.get("XLP_DECODE_COMPILE", "1") != "0"
+        return device.type == "cuda" and (config or DecodeConfig()).compile
     return bool(use_compile)
 
 
@@ -69,10 +116,11 @@ def has_static_state(model: LanguageModel) -> bool:
 
 
 def step_compiles(model: LanguageModel, device: torch.device, use_compile: Optional[bool],
-                  use_fused: Optional[bool]) -> bool:
+                  use_fused: Optional[bool], config: Optional[DecodeConfig] = None) -> bool:
     """Whether a StepDecoder with these options compiles the step (a one-off cost before the first
     decoded token)."""
-    return has_static_state(model) and not fused_wanted(model, use_fused) and compile_wanted(device, use_compile)
+    return (has_static_state(model) and not fused_wanted(model, use_fused, config)
+            and compile_wanted(device, use_compile, config))
 
 
 @torch.no_grad()
@@ -103,22 +151,11 @@ class MatvecAsReduction(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def decode_compile_options() -> tuple[Optional[str], bool, bool]:
-    """(torch.compile mode, matvec-as-reduction, coordinate-descent tuning) from
-    XLP_DECODE_COMPILE_MODE (default: inductor's default mode), XLP_DECODE_MATVEC ("reduce" or
-    "gemm", default reduce) and XLP_DECODE_TUNE (1: inductor's coordinate-descent tuning of each
-    generated kernel's launch parameters; default 0)."""
-    mode = os.environ.get("XLP_DECODE_COMPILE_MODE") or None
-    matvec = os.environ.get("XLP_DECODE_MATVEC", "reduce").strip().lower()
-    if matvec not in ("reduce", "gemm"):
-        raise ValueError(f"XLP_DECODE_MATVEC={matvec!r}: expected 'reduce' or 'gemm'")
-    tune = os.environ.get("XLP_DECODE_TUNE", "0").strip()
-    if tune not in ("0", "1"):
-        raise ValueError(f"XLP_DECODE_TUNE={tune!r}: expected 0 or 1")
-    if mode and tune == "1":
-        raise ValueError("XLP_DECODE_TUNE=1 and XLP_DECODE_COMPILE_MODE cannot be combined (torch.compile takes a mode "
-                         "or options, not both)")
-    return mode, matvec == "reduce", tune == "1"
+def decode_compile_options(config: Optional[DecodeConfig] = None) -> tuple[Optional[str], bool, bool]:
+    """(torch.compile mode, matvec-as-reduction, coordinate-descent tuning) from decode.compile_mode
+    (default: inductor's default mode), decode.matvec (reduce or gemm, default reduce) and decode.tune
+    (inductor's coordinate-descent tuning of each generated kernel's launch parameters; default off)."""
+    return (config or DecodeConfig()).compile_options()
 
 
 def step_in_place(model: LanguageModel, token: Tensor, state: Any) -> Tensor:
@@ -129,25 +166,26 @@ def step_in_place(model: LanguageModel, token: Tensor, state: Any) -> Tensor:
     return logits
 
 
-_compiled_step_in_place = None
+_compiled_steps: dict[tuple, Callable] = {}
 
 
-def compiled_step_in_place():
-    """`step_in_place` under torch.compile, made once per process: the state buffers are arguments,
-    so decoders for the same model and batch size share one compiled graph."""
-    global _compiled_step_in_place
-    if _compiled_step_in_place is None:
-        mode, as_reduction, tune = decode_compile_options()
+def compiled_step_in_place(config: Optional[DecodeConfig] = None) -> Callable:
+    """`step_in_place` under torch.compile with the config's compile options, made once per process
+    and options: the state buffers are arguments, so decoders for the same model and batch size share
+    one compiled graph."""
+    key = decode_compile_options(config)
+    if key not in _compiled_steps:
+        mode, as_reduction, tune = key
         options = {"coordinate_descent_tuning": True} if tune else None
         compiled = torch.compile(step_in_place, fullgraph=True, dynamic=False, mode=mode, options=options)
         if as_reduction:
             def compiled_with_reductions(*args):
                 with MatvecAsReduction():
                     return compiled(*args)
-            _compiled_step_in_place = compiled_with_reductions
+            _compiled_steps[key] = compiled_with_reductions
         else:
-            _compiled_step_in_place = compiled
-    return _compiled_step_in_place
+            _compiled_steps[key] = compiled
+    return _compiled_steps[key]
 
 
 def greedy_token(logits: Tensor) -> Tensor:
@@ -170,12 +208,17 @@ class StepDecoder:
     that the next step overwrites); `step_greedy(token)` -> the next tokens (B,), chosen on the
     device in the same graph; `greedy_tokens` runs ahead of the host. Build it from the state after
     the prompt. On CUDA each of the two kinds of step is captured in a graph on first use; the kind
-    named by `greedy` (a greedy decoder: step + argmax) is captured here, before the first token."""
+    named by `greedy` (a greedy decoder: step + argmax) is captured here, before the first token.
+    Settings: `config` (a DecodeConfig, default its defaults), use_graph / use_compile / use_fused
+    (None: as the config says)."""
 
     def __init__(self, model: LanguageModel, state: Any, batch_size: int, *, use_graph: Optional[bool] = None,
                  use_compile: Optional[bool] = None, use_fused: Optional[bool] = None, warmup: int = 2,
-                 greedy: bool = False):
+                 greedy: bool = False, config: Optional[DecodeConfig] = None):
         self.model = model
+        self.config = config or DecodeConfig()
+        self.config.validate()
+        self.mix = self.config.mix_launch()
         self.compiled = self.fused = self.use_graph = False
         device = next(model.parameters()).device
         leaves, self._spec = tree_flatten(state)
@@ -197,9 +240,9 @@ class StepDecoder:
         # keep the step's dtypes (e.g. fp32 cell states), so a replay never changes a buffer's type
         self.buffers = [b.to(p.dtype) for b, p in zip(self.buffers, probe_leaves)]
         self.logits: Optional[Tensor] = None
-        self.fused = fused_wanted(model, use_fused)  # hand-fused kernels: no compile needed
-        self.compiled = not self.fused and compile_wanted(device, use_compile)
-        self.use_graph = graphs_wanted(device, use_graph)
+        self.fused = fused_wanted(model, use_fused, self.config)  # hand-fused kernels: no compile needed
+        self.compiled = not self.fused and compile_wanted(device, use_compile, self.config)
+        self.use_graph = graphs_wanted(device, use_graph, self.config)
         self.warmup = warmup
         if self.use_graph and greedy:
             self.greedy_graph, _ = self._capture(self._run_greedy)
@@ -209,12 +252,12 @@ class StepDecoder:
     def _run(self) -> Tensor:
         state = tree_unflatten(self.buffers, self._spec)
         if self.fused:
-            return self.model.step_fused(self.token, state)
+            return self.model.step_fused(self.token, state, pdl=self.config.pdl, mix=self.mix)
         if not self.compiled:
             return step_in_place(self.model, self.token, state)
         # Inductor fuses the reference ops; it would only see our Triton kernels as opaque calls.
         with kernels.use_backend("reference"):
-            return compiled_step_in_place()(self.model, self.token, state)
+            return compiled_step_in_place(self.config)(self.model, self.token, state)
 
     def _run_greedy(self) -> Tensor:
         """A step whose argmax becomes the next step's input on the device (no copy in, no launch)."""
@@ -330,10 +373,12 @@ def generate_stream(
     use_graph: Optional[bool] = None,
     use_compile: Optional[bool] = None,
     use_fused: Optional[bool] = None,
+    config: Optional[DecodeConfig] = None,
 ) -> Iterator[Tensor]:
     """Yield the sampled tokens (B,) one step at a time (stops after max_new_tokens, or when every row
     has emitted `eos`). Same sampling as `LanguageModel.generate`. Greedy tokens (temperature <= 0)
-    come on the host, the others on the model's device."""
+    come on the host, the others on the model's device. The decoder's settings: `config` and the
+    use_* overrides (see StepDecoder)."""
     model.eval()
     logits, state = prefill(model, ids)
     # Built (compiled, captured) before the first token is yielded, so the tokens after it come at the
@@ -341,7 +386,7 @@ def generate_stream(
     decoder = None
     if max_new_tokens > 1:
         decoder = StepDecoder(model, state, ids.shape[0], use_graph=use_graph, use_compile=use_compile,
-                              use_fused=use_fused, greedy=temperature <= 0)
+                              use_fused=use_fused, greedy=temperature <= 0, config=config)
     if decoder is not None and temperature <= 0:  # greedy: the argmax stays on the device, which runs ahead
         first = logits.argmax(-1)
         tokens = decoder.greedy_tokens(first, max_new_tokens - 1)

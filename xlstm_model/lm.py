@@ -114,14 +114,16 @@ class LanguageModel(nn.Module):
         """Whether `step_fused` exists for this architecture (xLSTM-large blocks and an RMSNorm head)."""
         return all(hasattr(b, "step_fused") for b in self.blocks) and isinstance(self.norm, RMSNorm)
 
-    def step_fused(self, token_ids: Tensor, state: State) -> Tensor:
+    def step_fused(self, token_ids: Tensor, state: State, *, pdl: bool = False,
+                   mix: Optional[tuple[int, int]] = None) -> Tensor:
         """`step` through the fused decode kernels (kernels.decode_linear / mlstm_decode_mix), the
-        state updated in place: token_ids (B,) -> logits (B, V). No autograd."""
+        state updated in place: token_ids (B,) -> logits (B, V). No autograd. pdl, mix: the kernels'
+        launch options (no effect on the result)."""
         x = self.embedding(token_ids)
         for block, block_state in zip(self.blocks, state):
-            x = block.step_fused(x, block_state)
+            x = block.step_fused(x, block_state, pdl=pdl, mix=mix)
         return kernels.decode_linear(x, self.head.weight, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
-                                     soft_cap=self.config.resolved_logit_soft_cap or 0.0)
+                                     soft_cap=self.config.resolved_logit_soft_cap or 0.0, pdl=pdl)
 
     @torch.no_grad()
     def generate(

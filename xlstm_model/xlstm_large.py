@@ -80,17 +80,18 @@ class XLSTMLargeBlock(nn.Module):
         h, state = kernels.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0], state)
         return self._mix_out(x[:, None], h[:, None], o)[:, 0], state
 
-    def step_fused(self, x: Tensor, state: Any) -> Tensor:
+    def step_fused(self, x: Tensor, state: Any, *, pdl: bool = False, mix: Optional[tuple[int, int]] = None) -> Tensor:
         """`step` as five fused kernels (the same equations): x (B, D) -> the block's output; the
-        state (C, n, m), contiguous float32, is updated in place."""
+        state (C, n, m), contiguous float32, is updated in place. pdl, mix: the kernels' launch
+        options (kernels.decode_linear / mlstm_decode_mix)."""
         h = kernels.mlstm_decode_mix(
-            x, kernels.decode_linear(x, self.qkvo.weight, norm_weight=self.norm.weight, norm_eps=self.norm.eps),
+            x, kernels.decode_linear(x, self.qkvo.weight, norm_weight=self.norm.weight, norm_eps=self.norm.eps, pdl=pdl),
             self.if_gates.weight, self.if_gates.bias, state,
             num_heads=self.num_heads, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
             gate_soft_cap=self.cfg.resolved_gate_soft_cap, head_norm_weight=self.head_norm.weight,
-            head_norm_eps=self.head_norm.eps, head_norm=self.head_norm.kind,
+            head_norm_eps=self.head_norm.eps, head_norm=self.head_norm.kind, pdl=pdl, mix=mix,
         )
-        x = kernels.decode_linear(h, self.out.weight, residual=x)
+        x = kernels.decode_linear(h, self.out.weight, residual=x, pdl=pdl)
         a = kernels.decode_linear(x, self.ffn.gate_up.weight, norm_weight=self.ffn_norm.weight,
-                                  norm_eps=self.ffn_norm.eps, glu=True)  # SwiGLU
-        return kernels.decode_linear(a, self.ffn.down.weight, residual=x)
+                                  norm_eps=self.ffn_norm.eps, glu=True, pdl=pdl)  # SwiGLU
+        return kernels.decode_linear(a, self.ffn.down.weight, residual=x, pdl=pdl)

@@ -30,12 +30,14 @@ def decode_linear(
     glu: bool = False,
     soft_cap: float = 0.0,
     residual: Optional[Tensor] = None,
+    pdl: bool = False,
 ) -> Tensor:
     """y = epilogue(prologue(x) @ weight^T + bias) for x (B, K), weight (N, K).
 
     prologue: RMSNorm with `norm_weight` (if given). epilogue, in this order: glu (the first N/2
     outputs are the gate: silu(gate) * up, (B, N/2)), soft cap (cap * tanh(y / cap), 0 = off),
-    + residual (B, N or N/2). Returns x's dtype."""
+    + residual (B, N or N/2). Returns x's dtype. `pdl` is a launch option of the Triton kernel
+    (no effect here)."""
     dtype = compute_dtype(x, weight)
     xf = _rms_normed(x, norm_weight, norm_eps, dtype) if norm_weight is not None else x.to(dtype)
     y = xf @ weight.to(dtype).T
@@ -65,6 +67,8 @@ def mlstm_decode_mix(
     head_norm_weight: Tensor,
     head_norm_eps: float,
     head_norm: str = "layer",
+    pdl: bool = False,
+    mix: Optional[tuple[int, int]] = None,
 ) -> Tensor:
     """The mLSTM cell of an xLSTM-large block for one token, from the block input x (B, D) and its
     projections qkvo (B, 2 DQK + 2 DV) = [q | k | v | o] (DQK, DV summed over heads).
@@ -72,7 +76,8 @@ def mlstm_decode_mix(
     Gates from RMSNorm(x): [i~ | f~] = soft_cap(x_n gate_weight^T + gate_bias) (B, 2 NH); the
     stabilised mLSTM step (xLSTM eqs. 15-21) updates state = (C (B, NH, dqk, dv), n, m) IN PLACE;
     returns sigmoid(o) * head_norm(h) (B, DV) in x's dtype (head_norm "layer" or "rms", per head,
-    then the per-channel weight)."""
+    then the per-channel weight). `pdl` and `mix` are launch options of the Triton kernel (no effect
+    here)."""
     C, n, m = state
     B, NH = x.shape[0], num_heads
     dqk, dv = C.shape[-2], C.shape[-1]

@@ -14,7 +14,7 @@ the next weight (or state) tile is requested before the current one is reduced, 
 tile, which does not depend on the previous kernel, is requested before anything that does. Tile
 sizes and warps are timed on the first call per shape (Triton's autotuner for `decode_linear`; for
 `mlstm_decode_mix`, which updates the state in place, a few configs timed on a copy of it). With
-programmatic dependent launch (PDL=True, Hopper and later: XLP_DECODE_PDL=1) a kernel is launched
+programmatic dependent launch (pdl=True, Hopper and later; the decode.pdl config key) a kernel is launched
 while its predecessor still runs; it streams its first weight tile, then waits (gdc_wait) for the
 predecessor's results before it reads its input.
 """
@@ -51,16 +51,19 @@ _INTERPRETER_CONFIG = 5  # (8, 256, 4): the interpreter times nothing, one confi
 # smaller tiles keep two in flight. Which is faster is measured on the first call per head shape (on a
 # copy of the state: the kernel updates it in place, so triton.autotune's repeated runs cannot be used
 # on the real one). The interpreter, and a first call inside a graph capture, take the default;
-# XLP_DECODE_MIX=TILExWARPS (e.g. 32768x8) fixes the choice (the timing sees the kernel alone, with a cold cache and
-# no predecessor to overlap: `bench_decode --variant` compares choices within whole decode steps).
+# mix=(TILE, WARPS) (the decode.mix config key, e.g. 32768x8) fixes the choice (the timing sees the kernel
+# alone, with a cold cache and no predecessor to overlap: `bench_decode --variant` compares choices within
+# whole decode steps).
 _MIX_CONFIGS = ((32768, 8), (32768, 16), (16384, 16), (16384, 8), (8192, 8), (4096, 4))
 _MIX_DEFAULT = (16384, 16)
+MIX_WARPS = (1, 2, 4, 8, 16, 32)
 _mix_choice: dict[tuple, tuple[int, int]] = {}
 
 
-def pdl_wanted(device: torch.device) -> bool:
-    """XLP_DECODE_PDL=1 on a Hopper-or-later GPU with a Triton that has grid dependency control."""
-    if os.environ.get("XLP_DECODE_PDL", "0") != "1" or interpreting() or device.type != "cuda":
+def pdl_wanted(device: torch.device, requested: bool) -> bool:
+    """Whether a kernel asked for programmatic dependent launch gets it: on a Hopper-or-later GPU with
+    a Triton that has grid dependency control (never under the interpreter)."""
+    if not requested or interpreting() or device.type != "cuda":
         return False
     return gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -148,8 +151,10 @@ def decode_linear(
     glu: bool = False,
     soft_cap: float = 0.0,
     residual: Optional[Tensor] = None,
+    pdl: bool = False,
 ) -> Tensor:
-    """Fused matrix-vector product; see kernels.reference.decode.decode_linear."""
+    """Fused matrix-vector product; see kernels.reference.decode.decode_linear. pdl: launched with
+    programmatic dependent launch where the GPU has it."""
     check_device(x, weight)
     B, K = x.shape
     N = weight.shape[0]
@@ -170,13 +175,13 @@ def decode_linear(
         x, weight, norm_weight if norm_weight is not None else x, bias if bias is not None else x, res, y,
         n_out, K, float(norm_eps), float(soft_cap or 1.0),
         NORM=norm_weight is not None, HAS_BIAS=bias is not None, GLU=bool(glu), CAP=bool(soft_cap),
-        RES=residual is not None, **_pdl_args(x.device),
+        RES=residual is not None, **_pdl_args(x.device, pdl),
     )
     return y
 
 
-def _pdl_args(device: torch.device) -> dict:
-    pdl = pdl_wanted(device)
+def _pdl_args(device: torch.device, requested: bool) -> dict:
+    pdl = pdl_wanted(device, requested)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
@@ -313,8 +318,12 @@ def mlstm_decode_mix(
     head_norm_weight: Tensor,
     head_norm_eps: float,
     head_norm: str = "layer",
+    pdl: bool = False,
+    mix: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """One-token mLSTM cell of an xLSTM-large block; see kernels.reference.decode.mlstm_decode_mix."""
+    """One-token mLSTM cell of an xLSTM-large block; see kernels.reference.decode.mlstm_decode_mix.
+    pdl: programmatic dependent launch where the GPU has it; mix: (C elements per state tile, warps),
+    None: the fastest of _MIX_CONFIGS, timed on the first GPU call per shape."""
     C, n, m = state
     check_device(x, qkvo, C)
     B, D = x.shape
@@ -328,30 +337,28 @@ def mlstm_decode_mix(
     args = (x.contiguous(), qkvo.contiguous(), gate_weight.contiguous(), gate_bias.contiguous(), norm_weight,
             head_norm_weight)
     consts = dict(norm_eps=norm_eps, head_eps=head_norm_eps, cap=gate_soft_cap, num_heads=NH, ln=head_norm != "rms")
-    config = mix_config_from_env()
-    if config is None:
-        key = (B, NH, D, dqk, dv, x.dtype, consts["ln"], bool(gate_soft_cap), x.device, pdl_wanted(x.device))
-        config = _mix_choice.get(key) or _tune_mix(args, state, consts, key)
-    return _mix(*args, state, **consts, tile=config[0], warps=config[1])
+    pdl = pdl_wanted(x.device, pdl)
+    if mix is None:
+        key = (B, NH, D, dqk, dv, x.dtype, consts["ln"], bool(gate_soft_cap), x.device, pdl)
+        mix = _mix_choice.get(key) or _tune_mix(args, state, consts, key)
+    else:
+        check_mix(mix)
+    return _mix(*args, state, **consts, tile=mix[0], warps=mix[1], pdl=pdl)
 
 
-def mix_config_from_env() -> Optional[tuple[int, int]]:
-    """XLP_DECODE_MIX: 'auto' or unset (None: timed on first use) or 'TILExWARPS', e.g. '32768x8'."""
-    value = os.environ.get("XLP_DECODE_MIX", "auto").strip().lower()
-    if value == "auto":
-        return None
+def check_mix(mix) -> None:
+    """ValueError unless `mix` is (TILE, WARPS) with TILE a power of two and WARPS in MIX_WARPS."""
     try:
-        tile, warps = (int(v) for v in value.split("x"))
-    except ValueError:
+        tile, warps = (int(v) for v in mix)
+    except (TypeError, ValueError):
         tile = warps = 0
-    if tile < 1 or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"XLP_DECODE_MIX={value!r}: expected 'auto' or 'TILExWARPS' with TILE a power of two "
-                         f"(C elements per state tile) and WARPS one of 1, 2, 4, 8, 16, 32")
-    return tile, warps
+    if tile < 1 or tile & (tile - 1) or warps not in MIX_WARPS:
+        raise ValueError(f"mlstm_decode_mix: mix={mix!r}: expected (TILE, WARPS) with TILE a power of two "
+                         f"(C elements per state tile) and WARPS one of {', '.join(map(str, MIX_WARPS))}")
 
 
 def _mix(x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, state, *, norm_eps, head_eps, cap,
-         num_heads, ln, tile, warps) -> Tensor:
+         num_heads, ln, tile, warps, pdl=False) -> Tensor:
     """One launch of _mix_kernel with `tile` C elements per state tile and `warps` warps."""
     C, n, m = state
     B, D = x.shape
@@ -363,7 +370,7 @@ def _mix(x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, state, 
         x, qkvo, gate_weight, gate_bias, norm_weight, head_norm_weight, C, n, m, out, D, float(norm_eps),
         float(head_eps), float(cap or 1.0), dqk**-0.5,
         NH=num_heads, DQK=dqk, DV=dv, DQK_P=dqk_p, DV_P=dv_p, BD=min(triton.next_power_of_2(D), 1024), BK=bk,
-        CAP=bool(cap), LN=ln, ONE_TILE=bk >= dqk_p, num_warps=warps, **_pdl_args(x.device),
+        CAP=bool(cap), LN=ln, ONE_TILE=bk >= dqk_p, num_warps=warps, **_pdl_args(x.device, pdl),
     )
     return out
 
@@ -397,7 +404,7 @@ def _tune_mix(args, state, consts, key) -> tuple[int, int]:
     for tile, warps in mix_candidates(dqk, dv):
         try:
             times[tile, warps] = triton.testing.do_bench(
-                lambda: _mix(*args, scratch, **consts, tile=tile, warps=warps), return_mode="median")
+                lambda: _mix(*args, scratch, **consts, tile=tile, warps=warps, pdl=key[-1]), return_mode="median")
         except OutOfResources as e:  # too many registers or too much shared memory
             failed[tile, warps] = e
     if not times:

@@ -19,7 +19,6 @@ true dependence on m is the returned final m, whose gradient is routed in PyTorc
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.config import MLSTM_LAUNCH, mlstm_launch, set_mlstm_launch
 from kernels.triton._common import (
     TORCH_TO_TL,
     check_device,
@@ -363,38 +363,17 @@ def _bwd_chunk_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
-# Launch configuration of the four chunkwise kernels: block caps (the largest power of two <= cap
-# dividing the head dim is used), num_warps (w) and num_stages (s). fs = _fwd_states_kernel,
-# fo = _fwd_out_kernel, bs = _bwd_states_kernel, bc = _bwd_chunk_kernel; chunk = 0 lets
-# pick_chunk_size decide, else it forces L (a power of two >= 16; tuning only).
-# `python -m kernels.bench --sweep` times variants on a GPU and prints the best as an
-# XLP_MLSTM_CFG string; set that environment variable (or call set_mlstm_config) to use it.
-# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python -m kernels.bench --sweep` at
-# 65,536 tokens, NH=16, DQK=128, DV=256, bf16: fwd+bwd 10.6 -> 9.3 ms against the previous table
-# (kernels/triton/gpu_check_h100_run2.log, ..._run3_tuned.log).
-DEFAULT_CFG = dict(
-    fs_bk=64, fs_bv=64, fs_w=4, fs_s=3,
-    fo_bk=64, fo_bv=128, fo_w=4, fo_s=2,
-    bs_bk=64, bs_bv=64, bs_w=4, bs_s=3,
-    bc_bk=64, bc_bv=128, bc_w=8, bc_s=1,
-    chunk=0,
-)
-_CFG = dict(DEFAULT_CFG)
-
-
-def parse_cfg(text: str) -> dict:
-    """'bc_w=4,bc_s=2' -> {'bc_w': 4, 'bc_s': 2}; unknown keys are an error."""
-    out = {}
-    for item in filter(None, (x.strip() for x in (text or "").split(","))):
-        key, _, val = item.partition("=")
-        key = key.strip()
-        if key not in DEFAULT_CFG:
-            raise ValueError(f"XLP_MLSTM_CFG: unknown key {key!r}; valid: {', '.join(DEFAULT_CFG)}")
-        out[key] = int(val)
-    return out
+# Launch configuration of the four chunkwise kernels: the table and its meaning are in
+# kernels/config.py (MLSTM_LAUNCH, the built-in one; `kernels.mlstm` config key changes it). _CFG is
+# the process's table (kernels.config.mlstm_launch, replaced in place by KernelsConfig.apply or
+# set_mlstm_config). `python -m kernels.bench --sweep` times variants on a GPU and prints the best
+# as `kernels.mlstm.KEY=N` config overrides.
+DEFAULT_CFG = MLSTM_LAUNCH
+_CFG = mlstm_launch
 
 
 def format_cfg(cfg: dict) -> str:
+    """The entries of `cfg` that differ from DEFAULT_CFG, as 'bc_w=4,bc_s=2' ('default': none)."""
     return ",".join(f"{k}={v}" for k, v in cfg.items() if DEFAULT_CFG.get(k) != v) or "default"
 
 
@@ -404,19 +383,7 @@ def mlstm_config() -> dict:
 
 def set_mlstm_config(cfg: Optional[dict] = None, **kw) -> dict:
     """Replace the launch configuration (missing keys take DEFAULT_CFG); returns the previous one."""
-    prev = dict(_CFG)
-    new = dict(DEFAULT_CFG)
-    new.update(cfg or {})
-    new.update(kw)
-    bad = set(new) - set(DEFAULT_CFG)
-    if bad:
-        raise ValueError(f"unknown mLSTM config keys {sorted(bad)}; valid: {', '.join(DEFAULT_CFG)}")
-    _CFG.clear()
-    _CFG.update(new)
-    return prev
-
-
-_CFG.update(parse_cfg(os.environ.get("XLP_MLSTM_CFG", "")))
+    return set_mlstm_launch(cfg, **kw)
 
 
 def _kcfg(name: str, DQK: int, DV: int, L: int, dtype: torch.dtype) -> tuple[int, int, dict]:
