@@ -56,12 +56,12 @@ def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     """ms per optimizer step of the bare torch loop and the bare one-rank DeepSpeed loop."""
     import torch
 
-    from pipeline.train.main import deepspeed_config, typed_section
+    from pipeline.config import section
     from pipeline.train.optim import build_optimizer
     from xlstm_model import build_model
 
     torch.set_num_threads(threads)
-    tc, mcfg = typed_section(cfg, "train"), typed_section(cfg, "model")
+    tc, mcfg = section(cfg, "train"), section(cfg, "model")
     seq, mbs = int(cfg.data.seq_len), tc.micro_batch_size
     # the batches the train loop gets (same documents, same document boundaries), read beforehand
     from pipeline.data.loader import ShardLoader
@@ -101,7 +101,7 @@ def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     torch.manual_seed(0)
     model = build_model(mcfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, tc),
-                                           config=deepspeed_config(tc, 1, False), dist_init_required=False)
+                                           config=tc.deepspeed_config(1, False), dist_init_required=False)
 
     def ds_step(i):
         for m in range(tc.grad_accum):
@@ -133,15 +133,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.d_model=256")
     args = ap.parse_args(argv)
-    os.environ.update(XLP_TRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")  # a CPU benchmark, GPUs or not
+    os.environ.update(DS_ACCELERATOR="cpu")  # a CPU benchmark, GPUs or not (and train.device=cpu)
 
     from pipeline.config import load_config, to_yaml
+    from pipeline.layout import RunLayout
 
     threads = args.threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="xlp-bench-") as tmp:
         run_dir = Path(tmp)
+        layout = RunLayout(run_dir)
         overrides = [
-            f"run.dir={run_dir}", "train.cpu_processes=1", f"train.steps={args.steps + 1}",
+            f"run.dir={run_dir}", "train.device=cpu", "train.cpu_processes=1", f"train.steps={args.steps + 1}",
             f"train.threads={threads}", "train.zero_stage=0", "wandb.mode=offline",
             *args.overrides,
         ]
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
             cfg = load_config(args.config, [*overrides, f"model.vocab_size={cfg.tokenizer.vocab_size}"])
         tc = cfg.train
         tokens_needed = (args.steps + args.warmup + 2) * tc.micro_batch_size * tc.grad_accum * (cfg.data.seq_len + 1)
-        synthetic_shards(run_dir / "shard", int(cfg.model.vocab_size), tokens_needed)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        synthetic_shards(layout.shard_dir, int(cfg.model.vocab_size), tokens_needed)
+        layout.config.write_text(to_yaml(cfg))
 
         import deepspeed
         import torch
@@ -163,10 +165,10 @@ def main(argv=None) -> int:
               f"vocab={cfg.model.vocab_size}; batch {tc.micro_batch_size}x{cfg.data.seq_len} tokens, "
               f"grad_accum {tc.grad_accum}, ZeRO-{tc.zero_stage}; {args.steps} timed steps")
 
-        bare = bare_loops(cfg, run_dir / "shard", args.steps, args.warmup, threads)
+        bare = bare_loops(cfg, layout.shard_dir, args.steps, args.warmup, threads)
 
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   XLP_TRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),
+                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         from pipeline.train.dist import free_port
 
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             return 1
-        res = json.loads((run_dir / "train" / "result.json").read_text())
+        res = json.loads(layout.train.result.read_text())
         steps = max(1, res["loop_steps"])
         loop_ms = res["loop_s"] / steps * 1e3
         extra_ms = (res["eval_s"] + res["ckpt_s"]) / steps * 1e3

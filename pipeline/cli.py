@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "process and then decodes ~1.8x faster; on CPU it pays off only for long generations)")
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="do not compile the step")
     gen.add_argument("--ignore-eos", action="store_true", help="keep sampling after <eos>")
+    gen.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="kernels.* and decode.* settings over the run's (e.g. decode.fused=true)")
     return parser
 
 
@@ -232,13 +234,14 @@ def cmd_config(args) -> int:
 
 def cmd_status(args) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.layout import RunLayout
     from pipeline.runner import stage_states
     from pipeline.stages import STAGES
 
     run_dir = Path(args.run_dir)
-    config_file = run_dir / "config.yaml"
+    config_file = RunLayout(run_dir).config
     if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
+        raise ConfigError(f"{run_dir} is not a run directory (no {config_file.name} in it)")
     cfg = load_config(config_file)
     states = stage_states(STAGES, cfg, run_dir)
     headline = {s.name: s.headline for s in STAGES}

@@ -13,19 +13,23 @@ Unknown keys and wrong types fail with the key, where it came from, and what is 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.data.config import DataConfig, TokenizerConfig
+from kernels.config import KernelsConfig
+from pipeline.data.config import DataConfig
 from pipeline.eval.config import EvalConfig
+from pipeline.stages.tokenizer import TokenizerConfig
+from pipeline.submit import SlurmConfig
 from pipeline.train.config import TrainConfig
+from pipeline.train.wandb_config import WandbConfig
 from xlstm_model.config import ModelConfig
+from xlstm_model.decode import DecodeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.
@@ -40,42 +44,6 @@ class RunConfig:
 
 
 @dataclass
-class KernelsConfig:
-    backend: str = "auto"  # auto | reference | triton (auto: Triton on CUDA tensors, else reference)
-
-
-@dataclass
-class WandbConfig:
-    # Read by the train stage at run time, not part of any fingerprint: changing them reruns nothing.
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "xlstm-pipeline"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-    name: Optional[str] = None  # the W&B run's display name (None: run.name)
-    notes: Optional[str] = None
-    dir: Optional[str] = None  # where the wandb/ folder goes (None: RUN_DIR/train)
-
-
-@dataclass
-class SlurmConfig:
-    """How `xlp submit --to slurm` asks for an allocation (rendered into slurm/pipeline.sbatch)."""
-
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU ranks (train.cpu_processes per node)
-    cpus_per_task: int = 8  # CPUs per node for the job's one task (Ray, data stages, CPU ranks)
-    time: str = "24:00:00"
-    job_name: Optional[str] = None  # None: xlp-<run.name>
-    requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume
-    signal_seconds: int = 300  # SIGTERM this long before the time limit, to save a checkpoint
-    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
-    python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
-    ray_port: int = 0  # the job's Ray head port; 0: a free one
-
-
-@dataclass
 class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +52,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -93,7 +62,6 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    "kernels.backend": ("auto", "reference", "triton"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 
@@ -121,6 +89,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def finalize(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations, check the values, and make the config read-only."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        example = "data.sources=[/path/to/corpus/*.jsonl]" if "data.sources" in missing else f"{missing[0]}=VALUE"
+        raise ConfigError(
+            f"mandatory config key not set (??? in the config): {', '.join(f'`{k}`' for k in missing)}; "
+            f"give it on the command line, e.g. {example}"
+        )
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -200,6 +175,22 @@ def merge_into(cfg: DictConfig, update: Any, source: str) -> None:
         raise ConfigError(_type_message(cfg, e, source)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_key_of(e)}: {_msg_of(e)}") from None
+    # A `???` (mandatory) value does not replace a default when merged: mark it missing here, so that
+    # finalize() names the key the user must set instead of the run silently using the default.
+    for key in _missing_keys(update):
+        OmegaConf.update(cfg, key, "???", merge=False)
+
+
+def _missing_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is `???` (OmegaConf's MISSING); interpolations are not resolved."""
+    if isinstance(data, (DictConfig, ListConfig)):
+        data = OmegaConf.to_container(data, resolve=False)
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    keys = []
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}.{k}" if prefix else str(k)
+        keys += [key] if isinstance(v, str) and v == "???" else _missing_keys(v, key)
+    return keys
 
 
 def _key_of(e: OmegaConfBaseException) -> str:
@@ -264,7 +255,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
-    for section in ("data", "tokenizer", "model", "train", "eval"):
+    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode"):
         obj = OmegaConf.to_object(cfg[section])
         check = getattr(obj, "validate", None)
         if check is not None:
@@ -276,10 +267,6 @@ def validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def run_dir_of(cfg: DictConfig, override: str | os.PathLike | None = None) -> Path:
-    return Path(override) if override else Path(cfg.run.dir)
 
 
 def section(cfg: DictConfig, name: str):

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pipeline.layout import RunLayout
+
 FORMATS = ("hf", "native")
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # in an exported directory (the name transformers' LlamaTokenizer reads)
 # Texts the exported transformers tokenizer must encode exactly as our SentencePiece model does.
 CHECK_TEXTS = (
     "def f(x):\n\tif x  >= 10:\n        return 'héllo 世界 🚀'  # ok\n",
@@ -37,8 +39,9 @@ def find_model(source: Path) -> tuple[Path, Path]:
     """(model dir, tokenizer.model) of a run directory (RUN_DIR/train/model, RUN_DIR/tokenizer) or of
     an export directory (both inside)."""
     source = Path(source)
-    if (source / "train" / "model" / "config.json").is_file():
-        model_dir, tok = source / "train" / "model", source / "tokenizer" / TOKENIZER_FILE
+    run = RunLayout(source)
+    if (run.train.model_dir / "config.json").is_file():
+        model_dir, tok = run.train.model_dir, run.tokenizer_model
     elif (source / "config.json").is_file():
         model_dir, tok = source, source / TOKENIZER_FILE
     else:
@@ -64,7 +67,10 @@ def load_any(model_dir: Path, map_location: str = "cpu"):
 def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, log=sys.stderr) -> Path:
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+    from pipeline.generate import model_settings
     from xlstm_model import load_config
+
+    model_settings(Path(source))[0].apply()  # the run's kernels.* for any model code that runs here
 
     model_dir, tok_path = find_model(Path(source))
     out = Path(out)

@@ -6,19 +6,21 @@ outputs). On the cluster, the job runs `xlp run` on that saved config.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Optional, TextIO
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import to_yaml
+from pipeline.layout import RunLayout
 from pipeline.stage import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,14 +29,40 @@ TERMINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FA
                          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
+@dataclass
+class SlurmConfig:
+    """How `xlp submit --to slurm` asks for an allocation (rendered into slurm/pipeline.sbatch)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU ranks (train.cpu_processes per node)
+    cpus_per_task: int = 8  # CPUs per node for the job's one task (Ray, data stages, CPU ranks)
+    time: str = "24:00:00"
+    job_name: Optional[str] = None  # None: xlp-<run.name>
+    requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume
+    signal_seconds: int = 300  # SIGTERM this long before the time limit, to save a checkpoint
+    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
+    python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
+    ray_port: int = 0  # the job's Ray head port; 0: a free one
+
+
 class SubmitError(RuntimeError):
     """The cluster refused the run or could not be reached; the message says what to fix."""
 
 
-def save_submitted_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """The resolved config the job will run, in RUN_DIR/submit/ (kept: one file per submission)."""
+def save_submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> Path:
+    """The resolved config the job will run, in RUN_DIR/submit/ (kept: one file per submission), with
+    `train.launcher` set to the cluster's launcher (slurm or ray) where the config leaves it to auto."""
+    from pipeline.config import to_yaml  # here: pipeline.config imports this module (SlurmConfig)
+
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    if cfg.train.launcher == "auto":
+        cfg.train.launcher = launcher
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = run_dir / "submit" / f"config-{stamp}.yaml"
+    path = RunLayout(run_dir).submitted_config(stamp)
     atomic_write_text(path, to_yaml(cfg))
     return path
 
@@ -66,6 +94,7 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
     for line in s.extra:
         optional.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
     python = s.python or sys.executable
+    layout = RunLayout(run_dir)
     values = {
         "job_name": s.job_name or f"xlp-{cfg.run.name}",
         "nodes": s.nodes,
@@ -75,6 +104,9 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         "optional_lines": "\n".join(optional),
         "workdir": shlex.quote(str(REPO_ROOT)),
         "run_dir": shlex.quote(str(run_dir)),
+        "slurm_log": shlex.quote(str(layout.slurm_log("%j"))),  # sbatch fills in %j
+        # the shell fills in the job id: the directory quoted, the file name not
+        "ray_log": f"{shlex.quote(str(layout.submit_dir))}/{layout.ray_log('$SLURM_JOB_ID').name}",
         "config": shlex.quote(str(config)),
         "python": shlex.quote(python),
         "ray": shlex.quote(str(Path(python).with_name("ray"))),
@@ -90,7 +122,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: run `xlp submit --to slurm` on a Slurm login node "
                           "(or start a local Slurm with infra/local-slurm.sh)")
-    config = save_submitted_config(cfg, run_dir)
+    config = save_submitted_config(cfg, run_dir, "slurm")
     script = render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force)
     script_path = config.with_suffix(".sbatch")
     atomic_write_text(script_path, script)
@@ -98,7 +130,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     if proc.returncode != 0:
         raise SubmitError(f"sbatch refused {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    log = run_dir / "submit" / f"slurm-{job_id}.out"
+    log = RunLayout(run_dir).slurm_log(job_id)
     print(f"submitted Slurm job {job_id}\n  script: {script_path}\n  log:    {log}\n"
           f"  follow: xlp status {run_dir}   |   tail -f {log}", file=out, flush=True)
     if not wait:
@@ -163,12 +195,12 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - Ray raises several kinds; all mean "cannot use this cluster"
         raise SubmitError(_ray_error(address, e)) from None
-    config = save_submitted_config(cfg, run_dir)
+    config = save_submitted_config(cfg, run_dir, "ray")
     entrypoint = shlex.join([sys.executable, "-m", "pipeline.cli", *run_args(config, run_dir, only, force)])
     try:
         job_id = client.submit_job(
             entrypoint=entrypoint,
-            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "XLP_LAUNCHER": "ray",
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
                                       "PYTHONPATH": str(REPO_ROOT)}},
             metadata={"xlp_run_dir": str(run_dir), "xlp_run_name": str(cfg.run.name)},
         )

@@ -342,10 +342,12 @@ def test_eval_config_errors_name_the_key():
 
 def test_eval_stage_registered_with_its_reads():
     from pipeline.stages import STAGES
-    from pipeline.stages.eval import READS
+    from pipeline.stages.eval import STAGE
 
     st = {s.name: s for s in STAGES}["eval"]
-    assert st.reads == READS and st.needs == ("tokenizer", "shard", "train")
+    assert st is STAGE and st.needs == ("tokenizer", "shard", "train")
+    assert {"eval", "data.seq_len", "run.seed", "kernels"} <= set(st.reads)
+    assert "decode" not in st.reads  # the eval stage never runs the decoder: its settings change nothing there
     assert [s.name for s in STAGES].index("eval") > [s.name for s in STAGES].index("train")
 
 

@@ -1,12 +1,11 @@
-"""Config sections of the data stages: `data.*` and `tokenizer.*`."""
+"""`data.*`: what the corpus is, how the data stages read and shard it (`tokenizer.*` is in
+pipeline/stages/tokenizer.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 FORMATS = ("auto", "text", "lines", "jsonl", "parquet")
 ON_ERROR = ("fail", "skip")
-TOKENIZER_TYPES = ("bpe", "unigram")
 MiB = 1 << 20
 
 
@@ -27,7 +26,6 @@ class DataConfig:
     shard_bytes: int = 128 * MiB  # at most this many token bytes per tar shard
     sample_tokens: int = 2048  # consecutive documents are grouped into one WebDataset sample up to this
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
-    loader_workers: int = 0  # DataLoader worker processes per rank for the training loader
 
     def validate(self) -> None:
         if not self.sources:
@@ -55,38 +53,3 @@ class DataConfig:
             raise ValueError(f"data.sample_tokens must be >= 1, got {self.sample_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (0 = all CPUs), got {self.num_workers}")
-        if self.loader_workers < 0:
-            raise ValueError(f"data.loader_workers must be >= 0, got {self.loader_workers}")
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 8000
-    path: Optional[str] = None  # an existing SentencePiece model instead of training one
-    type: str = "bpe"  # bpe | unigram
-    byte_fallback: bool = True
-    character_coverage: float = 0.9995
-    sample_bytes: int = 8 * MiB  # about this much text, a uniform sample of documents, trains it
-    heldout_bytes: int = 1 * MiB  # about this much other text measures chars per token
-    seed: int = 0
-    num_threads: int = 0  # SentencePiece training threads; 0 = all CPUs (does not change the model)
-
-    def validate(self) -> None:
-        if self.type not in TOKENIZER_TYPES:
-            raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
-        n_min = 4 + (256 if self.byte_fallback else 0)
-        if self.path is None and self.vocab_size <= n_min:
-            raise ValueError(
-                f"tokenizer.vocab_size must exceed {n_min} (specials"
-                f"{' + 256 byte pieces' if self.byte_fallback else ''}), got {self.vocab_size}"
-            )
-        if self.vocab_size > 1 << 32:
-            raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
-        if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
-        if self.sample_bytes < 1:
-            raise ValueError(f"tokenizer.sample_bytes must be >= 1, got {self.sample_bytes}")
-        if self.heldout_bytes < 0:
-            raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
-        if self.num_threads < 0:
-            raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")

@@ -37,6 +37,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from pipeline.eval.common import load_tokenizer, pick_device
+from pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ class XLPLM(LM):
             if model_dir is None:
                 if run_dir is None:
                     raise ValueError("xlp model: give run_dir=RUN_DIR (or model_dir= and tokenizer=)")
-                model_dir = str(Path(run_dir) / "train" / "model")
+                model_dir = str(RunLayout(run_dir).train.model_dir)
             model = load_model(model_dir, map_location="cpu")
+            if run_dir is not None:  # the run's kernels.* (the eval stage, passing model=, has set them)
+                from pipeline.generate import model_settings
+
+                model_settings(Path(run_dir))[0].apply()
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             if tokenizer is None:
                 if run_dir is None:
@@ -232,7 +237,7 @@ def _run_seq_len(run_dir: Path) -> Optional[int]:
     try:
         import yaml
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = yaml.safe_load(RunLayout(run_dir).config.read_text())
         return int(cfg["data"]["seq_len"])
     except (OSError, KeyError, TypeError, ValueError):
         return None

@@ -175,7 +175,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, results: dict, plots: list[Path]) -> Path:
+def write_report(path: Path, results: dict, plots: list[Path]) -> Path:
+    """The markdown report at `path` (RUN_DIR/eval/report.md), linking the plots beside it."""
     info = results.get("info", {})
     md = [f"# Evaluation report: {info.get('run_name', '?')}\n",
           f"Model: `{info.get('arch')}`, {info.get('params', 0) / 1e6:.2f}M parameters, vocabulary "
@@ -281,7 +282,6 @@ def write_report(out_dir: Path, results: dict, plots: list[Path]) -> Path:
             md.append(_table(["task", "metric", "value", "stderr"], rows))
             md.append("\nstderr: binomial standard error of 0/1 metrics over the documents scored.\n")
         md.append("")
-    path = out_dir / "report.md"
     from pipeline.stage import atomic_write_text
 
     atomic_write_text(path, "\n".join(md))

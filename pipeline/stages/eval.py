@@ -20,10 +20,25 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.stage import StageContext
+from pipeline.layout import RunLayout
+from pipeline.stage import Stage, StageContext
 
-READS = ("eval", "data.seq_len", "run.seed")
+# The registry imports this module: torch and the evaluations are imported inside run().
+
+# wandb.* is read at run time but not hashed; kernels.* chooses the kernels the model runs with.
+# decode.* is not read: the generation-cost measurement steps the model itself, not the decoder.
+READS = ("eval", "data.seq_len", "run.seed", "kernels")
 HEADLINE = ("val_bpb", "untrained_bpb", "val_ppl", "loss_beyond_train_len", "recall_acc", "gen_decode_tok_s_max_ctx")
+
+STAGE = Stage(
+    name="eval",
+    reads=READS,
+    needs=("tokenizer", "shard", "train"),
+    fn="pipeline.stages.eval:run",
+    resumable=False,
+    headline=HEADLINE,
+    description="held-out ppl/bpb, long context, generation cost, recall, lm-eval; report.md + plots",
+)
 
 
 def _log(msg: str) -> None:
@@ -77,10 +92,12 @@ def run(ctx: StageContext) -> dict:
     t_start = time.time()
     cfg = ctx.cfg
     ec = section(cfg, "eval")
-    out = Path(ctx.out_dir)
+    section(cfg, "kernels").apply()  # the run's kernels.*, whatever this process's environment says
+    layout = ctx.layout
+    out = layout.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(ctx.run_dir)
-    shard_dir = ctx.input_dir("shard")
+    shard_dir = layout.shard_dir
     threads = common.set_threads(ec.threads)
     device = common.pick_device(ec.device)
     seq_len = int(cfg.data.seq_len)
@@ -90,7 +107,7 @@ def run(ctx: StageContext) -> dict:
     mcfg = model.config
     tok = common.load_tokenizer(run_dir)
     train_result = dict(ctx.input_metrics("train"))
-    train_log = read_metrics(run_dir / "train" / "metrics.jsonl")
+    train_log = read_metrics(layout.train.metrics)
     if train_log and not train_result.get("step"):  # the stage marker is missing (a model trained elsewhere)
         last = max(train_log)
         train_result.update(step=last, tokens_seen=train_log[last].get("train/tokens_seen"))
@@ -147,16 +164,16 @@ def run(ctx: StageContext) -> dict:
     del untrained
 
     if "lm_eval" in ec.parts:
-        results["lm_eval"] = _lm_eval(ec, out, shard_dir, model, tok, seq_len, device)
+        results["lm_eval"] = _lm_eval(ec, layout, shard_dir, model, tok, seq_len, device)
 
     info["seconds"] = round(time.time() - t_start, 1)
     headline = headline_metrics(results)
-    common.write_json(out / "results.json", results)
-    common.write_json(out / "metrics.json", headline)
+    common.write_json(layout.eval_results, results)
+    common.write_json(layout.eval_metrics, headline)
     plots = []
     if ec.plots:
         plots = report.make_plots(out, results, train_log, mcfg.arch)
-    path = report.write_report(out, results, plots)
+    path = report.write_report(layout.eval_report, results, plots)
     _log(f"eval: report {path}")
     wandb_id = None
     if str(cfg.wandb.mode) != "disabled":
@@ -166,12 +183,13 @@ def run(ctx: StageContext) -> dict:
             "seconds": info["seconds"]}
 
 
-def _lm_eval(ec, out: Path, shard_dir: Path, model, tok, seq_len: int, device) -> dict:
+def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, device) -> dict:
     t0 = time.time()
+    lm_dir = layout.lm_eval_dir
     if ec.lm_eval_offline:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("HF_DATASETS_CACHE", str(out / "lm_eval" / "hf_cache"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(lm_dir / "hf_cache"))
     try:
         from pipeline.eval.harness import XLPLM, flatten_results, run_tasks
     except ImportError as e:
@@ -180,7 +198,6 @@ def _lm_eval(ec, out: Path, shard_dir: Path, model, tok, seq_len: int, device) -
             "`pip install -e '.[eval]'` (or drop lm_eval from eval.parts)") from None
     from pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
 
-    lm_dir = out / "lm_eval"
     items = build_items(shard_dir, tok, n_items=ec.cloze_items, context_chars=ec.cloze_context_chars, seed=ec.seed)
     if not items:
         raise RuntimeError("eval: no val document has a line to predict; the bundled lm-eval tasks need a bigger "

@@ -8,24 +8,73 @@ is uniform over documents and the same on every run.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-import tokenizer as tk
-from pipeline.data.config import DataConfig, TokenizerConfig
-from pipeline.data.parallel import default_workers, run_parallel
-from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
-from pipeline.data.work import ReadOptions, SampleJob, sample_partition
-from pipeline.stage import StageContext, atomic_write_json, atomic_write_text
+from pipeline.data.config import MiB
+from pipeline.stage import Stage, StageContext, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.data.config import DataConfig
+    from pipeline.data.readers import ReadStats
+
+# The registry (pipeline/stages/__init__.py) and the config schema import this module: what the stage
+# runs with (SentencePiece, Ray, the readers) is imported inside run().
+
+TOKENIZER_TYPES = ("bpe", "unigram")
+
+
+@dataclass
+class TokenizerConfig:
+    """`tokenizer.*`"""
+
+    vocab_size: int = 8000
+    path: Optional[str] = None  # an existing SentencePiece model instead of training one
+    type: str = "bpe"  # bpe | unigram
+    byte_fallback: bool = True
+    character_coverage: float = 0.9995
+    sample_bytes: int = 8 * MiB  # about this much text, a uniform sample of documents, trains it
+    heldout_bytes: int = 1 * MiB  # about this much other text measures chars per token
+    seed: int = 0
+    num_threads: int = 0  # SentencePiece training threads; 0 = all CPUs (does not change the model)
+
+    def validate(self) -> None:
+        if self.type not in TOKENIZER_TYPES:
+            raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
+        n_min = 4 + (256 if self.byte_fallback else 0)
+        if self.path is None and self.vocab_size <= n_min:
+            raise ValueError(
+                f"tokenizer.vocab_size must exceed {n_min} (specials"
+                f"{' + 256 byte pieces' if self.byte_fallback else ''}), got {self.vocab_size}"
+            )
+        if self.vocab_size > 1 << 32:
+            raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
+        if self.sample_bytes < 1:
+            raise ValueError(f"tokenizer.sample_bytes must be >= 1, got {self.sample_bytes}")
+        if self.heldout_bytes < 0:
+            raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
+        if self.num_threads < 0:
+            raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")
+
 
 READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error",
     "tokenizer.vocab_size", "tokenizer.path", "tokenizer.type", "tokenizer.byte_fallback",
     "tokenizer.character_coverage", "tokenizer.sample_bytes", "tokenizer.heldout_bytes", "tokenizer.seed",
 )
-MODEL = "tokenizer.model"
+
+STAGE = Stage(
+    name="tokenizer",
+    reads=READS,
+    needs=(),
+    fn="pipeline.stages.tokenizer:run",
+    resumable=False,
+    headline=("vocab_size", "chars_per_token", "docs_read", "sample_docs"),
+    description="train SentencePiece on a uniform sample of the corpus (or take tokenizer.path)",
+)
 
 
 def _sections(cfg) -> tuple[DataConfig, TokenizerConfig]:
@@ -46,9 +95,14 @@ def read_metrics(stats: ReadStats) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    import tokenizer as tk
+    from pipeline.data.parallel import default_workers, run_parallel
+    from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+    from pipeline.data.work import ReadOptions, SampleJob, sample_partition
+
     t0 = time.time()
     dc, tc = _sections(ctx.cfg)
-    out = Path(ctx.out_dir)
+    layout = ctx.layout
     stats = ReadStats()
     files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
                             partition_bytes=dc.partition_bytes, stats=stats)
@@ -82,13 +136,13 @@ def run(ctx: StageContext) -> dict:
                        character_coverage=tc.character_coverage, num_threads=threads, seed=tc.seed)
         source = "trained"
     t_train = time.time() - t1
-    tok.save(out / MODEL)
-    atomic_write_text(out / "tokenizer.vocab",
+    tok.save(layout.tokenizer_model)
+    atomic_write_text(layout.tokenizer_vocab,
                       "".join(f"{tok.id_to_piece(i)}\t{i}\n" for i in range(tok.vocab_size)))
     measure = heldout if heldout else sample[: max(1, len(sample) // 10)]
     cpt = tk.chars_per_token(tok, measure, num_threads=tc.num_threads or default_workers())
     stats_json = {
-        "model": MODEL,
+        "model": layout.tokenizer_model.name,
         "source": source,
         "sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
@@ -98,7 +152,7 @@ def run(ctx: StageContext) -> dict:
         "heldout": dict(cpt, measured_on="heldout" if heldout else "training sample"),
         "corpus": read_metrics(stats),
     }
-    atomic_write_json(out / "stats.json", stats_json)
+    atomic_write_json(layout.tokenizer_stats, stats_json)
     metrics = read_metrics(stats)
     metrics.update({
         "vocab_size": tok.vocab_size,

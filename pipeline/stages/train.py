@@ -9,7 +9,22 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.stage import StageContext, atomic_write_text
+from pipeline.stage import Stage, StageContext, atomic_write_text
+
+# The registry imports this module: torch, DeepSpeed and the loop are imported inside run().
+
+STAGE = Stage(
+    name="train",
+    # wandb.* is read at run time but not hashed: monitoring settings change no result
+    reads=("model", "train", "data.seq_len", "run.seed", "kernels"),
+    # where the ranks run and how often the console prints change no result
+    ignores=("train.launcher", "train.device", "train.log_every"),
+    needs=("tokenizer", "shard"),
+    fn="pipeline.stages.train:run",
+    resumable=True,
+    headline=("final_loss", "val_loss", "tokens_per_s", "mfu", "skipped_steps"),
+    description="DeepSpeed ZeRO training (gloo ranks on CPU, one rank per GPU); checkpoints, W&B",
+)
 
 
 def run(ctx: StageContext) -> dict:
@@ -17,16 +32,16 @@ def run(ctx: StageContext) -> dict:
 
     from pipeline.train.launch import launch
 
-    out = ctx.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "config.yaml"  # the ranks read this copy: the run's config with our view of it
+    layout = ctx.layout
+    out = layout.train
+    out.root.mkdir(parents=True, exist_ok=True)
+    config = out.config  # the ranks read this copy: the run's config with our view of it
     atomic_write_text(config, OmegaConf.to_yaml(ctx.cfg, resolve=True))
-    result_file = out / "result.json"
-    result_file.unlink(missing_ok=True)
+    out.result.unlink(missing_ok=True)
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
-                   out_dir=out, shard_dir=ctx.input_dir("shard"), threads=int(ctx.cfg.train.threads),
-                   stream=sys.stdout, launcher=str(OmegaConf.select(ctx.cfg, "train.launcher", default="auto")))
-    result = json.loads(result_file.read_text())
+                   out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
+                   stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device))
+    result = json.loads(out.result.read_text())
     result["ranks"] = ranks
-    result["model_dir"] = str(out / "model")
+    result["model_dir"] = str(out.model_dir)
     return result

@@ -66,7 +66,7 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     """This process's rank of the job, to the end. Returns the exit status (0 or EXIT_STOPPED)."""
     layout = RunLayout(Path(run_dir))
     out = TrainLayout(Path(out_dir) if out_dir else layout.train_dir)
-    stop = stop or StopRequest()
+    stop = stop if stop is not None else StopRequest()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop.on_signal)
         signal.signal(signal.SIGINT, stop.on_signal)
@@ -116,11 +116,7 @@ def start_process_group(cfg, d: xdist.DistEnv) -> bool:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(tc.threads or max(1, len(os.sched_getaffinity(0)) // max(1, d.local_size)))
-    backend = str(cfg.kernels.backend)
-    if backend != "auto":
-        from kernels.dispatch import set_default_backend
-
-        set_default_backend(backend)
+    section(cfg, "kernels").apply()  # the run's kernels.*, whatever this process's environment says
 
     import deepspeed
 

@@ -39,7 +39,8 @@ class StopRequest:
     def on_signal(self, signum, frame) -> None:  # noqa: ARG002  (a signal handler)
         self.set(signum)
 
-    def __bool__(self) -> bool:
+    @property
+    def requested(self) -> bool:
         return self.signal is not None
 
 
@@ -85,7 +86,7 @@ class Trainer:
         self.seq_len = int(cfg.data.seq_len)
         self.seed = int(cfg.run.seed)
         self.hooks = hooks or TrainHooks()
-        self.stop = stop or StopRequest()
+        self.stop = stop if stop is not None else StopRequest()
         self.started_at = time.perf_counter() if started_at is None else started_at
         # where the run stands (restored from a checkpoint)
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
@@ -114,7 +115,7 @@ class Trainer:
             if self._due(self.tc.save_every) or stopped:
                 self.save()
             if stopped:
-                name = signal.Signals(self.stop.signal).name if self.stop else "a signal on another rank"
+                name = signal.Signals(self.stop.signal).name if self.stop.requested else "a signal on another rank"
                 self.monitor.message(f"stopped by {name} at step {self.step}; checkpoint saved; rerun to resume")
                 break
             if self.t_first_done is None:
@@ -258,7 +259,7 @@ class Trainer:
             engine.backward(loss)
             if micro < tc.grad_accum - 1:
                 engine.step()
-        stop = torch.tensor(1.0 if self.stop else 0.0, dtype=torch.float64, device=self.device)
+        stop = torch.tensor(1.0 if self.stop.requested else 0.0, dtype=torch.float64, device=self.device)
         agreed = torch.stack([loss_sum, nonfinite, stop])  # one all-reduce for the three
         dist.all_reduce(agreed)
         all_loss_sum, all_nonfinite, all_stops = agreed.tolist()
