@@ -64,6 +64,9 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per rank per pass (0: the whole val split)
     log_every: int = 10  # steps between console lines (W&B and metrics.jsonl get every step)
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the stage fails
+    # continue from the checkpoint of this step instead of the newest (e.g. the last one before a WSD
+    # decay, to extend a run without its decayed weights); null: the newest verified checkpoint
+    resume_from_step: Optional[int] = None
 
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (zero_stage >= 1)
     offload_params: bool = False  # ZeRO-Infinity parameter offload to CPU (zero_stage 3)
@@ -115,6 +118,8 @@ class TrainConfig:
             raise bad("offload_optimizer", "needs train.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise bad("offload_params", "needs train.zero_stage=3")
+        if self.resume_from_step is not None and self.resume_from_step < 1:
+            raise bad("resume_from_step", f"is {self.resume_from_step}; must be >= 1 or null")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise bad("peak_tflops", f"is {self.peak_tflops}; must be > 0 or null")
         ds = dict(self.deepspeed or {})
