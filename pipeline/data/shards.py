@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from pipeline.diskfull import DiskFull, disk_full, is_disk_full
 from pipeline.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
 
 META_DIR = "meta"
@@ -55,7 +56,13 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path) from e
+        raise
     os.replace(tmp, path)
 
 
@@ -75,6 +82,8 @@ class ShardWriter:
 
     `start_index`/`start_sample` continue after the shards a killed attempt already finished.
     Returns a record per finished shard from `add_doc`/`close` (via `finished`).
+    Running out of disk space raises DiskFull naming the file (the shard being written is removed,
+    so the space is free again; the finished shards stay and a rerun continues after them).
     """
 
     def __init__(self, out_dir: Path, split: str, partition: int, *, dtype: np.dtype,
@@ -99,7 +108,7 @@ class ShardWriter:
     def add_doc(self, tokens: np.ndarray, source: str) -> None:
         """One document's ids (already ending with <eos>)."""
         if self._docs and self._ntok + len(tokens) > self.sample_tokens:
-            self._flush_sample()
+            self._guarded(self._flush_sample)
         self._docs.append(tokens)
         self._doc_sources.append(source)
         self._ntok += len(tokens)
@@ -147,16 +156,35 @@ class ShardWriter:
         self.index += 1
 
     def close(self) -> None:
-        self._flush_sample()
+        self._guarded(self._flush_sample)
         if self._tar is not None:
-            self._close_shard()
+            self._guarded(self._close_shard)
+
+    def _guarded(self, fn) -> None:
+        """fn(); out of disk space: the open shard removed, DiskFull naming the file being written."""
+        try:
+            fn()
+        except DiskFull:
+            self.abort()
+            raise
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            path = self._tmp if self._tmp is not None else self.out_dir
+            self.abort()
+            raise disk_full(path) from e
 
     def abort(self) -> None:
+        """Drop the shard being written (its temporary file)."""
         if self._tar is not None:
-            self._tar.close()
-            if self._tmp is not None and self._tmp.exists():
-                self._tmp.unlink()
+            try:
+                self._tar.close()
+            except OSError:  # e.g. no space for the end-of-archive blocks: the file goes anyway
+                pass
             self._tar = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
 
 
 def complete_shards(out_dir: Path, split: str, partition: int) -> list[dict]:

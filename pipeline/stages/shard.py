@@ -107,7 +107,10 @@ def run(ctx: StageContext) -> dict:
     counts = {k: v for k, v in rm.items() if not isinstance(v, list)}
     manifest = build_manifest(out, dtype=dtype, tokenizer_info=tok_info, config=config,
                               read_counts=counts, per_source=stats.per_source)
-    atomic_write_json(layout.manifest, manifest)
+    from pipeline.diskfull import writing
+
+    with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
+        atomic_write_json(layout.manifest, manifest)
 
     elapsed = time.time() - t0
     metrics = dict(rm)

@@ -1,44 +1,82 @@
-"""Training checkpoints: atomic, newest-N kept, resumable on the same number of ranks.
+"""Training checkpoints: atomic, verified, newest-N kept, resumable on the same number of ranks.
 
 Layout of `RUN_DIR/train/checkpoints/`:
     step_00000030/            a complete checkpoint (it has meta.json)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (module, ZeRO optimizer
-                                                       partitions, engine step counters)
-        rank_00000.pt ...     ours, one per rank: RNG states, loader state
-        meta.json             written last: step, tokens seen, ranks, ZeRO stage, W&B run id
+                                                       partitions, engine step counters; torch.save)
+        rank_00000.json ...   ours, one per rank: RNG states, loader position (JSON, never unpickled)
+        meta.json             written last: step, tokens seen, ranks, ZeRO stage, and under "files"
+                              every other file's {"bytes", "sha256"}
     .tmp.step_00000060/       being written: ignored, removed on the next start
+Set aside on a resume (never deleted; `xlp clean` removes them): a checkpoint that failed verification
+to `RUN_DIR/.stale/train-step_00000090-damaged/`, and, under train.resume_from_step, the old
+trajectory's newer ones to `RUN_DIR/.stale/train-step_00000120-superseded/` (to `checkpoints/damaged.<name>`
+or `superseded.<name>` when .stale is on another file system).
 
-All ranks write into `.tmp.<name>`; after a barrier rank 0 writes meta.json and renames the folder
-(one atomic rename on a POSIX file system), so a killed save never looks complete. The learning-rate
-schedule is a function of the step, so the step restores it.
+Saving (collective): every rank writes into `.tmp.<name>`; each file is fsynced and hashed right
+after it is written, by the rank that wrote it (DeepSpeed's files through a wrapper around its
+checkpoint engine's `save`, ours as we write them); rank 0 gathers the records, writes meta.json
+(fsynced) and renames the folder (one atomic rename on a POSIX file system), so a killed save never
+looks complete and a complete one says what it must hold. Only then are older checkpoints pruned;
+the new one is never pruned.
+
+Cost of hashing: one extra read of each file, from the page cache it was just written to, plus
+sha256 (about 1-2 GB/s per core with OpenSSL's SHA extensions). Each rank hashes only its own files,
+in parallel with the others: a 7B model's ~100 GB checkpoint over 64 ranks is ~1.6 GB (about 1-2 s)
+per rank; over 8 ranks of one node ~12 GB (about 10 s), against minutes to write it. Verifying on
+resume reads the checkpoint once more, split the same way over the ranks.
+
+Resuming: the newest checkpoint (or `train.resume_from_step`'s) is verified (every listed file
+present, of its size, with its sha256); a damaged one is named with its file and reason in rank 0's
+log, set aside, and the previous one tried. A failed save (e.g. out of disk space) removes its
+`.tmp.` folder and fails with a message naming the file; the older checkpoints are untouched.
+
+The learning-rate schedule is a function of the step, so the step restores it.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.diskfull import disk_full, is_disk_full, writing
 from pipeline.stage import atomic_write_json
 
 NAME_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp."
+DAMAGED_PREFIX = "damaged."
+SUPERSEDED_PREFIX = "superseded."
 META = "meta.json"
+FILES = "files"  # meta.json key: {relative path: {"bytes": int, "sha256": hex}}
+HASH_CHUNK = 16 << 20
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 def name_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def rank_state_name(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    """(step, path) of every complete checkpoint under `root`, oldest first (complete: it has
+    meta.json; whether its files are whole is `verify`'s question)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -64,19 +102,128 @@ def remove_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# RNG state as JSON (restored bit for bit; nothing to unpickle)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _bytes_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Torch (and CUDA), Python and NumPy generator states as JSON-able values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: size and sha256 of each file
+
+
+def file_record(path: Path) -> dict:
+    """fsync `path`, then its size and sha256 (one read, from the page cache right after a write)."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while got := f.readinto(buf):
+            h.update(view[:got])
+            n += got
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def write_json_file(path: Path, obj: Any) -> dict:
+    """Write `obj` as JSON to `path`, fsynced, hashed as it is written; returns its record."""
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    with writing(path):
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_json_file(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class _RecordingEngine:
+    """While active, DeepSpeed's checkpoint engine `save` of this rank also fsyncs and hashes each
+    file it writes; a failure is recorded (the partial file removed) instead of raised, so this rank
+    still reaches DeepSpeed's barriers and every rank learns of it after save_checkpoint returns."""
+
+    def __init__(self, engine, folder: Path):
+        self.ce = engine.checkpoint_engine
+        self.folder = folder
+        self.records: dict[str, dict] = {}
+        self.error: Optional[dict] = None
+
+    def __enter__(self) -> "_RecordingEngine":
+        self._orig = self.ce.save
+        self.ce.save = self._save  # an instance attribute shadows the class's method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            del self.ce.save
+        except AttributeError:
+            self.ce.save = self._orig
+
+    def _save(self, state_dict, path, *args, **kwargs):
+        if self.error is not None:  # this rank's save already failed: write nothing more
+            return None
+        p = Path(path)
+        try:
+            out = self._orig(state_dict, path, *args, **kwargs)
+            self.records[os.path.relpath(p, self.folder)] = file_record(p)
+            return out
+        except Exception as e:  # noqa: BLE001  (reported collectively by save())
+            self.error = _failure(e, p)
+            p.unlink(missing_ok=True)
+            return None
+
+
+def _failure(e: BaseException, path: Path) -> dict:
+    traceback.print_exc()
+    if is_disk_full(e, path):
+        return {"disk_full": True, "path": str(path), "message": str(disk_full(path))}
+    return {"disk_full": False, "path": str(path), "message": f"{type(e).__name__}: {e} (writing {path})"}
+
+
+def _raise_failures(failures: list[tuple[int, dict]]) -> None:
+    for _, f in failures:
+        if f["disk_full"]:
+            raise disk_full(f["path"])
+    rank, f = failures[0]
+    raise CheckpointError(f"saving the checkpoint failed on rank {rank}: {f['message']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
 
 
 def _barrier() -> None:
@@ -84,38 +231,98 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int) -> Path:
-    """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path."""
+    """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path.
+
+    Raises DiskFull (naming the file) when the disk fills up, CheckpointError on other write errors;
+    either way the `.tmp.` folder is removed and the older checkpoints are left as they were."""
     root = Path(root)
     name = name_of(step)
-    tmp_name = TMP_PREFIX + name
+    tmp = root / (TMP_PREFIX + name)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_name, ignore_errors=True)
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_name, client_state={"step": step}, save_latest=False)
-    rank_file = root / tmp_name / f"rank_{rank:05d}.pt"
-    part = rank_file.with_suffix(".pt.part")
-    torch.save(rank_state, part)
-    os.replace(part, rank_file)
-    _barrier()
+    recorder = _RecordingEngine(engine, tmp)
+    try:
+        with recorder:
+            engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+    except Exception as e:  # outside the checkpoint engine (e.g. DeepSpeed copying its scripts)
+        failure = _failure(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_failures([(rank, failure)])
+    error = recorder.error
+    if error is None:
+        own = tmp / rank_state_name(rank)
+        try:
+            recorder.records[own.name] = write_json_file(own, rank_state)
+        except Exception as e:  # noqa: BLE001
+            error = _failure(e, own)
+            own.unlink(missing_ok=True)
+    gathered = _all_gather((recorder.records, error))
+    failures = [(r, e) for r, (_, e) in enumerate(gathered) if e is not None]
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # every rank is done writing: free the space
+        _barrier()
+        _raise_failures(failures)
+
     final = root / name
+    outcome: Optional[dict] = None
     if rank == 0:
-        atomic_write_json(root / tmp_name / META, meta)
-        if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
-            trash = root / (TMP_PREFIX + "old." + name)
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(root / tmp_name, final)
-        _fsync_dir(root)
-        prune(root, keep)
-    _barrier()
+        try:
+            files: dict[str, dict] = {}
+            for records, _ in gathered:
+                files.update(records)
+            for dirpath, _, names in os.walk(tmp):  # files DeepSpeed wrote without its engine (scripts)
+                for n in names:
+                    rel = os.path.relpath(os.path.join(dirpath, n), tmp)
+                    if rel not in files and rel != META:
+                        files[rel] = file_record(tmp / rel)
+            atomic_write_json(tmp / META, dict(meta, **{FILES: dict(sorted(files.items()))}))
+            _fsync_dir(tmp)
+            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+                trash = root / (TMP_PREFIX + "old." + name)
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            problems = verify(final, full_hash=False)  # cheap: every file there, of its size
+            if problems:
+                raise CheckpointError(f"checkpoint {final} is not whole right after saving: {'; '.join(problems)}")
+            prune(root, keep, protect=final)
+        except Exception as e:  # noqa: BLE001
+            outcome = _failure(e, tmp / META if tmp.exists() else final)
+            shutil.rmtree(tmp, ignore_errors=True)
+    outcome = _broadcast(outcome)
+    if outcome is not None:
+        _raise_failures([(0, outcome)])
     return final
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, protect: Optional[Path] = None) -> None:
+    """Delete all but the `keep` newest complete checkpoints; never `protect` (the one just saved)."""
     found = complete_checkpoints(root)
     for _, path in found[:-keep] if keep > 0 else []:
+        if protect is not None and path == Path(protect):
+            continue
         trash = path.parent / (TMP_PREFIX + "del." + path.name)
         os.replace(path, trash)  # gone from the listing at once, then deleted
         shutil.rmtree(trash, ignore_errors=True)
@@ -138,8 +345,150 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
+# ---------------------------------------------------------------------------------------------
+# Verifying and choosing the checkpoint to resume from
+
+
+def verify(path: Path, *, share: tuple[int, int] = (0, 1), full_hash: bool = True) -> list[str]:
+    """What is wrong with checkpoint `path` ([] when it is whole): meta.json readable and listing its
+    files; each listed file of this share (`(i, n)`: every n-th file by size, from the i-th, so n
+    ranks split the hashing) present, of its recorded size and (full_hash) sha256."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return [f"{META}: missing"]
+    except (OSError, ValueError) as e:
+        return [f"{META}: unreadable ({e})"]
+    files = meta.get(FILES) if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        return [f"{META} records no files and hashes (written by an older version): cannot be verified"]
+    i, n = share
+    order = sorted(files, key=lambda k: (-int(files[k].get("bytes", 0)), k))
+    problems = []
+    for rel in order[i::n]:
+        want = files[rel]
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            problems.append(f"{rel}: not a path inside the checkpoint")
+            continue
+        p = path / rel
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != want["bytes"]:
+            what = "truncated" if size < want["bytes"] else "size changed"
+            problems.append(f"{rel}: {what} ({size} bytes, {want['bytes']} recorded)")
+            continue
+        if full_hash:
+            got = file_record(p)["sha256"]
+            if got != want["sha256"]:
+                problems.append(f"{rel}: sha256 mismatch (recorded {want['sha256'][:16]}..., now {got[:16]}...)")
+    return problems
+
+
+def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional[int] = None,
+           say: Callable[[str], None] = print, aside: Optional[Path] = None) -> Optional[Path]:
+    """The checkpoint to resume from, verified (collective: every rank calls it and hashes its share
+    of each candidate's files). None when there is none (a fresh start).
+
+    resume_from_step None: the newest checkpoint that verifies; damaged newer ones are named (file
+    and reason) through `say` on rank 0 and set aside (`_set_aside`: to `aside`, e.g. RUN_DIR/.stale,
+    or beside the others as `damaged.<name>`). When checkpoints exist
+    but none verifies, CheckpointError (rather than silently training from step 0).
+    resume_from_step N: the checkpoint of step N, or a newer one a run resumed from N wrote (so a
+    stopped branch continues); CheckpointError naming the available steps when there is none, or
+    when it is damaged. Newer checkpoints of the old trajectory are set aside as superseded."""
+    root = Path(root)
+    plan: Any = None
+    if rank == 0:
+        try:
+            remove_partial(root)
+            plan = _candidates(root, resume_from_step)
+        except Exception as e:  # noqa: BLE001
+            plan = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)}
+    plan = _broadcast(plan)
+    if "error" in plan:
+        raise CheckpointError(plan["error"])
+    chosen: Optional[str] = None
+    damaged: list[tuple[str, list[str]]] = []
+    for cand in plan["candidates"]:
+        problems = sum(_all_gather(verify(Path(cand), share=(rank, world_size))), [])
+        if not problems:
+            chosen = cand
+            break
+        damaged.append((cand, problems))
+        if rank == 0:
+            say(f"checkpoint {cand} is damaged: {'; '.join(problems)}")
+        if resume_from_step is not None:
+            raise CheckpointError(f"train.resume_from_step={resume_from_step}: checkpoint {cand} is damaged: "
+                                  + "; ".join(problems))
+    if chosen is None and damaged:
+        raise CheckpointError(
+            f"no checkpoint in {root} verifies (" + " | ".join(f"{Path(c).name}: {'; '.join(p)}" for c, p in damaged)
+            + "); move them out of the way to train from step 0, or restore the damaged files")
+    if rank == 0 and chosen is not None:
+        for cand, _ in damaged:
+            kept = _set_aside(Path(cand), "damaged", aside)
+            say(f"the damaged checkpoint is kept in {kept}; resuming from the previous whole one, {chosen}")
+        chosen_step = int(NAME_RE.match(Path(chosen).name).group(1))  # type: ignore[union-attr]
+        for step, p in complete_checkpoints(root):
+            if step > chosen_step:
+                kept = _set_aside(p, "superseded", aside)
+                say(f"train.resume_from_step={resume_from_step}: the newer checkpoint {p.name} is kept in {kept}")
+    _barrier()
+    return Path(chosen) if chosen else None
+
+
+def _set_aside(path: Path, kind: str, aside: Optional[Path]) -> Path:
+    """Move checkpoint `path` out of the listing, keeping it: to `aside/train-<name>-<kind>`, or (no
+    `aside`, or another file system) to `<kind>.<name>` beside it."""
+    if aside is not None:
+        target = Path(aside) / f"train-{path.name}-{kind}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = Path(aside) / f"train-{path.name}-{kind}.{n}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            return target
+        except OSError:  # e.g. EXDEV: checkpoints on their own file system
+            pass
+    prefix = {"damaged": DAMAGED_PREFIX, "superseded": SUPERSEDED_PREFIX}[kind]
+    target = path.with_name(prefix + path.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
+
+
+def _candidates(root: Path, resume_from_step: Optional[int]) -> dict:
+    """Rank 0: the checkpoints to try in order, newest first."""
+    found = complete_checkpoints(root)
+    if resume_from_step is None:
+        return {"candidates": [str(p) for _, p in reversed(found)]}
+    n = resume_from_step
+    branch = []
+    for step, p in reversed(found):
+        if step == n:
+            branch.append(p)
+        elif step > n:
+            try:
+                if read_meta(p).get("resume_from_step") == n:
+                    branch.append(p)
+            except (OSError, ValueError):
+                pass
+    if not branch:
+        steps = ", ".join(str(s) for s, _ in found) or "none"
+        return {"error": f"train.resume_from_step={n}: there is no checkpoint of step {n} in {root}; "
+                         f"available steps: {steps}"}
+    return {"candidates": [str(branch[0])]}
+
+
 def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Load model, optimizer and engine state from checkpoint `path`; returns (meta, this rank's state)."""
+    """Load model, optimizer and engine state from checkpoint `path`; returns (meta, this rank's state).
+    Our own files are JSON; DeepSpeed's are read by DeepSpeed (torch.load, see the README)."""
     path = Path(path)
     meta = read_meta(path)
     if meta.get("world_size") != world_size:
@@ -151,7 +500,7 @@ def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rank_state = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    rank_state = read_json_file(path / rank_state_name(rank))
     return meta, rank_state
 
 

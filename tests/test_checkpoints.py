@@ -1,0 +1,360 @@
+"""Verified checkpoints and disk-full failures (issue 16, items 4-5).
+
+Fast: the verify function (truncated, missing, changed files), choosing the checkpoint to resume from
+(fallback, train.resume_from_step), RNG state through JSON bit for bit, DiskFull, ShardWriter and
+stage.json on a full tmpfs (root only).
+Slow (real DeepSpeed, 2 gloo ranks as in test_train.py): a truncated newest checkpoint falls back to
+the previous one and ends bitwise equal; train.resume_from_step; a checkpoint save that fills its disk.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.diskfull import DiskFull, disk_full, free_bytes
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.hooks import TrainHooks
+from tests.test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+def fake_checkpoint(root: Path, step: int, files: dict[str, bytes], **meta) -> Path:
+    """A checkpoint folder as save() leaves it: the files, and meta.json recording them."""
+    d = root / ckpt.name_of(step)
+    d.mkdir(parents=True)
+    records = {}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        records[name] = ckpt.file_record(d / name)
+    (d / ckpt.META).write_text(json.dumps({"step": step, ckpt.FILES: records, **meta}))
+    return d
+
+
+FILES = {"mp_rank_00_model_states.pt": os.urandom(5000), "rank_00000.json": b'{"a": 1}\n'}
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounts = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for p in reversed(mounts):
+        subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# fast
+
+
+def test_verify_finds_truncated_missing_and_changed_files(tmp_path):
+    d = fake_checkpoint(tmp_path, 10, FILES)
+    assert ckpt.verify(d) == []
+    model = d / "mp_rank_00_model_states.pt"
+    data = model.read_bytes()
+
+    model.write_bytes(data[:1000])
+    assert ckpt.verify(d) == ["mp_rank_00_model_states.pt: truncated (1000 bytes, 5000 recorded)"]
+    assert ckpt.verify(d, full_hash=False) != []  # the size check alone finds it
+
+    flipped = bytearray(data)
+    flipped[1234] ^= 0xFF
+    model.write_bytes(bytes(flipped))
+    problems = ckpt.verify(d)
+    assert len(problems) == 1 and problems[0].startswith("mp_rank_00_model_states.pt: sha256 mismatch")
+    assert ckpt.verify(d, full_hash=False) == []  # same size: only the hash tells
+
+    model.write_bytes(data)
+    (d / "rank_00000.json").unlink()
+    assert ckpt.verify(d) == ["rank_00000.json: missing"]
+
+    # two ranks split the files; together they find everything
+    shares = [ckpt.verify(d, share=(r, 2)) for r in range(2)]
+    assert sorted(sum(shares, [])) == ["rank_00000.json: missing"] and [] in shares
+
+    (d / ckpt.META).write_text(json.dumps({"step": 10}))  # an older version's checkpoint: no records
+    assert "cannot be verified" in ckpt.verify(d)[0]
+    (d / ckpt.META).write_text("{not json")
+    assert ckpt.verify(d)[0].startswith("meta.json: unreadable")
+
+
+def test_choose_falls_back_from_a_damaged_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 10, FILES)
+    d20 = fake_checkpoint(root, 20, FILES)
+    (root / (ckpt.TMP_PREFIX + ckpt.name_of(30))).mkdir()  # a killed save
+    with open(d20 / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(100)
+    said: list[str] = []
+    chosen = ckpt.choose(root, rank=0, world_size=1, say=said.append)
+    assert chosen == root / ckpt.name_of(10)
+    assert any("step_00000020 is damaged: mp_rank_00_model_states.pt: truncated (100 bytes, 5000 recorded)" in s
+               for s in said), said
+    assert (root / (ckpt.DAMAGED_PREFIX + ckpt.name_of(20))).is_dir()  # kept for inspection, out of the way
+    fake_checkpoint(root, 40, {"a": b"x"})
+    (root / ckpt.name_of(40) / "a").write_bytes(b"y")
+    stale = tmp_path / ".stale"
+    assert ckpt.choose(root, rank=0, world_size=1, aside=stale) == root / ckpt.name_of(10)
+    assert (stale / f"train-{ckpt.name_of(40)}-damaged").is_dir()  # RUN_DIR/.stale, for `xlp clean`
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10]
+    assert not (root / (ckpt.TMP_PREFIX + ckpt.name_of(30))).exists()
+
+    # nothing verifies: an error naming each, not a silent fresh start
+    (root / ckpt.name_of(10) / "rank_00000.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint .* verifies.*step_00000010: rank_00000.json: missing"):
+        ckpt.choose(root, rank=0, world_size=1, say=said.append)
+    assert ckpt.choose(tmp_path / "none", rank=0, world_size=1) is None
+
+
+def test_choose_resume_from_step(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        fake_checkpoint(root, step, FILES)
+    with pytest.raises(ckpt.CheckpointError, match=r"resume_from_step=15: there is no checkpoint of step 15 .*"
+                                                   r"available steps: 10, 20, 30"):
+        ckpt.choose(root, rank=0, world_size=1, resume_from_step=15)
+    said: list[str] = []
+    assert ckpt.choose(root, rank=0, world_size=1, resume_from_step=20, say=said.append) == root / ckpt.name_of(20)
+    # the old trajectory's newer checkpoint is kept aside, so neither pruning nor a later resume takes it
+    assert (root / (ckpt.SUPERSEDED_PREFIX + ckpt.name_of(30))).is_dir()
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10, 20]
+    # the branch saved step 25 and was stopped: the same config continues the branch
+    fake_checkpoint(root, 25, FILES, resume_from_step=20)
+    assert ckpt.choose(root, rank=0, world_size=1, resume_from_step=20) == root / ckpt.name_of(25)
+    # a damaged chosen checkpoint is an error (no silent fallback to another step)
+    (root / ckpt.name_of(25) / "rank_00000.json").write_bytes(b'{"a": 2}\n')
+    with pytest.raises(ckpt.CheckpointError, match="resume_from_step=20: .*step_00000025 is damaged.*sha256"):
+        ckpt.choose(root, rank=0, world_size=1, resume_from_step=20)
+
+
+def test_prune_never_removes_the_new_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        fake_checkpoint(root, step, FILES)
+    ckpt.prune(root, keep=1, protect=root / ckpt.name_of(20))
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [20, 30]
+
+
+def test_rng_state_through_json_is_exact():
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    np.random.standard_normal()  # a cached Gaussian in numpy's state
+    random.gauss(0, 1)
+    state = json.loads(json.dumps(ckpt.rng_state()))
+
+    def draw():
+        return (torch.rand(5).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1),
+                np.random.standard_normal(3).tolist(), np.random.randint(0, 1 << 30, 3).tolist())
+
+    first = draw()
+    ckpt.set_rng_state(state)
+    assert draw() == first
+
+
+def test_own_files_are_read_without_unpickling(tmp_path, monkeypatch):
+    d = tmp_path / ckpt.name_of(10)
+    d.mkdir()
+    ckpt.write_json_file(d / ckpt.rank_state_name(0), {"rng": ckpt.rng_state(), "loader": {"batches": 3}})
+    marker = tmp_path / "pwned"
+    (d / "rank_00000.pt").write_bytes(pickle.dumps(_Boom(str(marker))))  # an old-style file, crafted
+
+    def no_torch_load(*a, **k):
+        raise AssertionError("torch.load called on our own files")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    state = ckpt.read_json_file(d / ckpt.rank_state_name(0))
+    ckpt.set_rng_state(state["rng"])
+    assert state["loader"] == {"batches": 3} and not marker.exists()
+
+
+class _Boom:
+    """Unpickling this creates a directory: the proof that a pickle was executed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_disk_full_error_message_and_pickling():
+    e = disk_full("/runs/x/train/checkpoints/.tmp.step_00000010/a.pt")
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+    assert str(e) == ("No space left on device writing /runs/x/train/checkpoints/.tmp.step_00000010/a.pt: "
+                      "free space or move run.dir")
+    back = pickle.loads(pickle.dumps(e))  # crosses a Ray task boundary intact
+    assert type(back) is DiskFull and str(back) == str(e) and back.errno == errno.ENOSPC
+
+
+@needs_root
+def test_shard_writer_disk_full(tmp_path, tmpfs):
+    from pipeline.data.shards import ShardWriter, complete_shards, token_dtype
+    from tests.test_train import synthetic_docs
+
+    out = tmpfs(tmp_path / "shard", "96k")
+    w = ShardWriter(out, "train", 0, dtype=token_dtype(64), sample_tokens=512, shard_bytes=8_000)
+    with pytest.raises(DiskFull, match=r"No space left on device writing .*/shard/.*: free space or move run.dir"):
+        for doc in synthetic_docs(5000, 0):
+            w.add_doc(doc, "synthetic")
+        w.close()
+    assert not list(out.glob(".*.tmp")), "the shard being written is removed"
+    done = complete_shards(out, "train", 0)
+    assert done and all((out / r["path"]).is_file() for r in done)  # finished shards stay, for a rerun
+
+
+@needs_root
+def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
+    from pipeline.runner import _fail, _status
+    from pipeline.stage import atomic_write_json
+
+    d = tmpfs(tmp_path / "stage", "64k")
+    marker = {"stage": "train", "status": "running", "fingerprint": "abc", "heartbeat_at": 1e12, "host": "h"}
+    atomic_write_json(d / "stage.json", marker)
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill the disk to the last byte
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        atomic_write_json(d / "probe.json", {"x": 1})  # an atomic rewrite has no room
+    _fail(d / "stage.json", marker, "DiskFull: No space left on device writing /x: free space or move run.dir")
+    got = json.loads((d / "stage.json").read_text())
+    assert got["status"] == "failed" and "No space left" in got["error"]
+    assert _status(got, "abc") == "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: real DeepSpeed ranks
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data") / "shard")
+
+
+COMMON = ["train.zero_stage=2", "train.steps=20", "train.save_every=10", "train.eval_every=10",
+          "train.eval_batches=2", "train.keep_checkpoints=2", "model.d_model=16", "data.seq_len=16"]
+
+
+def rank0_log(run: Path) -> str:
+    return (run / "train" / "logs" / "rank_0.log").read_text()
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back(tmp_path, shards):
+    run = tmp_path / "run"
+    train(run, shards, COMMON)
+    root = run / "train" / "checkpoints"
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10, 20]
+    full = weights(run)
+    newest = root / ckpt.name_of(20)
+    # our files are JSON (nothing of ours to unpickle); meta.json records every file, and they verify
+    assert sorted(p.name for p in newest.glob("rank_*")) == ["rank_00000.json", "rank_00001.json"]
+    files = ckpt.read_meta(newest)[ckpt.FILES]
+    assert set(files) == {p.name for p in newest.iterdir() if p.name != ckpt.META}
+    assert any(n.endswith("optim_states.pt") for n in files) and ckpt.verify(newest) == []
+
+    victim = max(files, key=lambda n: files[n]["bytes"])
+    with open(newest / victim, "r+b") as f:
+        f.truncate(files[victim]["bytes"] // 2)
+    marker = tmp_path / "pwned"  # a crafted pickle where the old format kept the rank state
+    (root / ckpt.name_of(10) / "rank_00000.pt").write_bytes(pickle.dumps(_Boom(str(marker))))
+    shutil.rmtree(run / "train" / "model")
+    (run / "train" / "result.json").unlink()
+
+    result = train(run, shards, COMMON)
+    assert result["step"] == 20
+    log = rank0_log(run)
+    assert f"{newest} is damaged: {victim}: truncated" in log, log[-3000:]
+    assert f"resumed from {root / ckpt.name_of(10)}" in log
+    assert (run / ".stale" / f"train-{newest.name}-damaged").is_dir()  # kept until `xlp clean`
+    assert ckpt.verify(newest) == []  # saved again, whole
+    assert not marker.exists()
+    again = weights(run)
+    assert full.keys() == again.keys()
+    for k in full:
+        assert torch.equal(full[k], again[k]), k
+
+
+@pytest.mark.slow
+def test_resume_from_step(tmp_path, shards):
+    from pipeline.train.launch import TrainFailed
+
+    run = tmp_path / "run"
+    train(run, shards, COMMON)
+    full = weights(run)
+    root = run / "train" / "checkpoints"
+    with pytest.raises(TrainFailed, match=r"resume_from_step=7: there is no checkpoint of step 7 .*available steps: 10, 20"):
+        train(run, shards, [*COMMON, "train.resume_from_step=7"])
+    result = train(run, shards, [*COMMON, "train.resume_from_step=10"])
+    assert result["step"] == 20
+    assert f"resumed from {root / ckpt.name_of(10)}" in rank0_log(run)
+    assert (run / ".stale" / f"train-{ckpt.name_of(20)}-superseded").is_dir()
+    assert ckpt.read_meta(root / ckpt.name_of(20))["resume_from_step"] == 10
+    again = weights(run)
+    for k in full:
+        assert torch.equal(full[k], again[k]), k
+
+
+class FillDiskAfterFirstSave(TrainHooks):
+    """Rank 0, once the first checkpoint is whole: fill its file system up to half a checkpoint's
+    size from full, so that the next save (which keeps the old one until it is whole) cannot fit."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def saved(self, step):
+        if self.done or os.environ.get("RANK", "0") != "0":
+            return
+        self.done = True
+        folder = Path(os.environ["XLP_TEST_CKPT_DIR"]) / ckpt.name_of(step)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        free = free_bytes(folder)
+        with open(folder.parent / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, max(1, free - size // 2))
+
+
+FILL_DISK_AFTER_FIRST_SAVE = FillDiskAfterFirstSave
+
+
+@pytest.mark.slow
+@needs_root
+def test_checkpoint_save_on_a_full_disk(tmp_path, shards, tmpfs, monkeypatch):
+    from pipeline.train.launch import TrainFailed
+
+    run = tmp_path / "run"
+    root = tmpfs(run / "train" / "checkpoints", "64m")
+    monkeypatch.setenv("XLP_TEST_CKPT_DIR", str(root))
+    common = [*COMMON, "train.keep_checkpoints=1"]
+    with pytest.raises(TrainFailed, match=r"No space left on device writing \S*/checkpoints/\.tmp\.step_00000020\S*: "
+                                          "free space or move run.dir"):
+        train(run, shards, common, hooks="tests.test_checkpoints:FILL_DISK_AFTER_FIRST_SAVE")
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10]
+    assert ckpt.verify(root / ckpt.name_of(10)) == []  # the older checkpoint is whole
+    assert not [p for p in root.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]  # the failed save's space is free
+
+    subprocess.run(["mount", "-o", "remount,size=256m", str(root)], check=True)  # space freed
+    result = train(run, shards, common)
+    assert result["step"] == 20
+    assert f"resumed from {root / ckpt.name_of(10)}" in rank0_log(run)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [20]
