@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help=f"run only these stages (their inputs must be done); stages: {stages_help}",
     )
-    run.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
+    run.add_argument("--force", action="store_true", help="rerun the selected stages even if done (their old "
+                     "output is kept in RUN_DIR/.stale/ until `xlp clean`)")
     run.add_argument("--run-dir", metavar="DIR", help="run directory (default: the config's run.dir)")
 
     submit = sub.add_parser(
@@ -83,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    clean = sub.add_parser(
+        "clean",
+        help="delete the outputs a changed config or --force replaced (RUN_DIR/.stale/)",
+        description="Delete RUN_DIR/.stale/: the outputs of stages whose config changed (or that were "
+        "rerun with --force), which `xlp run` keeps instead of deleting. Prints each and the space it "
+        "frees. `xlp status` lists them first. Refused while an `xlp run` uses the run directory.",
+    )
+    clean.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
 
     compare = sub.add_parser(
         "compare",
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import PipelineError
     from pipeline.submit import SubmitError
 
-    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "config": cmd_config,
+    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
                 "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
     try:
         return commands[args.command](args)
@@ -235,7 +245,7 @@ def cmd_config(args) -> int:
 def cmd_status(args) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.layout import RunLayout
-    from pipeline.runner import stage_states
+    from pipeline.runner import human_bytes, stale_outputs, stage_states
     from pipeline.stages import STAGES
 
     run_dir = Path(args.run_dir)
@@ -263,6 +273,23 @@ def cmd_status(args) -> int:
     print(f"run dir: {run_dir.resolve()}")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    stale = stale_outputs(run_dir)
+    if stale:
+        print(f"kept outputs a changed config replaced ({human_bytes(sum(n for _, n in stale))}; "
+              f"`xlp clean {args.run_dir}` deletes them):")
+        for path, size in stale:
+            print(f"  {path.name}  {human_bytes(size)}")
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from pipeline.runner import clean
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"xlp clean: error: {run_dir} is not a directory", file=sys.stderr)
+        return 2
+    clean(run_dir, sys.stdout)
     return 0
 
 

@@ -3,6 +3,7 @@
     RUN_DIR/
       config.yaml                 the resolved config of the last `xlp run`
       .lock                       held while an `xlp run` works here
+      .stale/<stage>-<fingerprint>/  an output a changed config or --force replaced (until `xlp clean`)
       submit/                     what `xlp submit` saved: configs, rendered sbatch scripts, job logs
                                   (config-<time>.yaml, config-<time>.sbatch, slurm-<job>.out, ray-<job>.log)
       <stage>/stage.json          a stage's marker (status, fingerprint, times, metrics)
@@ -52,6 +53,14 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def stale_dir(self) -> Path:
+        """Outputs a changed config (or --force) replaced, kept until `xlp clean`."""
+        return self.root / ".stale"
+
+    def stale_output(self, stage: str, fingerprint: str) -> Path:
+        return self.stale_dir / f"{stage}-{fingerprint}"
 
     @property
     def lock(self) -> Path:

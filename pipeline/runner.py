@@ -33,12 +33,13 @@ from pipeline.layout import RunLayout
 from pipeline.stage import (
     Stage,
     StageContext,
-    atomic_write_json,
+    StageMarker,
     atomic_write_text,
     fingerprints,
     output_to,
     read_stage_json,
     toposort,
+    trajectories,
 )
 
 TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
@@ -198,6 +199,7 @@ def run_pipeline(
     lock.acquire()
     atomic_write_text(layout.config, to_yaml(cfg))
     fps = fingerprints(stages, cfg)
+    trajs = trajectories(stages, cfg)
     print(f"run dir: {run_dir}", file=out)
 
     outcome: dict[str, str] = {}
@@ -221,8 +223,8 @@ def run_pipeline(
                 outcome[stage.name] = "skipped"
                 continue
             _check_inputs(stage, run_dir, fps, config_source)
-            resumed = _prepare_dir(stage, stage_dir, marker, fp, force)
-            _run_one(stage, cfg, run_dir, fp, resumed, out)
+            resumed = _prepare_dir(stage, layout, marker, fp, trajs[stage.name], force, out)
+            _run_one(stage, cfg, run_dir, fp, trajs[stage.name], resumed, out)
             outcome[stage.name] = "ran"
     finally:
         if previous_sigterm is not None:
@@ -248,41 +250,87 @@ def _check_inputs(stage: Stage, run_dir: Path, fps: dict[str, str], config_sourc
             )
 
 
-def _prepare_dir(stage: Stage, stage_dir: Path, marker: dict, fp: str, force: bool) -> bool:
-    """Clear old outputs; keep those of an interrupted attempt that can resume. Returns `resumed`."""
-    can_resume = (
-        stage.resumable
-        and not force
-        and marker.get("fingerprint") == fp
-        and marker.get("status") in ("running", "failed")
-    )
-    if stage_dir.exists() and not can_resume:
-        # Move aside first: a rename is atomic, so a crash mid-delete leaves no half-cleared stage.
-        trash = stage_dir.with_name(f".{stage.name}.trash-{os.getpid()}")
-        os.replace(stage_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+def _prepare_dir(stage: Stage, layout: RunLayout, marker: dict, fp: str, trajectory: str, force: bool,
+                 out: TextIO) -> bool:
+    """Keep the outputs of an interrupted attempt with the same fingerprint, or of the same trajectory
+    (the stage continues them); move any other output aside to RUN_DIR/.stale/, never delete it.
+    Returns `resumed`."""
+    stage_dir = layout.stage_dir(stage.name)
+    same_fp = marker.get("fingerprint") == fp and marker.get("status") in ("running", "failed")
+    same_trajectory = bool(stage.continues) and marker.get("trajectory") == trajectory
+    keep = stage.resumable and not force and stage_dir.exists() and (same_fp or same_trajectory)
+    if keep and not same_fp:
+        print(f"~ {stage.name}: the config changed only in {', '.join(stage.continues)}: continuing the "
+              f"existing output (fingerprint {marker.get('fingerprint')} -> {fp})", file=out, flush=True)
+    elif stage_dir.exists() and not keep and any(stage_dir.iterdir()):
+        kept = keep_stale(layout, stage.name, marker)
+        why = "--force" if force else "its config changed"
+        print(f"~ {stage.name}: {why}; the previous output is kept in {kept} (`xlp clean {layout.root}` "
+              "removes it)", file=out, flush=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    return can_resume
+    return keep
 
 
-def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: bool, out: TextIO) -> None:
+def keep_stale(layout: RunLayout, stage: str, marker: dict) -> Path:
+    """Move RUN_DIR/<stage> to RUN_DIR/.stale/<stage>-<its fingerprint> (one atomic rename)."""
+    fp = marker.get("fingerprint") or f"unmarked-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = layout.stale_output(stage, fp)
+    n = 1
+    while target.exists():
+        n += 1
+        target = layout.stale_output(stage, f"{fp}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(layout.stage_dir(stage), target)
+    return target
+
+
+def stale_outputs(run_dir: Path) -> list[tuple[Path, int]]:
+    """(path, bytes) of every output kept in RUN_DIR/.stale/, oldest first."""
+    root = RunLayout(run_dir).stale_dir
+    if not root.is_dir():
+        return []
+    found = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    return [(p, _tree_bytes(p)) for p in found]
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def clean(run_dir: Path, out: TextIO) -> int:
+    """Delete the outputs kept in RUN_DIR/.stale/, printing each and what it frees. Returns bytes freed."""
+    lock = RunLock(Path(run_dir))
+    lock.acquire()  # not while an `xlp run` may be moving outputs there
+    try:
+        freed = 0
+        for path, size in stale_outputs(run_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"removed {path} ({human_bytes(size)})", file=out)
+            freed += size
+        print(f"freed {human_bytes(freed)}" if freed else f"nothing to clean in {RunLayout(run_dir).stale_dir}", file=out)
+        return freed
+    finally:
+        lock.release()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: str, resumed: bool,
+             out: TextIO) -> None:
     import ray
 
     layout = RunLayout(run_dir)
     stage_dir, marker_path = layout.stage_dir(stage.name), layout.stage_json(stage.name)
     log_path = layout.stage_log(stage.name)
-    started = time.time()
-    marker = {
-        "stage": stage.name,
-        "status": "running",
-        "fingerprint": fp,
-        "started_at": started,
-        "heartbeat_at": started,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "resumed": resumed,
-    }
-    atomic_write_json(marker_path, marker)
+    marker = StageMarker(marker_path, stage.name, fingerprint=fp, trajectory=trajectory, resumed=resumed)
     how = "resuming" if resumed else "running"
     print(f"> {stage.name}: {how} (fingerprint {fp}); log: {log_path}", file=out, flush=True)
 
@@ -299,8 +347,8 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
             if _stop_requests.pending():
                 raise Stopped()
             if time.time() - last_beat > HEARTBEAT_S:
-                marker["heartbeat_at"] = last_beat = time.time()
-                atomic_write_json(marker_path, marker)
+                last_beat = time.time()
+                marker.beat()
             if ready:
                 break
         metrics = ray.get(task)
@@ -320,32 +368,20 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, resumed: boo
         tail.pump()
         if not ended_marker.exists():
             ray.cancel(task, force=True)
-        _fail(marker_path, marker, f"interrupted ({why}); rerun to resume")
+        marker.failed(f"interrupted ({why}); rerun to resume")
         raise Stopped(why) from None
     except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
         tail.pump()
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
-        _fail(marker_path, marker, message)
+        marker.failed(message)
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}"
         ) from None
     tail.pump()
-    ended = time.time()
-    marker.update(
-        status="done",
-        ended_at=ended,
-        heartbeat_at=ended,
-        duration_s=round(ended - started, 3),
-        metrics=metrics or {},
-    )
-    atomic_write_json(marker_path, marker)
-    print(f"+ {stage.name}: done in {ended - started:.1f}s {_short_metrics(stage, metrics)}", file=out, flush=True)
-
-
-def _fail(marker_path: Path, marker: dict, error: str) -> None:
-    marker.update(status="failed", ended_at=time.time(), error=error)
-    atomic_write_json(marker_path, marker)
+    marker.done(metrics or {})
+    print(f"+ {stage.name}: done in {marker.data['duration_s']:.1f}s {_short_metrics(stage, metrics)}", file=out,
+          flush=True)
 
 
 def _first_lines(text: str, n: int = 12) -> str:

@@ -12,8 +12,10 @@ import hashlib
 import importlib
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -39,6 +41,9 @@ class Stage:
            ranks are launched, how often it logs): left out of the fingerprint.
     resumable: keep the outputs of an interrupted attempt with the same fingerprint (the stage
            itself skips the work already whole: shards written, checkpoints saved).
+    continues: keys inside `reads` whose change gives a new fingerprint, but whose old output the
+           stage continues instead of redoing (a longer `train.steps` continues from the checkpoints):
+           outputs of the same *trajectory* (the fingerprint without these keys) are kept.
     headline: metric names `xlp status` shows.
     """
 
@@ -47,6 +52,7 @@ class Stage:
     needs: tuple[str, ...]
     fn: str
     ignores: tuple[str, ...] = ()
+    continues: tuple[str, ...] = ()
     resumable: bool = True
     headline: tuple[str, ...] = ()
     description: str = ""
@@ -90,6 +96,8 @@ def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = (
     inside them; a missing key is None."""
     out = {}
     for key in keys:
+        if key in ignores:
+            continue
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, DictConfig) or OmegaConf.is_list(value):
             value = OmegaConf.to_container(value, resolve=True)
@@ -105,14 +113,18 @@ def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = (
     return out
 
 
-def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str]) -> str:
-    """sha256 over the stage's name, the values of the keys it reads and its upstream fingerprints."""
+def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, trajectory: bool = False) -> str:
+    """sha256 over the stage's name, the values of the keys it reads and its upstream fingerprints.
+    trajectory=True leaves the `continues` keys out too: outputs with the same trajectory fingerprint
+    can be continued into each other."""
     payload = {
         "stage": stage.name,
         "version": FINGERPRINT_VERSION,
-        "reads": select_keys(cfg, stage.reads, stage.ignores),
+        "reads": select_keys(cfg, stage.reads, stage.ignores + (stage.continues if trajectory else ())),
         "upstream": {name: upstream[name] for name in sorted(stage.needs)},
     }
+    if trajectory:
+        payload["trajectory"] = True
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -123,6 +135,12 @@ def fingerprints(stages: list[Stage], cfg: DictConfig) -> dict[str, str]:
     for stage in toposort(stages):
         fps[stage.name] = fingerprint(stage, cfg, fps)
     return fps
+
+
+def trajectories(stages: list[Stage], cfg: DictConfig) -> dict[str, str]:
+    """Trajectory fingerprints of all stages (each over its upstream stages' full fingerprints)."""
+    fps = fingerprints(stages, cfg)
+    return {stage.name: fingerprint(stage, cfg, fps, trajectory=True) for stage in stages}
 
 
 def toposort(stages: list[Stage]) -> list[Stage]:
@@ -184,6 +202,62 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class StageMarker:
+    """`RUN_DIR/<stage>/stage.json` of one attempt: running (with a heartbeat), then done or failed."""
+
+    def __init__(self, path: Path, stage: str, *, fingerprint: str, trajectory: str, resumed: bool):
+        started = time.time()
+        self.path = Path(path)
+        self.data: dict[str, Any] = {
+            "stage": stage, "status": "running", "fingerprint": fingerprint, "trajectory": trajectory,
+            "started_at": started, "heartbeat_at": started, "host": socket.gethostname(), "pid": os.getpid(),
+            "resumed": resumed,
+        }
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def beat(self) -> None:
+        self.data["heartbeat_at"] = time.time()
+        self._write()
+
+    def done(self, metrics: dict) -> None:
+        ended = time.time()
+        self.data.update(status="done", ended_at=ended, heartbeat_at=ended,
+                         duration_s=round(ended - self.data["started_at"], 3), metrics=metrics or {})
+        self._write()
+
+    def failed(self, error: str) -> None:
+        """Mark the attempt failed, even on a full disk: when the atomic rewrite fails (no room for the
+        temporary copy), a short marker overwrites the file in place (it fits in the block the file
+        already has). Should that fail too, the marker says "running" with an old heartbeat, which
+        `xlp status` shows as failed once the run lock is released (same host) or the heartbeat is stale."""
+        self.data.update(status="failed", ended_at=time.time(), error=error)
+        try:
+            self._write()
+            return
+        except OSError as e:
+            why = e
+        short = {k: self.data[k] for k in ("stage", "status", "fingerprint", "trajectory", "started_at", "ended_at",
+                                           "host", "pid", "resumed") if k in self.data}
+        short["error"] = error[:1500]
+        data = (json.dumps(short, sort_keys=True) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e2:
+            print(f"warning: could not record the failure in {self.path} ({why}; then {e2}); `xlp status` shows "
+                  "the stage as failed once this run has ended", file=sys.stderr, flush=True)
 
 
 def read_stage_json(stage_dir: Path) -> dict:

@@ -221,12 +221,11 @@ def test_shard_writer_disk_full(tmp_path, tmpfs):
 
 @needs_root
 def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
-    from pipeline.runner import _fail, _status
-    from pipeline.stage import atomic_write_json
+    from pipeline.runner import _status
+    from pipeline.stage import StageMarker, atomic_write_json
 
     d = tmpfs(tmp_path / "stage", "64k")
-    marker = {"stage": "train", "status": "running", "fingerprint": "abc", "heartbeat_at": 1e12, "host": "h"}
-    atomic_write_json(d / "stage.json", marker)
+    marker = StageMarker(d / "stage.json", "train", fingerprint="abc", trajectory="t", resumed=False)
     fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
     try:  # fill the disk to the last byte
         while True:
@@ -237,7 +236,7 @@ def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
         os.close(fd)
     with pytest.raises(OSError):
         atomic_write_json(d / "probe.json", {"x": 1})  # an atomic rewrite has no room
-    _fail(d / "stage.json", marker, "DiskFull: No space left on device writing /x: free space or move run.dir")
+    marker.failed("DiskFull: No space left on device writing /x: free space or move run.dir")
     got = json.loads((d / "stage.json").read_text())
     assert got["status"] == "failed" and "No space left" in got["error"]
     assert _status(got, "abc") == "failed"

@@ -70,6 +70,68 @@ def test_force_reruns_done_stage(tmp_path, ray_local):
     assert calls(tmp_path)[-1] == "total fresh"
 
 
+def test_replaced_outputs_are_kept_until_clean(tmp_path, ray_local):
+    from pipeline.runner import stale_outputs
+    from pipeline.stage import fingerprints
+
+    run(tmp_path)
+    fp = {s.name: s for s in stage_states(TOY_STAGES, load_config(None, [f"run.dir={tmp_path}"]), tmp_path)}
+    old_total, old_report = fp["total"].fingerprint, fp["report"].fingerprint
+    # --force: the done output of `total` moves to .stale/total-<fingerprint>/, whole
+    out = io.StringIO()
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    run_pipeline(cfg, stages=TOY_STAGES, out=out, only=["total"], force=True)
+    kept = tmp_path / ".stale" / f"total-{old_total}"
+    assert (kept / "total.txt").read_text() == str(sum(range(256)) * 100)
+    assert json.loads((kept / "stage.json").read_text())["fingerprint"] == old_total
+    assert f"--force; the previous output is kept in {kept}" in out.getvalue()
+    # a changed key: `total` and `report` rerun, both old outputs kept (a second `total` one beside the first)
+    run(tmp_path, ["train.steps=3"])
+    names = sorted(p.name for p, _ in stale_outputs(tmp_path))
+    assert names == sorted([f"total-{old_total}", f"total-{old_total}.2", f"report-{old_report}"])
+    assert (tmp_path / ".stale" / f"report-{old_report}" / "report.txt").is_file()
+    # `xlp status` lists them with their size; `xlp clean` deletes them, printing what it frees
+    r = subprocess.run([*XLP, "status", str(tmp_path)], capture_output=True, text=True, env=xlp_env(), timeout=120)
+    assert r.returncode == 0 and "kept outputs a changed config replaced" in r.stdout, r.stdout + r.stderr
+    assert f"total-{old_total}.2" in r.stdout
+    total_bytes = sum(n for _, n in stale_outputs(tmp_path))
+    r = subprocess.run([*XLP, "clean", str(tmp_path)], capture_output=True, text=True, env=xlp_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("removed ") == 3 and "freed" in r.stdout
+    assert total_bytes > 0 and not stale_outputs(tmp_path)
+    assert "nothing to clean" in clean_output(tmp_path)
+    assert fingerprints(TOY_STAGES, load_config(None, [f"run.dir={tmp_path}", "train.steps=3"]))["total"] == \
+        json.loads((tmp_path / "total" / "stage.json").read_text())["fingerprint"]
+
+
+def clean_output(run_dir: Path) -> str:
+    from pipeline.runner import clean
+
+    out = io.StringIO()
+    clean(run_dir, out)
+    return out.getvalue()
+
+
+def test_a_continuing_stage_keeps_its_output_when_only_its_continue_keys_change(tmp_path, ray_local):
+    from pipeline.stage import Stage
+
+    stages = [TOY_STAGES[0], Stage("total", reads=("train.steps", "train.lr"), needs=("numbers",),
+                                   fn="toy_stages:total", continues=("train.steps",)), TOY_STAGES[2]]
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    run_pipeline(cfg, stages=stages, out=io.StringIO())
+    out = io.StringIO()
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.steps=7"])
+    assert run_pipeline(cfg, stages=stages, out=out) == {"numbers": "skipped", "total": "ran", "report": "ran"}
+    assert calls(tmp_path)[-2:] == ["total resumed", "report fresh"]  # continued in place, nothing kept aside
+    assert "total: the config changed only in train.steps: continuing" in out.getvalue()
+    assert not (tmp_path / ".stale").exists() or not any(p.name.startswith("total") for p in (tmp_path / ".stale").iterdir())
+    # another key of the stage: a new trajectory, the old output is kept aside
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.steps=7", "train.lr=0.5"])
+    run_pipeline(cfg, stages=stages, out=io.StringIO())
+    assert calls(tmp_path)[-2] == "total fresh"
+    assert any(p.name.startswith("total-") for p in (tmp_path / ".stale").iterdir())
+
+
 def test_failing_stage_is_marked_failed_with_its_error(tmp_path, ray_local):
     cfg = load_config(None, [f"run.dir={tmp_path}"])
     with pytest.raises(PipelineError, match=r"stage 'broken' failed: ValueError: the input file example.jsonl line 3"):

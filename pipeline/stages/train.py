@@ -17,8 +17,12 @@ STAGE = Stage(
     name="train",
     # wandb.* is read at run time but not hashed: monitoring settings change no result
     reads=("model", "train", "data.seq_len", "run.seed", "kernels"),
-    # where the ranks run and how often the console prints change no result
-    ignores=("train.launcher", "train.device", "train.log_every"),
+    # where the ranks run, how often they log, validate and save, and what they keep change nothing the
+    # stage's training computes (train.num_workers does: the loader's order follows its streams)
+    ignores=("train.launcher", "train.device", "train.log_every", "train.save_every", "train.keep_checkpoints",
+             "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops"),
+    # a longer (or shorter) run of the same trajectory continues from the checkpoints already there
+    continues=("train.steps", "train.resume_from_step"),
     needs=("tokenizer", "shard"),
     fn="pipeline.stages.train:run",
     resumable=True,

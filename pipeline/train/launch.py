@@ -62,13 +62,13 @@ class RankCommand:
             cmd += ["--shard-dir", str(self.shard_dir)]
         if self.hooks:
             cmd += ["--hooks", self.hooks]
-        return cmd + self.overrides
+        return cmd + ["--no-stage-json", *self.overrides]  # the train stage records its own stage.json
 
     def loop_config(self) -> dict:
         """The same, as pipeline.train.main.ray_train_loop's config."""
         return {"run_dir": str(self.run_dir), "config": str(self.config), "out_dir": str(self.out.root),
                 "shard_dir": str(self.shard_dir) if self.shard_dir is not None else None,
-                "overrides": list(self.overrides), "hooks": self.hooks}
+                "overrides": list(self.overrides), "hooks": self.hooks, "record_stage": False}
 
     def on_cpu(self) -> None:
         self.overrides.append("train.device=cpu")

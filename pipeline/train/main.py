@@ -13,6 +13,7 @@ Exit status: 0 trained to train.steps; 143 stopped by SIGTERM/SIGINT after savin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 from pipeline.layout import RunLayout, TrainLayout
 from pipeline.train import dist as xdist
-from pipeline.train.trainer import EXIT_STOPPED, StopRequest, Trainer  # noqa: F401  (EXIT_STOPPED: the launchers')
+from pipeline.train.trainer import StopRequest, Trainer
 
 T0 = time.perf_counter()
 
@@ -38,12 +39,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out-dir", type=Path, help="default RUN_DIR/train")
     ap.add_argument("--shard-dir", type=Path, help="default RUN_DIR/shard")
     ap.add_argument("--hooks", help="module:name of TrainHooks to install (pipeline.train.hooks; for tests)")
+    ap.add_argument("--no-stage-json", dest="record_stage", action="store_false",
+                    help="do not write OUT_DIR/stage.json (the train stage's launcher records it itself); by "
+                    "default rank 0 records the run as `xlp run` would, so the runner treats it as its own")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.device=cpu")
     # the `deepspeed` launcher passes --local_rank (LOCAL_RANK is in the environment as well)
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     return run_rank(args.run_dir, config=args.config, out_dir=args.out_dir, shard_dir=args.shard_dir,
-                    overrides=args.overrides, hooks=args.hooks)
+                    overrides=args.overrides, hooks=args.hooks, record_stage=args.record_stage)
 
 
 def ray_train_loop(config: dict) -> None:
@@ -51,19 +55,23 @@ def ray_train_loop(config: dict) -> None:
     starts the process group):
         TorchTrainer(ray_train_loop, train_loop_config={"run_dir": "runs/demo"},
                      scaling_config=ScalingConfig(num_workers=8, use_gpu=True)).fit()
-    Optional keys: config, out_dir, shard_dir, overrides (KEY=VALUE list), hooks, stop (a StopRequest).
+    Optional keys: config, out_dir, shard_dir, overrides (KEY=VALUE list), hooks, stop (a StopRequest),
+    record_stage (default true: rank 0 writes OUT_DIR/stage.json as `xlp run` would).
     """
     code = run_rank(Path(config["run_dir"]), config=config.get("config"), out_dir=config.get("out_dir"),
                     shard_dir=config.get("shard_dir"), overrides=config.get("overrides") or (),
-                    hooks=config.get("hooks"), stop=config.get("stop"), exit_on_error=False)
+                    hooks=config.get("hooks"), stop=config.get("stop"),
+                    record_stage=config.get("record_stage", True), exit_on_error=False)
     if code != 0:
         raise RuntimeError(f"training stopped early (exit status {code}); a checkpoint was saved")
 
 
 def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[Path] = None,
              shard_dir: Optional[Path] = None, overrides: Sequence[str] = (), hooks: Optional[str] = None,
-             stop: Optional[StopRequest] = None, exit_on_error: bool = True) -> int:
-    """This process's rank of the job, to the end. Returns the exit status (0 or EXIT_STOPPED)."""
+             stop: Optional[StopRequest] = None, record_stage: bool = True, exit_on_error: bool = True) -> int:
+    """This process's rank of the job, to the end. Returns the exit status (0 or EXIT_STOPPED).
+    record_stage: rank 0 writes OUT_DIR/stage.json (running, then done with the stage's metrics, or
+    failed), so a run started directly (torchrun, srun, Ray Train) is one the runner knows."""
     layout = RunLayout(Path(run_dir))
     out = TrainLayout(Path(out_dir) if out_dir else layout.train_dir)
     stop = stop if stop is not None else StopRequest()
@@ -78,18 +86,34 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     import torch.distributed as dist
 
     own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
+    marker = lock = None
     try:
         from pipeline.config import load_config
         from pipeline.train.hooks import load_hooks
 
         cfg = load_config(Path(config) if config else layout.config, list(overrides))
+        if record_stage and d.rank == 0:
+            from pipeline.runner import RunLock
+
+            lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
+            lock.acquire()
+            marker = direct_run_marker(cfg, out)
         cuda = start_process_group(cfg, d)
         trainer = Trainer(cfg, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
                           tokenizer_model=layout.tokenizer_model, env=d, cuda=cuda, hooks=load_hooks(hooks),
-                          stop=stop, started_at=T0)
-        return trainer.run()
+                          stop=stop, started_at=T0, heartbeat=marker.beat if marker else None,
+                          stale_dir=layout.stale_dir)
+        code = trainer.run()
+        if marker is not None:
+            if code == 0:
+                marker.done(json.loads(out.result.read_text()))
+            else:
+                marker.failed("interrupted (SIGTERM/SIGINT) after saving a checkpoint; rerun to resume")
+        return code
     except BaseException as e:  # noqa: BLE001
         traceback.print_exc()
+        if marker is not None:
+            marker.failed(f"{type(e).__name__}: {e}")
         out.logs.mkdir(parents=True, exist_ok=True)
         out.rank_error(d.rank).write_text(f"{type(e).__name__}: {e}\n")
         sys.stdout.flush()
@@ -100,8 +124,20 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
         # a peer may be blocked in a collective; the launcher ends it. Skip the group teardown.
         os._exit(1)
     finally:
+        if lock is not None:
+            lock.release()
         if own_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def direct_run_marker(cfg, out: TrainLayout):
+    """The train stage's stage.json for a run started without `xlp run`, with the fingerprints the
+    runner computes from the same config."""
+    from pipeline.stage import STAGE_JSON, StageMarker, fingerprints, trajectories
+    from pipeline.stages import STAGES
+
+    return StageMarker(out.root / STAGE_JSON, "train", fingerprint=fingerprints(STAGES, cfg)["train"],
+                       trajectory=trajectories(STAGES, cfg)["train"], resumed=any(out.checkpoints.glob("step_*")))
 
 
 def start_process_group(cfg, d: xdist.DistEnv) -> bool:

@@ -23,13 +23,36 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, steps: int, sched
         t = min(1.0, max(0.0, (step - warmup) / span))
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
     if schedule == "wsd":
-        decay_steps = max(1, int(round(wsd_decay * steps)))
-        decay_start = max(warmup, steps - decay_steps)
+        decay_start = wsd_decay_start(steps=steps, warmup=warmup, wsd_decay=wsd_decay)
         if step <= decay_start:
             return lr
         t = min(1.0, (step - decay_start) / max(1, steps - decay_start))
         return lr + (min_lr - lr) * t
     raise ValueError(f"unknown schedule {schedule!r}; valid values: cosine, wsd")
+
+
+def wsd_decay_start(*, steps: int, warmup: int, wsd_decay: float) -> int:
+    """The last step of WSD's constant phase: the schedule of any longer run agrees up to here."""
+    return max(warmup, steps - max(1, int(round(wsd_decay * steps))))
+
+
+def continuation_note(*, at: int, old_steps: int, old_schedule: str, old_warmup: int, old_wsd_decay: float,
+                      new_steps: int) -> str:
+    """What continuing a run of `old_steps` from its checkpoint at step `at` with `new_steps` means for
+    the learning rate (from `at` on it follows the new length, as Megatron does)."""
+    if new_steps == old_steps:
+        return ""
+    if old_schedule == "wsd":
+        start = wsd_decay_start(steps=old_steps, warmup=old_warmup, wsd_decay=old_wsd_decay)
+        if at <= start:
+            return (f"the checkpoint (step {at}) precedes the {old_steps}-step run's WSD decay (from step {start + 1}): "
+                    f"the continuation is exactly the run configured with train.steps={new_steps} from the start")
+        return (f"the checkpoint (step {at}) lies inside the {old_steps}-step run's WSD decay (from step {start + 1}): "
+                f"the continuation starts from a decayed model; to continue from before the decay, rerun with "
+                f"train.resume_from_step=<a checkpoint step <= {start}>")
+    return (f"the {old_steps}-step run's {old_schedule} schedule already depended on its length: from step {at} "
+            f"the learning rate follows train.steps={new_steps}, so this is not the run configured with it "
+            f"from the start")
 
 
 def schedule_of(tc) -> "callable":

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pipeline.layout import TrainLayout
 from pipeline.train import dist as xdist
@@ -71,7 +71,8 @@ def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
 class Trainer:
     def __init__(self, cfg, *, out: TrainLayout, shard_dir: Path, tokenizer_model: Path, env: xdist.DistEnv,
                  cuda: bool, hooks: Optional[TrainHooks] = None, stop: Optional[StopRequest] = None,
-                 started_at: Optional[float] = None):
+                 started_at: Optional[float] = None, heartbeat: Optional[Callable[[], None]] = None,
+                 stale_dir: Optional[Path] = None):
         import torch
 
         from pipeline.config import section
@@ -80,12 +81,15 @@ class Trainer:
         self.tc = section(cfg, "train")
         self.model_cfg = section(cfg, "model")
         self.out, self.shard_dir, self.tokenizer_model = out, Path(shard_dir), Path(tokenizer_model)
+        self.stale_dir = Path(stale_dir) if stale_dir else out.root.parent / ".stale"
         self.rank, self.world = env.rank, env.world_size
         self.cuda = cuda
         self.device = torch.device(f"cuda:{env.local_rank}") if cuda else torch.device("cpu")
         self.seq_len = int(cfg.data.seq_len)
         self.seed = int(cfg.run.seed)
         self.hooks = hooks or TrainHooks()
+        self.heartbeat = heartbeat  # called on rank 0 now and then while training (a direct run's stage.json)
+        self._last_beat = time.monotonic()
         self.stop = stop if stop is not None else StopRequest()
         self.started_at = time.perf_counter() if started_at is None else started_at
         # where the run stands (restored from a checkpoint)
@@ -160,6 +164,13 @@ class Trainer:
         no_val = self._check_val_split()
         if latest is not None:
             self.restore(latest)
+            if self.step > tc.steps:
+                raise ValueError(
+                    f"train.steps={tc.steps} is below the step of the checkpoint to continue from ({latest}, "
+                    f"step {self.step}): set train.steps >= {self.step}, or train.resume_from_step to an "
+                    "earlier checkpoint, or use another run.dir")
+        self.resumed_from_step = self.step if latest is not None else None
+        self.nodes = self._node_names()
         self._first_step_of_attempt = self.step + 1
         self.data = iter(self.loader)
         self.schedule = schedule_of(tc)
@@ -168,19 +179,38 @@ class Trainer:
         self._start_monitor(latest, no_val, t_start, time.perf_counter())
 
     def _agree_on_checkpoint(self) -> Optional[Path]:
-        """Rank 0 picks the newest whole checkpoint (after removing partial ones); all ranks load it."""
-        import torch.distributed as dist
-
+        """The checkpoint every rank resumes from (collective): the newest that verifies, or
+        train.resume_from_step's; partial saves removed, damaged ones named in rank 0's log and moved
+        aside (pipeline.train.checkpoint.choose). None: a fresh start."""
         from pipeline.train import checkpoint as ckpt
 
-        box: list[Any] = [None]
         if self.rank == 0:
             self.out.root.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.out.checkpoints)
-            latest = ckpt.latest_checkpoint(self.out.checkpoints)
-            box[0] = str(latest) if latest else None
-        dist.broadcast_object_list(box, src=0)
-        return Path(box[0]) if box[0] else None
+        return ckpt.choose(self.out.checkpoints, rank=self.rank, world_size=self.world,
+                           resume_from_step=self.tc.resume_from_step, say=lambda text: print(text, flush=True),
+                           aside=self.stale_dir)
+
+    def _continuation_note(self, checkpoint: Path) -> str:
+        """What the learning rate does when the checkpoint's run had another train.steps."""
+        from pipeline.train import checkpoint as ckpt
+        from pipeline.train.schedule import continuation_note
+
+        meta = ckpt.read_meta(checkpoint)
+        if "train_steps" not in meta:  # a checkpoint from before runs recorded their length
+            return ""
+        return continuation_note(at=self.step, old_steps=int(meta["train_steps"]), old_schedule=meta["schedule"],
+                                 old_warmup=int(meta["warmup"]), old_wsd_decay=float(meta["wsd_decay"]),
+                                 new_steps=self.tc.steps)
+
+    def _node_names(self) -> list[str]:
+        """The distinct hosts the ranks run on (collective)."""
+        import socket
+
+        import torch.distributed as dist
+
+        names: list[Any] = [None] * self.world
+        dist.all_gather_object(names, socket.gethostname())
+        return sorted(set(names))
 
     def _seed(self) -> None:
         import numpy as np
@@ -219,6 +249,9 @@ class Trainer:
             self.monitor.message(f"validation skipped: {no_val}")
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+            note = self._continuation_note(latest)
+            if note:
+                self.monitor.message(f"continuing a run of another length: {note}")
         self.monitor.message(
             f"train: {self.model_cfg.arch}, {self.n_params / 1e6:.2f}M params, ZeRO-{tc.zero_stage}, {tc.precision}, "
             f"{self.world} rank(s) on {'GPU' if self.cuda else 'CPU'}, {tc.steps} steps")
@@ -339,6 +372,9 @@ class Trainer:
             metrics["val/loss"] = self.val_loss
             self.monitor.message(f"step {stats.step}: val/loss {self.val_loss:.4f}")
         self.monitor.log(stats.step, metrics)
+        if self.heartbeat is not None and time.monotonic() - self._last_beat > 10.0:
+            self._last_beat = time.monotonic()
+            self.heartbeat()
         self.monitor.progress(stats.step, stats.loss, tokens_per_s, log_every=self.tc.log_every,
                               force=stats.step == self.tc.steps)
 
@@ -378,13 +414,17 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self) -> None:
-        """A checkpoint of this step: engine state, and each rank's RNG and loader position."""
+        """A checkpoint of this step: engine state, and each rank's RNG and loader position (JSON),
+        every file fsynced and hashed; DiskFull/CheckpointError when it cannot be written whole."""
         from pipeline.train import checkpoint as ckpt
 
         t = time.perf_counter()
         tc = self.tc
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
-                "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time()}
+                "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
+                "resume_from_step": tc.resume_from_step,  # a branch's lineage (checkpoint.choose)
+                # the schedule it was on: a continuation with another train.steps says what that means
+                "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay}
         ckpt.save(self.engine, self.out.checkpoints, self.step, rank=self.rank, keep=tc.keep_checkpoints, meta=meta,
                   rank_state={"rng": ckpt.rng_state(), "loader": self.loader.state_dict()})
         self.last_saved = self.step
@@ -446,6 +486,10 @@ class Trainer:
             "skipped_steps": self.skipped_total,
             "params": self.n_params,
             "ranks": self.world,
+            "world_size": self.world,
+            "nodes": self.nodes,
+            "resumed_from_step": self.resumed_from_step,
+            "model_dir": str(self.out.model_dir),
             "stopped": stopped,
             # wall time of this attempt's loop after its first step: steps, loader, logging, eval, saves
             "loop_s": (t_end - self.t_first_done) if self.t_first_done else 0.0,

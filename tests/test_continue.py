@@ -1,0 +1,135 @@
+"""Long runs keep their work (issue 16): settings that change no result rerun nothing; a longer
+train.steps continues the run from its checkpoints (exactly, with WSD before its decay); a run started
+without `xlp run` is one the runner knows. Real `xlp run`, Ray, DeepSpeed on 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, XLP, xlp_env
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.monitor import read_metrics
+
+TINY = REPO / "configs" / "tiny.yaml"
+SMALL = ["model.d_model=32", "model.num_blocks=2", "model.num_heads=2", "data.seq_len=32",
+         "train.micro_batch_size=4", "train.cpu_processes=2", "train.warmup=2", "wandb.mode=disabled",
+         "train.schedule=wsd", "train.wsd_decay=0.2", "train.save_every=5", "train.keep_checkpoints=10",
+         "train.eval_every=0", "train.eval_batches=2"]
+
+
+def xlp(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([*XLP, *args], env=xlp_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"xlp {' '.join(args)}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return xlp("run", str(TINY), f"run.dir={run_dir}", *SMALL, *overrides, "--stages", "train")
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory) -> Path:
+    """A run directory whose tokenizer and shard stages are done (copied for each test)."""
+    run = tmp_path_factory.mktemp("continue") / "data"
+    xlp("run", str(TINY), f"run.dir={run}", *SMALL, "--stages", "tokenizer,shard")
+    return run
+
+
+def fresh(data_run: Path, tmp_path: Path, name: str) -> Path:
+    run = tmp_path / name
+    shutil.copytree(data_run, run)
+    return run
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {s: r["train/loss"] for s, r in read_metrics(run / "train" / "metrics.jsonl").items()}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "train" / "model" / "model.safetensors")
+
+
+def marker(run: Path) -> dict:
+    return json.loads((run / "train" / "stage.json").read_text())
+
+
+@pytest.mark.slow
+def test_cadence_changes_rerun_nothing_and_a_longer_run_continues(data_run, tmp_path):
+    run = fresh(data_run, tmp_path, "extend")
+    train(run, "train.steps=20")
+    first = (run / "train" / "stage.json").read_bytes()
+    losses_20 = losses(run)
+    assert sorted(losses_20) == list(range(1, 21))
+
+    # checkpoint cadence and retention, evaluation cadence, logging, threads: train is skipped
+    r = train(run, "train.steps=20", "train.save_every=7", "train.keep_checkpoints=3", "train.eval_every=3",
+              "train.eval_batches=1", "train.log_every=1", "train.threads=1", "train.peak_tflops=1.0")
+    assert "= train: done" in r.stdout and "skipped" in r.stdout, r.stdout
+    assert (run / "train" / "stage.json").read_bytes() == first
+
+    # twice the steps: continues from step 20 (inside the 20-step run's WSD decay: the log says so)
+    r = train(run, "train.steps=40")
+    assert "continuing the existing output" in r.stdout, r.stdout
+    log = (run / "train" / "stage.log").read_text()
+    assert "resumed from" in log and "decay" in log and "train.resume_from_step" in log, log[-3000:]
+    m = marker(run)
+    assert m["status"] == "done" and m["metrics"]["resumed_from_step"] == 20 and m["metrics"]["step"] == 40
+    assert m["metrics"]["world_size"] == 2 and len(m["metrics"]["nodes"]) == 1
+    steps = [s for s, _ in ckpt.complete_checkpoints(run / "train" / "checkpoints")]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # the first run's checkpoints are still there
+    after = losses(run)
+    assert sorted(after) == list(range(1, 41))
+    assert all(after[s] == losses_20[s] for s in range(1, 21))  # its metrics too
+    assert not (run / ".stale").exists()
+
+
+@pytest.mark.slow
+def test_wsd_extension_before_the_decay_is_the_longer_run(data_run, tmp_path):
+    scratch = fresh(data_run, tmp_path, "scratch")
+    train(scratch, "train.steps=40")
+
+    run = fresh(data_run, tmp_path, "extended")
+    train(run, "train.steps=20")
+    # the 20-step run's decay began after step 16: continue from its step-15 checkpoint
+    r = train(run, "train.steps=40", "train.resume_from_step=15")
+    assert "continuing the existing output" in r.stdout
+    assert marker(run)["metrics"]["resumed_from_step"] == 15
+    a, b = weights(scratch), weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    s, e = losses(scratch), losses(run)
+    assert [s[i] for i in range(16, 41)] == [e[i] for i in range(16, 41)]
+    # the decayed checkpoint the continuation did not use is kept aside, not overwritten
+    kept = run / ".stale" / f"train-{ckpt.name_of(20)}-superseded"
+    assert (kept / "meta.json").is_file(), list((run / ".stale").iterdir())
+
+
+@pytest.mark.slow
+def test_a_direct_launch_is_a_run_the_runner_knows(data_run, tmp_path):
+    run = fresh(data_run, tmp_path, "direct")
+    env = xlp_env({"OMP_NUM_THREADS": "2"})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    # the run's config (RUN_DIR/config.yaml, written by `xlp run`) with a longer run, as a user would
+    r = subprocess.run([sys.executable, "-m", "pipeline.train.main", "--run-dir", str(run), "train.steps=10",
+                        "train.device=cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = marker(run)
+    assert m["status"] == "done" and m["metrics"]["step"] == 10 and m["metrics"]["world_size"] == 1
+    assert m["metrics"]["model_dir"] == str(run / "train" / "model")
+    # the runner computes the same fingerprint from the same config: nothing reruns, eval may use it
+    r = train(run, "train.steps=10")
+    assert "= train: done" in r.stdout and "skipped" in r.stdout, r.stdout
+    st = subprocess.run([*XLP, "status", str(run)], env=xlp_env(), capture_output=True, text=True, timeout=120)
+    assert any(line.split()[:2] == ["train", "done"] for line in st.stdout.splitlines()), st.stdout
+    assert os.path.isfile(run / "train" / "model" / "model.safetensors")
