@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 FORMATS = ("auto", "text", "lines", "jsonl", "parquet")
 ON_ERROR = ("fail", "skip")
 MiB = 1 << 20
+# A document longer than this is cut near it (at a newline or space) into pieces, each a document
+# (counted as docs_split / split_pieces): above natural documents (a long book is 1-2 MB), and what
+# bounds a data worker's memory: encoding a piece peaks at ~60x its size (SentencePiece's state per
+# character plus Python ints), ~300 MiB here (python -m pipeline.bench_bigdoc).
+MAX_DOC_BYTES = 4 * MiB
 
 
 @dataclass
@@ -25,6 +30,7 @@ class DataConfig:
     partition_bytes: int = 8 * MiB  # input bytes per Ray task (files are grouped in source order)
     shard_bytes: int = 128 * MiB  # at most this many token bytes per tar shard
     sample_tokens: int = 2048  # consecutive documents are grouped into one WebDataset sample up to this
+    max_doc_bytes: int = MAX_DOC_BYTES  # longer documents are split near this (see MAX_DOC_BYTES)
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
 
     def validate(self) -> None:
@@ -51,5 +57,7 @@ class DataConfig:
             raise ValueError(f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
         if self.sample_tokens < 1:
             raise ValueError(f"data.sample_tokens must be >= 1, got {self.sample_tokens}")
+        if not 4096 <= self.max_doc_bytes <= 1 << 31:
+            raise ValueError(f"data.max_doc_bytes must be in [4096, 2**31], got {self.max_doc_bytes}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (0 = all CPUs), got {self.num_workers}")
