@@ -1,9 +1,10 @@
-"""What a stage is: a function of the config keys it reads and the stages it needs.
+"""What a stage is: a function of the config keys it reads, the inputs it lists and the stages it needs.
 
-A stage's fingerprint hashes the values of the keys it reads and its upstream fingerprints (marin's
-executor steps). Its outputs live in `RUN_DIR/<stage>/`; `RUN_DIR/<stage>/stage.json` says whether
-they are whole: it is written last, atomically, with `status: done` (datatrove's completion marker),
-so a killed stage never looks done.
+A stage's fingerprint hashes the values of the keys it reads, a cheap listing of its inputs (files
+with sizes and mtimes, content hashes of single files; see pipeline/data/listing.py) and its upstream
+fingerprints (marin's executor steps). Its outputs live in `RUN_DIR/<stage>/`;
+`RUN_DIR/<stage>/stage.json` says whether they are whole: it is written last, atomically, with
+`status: done` (datatrove's completion marker), so a killed stage never looks done.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.layout import STAGE_JSON, RunLayout
 
 # Bump when a stage's code changes what it writes, so old outputs become stale.
-FINGERPRINT_VERSION = 1
+# 2: the fingerprint hashes the stage's input listing (Stage.inputs) too.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class Stage:
            stage continues instead of redoing (a longer `train.steps` continues from the checkpoints):
            outputs of the same *trajectory* (the fingerprint without these keys) are kept.
     headline: metric names `xlp status` shows.
+    inputs: "module:function" import strings; each function takes the config and returns a JSON-able
+           listing of inputs the stage reads outside the run directory (corpus files with size and
+           mtime, the content hash of tokenizer.path), read without reading the data. The fingerprint
+           hashes them, so an added or changed file reruns the stage. Import strings, like `fn`, so the
+           registry stays cheap to import; stages naming the same function share one listing per
+           `fingerprints()` call.
     """
 
     name: str
@@ -56,6 +64,7 @@ class Stage:
     resumable: bool = True
     headline: tuple[str, ...] = ()
     description: str = ""
+    inputs: tuple[str, ...] = ()
 
     def load_fn(self) -> Callable[["StageContext"], dict]:
         module, _, attr = self.fn.partition(":")
@@ -113,14 +122,32 @@ def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = (
     return out
 
 
-def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, trajectory: bool = False) -> str:
-    """sha256 over the stage's name, the values of the keys it reads and its upstream fingerprints.
+def input_digests(stages: Iterable[Stage], cfg: DictConfig) -> dict[str, str]:
+    """sha256 of each input listing the stages name (Stage.inputs), each listing computed once."""
+    out: dict[str, str] = {}
+    for stage in stages:
+        for spec in stage.inputs:
+            if spec not in out:
+                module, _, attr = spec.partition(":")
+                listing = getattr(importlib.import_module(module), attr)(cfg)
+                blob = json.dumps(listing, sort_keys=True, default=str).encode()
+                out[spec] = hashlib.sha256(blob).hexdigest()
+    return out
+
+
+def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, trajectory: bool = False,
+                inputs: Optional[dict[str, str]] = None) -> str:
+    """sha256 over the stage's name, the values of the keys it reads, the digests of its input listings
+    (`inputs`: from input_digests, computed here when not given) and its upstream fingerprints.
     trajectory=True leaves the `continues` keys out too: outputs with the same trajectory fingerprint
     can be continued into each other."""
+    if inputs is None or any(spec not in inputs for spec in stage.inputs):
+        inputs = input_digests([stage], cfg)
     payload = {
         "stage": stage.name,
         "version": FINGERPRINT_VERSION,
         "reads": select_keys(cfg, stage.reads, stage.ignores + (stage.continues if trajectory else ())),
+        "inputs": {spec: inputs[spec] for spec in sorted(stage.inputs)},
         "upstream": {name: upstream[name] for name in sorted(stage.needs)},
     }
     if trajectory:
@@ -129,18 +156,22 @@ def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, traj
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fingerprints(stages: list[Stage], cfg: DictConfig) -> dict[str, str]:
-    """Fingerprints of all stages (in dependency order)."""
+def fingerprints(stages: list[Stage], cfg: DictConfig, *, inputs: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Fingerprints of all stages (in dependency order). The input listings are made once per call
+    (or passed in as `inputs`, from input_digests)."""
+    inputs = input_digests(stages, cfg) if inputs is None else inputs
     fps: dict[str, str] = {}
     for stage in toposort(stages):
-        fps[stage.name] = fingerprint(stage, cfg, fps)
+        fps[stage.name] = fingerprint(stage, cfg, fps, inputs=inputs)
     return fps
 
 
-def trajectories(stages: list[Stage], cfg: DictConfig) -> dict[str, str]:
-    """Trajectory fingerprints of all stages (each over its upstream stages' full fingerprints)."""
-    fps = fingerprints(stages, cfg)
-    return {stage.name: fingerprint(stage, cfg, fps, trajectory=True) for stage in stages}
+def trajectories(stages: list[Stage], cfg: DictConfig, *, inputs: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Trajectory fingerprints of all stages (each over its upstream stages' full fingerprints); the
+    input listings are made once per call, or passed in."""
+    inputs = input_digests(stages, cfg) if inputs is None else inputs
+    fps = fingerprints(stages, cfg, inputs=inputs)
+    return {stage.name: fingerprint(stage, cfg, fps, trajectory=True, inputs=inputs) for stage in stages}
 
 
 def toposort(stages: list[Stage]) -> list[Stage]:
