@@ -28,14 +28,15 @@ from typing import Callable, Iterable, Optional, TextIO
 
 from omegaconf import DictConfig
 
-from pipeline.config import to_yaml
 from pipeline.layout import RunLayout
+from pipeline.secrets import redact_config_yaml
 from pipeline.stage import (
     Stage,
     StageContext,
     StageMarker,
     atomic_write_text,
     fingerprints,
+    input_digests,
     output_to,
     read_stage_json,
     toposort,
@@ -197,9 +198,10 @@ def run_pipeline(
     layout = RunLayout(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
-    atomic_write_text(layout.config, to_yaml(cfg))
-    fps = fingerprints(stages, cfg)
-    trajs = trajectories(stages, cfg)
+    atomic_write_text(layout.config, redact_config_yaml(cfg))  # credentials masked (pipeline/secrets.py)
+    inputs = input_digests(stages, cfg)  # the input listings, made once
+    fps = fingerprints(stages, cfg, inputs=inputs)
+    trajs = trajectories(stages, cfg, inputs=inputs)
     print(f"run dir: {run_dir}", file=out)
 
     outcome: dict[str, str] = {}

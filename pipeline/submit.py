@@ -53,17 +53,30 @@ class SubmitError(RuntimeError):
 
 def save_submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> Path:
     """The resolved config the job will run, in RUN_DIR/submit/ (kept: one file per submission), with
-    `train.launcher` set to the cluster's launcher (slurm or ray) where the config leaves it to auto."""
-    from pipeline.config import to_yaml  # here: pipeline.config imports this module (SlurmConfig)
+    `train.launcher` set to the cluster's launcher (slurm or ray) where the config leaves it to auto.
+
+    No secret is written: a value that came from a secret environment variable (or from one holding a
+    credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
+    from its own environment (Slurm: the submitting shell's, exported; Ray: the cluster's). A credential
+    written literally in the config cannot be submitted safely: that is an error naming the key."""
+    from pipeline.secrets import env_references, secret_keys
 
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
     if cfg.train.launcher == "auto":
         cfg.train.launcher = launcher
+    data = env_references(OmegaConf.to_container(cfg, resolve=True))
+    literal = secret_keys(data)
+    if literal:
+        raise SubmitError(
+            f"config key(s) {', '.join(literal)} hold a credential (a user:password@ URL, a token query "
+            "parameter or a secret's value) written in the config: xlp submit would save it in the run "
+            "directory. Put it in an environment variable the job has (e.g. export SOURCE_URL=...) and "
+            "write ${oc.env:SOURCE_URL} in the config instead")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = RunLayout(run_dir).submitted_config(stamp)
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -25,13 +26,24 @@ TRAIN_CHUNK_CHARS = 2048
 MAX_SENTENCE_BYTES = 16384
 
 
+class TokenizerError(ValueError):
+    """A tokenizer model that cannot be used; from load(), the message is one line naming the file."""
+
+
 class Tokenizer:
     """A SentencePiece model with the pipeline's specials; pickles as its model bytes (for Ray)."""
 
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        if not self._proto:
+            raise TokenizerError("an empty file (0 bytes), not a SentencePiece model")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError:  # SentencePiece's message names neither the file nor the cause
+            raise TokenizerError("not a SentencePiece model (its bytes do not parse as one)") from None
         self.vocab_size: int = self._sp.get_piece_size()
+        if self.vocab_size == 0:
+            raise TokenizerError("a SentencePiece model with no pieces")
         self.unk_id: int = self._sp.unk_id()
         self.bos_id: int = self._special(BOS, self._sp.bos_id())
         self.eos_id: int = self._special(EOS, self._sp.eos_id())
@@ -39,7 +51,7 @@ class Tokenizer:
         # A model trained elsewhere may have no pad piece; padding then uses <eos> (never a real token).
         self.pad_id: int = pad if pad >= 0 else self.eos_id
         if self.eos_id < 0:
-            raise ValueError("the SentencePiece model has no end-of-document piece (<eos> or </s>)")
+            raise TokenizerError("the SentencePiece model has no end-of-document piece (<eos> or </s>)")
 
     def _special(self, piece: str, fallback: int) -> int:
         i = self._sp.piece_to_id(piece)
@@ -106,14 +118,21 @@ def load(path: str | Path) -> Tokenizer:
     if "://" in text and not text.startswith("file://"):
         import fsspec
 
-        with fsspec.open(text, "rb") as f:
-            return Tokenizer(f.read())
+        with fsspec.open(text, "rb") as f:  # named without its credentials or query
+            return _parse(f.read(), re.sub(r"://[^/@]*@", "://***@", text.split("?")[0]))
     if text.startswith("file://"):
         text = text[len("file://"):]
     p = Path(text)
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {p}")
-    return Tokenizer(p.read_bytes())
+    return _parse(p.read_bytes(), str(p))
+
+
+def _parse(data: bytes, where: str) -> Tokenizer:
+    try:
+        return Tokenizer(data)
+    except TokenizerError as e:
+        raise TokenizerError(f"tokenizer model {where}: {e}") from None
 
 
 def _chunks(docs: Iterable[str], chunk_chars: int) -> Iterator[str]:

@@ -560,7 +560,10 @@ def _signal_step(job_id: str, step_name: str) -> bool:
 # Ray: Ray Train workers
 
 # The workers get their environment from Ray (the job's runtime env), not from this process: these
-# are passed on (WANDB_API_KEY and HF_TOKEN among them: the ranks log to W&B, read hubs)
+# are passed on. Secret ones (pipeline.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
+# a value with a credentialed URL) never go into the runtime env, which Ray's agents log: they travel as a Ray object (in the
+# object store, not in any log or in Ray Train's stored run config), which each worker reads into its
+# environment before the rank starts.
 _RAY_WORKER_ENV_PREFIXES = ("XLP_", "WANDB_", "TRITON_", "DS_", "DEEPSPEED_", "NCCL_", "TORCH_", "HF_", "OMP_")
 
 
@@ -583,15 +586,20 @@ class RayRanks(Ranks):
         self.n = n = gpus or cpu_processes
         if not gpus:
             command.on_cpu()
+        from pipeline.secrets import is_secret
+
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
+        secret = {k: passed.pop(k) for k in list(passed) if is_secret(k, passed[k])}
+        self.secrets_ref = ray.put(secret)  # kept alive (we own it) until the workers have read it
         worker_env = rank_env(passed, cpu_threads=None if gpus else threads or max(1, int(resources.get("CPU", n)) // n),
                               extra_env={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **extra_env})  # print() to the log
         self.stop_file = command.out.logs / "STOP"
         self.stop_file.unlink(missing_ok=True)
         trainer = TorchTrainer(
             _ray_rank,
-            train_loop_config={**command.loop_config(), "stop_file": str(self.stop_file)},
+            train_loop_config={**command.loop_config(), "stop_file": str(self.stop_file),
+                               "secret_env": self.secrets_ref},
             scaling_config=ScalingConfig(num_workers=n, use_gpu=gpus > 0, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str(command.out.root / "ray_train"),
                                  name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -639,12 +647,17 @@ class RayRanks(Ranks):
 def _ray_rank(config: dict) -> None:
     """A Ray Train worker: this rank's output to RUN_DIR/train/logs/rank_<r>.log, a stop request (the
     launcher touches logs/STOP) turned into the rank's StopRequest, then the rank."""
+    import ray
     import ray.train
 
     from pipeline.stage import output_to
     from pipeline.train.main import ray_train_loop
     from pipeline.train.trainer import StopRequest
 
+    config = dict(config)
+    secret_ref = config.pop("secret_env", None)
+    if secret_ref is not None:
+        os.environ.update(ray.get(secret_ref))  # the secret variables (see _RAY_WORKER_ENV_PREFIXES)
     out = TrainLayout(Path(config["out_dir"]))
     log_path = out.rank_log(ray.train.get_context().get_world_rank())
     log_path.parent.mkdir(parents=True, exist_ok=True)

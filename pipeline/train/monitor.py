@@ -198,6 +198,8 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
     import wandb
     from omegaconf import OmegaConf
 
+    from pipeline.secrets import redact
+
     id_file = out_dir / "wandb_run_id"
     if id_file.is_file():
         run_id = id_file.read_text().strip()
@@ -213,7 +215,7 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
         tags=list(wandb_cfg.tags or []),
         name=wandb_cfg.name or run_name,
         notes=wandb_cfg.notes,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=redact(OmegaConf.to_container(cfg, resolve=True)),  # no credentials in W&B
         id=run_id,
         resume="allow",
         mode=wandb_cfg.mode,
