@@ -256,7 +256,7 @@ def cmd_status(args) -> int:
     states = stage_states(STAGES, cfg, run_dir)
     headline = {s.name: s.headline for s in STAGES}
     if args.json:
-        print(json.dumps({s.name: {"status": s.status, "fingerprint": s.fingerprint, **s.marker} for s in states}, indent=2, default=str))
+        print(json.dumps({s.name: {**s.marker, "status": s.status, "fingerprint": s.fingerprint} for s in states}, indent=2, default=str))
         return 0
     rows = [("STAGE", "STATUS", "FINGERPRINT", "DURATION", "METRICS")]
     for s in states:

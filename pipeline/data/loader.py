@@ -25,9 +25,18 @@ How data is split and ordered (all of it a function of seed and epoch, nothing e
   workers. The state is each stream's position (epoch, shard, sample, token) after its last consumed
   batch plus which worker is next, so resuming reproduces the batch sequence exactly (with the same
   world_size, num_workers, seq_len, batch_size, seed; other values are refused).
+
+Shards are verified: the first time a process opens a shard, its size (before reading) and sha256
+(over the bytes read) are compared with the manifest (pipeline.data.shards.read_verified). A missing,
+truncated, damaged or unparsable shard raises ShardError, one line naming the shard and the expected
+and actual size or hash, before any of its samples is used. With `on_error="skip"` (data.on_error)
+the shard is left out instead: a warning names it, `skipped_shards` counts it, and it contributes no
+samples; every other shard's samples stay where they were in their stream's order (the plan does not
+change), so resuming from a checkpoint still reproduces the batches exactly.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -36,7 +45,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import load_manifest, open_bytes, read_shard
+from pipeline.data.shards import ShardError, load_manifest, read_shard, read_verified
+
+log = logging.getLogger(__name__)
+ON_ERROR = ("fail", "skip")
 
 STATE_VERSION = 1
 Pos = tuple[int, int, int, int]  # (epoch, piece index in the stream's epoch plan, sample index, token offset)
@@ -46,10 +58,13 @@ class _Plan:
     """Which samples a stream reads, in which order (pure function of the manifest, seed, epoch)."""
 
     def __init__(self, shard_dir: str, shards: list[dict], dtype: np.dtype, n_streams: int, seed: int,
-                 shuffle: bool):
+                 shuffle: bool, on_error: str = "fail"):
         self.shard_dir, self.shards, self.dtype = shard_dir, shards, dtype
         self.n_streams, self.seed, self.shuffle = n_streams, seed, shuffle
+        self.on_error = on_error
         self._cache: tuple[Optional[int], list] = (None, [])
+        self.bad: dict[int, str] = {}  # shard index -> its problem (skipped; not read again)
+        self.notes: list[tuple[str, str]] = []  # (shard path, problem) skipped since the last take_notes()
 
     def shard_order(self, epoch: int) -> list[int]:
         n = len(self.shards)
@@ -78,11 +93,26 @@ class _Plan:
             offset += self.shards[s]["samples"]
         return out
 
-    def load(self, shard: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def load(self, shard: int) -> Optional[list[tuple[str, np.ndarray, np.ndarray]]]:
+        """The shard's samples, verified against the manifest; None when it is bad and skipped."""
+        if shard in self.bad:
+            return None
         if self._cache[0] != shard:
-            data = open_bytes(self.shard_dir, self.shards[shard]["path"])
-            self._cache = (shard, read_shard(data, self.dtype))
+            rec = self.shards[shard]
+            try:
+                samples = read_verified(self.shard_dir, rec, lambda data, name: read_shard(data, self.dtype, name))
+            except ShardError as e:
+                if self.on_error != "skip":
+                    raise
+                self.bad[shard] = str(e)
+                self.notes.append((rec["path"], str(e)))
+                return None
+            self._cache = (shard, samples)
         return self._cache[1]
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        notes, self.notes = self.notes, []
+        return notes
 
     def kept(self, g: int, epoch: int, piece: tuple[int, Optional[int]]) -> np.ndarray:
         """Indices (in the shard) of the samples of `piece` stream g reads, in reading order."""
@@ -99,7 +129,8 @@ class _Plan:
         total = 0
         for piece in self.pieces(g, epoch):
             samples = self.load(piece[0])
-            total += sum(len(samples[i][1]) for i in self.kept(g, epoch, piece))
+            if samples is not None:
+                total += sum(len(samples[i][1]) for i in self.kept(g, epoch, piece))
         return total
 
 
@@ -115,6 +146,8 @@ def _segments(plan: _Plan, g: int, pos: Pos, last_epoch: Optional[int]) -> Itera
             if not len(kept):
                 continue
             samples = plan.load(pieces[pi][0])
+            if samples is None:  # bad and skipped (on_error="skip"): the plan stays as it is
+                continue
             start_si = sample0 if first and pi == piece0 else 0
             for si in range(start_si, len(kept)):
                 _, tokens, lens = samples[kept[si]]
@@ -130,6 +163,10 @@ def _segments(plan: _Plan, g: int, pos: Pos, last_epoch: Optional[int]) -> Itera
                 f"loader stream {g} of {plan.n_streams} gets no samples in epoch {epoch}: the split has "
                 f"{sum(s['samples'] for s in plan.shards)} samples in {len(plan.shards)} shards; use fewer "
                 "ranks/workers or more data (smaller data.sample_tokens)")
+        if not produced and last_epoch is None and plan.bad:
+            skipped = sorted({plan.shards[s]["path"] for s, _ in pieces if s in plan.bad})
+            raise ShardError(f"loader stream {g} of {plan.n_streams}: every shard it reads in epoch {epoch} is "
+                             f"damaged and skipped (data.on_error=skip): {', '.join(skipped)}")
         first = False
         epoch += 1
 
@@ -174,7 +211,11 @@ def _rows(segments: Iterator, seq_len: int) -> Iterator[tuple[np.ndarray, np.nda
 
 
 class _Streams(IterableDataset):
-    """Each DataLoader worker (or the main process) yields (local stream, position after, batch)."""
+    """Each DataLoader worker (or the main process) yields (local stream, position after, batch, skipped
+    shards noticed since its last item, error). A worker passes its ShardError on as the item's
+    `error` (torch would re-raise it with the worker's traceback pasted into the message); skip notes
+    ride on the next batch rather than taking a batch's place in the workers' round-robin order, so
+    that skipping does not reorder the other batches (or a resume)."""
 
     def __init__(self, loader: "ShardLoader", positions: dict[int, Pos], worker_offset: int,
                  last_epoch: Optional[int], start_epoch: int):
@@ -196,16 +237,24 @@ class _Streams(IterableDataset):
         pos = self.positions.get(local, (self.start_epoch, 0, 0, 0))
         B, S = L.batch_size, L.seq_len
         rows, starts = [], []
-        for row, st, nxt in _rows(_segments(plan, g, pos, self.last_epoch), S):
-            rows.append(row)
-            starts.append(st[:S])
-            if len(rows) == B:
-                x = torch.from_numpy(np.stack(rows))
-                d = torch.from_numpy(np.stack(starts))
-                d[:, 0] = True
-                batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(), "doc_starts": d}
-                yield local, nxt, batch
-                rows, starts = [], []
+        try:
+            for row, st, nxt in _rows(_segments(plan, g, pos, self.last_epoch), S):
+                rows.append(row)
+                starts.append(st[:S])
+                if len(rows) == B:
+                    x = torch.from_numpy(np.stack(rows))
+                    d = torch.from_numpy(np.stack(starts))
+                    d[:, 0] = True
+                    batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(), "doc_starts": d}
+                    yield local, nxt, batch, plan.take_notes(), None
+                    rows, starts = [], []
+        except Exception as e:  # (not `except ShardError`: that name may be gone when a generator
+            if info is None or not isinstance(e, ShardError):  # is closed at interpreter exit)
+                raise
+            yield local, None, None, plan.take_notes(), str(e)
+            return
+        if plan.notes:  # skipped after this stream's last whole batch (epochs=n): still reported
+            yield local, None, None, plan.take_notes(), None
 
 
 class ShardLoader:
@@ -213,13 +262,18 @@ class ShardLoader:
 
     def __init__(self, shard_dir: str | Path, *, split: str, seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, epochs: Optional[int] = None,
-                 shuffle: bool = True, pin_memory: bool = False, prefetch_factor: int = 4):
+                 shuffle: bool = True, pin_memory: bool = False, prefetch_factor: int = 4,
+                 on_error: str = "fail"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be None (endless) or >= 1, got {epochs}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error is {on_error!r}; valid values: {', '.join(ON_ERROR)}")
+        self.on_error = on_error
+        self.skipped: dict[str, str] = {}  # shard path -> why it was skipped (on_error="skip")
         self.shard_dir = str(shard_dir)
         self.split, self.seq_len, self.batch_size = split, int(seq_len), int(batch_size)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
@@ -242,7 +296,7 @@ class ShardLoader:
         return self.world_size * max(1, self.num_workers)
 
     def _plan(self) -> _Plan:
-        return _Plan(self.shard_dir, self.shards, self.dtype, self.n_streams, self.seed, self.shuffle)
+        return _Plan(self.shard_dir, self.shards, self.dtype, self.n_streams, self.seed, self.shuffle, self.on_error)
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -255,18 +309,34 @@ class ShardLoader:
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                  prefetch_factor=self.prefetch_factor, persistent_workers=False))
-        for local, pos, batch in it:
+        for local, pos, batch, notes, error in it:
+            for path, problem in notes:
+                self._note_skipped(path, problem)
+            if error is not None:
+                raise ShardError(error)
+            if batch is None:
+                continue
             self._positions[int(local)] = tuple(int(v) for v in pos)  # type: ignore[assignment]
             self._next_local = (int(local) + 1) % nw
             self._batches += 1
             yield batch
+
+    def _note_skipped(self, path: str, problem: str) -> None:
+        if path not in self.skipped:
+            self.skipped[path] = problem
+            log.warning("skipped (data.on_error=skip): %s", problem)
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many distinct shards this loader has skipped as bad (on_error="skip")."""
+        return len(self.skipped)
 
     def one_epoch(self, epoch: int = 0) -> "ShardLoader":
         """A fresh loader over exactly one epoch (`epoch` picks the shuffle), e.g. for validation."""
         other = ShardLoader(self.shard_dir, split=self.split, seq_len=self.seq_len, batch_size=self.batch_size,
                             rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
                             seed=self.seed, epochs=1, shuffle=self.shuffle, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor)
+                            prefetch_factor=self.prefetch_factor, on_error=self.on_error)
         other._start_epoch = epoch
         return other
 
@@ -280,6 +350,8 @@ class ShardLoader:
             t = plan.stream_tokens(rank * nw + local, epoch)
             rows = (t - 1) // self.seq_len if t > 1 else 0
             total += rows // self.batch_size
+        for path, problem in plan.take_notes():  # shards it had to read (fewer shards than streams)
+            self._note_skipped(path, problem)
         return total
 
     def common_epoch_batches(self, epoch: int = 0) -> int:
@@ -320,3 +392,16 @@ class ShardLoader:
         return (f"ShardLoader({self.shard_dir!r}, split={self.split!r}, seq_len={self.seq_len}, "
                 f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
                 f"num_workers={self.num_workers}, shards={len(self.shards)}, tokens={self.tokens})")
+
+
+def shards_skipped_everywhere(loader: ShardLoader) -> int:
+    """Distinct shards skipped as bad by `loader` on any rank (a collective when torch.distributed is
+    initialized: call it on every rank)."""
+    import torch.distributed as dist
+
+    names = set(loader.skipped)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(names))
+        names = {n for g in gathered for n in g}
+    return len(names)

@@ -13,6 +13,11 @@ Shards are named `{split}-{partition:05d}-{index:04d}.tar`. Each is written unde
 and renamed when whole, after its record `meta/{name}.json` (samples, docs, tokens, bytes, sha256,
 per-source counts) is in place; a finished partition writes `meta/part-{partition:05d}.json`.
 `manifest.json` is assembled from the records once every partition is done.
+
+Shards are checked against those records where they are used: the loader compares each shard's size
+(before reading it) and sha256 (over the bytes it read) with the manifest the first time a process
+opens it (`read_verified`), and a resumed shard stage checks the shards it keeps (`complete_shards`).
+A mismatch is a ShardError whose one-line message names the shard and both sizes or both hashes.
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -187,18 +193,52 @@ class ShardWriter:
             self._tmp = None
 
 
-def complete_shards(out_dir: Path, split: str, partition: int) -> list[dict]:
-    """Records of the shards of (split, partition) a previous attempt finished: a prefix 0..k-1."""
-    out = []
-    index = 0
+def complete_shards(out_dir: Path, split: str, partition: int,
+                    damaged: Optional[list[str]] = None) -> list[dict]:
+    """Records of the shards of (split, partition) a previous attempt finished: a prefix 0..k-1 whose
+    files match their records (size and sha256, read once). The first one that does not (a disk
+    error, a copy cut short, someone's edit) ends the prefix: it and every later shard of the
+    (split, partition) are removed, so the writer redoes them (same input -> the same bytes); its
+    one-line problem is appended to `damaged` when given."""
+    records, problem = verified_prefix(out_dir, split, partition)
+    if problem is not None:
+        if damaged is not None:
+            damaged.append(problem)
+        remove_shards_from(out_dir, split, partition, len(records))
+    return records
+
+
+def verified_prefix(out_dir: Path, split: str, partition: int) -> tuple[list[dict], Optional[str]]:
+    """(records of shards 0..k-1 of (split, partition) that are there and match their records, the
+    problem of shard k when it is there but does not match). Removes nothing."""
+    out_dir = Path(out_dir)
+    out: list[dict] = []
     while True:
-        name = shard_name(split, partition, index)
-        meta = Path(out_dir) / META_DIR / f"{name}.json"
-        if not (Path(out_dir) / name).is_file() or not meta.is_file():
-            break
-        out.append(json.loads(meta.read_text()))
-        index += 1
-    return out
+        name = shard_name(split, partition, len(out))
+        meta = out_dir / META_DIR / f"{name}.json"
+        if not (out_dir / name).is_file() or not meta.is_file():
+            return out, None
+        try:
+            rec = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            return out, f"shard {out_dir / name}: its record {meta} is unreadable; {REWRITE}"
+        problem = check_shard_file(out_dir / name, rec, against="its record", advice=REWRITE)
+        if problem is not None:
+            return out, problem
+        out.append(rec)
+
+
+def remove_shards_from(out_dir: Path, split: str, partition: int, index: int) -> int:
+    """Delete the shards (and their records) of (split, partition) numbered `index` and up; returns how many."""
+    out_dir = Path(out_dir)
+    n = 0
+    prefix = f"{split}-{partition:05d}-"
+    for p in sorted(out_dir.glob(f"{prefix}*.tar")) + sorted((out_dir / META_DIR).glob(f"{prefix}*.tar.json")):
+        stem = p.name[len(prefix):].split(".", 1)[0]
+        if stem.isdigit() and int(stem) >= index:
+            p.unlink(missing_ok=True)
+            n += int(p.suffix == ".tar")
+    return n
 
 
 def remove_incomplete(out_dir: Path) -> int:
@@ -248,27 +288,144 @@ def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield cur_key, cur
 
 
-def read_shard(data: bytes, dtype: np.dtype) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(key, tokens, doclens)] of a shard's bytes."""
+def read_shard(data: bytes, dtype: np.dtype, name: str = "shard") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(key, tokens, doclens)] of a shard's bytes; ShardError naming `name` when they do not parse."""
     out = []
-    for key, members in iter_tar_samples(data):
-        tokens = np.frombuffer(members["tokens"], dtype=dtype)
-        lens = np.frombuffer(members["doclens"], dtype="<u4")
-        out.append((key, tokens, lens))
+    try:
+        for key, members in iter_tar_samples(data):
+            missing = [m for m in ("tokens", "doclens") if m not in members]
+            if missing:
+                raise ValueError(f"sample {key!r} has no {' or '.join(missing)} member")
+            tokens = np.frombuffer(members["tokens"], dtype=dtype)
+            lens = np.frombuffer(members["doclens"], dtype="<u4")
+            out.append((key, tokens, lens))
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        raise ShardError(f"shard {name}: not a readable token shard ({e}); {REPAIR}") from None
     return out
+
+
+def _local_path(base: str, rel: str) -> Optional[Path]:
+    """The local file of `rel` under `base`, or None when base is a (non-file) URL."""
+    if "://" in base and not base.startswith("file://"):
+        return None
+    if base.startswith("file://"):
+        base = base[len("file://"):]
+    return Path(base) / rel
 
 
 def open_bytes(base: str | Path, rel: str) -> bytes:
     """The bytes of `rel` under a local directory or an fsspec URL."""
     base = str(base)
-    if "://" in base and not base.startswith("file://"):
+    local = _local_path(base, rel)
+    if local is None:
         import fsspec
 
         with fsspec.open(base.rstrip("/") + "/" + rel, "rb") as f:
             return f.read()
-    if base.startswith("file://"):
-        base = base[len("file://"):]
-    return (Path(base) / rel).read_bytes()
+    return local.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifying shards against what was recorded when they were written
+
+REPAIR = "rerun the shard stage with --force or restore the file"
+REWRITE = "written again from its partition's input"  # what a resumed shard stage does about it
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated, damaged or unparsable. The message is one line naming the
+    shard and the cause (with both hashes, or both sizes)."""
+
+
+def shard_problem(name: str, size: int, digest: Optional[str], record: dict, against: str = "manifest",
+                  advice: str = REPAIR) -> Optional[str]:
+    """Why a shard of `size` bytes (and sha256 `digest`, when known) does not match `record`
+    (its manifest entry or its meta record); None when it does. `advice` ends the line."""
+    want_size = record.get("bytes")
+    if want_size is not None and size != int(want_size):
+        how = "truncated" if size < int(want_size) else "longer than written"
+        return f"shard {name}: {size} bytes, {against} says {want_size} ({how}); {advice}"
+    want = record.get("sha256")
+    if digest is not None and want and digest != want:
+        return f"shard {name}: sha256 {digest} != {against} {want} (damaged); {advice}"
+    return None
+
+
+def check_shard_file(path: Path, record: dict, against: str = "manifest", advice: str = REPAIR) -> Optional[str]:
+    """A local shard file checked against its record: size first (a stat), then sha256 (one streaming
+    read). None when it matches; else the one-line problem."""
+    try:
+        size = Path(path).stat().st_size
+        problem = shard_problem(str(path), size, None, record, against, advice)
+        if problem is None and record.get("sha256"):
+            problem = shard_problem(str(path), size, sha256_file(Path(path)), record, against, advice)
+    except FileNotFoundError:
+        return f"shard {path}: missing; {advice}"
+    except OSError as e:
+        return f"shard {path}: unreadable ({e.strerror or e}); {advice}"
+    return problem
+
+
+# (location, sha256, (size, mtime_ns, inode)) of the shards this process has read whole and found to
+# match the manifest: each is hashed the first time a process opens it, not on every epoch. A file
+# replaced since (another mtime or inode) is checked again.
+_verified: set = set()
+
+
+def read_verified(base: str | Path, record: dict, parse: Optional[Callable[[bytes, str], Any]] = None) -> Any:
+    """The shard `record` (a manifest entry: path, bytes, sha256) under `base`, checked against it:
+    `parse(bytes, name)` of it, or its bytes when parse is None. Raises ShardError naming the shard:
+    missing, truncated (the size is compared first, from a stat, before anything is read or parsed),
+    damaged (sha256, expected and actual), or unparsable (parse's ShardError).
+
+    The loader holds a whole shard in memory to parse it (tar members, then a shuffled sample order),
+    so the hash is taken over the bytes it read: no second read of the file. The first time a process
+    opens a shard the hash runs in a thread while `parse` runs (hashlib releases the GIL), and the
+    result is returned only after both agree with the manifest, so a damaged shard's samples are
+    never used; when the parse fails on damaged bytes, the hash mismatch is what is reported."""
+    base = str(base)
+    rel = record["path"]
+    local = _local_path(base, rel)
+    name = str(local) if local is not None else base.rstrip("/") + "/" + rel
+    ident = None
+    try:
+        if local is not None:
+            st = local.stat()
+            problem = shard_problem(name, st.st_size, None, record)  # truncation, before any read
+            if problem is not None:
+                raise ShardError(problem)
+            ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+            data = local.read_bytes()
+        else:
+            data = open_bytes(base, rel)
+    except FileNotFoundError:
+        raise ShardError(f"shard {name}: missing; {REPAIR}") from None
+    except OSError as e:
+        raise ShardError(f"shard {name}: unreadable ({e.strerror or e}); {REPAIR}") from None
+    problem = shard_problem(name, len(data), None, record)  # a URL's size, or a file that changed
+    if problem is not None:
+        raise ShardError(problem)
+    key = (name, record.get("sha256"), ident)
+    if key in _verified or not record.get("sha256"):
+        return data if parse is None else parse(data, name)
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()), daemon=True)
+    hasher.start()
+    try:
+        out = data if parse is None else parse(data, name)
+    except ShardError:
+        hasher.join()
+        problem = shard_problem(name, len(data), digest[0], record)
+        if problem is not None:
+            raise ShardError(problem) from None  # damaged bytes that did not parse: say so
+        raise
+    finally:
+        hasher.join()
+    problem = shard_problem(name, len(data), digest[0], record)
+    if problem is not None:
+        raise ShardError(problem)
+    _verified.add(key)
+    return out
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
@@ -279,8 +436,9 @@ def load_manifest(shard_dir: str | Path) -> dict:
 
 
 def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, config: dict,
-                   read_counts: dict, per_source: dict) -> dict:
-    """The manifest from the shard records in `out_dir/meta` (no times inside: deterministic)."""
+                   read_counts: dict, per_source: dict, listed: Optional[dict] = None) -> dict:
+    """The manifest from the shard records in `out_dir/meta` (no times inside: deterministic).
+    `listed`: the reader's lists by name (skipped files, bad records, names not read), each capped."""
     out_dir = Path(out_dir)
     records = []
     for meta in sorted((out_dir / META_DIR).glob("*.tar.json")):
@@ -310,6 +468,7 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
         "splits": splits,
         "tokens": sum(r["tokens"] for r in records),
         "counts": read_counts,
+        "listed": listed or {},
         "sources": sources,
         "shards": shards,
     }

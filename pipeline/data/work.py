@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.data.config import MAX_DOC_BYTES
 from pipeline.data.readers import (
     FileRef,
     ReadStats,
@@ -22,13 +23,23 @@ from pipeline.data.readers import (
     hash_unit,
     iter_documents,
 )
-from pipeline.data.shards import META_DIR, SPLITS, ShardWriter, complete_shards
+from pipeline.data.shards import (
+    META_DIR,
+    REWRITE,
+    SPLITS,
+    ShardWriter,
+    complete_shards,
+    remove_shards_from,
+    shard_name,
+    verified_prefix,
+)
 
 
 @dataclass
 class ReadOptions:
     text_field: str = "text"
     on_error: str = "fail"
+    max_doc_bytes: int = MAX_DOC_BYTES  # longer documents reach the work functions split (readers.py)
 
 
 def _docs(files: list[FileRef], opts: ReadOptions, stats: ReadStats, report):
@@ -37,7 +48,8 @@ def _docs(files: list[FileRef], opts: ReadOptions, stats: ReadStats, report):
         src = stats.src(ref.source)
         last = src["bytes"]
         reported = n = 0
-        for text in iter_documents(ref, text_field=opts.text_field, on_error=opts.on_error, stats=stats):
+        for text in iter_documents(ref, text_field=opts.text_field, on_error=opts.on_error, stats=stats,
+                                   max_doc_bytes=opts.max_doc_bytes):
             n += 1
             yield ref.source, text
             if src["bytes"] - last > 1 << 20:  # a big file: report as it goes, up to its stored size
@@ -145,8 +157,9 @@ def shard_partition(job: ShardJob, report) -> dict:
     writers: dict[str, ShardWriter] = {}
     skip: dict[str, int] = {}  # documents of each split already inside finished shards
     kept_records: list[dict] = []
+    damaged: list[str] = []  # kept shards that no longer match their records: rewritten
     for split in SPLITS:
-        done = complete_shards(out_dir, split, job.partition)
+        done = complete_shards(out_dir, split, job.partition, damaged)
         kept_records.extend(done)
         skip[split] = sum(r["docs"] for r in done)
         writers[split] = ShardWriter(
@@ -189,13 +202,34 @@ def shard_partition(job: ShardJob, report) -> dict:
         raise
     written = [r for w in writers.values() for r in w.finished]
     record = {"partition": job.partition, "files": len(job.files), "stats": stats.to_dict(),
-              "shards_written": len(written), "shards_kept": len(kept_records),
+              "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
               "docs_written": {s: seen[s] - skip[s] for s in SPLITS}}
     path = part_record_path(out_dir, job.partition)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return record
+
+
+def verify_finished_partition(out_dir: Path, partition: int) -> list[str]:
+    """A finished partition's shards checked against their records (size, sha256) before a resumed
+    stage keeps them. Returns the problems (one line each, naming the shard); when there is one, the
+    partition's record goes first, then its shards from the first bad one on (a kill in between
+    leaves a partition that is redone, never one that looks finished with shards missing)."""
+    out_dir = Path(out_dir)
+    damaged: list[tuple[str, int, str]] = []  # (split, first bad index, problem)
+    for split in SPLITS:
+        good, problem = verified_prefix(out_dir, split, partition)
+        name = shard_name(split, partition, len(good))
+        if problem is None and (out_dir / META_DIR / f"{name}.json").is_file():  # recorded, not there
+            problem = f"shard {out_dir / name}: missing; {REWRITE}"
+        if problem is not None:
+            damaged.append((split, len(good), problem))
+    if damaged:
+        part_record_path(out_dir, partition).unlink(missing_ok=True)
+        for split, index, _ in damaged:
+            remove_shards_from(out_dir, split, partition, index)
+    return [problem for _, _, problem in damaged]
 
 
 def load_part_record(out_dir: Path, partition: int) -> Optional[dict]:

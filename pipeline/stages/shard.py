@@ -4,7 +4,8 @@ One Ray task per partition of the corpus reads its documents, puts each in train
 its text (stable when data is added), optionally drops exact duplicates (data.dedup, found by a first
 pass over document hashes), encodes it with the tokenizer stage's model, appends <eos>, and writes
 shards (see pipeline/data/shards.py). Deterministic: the same input and config give byte-identical
-shards. Resumable: after a kill, a rerun keeps the finished shards and partitions and writes the rest.
+shards. Resumable: after a kill, a rerun keeps the finished shards and partitions that still match
+their records (size, sha256: a bad one is rewritten, counted in shards_damaged) and writes the rest.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.stage import Stage, StageContext, atomic_write_json
 
 READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
+    "data.max_doc_bytes",
     "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
 )
 
@@ -28,6 +30,7 @@ STAGE = Stage(
     resumable=True,
     headline=("tokens", "shards", "docs_kept", "docs_empty", "files_skipped", "bad_records"),
     description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
+    inputs=("pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
 )
 
 
@@ -44,6 +47,7 @@ def run(ctx: StageContext) -> dict:
         hash_partition,
         load_part_record,
         shard_partition,
+        verify_finished_partition,
     )
     from pipeline.stages.tokenizer import _sections, read_metrics
 
@@ -64,7 +68,7 @@ def run(ctx: StageContext) -> dict:
     parts = plan_partitions(files, dc.partition_bytes)
     sizes = [sum(f.size for f in p) for p in parts]
     total = sum(sizes)
-    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error)
+    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error, max_doc_bytes=dc.max_doc_bytes)
 
     drops: list[list[int]] = [[] for _ in parts]
     t_dedup = 0.0
@@ -77,11 +81,22 @@ def run(ctx: StageContext) -> dict:
         t_dedup = time.time() - t1
 
     records: dict[int, dict] = {}
+    damaged: list[str] = []  # kept shards that no longer match their records (rewritten)
     if ctx.resumed:
         for i in range(len(parts)):
             rec = load_part_record(out, i)
             if rec is not None:
                 records[i] = rec
+        # finished partitions keep their shards only when each matches its record (size, sha256;
+        # threads: hashing releases the GIL); a partition with a bad one is redone
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            checked = list(pool.map(lambda i: (i, verify_finished_partition(out, i)), sorted(records)))
+        for i, problems in checked:
+            if problems:
+                del records[i]
+                damaged.extend(problems)
     todo = [i for i in range(len(parts)) if i not in records]
     tok_ref = tok  # pickled once per task as the model bytes
     jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
@@ -94,19 +109,32 @@ def run(ctx: StageContext) -> dict:
     resumed_parts = len(records)
     for i, rec in zip(todo, new):
         records[i] = rec
+        damaged.extend(rec.get("shards_damaged", []))
+    for problem in damaged:
+        print(f"resume: {problem}", flush=True)
     for i in sorted(records):
         stats.merge(records[i]["stats"])
 
     config = {k.split(".", 1)[1]: v for k, v in
               {"data.val_fraction": dc.val_fraction, "data.dedup": dc.dedup, "data.sample_tokens": dc.sample_tokens,
                "data.shard_bytes": dc.shard_bytes, "data.partition_bytes": dc.partition_bytes,
-               "data.format": dc.format, "data.text_field": dc.text_field}.items()}
+               "data.format": dc.format, "data.text_field": dc.text_field,
+               "data.max_doc_bytes": dc.max_doc_bytes}.items()}
     tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                 "eos_id": tok.eos_id, "pad_id": tok.pad_id}
     rm = read_metrics(stats)
     counts = {k: v for k, v in rm.items() if not isinstance(v, list)}
     manifest = build_manifest(out, dtype=dtype, tokenizer_info=tok_info, config=config,
-                              read_counts=counts, per_source=stats.per_source)
+                              read_counts=counts, per_source=stats.per_source,
+                              listed={k: v for k, v in rm.items() if isinstance(v, list)})
+    if manifest["tokens"] == 0:  # an empty corpus fails here, not later in train
+        from pipeline.secrets import redact
+
+        raise ValueError(
+            f"the corpus gave no tokens: data.sources {redact(list(dc.sources))} has "
+            f"{counts.get('files', 0)} file(s), {counts.get('docs_read', 0)} document(s) read "
+            f"({counts.get('docs_empty', 0)} empty, {counts.get('files_skipped', 0)} file(s) skipped); "
+            "point data.sources at a non-empty corpus")
     from pipeline.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
@@ -126,6 +154,7 @@ def run(ctx: StageContext) -> dict:
             records[i]["shards_written"] + records[i]["shards_kept"] for i in records if i not in todo),
         "partitions": len(parts),
         "partitions_resumed": resumed_parts,
+        "shards_damaged": len(damaged),  # kept shards of an interrupted attempt that failed verification
         "dtype": dtype_name(dtype),
         "dedup_seconds": round(t_dedup, 2),
         "shard_seconds": round(t_shard, 2),

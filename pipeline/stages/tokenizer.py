@@ -61,7 +61,7 @@ class TokenizerConfig:
 
 
 READS = (
-    "data.sources", "data.format", "data.text_field", "data.on_error",
+    "data.sources", "data.format", "data.text_field", "data.on_error", "data.max_doc_bytes",
     "tokenizer.vocab_size", "tokenizer.path", "tokenizer.type", "tokenizer.byte_fallback",
     "tokenizer.character_coverage", "tokenizer.sample_bytes", "tokenizer.heldout_bytes", "tokenizer.seed",
 )
@@ -74,6 +74,8 @@ STAGE = Stage(
     resumable=False,
     headline=("vocab_size", "chars_per_token", "docs_read", "sample_docs"),
     description="train SentencePiece on a uniform sample of the corpus (or take tokenizer.path)",
+    # the corpus files (path, size, mtime) and the content of tokenizer.path: pipeline/data/listing.py
+    inputs=("pipeline.data.listing:corpus", "pipeline.data.listing:tokenizer_file"),
 )
 
 
@@ -88,9 +90,11 @@ def read_metrics(stats: ReadStats) -> dict:
     t = stats.totals()
     t["docs_kept"] = t["docs_read"] - t["docs_empty"] - t["docs_duplicate"]
     out = {k: t[k] for k in ("files", "files_skipped", "bytes", "docs_read", "docs_kept", "docs_empty",
-                             "docs_duplicate", "replacement_chars", "bad_records", "blank_lines")}
+                             "docs_duplicate", "replacement_chars", "bad_records", "blank_lines",
+                             "docs_split", "split_pieces", "hidden_skipped", "symlink_loops")}
     out["skipped_files"] = stats.skipped
     out["bad_record_list"] = stats.bad_records
+    out["not_read_list"] = stats.unread  # hidden names and symlink loops (capped; all are counted)
     return out
 
 
@@ -112,7 +116,7 @@ def run(ctx: StageContext) -> dict:
     heldout_rate = min(1.0 - rate, tc.heldout_bytes / max(1, total))
     if rate >= 1.0:  # everything trains the tokenizer: measure on (part of) the training sample
         heldout_rate = 0.0
-    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error)
+    opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error, max_doc_bytes=dc.max_doc_bytes)
     jobs = [SampleJob(files=p, opts=opts, rate=rate, heldout_rate=heldout_rate, seed=tc.seed) for p in parts]
     results = run_parallel(sample_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
                            desc="tokenizer sample", progress_dir=ctx.out_dir / ".progress")

@@ -28,19 +28,21 @@ STAGE = Stage(
     resumable=True,
     headline=("final_loss", "val_loss", "tokens_per_s", "mfu", "skipped_steps"),
     description="DeepSpeed ZeRO training (gloo ranks on CPU, one rank per GPU); checkpoints, W&B",
+    inputs=("pipeline.data.listing:init_from",),  # the model.init_from checkpoint's files (listing.py)
 )
 
 
 def run(ctx: StageContext) -> dict:
-    from omegaconf import OmegaConf
-
+    from pipeline.secrets import redact_config_yaml
     from pipeline.train.launch import launch
 
     layout = ctx.layout
     out = layout.train
     out.root.mkdir(parents=True, exist_ok=True)
     config = out.config  # the ranks read this copy: the run's config with our view of it
-    atomic_write_text(config, OmegaConf.to_yaml(ctx.cfg, resolve=True))
+    # credentials masked: the ranks read no source URL (they read the shards) and get secret
+    # variables from their environment
+    atomic_write_text(config, redact_config_yaml(ctx.cfg))
     out.result.unlink(missing_ok=True)
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),

@@ -97,7 +97,7 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
 
             lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
             lock.acquire()
-            marker = direct_run_marker(cfg, out)
+            marker = direct_run_marker(cfg, layout, out)
         cuda = start_process_group(cfg, d)
         trainer = Trainer(cfg, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
                           tokenizer_model=layout.tokenizer_model, env=d, cuda=cuda, hooks=load_hooks(hooks),
@@ -130,14 +130,22 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
             dist.destroy_process_group()
 
 
-def direct_run_marker(cfg, out: TrainLayout):
-    """The train stage's stage.json for a run started without `xlp run`, with the fingerprints the
-    runner computes from the same config."""
-    from pipeline.stage import STAGE_JSON, StageMarker, fingerprints, trajectories
+def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout):
+    """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
+    computes from the same config over the upstream stages' recorded fingerprints (a compute node need
+    not see the corpus their listings cover)."""
+    from pipeline.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
     from pipeline.stages import STAGES
 
-    return StageMarker(out.root / STAGE_JSON, "train", fingerprint=fingerprints(STAGES, cfg)["train"],
-                       trajectory=trajectories(STAGES, cfg)["train"], resumed=any(out.checkpoints.glob("step_*")))
+    train = next(s for s in STAGES if s.name == "train")
+    markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in train.needs}
+    if all(m.get("status") == "done" for m in markers.values()):
+        upstream = {dep: m["fingerprint"] for dep, m in markers.items()}
+    else:  # upstream not done here (or never recorded): what the runner would compute
+        upstream = fingerprints(STAGES, cfg)
+    return StageMarker(out.root / STAGE_JSON, "train", fingerprint=fingerprint(train, cfg, upstream),
+                       trajectory=fingerprint(train, cfg, upstream, trajectory=True),
+                       resumed=any(out.checkpoints.glob("step_*")))
 
 
 def start_process_group(cfg, d: xdist.DistEnv) -> bool:

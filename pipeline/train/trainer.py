@@ -225,7 +225,7 @@ class Trainer:
 
         return ShardLoader(self.shard_dir, split=split, seq_len=self.seq_len, batch_size=self.tc.micro_batch_size,
                            rank=self.rank, world_size=self.world, num_workers=self.tc.num_workers if split == "train" else 0,
-                           seed=self.seed)
+                           seed=self.seed, on_error=str(self.cfg.data.on_error))
 
     def _check_val_split(self) -> Optional[str]:
         """None when there is a val split; else why not (a corpus too small for data.val_fraction)."""
@@ -475,6 +475,8 @@ class Trainer:
         dist.barrier()
 
     def _result(self, stopped: bool, t_end: float) -> dict:
+        from pipeline.data.loader import shards_skipped_everywhere
+
         tps = self.run_tokens / self.run_time if self.run_time > 0 else 0.0
         return {
             "step": self.step,
@@ -484,6 +486,7 @@ class Trainer:
             "mfu": self._mfu(tps),
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_total,
+            "shards_skipped": shards_skipped_everywhere(self.loader),  # bad shards left out (data.on_error=skip)
             "params": self.n_params,
             "ranks": self.world,
             "world_size": self.world,
