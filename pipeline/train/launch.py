@@ -185,6 +185,8 @@ def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float
         raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
                                f"({out.checkpoints}); rerun the stage to resume")
     log = out.rank_log(outcome.rank)
+    if out.rank_error(outcome.rank).is_file():  # the rank said what went wrong: its log has the traceback
+        raise TrainFailed(f"train rank {outcome.rank} failed ({outcome.how}): {outcome.why} (log: {log})")
     raise TrainFailed(f"train rank {outcome.rank} failed ({outcome.how}): {outcome.why}\n"
                       f"--- last lines of {log} ---\n{tail(log)}")
 
