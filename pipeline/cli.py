@@ -236,9 +236,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from pipeline.config import load_config, to_yaml
+    from pipeline.config import load_config
+    from pipeline.secrets import redact_config_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(redact_config_yaml(load_config(args.config, args.overrides)), end="")  # terminals get logged too
     return 0
 
 

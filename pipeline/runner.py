@@ -453,7 +453,9 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException:
-                traceback.print_exc()
+                from pipeline.secrets import redact_text
+
+                print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
                 raise
     finally:
         try:

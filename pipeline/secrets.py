@@ -63,9 +63,15 @@ def _secret_values(env: Optional[Mapping[str, str]]) -> list[str]:
     return sorted(values, key=len, reverse=True)  # longest first: one value may contain another
 
 
-def redact_text(text: str, env: Optional[Mapping[str, str]] = None) -> str:
+def redact_urls(text: str) -> str:
+    """`text` with URL credentials and credential query parameters masked (no environment lookup: cheap
+    enough for every file of a listing)."""
     text = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + MASK + "@", text)
-    text = _QUERY.sub(lambda m: m.group("head") + MASK, text)
+    return _QUERY.sub(lambda m: m.group("head") + MASK, text)
+
+
+def redact_text(text: str, env: Optional[Mapping[str, str]] = None) -> str:
+    text = redact_urls(text)
     for value in _secret_values(env):
         text = text.replace(value, MASK)
     return text

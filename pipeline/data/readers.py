@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
 from pipeline.data.config import MAX_DOC_BYTES
-from pipeline.secrets import redact, redact_text
+from pipeline.secrets import redact, redact_text, redact_urls
 
 GLOB_CHARS = set("*?[")
 MAX_LISTED = 100  # skipped files / bad records listed by name in the metrics (all are counted)
@@ -85,7 +85,7 @@ class FileRef:
     hf_num_shards: int = 1
 
     def __post_init__(self) -> None:  # the source names metrics and shard records: no credentials
-        object.__setattr__(self, "source", redact_text(self.source))
+        object.__setattr__(self, "source", redact_urls(self.source))  # per file: the URL forms only
 
 
 @dataclass
