@@ -21,21 +21,12 @@ from pipeline.data import listing
 from pipeline.data.readers import resolve_sources
 from pipeline.stage import fingerprint, fingerprints, input_digests, trajectories
 from pipeline.stages import STAGES
+from test_data_shard import copy_py
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def copy_py(dst: Path, subs: tuple[str, ...], max_bytes: int) -> None:
-    """Real text: standard-library .py files, copied until about max_bytes."""
-    dst.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for sub in subs:
-        for p in sorted((STDLIB / sub).glob("*.py")):
-            shutil.copy(p, dst / f"{sub}_{p.name}")
-            n += p.stat().st_size
-            if n >= max_bytes:
-                return
 
 
 def cfg_for(tmp_path: Path, *sources, overrides=()):
