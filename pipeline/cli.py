@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
+        if getattr(e, "retryable", False):
+            from pipeline.node import EXIT_RETRYABLE
+
+            print(f"xlp {args.command}: the cluster failed, not the run: run the same command again to resume "
+                  f"(exit status {EXIT_RETRYABLE}; a Slurm job requeues itself)", file=sys.stderr)
+            return EXIT_RETRYABLE
         return 1
     except KeyboardInterrupt as e:
         from pipeline.runner import Stopped

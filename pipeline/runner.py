@@ -51,7 +51,12 @@ STALE_HEARTBEAT_S = 60.0
 
 
 class PipelineError(RuntimeError):
-    """A run that cannot go on; the message says which stage and what to do."""
+    """A run that cannot go on; the message says which stage and what to do. `retryable`: the stage
+    failed because of the cluster (pipeline.node.RetryableFault), and a rerun resumes."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Stopped(KeyboardInterrupt):
@@ -377,9 +382,11 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
         marker.failed(message)
+        from pipeline.node import RetryableFault
+
         raise PipelineError(
-            f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}"
-        ) from None
+            f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
+            retryable=isinstance(cause, RetryableFault)) from None
     tail.pump()
     marker.done(metrics or {})
     print(f"+ {stage.name}: done in {marker.data['duration_s']:.1f}s {_short_metrics(stage, metrics)}", file=out,
