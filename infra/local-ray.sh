@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
-# Start a real Ray head on this machine, with the Jobs API, for `xlp submit --to ray`.
-#   infra/local-ray.sh                 start (RAY_PORT, RAY_DASHBOARD_PORT, RAY_NUM_CPUS, RAY_TEMP_DIR to change)
-#   infra/local-ray.sh stop            stop it (only this head: other Ray instances on the machine stay)
+# Start a real Ray cluster on this machine, with the Jobs API, for `xlp submit --to ray`.
+#   infra/local-ray.sh                 a head (RAY_PORT, RAY_DASHBOARD_PORT, RAY_NUM_CPUS, RAY_TEMP_DIR to change)
+#   infra/local-ray.sh --workers N     the head on the nodes' bridge (10.77.0.1) and N worker nodes,
+#                                      xlp-ray1..N, each a raylet in a network namespace of its own with
+#                                      its own address and host name (infra/local-nodes.sh; needs root);
+#                                      RAY_NUM_CPUS each
+#   infra/local-ray.sh stop            stop it, workers included (only this head's cluster: other Ray
+#                                      instances on the machine stay)
 # Ray 2.60 turns on token authentication: the token is in ~/.ray/auth_token, which `xlp submit`
 # uses (with RAY_AUTH_MODE=token) when it submits from this machine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+WORKERS=0
+ACTION=start
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --workers) WORKERS=$2; shift 2 ;;
+    --workers=*) WORKERS=${1#--workers=}; shift ;;
+    stop|start) ACTION=$1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "local-ray.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$WORKERS" in ''|*[!0-9]*) echo "local-ray.sh: --workers must be a number, not '$WORKERS'" >&2; exit 2 ;; esac
 RAY=${RAY:-$( [ -x "$here/.venv/bin/ray" ] && echo "$here/.venv/bin/ray" || command -v ray )}
 PORT=${RAY_PORT:-6379}
 DASH=${RAY_DASHBOARD_PORT:-8265}
@@ -15,7 +32,7 @@ TEMP=${RAY_TEMP_DIR:-/tmp/ray-local-$PORT}
 # free ones so this head can sit beside other Ray instances on the machine.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if [ "${1:-start}" = "stop" ]; then
+if [ "$ACTION" = stop ]; then
   # `ray stop` would end every Ray instance on the machine; end the processes of this head's session.
   session="$TEMP/|ray\.util\.client\.server --address=[0-9.]*:$PORT "
   pkill -TERM -f -- "$session" 2>/dev/null || true
@@ -26,20 +43,49 @@ fi
 
 export RAY_AUTH_MODE=token
 "$RAY" get-auth-token --generate >/dev/null
-if "$RAY" status --address "127.0.0.1:$PORT" >/dev/null 2>&1; then
+HEAD_IP=127.0.0.1
+head_ip_args=()
+if [ "$WORKERS" -gt 0 ]; then
+  source "$here/infra/local-nodes.sh"
+  local_bridge_up
+  HEAD_IP=$LOCAL_BRIDGE_IP  # where the worker nodes reach the head
+  head_ip_args=(--node-ip-address "$HEAD_IP")
+fi
+if "$RAY" status --address "$HEAD_IP:$PORT" >/dev/null 2>&1; then
   echo "local-ray.sh: Ray head already running on port $PORT"
 else
-  "$RAY" start --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
+  "$RAY" start --head "${head_ip_args[@]}" --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
     --num-cpus "$CPUS" --disable-usage-stats --temp-dir "$TEMP" \
     --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
     --ray-client-server-port "$(free_port)" --metrics-export-port "$(free_port)" \
     --runtime-env-agent-port "$(free_port)" >/tmp/local-ray-start.log 2>&1 \
     || { cat /tmp/local-ray-start.log >&2; exit 1; }
 fi
+for k in $(seq "$WORKERS"); do
+  node="xlp-ray$k"
+  local_node_up "$node" "10.77.0.$((100 + k))"
+  if local_node_pids "$node" | xargs -r ps -o args= -p 2>/dev/null | grep -q "raylet.*$TEMP"; then
+    continue  # this worker node is up
+  fi
+  local_node_run "$node" "$RAY" start --address "$HEAD_IP:$PORT" --num-cpus "$CPUS" --disable-usage-stats \
+    --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+    --metrics-export-port "$(free_port)" --runtime-env-agent-port "$(free_port)" >>/tmp/local-ray-start.log 2>&1 \
+    || { tail -n 30 /tmp/local-ray-start.log >&2; exit 1; }
+done
+alive_nodes() {
+  "$(dirname "$RAY")/python" - "$HEAD_IP:$PORT" 2>/dev/null <<'PY' || echo 0
+import sys, logging, ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+PY
+}
+if [ "$WORKERS" -gt 0 ]; then
+  for _ in $(seq 60); do [ "$(alive_nodes)" -ge $((WORKERS + 1)) ] && break; sleep 1; done
+fi
 token=$("$RAY" get-auth-token)
 for _ in $(seq 90); do  # the Jobs API answers once the dashboard and its agent are up
   curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$DASH/api/jobs/" >/dev/null 2>&1 && break
   sleep 1
 done
-echo "local-ray.sh: Ray head up; Jobs API at http://127.0.0.1:$DASH"
+echo "local-ray.sh: Ray head up with $WORKERS worker node(s); Jobs API at http://127.0.0.1:$DASH"
 echo "  xlp submit configs/demo.yaml --to ray --address http://127.0.0.1:$DASH --wait"

@@ -41,6 +41,9 @@ class SlurmConfig:
     time: str = "24:00:00"
     job_name: Optional[str] = None  # None: xlp-<run.name>
     requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume
+    # times the job puts itself back in the queue after the cluster failed it (a rank's process or
+    # node lost, a rank hung: `xlp run` exit status 75); 0: never
+    max_requeues: int = 3
     signal_seconds: int = 300  # SIGTERM this long before the time limit, to save a checkpoint
     extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
     python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
@@ -124,6 +127,7 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         "python": shlex.quote(python),
         "ray": shlex.quote(str(Path(python).with_name("ray"))),
         "ray_port": s.ray_port,
+        "max_requeues": s.max_requeues if s.requeue else 0,
         "stages": f"--stages {','.join(only)}" if only else "",
         "force": "--force" if force else "",
     }

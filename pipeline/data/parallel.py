@@ -67,7 +67,8 @@ def _call(fn: Callable, item: Any, progress_file: Optional[str]) -> Any:
         report.flush()
 
 
-_remote_call = ray.remote(num_cpus=1)(_call)
+# SPREAD: on a cluster the data tasks go to every node, not first to fill the one the driver is on
+_remote_call = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_call)
 
 
 def default_workers() -> int:

@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline.diskfull import DiskFull, disk_full, is_disk_full
 from pipeline.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
+from pipeline.node import node_name
 
 META_DIR = "meta"
 FORMAT = "xlp-webdataset-tokens-v1"
@@ -152,7 +153,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         name = shard_name(self.split, self.partition, self.index)
         record = dict(self._shard, path=name, split=self.split, partition=self.partition, index=self.index,
-                      bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp))
+                      bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp), node=node_name())
         self.meta_dir.mkdir(exist_ok=True)
         _atomic_json(self.meta_dir / f"{name}.json", record)  # the record first, then the shard
         os.replace(self._tmp, self.out_dir / name)
@@ -458,6 +459,8 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
             s["tokens"] += c["tokens"]
             s["docs_written"] += c["docs"]
     shards = [{k: r[k] for k in ("path", "split", "samples", "docs", "tokens", "bytes", "sha256")} for r in records]
+    for shard, r in zip(shards, records):
+        shard["node"] = r.get("node")  # the node that wrote it (older records: None)
     return {
         "format": FORMAT,
         "dtype": dtype_name(dtype),
@@ -471,4 +474,5 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
         "listed": listed or {},
         "sources": sources,
         "shards": shards,
+        "nodes": sorted({s["node"] for s in shards if s["node"]}),
     }

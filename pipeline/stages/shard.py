@@ -149,6 +149,7 @@ def run(ctx: StageContext) -> dict:
         "train_docs": manifest["splits"]["train"]["docs"],
         "val_docs": manifest["splits"]["val"]["docs"],
         "shards": len(manifest["shards"]),
+        "nodes": manifest["nodes"],  # where the shard tasks ran (the manifest has each shard's)
         "shards_written": sum(r.get("shards_written", 0) for r in new),
         "shards_kept": sum(r.get("shards_kept", 0) for r in new) + sum(
             records[i]["shards_written"] + records[i]["shards_kept"] for i in records if i not in todo),

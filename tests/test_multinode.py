@@ -1,0 +1,118 @@
+"""The pipeline across two nodes of a real Slurm cluster on this machine (infra/local-slurm.sh --nodes 2:
+one slurmd per node, each node a network namespace with its own address and host name), and a node's
+ranks lost mid-training: the job requeues itself through Slurm and ends with the weights an
+uninterrupted run has, bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_submit import TINY, assert_pipeline_complete, job_id_of, xlp
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,
+                       reason="the local nodes are network namespaces: needs root, ip and nsenter"),
+]
+
+NODES = ["xlp-node1", "xlp-node2"]
+# one rank per node, one thread each (2 cores here); enough steps that a rank can be killed between
+# the first checkpoint and the end; small partitions so that both nodes' Ray workers write shards
+TWO_NODES = ["slurm.nodes=2", "slurm.cpus_per_task=2", "train.cpu_processes=1", "train.threads=1",
+             "train.steps=100", "train.save_every=20", "data.partition_bytes=100000"]
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes():
+    proc = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh"), "--nodes", "2"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, check=True).stdout
+    assert sorted(line.split()[0] for line in out.splitlines()) == NODES
+
+
+def stage_json(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "stage.json").read_text())
+
+
+def weights(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_two_nodes, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *TWO_NODES)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return run_dir
+
+
+def test_two_slurm_nodes_run_the_whole_pipeline(uninterrupted):
+    run_dir = uninterrupted
+    assert_pipeline_complete(run_dir)
+    train = stage_json(run_dir, "train")["metrics"]
+    assert train["world_size"] == 2 and train["nodes"] == NODES
+    # the data stages' Ray tasks ran on both nodes: the manifest says which node wrote each shard
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert manifest["nodes"] == NODES
+    assert {s["node"] for s in manifest["shards"]} == set(NODES)
+    srun = (run_dir / "train" / "logs" / "srun.log").read_text()
+    assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun
+
+
+def rank_pids_on(node: str) -> list[int]:
+    """The training ranks' processes running on `node` (in its network namespace)."""
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.train.main" in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def slurm_state(job: str) -> tuple[str, int]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", 0))
+
+
+def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *TWO_NODES, check=True)
+    job = job_id_of(proc.stdout)
+    first_checkpoint = run_dir / "train" / "checkpoints" / "step_00000020"
+    deadline = time.time() + 600
+    while not (first_checkpoint / "meta.json").is_file():
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        assert slurm_state(job)[0] in ("PENDING", "RUNNING"), (run_dir / "submit" / f"slurm-{job}.out").read_text()
+        time.sleep(0.5)
+    victims = rank_pids_on("xlp-node2")
+    assert victims, "no training rank found on xlp-node2"
+    for pid in victims:  # the node's ranks die at once, as they do when a node goes down
+        os.kill(pid, signal.SIGKILL)
+
+    deadline = time.time() + 900
+    while (state := slurm_state(job))[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() < deadline, f"job {job} still {state} after 15 minutes"
+        time.sleep(2)
+    log = (run_dir / "submit" / f"slurm-{job}.out").read_text()
+    assert state == ("COMPLETED", 1), log[-5000:]
+    assert "rank 1 on node xlp-node2" in log and "requeueing (restart 1 of at most 3)" in log
+    assert "(restart 1) on xlp-node1" in log  # the same job, requeued by itself, not a new submission
+    assert_pipeline_complete(run_dir)
+    train = stage_json(run_dir, "train")
+    assert train["resumed"] and train["metrics"]["resumed_from_step"] >= 20
+    assert train["metrics"]["nodes"] == NODES
+    assert weights(run_dir) == weights(uninterrupted)
