@@ -55,7 +55,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def slurm():
-    proc = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh")], capture_output=True, text=True, timeout=600)
+    # the 2-node cluster tests/test_multinode.py uses too (one cluster shape: no restart between modules)
+    proc = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh"), "--nodes", "2"], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield
 
@@ -145,7 +147,8 @@ def ray_head(tmp_path_factory):
     env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2",
                RAY_TEMP_DIR=str(tmp_path_factory.mktemp("ray")))
     script = str(REPO / "infra" / "local-ray.sh")
-    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    # a head and one worker node (a network namespace of its own: xlp-ray1)
+    proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield f"http://127.0.0.1:{dash}"
     subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
@@ -168,11 +171,17 @@ def test_ray_without_token_says_what_to_set(ray_head, tmp_path):
     assert "RAY_AUTH_TOKEN" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
 
 
-def test_ray_job_runs_the_tiny_pipeline(ray_head, tmp_path):
+def test_ray_job_runs_the_tiny_pipeline_on_two_nodes(ray_head, tmp_path):
     run_dir = tmp_path / "run"
-    proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait", "--run-dir", str(run_dir))
+    proc = xlp("submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait", "--run-dir", str(run_dir),
+               "data.partition_bytes=100000")  # several partitions: data tasks for both nodes
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "SUCCEEDED" in proc.stdout
     assert "launch: ray train, 2 workers" in proc.stdout  # the ranks ran as Ray Train workers
     assert (run_dir / "train" / "logs" / "rank_1.log").is_file()
     assert_pipeline_complete(run_dir)
+    # the shard tasks and the two Ray Train workers were spread over both nodes
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert len(manifest["nodes"]) == 2 and "xlp-ray1" in manifest["nodes"]
+    train = json.loads((run_dir / "train" / "stage.json").read_text())["metrics"]
+    assert train["world_size"] == 2 and train["nodes"] == manifest["nodes"]
