@@ -19,6 +19,7 @@ clocks need not agree with the launcher's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -214,7 +215,7 @@ class HangDetector:
         others = [r for _, r in silent if r != rank]
         also = f"; also silent: rank{'s' if len(others) > 1 else ''} {_ranks(others)}" if others else ""
         return Hang((rank, *sorted(others)),
-                    f"train {describe(rank, beat)} stopped responding: no heartbeat for {quiet_s:.0f} s "
+                    f"train {describe(rank, beat)} stopped responding: no heartbeat for {math.ceil(quiet_s)} s "
                     f"(last: {last_position(beat)}){also}; hang_timeout is {self.hang_timeout:g} s")
 
     def _never_started(self, now: float) -> Optional[Hang]:
@@ -228,7 +229,7 @@ class HangDetector:
             return None
         return Hang(tuple(missing),
                     f"train rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} never started: no heartbeat "
-                    f"{waited:.0f} s after the first rank's first one ({NEVER_STARTED_TIMEOUTS:g} x hang_timeout; "
+                    f"{math.ceil(waited)} s after the first rank's first one ({NEVER_STARTED_TIMEOUTS:g} x hang_timeout; "
                     f"hang_timeout is {self.hang_timeout:g} s)")
 
     def _stuck(self, now: float) -> Optional[Hang]:
@@ -251,7 +252,7 @@ class HangDetector:
             who = (f"{'; '.join(describe(r, running[r].beat) for r in behind)} "
                    f"{'is' if len(behind) == 1 else 'are'} behind the others, at {position}")
         return Hang(tuple(behind),
-                    f"train ranks made no progress for {idle_s:.0f} s while every rank is alive (stuck in a "
+                    f"train ranks made no progress for {math.ceil(idle_s)} s while every rank is alive (stuck in a "
                     f"collective?): {who}; hang_timeout is {self.hang_timeout:g} s")
 
 
