@@ -139,6 +139,32 @@ def test_detector_names_the_rank_the_others_wait_for(tmp_path):
     assert hang is not None and hang.ranks == (0, 1, 2)
     assert "every rank is at step 8, train: rank 0 on node" in hang.message
 
+    # rank 2 waits for its data (a hung network file system); the others wait for it in a collective
+    beats[0].progress(9, "train")
+    beats[1].progress(9, "train")
+    beats[2].progress(9, "train", reading_data=True)
+    for b in beats:
+        b.write()
+    assert detector.check(125.0) is None
+    for b in beats:
+        b.write()
+    hang = detector.check(156.0)
+    assert hang is not None and hang.ranks == (2,)
+    assert "rank 2 on node" in hang.message and "is behind the others, at step 9, train, reading data" in hang.message
+
+
+def test_detector_ignores_a_file_that_is_not_a_heartbeat(tmp_path):
+    layout = TrainLayout(tmp_path)
+    b0 = beating(layout, 0)
+    layout.heartbeat(1).write_text(json.dumps({"rank": 1, "step": "seven"}))
+    detector = HangDetector(layout, world_size=2, hang_timeout=30)
+    assert detector.check(0.0) is None
+    b0.write()
+    assert detector.check(20.0) is None
+    b0.write()
+    hang = detector.check(61.0)  # rank 1 counts as never started, not as a rank at step "seven"
+    assert hang is not None and hang.ranks == (1,) and "never started" in hang.message
+
 
 # ---------------------------------------------------------------------------------------------
 # slow: real `xlp run`s
@@ -179,15 +205,16 @@ def rank_beat(run: Path, rank: int, ready, proc: subprocess.Popen, timeout: floa
         time.sleep(0.1)
 
 
+def is_rank_process(pid: int) -> bool:
+    try:
+        return b"pipeline.train.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # gone
+
+
 def end_rank_process(pid: Optional[int]) -> None:
     """Kill a rank process this test stopped, if it outlived the run (by pid, checking it is a rank)."""
-    if pid is None:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return  # gone
-    if b"pipeline.train.main" in cmdline:
+    if pid is not None and is_rank_process(pid):
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGKILL)
 
@@ -220,7 +247,7 @@ def test_a_stopped_rank_is_named_and_xlp_run_exits_75(data_run, tmp_path):
         assert m["status"] == "failed" and "stopped responding" in m["error"], m
         assert "stopped responding" in (run / "train" / "stage.log").read_text()
         # the launcher ended the ranks, the stopped one too
-        assert not Path(f"/proc/{pid}").exists() or b"pipeline.train.main" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert not is_rank_process(pid)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -260,3 +287,25 @@ def test_a_killed_rank_is_named_and_a_rerun_resumes(data_run, tmp_path):
     assert m["status"] == "done" and m["metrics"]["step"] == 400, m
     assert m["metrics"]["resumed_from_step"] >= 20 and m["metrics"]["resumed_from_step"] % 20 == 0, m
     assert m["metrics"]["world_size"] == 2 and m["metrics"]["nodes"] == [node_name()], m
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_while_alive_is_named(tmp_path):
+    from test_train import make_shards, write_config
+
+    from pipeline.train.launch import RanksLost, launch
+
+    shards = make_shards(tmp_path / "shard")
+    run = tmp_path / "stuck"
+    config = write_config(run, ["train.cpu_processes=2", "train.steps=1000", "train.save_every=10",
+                                "train.eval_every=0", f"train.hang_timeout={HANG_TIMEOUT}"])
+    with pytest.raises(RanksLost) as failed:  # rank 1 sleeps after saving step 10; rank 0 waits in step 11
+        launch(run, config=config, cpu_processes=2, shard_dir=shards, hang_timeout=HANG_TIMEOUT,
+               hooks="tests.train_faults:STALL_RANK_1_AFTER_SAVE_10")
+    message = str(failed.value)
+    assert message.startswith("train ranks made no progress for "), message
+    assert "while every rank is alive (stuck in a collective?)" in message, message
+    assert f"rank 1 on node {node_name()} (pid " in message and "is behind the others, at step 10, save" in message
+    assert "rank 0 on" not in message, message
+    beat = read_heartbeat(TrainLayout(run / "train").heartbeat(1))
+    assert not is_rank_process(beat["pid"])  # ended, not left sleeping

@@ -2,13 +2,15 @@
 
 Each rank writes RUN_DIR/train/logs/heartbeat_<rank>.json (atomically, so a reader never sees half):
 
-    {"rank": 1, "node": "xlp-node2", "pid": 1234, "phase": "train", "step": 7,
+    {"rank": 1, "node": "xlp-node2", "pid": 1234, "phase": "train", "step": 7, "reading_data": false,
      "alive_at": <unix time>, "progress_at": <unix time>, "ended": false}
 
 A daemon thread rewrites it every few seconds with a fresh `alive_at`: that stops when the process is
 stopped (SIGSTOP), killed, or its node dies, but not while the loop waits in a collective. The training
 loop refreshes `progress_at` (in memory; the thread writes it) at each step and phase change: that stops
-when the loop is stuck, e.g. in a collective that a peer never joins. Only the thread writes the file,
+when the loop is stuck, e.g. in a collective that a peer never joins. `reading_data` is set while the
+loop waits for its next batch: a rank stuck reading (a hung network file system) is then told apart
+from its peers, which wait for it in the step's first collective. Only the thread writes the file,
 so a fast loop costs no file system traffic. `ended` is set when the rank's work is over (done, stopped
 or failed with its own error), so a rank that is finished is never judged silent.
 
@@ -62,7 +64,7 @@ class Heartbeat:
         self.interval_s = float(interval_s)
         now = time.time()
         self.state: dict = {"rank": int(rank), "node": node_name(), "pid": os.getpid(), "phase": "setup",
-                            "step": 0, "alive_at": now, "progress_at": now, "ended": False}
+                            "step": 0, "reading_data": False, "alive_at": now, "progress_at": now, "ended": False}
         ray_node = _ray_node_id()
         if ray_node:  # the launcher ends a hung Ray Train worker through a task on its node
             self.state["ray_node_id"] = ray_node
@@ -76,12 +78,14 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def progress(self, step: int, phase: str) -> None:
-        """The loop moved on: it is at `step` (the step it works on, or last finished) in `phase`."""
+    def progress(self, step: int, phase: str, *, reading_data: bool = False) -> None:
+        """The loop moved on: it is at `step` (the step it works on, or last finished) in `phase`, and
+        about to wait for its next batch of data (reading_data) or past that."""
         if phase not in PHASES:
             raise ValueError(f"heartbeat phase {phase!r}; valid phases: {', '.join(PHASES)}")
         with self._lock:
-            self.state.update(step=int(step), phase=phase, progress_at=time.time())
+            self.state.update(step=int(step), phase=phase, reading_data=bool(reading_data),
+                              progress_at=time.time())
 
     def write(self) -> None:
         from pipeline.stage import atomic_write_json
@@ -121,13 +125,20 @@ def _ray_node_id() -> Optional[str]:
         return None
 
 
+_FIELDS = {"rank": int, "node": str, "pid": int, "phase": str, "step": int, "alive_at": (int, float),
+           "progress_at": (int, float)}
+
+
 def read_heartbeat(path: Path) -> Optional[dict]:
-    """A heartbeat file's content; None when there is none (yet) or it cannot be read."""
+    """A heartbeat file's content; None when there is none (yet), or it cannot be read or is not one
+    (a file that is not a heartbeat must not fail the launcher that reads it)."""
     try:
         beat = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return beat if isinstance(beat, dict) else None
+    if not isinstance(beat, dict) or not all(isinstance(beat.get(k), t) for k, t in _FIELDS.items()):
+        return None
+    return beat
 
 
 def describe(rank: int, beat: Optional[dict]) -> str:
@@ -138,10 +149,11 @@ def describe(rank: int, beat: Optional[dict]) -> str:
 
 
 def last_position(beat: Optional[dict]) -> str:
-    """"step 7, train" from a heartbeat; "no heartbeat" when there is none."""
+    """"step 7, train" (", reading data") from a heartbeat; "no heartbeat" when there is none."""
     if not beat:
         return "no heartbeat"
-    return f"step {beat.get('step', '?')}, {beat.get('phase', '?')}"
+    reading = ", reading data" if beat.get("reading_data") else ""
+    return f"step {beat.get('step', '?')}, {beat.get('phase', '?')}{reading}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +190,9 @@ class HangDetector:
         if not hang_timeout > 0:
             raise ValueError(f"hang_timeout is {hang_timeout}; the detector needs a positive one")
         self.layout, self.world_size, self.hang_timeout = layout, int(world_size), float(hang_timeout)
+        # how often to check: often enough to judge within a few percent of hang_timeout, seldom
+        # enough that thousands of ranks' files on a shared file system cost nothing
+        self.check_every_s = min(10.0, max(1.0, self.hang_timeout / 20))
         self.seen: dict[int, _Seen] = {}
         self.first_beat_at: Optional[float] = None
 
@@ -229,8 +244,8 @@ class HangDetector:
             return None
         return Hang(tuple(missing),
                     f"train rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} never started: no heartbeat "
-                    f"{math.ceil(waited)} s after the first rank's first one ({NEVER_STARTED_TIMEOUTS:g} x hang_timeout; "
-                    f"hang_timeout is {self.hang_timeout:g} s)")
+                    f"{math.ceil(waited)} s after the first rank's first one ({NEVER_STARTED_TIMEOUTS:g} x "
+                    f"hang_timeout; hang_timeout is {self.hang_timeout:g} s)")
 
     def _stuck(self, now: float) -> Optional[Hang]:
         """Every rank alive, none making progress once training has begun: they wait for each other in
@@ -256,9 +271,10 @@ class HangDetector:
                     f"collective?): {who}; hang_timeout is {self.hang_timeout:g} s")
 
 
-def _position(beat: dict) -> tuple[int, int]:
-    phase = beat.get("phase")
-    return int(beat.get("step") or 0), PHASES.index(phase) if phase in PHASES else 0
+def _position(beat: dict) -> tuple[int, int, int]:
+    """How far a rank got: step, then phase, then past reading its data."""
+    phase = beat["phase"]
+    return beat["step"], PHASES.index(phase) if phase in PHASES else 0, 0 if beat.get("reading_data") else 1
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -228,7 +228,6 @@ def _lost_message(out: TrainLayout, failure: Failure) -> str:
             f"ranks were ended: rerun to resume from the last checkpoint (log: {out.rank_log(failure.rank)})")
 
 
-HANG_CHECK_S = 1.0  # seconds between looks at the heartbeat files
 KILL_WAIT_S = 60.0  # after ending hung ranks, how long to wait for them to go before giving up on them
 
 
@@ -237,11 +236,11 @@ def _wait(ranks: Ranks, received: list[int], grace_s: float, detector: Optional[
     """Until every rank has ended; once a stop was asked for, give them grace_s, then kill them. A hang
     the detector finds ends the ranks at once (hung ranks cannot save) and is returned."""
     deadline: Optional[float] = None
-    next_check = time.monotonic() + HANG_CHECK_S
+    next_check = time.monotonic()
     while not ranks.done():
         if detector is not None and time.monotonic() >= next_check:
             hang = detector.check(time.monotonic())
-            next_check = time.monotonic() + HANG_CHECK_S
+            next_check = time.monotonic() + detector.check_every_s
             if hang is not None:
                 if stream is not None:
                     _say(stream, f"launch: {hang.message}; ending the ranks")
@@ -791,7 +790,7 @@ def _kill_ray_workers(beats: list[Optional[dict]], wait_s: float = 10.0) -> None
             pass
 
     tasks = [kill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(b["ray_node_id"], soft=False))
-             .remote(int(b["pid"])) for b in beats if b and b.get("ray_node_id") and b.get("pid")]
+             .remote(b["pid"]) for b in beats if b and b.get("ray_node_id") and not b.get("ended")]
     if tasks:
         ray.wait(tasks, num_returns=len(tasks), timeout=wait_s)
 

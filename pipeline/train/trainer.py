@@ -132,9 +132,9 @@ class Trainer:
             self.save()
         return self.finish(stopped, t_ready)
 
-    def _progress(self, phase: str) -> None:
+    def _progress(self, phase: str, reading_data: bool = False) -> None:
         if self.heartbeat is not None:
-            self.heartbeat.progress(self.step, phase)
+            self.heartbeat.progress(self.step, phase, reading_data=reading_data)
 
     def _due(self, every: int) -> bool:
         return bool(every and self.step % every == 0) or self.step == self.tc.steps
@@ -280,7 +280,6 @@ class Trainer:
 
         tc, engine = self.tc, self.engine
         self.step += 1
-        self._progress("train")
         lr = self.schedule(self.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -288,7 +287,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # finite micro-batch losses
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)  # micro-batches that were not
         for micro in range(tc.grad_accum):
+            self._progress("train", reading_data=True)
             batch = self._batch(next(self.data))
+            self._progress("train")
             loss = engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
             loss = self.hooks.loss(self.step, self.rank, loss)
             lv = loss.detach().double()
@@ -402,12 +403,13 @@ class Trainer:
         n = 0
         with torch.no_grad():
             while self.tc.eval_batches == 0 or n < self.tc.eval_batches:
+                self._progress("validate", reading_data=True)
                 batch = next(it, None)
+                self._progress("validate")
                 have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank runs the same number (ZeRO-3)
                 if have.item() < 1:
                     break
-                self._progress("validate")  # a long validation pass is progress too
                 batch = self._batch(batch)
                 loss = self.engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
                 count = (batch["targets"] != -100).sum().double()
