@@ -16,6 +16,7 @@
       train/metrics.jsonl         one row of metrics per step
       train/result.json           rank 0's summary of the attempt
       train/logs/rank_<r>.log     each rank's output (rank_<r>.error: its error message)
+      train/logs/heartbeat_<r>.json  each rank's heartbeat (pipeline.train.heartbeat)
       eval/                       report.md, plots, results.json (everything), metrics.json (headline)
 
 Stages get their directories from here; no module spells these names itself.
@@ -177,3 +178,5 @@ class TrainLayout:
     def rank_error(self, rank: int) -> Path:
         return self.logs / f"rank_{rank}.error"
 
+    def heartbeat(self, rank: int) -> Path:
+        return self.logs / f"heartbeat_{rank}.json"

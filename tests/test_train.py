@@ -333,7 +333,7 @@ def test_zero_stages_follow_zero0(tmp_path, shards, arch):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, shards):
-    from pipeline.train.launch import TrainFailed
+    from pipeline.train.launch import RanksLost
 
     common = ["train.zero_stage=2", "train.steps=60", "train.save_every=30", "train.eval_every=20",
               "train.eval_batches=2", "train.keep_checkpoints=1", "model.d_model=16", "data.seq_len=16"]
@@ -341,7 +341,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
     train(full, shards, common)
 
     killed = tmp_path / "killed"
-    with pytest.raises(TrainFailed, match="SIGKILL"):
+    with pytest.raises(RanksLost, match="SIGKILL"):  # every rank killed: the first is named, retryable
         train(killed, shards, common, hooks="tests.train_faults:KILL_AFTER_SAVE_30")
     assert ckpt.latest_checkpoint(killed / "train" / "checkpoints").name == ckpt.name_of(30)
     assert max(read_metrics(killed / "train" / "metrics.jsonl")) == 30
@@ -436,6 +436,7 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
+    from pipeline.node import RetryableFault
     from pipeline.train.launch import TrainFailed
 
     common = ["train.steps=8", "train.eval_every=0", "train.save_every=0", "train.max_bad_steps=3"]
@@ -449,5 +450,6 @@ def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     assert not math.isfinite(m[3]["train/grad_norm"])
     # ZeRO-2 (DeepSpeed's overflow check), one rank: 3 bad steps in a row fail the run, naming the step
     run = tmp_path / "fail"
-    with pytest.raises(TrainFailed, match="at step 4.*steps 2-4.*train.max_bad_steps=3"):
+    with pytest.raises(TrainFailed, match="at step 4.*steps 2-4.*train.max_bad_steps=3") as failed:
         train(run, shards, [*common, "train.zero_stage=2"], procs=1, hooks="tests.train_faults:NAN_LOSS_AT_2_6")
+    assert not isinstance(failed.value, RetryableFault)  # the run's own error: a rerun would fail again

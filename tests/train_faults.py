@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from pipeline.train.hooks import TrainHooks
 
@@ -31,6 +32,21 @@ class KillAfterSave(TrainHooks):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StallAfterSave(TrainHooks):
+    """Rank `rank` stops making progress once the checkpoint of `step` is whole, alive (its heartbeat
+    thread beats on): a rank stuck in its own work, e.g. a call into a hung file system, while its peers
+    wait for it in the next step's collective. (A stopped process stops all its threads: this cannot be
+    made from outside.)"""
+
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def saved(self, step):
+        if step == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            time.sleep(3600)
+
+
 NAN_LOSS_AT_3_4 = NanLoss(range(3, 5))
 NAN_LOSS_AT_2_6 = NanLoss(range(2, 7))
 KILL_AFTER_SAVE_30 = KillAfterSave(30)
+STALL_RANK_1_AFTER_SAVE_10 = StallAfterSave(10, rank=1)

@@ -64,6 +64,11 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per rank per pass (0: the whole val split)
     log_every: int = 10  # steps between console lines (W&B and metrics.jsonl get every step)
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the stage fails
+    # seconds a rank may go without a heartbeat (stopped, its node lost), or every rank without progress
+    # (stuck in a collective), before the launcher ends the ranks and the stage fails as retryable
+    # (`xlp run` exits 75). Must exceed the longest step, validation pass, checkpoint save and export.
+    # 0: no hang check.
+    hang_timeout: float = 600.0
     # continue from the checkpoint of this step instead of the newest (e.g. the last one before a WSD
     # decay, to extend a run without its decayed weights); null: the newest verified checkpoint
     resume_from_step: Optional[int] = None
@@ -90,6 +95,8 @@ class TrainConfig:
                     "threads"):
             if getattr(self, key) < 0:
                 raise bad(key, f"is {getattr(self, key)}; must be >= 0")
+        if not self.hang_timeout >= 0:
+            raise bad("hang_timeout", f"is {self.hang_timeout}; must be >= 0 (seconds; 0 disables the hang check)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise bad("zero_stage", f"is {self.zero_stage}; valid values: 0, 1, 2, 3")
         if self.precision not in PRECISIONS:

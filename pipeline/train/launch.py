@@ -11,6 +11,13 @@ Every launcher starts a `Ranks` and hands it to `supervise()`, which is the same
 to save a checkpoint and exit (TrainInterrupted), and after `grace_s` they are killed; a rank that
 fails fails the launch (TrainFailed) with its log tail, and the others are ended. Locally the ranks
 also get SIGTERM if this process dies (PR_SET_PDEATHSIG); under srun the srun step does.
+
+`supervise()` also watches the ranks' heartbeats (pipeline.train.heartbeat) when `train.hang_timeout`
+is set: a rank silent that long (stopped, or its node lost), or every rank without progress that long
+once training has begun (stuck in a collective), ends the ranks and fails the launch with RanksLost,
+naming the rank. So does a rank killed by SIGKILL (OOM killer, node lost) without an error of its own.
+RanksLost is a pipeline.node.RetryableFault: `xlp run` exits 75, and a rerun resumes from the last
+checkpoint. A rank that raised (it wrote rank_<r>.error) stays a TrainFailed: a rerun would fail again.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from pathlib import Path
 from typing import IO, Optional
 
 from pipeline.layout import RunLayout, TrainLayout
+from pipeline.node import RetryableFault, node_name
 from pipeline.train.dist import free_port
+from pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
 from pipeline.train.trainer import EXIT_STOPPED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +51,11 @@ class TrainFailed(RuntimeError):
 
 class TrainInterrupted(RuntimeError):
     """The ranks stopped on a signal after saving a checkpoint; rerunning the stage resumes."""
+
+
+class RanksLost(TrainFailed, RetryableFault):
+    """A rank hung, or its process or node was lost: the cluster's fault, not the run's; a rerun resumes
+    from the last checkpoint."""
 
 
 @dataclass
@@ -77,8 +91,9 @@ class RankCommand:
 def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional[Path] = None,
            shard_dir: Optional[Path] = None, threads: int = 0, stream: Optional[IO[str]] = None,
            extra_env: Optional[dict] = None, grace_s: float = 600.0, launcher: str = "auto",
-           device: str = "auto", hooks: Optional[str] = None) -> int:
-    """Run the ranks to completion. Returns the number of ranks; raises TrainFailed/TrainInterrupted."""
+           device: str = "auto", hooks: Optional[str] = None, hang_timeout: float = 600.0) -> int:
+    """Run the ranks to completion. Returns the number of ranks; raises TrainFailed (RanksLost: a rank
+    hung or was lost; see supervise) or TrainInterrupted. hang_timeout: `train.hang_timeout` (0: off)."""
     run_dir = Path(run_dir)
     out = TrainLayout(Path(out_dir)) if out_dir else RunLayout(run_dir).train
     out.logs.mkdir(parents=True, exist_ok=True)
@@ -89,7 +104,7 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
     _clear_rank_logs(out.logs)
     ranks = start(command, cpu_processes=cpu_processes, threads=threads, device=device,
                   extra_env=extra_env or {}, stream=stream)
-    return supervise(ranks, out, stream=stream, grace_s=grace_s)
+    return supervise(ranks, out, stream=stream, grace_s=grace_s, hang_timeout=hang_timeout)
 
 
 def choose_launcher(requested: str = "auto", env: Optional[dict] = None) -> str:
@@ -118,6 +133,10 @@ class Failure:
     rank: int
     how: str  # "exit status 1", "srun killed by SIGKILL", "Ray Train"
     why: str  # the rank's error message, or where to look
+    # killed from outside (SIGKILL: the OOM killer, its node lost, by hand) without an error of its own:
+    # the cluster failed, not the run (RanksLost)
+    lost: bool = False
+    pid: Optional[int] = None  # when the launcher knows it (local processes)
 
 
 STOPPED = "stopped"  # Ranks.outcome(): they saved a checkpoint and exited on a stop request
@@ -148,9 +167,13 @@ class Ranks:
         pass
 
 
-def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float) -> int:
+def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float,
+              hang_timeout: float = 0.0) -> int:
     """Wait for `ranks`, rank 0's log followed to `stream`, SIGTERM/SIGINT forwarded as a stop
-    request. Returns the number of ranks; raises TrainFailed or TrainInterrupted."""
+    request, their heartbeats judged (hang_timeout > 0; pipeline.train.heartbeat.HangDetector).
+    Returns the number of ranks; raises TrainFailed (RanksLost: hung or lost) or TrainInterrupted."""
+    detector = HangDetector(out, world_size=ranks.n, hang_timeout=hang_timeout) if hang_timeout > 0 else None
+    hang: Optional[Hang] = None
     ended = threading.Event()
     pump = threading.Thread(target=follow_log, args=(out.rank_log(0), ended, stream), daemon=True)
     pump.start()
@@ -166,10 +189,10 @@ def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float
         for s in (signal.SIGTERM, signal.SIGINT):
             old[s] = signal.signal(s, forward)
     try:
-        _wait(ranks, received, grace_s)
+        hang = _wait(ranks, received, grace_s, detector, stream)
     except BaseException:  # e.g. Ray cancelling the stage task: let the ranks save, then go
         forward(signal.SIGTERM, None)
-        _wait(ranks, received, grace_s)
+        _wait(ranks, received, grace_s, detector, stream)
         raise
     finally:
         for s, h in old.items():
@@ -177,6 +200,9 @@ def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float
         ended.set()
         pump.join(timeout=10)
         ranks.close()
+    if hang is not None:
+        raise RanksLost(f"{hang.message}; the ranks were ended: rerun to resume from the last checkpoint "
+                        f"(logs: {out.logs})")
     outcome = ranks.outcome(received)
     if outcome is None:
         return ranks.n
@@ -185,22 +211,51 @@ def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float
         raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
                                f"({out.checkpoints}); rerun the stage to resume")
     log = out.rank_log(outcome.rank)
+    if outcome.lost:
+        raise RanksLost(_lost_message(out, outcome))
     if out.rank_error(outcome.rank).is_file():  # the rank said what went wrong: its log has the traceback
         raise TrainFailed(f"train rank {outcome.rank} failed ({outcome.how}): {outcome.why} (log: {log})")
     raise TrainFailed(f"train rank {outcome.rank} failed ({outcome.how}): {outcome.why}\n"
                       f"--- last lines of {log} ---\n{tail(log)}")
 
 
-def _wait(ranks: Ranks, received: list[int], grace_s: float) -> None:
-    """Until every rank has ended; once a stop was asked for, give them grace_s, then kill them."""
+def _lost_message(out: TrainLayout, failure: Failure) -> str:
+    beat = read_heartbeat(out.heartbeat(failure.rank))
+    who = describe(failure.rank, beat)
+    if not beat and failure.pid is not None:  # lost before its first heartbeat
+        who = f"rank {failure.rank} on node {node_name()} (pid {failure.pid})"
+    return (f"train {who} was lost ({failure.how}): {failure.why} (last: {last_position(beat)}); the other "
+            f"ranks were ended: rerun to resume from the last checkpoint (log: {out.rank_log(failure.rank)})")
+
+
+KILL_WAIT_S = 60.0  # after ending hung ranks, how long to wait for them to go before giving up on them
+
+
+def _wait(ranks: Ranks, received: list[int], grace_s: float, detector: Optional[HangDetector] = None,
+          stream: Optional[IO[str]] = None) -> Optional[Hang]:
+    """Until every rank has ended; once a stop was asked for, give them grace_s, then kill them. A hang
+    the detector finds ends the ranks at once (hung ranks cannot save) and is returned."""
     deadline: Optional[float] = None
+    next_check = time.monotonic()
     while not ranks.done():
+        if detector is not None and time.monotonic() >= next_check:
+            hang = detector.check(time.monotonic())
+            next_check = time.monotonic() + detector.check_every_s
+            if hang is not None:
+                if stream is not None:
+                    _say(stream, f"launch: {hang.message}; ending the ranks")
+                ranks.kill()
+                give_up = time.monotonic() + KILL_WAIT_S
+                while not ranks.done() and time.monotonic() < give_up:
+                    time.sleep(0.1)
+                return hang
         if received and deadline is None:
             deadline = time.monotonic() + grace_s
         if deadline is not None and time.monotonic() > deadline:
             ranks.kill()
             deadline = time.monotonic() + 3600
         time.sleep(0.1)
+    return None
 
 
 def follow_log(path: Path, ended: threading.Event, stream: IO[str]) -> None:
@@ -252,18 +307,27 @@ def _code(code: int) -> str:
     return f"exit status {code}"
 
 
+def _killed(code: Optional[int]) -> bool:
+    """The exit status of a process killed by SIGKILL (the OOM killer, a lost node, by hand): -9 from
+    Popen, 137 from a shell or srun."""
+    return code in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+
 def _why(out: TrainLayout, rank: int, code: int) -> str:
     err = out.rank_error(rank)
     if err.is_file():
         return err.read_text().strip()
+    if _killed(code):
+        return "killed without an error of its own (out of memory? its node lost? killed by hand?)"
     if code < 0:
-        return "the process was killed (out of memory? killed by hand?)"
+        return "it died of a signal without an error of its own (a crash?)"
     return "see the log below"
 
 
 def _clear_rank_logs(logs: Path) -> None:
-    """Old rank logs would be followed (and blamed) before the new ranks write theirs."""
-    for pattern in ("rank_*.log", "rank_*.error"):
+    """Old rank logs would be followed (and blamed) before the new ranks write theirs; old heartbeats
+    would be judged as theirs."""
+    for pattern in ("rank_*.log", "rank_*.error", "heartbeat_*.json", ".heartbeat_*.tmp"):
         for f in logs.glob(pattern):
             f.unlink(missing_ok=True)
 
@@ -381,8 +445,12 @@ class LocalRanks(Ranks):
         if self.failed is None:
             bad = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (0, EXIT_STOPPED)]
             if bad:
-                # the rank that wrote an error message is the cause; the others lost their peer
-                self.failed = next((b for b in bad if self.out.rank_error(b[0]).is_file()), bad[0])
+                # A rank killed from outside is the cause: its peers then fail in their collectives (with
+                # errors of their own), often within the same poll. Else the rank that wrote an error
+                # message is; the others lost their peer.
+                self.failed = (next((b for b in bad if _killed(b[1]) and not self.out.rank_error(b[0]).is_file()),
+                                    None)
+                               or next((b for b in bad if self.out.rank_error(b[0]).is_file()), bad[0]))
                 self._kill_at = time.monotonic() + 5.0  # peers blocked in a collective never finish
         if self._kill_at is not None and time.monotonic() > self._kill_at:
             self.kill()
@@ -402,7 +470,8 @@ class LocalRanks(Ranks):
     def outcome(self, received: list[int]) -> "None | str | Failure":
         if self.failed is not None:
             r, code = self.failed
-            return Failure(r, _code(code), _why(self.out, r, code))
+            return Failure(r, _code(code), _why(self.out, r, code),
+                           lost=_killed(code) and not self.out.rank_error(r).is_file(), pid=self.procs[r].pid)
         if received or any(p.returncode == EXIT_STOPPED for p in self.procs):
             return STOPPED
         return None
@@ -497,6 +566,7 @@ class SlurmRanks(Ranks):
         cmd += command.argv()
         _say(stream, f"launch: srun, {n} ranks ({nodes} node(s) x {per_node} {'GPU' if gpus else 'CPU'} ranks, "
                      f"rendezvous {master}:{port}, job {base.get('SLURM_JOB_ID')})")
+        self._kill_srun_at: Optional[float] = None
         self.srun_log_path = self.out.logs / "srun.log"
         self.srun_log = open(self.srun_log_path, "w")
         self.srun_log.write("$ " + " ".join(cmd) + "\n")
@@ -515,6 +585,8 @@ class SlurmRanks(Ranks):
         return master, 20000 + (int(env["SLURM_JOB_ID"]) * 7 + 13) % 20000
 
     def done(self) -> bool:
+        if self._kill_srun_at is not None and time.monotonic() > self._kill_srun_at and self.proc.poll() is None:
+            self.proc.kill()  # the step's tasks were killed, yet srun waits on (a lost node's)
         return self.proc.poll() is not None
 
     def stop(self) -> None:
@@ -524,7 +596,11 @@ class SlurmRanks(Ranks):
             self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self.proc.kill()
+        # SIGKILL to the step's tasks on every node (killing srun alone may leave them running), then
+        # srun itself if it does not end with them
+        if self.proc.poll() is None and not _signal_step(self.env["SLURM_JOB_ID"], self.step_name, "KILL"):
+            self.proc.kill()
+        self._kill_srun_at = time.monotonic() + 30.0
 
     def outcome(self, received: list[int]) -> "None | str | Failure":
         code = self.proc.returncode
@@ -533,27 +609,65 @@ class SlurmRanks(Ranks):
         err_rank = _first_error_rank(self.out)
         if err_rank is None and (received or code == EXIT_STOPPED):
             return STOPPED  # our SIGTERM, or one from Slurm (scancel, preemption, time limit) to the tasks
+        said = self.srun_log_path.read_text(errors="replace")
+        lost = srun_lost_rank(said, self.out)
+        if lost is not None:
+            return lost
         if err_rank is not None:
             return Failure(err_rank, f"srun {_code(code)}", _why(self.out, err_rank, code))
-        # srun says which tasks ended badly: "task 1: Exited with exit code 1", "tasks 0-1: Killed"
-        m = re.search(r"tasks? (\d+)[-,\d]*: (?:Exited with exit code|Killed|Terminated|Segmentation|Aborted)",
-                      self.srun_log_path.read_text(errors="replace"))
-        return Failure(int(m.group(1)) if m else 0, f"srun {_code(code)}",
+        failures = srun_task_failures(said)
+        return Failure(failures[0][0] if failures else 0, f"srun {_code(code)}",
                        f"see the log below; srun said:\n{tail(self.srun_log_path, 15)}")
 
     def close(self) -> None:
         self.srun_log.close()
 
 
-def _signal_step(job_id: str, step_name: str) -> bool:
-    """`scancel --signal=TERM` the step named `step_name` of the job; False if it cannot be found."""
+# srun's lines about tasks that ended badly, in the order they ended:
+#   "srun: error: xlp-node2: task 1: Killed", "srun: error: xlp-node1: tasks 0-1: Exited with exit code 1"
+_SRUN_TASK_FAILURE = re.compile(r"(?:(?P<node>[^\s:]+): )?tasks? (?P<rank>\d+)[-,\d]*: "
+                                r"(?P<what>Exited with exit code \d+|Killed|Terminated|Segmentation fault|Aborted)")
+_SRUN_NODE_FAILURE = re.compile(r"[Nn]ode failure on (?P<node>[^\s,;]+)")
+
+
+def srun_task_failures(said: str) -> list[tuple[int, Optional[str], str]]:
+    """(rank, node or None, what) for each task srun's output reports ending badly, first first."""
+    return [(int(m["rank"]), m["node"], m["what"]) for m in _SRUN_TASK_FAILURE.finditer(said)]
+
+
+def srun_lost_rank(said: str, out: TrainLayout) -> Optional[Failure]:
+    """The rank the cluster lost, from srun's output: a node failure, or a first failed task that was
+    Killed without an error of its own. (Not any Killed task: with --kill-on-bad-exit, srun kills the
+    others once one has failed.)"""
+    node_failure = _SRUN_NODE_FAILURE.search(said)
+    if node_failure:
+        node = node_failure["node"]
+        on_node = sorted(r for r, _, _ in srun_task_failures(said)
+                         if (read_heartbeat(out.heartbeat(r)) or {}).get("node") == node)
+        on_node = on_node or sorted(r for r, n, _ in srun_task_failures(said) if n == node)
+        return Failure(on_node[0] if on_node else 0, f"srun: node failure on {node}",
+                       f"its node {node} failed", lost=True)
+    failures = srun_task_failures(said)
+    if failures:
+        rank, node, what = failures[0]
+        if what == "Killed" and not out.rank_error(rank).is_file():
+            where = f" on {node}" if node else ""
+            return Failure(rank, f"srun: task {rank}{where} Killed (SIGKILL)", _why(out, rank, -signal.SIGKILL),
+                           lost=True)
+    return None
+
+
+def _signal_step(job_id: str, step_name: str, signal_name: str = "TERM") -> bool:
+    """`scancel --signal=TERM` (or another signal) the step named `step_name` of the job; False if it
+    cannot be found."""
     try:
         out = subprocess.run(["squeue", "--steps", "--noheader", f"--jobs={job_id}", "--format=%i %j"],
                              capture_output=True, text=True, timeout=30).stdout
         steps = [line.split()[0] for line in out.splitlines() if line.split()[1:] == [step_name]]
         if not steps:
             return False
-        return subprocess.run(["scancel", "--signal=TERM", *steps], capture_output=True, timeout=30).returncode == 0
+        return subprocess.run(["scancel", f"--signal={signal_name}", *steps], capture_output=True,
+                              timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError, IndexError):
         return False
 
@@ -629,7 +743,11 @@ class RayRanks(Ranks):
         self.stop_file.touch()
 
     def kill(self) -> None:
-        self.abandoned = True  # Ray Train's workers are Ray's to end; stop waiting for them
+        # Ray Train's workers are Ray's to end, and a hung one ignores the stop file: SIGKILL each by the
+        # pid its heartbeat gives, through a task on its node (Ray Train then tears the group down).
+        # Then stop waiting for them.
+        _kill_ray_workers([read_heartbeat(self.out.heartbeat(r)) for r in range(self.n)])
+        self.abandoned = True
 
     def outcome(self, received: list[int]) -> "None | str | Failure":
         error = self.box.get("error")
@@ -638,12 +756,43 @@ class RayRanks(Ranks):
         err_rank = _first_error_rank(self.out)
         if err_rank is None and received:
             return STOPPED
+        failures = getattr(error, "worker_failures", None) or {}
+        lost = sorted(r for r, cause in failures.items() if _ray_lost(cause) and not self.out.rank_error(r).is_file())
+        if lost:  # a worker process or node died; its peers' errors followed from that
+            cause = failures[lost[0]]
+            return Failure(lost[0], "Ray Train", f"its worker died: {type(cause).__name__}: "
+                           f"{str(cause).strip()[-500:]}", lost=True)
         if err_rank is not None:
             return Failure(err_rank, "Ray Train", _why(self.out, err_rank, 1))
-        failures = getattr(error, "worker_failures", None) or {}
         rank = min(failures) if failures else 0
         cause = failures.get(rank, error)
         return Failure(rank, "Ray Train", f"{type(cause).__name__}: {str(cause).strip()[-2000:]}")
+
+
+def _ray_lost(cause: BaseException) -> bool:
+    """A Ray Train worker failure that is the cluster's: its process died (killed, OOM) or its node did."""
+    from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    return isinstance(cause, (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError))
+
+
+def _kill_ray_workers(beats: list[Optional[dict]], wait_s: float = 10.0) -> None:
+    """SIGKILL the processes the heartbeats name, each by a task pinned to its Ray node. Waits up to
+    wait_s for the tasks (one for a lost node never runs)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def kill_pid(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    tasks = [kill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(b["ray_node_id"], soft=False))
+             .remote(b["pid"]) for b in beats if b and b.get("ray_node_id") and not b.get("ended")]
+    if tasks:
+        ray.wait(tasks, num_returns=len(tasks), timeout=wait_s)
 
 
 def _ray_rank(config: dict) -> None:

@@ -5,7 +5,8 @@ ranks, or one rank per GPU), `torchrun`, `deepspeed`, `srun`, `mpirun`, Ray Trai
 or none (one process). It reads the resolved config (default RUN_DIR/config.yaml, which the runner
 writes) with the KEY=VALUE overrides given after it (a launcher passes its choices this way, e.g.
 `train.device=cpu`), the tokenizer and shards of RUN_DIR, and writes RUN_DIR/train/: checkpoints/,
-model/ (consolidated safetensors), metrics.jsonl, result.json, the W&B run.
+model/ (consolidated safetensors), metrics.jsonl, result.json, the W&B run, and this rank's heartbeat
+(logs/heartbeat_<rank>.json, pipeline.train.heartbeat) for the launcher's hang check.
 
 Exit status: 0 trained to train.steps; 143 stopped by SIGTERM/SIGINT after saving a checkpoint; 1 error
 (the message is also in RUN_DIR/train/logs/rank_<r>.error).
@@ -27,6 +28,7 @@ from typing import Optional, Sequence
 
 from pipeline.layout import RunLayout, TrainLayout
 from pipeline.train import dist as xdist
+from pipeline.train.heartbeat import Heartbeat, beat_interval
 from pipeline.train.trainer import StopRequest, Trainer
 
 T0 = time.perf_counter()
@@ -86,12 +88,14 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     import torch.distributed as dist
 
     own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
-    marker = lock = None
+    marker = lock = heartbeat = None
     try:
         from pipeline.config import load_config
         from pipeline.train.hooks import load_hooks
 
         cfg = load_config(Path(config) if config else layout.config, list(overrides))
+        heartbeat = Heartbeat(out.heartbeat(d.rank), rank=d.rank,
+                              interval_s=beat_interval(float(cfg.train.hang_timeout))).start()
         if record_stage and d.rank == 0:
             from pipeline.runner import RunLock
 
@@ -101,8 +105,8 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
         cuda = start_process_group(cfg, d)
         trainer = Trainer(cfg, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
                           tokenizer_model=layout.tokenizer_model, env=d, cuda=cuda, hooks=load_hooks(hooks),
-                          stop=stop, started_at=T0, heartbeat=marker.beat if marker else None,
-                          stale_dir=layout.stale_dir)
+                          stop=stop, started_at=T0, stage_heartbeat=marker.beat if marker else None,
+                          stale_dir=layout.stale_dir, heartbeat=heartbeat)
         code = trainer.run()
         if marker is not None:
             if code == 0:
@@ -124,6 +128,8 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
         # a peer may be blocked in a collective; the launcher ends it. Skip the group teardown.
         os._exit(1)
     finally:
+        if heartbeat is not None:
+            heartbeat.close()
         if lock is not None:
             lock.release()
         if own_group and dist.is_available() and dist.is_initialized():

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline.layout import TrainLayout
+from pipeline.node import node_name
 from pipeline.train import dist as xdist
+from pipeline.train.heartbeat import Heartbeat
 from pipeline.train.hooks import TrainHooks
 
 EXIT_STOPPED = 143
@@ -71,8 +73,8 @@ def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
 class Trainer:
     def __init__(self, cfg, *, out: TrainLayout, shard_dir: Path, tokenizer_model: Path, env: xdist.DistEnv,
                  cuda: bool, hooks: Optional[TrainHooks] = None, stop: Optional[StopRequest] = None,
-                 started_at: Optional[float] = None, heartbeat: Optional[Callable[[], None]] = None,
-                 stale_dir: Optional[Path] = None):
+                 started_at: Optional[float] = None, stage_heartbeat: Optional[Callable[[], None]] = None,
+                 stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None):
         import torch
 
         from pipeline.config import section
@@ -88,8 +90,9 @@ class Trainer:
         self.seq_len = int(cfg.data.seq_len)
         self.seed = int(cfg.run.seed)
         self.hooks = hooks or TrainHooks()
-        self.heartbeat = heartbeat  # called on rank 0 now and then while training (a direct run's stage.json)
+        self.stage_heartbeat = stage_heartbeat  # called on rank 0 now and then (a direct run's stage.json)
         self._last_beat = time.monotonic()
+        self.heartbeat = heartbeat  # this rank's heartbeat file: the launcher's hang check reads it
         self.stop = stop if stop is not None else StopRequest()
         self.started_at = time.perf_counter() if started_at is None else started_at
         # where the run stands (restored from a checkpoint)
@@ -128,6 +131,10 @@ class Trainer:
         if not stopped and self.last_saved != self.step:
             self.save()
         return self.finish(stopped, t_ready)
+
+    def _progress(self, phase: str, reading_data: bool = False) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.progress(self.step, phase, reading_data=reading_data)
 
     def _due(self, every: int) -> bool:
         return bool(every and self.step % every == 0) or self.step == self.tc.steps
@@ -203,13 +210,11 @@ class Trainer:
                                  new_steps=self.tc.steps)
 
     def _node_names(self) -> list[str]:
-        """The distinct hosts the ranks run on (collective)."""
-        import socket
-
+        """The distinct nodes the ranks run on, named as pipeline.node names them (collective)."""
         import torch.distributed as dist
 
         names: list[Any] = [None] * self.world
-        dist.all_gather_object(names, socket.gethostname())
+        dist.all_gather_object(names, node_name())
         return sorted(set(names))
 
     def _seed(self) -> None:
@@ -282,7 +287,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # finite micro-batch losses
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)  # micro-batches that were not
         for micro in range(tc.grad_accum):
+            self._progress("train", reading_data=True)
             batch = self._batch(next(self.data))
+            self._progress("train")
             loss = engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
             loss = self.hooks.loss(self.step, self.rank, loss)
             lv = loss.detach().double()
@@ -367,14 +374,15 @@ class Trainer:
             metrics.update(memory_metrics(self.cuda))
         if self.has_val and self._due(self.tc.eval_every):
             t = time.perf_counter()
+            self._progress("validate")
             self.val_loss = self.validate()
             self.timing["eval_s"] += time.perf_counter() - t
             metrics["val/loss"] = self.val_loss
             self.monitor.message(f"step {stats.step}: val/loss {self.val_loss:.4f}")
         self.monitor.log(stats.step, metrics)
-        if self.heartbeat is not None and time.monotonic() - self._last_beat > 10.0:
+        if self.stage_heartbeat is not None and time.monotonic() - self._last_beat > 10.0:
             self._last_beat = time.monotonic()
-            self.heartbeat()
+            self.stage_heartbeat()
         self.monitor.progress(stats.step, stats.loss, tokens_per_s, log_every=self.tc.log_every,
                               force=stats.step == self.tc.steps)
 
@@ -395,7 +403,9 @@ class Trainer:
         n = 0
         with torch.no_grad():
             while self.tc.eval_batches == 0 or n < self.tc.eval_batches:
+                self._progress("validate", reading_data=True)
                 batch = next(it, None)
+                self._progress("validate")
                 have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank runs the same number (ZeRO-3)
                 if have.item() < 1:
@@ -419,6 +429,7 @@ class Trainer:
         from pipeline.train import checkpoint as ckpt
 
         t = time.perf_counter()
+        self._progress("save")
         tc = self.tc
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
                 "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
@@ -452,6 +463,7 @@ class Trainer:
         from pipeline.data.loader import shards_skipped_everywhere
 
         t_end = time.perf_counter()
+        self._progress("finish")
         shards_skipped = shards_skipped_everywhere(self.loader)  # collective (an all-gather)
         # Never end on an all-gather: a rank that destroyed its gloo group right after one aborted at exit
         # ("terminate called without an active exception") in 7 of 62 2-rank CPU runs; 0 of 30 with a
