@@ -201,7 +201,8 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     atomic_write_text(script_path, script)
     proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SubmitError(f"sbatch refused {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = " ".join((proc.stderr or proc.stdout).split())
+        raise SubmitError(f"sbatch refused {script_path}: {said}{_partition_hint(cfg)}")
     job_id = proc.stdout.strip().split(";")[0]
     log = RunLayout(run_dir).slurm_log(job_id)
     print(f"submitted Slurm job {job_id}\n  script: {script_path}\n  log:    {log}\n"
@@ -209,6 +210,17 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     if not wait:
         return 0
     return wait_slurm(job_id, log, out, slurm=cfg.slurm)
+
+
+def _partition_hint(cfg: DictConfig) -> str:
+    """"; slurm.x=... but ...: set slurm.x=..." when the partition shows what in slurm.* does not fit."""
+    from pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+
+    try:
+        errors = request_errors(cfg.slurm, read_partition(cfg.slurm.partition or None))
+    except (SlurmQueryError, ValueError):
+        return ""
+    return "; " + "; ".join(errors) if errors else ""
 
 
 def check_slurm_request(cfg: DictConfig, script: str):
@@ -331,17 +343,18 @@ def wait_slurm(job_id: str, log: Path, out: TextIO, poll_s: float = 2.0, slurm=N
     shown = None
     while True:
         job = slurm_job(job_id)
-        pos = _copy_new(log, pos, out)
-        if (job.state, job.reason, job.nodes) != shown:
+        ended = job.state in TERMINAL_SLURM_STATES or job.state == "UNKNOWN"
+        if (job.state, job.reason, job.nodes) != shown and not ended:  # the last line says how it ended
             shown = (job.state, job.reason, job.nodes)
             print(job_line(job_id, job), file=out, flush=True)
+        pos = _copy_new(log, pos, out)
         if job.state == "PENDING":
             why = _never_starts(job, slurm)
             if why:
                 subprocess.run(["scancel", job_id], capture_output=True)
                 raise SubmitError(f"Slurm job {job_id} can never start on partition {job.partition} "
                                   f"(PENDING, reason {job.reason}); cancelled it. {why}")
-        if job.state in TERMINAL_SLURM_STATES or job.state == "UNKNOWN":
+        if ended:
             break
         time.sleep(poll_s)
     print(f"Slurm job {job_id}: {job.state} (exit code {job.exit_code or '?'})", file=out, flush=True)
