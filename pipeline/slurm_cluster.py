@@ -30,6 +30,10 @@ NEVER_STARTS = {
 }
 
 
+# sinfo's short node states (%t) of nodes that run no new job until someone or something brings them back
+UNAVAILABLE_STATES = {"down", "drain", "drng", "drained", "fail", "failg", "maint", "unk", "inval", "npc", "pow_dn"}
+
+
 class SlurmQueryError(RuntimeError):
     """sinfo/scontrol could not answer (no controller, no such partition)."""
 
@@ -52,6 +56,11 @@ class Partition:
 
     def __str__(self) -> str:
         return self.name
+
+    def unavailable_nodes(self) -> list[SlurmNode]:
+        """Nodes that take no job now (down, drained, failing, not responding: sinfo's `*` suffix)."""
+        return [n for n in self.nodes
+                if n.state.endswith("*") or n.state.rstrip("~#!%$@^-") in UNAVAILABLE_STATES]
 
 
 # ---------------------------------------------------------------------------------------------

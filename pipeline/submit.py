@@ -187,6 +187,11 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
                           "(or start a local Slurm with infra/local-slurm.sh)")
     if check and have_slurm:
         partition = check_slurm_request(cfg, script)
+        down = partition.unavailable_nodes()
+        if down and len(down) > len(partition.nodes) - int(cfg.slurm.nodes):
+            print(f"note: {len(down)} of the {len(partition.nodes)} nodes of partition {partition.name} are "
+                  f"unavailable now ({', '.join(f'{n.name} {n.state}' for n in down)}): the job waits until "
+                  "enough of them are back", file=out, flush=True)
         if dry_run:
             print(f"\n== checks: the request fits partition {partition.name} ({len(partition.nodes)} node(s)); "
                   "sbatch --test-only accepts it", file=out)
@@ -377,12 +382,16 @@ def _never_starts(job: SlurmJob, slurm) -> Optional[str]:
     """What to change when `job`'s pending reason means it will never start; None when it may."""
     from pipeline.slurm_cluster import SlurmQueryError, never_starts, read_partition, request_errors
 
-    partition = None
+    key = never_starts(job.reason)
+    needs_nodes = job.reason.startswith("ReqNodeNotAvail")  # never only if the nodes it names do not exist
+    if key is None and not needs_nodes:
+        return None
     try:
         partition = read_partition(job.partition or None)
     except SlurmQueryError:
-        pass
-    key = never_starts(job.reason, [n.name for n in partition.nodes] if partition else ())
+        partition = None
+    if key is None and partition is not None:
+        key = never_starts(job.reason, [n.name for n in partition.nodes])
     if key is None:
         return None
     if slurm is not None and partition is not None:

@@ -214,6 +214,13 @@ def test_a_request_that_fits_has_no_errors():
     assert request_errors(slurm_keys(), partition()) == []
 
 
+def test_unavailable_nodes():
+    nodes = tuple(SlurmNode(f"n{i}", 2, 1000, 0, state) for i, state in
+                  enumerate(["idle", "mix", "alloc", "down*", "drain", "idle*", "unk", "drng"]))
+    names = [n.name for n in Partition("p", nodes, None, None).unavailable_nodes()]
+    assert names == ["n3", "n4", "n5", "n6", "n7"]
+
+
 @pytest.mark.parametrize("keys, part, message", [
     (dict(gpus_per_node=8), dict(gpus=0),
      "slurm.gpus_per_node=8 but the nodes of partition gpu have no GPUs (gpu gres): set slurm.gpus_per_node=0"),
