@@ -53,12 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit",
-        help="send the run to a Slurm or Ray cluster",
+        help="send the run to a Slurm or Ray cluster (--dry-run: check and print what would be sent)",
         description="Send the run that `xlp run` would do here to a cluster. The config is checked "
         "before anything is queued. The run directory must be on a filesystem the cluster's nodes "
-        "share; `xlp status RUN_DIR` works there while the job runs.",
+        "share; `xlp status RUN_DIR` works there while the job runs.\n\n"
+        "Slurm: before queueing, slurm.* and train.* are checked against each other (e.g. train.device=cpu "
+        "with slurm.gpus_per_node>0, fewer CPUs than ranks per node) and against the partition as sinfo "
+        "shows it (nodes, CPUs, GPUs and memory per node, largest job, time limit), then with "
+        "`sbatch --test-only`; a request that could never start is refused with the key to change and a "
+        "value that fits. The training ranks per node are slurm.gpus_per_node (one per GPU), or "
+        "train.cpu_processes when it is 0. --wait prints the job's state and pending reason as they change "
+        "and fails at once (cancelling the job) when Slurm says it can never start (PartitionConfig, "
+        "PartitionNodeLimit, PartitionTimeLimit, ...).\n\n"
+        "--dry-run checks and prints, queueing nothing: the sbatch script, or the Ray job's entrypoint and "
+        "runtime env, and the training launch plan on the allocation the config asks for "
+        "(slurm.nodes x slurm.gpus_per_node): srun's ranks per node, GPU binding (LOCAL_RANK), rendezvous "
+        "(the first node) and environment, or Ray Train's workers and placement.",
         epilog="examples:\n"
         "  xlp submit configs/xlstm_125m.yaml --to slurm slurm.partition=gpu slurm.nodes=4 slurm.gpus_per_node=8\n"
+        "  xlp submit configs/recipes/xlstm_large_7b.yaml --to slurm --dry-run 'data.sources=[/data/*.jsonl]' slurm.nodes=2\n"
         "  xlp submit configs/demo.yaml --to ray --address http://head:8265 --wait\n"
         "  xlp submit configs/demo.yaml --to slurm --stages eval     (rerun just eval on the cluster)\n"
         "Ray clusters with token authentication: the token in ~/.ray/auth_token or RAY_AUTH_TOKEN is used.",
@@ -69,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--to", required=True, choices=("slurm", "ray"), help="the kind of cluster")
     submit.add_argument("--address", metavar="URL", help="Ray: the Jobs API address, e.g. http://head:8265 "
                         "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
-    submit.add_argument("--wait", action="store_true", help="stream the job's output and exit with its status")
+    submit.add_argument("--wait", action="store_true", help="stream the job's output (Slurm: and its state changes) "
+                        "and exit with its status")
+    submit.add_argument("--dry-run", action="store_true", help="validate and check, print the job script and the "
+                        "training launch plan, queue nothing")
+    submit.add_argument("--no-check", action="store_true", help="Slurm: skip the checks against the partition "
+                        "(sinfo, sbatch --test-only); the config is still validated")
     submit.add_argument("--stages", metavar="A,B", help=f"run only these stages on the cluster; stages: {stages_help}")
     submit.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
     submit.add_argument("--run-dir", metavar="DIR", help="run directory on the shared filesystem (default: run.dir)")
@@ -217,9 +235,9 @@ def cmd_submit(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     only = _stage_list(args.stages)
     run_dir = Path(args.run_dir or cfg.run.dir).absolute()
-    kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout)
+    kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout, dry_run=args.dry_run)
     if args.to == "slurm":
-        return submit_slurm(cfg, **kw)
+        return submit_slurm(cfg, check=not args.no_check, **kw)
     return submit_ray(cfg, address=args.address, **kw)
 
 

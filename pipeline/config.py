@@ -264,7 +264,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
-    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode"):
+    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm"):
         obj = OmegaConf.to_object(cfg[section])
         check = getattr(obj, "validate", None)
         if check is not None:

@@ -3,6 +3,23 @@
 The config is validated and resolved here, before anything is queued, and saved into the run
 directory, which must be on a filesystem the cluster's nodes share (so are `xlp status` and the
 outputs). On the cluster, the job runs `xlp run` on that saved config.
+
+Before anything is queued, `--to slurm` also checks:
+- that slurm.* and train.* agree (pipeline/train/plan.py: e.g. train.device=cpu with slurm.gpus_per_node>0,
+  fewer CPUs than ranks per node);
+- the request against the partition, from `sinfo` (pipeline/slurm_cluster.py): nodes, CPUs, GPUs (gpu
+  gres) and memory per node, the largest job and the time limit; then `sbatch --test-only` for what
+  only Slurm knows (accounts, QOS, features). Slurm accepts some requests no node can hold and leaves
+  them PENDING forever; these checks refuse them with the key to change and a value that fits.
+  `--no-check` skips the cluster checks (not the config's).
+`--wait` prints the job's state and pending reason whenever they change ("job 12: PENDING (Resources)",
+"job 12: RUNNING on node1,node2"), streams its log, and fails at once, cancelling the job, on a pending
+reason that means it can never start (PartitionConfig, PartitionNodeLimit, PartitionTimeLimit, ...).
+
+`--dry-run` does all of that but queues nothing: it prints the sbatch script (Slurm) or the job's
+entrypoint and runtime env (Ray), and the training launch plan for the allocation the config asks for
+(slurm.nodes x slurm.gpus_per_node): the srun step's ranks, their GPU binding, rendezvous and
+environment, or Ray Train's ScalingConfig.
 """
 from __future__ import annotations
 
@@ -16,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Optional, TextIO
+from typing import NamedTuple, Optional, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,14 +66,35 @@ class SlurmConfig:
     python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
     ray_port: int = 0  # the job's Ray head port; 0: a free one
 
+    def validate(self) -> None:
+        from pipeline.slurm_cluster import parse_time
+
+        for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_seconds", 0),
+                           ("ray_port", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(f"config key `slurm.{key}` is {getattr(self, key)}; must be >= {least}")
+        try:
+            parse_time(self.time)
+        except ValueError:
+            raise ValueError(f"config key `slurm.time` is {self.time!r}; use Slurm's format: minutes, "
+                             "HH:MM:SS or D-HH:MM:SS (e.g. 24:00:00)") from None
+
 
 class SubmitError(RuntimeError):
     """The cluster refused the run or could not be reached; the message says what to fix."""
 
 
 def save_submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> Path:
-    """The resolved config the job will run, in RUN_DIR/submit/ (kept: one file per submission), with
-    `train.launcher` set to the cluster's launcher (slurm or ray) where the config leaves it to auto.
+    """Write submitted_config() to its path; returns the path."""
+    path, text = submitted_config(cfg, run_dir, launcher)
+    atomic_write_text(path, text)
+    return path
+
+
+def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Path, str]:
+    """The resolved config the job will run and its path in RUN_DIR/submit/ (kept: one file per
+    submission), with `train.launcher` set to the cluster's launcher (slurm or ray) where the config
+    leaves it to auto.
 
     No secret is written: a value that came from a secret environment variable (or from one holding a
     credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
@@ -78,9 +116,7 @@ def save_submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> Path
             "write ${oc.env:SOURCE_URL} in the config instead")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RunLayout(run_dir).submitted_config(stamp)
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))
-    return path
+    return RunLayout(run_dir).submitted_config(stamp), OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def run_args(config: Path, run_dir: Path, only: Optional[list[str]], force: bool) -> list[str]:
@@ -135,52 +171,238 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
 
 
 def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], force: bool, wait: bool,
-                 out: TextIO) -> int:
-    if shutil.which("sbatch") is None:
-        raise SubmitError("sbatch not found: run `xlp submit --to slurm` on a Slurm login node "
-                          "(or start a local Slurm with infra/local-slurm.sh)")
-    config = save_submitted_config(cfg, run_dir, "slurm")
+                 out: TextIO, dry_run: bool = False, check: bool = True) -> int:
+    """Check, render and queue the run as a Slurm batch job (with `dry_run`: check and print, queue
+    nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change."""
+    from pipeline.train.plan import slurm_consistency_errors
+
+    errors = slurm_consistency_errors(cfg)
+    if errors:
+        raise SubmitError("; ".join(errors))
+    config, config_text = submitted_config(cfg, run_dir, "slurm")
     script = render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force)
     script_path = config.with_suffix(".sbatch")
+    if dry_run:
+        print_slurm_dry_run(cfg, OmegaConf.create(config_text), script=script, script_path=script_path,
+                            run_dir=run_dir, out=out)
+    have_slurm = shutil.which("sbatch") is not None
+    if not have_slurm and not dry_run:
+        raise SubmitError("sbatch not found: run `xlp submit --to slurm` on a Slurm login node "
+                          "(or start a local Slurm with infra/local-slurm.sh)")
+    if check and have_slurm:
+        partition = check_slurm_request(cfg, script)
+        down = partition.unavailable_nodes()
+        if down and len(down) > len(partition.nodes) - int(cfg.slurm.nodes):
+            print(f"note: {len(down)} of the {len(partition.nodes)} nodes of partition {partition.name} are "
+                  f"unavailable now ({', '.join(f'{n.name} {n.state}' for n in down)}): the job waits until "
+                  "enough of them are back", file=out, flush=True)
+        if dry_run:
+            print(f"\n== checks: the request fits partition {partition.name} ({len(partition.nodes)} node(s)); "
+                  "sbatch --test-only accepts it", file=out)
+    elif dry_run:
+        print("\n== checks: not run (" + ("--no-check" if have_slurm else "no Slurm here: sbatch not found") + ")",
+              file=out)
+    if dry_run:
+        print("\nnothing was queued (--dry-run)", file=out, flush=True)
+        return 0
+
+    atomic_write_text(config, config_text)
     atomic_write_text(script_path, script)
     proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SubmitError(f"sbatch refused {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = " ".join((proc.stderr or proc.stdout).split())
+        raise SubmitError(f"sbatch refused {script_path}: {said}{_partition_hint(cfg)}")
     job_id = proc.stdout.strip().split(";")[0]
     log = RunLayout(run_dir).slurm_log(job_id)
     print(f"submitted Slurm job {job_id}\n  script: {script_path}\n  log:    {log}\n"
           f"  follow: xlp status {run_dir}   |   tail -f {log}", file=out, flush=True)
     if not wait:
         return 0
-    return wait_slurm(job_id, log, out)
+    return wait_slurm(job_id, log, out, slurm=cfg.slurm)
+
+
+def _partition_hint(cfg: DictConfig) -> str:
+    """"; slurm.x=... but ...: set slurm.x=..." when the partition shows what in slurm.* does not fit."""
+    from pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+
+    try:
+        errors = request_errors(cfg.slurm, read_partition(cfg.slurm.partition or None))
+    except (SlurmQueryError, ValueError):
+        return ""
+    return "; " + "; ".join(errors) if errors else ""
+
+
+def check_slurm_request(cfg: DictConfig, script: str):
+    """The partition the job would run in, after checking that its nodes can hold the request (sinfo)
+    and that `sbatch --test-only` accepts the script; SubmitError naming the keys otherwise."""
+    from pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+
+    try:
+        partition = read_partition(cfg.slurm.partition or None)
+    except SlurmQueryError as e:
+        raise SubmitError(str(e)) from None
+    errors = request_errors(cfg.slurm, partition)
+    if errors:
+        raise SubmitError("; ".join(errors) + " (--no-check submits it anyway)")
+    # What sinfo does not show (accounts, QOS, features, reservations): Slurm's own verdict, on the
+    # script from stdin so that nothing is written for a refused submission.
+    proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=120)
+    said = " ".join((proc.stderr + proc.stdout).split())
+    if proc.returncode != 0:
+        raise SubmitError(f"Slurm would not run this job on partition {partition.name}: `sbatch --test-only` says "
+                          f"{said!r}; check slurm.partition, slurm.account and slurm.extra (--no-check submits it anyway)")
+    return partition
+
+
+def print_slurm_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, script: str, script_path: Path, run_dir: Path,
+                        out: TextIO) -> None:
+    """The sbatch script and the training launch plan on the allocation it asks for."""
+    s = cfg.slurm
+    kind = f"{s.gpus_per_node} GPUs" if s.gpus_per_node else f"no GPUs, {cfg.train.cpu_processes} CPU ranks"
+    print(f"xlp submit --to slurm --dry-run: run {cfg.run.name} in {run_dir}\n"
+          f"config: valid; the job's copy would be {script_path.with_suffix('.yaml')}\n"
+          f"\n== sbatch script ({script_path})\n{script.rstrip()}\n"
+          f"\n== training launch (train.launcher={job_cfg.train.launcher}) on the allocation asked for: "
+          f"{s.nodes} node(s) x {kind}, {s.cpus_per_task} CPUs per node\n{launch_plan_text(job_cfg, run_dir)}",
+          file=out, flush=True)
+
+
+def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
+    """What the train stage would start on the allocation or cluster of `slurm.*` (see launch_plan)."""
+    from pipeline.train.plan import RayTrainPlan
+
+    plan = launch_plan(job_cfg)
+    if isinstance(plan, RayTrainPlan):
+        return plan.describe()
+    if isinstance(plan, str):
+        return plan
+    from pipeline.train.launch import RankCommand
+
+    layout = RunLayout(run_dir)
+    command = RankCommand(run_dir, layout.train.config, layout.train, layout.shard_dir)
+    if not plan.gpus_per_node:
+        command.on_cpu()
+    return plan.describe(command.argv(), log_pattern=f"{layout.train.logs}/rank_%t.log")
+
+
+def launch_plan(job_cfg: DictConfig):
+    """The plan (pipeline/train/plan.py) of the train stage for the launcher `job_cfg` sets, on the
+    allocation `slurm.*` asks for: an SrunPlan (slurm), a RayTrainPlan (ray), or a line (local)."""
+    from pipeline.train.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
+                                     srun_plan)
+
+    t = job_cfg.train
+    user_env = {str(k): str(v) for k, v in t.env.items()}
+    common = dict(cpu_processes=int(t.cpu_processes), threads=int(t.threads), device=str(t.device),
+                  user_env=user_env, inherited_env=os.environ)
+    if t.launcher == "ray":
+        return ray_train_plan(planned_ray_cluster(job_cfg.slurm), **common)
+    if t.launcher in ("slurm", "auto"):
+        return srun_plan(planned_slurm_allocation(job_cfg.slurm), **common)
+    ranks = (0 if t.device == "cpu" else job_cfg.slurm.gpus_per_node) or t.cpu_processes
+    return f"{ranks} local processes on the job's first node (train.launcher=local)"
+
+
+class SlurmJob(NamedTuple):
+    state: str  # PENDING, RUNNING, COMPLETED, ...; UNKNOWN once the controller has forgotten the job
+    reason: str  # why it is pending ("Resources", "PartitionConfig", ...); "None" when it is not
+    nodes: str  # its node list (compressed: node[1-2]); empty while pending
+    partition: str
+    exit_code: str
+
+
+def slurm_job(job_id: str) -> SlurmJob:
+    """The job as scontrol shows it."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return SlurmJob("UNKNOWN", "", "", "", "")
+    fields = dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+    nodes = fields.get("NodeList", "")
+    return SlurmJob(fields.get("JobState", "UNKNOWN"),
+                    fields.get("Reason", "None").replace("_", " "),  # scontrol -o joins a reason's words with _
+                    "" if nodes == "(null)" else nodes, fields.get("Partition", ""), fields.get("ExitCode", ""))
 
 
 def slurm_job_state(job_id: str) -> tuple[str, str]:
     """(JobState, ExitCode) from scontrol; ("UNKNOWN", "") once the controller has forgotten the job."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return "UNKNOWN", ""
-    fields = dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
-    return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+    job = slurm_job(job_id)
+    return job.state, job.exit_code
 
 
-def wait_slurm(job_id: str, log: Path, out: TextIO, poll_s: float = 2.0) -> int:
+def _hostnames(nodelist: str) -> str:
+    proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    return ",".join(proc.stdout.split()) if proc.returncode == 0 and proc.stdout.strip() else nodelist
+
+
+def job_line(job_id: str, job: SlurmJob) -> str:
+    """"job 12: PENDING (Resources)", "job 12: RUNNING on node1,node2"."""
+    line = f"job {job_id}: {job.state}"
+    if job.reason and job.reason != "None":
+        line += f" ({job.reason})"
+    if job.nodes and job.state != "PENDING":
+        line += f" on {_hostnames(job.nodes)}"
+    return line
+
+
+def wait_slurm(job_id: str, log: Path, out: TextIO, poll_s: float = 2.0, slurm=None) -> int:
+    """Follow the job to its end: its state and pending reason when they change, its log as it grows.
+    A pending reason that means it will never start cancels it and raises SubmitError saying why
+    (`slurm`: the job's slurm.* config, to name the key to change)."""
     pos = 0
-    state, exit_code = "PENDING", ""
+    shown = None
     while True:
-        if log.exists():
-            with open(log, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            pos += len(chunk)
-            out.write(chunk.decode(errors="replace"))
-            out.flush()
-        if state in TERMINAL_SLURM_STATES or state == "UNKNOWN":
+        job = slurm_job(job_id)
+        ended = job.state in TERMINAL_SLURM_STATES or job.state == "UNKNOWN"
+        if (job.state, job.reason, job.nodes) != shown and not ended:  # the last line says how it ended
+            shown = (job.state, job.reason, job.nodes)
+            print(job_line(job_id, job), file=out, flush=True)
+        pos = _copy_new(log, pos, out)
+        if job.state == "PENDING":
+            why = _never_starts(job, slurm)
+            if why:
+                subprocess.run(["scancel", job_id], capture_output=True)
+                raise SubmitError(f"Slurm job {job_id} can never start on partition {job.partition} "
+                                  f"(PENDING, reason {job.reason}); cancelled it. {why}")
+        if ended:
             break
         time.sleep(poll_s)
-        state, exit_code = slurm_job_state(job_id)
-    print(f"Slurm job {job_id}: {state} (exit code {exit_code or '?'})", file=out, flush=True)
-    return 0 if state == "COMPLETED" else 1
+    print(f"Slurm job {job_id}: {job.state} (exit code {job.exit_code or '?'})", file=out, flush=True)
+    return 0 if job.state == "COMPLETED" else 1
+
+
+def _copy_new(log: Path, pos: int, out: TextIO) -> int:
+    """Write what `log` gained since `pos` to `out`; the new position."""
+    if not log.exists():
+        return pos
+    with open(log, "rb") as f:
+        f.seek(pos)
+        chunk = f.read()
+    out.write(chunk.decode(errors="replace"))
+    out.flush()
+    return pos + len(chunk)
+
+
+def _never_starts(job: SlurmJob, slurm) -> Optional[str]:
+    """What to change when `job`'s pending reason means it will never start; None when it may."""
+    from pipeline.slurm_cluster import SlurmQueryError, never_starts, read_partition, request_errors
+
+    key = never_starts(job.reason)
+    needs_nodes = job.reason.startswith("ReqNodeNotAvail")  # never only if the nodes it names do not exist
+    if key is None and not needs_nodes:
+        return None
+    try:
+        partition = read_partition(job.partition or None)
+    except SlurmQueryError:
+        partition = None
+    if key is None and partition is not None:
+        key = never_starts(job.reason, [n.name for n in partition.nodes])
+    if key is None:
+        return None
+    if slurm is not None and partition is not None:
+        errors = request_errors(slurm, partition)
+        if errors:
+            return "; ".join(errors)
+    return f"Change {key} to what partition {job.partition} allows (`sinfo -p {job.partition} -N -l` lists its nodes)."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +420,16 @@ def _ray_auth_env() -> dict[str, str]:
 
 
 def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: Optional[list[str]],
-               force: bool, wait: bool, out: TextIO) -> int:
+               force: bool, wait: bool, out: TextIO, dry_run: bool = False) -> int:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    config, config_text = submitted_config(cfg, run_dir, "ray")
+    entrypoint = shlex.join([sys.executable, "-m", "pipeline.cli", *run_args(config, run_dir, only, force)])
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}}
+    metadata = {"xlp_run_dir": str(run_dir), "xlp_run_name": str(cfg.run.name)}
+    if dry_run:
+        print_ray_dry_run(cfg, OmegaConf.create(config_text), address=address, config=config, entrypoint=entrypoint,
+                          runtime_env=runtime_env, metadata=metadata, run_dir=run_dir, out=out)
+        return 0
     if not address:
         raise SubmitError("no Ray cluster given: pass --address http://HEAD:8265 (the Jobs API of the "
                           "head node; infra/local-ray.sh starts one here) or set RAY_API_SERVER_ADDRESS")
@@ -212,15 +442,9 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - Ray raises several kinds; all mean "cannot use this cluster"
         raise SubmitError(_ray_error(address, e)) from None
-    config = save_submitted_config(cfg, run_dir, "ray")
-    entrypoint = shlex.join([sys.executable, "-m", "pipeline.cli", *run_args(config, run_dir, only, force)])
+    atomic_write_text(config, config_text)
     try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1",
-                                      "PYTHONPATH": str(REPO_ROOT)}},
-            metadata={"xlp_run_dir": str(run_dir), "xlp_run_name": str(cfg.run.name)},
-        )
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
     except Exception as e:  # noqa: BLE001
         raise SubmitError(_ray_error(address, e)) from None
     print(f"submitted Ray job {job_id} to {address}\n  follow: ray job logs --follow {job_id}   |   "
@@ -239,6 +463,23 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
         time.sleep(1)
     print(f"Ray job {job_id}: {status.value}", file=out, flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def print_ray_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, address: Optional[str], config: Path,
+                      entrypoint: str, runtime_env: dict, metadata: dict, run_dir: Path, out: TextIO) -> None:
+    """The Ray job as it would be submitted, and the training launch plan on a cluster of the shape
+    `slurm.*` describes (the real cluster's resources decide when the job runs)."""
+    import json
+
+    s = cfg.slurm
+    shape = f"{s.nodes} node(s) x {s.gpus_per_node} GPUs, {s.cpus_per_task} CPUs per node"
+    print(f"xlp submit --to ray --dry-run: run {cfg.run.name} in {run_dir}\n"
+          f"config: valid; the job's copy would be {config}\n"
+          f"\n== Ray job (to {address or '<no --address given>'}; not contacted)\n"
+          f"entrypoint: {entrypoint}\nruntime_env: {json.dumps(runtime_env)}\nmetadata: {json.dumps(metadata)}\n"
+          f"\n== training launch (train.launcher={job_cfg.train.launcher}) on a cluster of the shape slurm.* "
+          f"describes ({shape}; the real cluster's resources decide at launch)\n{launch_plan_text(job_cfg, run_dir)}\n"
+          "\nnothing was submitted (--dry-run)", file=out, flush=True)
 
 
 def _ray_error(address: str, e: Exception) -> str:

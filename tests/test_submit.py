@@ -84,6 +84,97 @@ def test_slurm_bad_config_fails_before_anything_is_queued(slurm, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def default_partition() -> tuple[str, list[str], int]:
+    """(name, node names, most CPUs on one node) of the default partition, as sinfo shows it now (the
+    local cluster may have one node or several)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%N|%c"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.split("|")[0].endswith("*")]
+    assert rows, f"no default partition in:\n{out}"
+    nodes = sorted({r[1] for r in rows})
+    return rows[0][0].rstrip("*"), nodes, max(int(r[2]) for r in rows)
+
+
+def jobs_named(name: str) -> list[str]:
+    """Ids of the jobs called `name` the controller knows, in any state (finished ones for MinJobAge)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()
+
+
+@needs_slurm
+def test_slurm_precheck_refuses_what_the_partition_cannot_hold(slurm, tmp_path):
+    partition, nodes, most_cpus = default_partition()
+    # a job name of its own: other sessions queue jobs on this cluster meanwhile
+    name = f"precheck-{os.getpid()}-{int(time.time())}"
+    run_dir = tmp_path / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", f"slurm.cpus_per_task={most_cpus + 6}",
+               f"run.name={name}", "--run-dir", str(run_dir), timeout=120)
+    assert proc.returncode == 1
+    assert (f"slurm.cpus_per_task={most_cpus + 6} but the nodes of partition {partition} have at most {most_cpus} "
+            f"CPUs: set slurm.cpus_per_task={most_cpus} (or less)") in proc.stderr, proc.stderr
+    assert "sbatch refused" not in proc.stderr  # refused by the check, before sbatch saw it
+    proc = xlp("submit", str(TINY), "--to", "slurm", f"slurm.nodes={len(nodes) + 1}", "slurm.cpus_per_task=1",
+               "train.cpu_processes=1", f"run.name={name}", "--run-dir", str(run_dir), timeout=120)
+    assert proc.returncode == 1
+    assert f"slurm.nodes={len(nodes) + 1} but partition {partition} has {len(nodes)} node(s)" in proc.stderr, proc.stderr
+    assert jobs_named(f"xlp-{name}") == []
+    assert not run_dir.exists()
+
+    # --dry-run runs the same checks against the real partition, and queues nothing either
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--dry-run", "slurm.cpus_per_task=2", f"run.name={name}",
+               "--run-dir", str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"== checks: the request fits partition {partition} ({len(nodes)} node(s)); sbatch --test-only accepts it" \
+        in proc.stdout
+    assert "$ srun " in proc.stdout and "--ntasks-per-node=2" in proc.stdout
+    assert jobs_named(f"xlp-{name}") == []
+    assert not run_dir.exists()
+
+
+@needs_slurm
+def test_slurm_wait_fails_at_once_on_a_job_that_can_never_start(slurm, tmp_path):
+    """sbatch accepts more nodes than the partition has (the job would pend forever with PartitionConfig):
+    with the pre-check bypassed, --wait sees the reason, cancels the job and names the key."""
+    partition, nodes, _ = default_partition()
+    started = time.monotonic()
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--no-check", f"slurm.nodes={len(nodes) + 1}",
+               "slurm.cpus_per_task=1", "train.cpu_processes=1", "--run-dir", str(tmp_path / "run"), timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job = job_id_of(proc.stdout)
+    assert f"job {job}: PENDING (Partition" in proc.stdout  # the reason, as Slurm gave it
+    assert f"Slurm job {job} can never start on partition {partition} (PENDING, reason Partition" in proc.stderr
+    assert f"cancelled it. slurm.nodes={len(nodes) + 1} but partition {partition} has {len(nodes)} node(s): " \
+           f"set slurm.nodes={len(nodes)}" in proc.stderr, proc.stderr
+    assert took < 60, f"--wait took {took:.0f} s to give up"
+    assert job not in slurm_jobs() or subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip() in ("", "CANCELLED")
+
+
+@needs_slurm
+def test_slurm_wait_shows_the_job_pending_then_running(slurm, tmp_path):
+    """A short job (the tokenizer stage of the tiny config) held back by a dependency on another one,
+    so that it is PENDING first whatever else the cluster runs."""
+    _, nodes, _ = default_partition()
+    blocker = subprocess.run(["sbatch", "--parsable", "--job-name=xlp-test-blocker", "--cpus-per-task=1",
+                              "--output=/dev/null", "--wrap", "sleep 3"], capture_output=True, text=True, check=True)
+    blocker_id = blocker.stdout.strip().split(";")[0]
+    try:
+        proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--stages", "tokenizer", "slurm.cpus_per_task=2",
+                   f"slurm.extra=[--dependency=afterany:{blocker_id}]", "--run-dir", str(tmp_path / "run"), timeout=300)
+    finally:
+        subprocess.run(["scancel", blocker_id], capture_output=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    job = job_id_of(proc.stdout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"job {job}: ")]
+    assert lines[0] == f"job {job}: PENDING (Dependency)", lines
+    running = [line for line in lines if line.startswith(f"job {job}: RUNNING on ")]
+    assert running and lines.index(running[0]) > 0, lines
+    assert set(running[0].split(" on ", 1)[1].split(",")) <= set(nodes)
+    assert proc.stdout.rstrip().endswith(f"Slurm job {job}: COMPLETED (exit code 0:0)")
+    assert "+ tokenizer: done" in proc.stdout
+
+
 @needs_slurm
 def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
     run_dir = tmp_path / "run"

@@ -17,11 +17,11 @@ STAGE = Stage(
     name="train",
     # wandb.* is read at run time but not hashed: monitoring settings change no result
     reads=("model", "train", "data.seq_len", "run.seed", "kernels"),
-    # where the ranks run, how often they log, validate and save, what they keep, and how long a rank may
-    # hang change nothing the stage's training computes (train.num_workers does: the loader's order
-    # follows its streams)
+    # where the ranks run (and their transport settings, train.env), how often they log, validate and
+    # save, what they keep, and how long a rank may hang change nothing the stage's training computes
+    # (train.num_workers does: the loader's order follows its streams)
     ignores=("train.launcher", "train.device", "train.log_every", "train.save_every", "train.keep_checkpoints",
-             "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops",
+             "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops", "train.env",
              "train.hang_timeout"),
     # a longer (or shorter) run of the same trajectory continues from the checkpoints already there
     continues=("train.steps", "train.resume_from_step"),
@@ -49,7 +49,8 @@ def run(ctx: StageContext) -> dict:
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),
-                   hang_timeout=float(ctx.cfg.train.hang_timeout))
+                   hang_timeout=float(ctx.cfg.train.hang_timeout),
+                   extra_env={str(k): str(v) for k, v in ctx.cfg.train.env.items()})
     result = json.loads(out.result.read_text())
     result["ranks"] = ranks
     result["model_dir"] = str(out.model_dir)

@@ -5,8 +5,11 @@ naming the key (`train.<key>`); the pipeline config turns that into a ConfigErro
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from pipeline.secrets import is_secret_name
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
@@ -79,6 +82,10 @@ class TrainConfig:
     # {zero_optimization: {reduce_bucket_size: 5e7}, communication_data_type: fp32}).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
+    # Environment variables for every rank, over the launcher's defaults (pipeline/train/plan.py), e.g.
+    # {NCCL_SOCKET_IFNAME: ib0, NCCL_DEBUG: WARN}. Not for secrets: the job's environment has those.
+    env: dict[str, str] = field(default_factory=dict)
+
     num_workers: int = 0  # loader worker processes per rank
     threads: int = 0  # torch CPU threads per rank (0: CPU cores / ranks on this machine)
     peak_tflops: Optional[float] = None  # per-device peak for MFU (None: known GPUs' table; CPU: measured)
@@ -129,6 +136,12 @@ class TrainConfig:
             raise bad("resume_from_step", f"is {self.resume_from_step}; must be >= 1 or null")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise bad("peak_tflops", f"is {self.peak_tflops}; must be > 0 or null")
+        for name in self.env or {}:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+                raise bad(f"env.{name}", "is not an environment variable name (letters, digits, _)")
+            if is_secret_name(str(name)):
+                raise bad(f"env.{name}", f"looks like a secret: the config is saved with the run; export {name} "
+                          "in the job's environment instead (the ranks inherit it)")
         ds = dict(self.deepspeed or {})
         for key, owner in OWNED_DEEPSPEED_KEYS.items():
             if key in ds:

@@ -39,6 +39,8 @@ from pipeline.layout import RunLayout, TrainLayout
 from pipeline.node import RetryableFault, node_name
 from pipeline.train.dist import free_port
 from pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
+from pipeline.train.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
+                                 slurm_count, srun_plan)
 from pipeline.train.trainer import EXIT_STOPPED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -501,12 +503,7 @@ _TORCH_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NOD
                     "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
 
-def _slurm_count(value: Optional[str]) -> Optional[int]:
-    """"8" or "8(x2)" or "8(x2),4" (the first node's count); None when unset or unreadable."""
-    try:
-        return int(str(value).split("(")[0].split(",")[0])
-    except (TypeError, ValueError):
-        return None
+_slurm_count = slurm_count
 
 
 def slurm_hosts(env: dict) -> list[str]:
@@ -543,29 +540,20 @@ class SlurmRanks(Ranks):
         self.out = command.out
         base = dict(os.environ)
         visible_devices_for_ranks(base)
-        nodes = int(base.get("SLURM_JOB_NUM_NODES") or base.get("SLURM_NNODES") or 1)
-        gpus = slurm_gpus_per_node(base, device)
-        per_node = gpus or cpu_processes
-        self.n = n = nodes * per_node
-        cpus = (_slurm_count(base.get("SLURM_CPUS_PER_TASK")) or _slurm_count(base.get("SLURM_JOB_CPUS_PER_NODE"))
-                or len(os.sched_getaffinity(0)))
-        cpus_per_task = max(1, cpus // per_node)
         master, port = self._rendezvous(base)
+        alloc = SlurmAllocation.from_env(base, first_node=master, gpus_per_node=slurm_gpus_per_node(base, device),
+                                         cpus_fallback=len(os.sched_getaffinity(0)))
+        plan = srun_plan(alloc, cpu_processes=cpu_processes, threads=threads, device=device, master_port=port,
+                         user_env=extra_env, inherited_env=base)
+        self.n = plan.ranks
         for key in (*_SLURM_STEP_VARS, *_TORCH_RANK_VARS):
             base.pop(key, None)
-        base.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "LOCAL_SIZE": str(per_node)})
-        if not gpus:
+        if not plan.gpus_per_node:
             command.on_cpu()
-        self.env = rank_env(base, cpu_threads=None if gpus else threads or cpus_per_task, extra_env=extra_env)
+        self.env = {**rank_env(base, cpu_threads=None, extra_env={}), **plan.env}
         self.step_name = f"xlp-train-{os.getpid()}"
-        cmd = ["srun", "--overlap", "--export=ALL", f"--nodes={nodes}", f"--ntasks={n}",
-               f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus_per_task}", "--mem=0", "--cpu-bind=none",
-               "--kill-on-bad-exit=1", f"--job-name={self.step_name}", f"--output={self.out.logs}/rank_%t.log"]
-        if gpus:
-            cmd.append(f"--gpus-per-node={gpus}")
-        cmd += command.argv()
-        _say(stream, f"launch: srun, {n} ranks ({nodes} node(s) x {per_node} {'GPU' if gpus else 'CPU'} ranks, "
-                     f"rendezvous {master}:{port}, job {base.get('SLURM_JOB_ID')})")
+        cmd = plan.srun_args(step_name=self.step_name, log_pattern=f"{self.out.logs}/rank_%t.log") + command.argv()
+        _say(stream, f"launch: srun, {plan.summary()}")
         self._kill_srun_at: Optional[float] = None
         self.srun_log_path = self.out.logs / "srun.log"
         self.srun_log = open(self.srun_log_path, "w")
@@ -582,7 +570,7 @@ class SlurmRanks(Ranks):
         here = {socket.gethostname().split(".")[0], env.get("SLURMD_NODENAME", "")}
         if master.split(".")[0] in here:
             return master, free_port()
-        return master, 20000 + (int(env["SLURM_JOB_ID"]) * 7 + 13) % 20000
+        return master, job_rendezvous_port(env["SLURM_JOB_ID"])
 
     def done(self) -> bool:
         if self._kill_srun_at is not None and time.monotonic() > self._kill_srun_at and self.proc.poll() is None:
@@ -698,31 +686,33 @@ class RayRanks(Ranks):
         from ray.train.torch import TorchTrainer
 
         resources = ray.cluster_resources()
-        gpus = 0 if device == "cpu" else int(resources.get("GPU", 0))
-        self.n = n = gpus or cpu_processes
-        if not gpus:
-            command.on_cpu()
         from pipeline.secrets import is_secret
 
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
+        plan = ray_train_plan(RayCluster.from_nodes(ray.nodes()), cpu_processes=cpu_processes, threads=threads,
+                              device=device, user_env=extra_env, inherited_env=passed)
+        self.n = n = plan.num_workers
+        if not plan.use_gpu:
+            command.on_cpu()
         secret = {k: passed.pop(k) for k in list(passed) if is_secret(k, passed[k])}
         self.secrets_ref = ray.put(secret)  # kept alive (we own it) until the workers have read it
-        worker_env = rank_env(passed, cpu_threads=None if gpus else threads or max(1, int(resources.get("CPU", n)) // n),
-                              extra_env={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **extra_env})  # print() to the log
+        worker_env = {**rank_env(passed, cpu_threads=None, extra_env={}),
+                      "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **plan.env}  # print() to the log
         self.stop_file = command.out.logs / "STOP"
         self.stop_file.unlink(missing_ok=True)
         trainer = TorchTrainer(
             _ray_rank,
             train_loop_config={**command.loop_config(), "stop_file": str(self.stop_file),
                                "secret_env": self.secrets_ref},
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=gpus > 0, resources_per_worker={"CPU": 1}),
+            scaling_config=ScalingConfig(**plan.scaling_config_kwargs()),
             run_config=RunConfig(storage_path=str(command.out.root / "ray_train"),
                                  name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                  failure_config=FailureConfig(max_failures=0),
                                  worker_runtime_env={"env_vars": worker_env}),
         )
-        _say(stream, f"launch: ray train, {n} workers ({'GPU' if gpus else 'CPU'}; cluster {dict(resources)})")
+        _say(stream, f"launch: ray train, {n} workers ({'GPU' if plan.use_gpu else 'CPU'}; {plan.placement_strategy} "
+                     f"over {plan.nodes} node(s); cluster {dict(resources)})")
         self.out = command.out
         self.box: dict = {}
         self.abandoned = False

@@ -1,0 +1,272 @@
+"""The training launch as a plan (pipeline/train/plan.py) and `xlp submit --dry-run`: GPU and multi-node
+settings that cannot run on this machine, rendered and checked. Fast: nothing is queued or started."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, XLP, xlp_env
+from pipeline.config import ConfigError, load_config
+from pipeline.slurm_cluster import Partition, SlurmNode, format_time, never_starts, parse_time, request_errors
+from pipeline.submit import launch_plan, submitted_config
+from pipeline.train.plan import (RayCluster, RayTrainPlan, SlurmAllocation, SrunPlan, job_rendezvous_port,
+                                 ray_train_plan, slurm_consistency_errors, srun_plan)
+
+RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+SOURCES = "data.sources=[/shared/corpus/*.jsonl]"
+TWO_BY_EIGHT = ["slurm.gpus_per_node=8", "slurm.nodes=2"]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def xlp_submit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(XLP + ["submit", *map(str, args)], env=xlp_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def job_config(config, overrides, run_dir, launcher):
+    """The config the job would run (what `xlp submit` saves), as a DictConfig."""
+    _, text = submitted_config(load_config(config, overrides), run_dir, launcher)
+    return OmegaConf.create(text)
+
+
+def assert_two_nodes_of_eight_gpus(plan: SrunPlan, first_node: str):
+    assert (plan.nodes, plan.ranks_per_node, plan.ranks, plan.gpus_per_node) == (2, 8, 16, 8)
+    placed = [plan.placement(r) for r in range(plan.ranks)]
+    # one GPU per rank: every (node, GPU) pair exactly once; LOCAL_RANK is the GPU index
+    assert sorted((node, gpu) for node, _, gpu in placed) == [(n, g) for n in range(2) for g in range(8)]
+    assert all(local == gpu for _, local, gpu in placed)
+    assert [node for node, _, _ in placed] == [0] * 8 + [1] * 8
+    assert plan.master_addr == first_node and plan.env["MASTER_ADDR"] == first_node
+    assert plan.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert plan.env["LOCAL_SIZE"] == "8"
+    assert "DS_ACCELERATOR" not in plan.env  # GPUs: DeepSpeed's CUDA accelerator
+    args = plan.srun_args(step_name="s", log_pattern="l")
+    for flag in ("--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--gpus-per-node=8"):
+        assert flag in args
+
+
+# ---------------------------------------------------------------------------------------------
+# every recipe on 2 nodes x 8 GPUs
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_dry_run_on_two_nodes_of_eight_gpus(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = xlp_submit(recipe, "--to", "slurm", "--dry-run", "--no-check", SOURCES, *TWO_BY_EIGHT, "--run-dir", run_dir)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+    assert "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --nodes=2" in lines
+    (srun,) = [line for line in lines if line.startswith("$ srun ")]
+    srun = shlex.split(srun[2:])
+    for flag in ("--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--gpus-per-node=8"):
+        assert flag in srun, srun
+    assert "train.device=cpu" not in srun
+    assert "ranks: 16 = 2 node(s) x 8 GPU ranks, one GPU each" in out
+    assert "rank 8: node 2 of 2, LOCAL_RANK=0, cuda:0" in out
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
+    assert "nothing was queued (--dry-run)" in out
+    assert not run_dir.exists()  # nothing written
+
+    # the same plans as objects: srun on the allocation asked for, Ray Train on a cluster of that shape
+    plan = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT], run_dir, "slurm"))
+    assert isinstance(plan, SrunPlan)
+    assert_two_nodes_of_eight_gpus(plan, "<first node of the job>")
+    ray = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT], run_dir, "ray"))
+    assert isinstance(ray, RayTrainPlan)
+    assert (ray.num_workers, ray.use_gpu, ray.placement_strategy, ray.nodes) == (16, True, "SPREAD", 2)
+    assert ray.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+    assert ray.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+@pytest.mark.parametrize("recipe", RECIPES[:1], ids=lambda p: p.stem)
+def test_ray_dry_run_prints_the_job_and_spreads_the_workers(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = xlp_submit(recipe, "--to", "ray", "--dry-run", SOURCES, *TWO_BY_EIGHT, "--run-dir", run_dir)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    (entry,) = [line for line in out.splitlines() if line.startswith("entrypoint: ")]
+    assert shlex.split(entry)[2:5] == ["-m", "pipeline.cli", "run"] and f"--run-dir {run_dir}" in entry
+    assert '"PYTHONPATH"' in out and "runtime_env: " in out
+    assert "ScalingConfig(num_workers=16, use_gpu=True" in out and "placement_strategy='SPREAD'" in out
+    assert "nothing was submitted (--dry-run)" in out
+    assert not run_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan from a job's environment, as SlurmRanks and RayRanks build it
+
+
+def test_srun_plan_from_the_environment_of_a_two_node_gpu_job():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "64",
+           "SLURM_JOB_CPUS_PER_NODE": "64(x2)", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    alloc = SlurmAllocation.from_env(env, first_node="gpu07", gpus_per_node=8, cpus_fallback=2)
+    port = job_rendezvous_port(env["SLURM_JOB_ID"])
+    plan = srun_plan(alloc, cpu_processes=2, master_port=port, user_env={"NCCL_SOCKET_IFNAME": "ib0"},
+                     inherited_env={})
+    assert_two_nodes_of_eight_gpus(plan, "gpu07")
+    assert plan.cpus_per_rank == 8 and "--cpus-per-task=8" in plan.srun_args(step_name="s", log_pattern="l")
+    assert plan.env["MASTER_PORT"] == str(port) and 20000 <= port < 40000
+    assert plan.env["NCCL_SOCKET_IFNAME"] == "ib0"  # train.env reaches the ranks
+    assert "16 ranks (2 node(s) x 8 GPU ranks, rendezvous gpu07:" in plan.summary()
+
+
+def test_srun_plan_on_cpu():
+    alloc = SlurmAllocation(nodes=2, first_node="n1", gpus_per_node=8, cpus_per_node=8, job_id="7")
+    plan = srun_plan(alloc, cpu_processes=2, device="cpu", master_port=1234)  # train.device=cpu beats the GPUs
+    assert (plan.ranks, plan.ranks_per_node, plan.gpus_per_node, plan.cpus_per_rank) == (4, 2, 0, 4)
+    assert plan.env["DS_ACCELERATOR"] == "cpu" and plan.env["OMP_NUM_THREADS"] == "4"
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in plan.env
+    assert not any(a.startswith("--gpus") for a in plan.srun_args(step_name="s", log_pattern="l"))
+    assert plan.placement(3) == (1, 1, None)
+    assert srun_plan(alloc, cpu_processes=2, device="cpu", threads=1).env["OMP_NUM_THREADS"] == "1"
+
+
+def test_environment_precedence():
+    alloc = SlurmAllocation(nodes=1, first_node="n1", gpus_per_node=4, cpus_per_node=16)
+    # the launching environment's value stays (srun --export=ALL passes it), the config's wins
+    inherited = srun_plan(alloc, cpu_processes=1, inherited_env={"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"})
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in inherited.env
+    configured = srun_plan(alloc, cpu_processes=1, inherited_env={"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"},
+                           user_env={"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "NCCL_DEBUG": "WARN"})
+    assert configured.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0" and configured.env["NCCL_DEBUG"] == "WARN"
+
+
+def test_ray_plan_from_the_cluster_nodes():
+    nodes = [{"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    cluster = RayCluster.from_nodes(nodes)
+    assert (cluster.nodes, cluster.cpus, cluster.gpus) == (2, 128, 16)
+    plan = ray_train_plan(cluster, cpu_processes=2)
+    assert plan.scaling_config_kwargs() == {"num_workers": 16, "use_gpu": True,
+                                            "resources_per_worker": {"CPU": 1.0, "GPU": 1.0},
+                                            "placement_strategy": "SPREAD"}
+    # one node: Ray's default packing; CPU workers share the CPUs for their threads
+    one = ray_train_plan(RayCluster(nodes=1, cpus=2, gpus=0), cpu_processes=2)
+    assert (one.num_workers, one.use_gpu, one.placement_strategy) == (2, False, "PACK")
+    assert one.env == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    assert ray_train_plan(cluster, cpu_processes=3, device="cpu").num_workers == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# consistency of slurm.* and train.*
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["slurm.gpus_per_node=8", "train.device=cpu"],
+     "slurm.gpus_per_node=8 asks for GPUs but train.device=cpu trains on CPU ranks: set slurm.gpus_per_node=0"),
+    (["slurm.gpus_per_node=8", "slurm.cpus_per_task=4"],
+     "slurm.cpus_per_task=4 is less than one CPU for each of the 8 GPU ranks per node (slurm.gpus_per_node=8): "
+     "set slurm.cpus_per_task=8"),
+    (["train.cpu_processes=4", "slurm.cpus_per_task=2"],
+     "train.cpu_processes=4 CPU ranks per node need 4 CPUs but slurm.cpus_per_task=2: set slurm.cpus_per_task=4"),
+    (["slurm.nodes=2", "train.launcher=local"],
+     "train.launcher=local trains on the first of the slurm.nodes=2 nodes only"),
+])
+def test_inconsistent_slurm_and_train_keys_are_refused_before_anything(overrides, message, tmp_path):
+    cfg = load_config(TINY, overrides)
+    assert any(message in e for e in slurm_consistency_errors(cfg))
+    run_dir = tmp_path / "run"
+    proc = xlp_submit(TINY, "--to", "slurm", "--dry-run", *overrides, "--run-dir", run_dir)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def test_the_defaults_and_recipes_are_consistent():
+    assert slurm_consistency_errors(load_config(REPO / "configs" / "demo.yaml")) == []
+    for recipe in RECIPES:
+        assert slurm_consistency_errors(load_config(recipe, [SOURCES])) == []
+
+
+def test_bad_slurm_and_train_env_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"`slurm.time` is 'two days'; use Slurm's format"):
+        load_config(TINY, ["slurm.time=two days"])
+    with pytest.raises(ConfigError, match=r"`slurm.nodes` is 0; must be >= 1"):
+        load_config(TINY, ["slurm.nodes=0"])
+    with pytest.raises(ConfigError, match=r"`train.env.WANDB_API_KEY` looks like a secret"):
+        load_config(TINY, ["train.env.WANDB_API_KEY=abc"])
+    with pytest.raises(ConfigError, match=r"`train.env.NCCL-X` is not an environment variable name"):
+        load_config(TINY, ["train.env.NCCL-X=1"])
+    cfg = load_config(TINY, ["train.env.NCCL_DEBUG=WARN"])
+    assert dict(cfg.train.env) == {"NCCL_DEBUG": "WARN"}
+
+
+# ---------------------------------------------------------------------------------------------
+# a request against a partition (sinfo's view as data: GPUs, memory and time limits this machine's
+# Slurm does not have; tests/test_submit.py checks the real partition)
+
+
+def partition(gpus=8, cpus=64, memory_mb=512_000, count=2, time_limit="2-00:00:00", max_nodes=None):
+    nodes = tuple(SlurmNode(f"gpu{i:02d}", cpus, memory_mb, gpus, "idle") for i in range(1, count + 1))
+    return Partition("gpu", nodes, parse_time(time_limit), max_nodes)
+
+
+def slurm_keys(**kw):
+    base = dict(nodes=2, gpus_per_node=8, cpus_per_task=64, time="24:00:00", extra=[])
+    return OmegaConf.create({**base, **kw})
+
+
+def test_a_request_that_fits_has_no_errors():
+    assert request_errors(slurm_keys(), partition()) == []
+
+
+def test_unavailable_nodes():
+    nodes = tuple(SlurmNode(f"n{i}", 2, 1000, 0, state) for i, state in
+                  enumerate(["idle", "mix", "alloc", "down*", "drain", "idle*", "unk", "drng"]))
+    names = [n.name for n in Partition("p", nodes, None, None).unavailable_nodes()]
+    assert names == ["n3", "n4", "n5", "n6", "n7"]
+
+
+@pytest.mark.parametrize("keys, part, message", [
+    (dict(gpus_per_node=8), dict(gpus=0),
+     "slurm.gpus_per_node=8 but the nodes of partition gpu have no GPUs (gpu gres): set slurm.gpus_per_node=0"),
+    (dict(gpus_per_node=8), dict(gpus=4),
+     "slurm.gpus_per_node=8 but the nodes of partition gpu have at most 4 GPUs: set slurm.gpus_per_node=4 (or less)"),
+    (dict(cpus_per_task=128), {},
+     "slurm.cpus_per_task=128 but the nodes of partition gpu with enough GPUs have at most 64 CPUs: "
+     "set slurm.cpus_per_task=64 (or less)"),
+    (dict(nodes=4), {}, "slurm.nodes=4 but partition gpu has 2 node(s): set slurm.nodes=2 (or less)"),
+    (dict(nodes=2), dict(max_nodes=1),
+     "slurm.nodes=2 but partition gpu takes jobs of at most 1 node(s): set slurm.nodes=1 (or less)"),
+    (dict(time="3-00:00:00"), {},
+     "slurm.time=3-00:00:00 is longer than partition gpu's time limit 2-00:00:00: set slurm.time=2-00:00:00"),
+    (dict(extra=["--mem=1T"]), {},
+     "slurm.extra asks for --mem=1048576M but the nodes of partition gpu have at most 512000M"),
+])
+def test_a_request_that_cannot_fit_names_the_key_and_what_fits(keys, part, message):
+    errors = request_errors(slurm_keys(**keys), partition(**part))
+    assert any(message in e for e in errors), errors
+
+
+def test_slurm_times():
+    assert parse_time("60") == 3600 and parse_time("1:30") == 90 and parse_time("24:00:00") == 86400
+    assert parse_time("2-00:00:00") == 2 * 86400 and parse_time("1-12") == 36 * 3600
+    assert parse_time("infinite") is None and parse_time("UNLIMITED") is None
+    assert format_time(86400 + 3661) == "1-01:01:01" and format_time(3600) == "01:00:00"
+    with pytest.raises(ValueError):
+        parse_time("two days")
+
+
+def test_pending_reasons_that_never_start():
+    assert never_starts("PartitionNodeLimit") == "slurm.nodes"
+    assert never_starts("PartitionTimeLimit") == "slurm.time"
+    assert "slurm.cpus_per_task" in never_starts("PartitionConfig")
+    for waiting in ("Resources", "Priority", "Dependency", "BeginTime", "None"):
+        assert never_starts(waiting) is None
+    # a node that is down may come back; one that does not exist never will
+    assert never_starts("ReqNodeNotAvail, UnavailableNodes:n2", ["n1", "n2"]) is None
+    assert never_starts("ReqNodeNotAvail, UnavailableNodes:n9", ["n1", "n2"]) == "slurm.extra (--nodelist)"
+
+
+def test_submit_help_explains_the_checks_and_dry_run():
+    proc = subprocess.run(XLP + ["submit", "--help"], env=xlp_env(), capture_output=True, text=True, timeout=120)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0
+    for phrase in ("--dry-run", "--no-check", "sbatch --test-only", "sinfo", "PartitionConfig",
+                   "slurm.gpus_per_node"):
+        assert phrase in text, phrase
+    assert re.search(r"--wait .*pending reason", text)
