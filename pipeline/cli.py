@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(slurm.nodes x slurm.gpus_per_node): srun's ranks per node, GPU binding (LOCAL_RANK), rendezvous "
         "(the first node) and environment, or Ray Train's workers and placement.",
         epilog="examples:\n"
-        "  xlp submit configs/xlstm_125m.yaml --to slurm slurm.partition=gpu slurm.nodes=4 slurm.gpus_per_node=8\n"
+        "  xlp submit configs/demo.yaml model=xlstm_125m --to slurm slurm.partition=gpu slurm.nodes=4 slurm.gpus_per_node=8\n"
         "  xlp submit configs/recipes/xlstm_large_7b.yaml --to slurm --dry-run 'data.sources=[/data/*.jsonl]' slurm.nodes=2\n"
         "  xlp submit configs/demo.yaml --to ray --address http://head:8265 --wait\n"
         "  xlp submit configs/demo.yaml --to slurm --stages eval     (rerun just eval on the cluster)\n"

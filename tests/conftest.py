@@ -27,6 +27,29 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real Ray cluster of two nodes for `xlp submit --to ray`: a head with the Jobs API and token
+    authentication on this machine, and one worker node (xlp-ray1, a network namespace of its own;
+    infra/local-ray.sh --workers 1). Yields the Jobs API address; stopped at the end of the session."""
+    import socket
+    import subprocess
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2",
+               RAY_TEMP_DIR=str(tmp_path_factory.mktemp("ray")))
+    script = str(REPO / "infra" / "local-ray.sh")
+    proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield f"http://127.0.0.1:{dash}"
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+
+
 def xlp_env(extra: dict | None = None) -> dict:
     """Environment for `xlp` subprocesses: tests/ importable (toy stages), W&B offline."""
     env = dict(os.environ)

@@ -1,7 +1,8 @@
 """The pipeline across two nodes of a real Slurm cluster on this machine (infra/local-slurm.sh --nodes 2:
 one slurmd per node, each node a network namespace with its own address and host name), and a node's
 ranks lost mid-training: the job requeues itself through Slurm and ends with the weights an
-uninterrupted run has, bit for bit."""
+uninterrupted run has, bit for bit. On a 2-node Ray cluster, Ray Train restarts a lost worker's ranks
+from the checkpoint, with the same result."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, XLP, xlp_env
 from test_submit import TINY, assert_pipeline_complete, job_id_of, xlp
 
 pytestmark = [
@@ -115,4 +116,42 @@ def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, 
     train = stage_json(run_dir, "train")
     assert train["resumed"] and train["metrics"]["resumed_from_step"] >= 20
     assert train["metrics"]["nodes"] == NODES
+    assert weights(run_dir) == weights(uninterrupted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: a head here and a worker node (xlp-ray1), conftest.py's ray_head
+
+RAY_TWO_NODES = ["train.cpu_processes=2", "train.threads=1", "train.steps=100", "train.save_every=20",
+                 "data.partition_bytes=100000"]  # two Ray Train workers, SPREAD: one per node
+
+
+def test_ray_worker_lost_restarts_from_the_checkpoint_bitwise(ray_head, uninterrupted, tmp_path):
+    """Ray Train restarts the ranks after one's process is killed (train.max_restarts), from the last
+    checkpoint, and the weights are the uninterrupted 2-node Slurm run's: the same world size gives the
+    same result whichever launcher started the ranks."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen([*XLP, "submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait",
+                            "--run-dir", str(run_dir), *RAY_TWO_NODES],
+                           env=xlp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first_checkpoint = run_dir / "train" / "checkpoints" / "step_00000020"
+        deadline = time.time() + 600
+        while not (first_checkpoint / "meta.json").is_file():
+            assert time.time() < deadline and job.poll() is None, "no checkpoint within 10 minutes"
+            time.sleep(0.5)
+        beats = [json.loads(p.read_text()) for p in (run_dir / "train" / "logs").glob("heartbeat_*.json")]
+        victim = next(b for b in beats if b["node"] == "xlp-ray1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        out, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-5000:]
+    assert_pipeline_complete(run_dir)
+    train = stage_json(run_dir, "train")["metrics"]
+    assert train["resumed_from_step"] >= 20 and train["world_size"] == 2
+    assert len(train["nodes"]) == 2 and "xlp-ray1" in train["nodes"]
+    rank_log = (run_dir / "train" / "logs" / f"rank_{victim['rank']}.log").read_text()
+    assert "resumed from" in rank_log  # the restarted worker's part of the log follows the first one's
     assert weights(run_dir) == weights(uninterrupted)

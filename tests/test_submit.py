@@ -232,17 +232,7 @@ def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_
 # Ray
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2",
-               RAY_TEMP_DIR=str(tmp_path_factory.mktemp("ray")))
-    script = str(REPO / "infra" / "local-ray.sh")
-    # a head and one worker node (a network namespace of its own: xlp-ray1)
-    proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield f"http://127.0.0.1:{dash}"
-    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+# ray_head: the 2-node Ray cluster of conftest.py (shared with tests/test_multinode.py)
 
 
 def test_ray_bad_config_fails_before_submitting(ray_head, tmp_path):

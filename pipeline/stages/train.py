@@ -22,7 +22,7 @@ STAGE = Stage(
     # (train.num_workers does: the loader's order follows its streams)
     ignores=("train.launcher", "train.device", "train.log_every", "train.save_every", "train.keep_checkpoints",
              "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops", "train.env",
-             "train.hang_timeout"),
+             "train.hang_timeout", "train.max_restarts"),
     # a longer (or shorter) run of the same trajectory continues from the checkpoints already there
     continues=("train.steps", "train.resume_from_step"),
     needs=("tokenizer", "shard"),
@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> dict:
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),
-                   hang_timeout=float(ctx.cfg.train.hang_timeout),
+                   hang_timeout=float(ctx.cfg.train.hang_timeout), max_restarts=int(ctx.cfg.train.max_restarts),
                    extra_env={str(k): str(v) for k, v in ctx.cfg.train.env.items()})
     result = json.loads(out.result.read_text())
     result["ranks"] = ranks

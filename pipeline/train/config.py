@@ -72,6 +72,9 @@ class TrainConfig:
     # (`xlp run` exits 75). Must exceed the longest step, validation pass, checkpoint save and export.
     # 0: no hang check.
     hang_timeout: float = 600.0
+    # Ray Train (train.launcher=ray): times it restarts the ranks, from the last checkpoint, after a
+    # worker or its node was lost. A Slurm job requeues itself instead (slurm.max_requeues).
+    max_restarts: int = 3
     # continue from the checkpoint of this step instead of the newest (e.g. the last one before a WSD
     # decay, to extend a run without its decayed weights); null: the newest verified checkpoint
     resume_from_step: Optional[int] = None
@@ -98,7 +101,7 @@ class TrainConfig:
                     "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise bad(key, f"is {getattr(self, key)}; must be >= 1")
-        for key in ("warmup", "save_every", "eval_every", "eval_batches", "log_every", "num_workers",
+        for key in ("warmup", "max_restarts", "save_every", "eval_every", "eval_batches", "log_every", "num_workers",
                     "threads"):
             if getattr(self, key) < 0:
                 raise bad(key, f"is {getattr(self, key)}; must be >= 0")

@@ -93,9 +93,12 @@ class RankCommand:
 def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional[Path] = None,
            shard_dir: Optional[Path] = None, threads: int = 0, stream: Optional[IO[str]] = None,
            extra_env: Optional[dict] = None, grace_s: float = 600.0, launcher: str = "auto",
-           device: str = "auto", hooks: Optional[str] = None, hang_timeout: float = 600.0) -> int:
+           device: str = "auto", hooks: Optional[str] = None, hang_timeout: float = 600.0,
+           max_restarts: int = 0) -> int:
     """Run the ranks to completion. Returns the number of ranks; raises TrainFailed (RanksLost: a rank
-    hung or was lost; see supervise) or TrainInterrupted. hang_timeout: `train.hang_timeout` (0: off)."""
+    hung or was lost; see supervise) or TrainInterrupted. hang_timeout: `train.hang_timeout` (0: off).
+    max_restarts: `train.max_restarts`, for Ray Train, which restarts lost workers itself (a Slurm job
+    requeues itself instead: slurm.max_requeues)."""
     run_dir = Path(run_dir)
     out = TrainLayout(Path(out_dir)) if out_dir else RunLayout(run_dir).train
     out.logs.mkdir(parents=True, exist_ok=True)
@@ -104,8 +107,9 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
     command = RankCommand(run_dir, Path(config), out, shard_dir, hooks=hooks)
     start = {"local": LocalRanks, "slurm": SlurmRanks, "ray": RayRanks}[how]
     _clear_rank_logs(out.logs)
+    options = {"max_restarts": max_restarts} if how == "ray" else {}
     ranks = start(command, cpu_processes=cpu_processes, threads=threads, device=device,
-                  extra_env=extra_env or {}, stream=stream)
+                  extra_env=extra_env or {}, stream=stream, **options)
     return supervise(ranks, out, stream=stream, grace_s=grace_s, hang_timeout=hang_timeout)
 
 
@@ -677,7 +681,7 @@ class RayRanks(Ranks):
     is a file every worker watches (RUN_DIR/train/logs/STOP)."""
 
     def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
-                 extra_env: dict, stream: IO[str]):
+                 extra_env: dict, stream: IO[str], max_restarts: int = 0):
         import ray
 
         if not ray.is_initialized():
@@ -708,7 +712,7 @@ class RayRanks(Ranks):
             scaling_config=ScalingConfig(**plan.scaling_config_kwargs()),
             run_config=RunConfig(storage_path=str(command.out.root / "ray_train"),
                                  name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                                 failure_config=FailureConfig(max_failures=0),
+                                 failure_config=FailureConfig(max_failures=max_restarts),
                                  worker_runtime_env={"env_vars": worker_env}),
         )
         _say(stream, f"launch: ray train, {n} workers ({'GPU' if plan.use_gpu else 'CPU'}; {plan.placement_strategy} "
@@ -814,7 +818,7 @@ def _ray_rank(config: dict) -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     try:
-        with output_to(log_path, append=False):
+        with output_to(log_path, append=True):  # a restarted worker (train.max_restarts) adds to its log
             ray_train_loop({**{k: v for k, v in config.items() if k != "stop_file"}, "stop": stop})
     finally:
         finished.set()
