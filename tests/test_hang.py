@@ -166,6 +166,35 @@ def test_detector_ignores_a_file_that_is_not_a_heartbeat(tmp_path):
     assert hang is not None and hang.ranks == (1,) and "never started" in hang.message
 
 
+def test_srun_output_names_the_rank_the_cluster_lost(tmp_path):
+    """srun's own report lines (Slurm 23) decide between a lost rank and a rank's own error: with
+    --kill-on-bad-exit srun kills every task once one has failed, so only the first failure counts."""
+    from pipeline.train.launch import srun_lost_rank
+
+    layout = TrainLayout(tmp_path)
+    layout.logs.mkdir(parents=True)
+    killed_first = ("srun: error: xlp-node2: task 1: Killed\nsrun: Terminating StepId=7.2\n"
+                    "srun: error: xlp-node1: task 0: Exited with exit code 1\n")
+    layout.rank_error(0).write_text("RuntimeError: Connection closed by peer\n")  # rank 0 lost its peer
+    lost = srun_lost_rank(killed_first, layout)
+    assert lost is not None and lost.lost and lost.rank == 1 and "xlp-node2" in lost.how and "SIGKILL" in lost.how
+
+    failed_first = ("srun: error: xlp-node1: task 0: Exited with exit code 1\nsrun: Terminating StepId=7.2\n"
+                    "srun: error: xlp-node2: task 1: Killed\n")  # rank 0 raised; srun then killed rank 1
+    assert srun_lost_rank(failed_first, layout) is None
+
+    layout.rank_error(1).write_text("ValueError: bad shard\n")  # a Killed rank that had raised first is its own error
+    assert srun_lost_rank(killed_first, layout) is None
+
+    b = Heartbeat(layout.heartbeat(1), rank=1, interval_s=3600)
+    b.state["node"] = "xlp-node2"  # the rank on the node that failed
+    b.write()
+    node_lost = srun_lost_rank("srun: error: Node failure on xlp-node2\nsrun: error: xlp-node1: task 0: Killed\n"
+                               "srun: error: xlp-node2: task 1: Killed\n", layout)
+    assert node_lost is not None and node_lost.lost and node_lost.rank == 1
+    assert "node failure on xlp-node2" in node_lost.how
+
+
 # ---------------------------------------------------------------------------------------------
 # slow: real `xlp run`s
 
