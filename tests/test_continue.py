@@ -71,9 +71,10 @@ def test_cadence_changes_rerun_nothing_and_a_longer_run_continues(data_run, tmp_
     losses_20 = losses(run)
     assert sorted(losses_20) == list(range(1, 21))
 
-    # checkpoint cadence and retention, evaluation cadence, logging, threads: train is skipped
+    # checkpoint cadence and retention, evaluation cadence, logging, threads, hang check: train is skipped
     r = train(run, "train.steps=20", "train.save_every=7", "train.keep_checkpoints=3", "train.eval_every=3",
-              "train.eval_batches=1", "train.log_every=1", "train.threads=1", "train.peak_tflops=1.0")
+              "train.eval_batches=1", "train.log_every=1", "train.threads=1", "train.peak_tflops=1.0",
+              "train.hang_timeout=120")
     assert "= train: done" in r.stdout and "skipped" in r.stdout, r.stdout
     assert (run / "train" / "stage.json").read_bytes() == first
 

@@ -144,6 +144,7 @@ def test_config_defaults_and_validation():
         ("train.schedule=linear", "train.schedule"),
         ("train.min_lr=1", "train.min_lr"),
         ("train.grad_accum=0", "train.grad_accum"),
+        ("train.hang_timeout=-1", "train.hang_timeout"),
         ("train.offload_params=true", "train.offload_params"),
         ("train.deepspeed={gradient_accumulation_steps: 4}", "train.deepspeed.gradient_accumulation_steps"),
         ("train.deepspeed={zero_optimization: {stage: 3}}", "train.deepspeed.zero_optimization.stage"),

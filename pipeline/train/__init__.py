@@ -7,7 +7,8 @@ Modules
                  and `ray_train_loop` for Ray Train; reads the config, starts the process group
   hooks.py       TrainHooks: where tests step into the loop (`--hooks module:name`), no-ops otherwise
   launch.py      starts the ranks (local processes, srun in an allocation, Ray Train workers) and
-                 watches them with one `supervise()`: log streaming, stop on SIGTERM, failures
+                 watches them with one `supervise()`: log streaming, stop on SIGTERM, failures, hangs
+  heartbeat.py   each rank's heartbeat file, and the HangDetector that names a rank that hangs or is lost
   dist.py        rank/world size from torchrun, `deepspeed`, srun, mpirun, Ray Train or nothing
   checkpoint.py  atomic checkpoints (newest train.keep_checkpoints kept) and the consolidated model
   optim.py       AdamW parameter groups (no decay on norms, biases, gates, embeddings), step veto
@@ -29,11 +30,18 @@ Outputs in RUN_DIR/train/
   result.json                 final_loss, val_loss, tokens_per_s, mfu, ... (the stage's metrics)
   wandb/, wandb_run_id        the W&B run (offline by default); a rerun continues the same run id
   logs/rank_<r>.log           each rank's output; rank_<r>.error holds a failed rank's message
+  logs/heartbeat_<r>.json     each rank's node, pid, step and phase, refreshed every few seconds
 
 Resume: a rerun of the stage (same fingerprint) continues from the newest complete checkpoint, with the
 same number of ranks; the result is bitwise the same as an uninterrupted run on the same machine
 (tests/test_train.py::test_exact_resume_after_sigkill). SIGTERM/SIGINT: the ranks finish the current
 step, save a checkpoint and exit with status 143; the stage fails with "rerun to resume".
+
+Hangs and lost ranks (train.hang_timeout, default 600 s; 0: off): a rank whose heartbeat stops for that
+long (stopped, its node lost), or every rank without progress that long once training has begun (stuck in
+a collective; the rank behind is named), ends the ranks; so does a rank killed by SIGKILL without an
+error of its own. The stage fails with RanksLost naming rank, node, pid, last step and phase; `xlp run`
+exits 75 and a rerun resumes. A rank's own exception is an ordinary failure (exit 1).
 
 Non-finite loss or gradients: the step is skipped (no parameter or optimizer-state change) and counted
 (train/skipped_steps); train.max_bad_steps in a row fail the run, naming the steps.
