@@ -6,14 +6,18 @@ configs support are used. Fields that belong to one architecture are ignored by 
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 ARCHS = ("xlstm", "xlstm_large", "llama")
 INITS = ("small_wang", "normal")
 FORGET_GATES = ("sigmoid", "exp")
 HEAD_NORMS = ("layer", "rms")
 INIT_FROM_SCHEMES = ("hf", "native")
+CHECKPOINT_POLICIES = ("full", "selective")
 
 
 @dataclass
@@ -26,7 +30,12 @@ class ModelConfig:
     num_heads: int = 4  # mLSTM heads (xlstm, xlstm_large) or attention heads (llama)
     slstm_at: list[int] = field(default_factory=list)  # block indices that are sLSTM (xlstm arch)
     tie_weights: bool = False
+    # Recompute each block in the backward pass instead of keeping its activations (training only).
     activation_checkpointing: bool = False
+    # What a checkpointed block keeps (model.activation_checkpointing=true): full (only its input;
+    # everything is recomputed) | selective (also its matmul, attention and mLSTM kernel outputs;
+    # only norms and elementwise ops are recomputed: less memory saved, little compute repeated).
+    checkpoint_policy: str = "full"
 
     # --- xlstm (NeurIPS) mLSTM block: pre up-projection ---
     mlstm_proj_factor: float = 2.0  # inner dim = factor * d_model
@@ -89,6 +98,8 @@ class ModelConfig:
                 bad(key, f"must be null (arch default), 0 (off) or > 0, got {getattr(self, key)}")
         if self.d_model % self.num_heads:
             bad("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            bad("checkpoint_policy", f"must be one of {', '.join(CHECKPOINT_POLICIES)}, got {self.checkpoint_policy!r}")
         if self.init not in INITS:
             bad("init", f"unknown init recipe {self.init!r}; valid: {', '.join(INITS)}")
         if self.slstm_forget_gate not in FORGET_GATES:
@@ -168,3 +179,90 @@ class ModelConfig:
         if self.logit_soft_cap is None:
             return 30.0 if self.arch == "xlstm_large" else 0.0
         return float(self.logit_soft_cap)
+
+
+# ------------------------------------------------------------------------------- YAML without OmegaConf
+def _scalar(text: str) -> Any:
+    """One YAML scalar or flow list of a flat model file: null, true/false, int, float, [a, b], str."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(item) for item in text[1:-1].split(",") if item.strip()]
+    if text in ("null", "~", ""):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the ModelConfig field's type (ints for float fields, strings for str fields)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) is Union and len(args) == 1 else hint
+    if value is None:
+        if base is hint and hint is not Any:
+            raise ValueError(f"model.{key}: may not be null")
+        return None
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+    elif origin is int and not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+            return int(value)
+    elif origin is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif origin is str:
+        return str(value)
+    elif origin is list:
+        items = value if isinstance(value, list) else _scalar(str(value))
+        if isinstance(items, list):
+            return [_typed(key, item, typing.get_args(base)[0]) for item in items]
+    raise ValueError(f"model.{key}: {value!r} is not a valid {getattr(origin, '__name__', origin)}")
+
+
+def model_config_from(values: dict[str, Any]) -> ModelConfig:
+    """A validated ModelConfig from plain values (strings are converted to the fields' types); an
+    unknown key raises ValueError naming it and the valid ones."""
+    hints = typing.get_type_hints(ModelConfig)
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in values:
+        if key not in hints:
+            raise ValueError(f"model.{key}: unknown key; valid: {', '.join(known)}")
+    return ModelConfig(**{k: _typed(k, v, hints[k]) for k, v in values.items()}).validate()
+
+
+def load_model_yaml(name: Union[str, Path], overrides: Optional[list[str]] = None,
+                    config_dir: Optional[Path] = None) -> ModelConfig:
+    """configs/model/NAME.yaml (or a path to such a file) with `key=value` overrides, read without
+    OmegaConf, so benchmarks run where only torch and triton are installed. The files are flat
+    `key: value` maps (scalars and flow lists); anything nested is refused."""
+    path = Path(name)
+    if not path.is_file():
+        path = (config_dir or Path(__file__).resolve().parents[1] / "configs" / "model") / f"{name}.yaml"
+    values: dict[str, Any] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        body = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if not body.strip():
+            continue
+        key, sep, value = body.partition(":")
+        if not sep or body[0].isspace() or not value.strip():
+            raise ValueError(f"{path}:{n}: expected a flat 'key: value' line, got {line!r}")
+        values[key.strip()] = _scalar(value)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        values[key.strip().removeprefix("model.")] = _scalar(value)
+    return model_config_from(values)

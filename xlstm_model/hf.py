@@ -217,7 +217,8 @@ def from_hf_config(hf: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
         warnings.warn(f"transformers' xLSTM adds eps={eps} to the mLSTM normaliser; ours adds none "
                       "(outputs differ by about that relative amount where the normaliser is ~1)")
     base_fields = dataclasses.asdict(base) if base is not None else {}
-    keep = {k: base_fields[k] for k in ("init", "activation_checkpointing", "init_from") if k in base_fields}
+    keep = {k: base_fields[k] for k in ("init", "activation_checkpointing", "checkpoint_policy", "init_from")
+            if k in base_fields}
     cfg = ModelConfig(
         arch="xlstm_large",
         vocab_size=int(hf["vocab_size"]),

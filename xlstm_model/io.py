@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import load_file, save_model as _save_safetensors
 
 from xlstm_model.config import ModelConfig
 from xlstm_model.lm import LanguageModel, as_model_config, build_model
@@ -22,6 +21,8 @@ FORMAT = "xlstm-pipeline/model/v1"
 def save_model(model: torch.nn.Module, cfg: ModelConfig, directory: Union[str, os.PathLike]) -> Path:
     """Write `directory/model.safetensors` and `directory/config.json` (written last, atomically,
     so a half-written directory never loads)."""
+    from safetensors.torch import save_model as _save_safetensors  # here: `import xlstm_model` needs only torch
+
     cfg = as_model_config(cfg)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,8 @@ def load_config(directory: Union[str, os.PathLike]) -> ModelConfig:
 
 def load_model(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> LanguageModel:
     """Rebuild the model saved in `directory` with its weights, on `map_location`."""
+    from safetensors.torch import load_file
+
     cfg = load_config(directory)
     with torch.device("meta"):  # no time spent on an init the weights overwrite
         model = build_model(cfg)

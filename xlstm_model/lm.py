@@ -5,12 +5,13 @@ head, loss, checkpointing and generation code and can be trained side by side on
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels
 from xlstm_model.config import ModelConfig
@@ -45,6 +46,9 @@ class LanguageModel(nn.Module):
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
         self.init_weights()
+        # How hidden_states runs a block: run_block itself, or its torch.compile'd form (compile_blocks).
+        # A plain attribute, not a submodule: compiling changes no parameter name or state dict key.
+        self._run_block: Callable[..., Tensor] = run_block
 
     def init_weights(self) -> None:
         nn.init.normal_(self.embedding.weight, std=std_in(self.config))
@@ -60,12 +64,23 @@ class LanguageModel(nn.Module):
         reset = kernels.doc_starts_mask(doc_starts, B, S, input_ids.device)
         x = self.embedding(input_ids)
         use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        policy = self.config.checkpoint_policy if use_ckpt else "none"
         for block in self.blocks:
-            if use_ckpt:  # recompute the block in backward instead of storing its activations
-                x = checkpoint(block, x, reset, use_reentrant=False)
-            else:
-                x = block(x, reset)
+            x = self._run_block(block, x, reset, policy)
         return self.norm(x)
+
+    def compile_blocks(self, backend: str = "inductor", mode: Optional[str] = None) -> "LanguageModel":
+        """Run every block through torch.compile (activation checkpointing included, so a selective
+        policy is applied inside the compiled graph). The blocks share one compiled graph per input
+        shape and policy: parameters are graph inputs, so 24 blocks cost one compile, not 24. Our
+        Triton ops are custom ops with fake implementations: the graph calls them as they are. The
+        embedding, final norm and fused linear + cross-entropy stay outside. Returns self."""
+        self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
+        return self
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return self._run_block is not run_block
 
     def logits(self, hidden: Tensor) -> Tensor:
         return soft_cap(self.head(hidden), self.config.resolved_logit_soft_cap)  # xLSTM 7B caps at 30
@@ -157,6 +172,37 @@ class LanguageModel(nn.Module):
             return torch.cat([ids] + [t[:, None] for t in tokens], dim=1)
         finally:
             self.train(was_training)
+
+
+# ------------------------------------------------------------------------ activation checkpointing
+# Ops whose outputs a selectively checkpointed block keeps: the matmuls and the sequence mixing (the
+# costly part of a block's forward). Everything else (norms, gates, activations, residual adds) is
+# recomputed in the backward: cheap elementwise work whose outputs are a large share of the memory.
+SAVED_OPS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "xlp_triton::mlstm_chunkwise_fwd", "xlp_triton::slstm_fwd",
+}
+
+
+def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep the outputs of SAVED_OPS, recompute the rest (torch.utils.checkpoint's SAC policy)."""
+    name = op.name() if hasattr(op, "name") else str(op)
+    return CheckpointPolicy.MUST_SAVE if name in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_block(block: nn.Module, x: Tensor, reset: Optional[Tensor], policy: str = "none") -> Tensor:
+    """One block's forward under an activation checkpointing policy: none (keep every activation),
+    full (keep only x; recompute the block in the backward), selective (keep SAVED_OPS' outputs)."""
+    if policy == "none":
+        return block(x, reset)
+    if policy == "full":
+        return checkpoint(block, x, reset, use_reentrant=False)
+    if policy == "selective":
+        context = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+        return checkpoint(block, x, reset, use_reentrant=False, context_fn=context)
+    raise ValueError(f"unknown activation checkpointing policy {policy!r}")
 
 
 def sample_tokens(

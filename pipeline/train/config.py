@@ -15,6 +15,9 @@ SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
 LAUNCHERS = ("auto", "local", "slurm", "ray")
 DEVICES = ("auto", "cpu")
+# inductor: generated kernels (needs a C++ compiler on CPU); aot_eager / eager: the traced graph run by
+# PyTorch's own ops (checks tracing on CPU without a compiler; no speed-up)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 # DeepSpeed keys the train config sets itself: `train.deepspeed` may not set them (use the train key).
 OWNED_DEEPSPEED_KEYS = {
@@ -48,6 +51,11 @@ class TrainConfig:
     # even where there are GPUs (a launcher passes its choice to the ranks as this key)
     device: str = "auto"
     grad_accum: int = 1  # micro-steps per optimizer step
+    # torch.compile every model block (model.activation_checkpointing's policy inside the compiled
+    # graph; our Triton ops called as custom ops) and step the optimizer with the fused AdamW kernel.
+    # Fingerprinted: compiled kernels and the fused step round differently, so the weights differ.
+    compile: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (see COMPILE_BACKENDS)
 
     # AdamW; no weight decay on norms, biases, embeddings and gate biases (any tensor with ndim < 2)
     lr: float = 1e-3  # peak learning rate
@@ -131,6 +139,11 @@ class TrainConfig:
             raise bad("eps", f"is {self.eps}; must be > 0")
         if self.grad_clip < 0:
             raise bad("grad_clip", f"is {self.grad_clip}; must be >= 0 (0 disables clipping)")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise bad("compile_backend", f"is {self.compile_backend!r}; valid values: {', '.join(COMPILE_BACKENDS)}")
+        if self.compile and self.zero_stage == 3:
+            raise bad("compile", "needs train.zero_stage <= 2: ZeRO-3 gathers each block's parameters in module "
+                      "hooks, which compiled blocks are not tested with; use train.compile=false with ZeRO-3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise bad("offload_optimizer", "needs train.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:

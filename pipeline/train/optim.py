@@ -62,8 +62,10 @@ class StepGate:
         self.closed = False
 
 
-def build_optimizer(model: nn.Module, tc, *, cpu_adam: bool = False) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; DeepSpeed's CPU Adam (a JIT-built op) for optimizer offload on GPUs."""
+def build_optimizer(model: nn.Module, tc, *, cpu_adam: bool = False, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; DeepSpeed's CPU Adam (a JIT-built op) for optimizer offload on GPUs.
+    fused: torch's fused AdamW (one kernel for every parameter's update instead of a few per tensor
+    group); the same update up to rounding."""
     groups = param_groups(model, tc.weight_decay)
     betas = tuple(float(b) for b in tc.betas)
     if cpu_adam:
@@ -71,4 +73,5 @@ def build_optimizer(model: nn.Module, tc, *, cpu_adam: bool = False) -> torch.op
 
         return DeepSpeedCPUAdam(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay,
                                 adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay,
+                             fused=True if fused else None)

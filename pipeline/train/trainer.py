@@ -160,7 +160,10 @@ class Trainer:
 
             init_from(model, model.config.init_from)
         self.n_params = count_params(model)
-        optimizer = build_optimizer(model, tc, cpu_adam=self.cuda and tc.offload_optimizer)
+        if tc.compile:  # train.compile: compiled blocks, fused AdamW (CPU Adam keeps its own step)
+            model.compile_blocks(backend=tc.compile_backend)
+        cpu_adam = self.cuda and tc.offload_optimizer
+        optimizer = build_optimizer(model, tc, cpu_adam=cpu_adam, fused=tc.compile and not cpu_adam)
         self.gate = StepGate(optimizer)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=tc.deepspeed_config(self.world, self.cuda),
