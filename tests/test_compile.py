@@ -165,3 +165,24 @@ def test_model_yaml_reads_as_omegaconf_does():
         load_model_yaml("tiny", ["d_modl=3"])
     with pytest.raises(ValueError, match="model.num_blocks: 'many' is not a valid int"):
         load_model_yaml("tiny", ["num_blocks=many"])
+
+
+def test_train_stage_with_compile_follows_eager(tmp_path):
+    """The train stage's ranks (DeepSpeed ZeRO-1, one gloo rank) with train.compile=true: the same
+    losses as without, and the blocks did run through torch.compile (its checkpointing note is in
+    the rank's log: the selective policy was traced by Dynamo)."""
+    from tests.test_train import losses, make_shards, train
+
+    shards = make_shards(tmp_path / "shard")
+    common = ["model.arch=xlstm_large", "train.zero_stage=1", "train.steps=4", "train.eval_every=0",
+              "train.eval_batches=1", "train.save_every=0"]
+    train(tmp_path / "eager", shards, common, procs=1)
+    train(tmp_path / "compiled", shards, [*common, "train.compile=true", "train.compile_backend=aot_eager",
+                                          "model.activation_checkpointing=true", "model.checkpoint_policy=selective"],
+          procs=1)
+    ref, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4] and ref[4] < ref[1]
+    assert [got[s] for s in ref] == pytest.approx([ref[s] for s in ref], rel=1e-5)
+    log = (tmp_path / "compiled" / "train" / "logs" / "rank_0.log").read_text()
+    assert "context_fn is passed to torch.utils.checkpoint under torch.compile" in log
+    assert "under torch.compile" not in (tmp_path / "eager" / "train" / "logs" / "rank_0.log").read_text()
