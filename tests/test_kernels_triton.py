@@ -289,6 +289,31 @@ def test_linear_cross_entropy_chunks_rows_and_all_ignored(monkeypatch):
     assert float(tri_ce.linear_cross_entropy(h, W, t_ign)) == 0.0
 
 
+@needs_kernels
+def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
+    """Under bf16 autocast the fused head takes its products in bf16 (autocast reaches the matmuls
+    inside the custom op), as the reference's matmul (an nn.Linear head) does, not in float32: a
+    float32 head would be the slowest part of a bf16 training step. Same loss and gradients as the
+    reference to bf16 rounding, gradients in the float32 parameters' dtype."""
+    if DEVICE == "cpu":
+        from kernels.triton._interp import patch_interpreter_bf16
+
+        patch_interpreter_bf16()
+    torch.manual_seed(10)
+    h, W = _leaf(2, 9, 32), _leaf(40, 32)
+    t = torch.randint(0, 40, (2, 9), device=DEVICE)
+    res = []
+    for fn in (ref_ce.linear_cross_entropy, tri_ce.linear_cross_entropy):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = fn(h, W, t, soft_cap=30.0)
+        res.append([loss] + list(torch.autograd.grad(loss, [h, W])))
+    exact = tri_ce.linear_cross_entropy(h, W, t, soft_cap=30.0)  # float32 products
+    assert all(g.dtype == torch.float32 for g in res[1][1:])
+    assert (res[1][0] - res[0][0]).abs() < 1e-4 < (exact - res[0][0]).abs()  # bf16 products, like the reference's
+    for got, want in zip(res[1][1:], res[0][1:]):
+        assert (got - want).norm() <= 1e-2 * want.norm()
+
+
 # ------------------------------------------------------------------------------------ integration
 @needs_kernels
 def test_dispatch_forced_triton():

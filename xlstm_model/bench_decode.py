@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import re
 import resource
@@ -38,16 +39,14 @@ import shlex
 import sys
 import time
 import traceback
+import typing
 from pathlib import Path
 
 import torch
 
-from xlstm_model.config import ModelConfig
+from xlstm_model.config import ModelConfig, load_model_yaml
 from xlstm_model.decode import DecodeConfig, StepDecoder, compile_wanted, graphs_wanted, prefill
-from xlstm_model.lm import as_model_config, build_model
-
-REPO = Path(__file__).resolve().parents[1]
-
+from xlstm_model.lm import build_model
 
 # DecodeConfig keys a variant may change -> the StepDecoder option (set by a command-line flag) that it
 # replaces for that variant. The torch.compile options (compile_mode, matvec, tune) are the same for
@@ -56,12 +55,24 @@ VARIANT_KEYS = {"pdl": None, "mix": None, "fused": "use_fused", "compile": "use_
 DECODE_KEYS = tuple(f.name for f in dataclasses.fields(DecodeConfig))
 
 
+def _setting(key: str, value: str):
+    """One decode setting typed as DecodeConfig's field (bool, str or null), as the config would read it."""
+    hint = typing.get_type_hints(DecodeConfig)[key]
+    if value == "" and type(None) in typing.get_args(hint):
+        return None
+    if hint is bool:
+        word = value.lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"Value '{value}' is not a valid bool")
+    return value
+
+
 def parse_settings(text: str, what: str, keys=DECODE_KEYS) -> dict:
     """'KEY=VALUE[,KEY=VALUE...]' -> {KEY: value typed as DecodeConfig's field}; the error names `what`,
-    the bad part and the valid keys."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
+    the bad part and the valid keys. (No OmegaConf: the bench runs where only torch and triton are.)"""
     out = {}
     for item in text.split(","):
         key, eq, value = item.partition("=")
@@ -73,10 +84,9 @@ def parse_settings(text: str, what: str, keys=DECODE_KEYS) -> dict:
                      "--decode)") if key in DECODE_KEYS else ""
             raise ValueError(f"{what}: unknown key {key!r}; valid: {', '.join(keys)}{extra}")
         try:
-            typed = OmegaConf.merge(OmegaConf.structured(DecodeConfig), {key: value.strip() or None})
-        except OmegaConfBaseException as e:
-            raise ValueError(f"{what}: {item!r}: {str(e).splitlines()[0]}") from None
-        out[key] = typed[key]
+            out[key] = _setting(key, value.strip())
+        except ValueError as e:
+            raise ValueError(f"{what}: {item!r}: {e}") from None
     return out
 
 
@@ -91,14 +101,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def model_config(name: str, overrides: list[str], vocab_size: int) -> ModelConfig:
-    from omegaconf import OmegaConf
-
-    path = Path(name)
-    if not path.is_file():
-        path = REPO / "configs" / "model" / f"{name}.yaml"
-    base = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path),
-                           OmegaConf.from_dotlist(overrides))
-    cfg = as_model_config(base)
+    cfg = load_model_yaml(name, overrides)
     if cfg.vocab_size is None:
         cfg.vocab_size = vocab_size
     return cfg
@@ -316,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps (each variant's)")
     p.add_argument("--decode", default="", metavar="KEY=VALUE[,KEY=VALUE]",
                    help=f"the base decoder's settings (DecodeConfig; keys: {', '.join(DECODE_KEYS)})")
+    p.add_argument("--json", type=Path, help="append each measured row to this file as a JSON line")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also measure a decoder built with these settings changed, interleaved with the base one "
                         f"(KEY: {', '.join(VARIANT_KEYS)}); repeatable")
@@ -370,6 +374,13 @@ def main(argv=None) -> int:
     rows, failed = bench_contexts(model, contexts, args.new_tokens, device, use_graph,
                           args.warmup, use_compile=use_compile, profile=args.profile,
                           use_fused=fused, variants=variants, config=config)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with args.json.open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"model": args.model, "machine": machine(device), **r}) + "\n")
+            for name in failed:
+                f.write(json.dumps({"model": args.model, "variant": name, "error": "failed to set up"}) + "\n")
     return 0 if rows and not failed else 1
 
 

@@ -14,21 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-# Dense peak TFLOP/s per device: (bf16, fp32 matmul). Matched by substring of the device name.
-GPU_PEAK_TFLOPS = [
-    ("H200", (989.0, 67.0)),
-    ("H100 PCIe", (756.0, 51.0)),
-    ("H100", (989.0, 67.0)),
-    ("GH200", (989.0, 67.0)),
-    ("B200", (2250.0, 80.0)),
-    ("A100", (312.0, 19.5)),
-    ("A10G", (125.0, 31.2)),
-    ("L40S", (362.0, 91.6)),
-    ("L4", (121.0, 30.3)),
-    ("V100", (125.0, 15.7)),
-    ("MI300X", (1307.0, 163.4)),
-    ("MI250X", (383.0, 47.9)),
-]
+from xlstm_model.machine import GPU_PEAK_TFLOPS  # the table the benchmarks share
 
 
 def device_peak_flops(precision: str, *, cuda: bool, configured_tflops: Optional[float] = None) -> tuple[float, str]:
