@@ -83,6 +83,14 @@ def _load_triton(op: str) -> Any:
     return _triton_cache[op]
 
 
+def preload_triton() -> None:
+    """Import every op's Triton module now (each op's function, or why it has none, is cached).
+    torch.compile calls this before tracing: Dynamo does not trace importlib, and a first import
+    met while tracing would split every compiled block in two (a graph break)."""
+    for op in TRITON_MODULES:
+        _load_triton(op)
+
+
 def resolve(op: str, backend: Optional[str], *tensors: Optional[torch.Tensor]) -> Callable:
     """The callable that runs `op` for these tensors under `backend` (None/"auto" as described above)."""
     if op not in TRITON_MODULES:

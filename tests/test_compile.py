@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.train.config import TrainConfig
@@ -32,21 +33,23 @@ def tiny(arch: str, **kw) -> ModelConfig:
 
 
 def batches(n: int, B: int = 2, S: int = 24, vocab: int = 64):
+    """Every other batch packs a second document into row 1 (doc_starts); the others have none
+    (doc_starts None: another compiled graph)."""
     g = torch.Generator().manual_seed(1)
-    for _ in range(n):
+    for step in range(n):
         ids = torch.randint(0, vocab, (B, S + 1), generator=g)
         starts = torch.zeros(B, S, dtype=torch.bool)
-        starts[1, S // 3] = True  # a packed second document in row 1
-        yield ids[:, :-1], starts, ids[:, 1:]
+        starts[1, S // 3] = True
+        yield ids[:, :-1], (starts if step % 2 == 0 else None), ids[:, 1:]
 
 
-def train_losses(model, *, fused: bool, steps: int = 4) -> list[float]:
+def train_losses(model, *, fused: bool, steps: int = 4, seq_len: int = 24) -> list[float]:
     """AdamW steps as the train stage takes them (pipeline.train.optim's groups, grad clipping)."""
     tc = TrainConfig(lr=3e-3)
     opt = build_optimizer(model, tc, fused=fused)
     assert opt.defaults["fused"] is (True if fused else None)
     out = []
-    for ids, starts, targets in batches(steps):
+    for ids, starts, targets in batches(steps, S=seq_len):
         loss = model(ids, doc_starts=starts, targets=targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -66,9 +69,12 @@ def test_compiled_training_matches_eager(arch):
     compiled.config.activation_checkpointing, compiled.config.checkpoint_policy = True, "selective"
     compiled.compile_blocks(backend="aot_eager")
     assert compiled.blocks_compiled and not eager.blocks_compiled
+    counters.clear()
     # compiling renames nothing: checkpoints and exports see the same state dict
     assert list(compiled.state_dict()) == list(eager.state_dict())
     ref, got = train_losses(eager, fused=False), train_losses(compiled, fused=True)
+    assert not counters["graph_break"]  # each block is one graph (per doc_starts case)
+    assert counters["stats"]["unique_graphs"] == 2  # with and without doc_starts: every block shares them
     assert ref[-1] < ref[0]
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
@@ -77,29 +83,36 @@ def test_compiled_training_matches_eager(arch):
 
 TRITON_SCRIPT = """
 import json, copy, torch, kernels
+from torch._dynamo.utils import counters
 from tests.test_compile import tiny, train_losses
-from xlstm_model import build_model
 torch.manual_seed(0)
+from xlstm_model import build_model
 eager = build_model(tiny("xlstm_large", mlstm_chunk_size=16))
 compiled, oracle = copy.deepcopy(eager), copy.deepcopy(eager)
 compiled.config.activation_checkpointing, compiled.config.checkpoint_policy = True, "selective"
 compiled.compile_blocks(backend="aot_eager")
-with kernels.use_backend("triton"):
-    out = {"eager": train_losses(eager, fused=False, steps=2), "compiled": train_losses(compiled, fused=True, steps=2)}
+# S = 32, two whole chunks: no padding, so the kernels' outputs reach the graph as the custom ops return them
+with kernels.use_backend("triton"):  # compiled first: no Triton function is loaded yet when Dynamo traces
+    out = {"compiled": train_losses(compiled, fused=True, steps=2, seq_len=32),
+           "eager": train_losses(eager, fused=False, steps=2, seq_len=32)}
+out["graph_breaks"] = sum(counters["graph_break"].values())
 with kernels.use_backend("reference"):
-    out["reference"] = train_losses(oracle, fused=False, steps=2)
+    out["reference"] = train_losses(oracle, fused=False, steps=2, seq_len=32)
 print("LOSSES", json.dumps(out))
 """
 
 
 def test_compiled_training_with_triton_kernels_matches_eager():
     """The same with the Triton ops (mLSTM, norms, fused linear + cross-entropy) run by Triton's
-    interpreter: the compiled graph calls them as custom ops through their fake implementations."""
+    interpreter: the compiled graph calls them as custom ops, planned from their fake implementations
+    (whose output strides must be the real ones: the graph views the outputs as the fakes say), with
+    no graph break."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("LOSSES", 1)[1])
+    assert out["graph_breaks"] == 0
     assert out["compiled"] == pytest.approx(out["eager"], rel=1e-5)
     assert out["eager"] == pytest.approx(out["reference"], rel=1e-4)  # Triton fp32 vs the oracle
 

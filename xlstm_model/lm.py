@@ -75,6 +75,9 @@ class LanguageModel(nn.Module):
         shape and policy: parameters are graph inputs, so 24 blocks cost one compile, not 24. Our
         Triton ops are custom ops with fake implementations: the graph calls them as they are. The
         embedding, final norm and fused linear + cross-entropy stay outside. Returns self."""
+        from kernels.dispatch import preload_triton
+
+        preload_triton()
         self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
         return self
 

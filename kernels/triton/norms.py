@@ -113,8 +113,10 @@ def _norm_fwd(
 
 @_norm_fwd.register_fake
 def _(x, weight, bias, eps, ln):
+    # contiguous like the real output (new_empty, not empty_like: x may be a transposed view, and a
+    # compiled graph that believed y had x's strides would view it wrongly)
     N = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
 
 
 @torch.library.custom_op("xlp_triton::norm_bwd", mutates_args=())
@@ -141,7 +143,7 @@ def _norm_bwd(
 @_norm_bwd.register_fake
 def _(x, weight, has_bias, dy, mean, rstd, ln):
     D = x.shape[-1]
-    return torch.empty_like(x), x.new_empty(D, dtype=torch.float32), x.new_empty(D, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(D, dtype=torch.float32), x.new_empty(D, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):

@@ -251,7 +251,7 @@ def _slstm_bwd(
     hprev = torch.cat([h0[:, None], hs[:, :-1]], dim=1)  # (B, S, NH, DH)
     if reset.numel() > 0:
         hprev = hprev.masked_fill(reset.bool()[:, :, None, None], 0.0)
-    dR = torch.einsum("bsjd,bsgje->gjde", hprev, dgx)
+    dR = torch.einsum("bsjd,bsgje->gjde", hprev, dgx).contiguous()  # as the fake says (einsum may permute)
     return dgx, dR, dh0, dc0, dn0, dm0
 
 
