@@ -75,7 +75,10 @@ def measure(name: str, mode: str, batch: int, seq: int, *, device: torch.device,
     cfg.activation_checkpointing = policy != "none"
     if policy != "none":
         cfg.checkpoint_policy = policy
-    torch._dynamo.reset()  # each row compiles for itself: no other model's graphs in the cache
+    torch._dynamo.reset()  # each row compiles for itself: no other model's graphs in the cache,
+    gc.collect()  # and the earlier rows' models, which those graphs held, are freed before this one's peak
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(cfg)
