@@ -2,7 +2,7 @@
 
     python benchmarks/campaign_table.py OUTDIR
 
-Reads OUTDIR/machine.txt, parts.tsv, kernels.log, train.jsonl and decode.jsonl (what the campaign's
+Reads OUTDIR/campaign.log, kernels.log, train.jsonl and decode.jsonl (what the campaign's
 parts wrote; a part that failed or ran out of time shows as missing figures) and prints Markdown:
 the parts, the goals (met / NOT met / unmeasured), the training step per shape and model, and the
 decode rows, each with its ratios. Standard library only.
@@ -60,13 +60,17 @@ def main(argv: list[str]) -> int:
         return 2
     outdir = Path(argv[0])
     print("# GPU campaign")
-    if (outdir / "machine.txt").is_file():
-        print("\n```\n" + (outdir / "machine.txt").read_text().strip() + "\n```")
+    log = outdir / "campaign.log"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    header = [line for line in lines if not line.startswith("part\t")]
+    if header:
+        print("\n```\n" + "\n".join(header).strip() + "\n```")
 
     print("\n## Parts\n\n| part | exit | seconds |\n|---|---|---|")
-    parts = outdir / "parts.tsv"
-    for line in (parts.read_text().splitlines() if parts.is_file() else []):
-        name, rc, secs = (line.split("\t") + ["", ""])[:3]
+    for line in lines:
+        if not line.startswith("part\t"):
+            continue
+        name, rc, secs = (line.split("\t")[1:] + ["", ""])[:3]
         note = {"124": " (timed out)", "137": " (killed)", "skipped": " (no time left)"}.get(rc, "")
         print(f"| {name} | {rc}{note} | {secs} |")
 

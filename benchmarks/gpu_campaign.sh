@@ -14,8 +14,9 @@
 #             tokens, the fused step (base), with programmatic dependent launch (pdl) and the
 #             compiled step (compiled, today's default), interleaved in one process                130 s
 # Then one table (benchmarks/campaign_table.py) of every figure against its goal, with the ratios.
-# Logs in OUTDIR: <part>.log, train.jsonl and decode.jsonl (one JSON line per measurement), parts.tsv
-# (part, exit status, seconds), table.md (the table). Needs only python3 with torch and triton: no
+# Files in OUTDIR (8, what a lent machine's $OUT gives back): campaign.log (command, commit, machine, and a
+# line `part<TAB>NAME<TAB>EXIT<TAB>SECONDS` per part), <part>.log for the four parts, train.jsonl and
+# decode.jsonl (one JSON line per measurement), table.md (the table). Needs only python3 with torch and triton: no
 # DeepSpeed, Ray, OmegaConf or WebDataset. PYTHON=... picks the interpreter; COMMIT=... names the
 # commit measured when the copy has no .git. Exit status: 0 when every part exited 0.
 set -uo pipefail
@@ -25,7 +26,7 @@ DRY=0
 [ "${2:-}" = "--dry-run" ] && DRY=1
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
-rm -f "$OUTDIR"/train.jsonl "$OUTDIR"/decode.jsonl "$OUTDIR"/parts.tsv
+rm -f "$OUTDIR"/train.jsonl "$OUTDIR"/decode.jsonl "$OUTDIR"/campaign.log
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 elif command -v python3 >/dev/null; then PY=python3
@@ -44,7 +45,7 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   echo "host: $(hostname 2>/dev/null), $(nproc 2>/dev/null) CPUs"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUTDIR/machine.txt"
+} 2>&1 | tee "$OUTDIR/campaign.log"
 
 part() {  # part NAME BUDGET_S COMMAND...: run it under min(BUDGET, time left), log to OUTDIR/NAME.log
   local name=$1 budget=$2
@@ -55,14 +56,14 @@ part() {  # part NAME BUDGET_S COMMAND...: run it under min(BUDGET, time left), 
   limit=$(( budget < left ? budget : left ))
   if [ "$limit" -lt 5 ]; then
     echo "== $name: skipped, no time left =="
-    printf '%s\tskipped\t0\n' "$name" >> "$OUTDIR/parts.tsv"
+    printf 'part\t%s\tskipped\t0\n' "$name" >> "$OUTDIR/campaign.log"
     return
   fi
   echo "== $name (limit ${limit}s; $(( now - T0 ))s so far) =="
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "!! $name TIMED OUT after ${limit}s"
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - now ))" >> "$OUTDIR/parts.tsv"
+  printf 'part\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - now ))" >> "$OUTDIR/campaign.log"
 }
 
 if [ $DRY -eq 1 ]; then
@@ -87,4 +88,4 @@ fi
 echo "== table ($(( $(date +%s) - T0 ))s so far) =="
 "$PY" benchmarks/campaign_table.py "$OUTDIR" | tee "$OUTDIR/table.md"
 echo "campaign: $(( $(date +%s) - T0 ))s in all; logs in $OUTDIR"
-awk -F'\t' '$2 != "0" { bad = 1 } END { exit bad }' "$OUTDIR/parts.tsv"
+awk -F'\t' '$1 == "part" && $3 != "0" { bad = 1 } END { exit bad }' "$OUTDIR/campaign.log"

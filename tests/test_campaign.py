@@ -28,11 +28,16 @@ def test_campaign_dry_run(tmp_path):
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    parts = [line.split("\t") for line in (out / "parts.tsv").read_text().splitlines()]
-    assert [(p[0], p[1]) for p in parts] == [("kernels", "0"), ("train_2k", "0"), ("train_8k", "0"), ("decode", "0")]
+    log = (out / "campaign.log").read_text()
+    parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
+    assert parts == [["kernels", "0"], ["train_2k", "0"], ["train_8k", "0"], ["decode", "0"]]
+    assert "commit: test" in log
+    # no more than a lent machine gives back from its $OUT (8 files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["campaign.log", "kernels.log", "train_2k.log", "train_8k.log", "decode.log", "train.jsonl", "decode.jsonl",
+         "table.md"])
     for name in ("kernels", "train_2k", "train_8k", "decode"):
         assert (out / f"{name}.log").stat().st_size > 0
-    assert "commit: test" in (out / "machine.txt").read_text()
 
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert sorted((r["model"], r["mode"], r["batch"], r["seq_len"]) for r in train) == sorted(
@@ -72,7 +77,8 @@ def test_campaign_table_judges_goals(tmp_path):
             {"model": "xlstm_large_400m", "mode": "compiled", "batch": 2, "seq_len": 8192, "error": "OutOfMemoryError: x"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "kernels.log").write_text("  [ok] rms_norm float32\n  [FAIL] mlstm_chunkwise bfloat16\n")
-    (tmp_path / "parts.tsv").write_text("kernels\t1\t30\ntrain_2k\t0\t150\ntrain_8k\t124\t170\ndecode\tskipped\t0\n")
+    (tmp_path / "campaign.log").write_text("commit: abc1234\npart\tkernels\t1\t30\npart\ttrain_2k\t0\t150\n"
+                                           "part\ttrain_8k\t124\t170\npart\tdecode\tskipped\t0\n")
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "campaign_table.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -85,5 +91,6 @@ def test_campaign_table_judges_goals(tmp_path):
     assert "| xlstm_large_400m peak memory, B2xS8192 (eager) | 36.0 GiB | <= 34 GiB | NOT met |" in t
     assert "| batch-1 decode tok/s, best | - | >= 1,800 | unmeasured |" in t
     assert "| train_8k | 124 (timed out) | 170 |" in t and "| decode | skipped (no time left) | 0 |" in t
+    assert "commit: abc1234" in t and "part\t" not in t
     assert "| B8xS2048 | xlstm_large_400m | compiled | 120,000 | 136.5 | 40.0% | 31.0 | 5 | 1.33x | 1.09x |" in t
     assert "| B2xS8192 | xlstm_large_400m | compiled | FAILED: OutOfMemoryError: x |" in t
