@@ -94,3 +94,16 @@ def test_campaign_table_judges_goals(tmp_path):
     assert "commit: abc1234" in t and "part\t" not in t
     assert "| B8xS2048 | xlstm_large_400m | compiled | 120,000 | 136.5 | 40.0% | 31.0 | 5 | 1.33x | 1.09x |" in t
     assert "| B2xS8192 | xlstm_large_400m | compiled | FAILED: OutOfMemoryError: x |" in t
+
+
+def test_campaign_out_of_time_still_prints_the_table(tmp_path):
+    """With no time left (CAMPAIGN_SECONDS below the 10 s kept for the table) every part is skipped,
+    the table is still written, and the run exits non-zero."""
+    env = dict(os.environ, PYTHON=sys.executable, CAMPAIGN_SECONDS="5", COMMIT="test")
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(tmp_path), "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    for name in ("kernels", "train_2k", "train_8k", "decode"):
+        assert f"== {name}: skipped, no time left ==" in run.stdout
+        assert f"| {name} | skipped (no time left) | 0 |" in (tmp_path / "table.md").read_text()
+    assert "| batch-1 decode tok/s, best | - | >= 1,800 | unmeasured |" in run.stdout
