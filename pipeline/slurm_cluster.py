@@ -138,9 +138,10 @@ def _run(cmd: list[str]) -> str:
 
 
 def partitions() -> dict[str, tuple[bool, Optional[int], Optional[int]]]:
-    """{name: (is the default, time limit in seconds, largest job in nodes)} of the visible partitions."""
+    """{name: (is the default, time limit in seconds, largest job in nodes)} of the partitions (hidden ones
+    too: slurm.partition may name one)."""
     found: dict[str, tuple[bool, Optional[int], Optional[int]]] = {}
-    for line in _run(["sinfo", "-h", "-o", "%P|%l|%s"]).splitlines():
+    for line in _run(["sinfo", "-h", "-a", "-o", "%P|%l|%s"]).splitlines():
         name, limit, size = (line.split("|") + ["", ""])[:3]
         if not name:
             continue
@@ -165,7 +166,7 @@ def read_partition(name: Optional[str]) -> Partition:
     if name not in known:
         raise SlurmQueryError(f"slurm.partition={name}: no such partition; partitions: {', '.join(known) or 'none'}")
     nodes = {}
-    for line in _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"]).splitlines():
+    for line in _run(["sinfo", "-h", "-a", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"]).splitlines():
         node, cpus, mem, gres, state = (line.split("|") + [""] * 4)[:5]
         if node:
             nodes[node] = SlurmNode(node, int(cpus or 0), int(mem) if mem.isdigit() else 0, parse_gpus(gres), state)
