@@ -166,7 +166,7 @@ def read_partition(name: Optional[str]) -> Partition:
     if name not in known:
         raise SlurmQueryError(f"slurm.partition={name}: no such partition; partitions: {', '.join(known) or 'none'}")
     nodes = {}
-    for line in _run(["sinfo", "-h", "-a", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"]).splitlines():
+    for line in _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G|%t"]).splitlines():
         node, cpus, mem, gres, state = (line.split("|") + [""] * 4)[:5]
         if node:
             nodes[node] = SlurmNode(node, int(cpus or 0), int(mem) if mem.isdigit() else 0, parse_gpus(gres), state)
