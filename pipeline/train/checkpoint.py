@@ -231,6 +231,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (collective; [obj] without a process group)."""
+    return _all_gather(obj)
+
+
 def _all_gather(obj: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -247,8 +252,11 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int) -> Path:
+def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int,
+         write_extra: Optional[Callable[[Path], dict[str, dict]]] = None) -> Path:
     """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path.
+    `write_extra(folder)`, called on every rank after DeepSpeed's files, writes more files into the
+    checkpoint and returns their records ({name: file_record}), e.g. pipeline.train.elastic.save_state.
 
     Raises DiskFull (naming the file) when the disk fills up, CheckpointError on other write errors;
     either way the `.tmp.` folder is removed and the older checkpoints are left as they were."""
@@ -269,6 +277,11 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_failures([(rank, failure)])
     error = recorder.error
+    if error is None and write_extra is not None:
+        try:
+            recorder.records.update(write_extra(tmp))
+        except Exception as e:  # noqa: BLE001  (reported collectively below)
+            error = _failure(e, tmp)
     if error is None:
         own = tmp / rank_state_name(rank)
         try:
