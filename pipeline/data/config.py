@@ -45,6 +45,19 @@ class DataConfig:
     # shards in memory (each up to data.shard_bytes); with ranks dividing it, ranks read disjoint shards.
     streams: int = 8
 
+    def source_groups(self) -> list[tuple[str, list[str]]]:
+        """(group, sources) in config order: the data.mixture groups, or ("", data.sources)."""
+        if self.mixture:
+            return [(name, list(group["sources"])) for name, group in self.mixture.items()]
+        return [("", list(self.sources))]
+
+    def all_sources(self) -> list[str]:
+        """Every source the corpus reads (each once), for the tokenizer's sample."""
+        out: list[str] = []
+        for _, sources in self.source_groups():
+            out.extend(s for s in sources if s not in out)
+        return out
+
     def validate(self) -> None:
         if not self.sources:
             raise ValueError("data.sources is empty: give files, dirs, globs, URLs, hf://name or stdlib")

@@ -76,6 +76,15 @@ class Mixture:
             out.append((int(p["step"]), _normalised([float(w.get(n, 0.0)) for n in names])))
         return Mixture(groups=names, phases=tuple(out))
 
+    @staticmethod
+    def describe(phases: list) -> str:
+        return "; ".join(f"from step {max(1, start)}: " + ", ".join(f"{g} {w:.2f}" for g, w in weights.items())
+                         for start, weights in phases)
+
+    def to_json(self) -> list:
+        """[[first step, {group: weight}], ...]: what a checkpoint records."""
+        return [[start, dict(zip(self.groups, weights))] for start, weights in self.phases]
+
     def weights_at(self, step: int) -> tuple[float, ...]:
         current = self.phases[0][1]
         for start, weights in self.phases:
@@ -106,7 +115,8 @@ class Apportioner:
         n = len(self.mixture.groups)
         self.in_phase = self.in_phase or [0] * n
         self.totals = self.totals or [0] * n
-        self._starts = [s * self.rows_per_step for s, _ in self.mixture.phases]
+        # a phase "from step S on" begins with step S's rows (steps count from 1)
+        self._starts = [max(0, s - 1) * self.rows_per_step for s, _ in self.mixture.phases]
         self._weights = self.mixture.phases[0][1]
         self._sync_phase()
 

@@ -123,6 +123,18 @@ def _optimized_tensors(engine) -> list[torch.Tensor]:
     return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
 
 
+def _link_optimizer_fragments(engine) -> None:
+    """Point every parameter's ZeRO-1/2 (or bf16) fragment map at the optimizer states as they are now.
+    DeepSpeed links them once, right after the first optimizer step of the first parameter group, when
+    the other groups' Adam states do not exist yet (so safe_get_full_optimizer_state fails for every
+    parameter outside group 0: "exp_avg not found"); linking again once all states exist fixes that.
+    (ZeRO-3 reads the states directly.)"""
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def _adam_step(base: torch.optim.Optimizer) -> int:
     for state in base.state.values():
         if "step" in state:
@@ -139,6 +151,7 @@ def save_state(engine, folder: Path, *, rank: int) -> dict[str, dict]:
     from pipeline.train.checkpoint import file_record
 
     base = _base_optimizer(engine)
+    _link_optimizer_fragments(engine)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
@@ -182,6 +195,7 @@ def load_state(engine, folder: Path, *, rank: int, step: int, grad_accum: int, g
         state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
         state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
         state["step"] = torch.tensor(float(adam_step))
+    _link_optimizer_fragments(engine)
     zero3 = engine.zero_optimization_stage() == 3
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:

@@ -225,6 +225,29 @@ class Trainer:
                                  old_warmup=int(meta["warmup"]), old_wsd_decay=float(meta["wsd_decay"]),
                                  new_steps=self.tc.steps)
 
+    def _mixture_note(self, checkpoint: Path) -> str:
+        """What a continuation with other data.mixture_phases means (from the checkpoint on, the new
+        weights; steps it already took keep the weights they were drawn with)."""
+        from pipeline.train import checkpoint as ckpt
+
+        old = ckpt.read_meta(checkpoint).get("mixture")
+        if self.mixture is None or old is None:
+            return ""
+        from pipeline.data.order import Mixture
+
+        def at(phases: list, step: int) -> dict:
+            return [w for start, w in phases if start <= step][-1]
+
+        new = self.mixture.to_json()
+        if old == new:
+            return ""
+        before = [s for s in range(1, self.step + 1) if at(old, s) != at(new, s)]
+        if before:
+            return (f"data.mixture_phases changed for steps the checkpoint already took ({before[0]}-{before[-1]}): "
+                    f"those kept the weights they were drawn with; the new phases apply from step {self.step + 1}")
+        return (f"data.mixture_phases changed after the checkpoint (step {self.step}): the run continues with "
+                f"the new phases ({Mixture.describe(new)})")
+
     def _node_names(self) -> list[str]:
         """The distinct hosts the ranks run on (collective)."""
         import socket
@@ -289,6 +312,9 @@ class Trainer:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
                 self.monitor.message(self.resized)
+            note = self._mixture_note(latest)
+            if note:
+                self.monitor.message(note)
             note = self._continuation_note(latest)
             if note:
                 self.monitor.message(f"continuing a run of another length: {note}")
@@ -493,6 +519,7 @@ class Trainer:
                 # the global batch and its split; `elastic`: elastic.safetensors is there (any world size)
                 "global_batch_size": self.global_batch_rows, "micro_batch_size": tc.micro_batch_size,
                 "grad_accum": tc.grad_accum, "elastic": resizable,
+                "mixture": self.mixture.to_json() if self.mixture is not None else None,
                 "resume_from_step": tc.resume_from_step,  # a branch's lineage (checkpoint.choose)
                 # the schedule it was on: a continuation with another train.steps says what that means
                 "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay}
