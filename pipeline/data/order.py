@@ -30,9 +30,8 @@ at its position and skips forward to the row it needs).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -146,6 +145,16 @@ class Apportioner:
         self.row += 1
         return best
 
+    def advance(self, n: int) -> None:
+        """Assign the next n rows (one group: counted, not walked)."""
+        if len(self.mixture.groups) == 1:
+            self.row += n
+            self.in_phase[0] += n
+            self.totals[0] += n
+            return
+        for _ in range(n):
+            self.next()
+
     def state(self) -> dict:
         return {"row": self.row, "phase_start": self.phase_start, "in_phase": list(self.in_phase),
                 "totals": list(self.totals)}
@@ -160,6 +169,32 @@ class Apportioner:
 
 # ---------------------------------------------------------------------------------------------
 # One stream of one group, cut into rows lazily
+
+
+class _SharedPlan(_Plan):
+    """A stream's plan whose parsed shards live in a cache shared by the group's streams in this
+    process: with fewer shards than streams every stream reads every shard (each keeps its own
+    samples), and the shard is read and parsed once, not once per stream. The cache holds up to
+    `capacity` shards (streams + 1: each stream's current one, and one more)."""
+
+    def __init__(self, *args, shared: OrderedDict, capacity: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shared, self.capacity = shared, capacity
+
+    def load(self, shard: int):
+        if shard in self.bad:
+            return None
+        samples = self.shared.get(shard)
+        if samples is not None:
+            self.shared.move_to_end(shard)
+            return samples
+        samples = super().load(shard)
+        self._cache = (None, [])  # held in the shared cache only
+        if samples is not None:
+            self.shared[shard] = samples
+            while len(self.shared) > self.capacity:
+                self.shared.popitem(last=False)
+        return samples
 
 
 class _Stream:
@@ -190,53 +225,68 @@ class _Stream:
                 self._buf.append(seg)
                 self._n += len(seg[0])
 
-    def take(self, build: bool = True) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """The next row (tokens, doc-start flags), or None with build=False (skipped, not built)."""
+    def take(self, row: Optional[np.ndarray] = None, starts: Optional[np.ndarray] = None) -> None:
+        """The next row: its S+1 tokens into `row` and doc-start flags into `starts` (int64 and bool
+        arrays of S+1), or skipped without building it when they are None."""
         need = self.S + 1
         self._fill(need)
-        out = None
-        if build:
-            row = np.empty(need, dtype=np.int64)
-            st = np.empty(need, dtype=bool)
+        if row is not None and starts is not None:
             k = 0
-            for t, s, _ in self._buf:
-                take = min(len(t), need - k)
-                row[k:k + take] = t[:take]
-                st[k:k + take] = s[:take]
-                k += take
+            for t, st, _ in self._buf:
+                n = min(len(t), need - k)
+                row[k:k + n] = t[:n]
+                starts[k:k + n] = st[:n]
+                k += n
                 if k == need:
                     break
-            out = (row, st)
         c = self.S  # all but the row's last token: it starts the next row
         while c:
-            t, s, p = self._buf[0]
+            t, st, p = self._buf[0]
             if len(t) <= c:
                 self._buf.popleft()
                 c -= len(t)
                 self._n -= len(t)
             else:
-                self._buf[0] = (t[c:], s[c:], (p[0], p[1], p[2], p[3] + c))
+                self._buf[0] = (t[c:], st[c:], (p[0], p[1], p[2], p[3] + c))
                 self._n -= c
                 c = 0
         self.index += 1
-        return out
 
     def seek(self, index: int) -> None:
         """Skip forward to row `index` (never back)."""
         while self.index < index:
-            self.take(build=False)
+            self.take()
 
 
 # ---------------------------------------------------------------------------------------------
 # The loader
 
 
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+_hash_weights: dict[int, np.ndarray] = {}
+
+
+def row_hashes(index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """32-bit hashes of global rows (their indices and tokens, (n, S+1)), as uint64. A global batch's
+    hash is the sum over its rows: the same however the rows are split over ranks and micro-batches,
+    and exact when summed in float64 (the trainer's all-reduce) for up to 2**21 rows a step. A fixed
+    random linear map of the tokens (mod 2**64), then the index, mixed (an equality check, not crypto;
+    array arithmetic on uint64 wraps around silently)."""
+    n = rows.shape[1]
+    weights = _hash_weights.get(n)
+    if weights is None:
+        weights = _hash_weights[n] = np.random.default_rng([0x4A5, n]).integers(1, 2**63, size=n, dtype=np.uint64)
+    h = np.ascontiguousarray(rows, dtype=np.int64).view(np.uint64) @ weights
+    h ^= np.asarray(index, dtype=np.uint64) * _HASH_MUL
+    h ^= h >> np.uint64(29)
+    h *= _HASH_MUL
+    h ^= h >> np.uint64(32)
+    return h & np.uint64(0xFFFFFFFF)
+
+
 def row_hash(index: int, tokens: np.ndarray) -> int:
-    """A 32-bit hash of a global row (its index and tokens). A global batch's hash is the sum over its
-    rows: the same however the rows are split over ranks and micro-batches, and exact when summed in
-    float64 (the trainer's all-reduce) for up to 2**21 rows a step."""
-    h = hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=4, key=index.to_bytes(8, "little"))
-    return int.from_bytes(h.digest(), "little")
+    """The hash of one global row (row_hashes)."""
+    return int(row_hashes(np.asarray([index]), np.asarray(tokens, dtype=np.int64)[None, :])[0])
 
 
 class _RankRows(IterableDataset):
@@ -252,45 +302,55 @@ class _RankRows(IterableDataset):
         info = get_worker_info()
         nw, wid = (info.num_workers, info.id) if info is not None else (1, 0)
         order = Apportioner.restored(L.mixture, L.rows_per_step, self.start["apportioner"])
+        one_group = len(L.mixture.groups) == 1  # group row q = global row i: no apportioning
         streams: dict[tuple[int, int], _Stream] = {}
+        by_slot: list[Optional[_Stream]] = [None] * (len(L.mixture.groups) * L.streams)  # the same, by g*K+k
+        caches = [OrderedDict() for _ in L.mixture.groups]  # parsed shards, per group, shared by its streams
         saved = self.start["streams"]
         group_rows = list(order.totals)  # the q of the next row of each group
         B, S, W, r, K = L.micro_batch_size, L.seq_len, L.world_size, L.rank, L.streams
+        first = order.row
         t = 0
         while True:
             mine = t % nw == wid
-            rows, starts, index, groups = [], [], [], []
-            for _ in range(B * W):  # the global rows of micro-batch t (all ranks)
-                i = order.row
-                g = order.next()
-                q = group_rows[g]
-                group_rows[g] += 1
-                if not mine or i % W != r:
-                    continue
-                key = (g, q % K)
-                s = streams.get(key)
+            picks: list[tuple[int, int, int]] = []  # (global row i, group g, group row q) of this rank
+            if one_group:
+                base = first + t * B * W
+                picks = [(i, 0, i) for i in range(base + r, base + B * W, W)] if mine else []
+            else:
+                for _ in range(B * W):  # the global rows of micro-batch t (all ranks)
+                    i = order.row
+                    g = order.next()
+                    q = group_rows[g]
+                    group_rows[g] += 1
+                    if mine and i % W == r:
+                        picks.append((i, g, q))
+            t += 1
+            if not mine:
+                continue
+            x = np.empty((B, S + 1), dtype=np.int64)
+            d = np.empty((B, S + 1), dtype=bool)
+            for b, (i, g, q) in enumerate(picks):
+                s = by_slot[g * K + q % K]
                 if s is None:
                     at = saved.get(f"{g}/{q % K}")
-                    s = streams[key] = (_Stream(L._plan(g), q % K, S, int(at[0]), tuple(at[1:])) if at
-                                        else _Stream(L._plan(g), q % K, S))
-                s.seek(q // K)
-                row, st = s.take()
-                rows.append(row)
-                starts.append(st[:S])
-                index.append(i)
-                groups.append(g)
-            if mine:
-                x = torch.from_numpy(np.stack(rows))
-                d = torch.from_numpy(np.stack(starts))
-                d[:, 0] = True
-                batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(), "doc_starts": d,
-                         "rows": torch.tensor(index, dtype=torch.long), "groups": torch.tensor(groups, dtype=torch.long),
-                         "row_hash": torch.tensor(sum(row_hash(i, row) for i, row in zip(index, rows)),
-                                                  dtype=torch.long)}
-                snap = {f"{g}/{k}": [s.index, *s.position()] for (g, k), s in streams.items()}
-                notes = [n for s in streams.values() for n in s.plan.take_notes()]
-                yield t, batch, snap, notes
-            t += 1
+                    s = (_Stream(L._plan(g, caches[g]), q % K, S, int(at[0]), tuple(at[1:])) if at
+                         else _Stream(L._plan(g, caches[g]), q % K, S))
+                    by_slot[g * K + q % K] = streams[(g, q % K)] = s
+                if s.index < q // K:
+                    s.seek(q // K)
+                s.take(x[b], d[b])
+            index = np.asarray([p[0] for p in picks], dtype=np.int64)
+            xt = torch.from_numpy(x)
+            doc_starts = torch.from_numpy(d[:, :S].copy())
+            doc_starts[:, 0] = True
+            batch = {"input_ids": xt[:, :-1].contiguous(), "targets": xt[:, 1:].contiguous(), "doc_starts": doc_starts,
+                     "rows": torch.from_numpy(index),
+                     "groups": torch.from_numpy(np.asarray([p[1] for p in picks], dtype=np.int64)),
+                     "row_hash": torch.from_numpy(np.asarray(row_hashes(index, x).sum(), dtype=np.int64))}
+            snap = {f"{g}/{k}": [s.index, *s.position()] for (g, k), s in streams.items()}
+            notes = [n for s in streams.values() for n in s.plan.take_notes()]
+            yield t - 1, batch, snap, notes
 
 
 class GlobalLoader:
@@ -323,18 +383,20 @@ class GlobalLoader:
                 raise ValueError(f"no train shards of mixture group {name!r} in {self.shard_dir} (groups there: "
                                  f"{have}); rerun the shard stage with this data.mixture")
             self.group_shards.append(mine)
-        self._start: dict = {"apportioner": None, "streams": {}}
-        self._batches = 0  # micro-batches of this rank consumed since the start state
+        # where the run stands: the rows every rank consumed (advanced as this rank's batches are
+        # consumed: at a step boundary the ranks agree), and the stream positions to restart from
+        self._order = Apportioner(self.mixture, self.rows_per_step)
+        self._streams: dict[str, list[int]] = {}
         self._snapshots: dict[str, list[int]] = {}
         self.skipped: dict[str, str] = {}  # shard path -> why it was left out (data.on_error=skip)
 
-    def _plan(self, group: int) -> _Plan:
-        return _Plan(self.shard_dir, self.group_shards[group], self.dtype, self.streams, self.seed, True,
-                     self.on_error)
+    def _plan(self, group: int, shared: OrderedDict) -> _Plan:
+        return _SharedPlan(self.shard_dir, self.group_shards[group], self.dtype, self.streams, self.seed, True,
+                           self.on_error, shared=shared, capacity=self.streams + 1)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        start = self._current_start()
-        ds = _RankRows(self, start)
+        self._streams = self.snapshots()
+        ds = _RankRows(self, {"apportioner": self._order.state(), "streams": self._streams})
         if self.num_workers == 0:
             it: Any = iter(ds)
         else:
@@ -345,26 +407,17 @@ class GlobalLoader:
                 if path not in self.skipped:
                     self.skipped[path] = problem
                     log.warning("skipped (data.on_error=skip): %s", problem)
-            self._batches += 1
+            self._order.advance(self.micro_batch_size * self.world_size)
             for key, value in snap.items():
                 if key not in self._snapshots or value[0] > self._snapshots[key][0]:
                     self._snapshots[key] = value
             yield batch
 
-    def _current_start(self) -> dict:
-        """The start state moved on by the micro-batches consumed (a new iter() continues)."""
-        order = self._order_now()
-        streams = dict(self._start["streams"])
-        streams.update(self._snapshots)
-        self._start = {"apportioner": order.state(), "streams": streams}
-        self._batches = 0
-        return self._start
-
     # -- state -----------------------------------------------------------------------------------
 
     def snapshots(self) -> dict[str, list[int]]:
         """This rank's furthest stream positions, none past a row consumed (merge them over ranks)."""
-        out = dict(self._start["streams"])
+        out = dict(self._streams)
         for key, value in self._snapshots.items():
             if key not in out or value[0] > out[key][0]:
                 out[key] = value
@@ -373,7 +426,7 @@ class GlobalLoader:
     def global_state(self, snapshots: list[dict[str, list[int]]]) -> dict:
         """The loader state of the run at a step boundary, from every rank's `snapshots()`: the same on
         every rank, and loadable by any number of ranks."""
-        order = self._order_now()
+        order = self._order
         return {"version": STATE_VERSION, "kind": "global", **self._shape(), "apportioner": order.state(),
                 "streams": merge_snapshots(snapshots)}
 
@@ -387,8 +440,8 @@ class GlobalLoader:
             raise ValueError("the checkpoint's loader state was saved with other data settings; the global "
                              "order needs the same " + ", ".join(f"{k} (saved {a!r}, now {b!r})"
                                                                  for k, (a, b) in diff.items()))
-        self._start = {"apportioner": state["apportioner"], "streams": dict(state["streams"])}
-        self._batches = 0
+        self._order = Apportioner.restored(self.mixture, self.rows_per_step, state["apportioner"])
+        self._streams = dict(state["streams"])
         self._snapshots = {}
 
     def _shape(self) -> dict:
@@ -398,14 +451,7 @@ class GlobalLoader:
 
     def rows_by_group(self) -> dict[str, int]:
         """Global rows drawn from each group so far (all ranks), at a step boundary."""
-        return dict(zip(self.mixture.groups, self._order_now().totals))
-
-    def _order_now(self) -> Apportioner:
-        """The apportioner after the rows of every rank's micro-batches consumed so far."""
-        order = Apportioner.restored(self.mixture, self.rows_per_step, self._start["apportioner"])
-        for _ in range(self._batches * self.micro_batch_size * self.world_size):
-            order.next()
-        return order
+        return dict(zip(self.mixture.groups, self._order.totals))
 
 
 def merge_snapshots(snapshots: list[dict[str, list[int]]]) -> dict[str, list[int]]:
