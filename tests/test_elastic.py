@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train.monitor import read_metrics
-from tests.test_train import make_shards, train  # noqa: F401  (make_shards: the fixture's)
+from tests.test_train import TINY, make_shards, train  # noqa: F401  (make_shards: the fixture's)
 
 HALF, STEPS = 6, 12
 # 8 rows a step: 2 ranks x 4 rows, or 1 rank x 4 rows x grad_accum 2. Checkpoints only where the runs
@@ -95,7 +95,6 @@ def test_a_resize_the_global_batch_does_not_divide_is_refused(reference, tmp_pat
     from pipeline.stage import StageContext
     from pipeline.stages import train as train_stage
     from pipeline.train.elastic import ResizeError
-    from tests.test_train import TINY
 
     run = tmp_path / "refused"
     shutil.copytree(reference, run)
@@ -115,3 +114,25 @@ def test_a_resize_the_global_batch_does_not_divide_is_refused(reference, tmp_pat
                                           r"would take 4 \(4 x 1 x 1 rank\(s\)\): set train.global_batch_size=8"):
         train_stage.run(StageContext(name="train", cfg=cfg, run_dir=run, fingerprint="test"))
     assert not (run / "train" / "logs").exists()
+
+
+def test_which_keys_define_the_trajectory():
+    """train.num_workers changes nothing (not in the fingerprint); ranks, grad_accum and micro-batch
+    size continue a run (the ranks refuse a different global batch); the global batch, data.streams
+    and the mixture weights are the trajectory."""
+    from pipeline.config import load_config
+    from pipeline.stage import fingerprint
+    from pipeline.stages import STAGES
+
+    stage = {s.name: s for s in STAGES}["train"]
+    up = {"tokenizer": "t", "shard": "s"}
+
+    def fp(*overrides: str, trajectory: bool = False) -> str:
+        return fingerprint(stage, load_config(None, [*TINY, *RESIZABLE, *overrides]), up, trajectory=trajectory)
+
+    assert fp("train.num_workers=4") == fp()
+    for continuing in ("train.cpu_processes=3", "train.grad_accum=2", "train.micro_batch_size=2",
+                       "train.steps=50"):
+        assert fp(continuing) != fp() and fp(continuing, trajectory=True) == fp(trajectory=True), continuing
+    for other in ("train.global_batch_size=16", "data.streams=2", "run.seed=1"):
+        assert fp(other, trajectory=True) != fp(trajectory=True), other

@@ -41,8 +41,10 @@ class DataConfig:
     # phase); a group left out gets weight 0. Changing a phase the run has not reached continues it.
     mixture_phases: list[Any] = field(default_factory=list)
     # The global row order interleaves this many streams of each group's shards (pipeline.data.order):
-    # rows of a step come from that many shards at once. A rank process holds about streams/ranks
-    # shards in memory (each up to data.shard_bytes); with ranks dividing it, ranks read disjoint shards.
+    # a step's rows come from that many shards at once. Part of the order (changing it is another run).
+    # Memory: a rank (or loader worker) process holds the current shard of each stream it reads (each up
+    # to data.shard_bytes): streams/ranks of them with one group and ranks dividing streams (then the
+    # ranks read disjoint shards), up to streams per group with a mixture.
     streams: int = 8
 
     def source_groups(self) -> list[tuple[str, list[str]]]:

@@ -1,10 +1,13 @@
-"""Training checkpoints: atomic, verified, newest-N kept, resumable on the same number of ranks.
+"""Training checkpoints: atomic, verified, newest-N kept; resumable on the same number of ranks, or
+on another one when the run is resizable (train.global_batch_size; pipeline/train/elastic.py).
 
 Layout of `RUN_DIR/train/checkpoints/`:
     step_00000030/            a complete checkpoint (it has meta.json)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (module, ZeRO optimizer
                                                        partitions, engine step counters; torch.save)
-        rank_00000.json ...   ours, one per rank: RNG states, loader position (JSON, never unpickled)
+        rank_00000.json ...   ours, one per rank: RNG states, the run's loader state (the same on
+                              every rank: any world size can read it) (JSON, never unpickled)
+        elastic.safetensors   resizable runs: whole fp32 parameters and Adam moments (elastic.py)
         meta.json             written last: step, tokens seen, ranks, ZeRO stage, and under "files"
                               every other file's {"bytes", "sha256"}
     .tmp.step_00000060/       being written: ignored, removed on the next start
@@ -507,7 +510,8 @@ def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]
     if meta.get("world_size") != world_size:
         raise RuntimeError(
             f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {world_size}. "
-            "Resume with the same number of ranks (train.cpu_processes or GPUs), or start a fresh run dir."
+            "Resume with the same number of ranks (train.cpu_processes or GPUs), or start a fresh run dir "
+            "with train.global_batch_size set (a resizable run)."
         )
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
