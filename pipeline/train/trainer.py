@@ -508,11 +508,10 @@ class Trainer:
         """A checkpoint of this step: engine state, and each rank's RNG and loader position (JSON),
         every file fsynced and hashed; DiskFull/CheckpointError when it cannot be written whole."""
         from pipeline.train import checkpoint as ckpt
+        from pipeline.train import elastic
 
         t = time.perf_counter()
         tc = self.tc
-        from pipeline.train import elastic
-
         resizable = tc.global_batch_size is not None
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
                 "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
@@ -535,9 +534,10 @@ class Trainer:
         self.hooks.saved(self.step)
 
     def restore(self, path: Path) -> None:
-        """Continue from a checkpoint: engine state, counters, this rank's loader position and RNG."""
+        """Continue from a checkpoint: engine state, counters, the run's loader state and this rank's RNG.
+        On another number of ranks (a resizable run, checked in setup) the engine state comes from the
+        checkpoint's elastic.safetensors, resharded, instead of DeepSpeed's per-rank files."""
         from pipeline.train import checkpoint as ckpt
-
         from pipeline.train import elastic
 
         meta = ckpt.read_meta(path)
