@@ -34,11 +34,12 @@ def steps_of(run: Path) -> dict[int, dict]:
     return read_metrics(run / "train" / "metrics.jsonl")
 
 
-def resized(tmp_path: Path, shards: Path, name: str, first: int, then: int, extra: list[str]) -> Path:
-    """HALF steps on `first` ranks, then on to STEPS on `then` ranks, in one run dir."""
+def resized(tmp_path: Path, shards: Path, name: str, first: int, then: int, extra: list[str],
+            then_extra: tuple[str, ...] = ()) -> Path:
+    """HALF steps on `first` ranks, then on to STEPS on `then` ranks (with `then_extra`), in one run dir."""
     run = tmp_path / name
     train(run, shards, [*RESIZABLE, *extra, f"train.steps={HALF}"], procs=first)
-    train(run, shards, [*RESIZABLE, *extra, f"train.steps={STEPS}"], procs=then)
+    train(run, shards, [*RESIZABLE, *extra, *then_extra, f"train.steps={STEPS}"], procs=then)
     return run
 
 
@@ -69,7 +70,8 @@ def test_two_ranks_resume_on_one_and_back(shards, reference, tmp_path):
     assert result["world_size"] == 1 and result["grad_accum"] == 2 and result["global_batch_size"] == 8
     assert_same_trajectory(down, reference)
 
-    up = resized(tmp_path, shards, "up", 1, 2, [])
+    # back up to 2 ranks, now with 2 loader worker processes each: still the same rows
+    up = resized(tmp_path, shards, "up", 1, 2, [], then_extra=("train.num_workers=2",))
     assert f"resuming 1-rank checkpoint step {HALF} on 2 ranks, grad_accum 2 -> 1" in \
         (up / "train" / "logs" / "rank_0.log").read_text()
     assert_same_trajectory(up, reference)
