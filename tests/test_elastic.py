@@ -104,7 +104,8 @@ def test_a_resize_the_global_batch_does_not_divide_is_refused(reference, tmp_pat
     cfg = load_config(None, [f"run.dir={run}", *TINY, *RESIZABLE, "train.cpu_processes=3", f"train.steps={STEPS + 2}"])
     with pytest.raises(ResizeError, match=r"train.global_batch_size=8 rows does not split over 3 rank\(s\) of "
                                           r"train.micro_batch_size=4: 8 is not a multiple of 4 x 3 = 12\. "
-                                          r"With micro_batch_size 4, the ranks that work are 1, 2"):
+                                          r"With micro_batch_size 4 the run continues on 1, 2 rank\(s\); "
+                                          r"no micro-batch size splits 8 rows over 3 ranks"):
         train_stage.run(StageContext(name="train", cfg=cfg, run_dir=run, fingerprint="test"))
     assert not (run / "train" / "logs").exists()  # no rank was started
 

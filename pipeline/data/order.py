@@ -84,13 +84,6 @@ class Mixture:
         """[[first step, {group: weight}], ...]: what a checkpoint records."""
         return [[start, dict(zip(self.groups, weights))] for start, weights in self.phases]
 
-    def weights_at(self, step: int) -> tuple[float, ...]:
-        current = self.phases[0][1]
-        for start, weights in self.phases:
-            if step >= start:
-                current = weights
-        return current
-
 
 def _normalised(weights: list[float]) -> tuple[float, ...]:
     total = sum(weights)

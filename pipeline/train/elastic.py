@@ -37,12 +37,17 @@ def grad_accum_for(tc: Any, world_size: int) -> int:
     G, B = int(tc.global_batch_size), int(tc.micro_batch_size)
     if G % (B * world_size):
         fits = [m for m in range(1, G // B + 1) if (G // B) % m == 0]
+        if G % world_size == 0:
+            per_rank = G // world_size
+            sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+            other = (f"on {world_size} ranks, a train.micro_batch_size dividing {per_rank} "
+                     f"({', '.join(map(str, sizes))}) works")
+        else:
+            other = f"no micro-batch size splits {G} rows over {world_size} ranks"
         raise ResizeError(
             f"train.global_batch_size={G} rows does not split over {world_size} rank(s) of "
             f"train.micro_batch_size={B}: {G} is not a multiple of {B} x {world_size} = {B * world_size}. "
-            f"With micro_batch_size {B}, the ranks that work are {', '.join(map(str, fits))}; or pick a "
-            f"micro_batch_size dividing {G // world_size if G % world_size == 0 else G} "
-            + ("" if G % world_size == 0 else f"(none does: {G} is not a multiple of {world_size})"))
+            f"With micro_batch_size {B} the run continues on {', '.join(map(str, fits))} rank(s); {other}")
     return G // (B * world_size)
 
 
