@@ -1,10 +1,11 @@
 """The global order of training rows, and the loader that hands each rank its rows of it.
 
-    loader = GlobalLoader("runs/demo/shard", seq_len=256, micro_batch_size=8, rank=r, world_size=W,
-                          streams=8, seed=0, mixture=Mixture.one_group())
-    for batch in loader:            # (B, S) input_ids, targets, doc_starts; rows, groups: (B,)
-        ...
-    state = loader.global_state(snapshots)   # the same on every rank; loads on any world size
+    loader = GlobalLoader("runs/demo/shard", seq_len=256, micro_batch_size=8, rows_per_step=G, rank=r,
+                          world_size=W, streams=8, seed=0, mixture=None)   # None: one group
+    for batch in loader:    # (B, S) input_ids, targets, doc_starts; (B,) rows (global indices), groups;
+        ...                 # row_hash: the sum of the rows' 32-bit hashes (row_hashes)
+    state = loader.global_state(all_gather(loader.snapshots()))  # the same on every rank
+    other = GlobalLoader(..., world_size=M); other.load_global_state(state)  # continues on M ranks
 
 What row comes when is a function of (seed, shards, seq_len, streams, mixture, global row index) and
 nothing else: not of the number of ranks, loader workers or the micro-batch split.
@@ -21,7 +22,10 @@ nothing else: not of the number of ranks, loader workers or the micro-batch spli
   of W, so a rank's row sequence does not depend on grad_accum, and the rows of step s are global rows
   [s*G, (s+1)*G) whatever W is.
 - A rank advances a stream only to the rows it takes (lazily, skipping the others without building
-  them): with W dividing `streams` and one group, rank r reads only the streams r, r+W, ... .
+  them): with W dividing `streams` and one group, rank r reads only the streams r, r+W, ... . With
+  DataLoader workers, worker w builds the rank's micro-batches w, w + num_workers, ... the same way.
+- Shards are verified as in ShardLoader (size, sha256; data.on_error=skip leaves a bad one out, named
+  and counted). A group's streams share one cache of parsed shards per process.
 
 Resume: the state is the global rows consumed, the apportioner's counts, and for each stream a
 (stream row, position) no further than the rows consumed; every rank's snapshots are merged
