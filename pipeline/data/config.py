@@ -34,8 +34,8 @@ class DataConfig:
     max_doc_bytes: int = MAX_DOC_BYTES  # longer documents are split near this (see MAX_DOC_BYTES)
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
     # Named groups of sources drawn by weight in training, e.g. {web: {sources: [...], weight: 0.7},
-    # code: {sources: [...], weight: 0.3}} (weights are normalised). The shard stage writes each group's
-    # shards apart; empty: one group, data.sources.
+    # code: {sources: [...], weight: 0.3}} (weights are normalised; 1 when left out). The shard stage
+    # writes each group's shards apart; empty: one group, data.sources.
     mixture: dict[str, Any] = field(default_factory=dict)
     # Later weights: [{step: 900, weights: {web: 0.5, code: 0.5}}, ...]: from that step on (an annealing
     # phase); a group left out gets weight 0. Changing a phase the run has not reached continues it.

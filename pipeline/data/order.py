@@ -73,7 +73,7 @@ class Mixture:
         if not mixture:
             return Mixture.one_group()
         names = tuple(mixture)
-        out = [(0, _normalised([float(mixture[n]["weight"]) for n in names]))]
+        out = [(0, _normalised([float(mixture[n].get("weight", 1.0)) for n in names]))]
         for p in sorted(phases or [], key=lambda p: int(p["step"])):
             w = dict(p["weights"])
             out.append((int(p["step"]), _normalised([float(w.get(n, 0.0)) for n in names])))
