@@ -9,6 +9,7 @@ Prints the machine, the command, and:
                   with N Ray workers, and its ratio to N x the raw per-core rate (target >= 0.8)
   scaling         shard stage 2 workers / 1 worker (target >= 1.7)
   loader          tokens/s ShardLoader yields in one process (num_workers=0; target >= 1M)
+  global loader   tokens/s of the training order (pipeline.data.order.GlobalLoader), one process
 Ray is started (and its workers warmed) before the timed runs: a stage in `xlp run` finds it running.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--loader-batches", type=int, default=400)
+    ap.add_argument("--streams", type=int, default=8, help="data.streams of the global loader row")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import tokenizer as tk
     from pipeline.config import load_config
     from pipeline.data.loader import ShardLoader
+    from pipeline.data.order import GlobalLoader
     from pipeline.data.readers import ReadStats, iter_documents, resolve_sources
     from pipeline.layout import RunLayout
     from pipeline.stage import StageContext
@@ -146,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         results["loader_tokens_s"] = n_tok / dt
         print(f"loader: {n_tok / dt / 1e6:.2f}M tokens/s in one process (seq_len {args.seq_len}, "
               f"batch {args.batch_size}, {args.loader_batches} batches, num_workers=0)")
+        # what training reads through: the global row order (data.streams streams, row hashes)
+        loader = GlobalLoader(shard_dir, seq_len=args.seq_len, micro_batch_size=args.batch_size,
+                              rows_per_step=args.batch_size, streams=args.streams)
+        it = iter(loader)
+        next(it)
+        t = time.perf_counter()
+        n_tok = sum(b["input_ids"].numel() for b in itertools.islice(it, args.loader_batches))
+        dt = time.perf_counter() - t
+        results["global_loader_tokens_s"] = n_tok / dt
+        print(f"global loader: {n_tok / dt / 1e6:.2f}M tokens/s in one process (the training order: "
+              f"data.streams={args.streams}, 1 rank, num_workers=0)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if hasattr(os, "getloadavg"):

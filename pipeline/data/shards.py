@@ -94,13 +94,15 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, split: str, partition: int, *, dtype: np.dtype,
-                 sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0):
+                 sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0,
+                 group: str = ""):
         self.out_dir = Path(out_dir)
         self.meta_dir = self.out_dir / META_DIR
         self.split, self.partition = split, partition
         self.dtype = np.dtype(dtype)
         self.sample_tokens, self.shard_bytes = sample_tokens, shard_bytes
         self.index, self.next_sample = start_index, start_sample
+        self.group = group  # a data.mixture group: recorded with each shard (the loader draws by group)
         self.finished: list[dict] = []
         self._docs: list[np.ndarray] = []
         self._doc_sources: list[str] = []
@@ -154,6 +156,8 @@ class ShardWriter:
         name = shard_name(self.split, self.partition, self.index)
         record = dict(self._shard, path=name, split=self.split, partition=self.partition, index=self.index,
                       bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp), node=node_name())
+        if self.group:
+            record["group"] = self.group
         self.meta_dir.mkdir(exist_ok=True)
         _atomic_json(self.meta_dir / f"{name}.json", record)  # the record first, then the shard
         os.replace(self._tmp, self.out_dir / name)
@@ -459,8 +463,15 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
             s["tokens"] += c["tokens"]
             s["docs_written"] += c["docs"]
     shards = [{k: r[k] for k in ("path", "split", "samples", "docs", "tokens", "bytes", "sha256")} for r in records]
+    groups: dict[str, dict] = {}  # data.mixture groups: each shard's, and tokens per group and split
     for shard, r in zip(shards, records):
         shard["node"] = r.get("node")  # the node that wrote it (older records: None)
+        if r.get("group"):
+            shard["group"] = r["group"]
+            g = groups.setdefault(r["group"], {split: {"tokens": 0, "shards": 0} for split in SPLITS})
+            if r["split"] in g:
+                g[r["split"]]["tokens"] += r["tokens"]
+                g[r["split"]]["shards"] += 1
     return {
         "format": FORMAT,
         "dtype": dtype_name(dtype),
@@ -475,4 +486,5 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
         "sources": sources,
         "shards": shards,
         "nodes": sorted({s["node"] for s in shards if s["node"]}),
+        **({"groups": groups} if groups else {}),
     }

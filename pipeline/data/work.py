@@ -139,6 +139,7 @@ class ShardJob:
     sample_tokens: int
     shard_bytes: int
     drop: list[int] = field(default_factory=list)  # indices of duplicate documents in this partition
+    group: str = ""  # the data.mixture group of the partition's files ("": no mixture)
     encode_batch_chars: int = 1 << 18
 
 
@@ -164,7 +165,8 @@ def shard_partition(job: ShardJob, report) -> dict:
         skip[split] = sum(r["docs"] for r in done)
         writers[split] = ShardWriter(
             out_dir, split, job.partition, dtype=np.dtype(job.dtype), sample_tokens=job.sample_tokens,
-            shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done))
+            shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done),
+            group=job.group)
     seen = {split: 0 for split in SPLITS}
     batch: list[tuple[str, str, str]] = []  # (split, source, text)
     batch_chars = 0

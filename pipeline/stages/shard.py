@@ -3,8 +3,10 @@
 One Ray task per partition of the corpus reads its documents, puts each in train or val by a hash of
 its text (stable when data is added), optionally drops exact duplicates (data.dedup, found by a first
 pass over document hashes), encodes it with the tokenizer stage's model, appends <eos>, and writes
-shards (see pipeline/data/shards.py). Deterministic: the same input and config give byte-identical
-shards. Resumable: after a kill, a rerun keeps the finished shards and partitions that still match
+shards (see pipeline/data/shards.py). With `data.mixture`, each group's files are partitioned apart
+and its shards are tagged with the group (manifest `shards[].group`; tokens per group and split under
+`groups`), so the loader draws from each group by weight. Deterministic: the same input and config give
+byte-identical shards. Resumable: after a kill, a rerun keeps the finished shards and partitions that still match
 their records (size, sha256: a bad one is rewritten, counted in shards_damaged) and writes the rest.
 """
 from __future__ import annotations
@@ -63,9 +65,14 @@ def run(ctx: StageContext) -> dict:
     tok = tk.load(layout.tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
-    files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
-                            partition_bytes=dc.partition_bytes, stats=stats)
-    parts = plan_partitions(files, dc.partition_bytes)
+    # partitions never mix data.mixture groups: each group's shards stay apart (tagged with the group)
+    parts, part_groups = [], []
+    for group, sources in dc.source_groups():
+        files = resolve_sources(sources, fmt=dc.format, on_error=dc.on_error, partition_bytes=dc.partition_bytes,
+                                stats=stats)
+        for part in plan_partitions(files, dc.partition_bytes):
+            parts.append(part)
+            part_groups.append(group)
     sizes = [sum(f.size for f in p) for p in parts]
     total = sum(sizes)
     opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error, max_doc_bytes=dc.max_doc_bytes)
@@ -101,7 +108,7 @@ def run(ctx: StageContext) -> dict:
     tok_ref = tok  # pickled once per task as the model bytes
     jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
                      dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
-                     shard_bytes=dc.shard_bytes, drop=drops[i]) for i in todo]
+                     shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i]) for i in todo]
     t1 = time.time()
     new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
                        done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
@@ -135,6 +142,10 @@ def run(ctx: StageContext) -> dict:
             f"{counts.get('files', 0)} file(s), {counts.get('docs_read', 0)} document(s) read "
             f"({counts.get('docs_empty', 0)} empty, {counts.get('files_skipped', 0)} file(s) skipped); "
             "point data.sources at a non-empty corpus")
+    empty = [g for g, _ in dc.source_groups() if g and not manifest.get("groups", {}).get(g, {}).get("train", {}).get("tokens")]
+    if empty:  # a group the loader could never draw from fails here, not in train
+        raise ValueError(f"data.mixture group(s) {empty} gave no training tokens: point their sources at "
+                         "non-empty files (and check data.val_fraction)")
     from pipeline.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
@@ -163,4 +174,6 @@ def run(ctx: StageContext) -> dict:
         "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
         "per_source": manifest["sources"],
     })
+    if dc.mixture:
+        metrics["groups"] = manifest["groups"]
     return metrics
