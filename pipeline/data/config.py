@@ -15,6 +15,9 @@ MiB = 1 << 20
 MAX_DOC_BYTES = 4 * MiB
 
 
+ENCODERS = ("auto", "sentencepiece")
+
+
 @dataclass
 class DataConfig:
     # Files, directories, globs, fsspec URLs, `hf://dataset[:split]`, or `stdlib` (the running
@@ -33,6 +36,10 @@ class DataConfig:
     sample_tokens: int = 2048  # consecutive documents are grouped into one WebDataset sample up to this
     max_doc_bytes: int = MAX_DOC_BYTES  # longer documents are split near this (see MAX_DOC_BYTES)
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
+    # the shard stage's encoder: auto = Hugging Face `tokenizers` (Rust, tokenizer/fast.py) in each
+    # partition whose first batch it encodes exactly as SentencePiece does and in less time,
+    # SentencePiece elsewhere; sentencepiece = SentencePiece only
+    encoder: str = "auto"
     # Named groups of sources drawn by weight in training, e.g. {web: {sources: [...], weight: 0.7},
     # code: {sources: [...], weight: 0.3}} (weights are normalised; 1 when left out). The shard stage
     # writes each group's shards apart; empty: one group, data.sources.
@@ -70,6 +77,8 @@ class DataConfig:
                 raise ValueError(f"data.sources[{i}] = {s!r}: expected hf://dataset[:split]")
         if self.seq_len < 1:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"data.encoder is {self.encoder!r}; valid values: {', '.join(ENCODERS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.format not in FORMATS:

@@ -3,10 +3,12 @@
 A shard is a plain tar (WebDataset layout: members `KEY.EXT`, the members of one sample adjacent).
 A sample holds one or more whole documents, in order, each ending with `<eos>`:
 
-    KEY.tokens    token ids, little-endian `dtype` (uint16 when the vocabulary fits, else uint32)
-    KEY.doclens   little-endian uint32 document lengths; they sum to the number of tokens
+    KEY.tokens.npy    token ids, a 1-D NumPy array of `dtype` (uint16 when the vocabulary fits, else uint32)
+    KEY.doclens.npy   the documents' lengths, a 1-D uint32 NumPy array; they sum to the number of tokens
 
-so document boundaries survive into training. Tar headers carry fixed metadata (mtime 0, uid 0,
+so document boundaries survive into training. The members are NumPy's .npy files, so WebDataset's own
+decoders read them (`webdataset.WebDataset(url).decode()` gives arrays). Shards of format v1 (members
+`KEY.tokens` and `KEY.doclens`: the same arrays as raw little-endian bytes) are still read. Tar headers carry fixed metadata (mtime 0, uid 0,
 mode 0644): the same documents give byte-identical shards.
 
 Shards are named `{split}-{partition:05d}-{index:04d}.tar`. Each is written under a temporary name
@@ -37,7 +39,8 @@ from pipeline.layout import MANIFEST  # the index's name in a shard dir (which m
 from pipeline.node import node_name
 
 META_DIR = "meta"
-FORMAT = "xlp-webdataset-tokens-v1"
+FORMAT = "xlp-webdataset-tokens-v2"  # v2: .npy members; v1 (raw members) is still read
+TOKENS, DOCLENS = "tokens.npy", "doclens.npy"  # a sample's members (v1: "tokens", "doclens")
 SPLITS = ("train", "val")
 
 
@@ -125,8 +128,8 @@ class ShardWriter:
     def _flush_sample(self) -> None:
         if not self._docs:
             return
-        tokens = np.concatenate(self._docs).astype(self.dtype, copy=False).tobytes()
-        lens = np.asarray([len(d) for d in self._docs], dtype="<u4").tobytes()
+        tokens = npy_bytes(np.concatenate(self._docs).astype(self.dtype, copy=False))
+        lens = npy_bytes(np.asarray([len(d) for d in self._docs], dtype="<u4"))
         if self._tar is not None and self._shard["tokens"] and \
                 (self._shard["tokens"] * self.dtype.itemsize + len(tokens)) > self.shard_bytes:
             self._close_shard()
@@ -135,8 +138,8 @@ class ShardWriter:
             self._tmp = self.out_dir / f".{name}.tmp"
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.split}-{self.partition:05d}-{self.next_sample:08d}"
-        self._tar.addfile(_tarinfo(f"{key}.tokens", len(tokens)), io.BytesIO(tokens))
-        self._tar.addfile(_tarinfo(f"{key}.doclens", len(lens)), io.BytesIO(lens))
+        self._tar.addfile(_tarinfo(f"{key}.{TOKENS}", len(tokens)), io.BytesIO(tokens))
+        self._tar.addfile(_tarinfo(f"{key}.{DOCLENS}", len(lens)), io.BytesIO(lens))
         self.next_sample += 1
         st = self._shard
         st["samples"] += 1
@@ -293,16 +296,42 @@ def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield cur_key, cur
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as a .npy file (NumPy's format; the same array gives the same bytes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_array(data: Optional[bytes], dtype: np.dtype, what: str) -> np.ndarray:
+    """The 1-D array of `dtype` in a .npy file's bytes, without a copy; ValueError naming `what`."""
+    if data is None:
+        raise ValueError(f"{what} is missing")
+    buf = io.BytesIO(data)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+        np.lib.format.read_magic(buf))
+    if read_header is None:
+        raise ValueError(f"{what} is not a .npy file of version 1.0 or 2.0")
+    shape, fortran, found = read_header(buf, max_header_size=10000)
+    if found != np.dtype(dtype) or len(shape) != 1 or fortran:
+        raise ValueError(f"{what} holds a {found} array of shape {shape}, not a 1-D {np.dtype(dtype)} one")
+    return np.frombuffer(data, dtype=found, count=shape[0], offset=buf.tell())
+
+
 def read_shard(data: bytes, dtype: np.dtype, name: str = "shard") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(key, tokens, doclens)] of a shard's bytes; ShardError naming `name` when they do not parse."""
     out = []
     try:
         for key, members in iter_tar_samples(data):
-            missing = [m for m in ("tokens", "doclens") if m not in members]
-            if missing:
-                raise ValueError(f"sample {key!r} has no {' or '.join(missing)} member")
-            tokens = np.frombuffer(members["tokens"], dtype=dtype)
-            lens = np.frombuffer(members["doclens"], dtype="<u4")
+            if TOKENS in members or DOCLENS in members:
+                tokens = npy_array(members.get(TOKENS), dtype, f"sample {key!r} member {TOKENS}")
+                lens = npy_array(members.get(DOCLENS), np.dtype("<u4"), f"sample {key!r} member {DOCLENS}")
+            else:  # format v1: raw little-endian arrays
+                missing = [m for m in ("tokens", "doclens") if m not in members]
+                if missing:
+                    raise ValueError(f"sample {key!r} has no {TOKENS} (or v1 {' or '.join(missing)}) member")
+                tokens = np.frombuffer(members["tokens"], dtype=dtype)
+                lens = np.frombuffer(members["doclens"], dtype="<u4")
             out.append((key, tokens, lens))
     except (tarfile.TarError, ValueError, EOFError) as e:
         raise ShardError(f"shard {name}: not a readable token shard ({e}); {REPAIR}") from None
@@ -475,8 +504,8 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
     return {
         "format": FORMAT,
         "dtype": dtype_name(dtype),
-        "members": {"tokens": f"little-endian {dtype_name(dtype)} token ids",
-                    "doclens": "little-endian uint32 document lengths (each document ends with eos)"},
+        "members": {TOKENS: f"token ids: a 1-D {dtype_name(dtype)} NumPy array (.npy)",
+                    DOCLENS: "document lengths (each document ends with eos): a 1-D uint32 NumPy array (.npy)"},
         "tokenizer": tokenizer_info,
         "config": config,
         "splits": splits,

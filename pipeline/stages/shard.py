@@ -22,6 +22,9 @@ READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
     "data.max_doc_bytes",
     "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
+    # the ids are SentencePiece's either way on the sample each partition checks; hashed all the same, as
+    # nothing proves them equal on the documents after it
+    "data.encoder",
 )
 
 STAGE = Stage(
@@ -38,7 +41,7 @@ STAGE = Stage(
 
 def run(ctx: StageContext) -> dict:
     import tokenizer as tk
-    from pipeline.data.parallel import run_parallel
+    from pipeline.data.parallel import default_workers, run_parallel
     from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
     from pipeline.data.shards import build_manifest, dtype_name, remove_all, remove_incomplete, token_dtype
     from pipeline.data.work import (
@@ -106,9 +109,12 @@ def run(ctx: StageContext) -> dict:
                 damaged.extend(problems)
     todo = [i for i in range(len(parts)) if i not in records]
     tok_ref = tok  # pickled once per task as the model bytes
+    workers = dc.num_workers or default_workers()
+    threads = max(1, default_workers() // workers)  # workers x threads = the CPUs Ray has
     jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
                      dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
-                     shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i]) for i in todo]
+                     shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i], encoder=dc.encoder,
+                     encoder_threads=threads) for i in todo]
     t1 = time.time()
     new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
                        done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
@@ -173,7 +179,26 @@ def run(ctx: StageContext) -> dict:
         "seconds": round(elapsed, 2),
         "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
         "per_source": manifest["sources"],
+        **encoder_metrics([records[i] for i in sorted(records)]),
     })
     if dc.mixture:
         metrics["groups"] = manifest["groups"]
     return metrics
+
+
+def encoder_metrics(records: list[dict]) -> dict:
+    """Which encoder wrote the partitions, and what the fast encoder's checks found (tokenizer/fast.py)."""
+    used = [r.get("encoder", "sentencepiece") for r in records]
+    checks = [r["check"] for r in records if r.get("check")]
+    differing = next((c for c in checks if not c["identical"]), None)
+    return {
+        "encoder": used[0] if used and len(set(used)) == 1 else "mixed" if used else "none",
+        "encoder_partitions": {name: used.count(name) for name in sorted(set(used))},
+        "encoder_check": {"partitions": len(checks), "docs": sum(c["docs"] for c in checks),
+                          "chars": sum(c["chars"] for c in checks),
+                          "identical": bool(checks) and differing is None,
+                          "sentencepiece_s": round(sum(c.get("sentencepiece_s", 0) for c in checks), 4),
+                          "fast_s": round(sum(c.get("fast_s", 0) for c in checks), 4),
+                          "first_difference": None if differing is None else
+                          {"reason": differing["reason"], **(differing["first_difference"] or {})}},
+    }
