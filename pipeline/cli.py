@@ -54,21 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser(
         "submit",
         help="send the run to a Slurm or Ray cluster (--dry-run: check and print what would be sent)",
-        description="Send the run that `xlp run` would do here to a cluster. The config is checked "
-        "before anything is queued. The run directory must be on a filesystem the cluster's nodes "
-        "share; `xlp status RUN_DIR` works there while the job runs.\n\n"
-        "Slurm: before queueing, slurm.* and train.* are checked against each other (e.g. train.device=cpu "
-        "with slurm.gpus_per_node>0, fewer CPUs than ranks per node) and against the partition as sinfo "
-        "shows it (nodes, CPUs, GPUs and memory per node, largest job, time limit), then with "
-        "`sbatch --test-only`; a request that could never start is refused with the key to change and a "
-        "value that fits. The training ranks per node are slurm.gpus_per_node (one per GPU), or "
-        "train.cpu_processes when it is 0. --wait prints the job's state and pending reason as they change "
-        "and fails at once (cancelling the job) when Slurm says it can never start (PartitionConfig, "
-        "PartitionNodeLimit, PartitionTimeLimit, ...).\n\n"
-        "--dry-run checks and prints, queueing nothing: the sbatch script, or the Ray job's entrypoint and "
-        "runtime env, and the training launch plan on the allocation the config asks for "
-        "(slurm.nodes x slurm.gpus_per_node): srun's ranks per node, GPU binding (LOCAL_RANK), rendezvous "
-        "(the first node) and environment, or Ray Train's workers and placement.",
+        description=_paragraphs(
+            "Send the run that `xlp run` would do here to a cluster. The config is checked before anything is "
+            "queued. The run directory must be on a filesystem the cluster's nodes share; `xlp status RUN_DIR` "
+            "works there while the job runs.",
+            "Slurm: before queueing, slurm.* and train.* are checked against each other (e.g. train.device=cpu "
+            "with slurm.gpus_per_node>0, fewer CPUs than ranks per node) and against the partition as sinfo "
+            "shows it (nodes, CPUs, GPUs and memory per node, largest job, time limit), then with "
+            "`sbatch --test-only`; a request that could never start is refused with the key to change and a "
+            "value that fits. The training ranks per node are slurm.gpus_per_node (one per GPU), or "
+            "train.cpu_processes when it is 0. --wait prints the job's state and pending reason as they change "
+            "and fails at once (cancelling the job) when Slurm says it can never start (PartitionConfig, "
+            "PartitionNodeLimit, PartitionTimeLimit, ...).",
+            "--dry-run checks and prints, queueing nothing: the sbatch script, or the Ray job's entrypoint and "
+            "runtime env, and the training launch plan on the allocation the config asks for "
+            "(slurm.nodes x slurm.gpus_per_node; for Ray, a cluster of that shape): srun's ranks per node, GPU "
+            "binding (LOCAL_RANK), rendezvous (the first node) and environment (train.env over the defaults), "
+            "or Ray Train's workers and placement."),
         epilog="examples:\n"
         "  xlp submit configs/demo.yaml model=xlstm_125m --to slurm slurm.partition=gpu slurm.nodes=4 slurm.gpus_per_node=8\n"
         "  xlp submit configs/recipes/xlstm_large_7b.yaml --to slurm --dry-run 'data.sources=[/data/*.jsonl]' slurm.nodes=2\n"
@@ -164,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", metavar="key=value",
                      help="kernels.* and decode.* settings over the run's (e.g. decode.fused=true)")
     return parser
+
+
+def _paragraphs(*texts: str) -> str:
+    """Help text in paragraphs wrapped for a terminal (the parsers keep line breaks as written)."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(t, 100) for t in texts)
 
 
 def main(argv: list[str] | None = None) -> int:

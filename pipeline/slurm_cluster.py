@@ -138,9 +138,10 @@ def _run(cmd: list[str]) -> str:
 
 
 def partitions() -> dict[str, tuple[bool, Optional[int], Optional[int]]]:
-    """{name: (is the default, time limit in seconds, largest job in nodes)} of the visible partitions."""
+    """{name: (is the default, time limit in seconds, largest job in nodes)} of the partitions (hidden ones
+    too: slurm.partition may name one)."""
     found: dict[str, tuple[bool, Optional[int], Optional[int]]] = {}
-    for line in _run(["sinfo", "-h", "-o", "%P|%l|%s"]).splitlines():
+    for line in _run(["sinfo", "-h", "-a", "-o", "%P|%l|%s"]).splitlines():
         name, limit, size = (line.split("|") + ["", ""])[:3]
         if not name:
             continue

@@ -53,7 +53,7 @@ class SlurmConfig:
     partition: Optional[str] = None
     account: Optional[str] = None
     nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU ranks (train.cpu_processes per node)
+    gpus_per_node: int = 0  # also the training ranks per node (one per GPU); 0: train.cpu_processes CPU ranks
     cpus_per_task: int = 8  # CPUs per node for the job's one task (Ray, data stages, CPU ranks)
     time: str = "24:00:00"
     job_name: Optional[str] = None  # None: xlp-<run.name>

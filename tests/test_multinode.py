@@ -45,7 +45,19 @@ def stage_json(run_dir: Path, stage: str) -> dict:
 
 
 def weights(run_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
+    """Every tensor's bytes (the file's bytes are not comparable: safetensors writes its metadata map
+    in no fixed order)."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted((run_dir / "train" / "model").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                out[f"{path.name}:{name}:{t.dtype}:{tuple(t.shape)}"] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    assert out, f"no weights in {run_dir}"
+    return out
 
 
 @pytest.fixture(scope="module")

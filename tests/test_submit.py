@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,6 +174,61 @@ def test_slurm_wait_shows_the_job_pending_then_running(slurm, tmp_path):
     assert set(running[0].split(" on ", 1)[1].split(",")) <= set(nodes)
     assert proc.stdout.rstrip().endswith(f"Slurm job {job}: COMPLETED (exit code 0:0)")
     assert "+ tokenizer: done" in proc.stdout
+
+
+# Run as a batch job: the srun plan from the job's own environment (as SlurmRanks builds it), carried out
+# with a probe in place of the ranks; each probe says where it ran and what it was given.
+PLAN_PROBE = """
+import json, os, subprocess, sys
+from pathlib import Path
+from pipeline.train.launch import _SLURM_STEP_VARS, slurm_hosts
+from pipeline.train.plan import SlurmAllocation, job_rendezvous_port, srun_plan
+
+out = Path(sys.argv[1])
+env = dict(os.environ)
+hosts = slurm_hosts(env)
+alloc = SlurmAllocation.from_env(env, first_node=hosts[0], gpus_per_node=0, cpus_fallback=1)
+plan = srun_plan(alloc, cpu_processes=2, master_port=job_rendezvous_port(env["SLURM_JOB_ID"]),
+                 user_env={"NCCL_DEBUG": "WARN"}, inherited_env=env)
+for key in _SLURM_STEP_VARS:
+    env.pop(key, None)
+probe = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in ('SLURM_PROCID', 'SLURM_LOCALID', "
+         "'SLURMD_NODENAME', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_SIZE', 'OMP_NUM_THREADS', 'NCCL_DEBUG')}))")
+cmd = plan.srun_args(step_name="xlp-plan-probe", log_pattern=str(out / "rank_%t.log")) + [sys.executable, "-c", probe]
+code = subprocess.run(cmd, env={**env, **plan.env}).returncode
+(out / "plan.json").write_text(json.dumps({"hosts": hosts, "ranks": plan.ranks, "per_node": plan.ranks_per_node,
+    "placement": [plan.placement(r) for r in range(plan.ranks)], "master": plan.master_addr,
+    "port": plan.master_port, "threads": plan.env["OMP_NUM_THREADS"], "srun": code}))
+"""
+
+
+@needs_slurm
+def test_slurm_srun_plan_places_the_ranks_where_it_says(slurm, tmp_path):
+    """The plan's claims against the real srun, on every node the job gets (up to 2): rank r on node
+    r // ranks_per_node with LOCAL_RANK r % ranks_per_node, the rendezvous on the first node, the plan's
+    environment in every rank. --oversubscribe: the job shares CPUs with what the cluster runs already."""
+    _, nodes, _ = default_partition()
+    n = min(2, len(nodes))
+    (tmp_path / "probe.py").write_text(PLAN_PROBE)
+    proc = subprocess.run(["sbatch", "--parsable", "--job-name=xlp-test-plan-probe", f"--nodes={n}",
+                           "--ntasks-per-node=1", "--cpus-per-task=2", "--oversubscribe", "--time=5",
+                           f"--output={tmp_path}/job.out", f"--chdir={REPO}", "--wait",
+                           f"--wrap={sys.executable} {tmp_path}/probe.py {tmp_path}"],
+                          env=xlp_env(), capture_output=True, text=True, timeout=300)
+    job_out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert proc.returncode == 0, proc.stderr + job_out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["srun"] == 0 and plan["ranks"] == 2 * n and plan["per_node"] == 2, plan
+    assert set(plan["hosts"]) <= set(nodes) and len(plan["hosts"]) == n
+    for rank, (node, local, gpu) in enumerate(plan["placement"]):
+        got = json.loads((tmp_path / f"rank_{rank}.log").read_text().strip().splitlines()[-1])
+        assert got["SLURM_PROCID"] == str(rank)
+        assert got["SLURMD_NODENAME"] == plan["hosts"][node], (rank, got, plan)
+        assert got["SLURM_LOCALID"] == str(local) and gpu is None
+        assert got["MASTER_ADDR"] == plan["hosts"][0] == plan["master"]
+        assert got["MASTER_PORT"] == str(plan["port"])
+        assert got["LOCAL_SIZE"] == "2" and got["OMP_NUM_THREADS"] == plan["threads"] == "1"
+        assert got["NCCL_DEBUG"] == "WARN"
 
 
 @needs_slurm

@@ -3,6 +3,7 @@ pipeline/stages/tokenizer.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 FORMATS = ("auto", "text", "lines", "jsonl", "parquet")
 ON_ERROR = ("fail", "skip")
@@ -12,6 +13,9 @@ MiB = 1 << 20
 # bounds a data worker's memory: encoding a piece peaks at ~60x its size (SentencePiece's state per
 # character plus Python ints), ~300 MiB here (python -m pipeline.bench_bigdoc).
 MAX_DOC_BYTES = 4 * MiB
+
+
+ENCODERS = ("auto", "sentencepiece")
 
 
 @dataclass
@@ -32,6 +36,36 @@ class DataConfig:
     sample_tokens: int = 2048  # consecutive documents are grouped into one WebDataset sample up to this
     max_doc_bytes: int = MAX_DOC_BYTES  # longer documents are split near this (see MAX_DOC_BYTES)
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
+    # the shard stage's encoder: auto = Hugging Face `tokenizers` (Rust, tokenizer/fast.py) in each
+    # partition whose first batch it encodes exactly as SentencePiece does and in less time,
+    # SentencePiece elsewhere; sentencepiece = SentencePiece only
+    encoder: str = "auto"
+    # Named groups of sources drawn by weight in training, e.g. {web: {sources: [...], weight: 0.7},
+    # code: {sources: [...], weight: 0.3}} (weights are normalised; 1 when left out). The shard stage
+    # writes each group's shards apart; empty: one group, data.sources.
+    mixture: dict[str, Any] = field(default_factory=dict)
+    # Later weights: [{step: 900, weights: {web: 0.5, code: 0.5}}, ...]: from that step on (an annealing
+    # phase); a group left out gets weight 0. Changing a phase the run has not reached continues it.
+    mixture_phases: list[Any] = field(default_factory=list)
+    # The global row order interleaves this many streams of each group's shards (pipeline.data.order):
+    # a step's rows come from that many shards at once. Part of the order (changing it is another run).
+    # Memory: a rank (or loader worker) process holds the current shard of each stream it reads (each up
+    # to data.shard_bytes): streams/ranks of them with one group and ranks dividing streams (then the
+    # ranks read disjoint shards), up to streams per group with a mixture.
+    streams: int = 8
+
+    def source_groups(self) -> list[tuple[str, list[str]]]:
+        """(group, sources) in config order: the data.mixture groups, or ("", data.sources)."""
+        if self.mixture:
+            return [(name, list(group["sources"])) for name, group in self.mixture.items()]
+        return [("", list(self.sources))]
+
+    def all_sources(self) -> list[str]:
+        """Every source the corpus reads (each once), for the tokenizer's sample."""
+        out: list[str] = []
+        for _, sources in self.source_groups():
+            out.extend(s for s in sources if s not in out)
+        return out
 
     def validate(self) -> None:
         if not self.sources:
@@ -43,6 +77,8 @@ class DataConfig:
                 raise ValueError(f"data.sources[{i}] = {s!r}: expected hf://dataset[:split]")
         if self.seq_len < 1:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"data.encoder is {self.encoder!r}; valid values: {', '.join(ENCODERS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.format not in FORMATS:
@@ -61,3 +97,49 @@ class DataConfig:
             raise ValueError(f"data.max_doc_bytes must be in [4096, 2**31], got {self.max_doc_bytes}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (0 = all CPUs), got {self.num_workers}")
+        if self.streams < 1:
+            raise ValueError(f"data.streams must be >= 1, got {self.streams}")
+        validate_mixture(self.mixture, self.mixture_phases)
+
+
+EXAMPLE_MIXTURE = "data.mixture={web: {sources: [web/*.jsonl], weight: 0.7}, code: {sources: [code/], weight: 0.3}}"
+
+
+def validate_mixture(mixture: dict, phases: list) -> None:
+    """data.mixture: {name: {sources: [non-empty strings], weight: > 0}}; data.mixture_phases:
+    [{step: >= 1, increasing, weights: {group: >= 0, one > 0}}], only with a mixture."""
+    if not isinstance(mixture, dict):
+        raise ValueError(f"data.mixture must be a mapping of groups, e.g. {EXAMPLE_MIXTURE}")
+    for name, group in mixture.items():
+        where = f"data.mixture.{name}"
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"data.mixture group name {name!r}: use letters, digits, '-' and '_'")
+        if not isinstance(group, dict) or set(group) - {"sources", "weight"} or "sources" not in group:
+            have = sorted(group) if isinstance(group, dict) else type(group).__name__
+            raise ValueError(f"{where} is {have}; a group is {{sources: [...], weight: W}}, e.g. {EXAMPLE_MIXTURE}")
+        sources = group["sources"]
+        if isinstance(sources, str) or not isinstance(sources, list) or not sources or \
+                not all(isinstance(x, str) and x.strip() for x in sources):
+            raise ValueError(f"{where}.sources must be a non-empty list of files, dirs, globs or URLs")
+        weight = group.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{where}.weight is {weight!r}; must be a number > 0")
+    if phases and not mixture:
+        raise ValueError("data.mixture_phases needs data.mixture (the groups whose weights it changes)")
+    last = 0
+    for i, phase in enumerate(phases or []):
+        where = f"data.mixture_phases[{i}]"
+        if not isinstance(phase, dict) or set(phase) != {"step", "weights"}:
+            raise ValueError(f"{where}: a phase is {{step: S, weights: {{group: W, ...}}}}")
+        step, weights = phase["step"], phase["weights"]
+        if isinstance(step, bool) or not isinstance(step, int) or step <= last:
+            raise ValueError(f"{where}.step is {step!r}; must be an integer >= 1 and above the previous phase's")
+        last = step
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError(f"{where}.weights must map groups to weights")
+        unknown = sorted(set(weights) - set(mixture))
+        if unknown:
+            raise ValueError(f"{where}.weights names {unknown}, not groups of data.mixture ({sorted(mixture)})")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or \
+                not any(w > 0 for w in weights.values()):
+            raise ValueError(f"{where}.weights: numbers >= 0, at least one > 0")

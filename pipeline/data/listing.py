@@ -44,17 +44,15 @@ def _error(e: BaseException) -> str:
 
 
 def corpus(cfg: Any) -> list[dict]:
-    """`data.sources` (and the sources of `data.mixture` groups, where the config has them), one entry
+    """`data.sources`, or with `data.mixture` each group's sources (tagged with the group), one entry
     per source in config order: the files the readers would open, sorted, each with what is cheap to
     know about it."""
-    sources = list(_cfg_get(cfg, "data.sources", []) or [])
     mixture = _cfg_get(cfg, "data.mixture", None)
-    if isinstance(mixture, dict):
-        for name in sorted(mixture):
-            group = mixture[name]
-            if isinstance(group, dict):
-                sources.extend(s for s in (group.get("sources") or []) if s not in sources)
-    return [list_source(str(s)) for s in sources]
+    if isinstance(mixture, dict) and mixture:  # the groups in config order: which group a file is in
+        return [dict(list_source(str(s)), group=name)  # shapes the shards (each group's are apart)
+                for name, group in mixture.items() if isinstance(group, dict)
+                for s in (group.get("sources") or [])]
+    return [list_source(str(s)) for s in list(_cfg_get(cfg, "data.sources", []) or [])]
 
 
 def list_source(source: str) -> dict:

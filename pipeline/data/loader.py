@@ -263,7 +263,7 @@ class ShardLoader:
     def __init__(self, shard_dir: str | Path, *, split: str, seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, epochs: Optional[int] = None,
                  shuffle: bool = True, pin_memory: bool = False, prefetch_factor: int = 4,
-                 on_error: str = "fail"):
+                 on_error: str = "fail", group: Optional[str] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if seq_len < 1 or batch_size < 1:
@@ -280,10 +280,13 @@ class ShardLoader:
         self.seed, self.epochs, self.shuffle = int(seed), epochs, shuffle
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.manifest = load_manifest(self.shard_dir)
-        self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        self.group = group  # a data.mixture group: only its shards (None: every shard of the split)
+        self.shards = [s for s in self.manifest["shards"] if s["split"] == split
+                       and (group is None or s.get("group", "") == group)]
         if not self.shards:
             splits = sorted({s["split"] for s in self.manifest["shards"]})
-            raise ValueError(f"no {split!r} shards in {self.shard_dir} (splits there: {splits})")
+            which = f"{split!r}" + (f" (mixture group {group!r})" if group is not None else "")
+            raise ValueError(f"no {which} shards in {self.shard_dir} (splits there: {splits})")
         self.dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[self.manifest["dtype"]])
         self.tokens = sum(s["tokens"] for s in self.shards)
         self._positions: dict[int, Pos] = {}
@@ -336,7 +339,7 @@ class ShardLoader:
         other = ShardLoader(self.shard_dir, split=self.split, seq_len=self.seq_len, batch_size=self.batch_size,
                             rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
                             seed=self.seed, epochs=1, shuffle=self.shuffle, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor, on_error=self.on_error)
+                            prefetch_factor=self.prefetch_factor, on_error=self.on_error, group=self.group)
         other._start_epoch = epoch
         return other
 

@@ -67,8 +67,33 @@ def _call(fn: Callable, item: Any, progress_file: Optional[str]) -> Any:
         report.flush()
 
 
-# SPREAD: on a cluster the data tasks go to every node, not first to fill the one the driver is on
-_remote_call = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_call)
+_remote_call = ray.remote(num_cpus=1)(_call)
+
+
+class NodePlacer:
+    """Which node each data task goes to: the alive node with the most free CPUs (its CPUs minus the
+    tasks we have running there), so a cluster's tasks go to every node. Ray's own SPREAD depends on
+    how current the scheduling raylet's view of the other nodes is, and right after a node joined it
+    put every task on the driver's node. Soft affinity: a node that is gone by then is skipped."""
+
+    def __init__(self):
+        self.cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                     if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1}
+        self.running = {node: 0 for node in self.cpus}
+
+    def submit(self, *args: Any) -> tuple[Any, Optional[str]]:
+        if not self.cpus:
+            return _remote_call.remote(*args), None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = max(self.cpus, key=lambda n: (self.cpus[n] - self.running[n], -self.running[n]))
+        self.running[node] += 1
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        return _remote_call.options(scheduling_strategy=strategy).remote(*args), node
+
+    def done(self, node: Optional[str]) -> None:
+        if node is not None:
+            self.running[node] -= 1
 
 
 def default_workers() -> int:
@@ -101,7 +126,8 @@ def run_parallel(
     progress.mkdir(parents=True, exist_ok=True)
     fn_ref = ray.put(fn)
     results: list[Any] = [None] * len(items)
-    pending: dict[Any, int] = {}
+    pending: dict[Any, tuple[int, Optional[str]]] = {}  # task -> (item, node)
+    placer = NodePlacer()
     next_item = 0
     tty = sys.stderr.isatty()
     bar = tqdm(total=total_bytes or None, initial=done_bytes, unit="B", unit_scale=True, desc=desc,
@@ -111,12 +137,13 @@ def run_parallel(
     try:
         while next_item < len(items) or pending:
             while next_item < len(items) and len(pending) < n_workers:
-                ref = _remote_call.remote(fn_ref, items[next_item], str(progress / f"{next_item}.progress"))
-                pending[ref] = next_item
+                ref, node = placer.submit(fn_ref, items[next_item], str(progress / f"{next_item}.progress"))
+                pending[ref] = (next_item, node)
                 next_item += 1
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                i = pending.pop(ref)
+                i, node = pending.pop(ref)
+                placer.done(node)
                 results[i] = ray.get(ref)
                 if on_result is not None:
                     on_result(i, results[i])

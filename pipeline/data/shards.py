@@ -3,10 +3,12 @@
 A shard is a plain tar (WebDataset layout: members `KEY.EXT`, the members of one sample adjacent).
 A sample holds one or more whole documents, in order, each ending with `<eos>`:
 
-    KEY.tokens    token ids, little-endian `dtype` (uint16 when the vocabulary fits, else uint32)
-    KEY.doclens   little-endian uint32 document lengths; they sum to the number of tokens
+    KEY.tokens.npy    token ids, a 1-D NumPy array of `dtype` (uint16 when the vocabulary fits, else uint32)
+    KEY.doclens.npy   the documents' lengths, a 1-D uint32 NumPy array; they sum to the number of tokens
 
-so document boundaries survive into training. Tar headers carry fixed metadata (mtime 0, uid 0,
+so document boundaries survive into training. The members are NumPy's .npy files, so WebDataset's own
+decoders read them (`webdataset.WebDataset(url).decode()` gives arrays). Shards of format v1 (members
+`KEY.tokens` and `KEY.doclens`: the same arrays as raw little-endian bytes) are still read. Tar headers carry fixed metadata (mtime 0, uid 0,
 mode 0644): the same documents give byte-identical shards.
 
 Shards are named `{split}-{partition:05d}-{index:04d}.tar`. Each is written under a temporary name
@@ -37,7 +39,8 @@ from pipeline.layout import MANIFEST  # the index's name in a shard dir (which m
 from pipeline.node import node_name
 
 META_DIR = "meta"
-FORMAT = "xlp-webdataset-tokens-v1"
+FORMAT = "xlp-webdataset-tokens-v2"  # v2: .npy members; v1 (raw members) is still read
+TOKENS, DOCLENS = "tokens.npy", "doclens.npy"  # a sample's members (v1: "tokens", "doclens")
 SPLITS = ("train", "val")
 
 
@@ -94,13 +97,15 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, split: str, partition: int, *, dtype: np.dtype,
-                 sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0):
+                 sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0,
+                 group: str = ""):
         self.out_dir = Path(out_dir)
         self.meta_dir = self.out_dir / META_DIR
         self.split, self.partition = split, partition
         self.dtype = np.dtype(dtype)
         self.sample_tokens, self.shard_bytes = sample_tokens, shard_bytes
         self.index, self.next_sample = start_index, start_sample
+        self.group = group  # a data.mixture group: recorded with each shard (the loader draws by group)
         self.finished: list[dict] = []
         self._docs: list[np.ndarray] = []
         self._doc_sources: list[str] = []
@@ -123,8 +128,8 @@ class ShardWriter:
     def _flush_sample(self) -> None:
         if not self._docs:
             return
-        tokens = np.concatenate(self._docs).astype(self.dtype, copy=False).tobytes()
-        lens = np.asarray([len(d) for d in self._docs], dtype="<u4").tobytes()
+        tokens = npy_bytes(np.concatenate(self._docs).astype(self.dtype, copy=False))
+        lens = npy_bytes(np.asarray([len(d) for d in self._docs], dtype="<u4"))
         if self._tar is not None and self._shard["tokens"] and \
                 (self._shard["tokens"] * self.dtype.itemsize + len(tokens)) > self.shard_bytes:
             self._close_shard()
@@ -133,8 +138,8 @@ class ShardWriter:
             self._tmp = self.out_dir / f".{name}.tmp"
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.split}-{self.partition:05d}-{self.next_sample:08d}"
-        self._tar.addfile(_tarinfo(f"{key}.tokens", len(tokens)), io.BytesIO(tokens))
-        self._tar.addfile(_tarinfo(f"{key}.doclens", len(lens)), io.BytesIO(lens))
+        self._tar.addfile(_tarinfo(f"{key}.{TOKENS}", len(tokens)), io.BytesIO(tokens))
+        self._tar.addfile(_tarinfo(f"{key}.{DOCLENS}", len(lens)), io.BytesIO(lens))
         self.next_sample += 1
         st = self._shard
         st["samples"] += 1
@@ -154,6 +159,8 @@ class ShardWriter:
         name = shard_name(self.split, self.partition, self.index)
         record = dict(self._shard, path=name, split=self.split, partition=self.partition, index=self.index,
                       bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp), node=node_name())
+        if self.group:
+            record["group"] = self.group
         self.meta_dir.mkdir(exist_ok=True)
         _atomic_json(self.meta_dir / f"{name}.json", record)  # the record first, then the shard
         os.replace(self._tmp, self.out_dir / name)
@@ -289,16 +296,42 @@ def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield cur_key, cur
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as a .npy file (NumPy's format; the same array gives the same bytes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_array(data: Optional[bytes], dtype: np.dtype, what: str) -> np.ndarray:
+    """The 1-D array of `dtype` in a .npy file's bytes, without a copy; ValueError naming `what`."""
+    if data is None:
+        raise ValueError(f"{what} is missing")
+    buf = io.BytesIO(data)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+        np.lib.format.read_magic(buf))
+    if read_header is None:
+        raise ValueError(f"{what} is not a .npy file of version 1.0 or 2.0")
+    shape, fortran, found = read_header(buf, max_header_size=10000)
+    if found != np.dtype(dtype) or len(shape) != 1 or fortran:
+        raise ValueError(f"{what} holds a {found} array of shape {shape}, not a 1-D {np.dtype(dtype)} one")
+    return np.frombuffer(data, dtype=found, count=shape[0], offset=buf.tell())
+
+
 def read_shard(data: bytes, dtype: np.dtype, name: str = "shard") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(key, tokens, doclens)] of a shard's bytes; ShardError naming `name` when they do not parse."""
     out = []
     try:
         for key, members in iter_tar_samples(data):
-            missing = [m for m in ("tokens", "doclens") if m not in members]
-            if missing:
-                raise ValueError(f"sample {key!r} has no {' or '.join(missing)} member")
-            tokens = np.frombuffer(members["tokens"], dtype=dtype)
-            lens = np.frombuffer(members["doclens"], dtype="<u4")
+            if TOKENS in members or DOCLENS in members:
+                tokens = npy_array(members.get(TOKENS), dtype, f"sample {key!r} member {TOKENS}")
+                lens = npy_array(members.get(DOCLENS), np.dtype("<u4"), f"sample {key!r} member {DOCLENS}")
+            else:  # format v1: raw little-endian arrays
+                missing = [m for m in ("tokens", "doclens") if m not in members]
+                if missing:
+                    raise ValueError(f"sample {key!r} has no {TOKENS} (or v1 {' or '.join(missing)}) member")
+                tokens = np.frombuffer(members["tokens"], dtype=dtype)
+                lens = np.frombuffer(members["doclens"], dtype="<u4")
             out.append((key, tokens, lens))
     except (tarfile.TarError, ValueError, EOFError) as e:
         raise ShardError(f"shard {name}: not a readable token shard ({e}); {REPAIR}") from None
@@ -459,13 +492,20 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
             s["tokens"] += c["tokens"]
             s["docs_written"] += c["docs"]
     shards = [{k: r[k] for k in ("path", "split", "samples", "docs", "tokens", "bytes", "sha256")} for r in records]
+    groups: dict[str, dict] = {}  # data.mixture groups: each shard's, and tokens per group and split
     for shard, r in zip(shards, records):
         shard["node"] = r.get("node")  # the node that wrote it (older records: None)
+        if r.get("group"):
+            shard["group"] = r["group"]
+            g = groups.setdefault(r["group"], {split: {"tokens": 0, "shards": 0} for split in SPLITS})
+            if r["split"] in g:
+                g[r["split"]]["tokens"] += r["tokens"]
+                g[r["split"]]["shards"] += 1
     return {
         "format": FORMAT,
         "dtype": dtype_name(dtype),
-        "members": {"tokens": f"little-endian {dtype_name(dtype)} token ids",
-                    "doclens": "little-endian uint32 document lengths (each document ends with eos)"},
+        "members": {TOKENS: f"token ids: a 1-D {dtype_name(dtype)} NumPy array (.npy)",
+                    DOCLENS: "document lengths (each document ends with eos): a 1-D uint32 NumPy array (.npy)"},
         "tokenizer": tokenizer_info,
         "config": config,
         "splits": splits,
@@ -475,4 +515,5 @@ def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, conf
         "sources": sources,
         "shards": shards,
         "nodes": sorted({s["node"] for s in shards if s["node"]}),
+        **({"groups": groups} if groups else {}),
     }

@@ -139,7 +139,41 @@ class ShardJob:
     sample_tokens: int
     shard_bytes: int
     drop: list[int] = field(default_factory=list)  # indices of duplicate documents in this partition
+    group: str = ""  # the data.mixture group of the partition's files ("": no mixture)
     encode_batch_chars: int = 1 << 18
+    encoder: str = "auto"  # data.encoder: auto (the fast encoder where it agrees) | sentencepiece
+    encoder_threads: int = 1  # threads of the fast encoder (workers x threads = the CPUs)
+
+
+class PartitionEncoder:
+    """The partition's encoder. With data.encoder=auto, the first batch is encoded by SentencePiece and
+    by the fast encoder (tokenizer/fast.py): if every document's ids agree and the fast one took less
+    time, it encodes the rest; if not (or it cannot be made), SentencePiece does, and the record says
+    why. Either way the ids written for the sample are SentencePiece's."""
+
+    def __init__(self, tok, mode: str, threads: int):
+        self.tok, self.mode, self.threads = tok, mode, threads
+        self.fast = None
+        self.checked: Optional[dict] = None  # the check's result (None: not made, data.encoder=sentencepiece)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.mode == "sentencepiece":
+            return self.tok.encode_batch(texts, num_threads=1)
+        if self.checked is None:
+            from tokenizer.fast import check, set_threads
+
+            set_threads(self.threads)
+            fast, agreement = check(self.tok, texts)
+            self.checked = agreement.to_dict()
+            self.fast = fast if agreement.faster else None
+            return self.tok.encode_batch(texts, num_threads=1)  # the sample's ids: SentencePiece's
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
+        return self.tok.encode_batch(texts, num_threads=1)
+
+    def record(self) -> dict:
+        return {"encoder": "fast" if self.fast is not None else "sentencepiece", "check": self.checked}
+
 
 
 def part_record_path(out_dir: Path, partition: int) -> Path:
@@ -151,6 +185,7 @@ def shard_partition(job: ShardJob, report) -> dict:
     out_dir = Path(job.out_dir)
     (out_dir / META_DIR).mkdir(parents=True, exist_ok=True)
     tok = job.tokenizer
+    encoder = PartitionEncoder(tok, job.encoder, job.encoder_threads)
     eos = np.asarray([tok.eos_id], dtype=np.int64)
     stats = ReadStats()
     drop = set(job.drop)
@@ -164,7 +199,8 @@ def shard_partition(job: ShardJob, report) -> dict:
         skip[split] = sum(r["docs"] for r in done)
         writers[split] = ShardWriter(
             out_dir, split, job.partition, dtype=np.dtype(job.dtype), sample_tokens=job.sample_tokens,
-            shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done))
+            shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done),
+            group=job.group)
     seen = {split: 0 for split in SPLITS}
     batch: list[tuple[str, str, str]] = []  # (split, source, text)
     batch_chars = 0
@@ -173,7 +209,7 @@ def shard_partition(job: ShardJob, report) -> dict:
         nonlocal batch, batch_chars
         if not batch:
             return
-        ids = tok.encode_batch([t for _, _, t in batch], num_threads=1)
+        ids = encoder.encode_batch([t for _, _, t in batch])
         for (split, source, _), doc in zip(batch, ids):
             writers[split].add_doc(np.concatenate([np.asarray(doc, dtype=np.int64), eos]), source)
         batch, batch_chars = [], 0
@@ -203,7 +239,7 @@ def shard_partition(job: ShardJob, report) -> dict:
     written = [r for w in writers.values() for r in w.finished]
     record = {"partition": job.partition, "files": len(job.files), "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
-              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}}
+              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record()}
     path = part_record_path(out_dir, job.partition)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -3,8 +3,10 @@
 One Ray task per partition of the corpus reads its documents, puts each in train or val by a hash of
 its text (stable when data is added), optionally drops exact duplicates (data.dedup, found by a first
 pass over document hashes), encodes it with the tokenizer stage's model, appends <eos>, and writes
-shards (see pipeline/data/shards.py). Deterministic: the same input and config give byte-identical
-shards. Resumable: after a kill, a rerun keeps the finished shards and partitions that still match
+shards (see pipeline/data/shards.py). With `data.mixture`, each group's files are partitioned apart
+and its shards are tagged with the group (manifest `shards[].group`; tokens per group and split under
+`groups`), so the loader draws from each group by weight. Deterministic: the same input and config give
+byte-identical shards. Resumable: after a kill, a rerun keeps the finished shards and partitions that still match
 their records (size, sha256: a bad one is rewritten, counted in shards_damaged) and writes the rest.
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
     "data.max_doc_bytes",
     "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
+    # the ids are SentencePiece's either way on the sample each partition checks; hashed all the same, as
+    # nothing proves them equal on the documents after it
+    "data.encoder",
 )
 
 STAGE = Stage(
@@ -36,7 +41,7 @@ STAGE = Stage(
 
 def run(ctx: StageContext) -> dict:
     import tokenizer as tk
-    from pipeline.data.parallel import run_parallel
+    from pipeline.data.parallel import default_workers, run_parallel
     from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
     from pipeline.data.shards import build_manifest, dtype_name, remove_all, remove_incomplete, token_dtype
     from pipeline.data.work import (
@@ -63,9 +68,14 @@ def run(ctx: StageContext) -> dict:
     tok = tk.load(layout.tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
-    files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
-                            partition_bytes=dc.partition_bytes, stats=stats)
-    parts = plan_partitions(files, dc.partition_bytes)
+    # partitions never mix data.mixture groups: each group's shards stay apart (tagged with the group)
+    parts, part_groups = [], []
+    for group, sources in dc.source_groups():
+        files = resolve_sources(sources, fmt=dc.format, on_error=dc.on_error, partition_bytes=dc.partition_bytes,
+                                stats=stats)
+        for part in plan_partitions(files, dc.partition_bytes):
+            parts.append(part)
+            part_groups.append(group)
     sizes = [sum(f.size for f in p) for p in parts]
     total = sum(sizes)
     opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error, max_doc_bytes=dc.max_doc_bytes)
@@ -99,9 +109,12 @@ def run(ctx: StageContext) -> dict:
                 damaged.extend(problems)
     todo = [i for i in range(len(parts)) if i not in records]
     tok_ref = tok  # pickled once per task as the model bytes
+    workers = dc.num_workers or default_workers()
+    threads = max(1, default_workers() // workers)  # workers x threads = the CPUs Ray has
     jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
                      dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
-                     shard_bytes=dc.shard_bytes, drop=drops[i]) for i in todo]
+                     shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i], encoder=dc.encoder,
+                     encoder_threads=threads) for i in todo]
     t1 = time.time()
     new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
                        done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
@@ -135,6 +148,10 @@ def run(ctx: StageContext) -> dict:
             f"{counts.get('files', 0)} file(s), {counts.get('docs_read', 0)} document(s) read "
             f"({counts.get('docs_empty', 0)} empty, {counts.get('files_skipped', 0)} file(s) skipped); "
             "point data.sources at a non-empty corpus")
+    empty = [g for g, _ in dc.source_groups() if g and not manifest.get("groups", {}).get(g, {}).get("train", {}).get("tokens")]
+    if empty:  # a group the loader could never draw from fails here, not in train
+        raise ValueError(f"data.mixture group(s) {empty} gave no training tokens: point their sources at "
+                         "non-empty files (and check data.val_fraction)")
     from pipeline.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
@@ -162,5 +179,26 @@ def run(ctx: StageContext) -> dict:
         "seconds": round(elapsed, 2),
         "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
         "per_source": manifest["sources"],
+        **encoder_metrics([records[i] for i in sorted(records)]),
     })
+    if dc.mixture:
+        metrics["groups"] = manifest["groups"]
     return metrics
+
+
+def encoder_metrics(records: list[dict]) -> dict:
+    """Which encoder wrote the partitions, and what the fast encoder's checks found (tokenizer/fast.py)."""
+    used = [r.get("encoder", "sentencepiece") for r in records]
+    checks = [r["check"] for r in records if r.get("check")]
+    differing = next((c for c in checks if not c["identical"]), None)
+    return {
+        "encoder": used[0] if used and len(set(used)) == 1 else "mixed" if used else "none",
+        "encoder_partitions": {name: used.count(name) for name in sorted(set(used))},
+        "encoder_check": {"partitions": len(checks), "docs": sum(c["docs"] for c in checks),
+                          "chars": sum(c["chars"] for c in checks),
+                          "identical": bool(checks) and differing is None,
+                          "sentencepiece_s": round(sum(c.get("sentencepiece_s", 0) for c in checks), 4),
+                          "fast_s": round(sum(c.get("fast_s", 0) for c in checks), 4),
+                          "first_difference": None if differing is None else
+                          {"reason": differing["reason"], **(differing["first_difference"] or {})}},
+    }

@@ -108,7 +108,7 @@ def run(ctx: StageContext) -> dict:
     dc, tc = _sections(ctx.cfg)
     layout = ctx.layout
     stats = ReadStats()
-    files = resolve_sources(list(dc.sources), fmt=dc.format, on_error=dc.on_error,
+    files = resolve_sources(dc.all_sources(), fmt=dc.format, on_error=dc.on_error,
                             partition_bytes=dc.partition_bytes, stats=stats)
     parts = plan_partitions(files, dc.partition_bytes)
     total = sum(f.size for f in files)

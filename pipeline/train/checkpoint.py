@@ -1,10 +1,13 @@
-"""Training checkpoints: atomic, verified, newest-N kept, resumable on the same number of ranks.
+"""Training checkpoints: atomic, verified, newest-N kept; resumable on the same number of ranks, or
+on another one when the run is resizable (train.global_batch_size; pipeline/train/elastic.py).
 
 Layout of `RUN_DIR/train/checkpoints/`:
     step_00000030/            a complete checkpoint (it has meta.json)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (module, ZeRO optimizer
                                                        partitions, engine step counters; torch.save)
-        rank_00000.json ...   ours, one per rank: RNG states, loader position (JSON, never unpickled)
+        rank_00000.json ...   ours, one per rank: RNG states, the run's loader state (the same on
+                              every rank: any world size can read it) (JSON, never unpickled)
+        elastic.safetensors   resizable runs: whole fp32 parameters and Adam moments (elastic.py)
         meta.json             written last: step, tokens seen, ranks, ZeRO stage, and under "files"
                               every other file's {"bytes", "sha256"}
     .tmp.step_00000060/       being written: ignored, removed on the next start
@@ -231,6 +234,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (collective; [obj] without a process group)."""
+    return _all_gather(obj)
+
+
 def _all_gather(obj: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -247,8 +255,11 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int) -> Path:
+def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int,
+         write_extra: Optional[Callable[[Path], dict[str, dict]]] = None) -> Path:
     """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path.
+    `write_extra(folder)`, called on every rank after DeepSpeed's files, writes more files into the
+    checkpoint and returns their records ({name: file_record}), e.g. pipeline.train.elastic.save_state.
 
     Raises DiskFull (naming the file) when the disk fills up, CheckpointError on other write errors;
     either way the `.tmp.` folder is removed and the older checkpoints are left as they were."""
@@ -269,6 +280,11 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_failures([(rank, failure)])
     error = recorder.error
+    if error is None and write_extra is not None:
+        try:
+            recorder.records.update(write_extra(tmp))
+        except Exception as e:  # noqa: BLE001  (reported collectively below)
+            error = _failure(e, tmp)
     if error is None:
         own = tmp / rank_state_name(rank)
         try:
@@ -494,7 +510,8 @@ def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]
     if meta.get("world_size") != world_size:
         raise RuntimeError(
             f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {world_size}. "
-            "Resume with the same number of ranks (train.cpu_processes or GPUs), or start a fresh run dir."
+            "Resume with the same number of ranks (train.cpu_processes or GPUs), or start a fresh run dir "
+            "with train.global_batch_size set (a resizable run)."
         )
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -50,7 +50,12 @@ class TrainConfig:
     # auto: one rank per GPU when there are GPUs, else train.cpu_processes gloo ranks; cpu: CPU ranks
     # even where there are GPUs (a launcher passes its choice to the ranks as this key)
     device: str = "auto"
-    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_accum: int = 1  # micro-steps per optimizer step (derived when global_batch_size is set)
+    # Rows per optimizer step, kept whatever the number of ranks: grad_accum is then derived on each
+    # launch as global_batch_size / (micro_batch_size x ranks), and a checkpoint continues on any number
+    # of ranks that divides it (pipeline/train/elastic.py). null: micro_batch_size x grad_accum x ranks,
+    # and the run continues on its own number of ranks only.
+    global_batch_size: Optional[int] = None
     # torch.compile every model block (model.activation_checkpointing's policy inside the compiled
     # graph; our Triton ops called as custom ops) and step the optimizer with the fused AdamW kernel.
     # Fingerprinted: compiled kernels and the fused step round differently, so the weights differ.
@@ -150,6 +155,10 @@ class TrainConfig:
             raise bad("offload_params", "needs train.zero_stage=3")
         if self.resume_from_step is not None and self.resume_from_step < 1:
             raise bad("resume_from_step", f"is {self.resume_from_step}; must be >= 1 or null")
+        if self.global_batch_size is not None and (self.global_batch_size < 1 or
+                                                   self.global_batch_size % self.micro_batch_size):
+            raise bad("global_batch_size", f"is {self.global_batch_size}; must be a positive multiple of "
+                      f"train.micro_batch_size ({self.micro_batch_size}), or null")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise bad("peak_tflops", f"is {self.peak_tflops}; must be > 0 or null")
         for name in self.env or {}:

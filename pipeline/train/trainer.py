@@ -57,6 +57,9 @@ class StepStats:
     applied: bool  # False: a loss or gradient was not finite, and the update was skipped
     seconds: float
     stop: bool  # a rank was asked to stop (SIGTERM/SIGINT): save and end after this step
+    # sum of the 32-bit hashes of the step's global rows (index and tokens): equal steps took equal rows,
+    # whatever the ranks, grad_accum or loader workers (pipeline.data.order.row_hash)
+    batch_hash: int = 0
 
 
 def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
@@ -105,6 +108,7 @@ class Trainer:
         self.run_tokens, self.run_time = 0, 0.0  # steps after this attempt's first (warm-up excluded)
         self.timing = {"eval_s": 0.0, "ckpt_s": 0.0}
         self.t_first_done: Optional[float] = None  # the loop's wall time counts from the first step's end
+        self.resized: Optional[str] = None  # what changed when a checkpoint continues on other ranks
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -150,8 +154,14 @@ class Trainer:
         from xlstm_model import build_model, count_params, flops_per_token
 
         tc = self.tc
+        self._size_global_batch()
         self.model_cfg.vocab_size = resolve_vocab_size(self.model_cfg, self.tokenizer_model)
         latest = self._agree_on_checkpoint()
+        if latest is not None:  # a resize that cannot work fails here, before the engine is built
+            from pipeline.train import checkpoint as ckpt
+            from pipeline.train.elastic import check_resume
+
+            self.resized = check_resume(ckpt.read_meta(latest), tc, self.world)
         t_start = time.perf_counter()
         self._seed()
         model = build_model(self.model_cfg)
@@ -184,9 +194,22 @@ class Trainer:
         self._first_step_of_attempt = self.step + 1
         self.data = iter(self.loader)
         self.schedule = schedule_of(tc)
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.world * self.seq_len
+        self.tokens_per_step = self.global_batch_rows * self.seq_len
         self.flops_per_token = float(flops_per_token(self.model_cfg, self.seq_len))
         self._start_monitor(latest, no_val, t_start, time.perf_counter())
+
+    def _size_global_batch(self) -> None:
+        """grad_accum for this many ranks (derived from train.global_batch_size when it is set; a
+        ResizeError names the numbers when it does not divide), and the mixture the loader draws."""
+        from pipeline.config import section
+        from pipeline.data.order import Mixture
+        from pipeline.train.elastic import grad_accum_for
+
+        self.tc.grad_accum = grad_accum_for(self.tc, self.world)
+        self.global_batch_rows = self.tc.micro_batch_size * self.tc.grad_accum * self.world
+        data = section(self.cfg, "data")
+        self.data_cfg = data
+        self.mixture = Mixture.from_config(data.mixture, data.mixture_phases) if data.mixture else None
 
     def _agree_on_checkpoint(self) -> Optional[Path]:
         """The checkpoint every rank resumes from (collective): the newest that verifies, or
@@ -212,6 +235,29 @@ class Trainer:
                                  old_warmup=int(meta["warmup"]), old_wsd_decay=float(meta["wsd_decay"]),
                                  new_steps=self.tc.steps)
 
+    def _mixture_note(self, checkpoint: Path) -> str:
+        """What a continuation with other data.mixture_phases means (from the checkpoint on, the new
+        weights; steps it already took keep the weights they were drawn with)."""
+        from pipeline.train import checkpoint as ckpt
+
+        old = ckpt.read_meta(checkpoint).get("mixture")
+        if self.mixture is None or old is None:
+            return ""
+        from pipeline.data.order import Mixture
+
+        def at(phases: list, step: int) -> dict:
+            return [w for start, w in phases if start <= step][-1]
+
+        new = self.mixture.to_json()
+        if old == new:
+            return ""
+        before = [s for s in range(1, self.step + 1) if at(old, s) != at(new, s)]
+        if before:
+            return (f"data.mixture_phases changed for steps the checkpoint already took ({before[0]}-{before[-1]}): "
+                    f"those kept the weights they were drawn with; the new phases apply from step {self.step + 1}")
+        return (f"data.mixture_phases changed after the checkpoint (step {self.step}): the run continues with "
+                f"the new phases ({Mixture.describe(new)})")
+
     def _node_names(self) -> list[str]:
         """The distinct nodes the ranks run on, named as pipeline.node names them (collective)."""
         import torch.distributed as dist
@@ -228,17 +274,32 @@ class Trainer:
         np.random.seed(self.seed)
         torch.manual_seed(self.seed)
 
-    def _loader(self, split: str):
+    def _loader(self, split: str, group: Optional[str] = None):
+        """train: this rank's rows of the global order (pipeline.data.order); val: the val split (of
+        one mixture group), split over the ranks."""
         from pipeline.data.loader import ShardLoader
+        from pipeline.data.order import GlobalLoader
 
+        if split == "train":
+            return GlobalLoader(self.shard_dir, seq_len=self.seq_len, micro_batch_size=self.tc.micro_batch_size,
+                                rows_per_step=self.global_batch_rows, rank=self.rank, world_size=self.world,
+                                num_workers=self.tc.num_workers, seed=self.seed, streams=self.data_cfg.streams,
+                                mixture=self.mixture, on_error=str(self.cfg.data.on_error))
         return ShardLoader(self.shard_dir, split=split, seq_len=self.seq_len, batch_size=self.tc.micro_batch_size,
-                           rank=self.rank, world_size=self.world, num_workers=self.tc.num_workers if split == "train" else 0,
-                           seed=self.seed, on_error=str(self.cfg.data.on_error))
+                           rank=self.rank, world_size=self.world, num_workers=0, seed=self.seed,
+                           on_error=str(self.cfg.data.on_error), group=group)
+
+    @property
+    def val_groups(self) -> list[Optional[str]]:
+        """The val splits validated: each mixture group's, or the one split."""
+        return list(self.mixture.groups) if self.mixture is not None else [None]
 
     def _check_val_split(self) -> Optional[str]:
-        """None when there is a val split; else why not (a corpus too small for data.val_fraction)."""
+        """None when there is a val split (for every mixture group); else why not (a corpus too small
+        for data.val_fraction)."""
         try:
-            self._loader("val")
+            for group in self.val_groups:
+                self._loader("val", group)
         except ValueError as e:
             self.has_val = False
             return str(e)
@@ -257,6 +318,11 @@ class Trainer:
             self.monitor.message(f"validation skipped: {no_val}")
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+            if self.resized:
+                self.monitor.message(self.resized)
+            note = self._mixture_note(latest)
+            if note:
+                self.monitor.message(note)
             note = self._continuation_note(latest)
             if note:
                 self.monitor.message(f"continuing a run of another length: {note}")
@@ -289,10 +355,12 @@ class Trainer:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # finite micro-batch losses
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)  # micro-batches that were not
+        rows_hash = torch.zeros((), dtype=torch.float64, device=self.device)  # sum of the rows' hashes
         for micro in range(tc.grad_accum):
             self._progress("train", reading_data=True)
             batch = self._batch(next(self.data))
             self._progress("train")
+            rows_hash += float(batch["row_hash"])
             loss = engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
             loss = self.hooks.loss(self.step, self.rank, loss)
             lv = loss.detach().double()
@@ -303,9 +371,9 @@ class Trainer:
             if micro < tc.grad_accum - 1:
                 engine.step()
         stop = torch.tensor(1.0 if self.stop.requested else 0.0, dtype=torch.float64, device=self.device)
-        agreed = torch.stack([loss_sum, nonfinite, stop])  # one all-reduce for the three
+        agreed = torch.stack([loss_sum, nonfinite, stop, rows_hash])  # one all-reduce for the four
         dist.all_reduce(agreed)
-        all_loss_sum, all_nonfinite, all_stops = agreed.tolist()
+        all_loss_sum, all_nonfinite, all_stops, all_rows_hash = agreed.tolist()
         skip = all_nonfinite > 0
         grad_norm = self._zero0_grad_norm() if self.zero0 else None
         skip |= grad_norm is not None and not math.isfinite(grad_norm)
@@ -320,7 +388,7 @@ class Trainer:
         finite_losses = tc.grad_accum * self.world - all_nonfinite
         loss = all_loss_sum / finite_losses if finite_losses > 0 else float("nan")
         return StepStats(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, applied=applied,
-                         seconds=time.perf_counter() - t0, stop=all_stops > 0)
+                         seconds=time.perf_counter() - t0, stop=all_stops > 0, batch_hash=int(all_rows_hash))
 
     def _zero0_grad_norm(self) -> float:
         """Under ZeRO-0 the gradients are whole and averaged on every rank after the boundary backward."""
@@ -372,15 +440,21 @@ class Trainer:
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/step_time_s": stats.seconds,
             "throughput/mfu": self._mfu(tokens_per_s),
+            "data/batch_hash": stats.batch_hash,
         }
+        if self.mixture is not None:
+            for group, tokens in self.tokens_by_source().items():
+                metrics[f"data/tokens/{group}"] = tokens
         if self.rank == 0:
             metrics.update(memory_metrics(self.cuda))
         if self.has_val and self._due(self.tc.eval_every):
             t = time.perf_counter()
             self._progress("validate")
-            self.val_loss = self.validate()
+            self.val_loss, by_group = self.validate()
             self.timing["eval_s"] += time.perf_counter() - t
             metrics["val/loss"] = self.val_loss
+            if self.mixture is not None:
+                metrics.update({f"val/loss/{g}": v for g, v in by_group.items()})
             self.monitor.message(f"step {stats.step}: val/loss {self.val_loss:.4f}")
         self.monitor.log(stats.step, metrics)
         if self.stage_heartbeat is not None and time.monotonic() - self._last_beat > 10.0:
@@ -392,16 +466,35 @@ class Trainer:
     def _mfu(self, tokens_per_s: float) -> float:
         return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world) if self.peak_flops > 0 else 0.0
 
-    def validate(self) -> float:
-        """Mean validation loss over targets, all ranks; the same batches every time."""
+    def tokens_by_source(self) -> dict[str, int]:
+        """Training tokens drawn from each mixture group so far (all ranks)."""
+        return {g: rows * self.seq_len for g, rows in self.loader.rows_by_group().items()}
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        """Mean validation loss over targets, all ranks, the same batches every time: overall (over
+        every group's batches) and per mixture group."""
         import torch
-        import torch.distributed as dist
 
         from pipeline.train import checkpoint as ckpt
 
         rng = ckpt.rng_state()  # evaluation must not move the training RNG (exact resume)
         self.engine.eval()
-        it = iter(self._loader("val").one_epoch())
+        sums, by_group = [], {}
+        for group in self.val_groups:
+            total = self._val_sums(group)
+            sums.append(total)
+            by_group[group or ""] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        self.engine.train()
+        ckpt.set_rng_state(rng)
+        total = torch.stack(sums).sum(0)
+        return (float(total[0] / total[1]) if total[1] > 0 else float("nan")), by_group
+
+    def _val_sums(self, group: Optional[str]):
+        """(loss x targets, targets) over train.eval_batches val micro-batches of every rank."""
+        import torch
+        import torch.distributed as dist
+
+        it = iter(self._loader("val", group).one_epoch())
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         n = 0
         with torch.no_grad():
@@ -420,9 +513,7 @@ class Trainer:
                 total[1] += count
                 n += 1
         dist.all_reduce(total)
-        self.engine.train()
-        ckpt.set_rng_state(rng)
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        return total
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -430,31 +521,50 @@ class Trainer:
         """A checkpoint of this step: engine state, and each rank's RNG and loader position (JSON),
         every file fsynced and hashed; DiskFull/CheckpointError when it cannot be written whole."""
         from pipeline.train import checkpoint as ckpt
+        from pipeline.train import elastic
 
         t = time.perf_counter()
         self._progress("save")
         tc = self.tc
+        resizable = tc.global_batch_size is not None
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
                 "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
+                # the global batch and its split; `elastic`: elastic.safetensors is there (any world size)
+                "global_batch_size": self.global_batch_rows, "micro_batch_size": tc.micro_batch_size,
+                "grad_accum": tc.grad_accum, "elastic": resizable,
+                "mixture": self.mixture.to_json() if self.mixture is not None else None,
                 "resume_from_step": tc.resume_from_step,  # a branch's lineage (checkpoint.choose)
                 # the schedule it was on: a continuation with another train.steps says what that means
                 "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay}
+        # the loader state of the whole run (every rank's stream positions merged): loads on any world size
+        loader_state = self.loader.global_state(ckpt.all_gather(self.loader.snapshots()))
         ckpt.save(self.engine, self.out.checkpoints, self.step, rank=self.rank, keep=tc.keep_checkpoints, meta=meta,
-                  rank_state={"rng": ckpt.rng_state(), "loader": self.loader.state_dict()})
+                  rank_state={"rng": ckpt.rng_state(), "loader": loader_state},
+                  write_extra=(lambda folder: elastic.save_state(self.engine, folder, rank=self.rank))
+                  if resizable else None)
         self.last_saved = self.step
         self.timing["ckpt_s"] += time.perf_counter() - t
         self.monitor.message(f"checkpoint: step {self.step} -> {self.out.checkpoints / ckpt.name_of(self.step)}")
         self.hooks.saved(self.step)
 
     def restore(self, path: Path) -> None:
-        """Continue from a checkpoint: engine state, counters, this rank's loader position and RNG."""
+        """Continue from a checkpoint: engine state, counters, the run's loader state and this rank's RNG.
+        On another number of ranks (a resizable run, checked in setup) the engine state comes from the
+        checkpoint's elastic.safetensors, resharded, instead of DeepSpeed's per-rank files."""
         from pipeline.train import checkpoint as ckpt
+        from pipeline.train import elastic
 
-        meta, rank_state = ckpt.load(self.engine, path, rank=self.rank, world_size=self.world)
+        meta = ckpt.read_meta(path)
+        if int(meta["world_size"]) == self.world:
+            meta, rank_state = ckpt.load(self.engine, path, rank=self.rank, world_size=self.world)
+        else:  # another world size: our consolidated state, resharded; rank r takes rank r mod N's RNG
+            elastic.load_state(self.engine, path, rank=self.rank, step=int(meta["step"]), grad_accum=self.tc.grad_accum,
+                               global_batch_rows=self.global_batch_rows)
+            rank_state = ckpt.read_json_file(path / ckpt.rank_state_name(self.rank % int(meta["world_size"])))
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.skipped_total = meta.get("skipped_steps", 0)
         self.last_saved = self.step
-        self.loader.load_state_dict(rank_state["loader"])
+        self.loader.load_global_state(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
 
     # -- the end ----------------------------------------------------------------------------
@@ -514,6 +624,9 @@ class Trainer:
             "world_size": self.world,
             "nodes": self.nodes,
             "resumed_from_step": self.resumed_from_step,
+            "global_batch_size": self.global_batch_rows,
+            "grad_accum": self.tc.grad_accum,
+            **({"tokens_by_source": self.tokens_by_source()} if self.mixture is not None else {}),
             "model_dir": str(self.out.model_dir),
             "stopped": stopped,
             # wall time of this attempt's loop after its first step: steps, loader, logging, eval, saves

@@ -1,0 +1,150 @@
+"""The same SentencePiece BPE model in Hugging Face `tokenizers` (Rust): a faster encoder, used only
+where it gives SentencePiece's ids, and only where it is quicker.
+
+SentencePiece's BPE encodes a text by starting from its characters and repeatedly merging the adjacent
+pair whose merged piece scores highest, over the whole text (there is no split into words first).
+`tokenizers`' BPE merges the adjacent pair of lowest merge rank. So the model converts to:
+- the vocabulary: every piece at its id (control pieces such as <eos> keep their ids but are never
+  matched in text, as in SentencePiece);
+- the merges: every split of a piece into two pieces of the vocabulary, ranked by the merged piece's
+  score, highest first;
+- byte fallback: a character outside the vocabulary becomes its UTF-8 bytes' <0xNN> pieces;
+- the normaliser: a space becomes U+2581 (SentencePiece's whitespace escape). No pre-tokenizer.
+
+Only models this reproduces convert: BPE, identity normalisation, no dummy prefix, whitespace kept
+(the pipeline's own tokenizer.spm.train settings). For others `convert` says why not. Pieces two
+splits can make rank the same in SentencePiece and differently here, so equal ids are never assumed:
+`check` compares both encoders on a sample (ids and time), and the shard stage uses the fast one only if
+they agree and it was the quicker.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from tokenizer.spm import Tokenizer
+
+WHITESPACE = "\u2581"
+
+
+class NotConvertible(ValueError):
+    """The model has a feature the conversion does not reproduce; the message says which."""
+
+
+def _model_proto(tok: Tokenizer):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(tok.model_proto)
+    return m, pb
+
+
+def convert(tok: Tokenizer):
+    """A `tokenizers.Tokenizer` that encodes as `tok` does; NotConvertible naming what differs."""
+    try:
+        import tokenizers
+        from tokenizers import models, normalizers
+    except ImportError:
+        raise NotConvertible("the `tokenizers` package is not installed") from None
+    try:
+        m, pb = _model_proto(tok)
+    except ImportError:
+        raise NotConvertible("protobuf is not installed (needed to read the SentencePiece model)") from None
+    spec, norm = m.trainer_spec, m.normalizer_spec
+    if spec.model_type != pb.TrainerSpec.BPE:
+        raise NotConvertible(f"model type {pb.TrainerSpec.ModelType.Name(spec.model_type)} (only BPE converts)")
+    if norm.name != "identity" or norm.precompiled_charsmap:
+        raise NotConvertible(f"normalisation rule {norm.name!r} (only 'identity' converts)")
+    if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+        raise NotConvertible("a dummy prefix, whitespace removal or unescaped whitespace")
+    if spec.treat_whitespace_as_suffix:
+        raise NotConvertible("whitespace as a suffix")
+    normal, byte = pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.BYTE
+    user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+    if any(p.type == user_defined for p in m.pieces):
+        raise NotConvertible("user-defined pieces (SentencePiece matches them before BPE)")
+
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    score = {p.piece: p.score for p in m.pieces if p.type == normal}
+    # merge (left, right) -> the merged piece's rank: SentencePiece merges the highest score first
+    ranked = []
+    for piece, s in score.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in score and right in score:
+                ranked.append((-s, vocab[piece], vocab[left], left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = m.pieces[tok.unk_id].piece
+    byte_fallback = any(p.type == byte for p in m.pieces)
+    fast = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                           byte_fallback=byte_fallback, dropout=None))
+    fast.normalizer = normalizers.Replace(" ", WHITESPACE)
+    return fast
+
+
+def set_threads(n: int) -> None:
+    """Threads `tokenizers` uses for a batch in this process (its pool is made on first use, so call
+    this before encoding; later calls do nothing)."""
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, int(n)))
+
+
+class FastEncoder:
+    """`encode_batch` as Tokenizer.encode_batch, through `tokenizers`' batch path without offsets."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.fast = convert(tok)
+
+    def encode_batch(self, texts: Sequence[str], **_: object) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self.fast.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+@dataclass
+class Agreement:
+    """The fast encoder against SentencePiece on a sample: `identical` only if every document's ids are."""
+
+    identical: bool
+    docs: int
+    chars: int
+    reason: str = ""  # why the fast path is not used (a failed conversion, or the first difference)
+    first_difference: Optional[dict] = field(default=None)
+    sentencepiece_s: float = 0.0  # each encoder's time on the sample
+    fast_s: float = 0.0
+
+    @property
+    def faster(self) -> bool:
+        """Identical, and quicker than SentencePiece on the sample (on short texts it is not)."""
+        return self.identical and 0 < self.fast_s < self.sentencepiece_s
+
+    def to_dict(self) -> dict:
+        return {"identical": self.identical, "docs": self.docs, "chars": self.chars, "reason": self.reason,
+                "first_difference": self.first_difference, "sentencepiece_s": round(self.sentencepiece_s, 4),
+                "fast_s": round(self.fast_s, 4), "faster": self.faster}
+
+
+def check(tok: Tokenizer, texts: Sequence[str]) -> tuple[Optional[FastEncoder], Agreement]:
+    """The fast encoder and its agreement with `tok` on `texts`; (None, why) when it cannot be made."""
+    chars = sum(len(t) for t in texts)
+    try:
+        fast = FastEncoder(tok)
+    except NotConvertible as e:
+        return None, Agreement(False, 0, 0, reason=f"not convertible: {e}")
+    fast.encode_batch(["warm up"])  # the thread pool starts on first use: not part of the timing
+    t = time.perf_counter()
+    want = tok.encode_batch(list(texts))
+    spm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    got = fast.encode_batch(list(texts))
+    fast_s = time.perf_counter() - t
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a != b:
+            at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return fast, Agreement(False, len(texts), chars, reason=f"ids differ in sample document {i}",
+                                   first_difference={"doc": i, "token": at, "sentencepiece": a[at:at + 8],
+                                                     "fast": b[at:at + 8]}, sentencepiece_s=spm_s, fast_s=fast_s)
+    return fast, Agreement(True, len(texts), chars, sentencepiece_s=spm_s, fast_s=fast_s)
