@@ -92,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
     submit.add_argument("--run-dir", metavar="DIR", help="run directory on the shared filesystem (default: run.dir)")
 
+    study = sub.add_parser(
+        "study",
+        help="run several variants (models, learning rates, ...) on the same data, and a report comparing them",
+        description="Run a study: the config's `study.variants` (each a name and a list of overrides, e.g. "
+        "[model=tiny_llama, train.lr=0.002]) on the same tokenizer and shards. The data stages run once, "
+        "in STUDY_DIR/data (STUDY_DIR = run.dir); each variant trains and evaluates in STUDY_DIR/<variant>/, "
+        "one after the other on this machine; then STUDY_DIR/report.md (with PNGs, and W&B as one group) "
+        "compares them: val bits per byte against parameters and tokens seen, loss curves, loss by position "
+        "beyond the training length, decode cost and state/KV memory against context, and parameters, "
+        "tokens, FLOPs, wall time and throughput per variant. Everything is cached as in `xlp run`: a rerun "
+        "does only what is missing or changed. Every variant's config is checked before anything runs. "
+        "A failed variant does not stop the others (exit status 1 at the end).",
+        epilog="examples:\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml --variants llama_s,xlstm71_s   (only these)\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml train.steps=50 --dry-run        (check, print the plan)\n"
+        "  xlp status runs/xlstm_vs_llama_cpu/llama_s                                        (one variant's stages)\n"
+        "On a cluster, submit each variant's run on the study's data directory: --dry-run prints the commands.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("config", metavar="CONFIG", help="study config YAML (a run config with a study: section)")
+    study.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant (before "
+                       "each variant's own)")
+    study.add_argument("--variants", metavar="A,B", help="run only these variants (the report shows every variant "
+                       "that has an eval)")
+    study.add_argument("--force", action="store_true", help="rerun the data stages and the variants' train and "
+                       "eval even if done (old outputs are kept in each run's .stale/)")
+    study.add_argument("--run-dir", metavar="DIR", help="study directory (default: the config's run.dir)")
+    study.add_argument("--dry-run", action="store_true", help="check every variant's config and print the plan: "
+                       "directories, parameters, and the `xlp run` commands that run it step by step")
+
     status = sub.add_parser(
         "status",
         help="show each stage of a run: done / stale / running / failed / pending",
@@ -183,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import PipelineError
     from pipeline.submit import SubmitError
 
-    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
+    commands = {"run": cmd_run, "study": cmd_study, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
                 "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
     try:
         return commands[args.command](args)
@@ -212,6 +243,22 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     only = _stage_list(args.stages)
     run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from pipeline.study import plan_study, print_plan, run_study, summary_line
+
+    plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
+    only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
+    if args.dry_run:
+        print_plan(plan, args.config, args.overrides, sys.stdout)
+        return 0
+    outcome = run_study(plan, force=args.force, only=only, out=sys.stdout)
+    print(f"study {plan.name}: {summary_line(outcome)}; {plan.study_dir / 'report.md'}")
+    if outcome.failed:
+        print(f"xlp study: error: variant(s) failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

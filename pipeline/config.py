@@ -27,6 +27,7 @@ from kernels.config import KernelsConfig
 from pipeline.data.config import DataConfig
 from pipeline.eval.config import EvalConfig
 from pipeline.stages.tokenizer import TokenizerConfig
+from pipeline.study import StudyConfig
 from pipeline.submit import SlurmConfig
 from pipeline.train.config import TrainConfig
 from pipeline.train.wandb_config import WandbConfig
@@ -57,6 +58,7 @@ class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)  # `xlp study` only (pipeline/study.py)
 
 
 class ConfigError(ValueError):
@@ -280,7 +282,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
-    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm"):
+    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm", "study"):
         obj = OmegaConf.to_object(cfg[section])
         check = getattr(obj, "validate", None)
         if check is not None:
