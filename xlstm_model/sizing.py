@@ -6,7 +6,8 @@ Families (as the xLSTM papers name them):
     xlstm_7_1    xLSTM[7:1]: one sLSTM block in every eight (arch xlstm; blocks 3, 11, 19, ... as the
                  paper's 125M model), so its depth is a multiple of 8
     xlstm_large  the xLSTM 7B block (arch xlstm_large)
-    llama        the Transformer baseline (arch llama), head dim 64 (32 below d_model 256)
+    llama        the Transformer baseline (arch llama), head dim 64 (from d_model 256 on; else 32 or 16,
+                 whichever divides the width)
 
 The search: widths (multiples of `width_multiple`) and depths the family allows; among the shapes within
 `tolerance` of the target (all of them if none is), the one that minimises |log(params / target)| +
@@ -53,7 +54,8 @@ def family_shape(family: str, d_model: int, num_blocks: int) -> dict[str, Any]:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
     if family == "llama":
-        head_dim = 64 if d_model >= 256 else 32
+        # head dim 64 as in the papers' baselines; narrower where the width is small or not a multiple of 64
+        head_dim = next((h for h in (64, 32, 16, 8) if d_model % h == 0 and (h < 64 or d_model >= 256)), 2)
         return {"arch": "llama", "d_model": d_model, "num_blocks": num_blocks, "num_heads": max(1, d_model // head_dim),
                 "slstm_at": []}
     if family == "xlstm_large":

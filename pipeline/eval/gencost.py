@@ -64,11 +64,11 @@ def _sync(device: torch.device) -> None:
 
 
 def round_orders(n: int, repeats: int) -> list[list[int]]:
-    """The order of n contexts in each round: rotated by one each round, every other round reversed,
-    so that each context is timed early and late, after short and after long ones."""
+    """The order of n contexts in each round: a rotation, then the same reversed, then the next rotation
+    ..., so that each context is timed early and late, after shorter and after longer ones."""
     orders = []
     for r in range(repeats):
-        order = [(i + r) % n for i in range(n)]
+        order = [(i + r // 2) % n for i in range(n)]
         orders.append(order[::-1] if r % 2 else order)
     return orders
 
