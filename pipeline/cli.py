@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml --variants llama_s,xlstm71_s   (only these)\n"
         "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml train.steps=50 --dry-run        (check, print the plan)\n"
         "  xlp status runs/xlstm_vs_llama_cpu/llama_s                                        (one variant's stages)\n"
-        "On a cluster, submit each variant's run on the study's data directory: --dry-run prints the commands.",
+        "On Slurm: xlp submit STUDY_CONFIG --to slurm queues the data stages as one job and each variant as a job\n"
+        "that waits for it (side by side as the partition has room); then xlp study STUDY_CONFIG --report-only.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     study.add_argument("config", metavar="CONFIG", help="study config YAML (a run config with a study: section)")
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--run-dir", metavar="DIR", help="study directory (default: the config's run.dir)")
     study.add_argument("--dry-run", action="store_true", help="check every variant's config and print the plan: "
                        "directories, parameters, and the `xlp run` commands that run it step by step")
+    study.add_argument("--report-only", action="store_true", help="only (re)write STUDY_DIR/report.md from the "
+                       "variants evaluated so far (e.g. after `xlp submit STUDY_CONFIG --to slurm`)")
 
     status = sub.add_parser(
         "status",
@@ -254,6 +257,11 @@ def cmd_study(args) -> int:
     if args.dry_run:
         print_plan(plan, args.config, args.overrides, sys.stdout)
         return 0
+    if args.report_only:
+        from pipeline.eval.study_report import update_report
+
+        update_report(plan, out=sys.stdout)
+        return 0
     outcome = run_study(plan, force=args.force, only=only, out=sys.stdout)
     print(f"study {plan.name}: {summary_line(outcome)}; {plan.study_dir / 'report.md'}")
     if outcome.failed:
@@ -277,9 +285,18 @@ def _stage_list(spec: str | None) -> list[str] | None:
 
 def cmd_submit(args) -> int:
     from pipeline.config import load_config
-    from pipeline.submit import submit_ray, submit_slurm
+    from pipeline.submit import SubmitError, submit_ray, submit_slurm
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
+    if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
+        from pipeline.study import plan_study, submit_study
+
+        if args.to != "slurm" or args.stages or args.wait:
+            raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "
+                              "or --wait (one job per variant; `xlp status STUDY_DIR/<variant>` follows each). On a "
+                              "Ray cluster, run `xlp study CONFIG` with RAY_ADDRESS set: its stages run there")
+        plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked first
+        return submit_study(plan, out=sys.stdout, dry_run=args.dry_run, check=not args.no_check, force=args.force)
     only = _stage_list(args.stages)
     run_dir = Path(args.run_dir or cfg.run.dir).absolute()
     kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout, dry_run=args.dry_run)

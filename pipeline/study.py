@@ -250,3 +250,43 @@ def print_plan(plan: StudyPlan, config: str, overrides: list[str], out: TextIO) 
         print("  " + shlex.join(base + variant_overrides + [f"run.name={v.cfg.run.name}", f"run.dir={v.run_dir}",
                                                             f"wandb.group={v.cfg.wandb.group}", "--stages",
                                                             ",".join(VARIANT_STAGES)]), file=out)
+
+
+def submit_study(plan: StudyPlan, *, out: TextIO, dry_run: bool = False, check: bool = True,
+                 force: bool = False) -> int:
+    """`xlp submit STUDY_CONFIG --to slurm`: one Slurm job per data directory whose stages are not done
+    (tokenizer, shard), then one job per variant (train, eval) that starts once its data job completed,
+    so Slurm runs the variants side by side as far as the partition has room. The variants' run
+    directories and their links to the data are made here (the filesystem is shared). When the jobs are
+    done, `xlp study CONFIG --report-only` (or a plain `xlp study CONFIG`, which finds everything done)
+    writes the report. Returns the exit status."""
+    from pipeline.runner import stage_states
+    from pipeline.stages import STAGES
+    from pipeline.submit import submit_slurm
+
+    data_stages = [s for s in STAGES if s.name in DATA_STAGES]
+    data_jobs: dict[Path, str] = {}
+    for data_dir, cfg in plan.data_runs.items():
+        if not force and all(s.status == "done" for s in stage_states(data_stages, cfg, data_dir)):
+            print(f"== data ({data_dir.name}): done, nothing to submit", file=out, flush=True)
+            continue
+        print(f"== data ({data_dir.name}): {', '.join(DATA_STAGES)}", file=out, flush=True)
+        queued: list[str] = []
+        rc = submit_slurm(cfg, run_dir=data_dir, only=list(DATA_STAGES), force=force, wait=False, out=out,
+                          dry_run=dry_run, check=check, queued=queued)
+        if rc:
+            return rc
+        data_jobs[data_dir] = queued[0] if queued else "DATA_JOB_ID"  # a dry run queues nothing
+    for v in plan.variants:
+        after = data_jobs.get(v.data_dir)
+        print(f"== variant {v.name}: {', '.join(VARIANT_STAGES)}" + (f", after job {after}" if after else ""),
+              file=out, flush=True)
+        if not dry_run:
+            link_data(v, out)
+        rc = submit_slurm(v.cfg, run_dir=v.run_dir, only=list(VARIANT_STAGES), force=force, wait=False, out=out,
+                          dry_run=dry_run, check=check, after=after)
+        if rc:
+            return rc
+    print(f"when the jobs are done, write the report: xlp study CONFIG --report-only (STUDY_DIR {plan.study_dir})",
+          file=out, flush=True)
+    return 0

@@ -221,3 +221,21 @@ def test_study_rerun_does_nothing(study):
     assert out.count("skipped") == 2 + 2 * 2 + 1  # data stages, each variant's train and eval, the report
     assert "report skipped" in out
     assert (study["root"] / "report.md").stat().st_mtime_ns == study["report_mtime"]
+
+
+def test_submit_study_queues_data_then_variants_that_wait_for_it(tmp_path):
+    """`xlp submit STUDY --to slurm --dry-run`: one job for the data stages, one per variant with an
+    afterok dependency on it; nothing is written or queued."""
+    path = study_file(tmp_path, "    - {name: x, overrides: [model=tiny]}\n"
+                                "    - {name: l, overrides: [model=tiny_llama]}\n")
+    out = subprocess.run(XLP + ["submit", str(path), "--to", "slurm", "--dry-run", "--no-check"], env=xlp_env(),
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "== data (data): tokenizer, shard" in text
+    assert text.count("#SBATCH --dependency=afterok:") == 2  # each variant's job waits for the data job
+    assert "--stages tokenizer,shard" in text and text.count("--stages train,eval") == 2
+    assert not (tmp_path / "runs").exists()
+    refused = subprocess.run(XLP + ["submit", str(path), "--to", "ray", "--dry-run"], env=xlp_env(),
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert refused.returncode == 1 and "`--to slurm` only" in refused.stderr
