@@ -250,6 +250,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from pipeline.layout import StudyLayout
     from pipeline.study import plan_study, print_plan, run_study, summary_line
 
     plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
@@ -263,7 +264,7 @@ def cmd_study(args) -> int:
         update_report(plan, out=sys.stdout)
         return 0
     outcome = run_study(plan, force=args.force, only=only, out=sys.stdout)
-    print(f"study {plan.name}: {summary_line(outcome)}; {plan.study_dir / 'report.md'}")
+    print(f"study {plan.name}: {summary_line(outcome)}; {StudyLayout(plan.study_dir).report}")
     if outcome.failed:
         print(f"xlp study: error: variant(s) failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return 1

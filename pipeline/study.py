@@ -38,9 +38,11 @@ from typing import Optional, TextIO
 
 from omegaconf import DictConfig
 
+from pipeline.layout import StudyLayout
+
 DATA_STAGES = ("tokenizer", "shard")
 VARIANT_STAGES = ("train", "eval")
-RESERVED_NAMES = ("data", "report", "plots")
+RESERVED_NAMES = ("data", "report", "wandb")  # and data-*: names in the study directory (StudyLayout)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # keys a variant may not set: the study sets them for each variant
 STUDY_OWNED = ("run.name", "run.dir", "wandb.group", "study")
@@ -67,7 +69,7 @@ class StudyConfig:
             if not v.name or not NAME_RE.match(v.name):
                 raise ValueError(f"{where}: name {v.name!r} must be letters, digits, '_', '-', '.' (it names the "
                                  "variant's directory), e.g. name: xlstm_small")
-            if v.name in RESERVED_NAMES:
+            if v.name in RESERVED_NAMES or v.name.startswith("data-"):
                 raise ValueError(f"{where}: name {v.name!r} is reserved in the study directory; pick another")
             if v.name in seen:
                 raise ValueError(f"study variant {v.name!r}: the name is used twice (study.variants[{seen[v.name]}] "
@@ -117,19 +119,21 @@ def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
         fps = fingerprints(data_stages, cfg)
         return tuple(fps[s] for s in DATA_STAGES)
 
+    layout = StudyLayout(root)
     base_key = data_key(base)
     data_runs: dict[Path, DictConfig] = {}
     planned = []
     for i, v in enumerate(variants):
-        own = [f"run.name={base.run.name}-{v.name}", f"run.dir={root / v.name}", f"wandb.group={group}"]
+        run_dir = layout.variant_dir(v.name)
+        own = [f"run.name={base.run.name}-{v.name}", f"run.dir={run_dir}", f"wandb.group={group}"]
         try:
             cfg = load_config(config, list(overrides) + list(v.overrides) + own)
         except ConfigError as e:
             raise ConfigError(f"study variant {v.name!r} (study.variants[{i}], overrides {list(v.overrides)}): {e}") from None
         key = data_key(cfg)
-        data_dir = root / "data" if key == base_key else root / f"data-{key[-1][:8]}"
+        data_dir = layout.data_dir() if key == base_key else layout.data_dir(key[-1])
         data_runs.setdefault(data_dir, base if key == base_key else cfg)
-        planned.append(PlannedVariant(v.name, cfg, root / v.name, data_dir))
+        planned.append(PlannedVariant(v.name, cfg, run_dir, data_dir))
     return StudyPlan(str(base.run.name), root, base, data_runs, planned)
 
 
@@ -287,6 +291,7 @@ def submit_study(plan: StudyPlan, *, out: TextIO, dry_run: bool = False, check: 
                           dry_run=dry_run, check=check, after=after)
         if rc:
             return rc
-    print(f"when the jobs are done, write the report: xlp study CONFIG --report-only (STUDY_DIR {plan.study_dir})",
+    print(f"when the jobs are done, write the report ({StudyLayout(plan.study_dir).report}): "
+          "xlp study CONFIG --report-only",
           file=out, flush=True)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, StudyLayout
 from pipeline.stage import atomic_write_json, atomic_write_text, read_stage_json
 
 if TYPE_CHECKING:
@@ -294,8 +294,8 @@ def update_report(plan: "StudyPlan", *, out: TextIO) -> str:
         print("= report: no variant has a finished eval yet", file=out, flush=True)
         return "none"
     fp = report_fingerprint(rows)
-    root = plan.study_dir
-    report_json, report_md = root / "report.json", root / "report.md"
+    layout = StudyLayout(plan.study_dir)
+    report_json, report_md = layout.report_json, layout.report
     try:
         old = json.loads(report_json.read_text()).get("fingerprint")
     except (OSError, json.JSONDecodeError):
@@ -303,9 +303,9 @@ def update_report(plan: "StudyPlan", *, out: TextIO) -> str:
     if old == fp and report_md.is_file():
         print(f"= report: done (fingerprint {fp}), skipped", file=out, flush=True)
         return "skipped"
-    root.mkdir(parents=True, exist_ok=True)
-    plots = [p for p in (plot_bpb_vs_params(rows, root / PLOTS[0]), plot_bpb_vs_tokens(rows, root / PLOTS[1]),
-                         plot_loss_by_position(rows, root / PLOTS[2]), plot_decode_cost(rows, root / PLOTS[3]))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    plots = [p for p in (plot_bpb_vs_params(rows, layout.plot(PLOTS[0])), plot_bpb_vs_tokens(rows, layout.plot(PLOTS[1])),
+                         plot_loss_by_position(rows, layout.plot(PLOTS[2])), plot_decode_cost(rows, layout.plot(PLOTS[3])))
              if p is not None]
     missing = [v.name for v in plan.variants if v.name not in {r["name"] for r in rows}]
     write_markdown(report_md, plan, rows, plots, missing)
