@@ -245,6 +245,9 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     only = _stage_list(args.stages)
+    if cfg.study.variants:
+        print(f"note: {args.config} is a study ({len(cfg.study.variants)} variants); `xlp run` runs its config without "
+              f"any variant's overrides: `xlp study {args.config}` runs the variants", file=sys.stderr)
     run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
     return 0
 
