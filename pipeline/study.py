@@ -120,19 +120,21 @@ def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
         return tuple(fps[s] for s in DATA_STAGES)
 
     layout = StudyLayout(root)
-    base_key = data_key(base)
+    data_base = load_config(config, list(overrides) + ["study.variants=[]"])  # the data runs' config, likewise
+    base_key = data_key(data_base)
     data_runs: dict[Path, DictConfig] = {}
     planned = []
     for i, v in enumerate(variants):
         run_dir = layout.variant_dir(v.name)
-        own = [f"run.name={base.run.name}-{v.name}", f"run.dir={run_dir}", f"wandb.group={group}"]
+        # a variant's run is a plain run: its saved config (and a Slurm job's) holds no list of variants
+        own = [f"run.name={base.run.name}-{v.name}", f"run.dir={run_dir}", f"wandb.group={group}", "study.variants=[]"]
         try:
             cfg = load_config(config, list(overrides) + list(v.overrides) + own)
         except ConfigError as e:
             raise ConfigError(f"study variant {v.name!r} (study.variants[{i}], overrides {list(v.overrides)}): {e}") from None
         key = data_key(cfg)
         data_dir = layout.data_dir() if key == base_key else layout.data_dir(key[-1])
-        data_runs.setdefault(data_dir, base if key == base_key else cfg)
+        data_runs.setdefault(data_dir, data_base if key == base_key else cfg)
         planned.append(PlannedVariant(v.name, cfg, run_dir, data_dir))
     return StudyPlan(str(base.run.name), root, base, data_runs, planned)
 
