@@ -94,6 +94,40 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--force", action="store_true", help="rerun the selected stages even if done")
     submit.add_argument("--run-dir", metavar="DIR", help="run directory on the shared filesystem (default: run.dir)")
 
+    study = sub.add_parser(
+        "study",
+        help="run several variants (models, learning rates, ...) on the same data, and a report comparing them",
+        description="Run a study: the config's `study.variants` (each a name and a list of overrides, e.g. "
+        "[model=tiny_llama, train.lr=0.002]) on the same tokenizer and shards. The data stages run once, "
+        "in STUDY_DIR/data (STUDY_DIR = run.dir); each variant trains and evaluates in STUDY_DIR/<variant>/, "
+        "one after the other on this machine; then STUDY_DIR/report.md (with PNGs, and W&B as one group) "
+        "compares them: val bits per byte against parameters and tokens seen, loss curves, loss by position "
+        "beyond the training length, decode cost and state/KV memory against context, and parameters, "
+        "tokens, FLOPs, wall time and throughput per variant. Everything is cached as in `xlp run`: a rerun "
+        "does only what is missing or changed. Every variant's config is checked before anything runs. "
+        "A failed variant does not stop the others (exit status 1 at the end).",
+        epilog="examples:\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml --variants llama_s,xlstm71_s   (only these)\n"
+        "  xlp study configs/studies/xlstm_vs_llama_cpu.yaml train.steps=50 --dry-run        (check, print the plan)\n"
+        "  xlp status runs/xlstm_vs_llama_cpu/llama_s                                        (one variant's stages)\n"
+        "On Slurm: xlp submit STUDY_CONFIG --to slurm queues the data stages as one job and each variant as a job\n"
+        "that waits for it (side by side as the partition has room); then xlp study STUDY_CONFIG --report-only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("config", metavar="CONFIG", help="study config YAML (a run config with a study: section)")
+    study.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant (before "
+                       "each variant's own)")
+    study.add_argument("--variants", metavar="A,B", help="run only these variants (the report shows every variant "
+                       "that has an eval)")
+    study.add_argument("--force", action="store_true", help="rerun the data stages and the variants' train and "
+                       "eval even if done (old outputs are kept in each run's .stale/)")
+    study.add_argument("--run-dir", metavar="DIR", help="study directory (default: the config's run.dir)")
+    study.add_argument("--dry-run", action="store_true", help="check every variant's config and print the plan: "
+                       "directories, parameters, and the `xlp run` commands that run it step by step")
+    study.add_argument("--report-only", action="store_true", help="only (re)write STUDY_DIR/report.md from the "
+                       "variants evaluated so far (e.g. after `xlp submit STUDY_CONFIG --to slurm`)")
+
     status = sub.add_parser(
         "status",
         help="show each stage of a run: done / stale / running / failed / pending",
@@ -192,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import PipelineError
     from pipeline.submit import SubmitError
 
-    commands = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
+    commands = {"run": cmd_run, "study": cmd_study, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
                 "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
     try:
         return commands[args.command](args)
@@ -220,7 +254,32 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     only = _stage_list(args.stages)
+    if cfg.study.variants:
+        print(f"note: {args.config} is a study ({len(cfg.study.variants)} variants); `xlp run` runs its config without "
+              f"any variant's overrides: `xlp study {args.config}` runs the variants", file=sys.stderr)
     run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from pipeline.layout import StudyLayout
+    from pipeline.study import plan_study, print_plan, run_study, summary_line
+
+    plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
+    only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
+    if args.dry_run:
+        print_plan(plan, args.config, args.overrides, sys.stdout)
+        return 0
+    if args.report_only:
+        from pipeline.eval.study_report import update_report
+
+        update_report(plan, out=sys.stdout)
+        return 0
+    outcome = run_study(plan, force=args.force, only=only, out=sys.stdout)
+    print(f"study {plan.name}: {summary_line(outcome)}; {StudyLayout(plan.study_dir).report}")
+    if outcome.failed:
+        print(f"xlp study: error: variant(s) failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -239,9 +298,18 @@ def _stage_list(spec: str | None) -> list[str] | None:
 
 def cmd_submit(args) -> int:
     from pipeline.config import load_config
-    from pipeline.submit import submit_ray, submit_slurm
+    from pipeline.submit import SubmitError, submit_ray, submit_slurm
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
+    if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
+        from pipeline.study import plan_study, submit_study
+
+        if args.to != "slurm" or args.stages or args.wait:
+            raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "
+                              "or --wait (one job per variant; `xlp status STUDY_DIR/<variant>` follows each). On a "
+                              "Ray cluster, run `xlp study CONFIG` with RAY_ADDRESS set: its stages run there")
+        plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked first
+        return submit_study(plan, out=sys.stdout, dry_run=args.dry_run, check=not args.no_check, force=args.force)
     only = _stage_list(args.stages)
     run_dir = Path(args.run_dir or cfg.run.dir).absolute()
     kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout, dry_run=args.dry_run)

@@ -6,7 +6,9 @@ Loading a run config:
          defaults:
            - model: tiny          # configs/model/tiny.yaml merged under `model`
            - base.yaml            # another file merged at the top level
-  3. dot-list overrides from the command line (`train.steps=10`, `model=xlstm_125m` picks a group file),
+  3. overrides from the command line: `model=xlstm_125m` picks a group file and *replaces* the one the
+     `defaults:` list chose (as Hydra's defaults do: no key of the replaced file survives), then
+     dot-list items (`train.steps=10`) are merged over everything,
   4. `${...}` interpolations resolved, then each section validated.
 Unknown keys and wrong types fail with the key, where it came from, and what is valid there.
 """
@@ -25,6 +27,7 @@ from kernels.config import KernelsConfig
 from pipeline.data.config import DataConfig
 from pipeline.eval.config import EvalConfig
 from pipeline.stages.tokenizer import TokenizerConfig
+from pipeline.study import StudyConfig
 from pipeline.submit import SlurmConfig
 from pipeline.train.config import TrainConfig
 from pipeline.train.wandb_config import WandbConfig
@@ -55,6 +58,7 @@ class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)  # `xlp study` only (pipeline/study.py)
 
 
 class ConfigError(ValueError):
@@ -77,10 +81,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        merge_into(cfg, compose_file(path), f"config file {path}")
     group_overrides, dot_overrides = split_overrides(overrides)
-    for group, name in group_overrides:
-        merge_into(cfg, {group: read_yaml(group_file(group, name, CONFIG_DIR))}, f"override {group}={name}")
+    choices = dict(group_overrides)  # the last `model=...` wins, as for any key
+    chosen: set[str] = set()  # the groups a `defaults:` entry named (and so were replaced there)
+    if path is not None:
+        merge_into(cfg, compose_file(path, choices=choices, chosen=chosen), f"config file {path}")
+    for group, name in choices.items():
+        if group not in chosen:  # no `defaults:` entry to replace: merged over the file, as before
+            merge_into(cfg, {group: read_yaml(group_file(group, name, CONFIG_DIR))}, f"override {group}={name}")
     for item in dot_overrides:
         key, _, value = item.partition("=")
         merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
@@ -150,8 +158,15 @@ def group_file(group: str, name: str, base_dir: Path) -> Path:
     raise ConfigError(f"no {group} config named {name!r}; available: {', '.join(available) or 'none'}")
 
 
-def compose_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
-    """The YAML file with its `defaults:` list merged in (entries first, the file's own keys last)."""
+def compose_file(path: Path, _seen: tuple[Path, ...] = (), *, choices: dict[str, str] | None = None,
+                 chosen: set[str] | None = None) -> DictConfig:
+    """The YAML file with its `defaults:` list merged in (entries first, the file's own keys last).
+
+    choices: {group: name} from the command line; a `group: x` entry in any `defaults:` list (this
+    file's or an included file's) picks `name` instead of `x`, so the replaced file is never read.
+    chosen: filled with the groups that such an entry named."""
+    choices = {} if choices is None else choices
+    chosen = set() if chosen is None else chosen
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"config files include each other: {' -> '.join(map(str, _seen + (path,)))}")
@@ -165,9 +180,12 @@ def compose_file(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
             (group, name), = entry.items()
             if group not in GROUPS:
                 raise ConfigError(f"{path}: defaults entry {entry}: unknown group {group!r}; groups: {', '.join(GROUPS)}")
+            if group in choices:
+                name = choices[group]
+                chosen.add(group)
             part = OmegaConf.create({group: read_yaml(group_file(group, str(name), path.parent))})
         elif isinstance(entry, str):
-            part = compose_file(path.parent / entry, _seen + (path,))
+            part = compose_file(path.parent / entry, _seen + (path,), choices=choices, chosen=chosen)
         else:
             raise ConfigError(f"{path}: defaults entry {entry!r} must be `group: name` or a file name")
         merged = OmegaConf.merge(merged, part)
@@ -264,7 +282,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
-    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm"):
+    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm", "study"):
         obj = OmegaConf.to_object(cfg[section])
         check = getattr(obj, "validate", None)
         if check is not None:

@@ -180,3 +180,40 @@ class TrainLayout:
 
     def heartbeat(self, rank: int) -> Path:
         return self.logs / f"heartbeat_{rank}.json"
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Where everything of a study (`xlp study`, pipeline/study.py) lives:
+
+        STUDY_DIR/
+          data/                 a run directory with the data stages the variants share (tokenizer, shard)
+          data-<fp>/            the same for variants whose overrides change the data stages
+          <variant>/            a variant's run directory (tokenizer/ and shard/ link to its data directory)
+          report.md, *.png      the study report and its plots
+          report.json           its numbers and the fingerprint they were made from
+          wandb/                the report's W&B run
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def data_dir(self, shard_fingerprint: str | None = None) -> Path:
+        """The shared data directory, or (given a fingerprint) one for variants with other data stages."""
+        return self.root / ("data" if shard_fingerprint is None else f"data-{shard_fingerprint[:8]}")
+
+    def variant_dir(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / name

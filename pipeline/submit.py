@@ -132,9 +132,13 @@ def run_args(config: Path, run_dir: Path, only: Optional[list[str]], force: bool
 # Slurm
 
 
-def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optional[list[str]], force: bool) -> str:
+def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optional[list[str]], force: bool,
+                  after: Optional[str] = None) -> str:
+    """`after`: a job id this job waits for (it starts once that job completed; never, if it failed)."""
     s = cfg.slurm
     optional = []
+    if after:
+        optional += [f"#SBATCH --dependency=afterok:{after}", "#SBATCH --kill-on-invalid-dep=yes"]
     if s.partition:
         optional.append(f"#SBATCH --partition={s.partition}")
     if s.account:
@@ -171,16 +175,19 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
 
 
 def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], force: bool, wait: bool,
-                 out: TextIO, dry_run: bool = False, check: bool = True) -> int:
+                 out: TextIO, dry_run: bool = False, check: bool = True, after: Optional[str] = None,
+                 queued: Optional[list[str]] = None) -> int:
     """Check, render and queue the run as a Slurm batch job (with `dry_run`: check and print, queue
-    nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change."""
+    nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change.
+    `after`: a job id to wait for (`xlp study`: a variant's job waits for its data stages' job);
+    `queued`: the job's id is appended to it."""
     from pipeline.train.plan import slurm_consistency_errors
 
     errors = slurm_consistency_errors(cfg)
     if errors:
         raise SubmitError("; ".join(errors))
     config, config_text = submitted_config(cfg, run_dir, "slurm")
-    script = render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force)
+    script = render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force, after=after)
     script_path = config.with_suffix(".sbatch")
     if dry_run:
         print_slurm_dry_run(cfg, OmegaConf.create(config_text), script=script, script_path=script_path,
@@ -190,7 +197,9 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
         raise SubmitError("sbatch not found: run `xlp submit --to slurm` on a Slurm login node "
                           "(or start a local Slurm with infra/local-slurm.sh)")
     if check and have_slurm:
-        partition = check_slurm_request(cfg, script)
+        # sbatch --test-only cannot check a dependency on a job that is not queued yet (a dry run's)
+        partition = check_slurm_request(cfg, script if not (dry_run and after) else
+                                        render_sbatch(cfg, config=config, run_dir=run_dir, only=only, force=force))
         down = partition.unavailable_nodes()
         if down and len(down) > len(partition.nodes) - int(cfg.slurm.nodes):
             print(f"note: {len(down)} of the {len(partition.nodes)} nodes of partition {partition.name} are "
@@ -213,6 +222,8 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
         said = " ".join((proc.stderr or proc.stdout).split())
         raise SubmitError(f"sbatch refused {script_path}: {said}{_partition_hint(cfg)}")
     job_id = proc.stdout.strip().split(";")[0]
+    if queued is not None:
+        queued.append(job_id)
     log = RunLayout(run_dir).slurm_log(job_id)
     print(f"submitted Slurm job {job_id}\n  script: {script_path}\n  log:    {log}\n"
           f"  follow: xlp status {run_dir}   |   tail -f {log}", file=out, flush=True)

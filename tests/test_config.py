@@ -123,3 +123,36 @@ def test_transformers_imports_beside_our_top_level_packages():
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 5, 64])" in out.stdout
     assert transformers.__version__
+
+
+def test_group_override_replaces_the_defaults_choice(tmp_path):
+    """`model=NAME` replaces the model file a `defaults:` list chose (in an included file too), as
+    Hydra's defaults do: no key of the replaced file leaks in, and the file's own keys still apply."""
+    write(tmp_path / "base.yaml", "defaults:\n  - model: tiny\n")
+    run = write(tmp_path / "run.yaml", "defaults:\n  - base.yaml\nmodel:\n  d_model: 64\n")
+    xlstm = load_config(run)
+    assert (xlstm.model.arch, list(xlstm.model.slstm_at), xlstm.model.d_model) == ("xlstm", [1], 64)
+    llama = load_config(run, ["model=tiny_llama"])
+    assert llama.model.arch == "llama"
+    assert list(llama.model.slstm_at) == []  # tiny.yaml's sLSTM block did not leak in
+    assert llama.model.norm_eps == 1e-6 and llama.model.d_model == 64  # the new file, then the run file
+    # a dot-list key after the group still wins
+    assert load_config(run, ["model=tiny_llama", "model.d_model=32"]).model.d_model == 32
+
+
+def test_readme_comparison_command_resolves():
+    """README's comparison command, as written there, gives a valid Llama config (it used to fail with
+    `model.slstm_at: sLSTM blocks exist only in arch 'xlstm'`). `xlp config` resolves and validates
+    exactly what `xlp run` would, without training."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    found = re.search(r"`(xlp run configs/demo\.yaml model=tiny_llama[^`]*)`", readme)
+    assert found, "README no longer shows the comparison command"
+    args = shlex.split(found.group(1))[2:]  # after `xlp run`
+    out = subprocess.run(XLP + ["config"] + args, env=xlp_env(), capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.model.arch == "llama" and list(cfg.model.slstm_at) == []
+    assert cfg.run.name == "demo_llama"

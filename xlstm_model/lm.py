@@ -106,15 +106,20 @@ class LanguageModel(nn.Module):
         )
 
     # --------------------------------------------------------------------------------- recurrence
-    def forward_with_state(self, input_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+    def forward_with_state(self, input_ids: Tensor, state: Optional[State] = None, *,
+                           last_only: bool = False) -> tuple[Tensor, State]:
         """Run (B, S) tokens continuing from `state` (None: fresh). Returns logits (B, S, V) and the
-        state after the last token: recurrent states for xLSTM, the KV cache for Llama."""
+        state after the last token: recurrent states for xLSTM, the KV cache for Llama.
+        last_only: logits of the last position only, (B, 1, V): what prefill needs before decoding,
+        without a (B, S, V) tensor per chunk."""
         x = self.embedding(input_ids)
         state = state if state is not None else [None] * len(self.blocks)
         new_state = []
         for block, block_state in zip(self.blocks, state):
             x, block_state = block(x, None, block_state, return_state=True)
             new_state.append(block_state)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self.norm(x)), new_state
 
     def step(self, token_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:

@@ -54,7 +54,10 @@ class EvalConfig:
 
     # --- generation cost at batch 1: prefill a prompt of each length, then time decode steps ---
     gen_contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
-    gen_tokens: int = 64  # timed decode steps per context (after 2 untimed ones)
+    gen_tokens: int = 64  # timed decode steps per context in each round (after 2 untimed ones)
+    # rounds of decode timing, the contexts interleaved (order rotated each round): the report shows
+    # each context's median and its fastest/slowest round, so machine noise cannot pass for a trend
+    gen_repeats: int = 5
     prefill_chunk: int = 2048  # the prompt is read in chunks of this many tokens (bounded memory)
 
     # --- MQAR-style associative recall (synthetic, zero-shot) ---
@@ -86,7 +89,7 @@ class EvalConfig:
             raise bad("parts", f"has unknown part(s) {unknown}; valid: {', '.join(PARTS)}")
         if self.device not in DEVICES:
             raise bad("device", f"is {self.device!r}; valid values: {', '.join(DEVICES)}")
-        for key in ("batch_size", "gen_tokens", "prefill_chunk", "recall_queries", "recall_trials",
+        for key in ("batch_size", "gen_tokens", "gen_repeats", "prefill_chunk", "recall_queries", "recall_trials",
                     "recall_batch_size", "lm_eval_batch_size", "cloze_items", "cloze_context_chars",
                     "long_context_tokens"):
             if getattr(self, key) < 1:

@@ -96,18 +96,29 @@ def plot_generation(gen: dict, arch: str, path: Path) -> Optional[Path]:
     a1.set_title(f"Memory at batch 1 ({gen.get('device')}, {gen.get('memory_source')})", fontsize=9)
     a1.grid(alpha=0.3)
     a1.legend(fontsize=8)
-    a2.plot(ctx, [r["decode_tokens_per_s"] for r in rows], "o-", color="tab:green")
+    decode_speed_errorbar(a2, rows, color="tab:green")
     a2.set_xscale("log", base=2)
     a2.set_ylim(bottom=0)
     a2.set_xlabel("prompt length (tokens)")
     a2.set_ylabel("decode tokens / s")
-    a2.set_title("Decode speed at batch 1", fontsize=9)
+    a2.set_title(f"Decode speed at batch 1 (median of {gen.get('repeats', 1)} rounds, bars: fastest-slowest)",
+                 fontsize=9)
     a2.grid(alpha=0.3)
     fig.suptitle(f"Generation cost vs context ({arch})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def decode_speed_errorbar(ax, rows: list[dict], **kw) -> None:
+    """Decode tokens/s against context: the median, and a bar from the slowest to the fastest round
+    (rows measured before the rounds existed have no spread)."""
+    ctx = [r["context"] for r in rows]
+    mid = [r["decode_tokens_per_s"] for r in rows]
+    lo = [mid[i] - r.get("decode_tokens_per_s_min", mid[i]) for i, r in enumerate(rows)]
+    hi = [r.get("decode_tokens_per_s_max", mid[i]) - mid[i] for i, r in enumerate(rows)]
+    ax.errorbar(ctx, mid, yerr=[lo, hi], fmt="o-", capsize=3, **kw)
 
 
 def plot_recall(rec: dict, path: Path) -> Optional[Path]:
@@ -235,14 +246,18 @@ def write_report(path: Path, results: dict, plots: list[Path]) -> Path:
     gen = results.get("generation")
     if gen:
         md.append("## Generation cost (batch 1)\n")
-        md.append(f"Device {gen['device']}; prompt read in chunks of {gen['prefill_chunk']} tokens, then {gen['gen_tokens']} "
-                  f"timed greedy decode steps. Weights {gen['weight_bytes'] / 2**20:.1f} MiB; peak memory from "
-                  f"{gen['memory_source']}.\n")
+        md.append(f"Device {gen['device']}; prompt read in chunks of {gen['prefill_chunk']} tokens (logits of the last "
+                  f"position only), then {gen.get('repeats', 1)} rounds of {gen['gen_tokens']} timed greedy decode steps per "
+                  "context, the contexts interleaved: decode speed is the median round, with the slowest and fastest "
+                  "round beside it (a difference smaller than that spread is noise). Weights "
+                  f"{gen['weight_bytes'] / 2**20:.1f} MiB; peak memory from {gen['memory_source']}.\n")
         mib = 2.0 ** 20
-        md.append(_table(["prompt tokens", "prefill tok/s", "decode tok/s", "ms/token", "state MiB", "prefill peak MiB",
-                          "decode peak MiB"],
-                         [[r["context"], r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r["decode_ms_per_token"],
-                           r["state_bytes"] / mib, r["prefill_peak_bytes"] / mib, r["decode_peak_bytes"] / mib]
+        md.append(_table(["prompt tokens", "prefill tok/s", "decode tok/s", "slowest-fastest round", "ms/token",
+                          "state MiB", "prefill peak MiB", "decode peak MiB"],
+                         [[r["context"], r["prefill_tokens_per_s"], r["decode_tokens_per_s"],
+                           f"{r.get('decode_tokens_per_s_min', '-')}-{r.get('decode_tokens_per_s_max', '-')}",
+                           r["decode_ms_per_token"], r["state_bytes"] / mib, r["prefill_peak_bytes"] / mib,
+                           r["decode_peak_bytes"] / mib]
                           for r in gen["results"]]))
         md.append("")
     if "memory_vs_context.png" in names:

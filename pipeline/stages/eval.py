@@ -147,7 +147,7 @@ def run(ctx: StageContext) -> dict:
     if "generation" in ec.parts:
         results["generation"] = gencost.generation_cost(
             model, contexts=list(ec.gen_contexts), gen_tokens=ec.gen_tokens, prefill_chunk=ec.prefill_chunk,
-            vocab_size=tok.vocab_size, device=device, seed=ec.seed, log=_log)
+            vocab_size=tok.vocab_size, device=device, seed=ec.seed, repeats=ec.gen_repeats, log=_log)
 
     if "recall" in ec.parts:
         first = 260 if tok.vocab_size - 260 >= 2 * max(ec.recall_pairs) else 4  # past the byte pieces if room
