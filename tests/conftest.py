@@ -9,6 +9,13 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of kernels.triton,
+# whichever test module does it (torch.compile preloads the ops, tests/test_compile.py). On a machine
+# without a GPU the kernels can only run interpreted: say so before any test imports them, so that the
+# order the modules run in does not decide whether tests/test_kernels_triton.py can run its kernels.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def ray_local():
