@@ -6,6 +6,7 @@ train/skipped_steps, throughput/tokens_per_s, throughput/mfu, memory/*, val/loss
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import time
@@ -194,6 +195,11 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
         id_file.write_text(run_id + "\n")
     wandb_dir = Path(wandb_cfg.dir) if wandb_cfg.dir else out_dir
     wandb_dir.mkdir(parents=True, exist_ok=True)
+    # A W&B service inherited through the environment (WANDB_SERVICE, set by a process that used W&B
+    # and then started us: a notebook, a test runner, the shell that submitted the job) is not ours: it
+    # outlives a killed rank and keeps its run open, and the rerun's wandb.init then fails with "run ID
+    # ... is in use". The rank starts its own.
+    os.environ.pop("WANDB_SERVICE", None)
     return wandb.init(
         project=wandb_cfg.project,
         entity=wandb_cfg.entity,
