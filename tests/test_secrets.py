@@ -164,7 +164,8 @@ def _planted() -> tuple[dict, list[str]]:
 def _config(tmp_path: Path) -> Path:
     cfg = tmp_path / "secret.yaml"
     cfg.write_text(f"defaults:\n  - {TINY}\n"
-                   "data:\n  sources: ['stdlib:json', '${oc.env:XLP_TEST_SOURCE}']\n  on_error: skip\n"
+                   # one small package: 5 training samples, too few for the default 8 loader streams
+                   "data:\n  sources: ['stdlib:json', '${oc.env:XLP_TEST_SOURCE}']\n  on_error: skip\n  streams: 2\n"
                    "wandb:\n  mode: offline\n"
                    "train:\n  steps: 4\n  save_every: 4\n  eval_every: 4\n  log_every: 2\n")
     return cfg
