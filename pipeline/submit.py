@@ -454,10 +454,18 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
     except Exception as e:  # noqa: BLE001 - Ray raises several kinds; all mean "cannot use this cluster"
         raise SubmitError(_ray_error(address, e)) from None
     atomic_write_text(config, config_text)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
-    except Exception as e:  # noqa: BLE001
-        raise SubmitError(_ray_error(address, e)) from None
+    # A head that has just started answers before its job agent is up ("No available agent to submit
+    # job, please try again later"): that one error is retried for a minute; any other fails at once.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+            break
+        except Exception as e:  # noqa: BLE001
+            if "no available agent" not in str(e).lower() or time.monotonic() > deadline:
+                raise SubmitError(_ray_error(address, e)) from None
+            print(f"the Ray cluster at {address} has no job agent up yet; retrying", file=out, flush=True)
+            time.sleep(2)
     print(f"submitted Ray job {job_id} to {address}\n  follow: ray job logs --follow {job_id}   |   "
           f"xlp status {run_dir}", file=out, flush=True)
     if not wait:
