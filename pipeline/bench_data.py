@@ -5,10 +5,14 @@
 
 Prints the machine, the command, and, over --rounds interleaved rounds (median and min-max):
   raw sentencepiece  MB/s of SentencePiece encoding the corpus in one thread (per core)
+  raw word cache     the same through tokenizer/wordcache.py (each distinct word once; a cold cache per round)
   raw fast encoder   the same through tokenizer/fast.py (Hugging Face `tokenizers`, one thread)
   shard stage        MB/s of the shard stage end to end (read, split, encode, pack, write tar + manifest)
                      with N Ray workers, per core against raw SentencePiece (goal >= 1.2x)
   scaling            shard stage 2 workers / 1 worker, per round (goal >= 1.9x)
+  where the time went  per shard row (medians): the driver outside the tasks, the tasks' encoding and
+                     the rest of their work (read, split, pack, write, hash), and the workers' idle time
+                     (workers x the tasks' wall time - the tasks' own time: start-up, imbalance, waiting)
   loader          tokens/s ShardLoader yields in one process (num_workers=0; target >= 1M)
   global loader   tokens/s of the training order (pipeline.data.order.GlobalLoader), one process
 Ray is started (and its workers warmed) before the timed runs: a stage in `xlp run` finds it running.
@@ -125,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             ctx = StageContext(name="shard", cfg=load_config(None, ov), run_dir=run.root, fingerprint="bench")
             t = time.perf_counter()
             m = shard_stage.run(ctx)  # not resumed: it starts from an empty shard dir each time
+            wall = time.perf_counter() - t
             results.setdefault("shard_stage", {})[f"{n}w-{encoder}"] = {k: m[k] for k in (
-                "tokens", "partitions", "shards", "encoder", "encoder_partitions")}
-            return nbytes / (time.perf_counter() - t) / 1e6
+                "tokens", "partitions", "shards", "encoder", "encoder_partitions", "wordcache")}
+            times.setdefault((n, encoder), []).append({
+                "stage": wall, "driver": wall - m["shard_seconds"], "encode": m["encode_seconds"],
+                "task other": m["task_seconds"] - m["encode_seconds"],
+                "idle workers": n * m["shard_seconds"] - m["task_seconds"]})
+            return nbytes / wall / 1e6
 
         def raw(encode) -> float:
             t = time.perf_counter()
@@ -137,7 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         # Every measurement once per round, rounds interleaved: drift on a shared machine spreads over
         # all rows alike instead of passing for a difference between them.
         rows: dict[str, list[float]] = {}
+        times: dict[tuple[int, str], list[dict]] = {}
         measures = {"raw sentencepiece, 1 thread": lambda: raw(lambda d: tok.encode_batch(d, num_threads=1))}
+        from tokenizer.wordcache import WordCacheEncoder, reason_not_exact
+
+        if reason_not_exact(tok) is None:  # batches of the shard stage's size, a new (cold) cache each round
+            def word_cache(d: list[str]) -> None:
+                enc, batch, size = WordCacheEncoder(tok), [], 0
+                for text in d:
+                    batch.append(text)
+                    size += len(text)
+                    if size >= 1 << 18:
+                        enc.encode_batch(batch)
+                        batch, size = [], 0
+                enc.encode_batch(batch)
+
+            measures["raw word cache, 1 thread"] = lambda: raw(word_cache)
         if fast is not None:
             measures["raw fast encoder, 1 thread"] = lambda: raw(fast.encode_batch)
         encoders = ["auto", "sentencepiece"] if args.compare_encoders else ["auto"]
@@ -171,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scaling, data.encoder={enc}: 2 workers / 1 worker = {median(per_round):.2f}x "
                       f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}; goal >= 1.9x)")
         print("goal: the shard stage at >= 1.2x raw SentencePiece per core")
+        print(f"\nwhere the shard stage's time went (medians over rounds, seconds):\n{'':40s}" +
+              "".join(f"{k:>14s}" for k in ("stage", "driver", "encode", "task other", "idle workers")))
+        for (n, enc), per_round in times.items():
+            med = {k: median([r[k] for r in per_round]) for k in per_round[0]}
+            results.setdefault("time_split", {})[f"{n}w-{enc}"] = med
+            print(f"{f'{n} worker(s), data.encoder={enc}':40s}" + "".join(f"{med[k]:14.2f}" for k in med))
 
         shard_dir = RunLayout(work / f"run{args.workers[-1]}-auto").shard_dir
         loader = ShardLoader(shard_dir, split="train", seq_len=args.seq_len, batch_size=args.batch_size)

@@ -127,6 +127,24 @@ class Agreement:
                 "fast_s": round(self.fast_s, 4), "faster": self.faster}
 
 
+def first_difference(want: Sequence, got: Sequence, name: str) -> Optional[dict]:
+    """Where another encoder's ids (`got`, under `name`) first differ from SentencePiece's (`want`):
+    the document, the token, and 8 ids of each from there; None when every document's ids are equal."""
+    import numpy as np
+
+    if len(want) != len(got):
+        return {"doc": min(len(want), len(got)), "token": 0, "sentencepiece": [], name: []}
+    for i, (a, b) in enumerate(zip(want, got)):
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        if len(a) == len(b) and np.array_equal(a, b):
+            continue
+        n = min(len(a), len(b))
+        unequal = np.nonzero(a[:n] != b[:n])[0]
+        at = int(unequal[0]) if len(unequal) else n
+        return {"doc": i, "token": at, "sentencepiece": a[at:at + 8].tolist(), name: b[at:at + 8].tolist()}
+    return None
+
+
 def check(tok: Tokenizer, texts: Sequence[str]) -> tuple[Optional[FastEncoder], Agreement]:
     """The fast encoder and its agreement with `tok` on `texts`; (None, why) when it cannot be made."""
     chars = sum(len(t) for t in texts)
@@ -141,10 +159,8 @@ def check(tok: Tokenizer, texts: Sequence[str]) -> tuple[Optional[FastEncoder], 
     t = time.perf_counter()
     got = fast.encode_batch(list(texts))
     fast_s = time.perf_counter() - t
-    for i, (a, b) in enumerate(zip(want, got)):
-        if a != b:
-            at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            return fast, Agreement(False, len(texts), chars, reason=f"ids differ in sample document {i}",
-                                   first_difference={"doc": i, "token": at, "sentencepiece": a[at:at + 8],
-                                                     "fast": b[at:at + 8]}, sentencepiece_s=spm_s, fast_s=fast_s)
+    diff = first_difference(want, got, "fast")
+    if diff is not None:
+        return fast, Agreement(False, len(texts), chars, reason=f"ids differ in sample document {diff['doc']}",
+                               first_difference=diff, sentencepiece_s=spm_s, fast_s=fast_s)
     return fast, Agreement(True, len(texts), chars, sentencepiece_s=spm_s, fast_s=fast_s)

@@ -36,9 +36,11 @@ class DataConfig:
     sample_tokens: int = 2048  # consecutive documents are grouped into one WebDataset sample up to this
     max_doc_bytes: int = MAX_DOC_BYTES  # longer documents are split near this (see MAX_DOC_BYTES)
     num_workers: int = 0  # Ray tasks running at once in the data stages; 0 = every CPU Ray has
-    # the shard stage's encoder: auto = Hugging Face `tokenizers` (Rust, tokenizer/fast.py) in each
-    # partition whose first batch it encodes exactly as SentencePiece does and in less time,
-    # SentencePiece elsewhere; sentencepiece = SentencePiece only
+    # the shard stage's encoder; the ids are SentencePiece's either way. auto = in each partition, the
+    # first encoder that gives SentencePiece's ids on the partition's first batch: the word cache
+    # (tokenizer/wordcache.py, each distinct word encoded once; while it stays the quicker), else
+    # Hugging Face `tokenizers` (tokenizer/fast.py; if it was the quicker), else SentencePiece.
+    # sentencepiece = SentencePiece only
     encoder: str = "auto"
     # Named groups of sources drawn by weight in training, e.g. {web: {sources: [...], weight: 0.7},
     # code: {sources: [...], weight: 0.3}} (weights are normalised; 1 when left out). The shard stage

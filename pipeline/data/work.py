@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -141,39 +142,99 @@ class ShardJob:
     drop: list[int] = field(default_factory=list)  # indices of duplicate documents in this partition
     group: str = ""  # the data.mixture group of the partition's files ("": no mixture)
     encode_batch_chars: int = 1 << 18
-    encoder: str = "auto"  # data.encoder: auto (the fast encoder where it agrees) | sentencepiece
+    encoder: str = "auto"  # data.encoder: auto (the quickest encoder that agrees) | sentencepiece
     encoder_threads: int = 1  # threads of the fast encoder (workers x threads = the CPUs)
 
 
 class PartitionEncoder:
-    """The partition's encoder. With data.encoder=auto, the first batch is encoded by SentencePiece and
-    by the fast encoder (tokenizer/fast.py): if every document's ids agree and the fast one took less
-    time, it encodes the rest; if not (or it cannot be made), SentencePiece does, and the record says
-    why. Either way the ids written for the sample are SentencePiece's."""
+    """The partition's encoder; the ids it writes are always SentencePiece's.
+
+    data.encoder=sentencepiece: SentencePiece. data.encoder=auto: the first batch is encoded by
+    SentencePiece (its ids are the ones written) and by the candidates the model allows, compared
+    document by document:
+    - wordcache (tokenizer/wordcache.py): SentencePiece word by word, each distinct word once. Exact by
+      construction where the model allows it; about twice SentencePiece's rate on real text, where most
+      words repeat. Text that hardly repeats a word costs it more than SentencePiece (it encodes nearly
+      every word and looks each up too), so if fewer than MIN_HIT_RATE of the words of the batches
+      after the first came from the cache, SentencePiece encodes the rest. A count, not a timing: the
+      choice is the same on a busy machine and an idle one.
+    - fast (tokenizer/fast.py, Hugging Face `tokenizers`): tried only where the word cache cannot be
+      made; used only if it was also the quicker on the first batch.
+    The partition's record says which encoded it, what the check found, and why."""
+
+    WARMUP_BATCHES = 3  # word-cache batches after the check before its hit rate is judged
+    MIN_HIT_RATE = 0.5  # below this share of words from the cache, SentencePiece is the quicker
 
     def __init__(self, tok, mode: str, threads: int):
         self.tok, self.mode, self.threads = tok, mode, threads
-        self.fast = None
+        self.encoder = None  # the candidate in use (None: SentencePiece)
+        self.name = "sentencepiece"
         self.checked: Optional[dict] = None  # the check's result (None: not made, data.encoder=sentencepiece)
+        self.batches = 0  # word-cache batches after the check
+        self.judged_from = (0, 0)  # the word cache's (words, misses) after the check's batch
+        self.fell_back: Optional[str] = None
+        self.wordcache = None  # the word-cache encoder, once it agreed (kept for its statistics)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _check(self, texts: list[str]) -> list[list[int]]:
+        from tokenizer.fast import check, first_difference, set_threads
+        from tokenizer.wordcache import WordCacheEncoder, reason_not_exact
+
+        chars = sum(map(len, texts))
+        t = time.perf_counter()
+        want = self.tok.encode_batch(texts, num_threads=1)
+        spm_s = time.perf_counter() - t
+        self.checked = {"docs": len(texts), "chars": chars, "sentencepiece_s": round(spm_s, 4), "candidates": {}}
+        reason = reason_not_exact(self.tok)
+        if reason is None:
+            encoder = WordCacheEncoder(self.tok)
+            t = time.perf_counter()
+            got = encoder.encode_batch(texts)
+            trial = {"s": round(time.perf_counter() - t, 4), "first_difference": first_difference(want, got, "wordcache")}
+            trial["identical"] = trial["first_difference"] is None
+            trial["reason"] = "" if trial["identical"] else f"ids differ in sample document {trial['first_difference']['doc']}"
+            self.checked["candidates"]["wordcache"] = trial
+            if trial["identical"]:
+                self.encoder = self.wordcache = encoder
+                self.name = "wordcache"
+                self.judged_from = (encoder.words, encoder.misses)  # the hit rate is judged without this batch
+                return want
+        else:
+            self.checked["candidates"]["wordcache"] = {"identical": False, "reason": f"not exact: {reason}"}
+        set_threads(self.threads)
+        fast, agreement = check(self.tok, texts)
+        trial = agreement.to_dict()
+        trial["s"] = trial.pop("fast_s")
+        self.checked["candidates"]["fast"] = trial
+        if agreement.faster:
+            self.encoder, self.name = fast, "fast"
+        return want
+
+    def encode_batch(self, texts: list[str]) -> list:
         if self.mode == "sentencepiece":
             return self.tok.encode_batch(texts, num_threads=1)
         if self.checked is None:
-            from tokenizer.fast import check, set_threads
-
-            set_threads(self.threads)
-            fast, agreement = check(self.tok, texts)
-            self.checked = agreement.to_dict()
-            self.fast = fast if agreement.faster else None
-            return self.tok.encode_batch(texts, num_threads=1)  # the sample's ids: SentencePiece's
-        if self.fast is not None:
-            return self.fast.encode_batch(texts)
-        return self.tok.encode_batch(texts, num_threads=1)
+            return self._check(texts)
+        if self.encoder is None:
+            return self.tok.encode_batch(texts, num_threads=1)
+        if self.name != "wordcache":
+            return self.encoder.encode_batch(texts)
+        ids = self.encoder.encode_batch(texts)
+        self.batches += 1
+        if self.batches == self.WARMUP_BATCHES:
+            words, misses = self.wordcache.words - self.judged_from[0], self.wordcache.misses - self.judged_from[1]
+            hit_rate = 1 - misses / max(words, 1)
+            if hit_rate < self.MIN_HIT_RATE:
+                self.fell_back = (f"{hit_rate:.0%} of the words of batches 2-{self.batches + 1} came from the cache "
+                                  f"(below {self.MIN_HIT_RATE:.0%}): SentencePiece is the quicker on such text")
+                self.encoder, self.name = None, "sentencepiece"
+        return ids
 
     def record(self) -> dict:
-        return {"encoder": "fast" if self.fast is not None else "sentencepiece", "check": self.checked}
-
+        """Which encoder wrote the partition (after a fall-back: SentencePiece) and what the check found."""
+        rec = {"encoder": self.name, "check": self.checked}
+        if self.wordcache is not None:
+            rec["wordcache"] = {**self.wordcache.stats(), "fell_back": self.fell_back}
+        return rec
 
 
 def part_record_path(out_dir: Path, partition: int) -> Path:
@@ -182,6 +243,8 @@ def part_record_path(out_dir: Path, partition: int) -> Path:
 
 def shard_partition(job: ShardJob, report) -> dict:
     """Tokenize one partition into shards; keeps the shards a killed attempt finished."""
+    started = time.perf_counter()
+    encode_s = 0.0
     out_dir = Path(job.out_dir)
     (out_dir / META_DIR).mkdir(parents=True, exist_ok=True)
     tok = job.tokenizer
@@ -206,10 +269,12 @@ def shard_partition(job: ShardJob, report) -> dict:
     batch_chars = 0
 
     def encode_and_write() -> None:
-        nonlocal batch, batch_chars
+        nonlocal batch, batch_chars, encode_s
         if not batch:
             return
-        ids = encoder.encode_batch([t for _, _, t in batch])
+        t0 = time.perf_counter()
+        ids = encoder.encode_batch([text for _, _, text in batch])
+        encode_s += time.perf_counter() - t0
         for (split, source, _), doc in zip(batch, ids):
             writers[split].add_doc(np.concatenate([np.asarray(doc, dtype=np.int64), eos]), source)
         batch, batch_chars = [], 0
@@ -239,7 +304,9 @@ def shard_partition(job: ShardJob, report) -> dict:
     written = [r for w in writers.values() for r in w.finished]
     record = {"partition": job.partition, "files": len(job.files), "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
-              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record()}
+              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record(),
+              # where the task's time went (python -m pipeline.bench_data prints the stage's sums)
+              "seconds": round(time.perf_counter() - started, 4), "encode_seconds": round(encode_s, 4)}
     path = part_record_path(out_dir, job.partition)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

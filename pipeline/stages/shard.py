@@ -176,6 +176,9 @@ def run(ctx: StageContext) -> dict:
         "dtype": dtype_name(dtype),
         "dedup_seconds": round(t_dedup, 2),
         "shard_seconds": round(t_shard, 2),
+        # the shard tasks' own time (summed over tasks run now), and the part of it spent encoding
+        "task_seconds": round(sum(r.get("seconds", 0.0) for r in new), 2),
+        "encode_seconds": round(sum(r.get("encode_seconds", 0.0) for r in new), 2),
         "seconds": round(elapsed, 2),
         "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
         "per_source": manifest["sources"],
@@ -187,18 +190,35 @@ def run(ctx: StageContext) -> dict:
 
 
 def encoder_metrics(records: list[dict]) -> dict:
-    """Which encoder wrote the partitions, and what the fast encoder's checks found (tokenizer/fast.py)."""
+    """Which encoder wrote the partitions, and what each candidate's check found (pipeline/data/work.py
+    PartitionEncoder: the word cache, tokenizer/wordcache.py; `tokenizers`, tokenizer/fast.py)."""
     used = [r.get("encoder", "sentencepiece") for r in records]
     checks = [r["check"] for r in records if r.get("check")]
-    differing = next((c for c in checks if not c["identical"]), None)
+    candidates: dict[str, dict] = {}
+    first_difference = None
+    for check in checks:
+        # a partition recorded before the word cache existed checked `tokenizers` alone
+        trials = check.get("candidates") or {"fast": {**check, "s": check.get("fast_s", 0.0)}}
+        for name, trial in trials.items():
+            agg = candidates.setdefault(name, {"partitions": 0, "identical": True, "s": 0.0, "reason": ""})
+            agg["partitions"] += 1
+            agg["identical"] = agg["identical"] and bool(trial.get("identical"))
+            agg["s"] = round(agg["s"] + trial.get("s", 0.0), 4)
+            if not trial.get("identical") and not agg["reason"]:
+                agg["reason"] = trial.get("reason", "")
+                if trial.get("first_difference") and first_difference is None:
+                    first_difference = {"encoder": name, "reason": trial.get("reason", ""), **trial["first_difference"]}
+    caches = [r["wordcache"] for r in records if r.get("wordcache")]
+    words = sum(c["words"] for c in caches)
+    misses = sum(c["distinct_words_encoded"] for c in caches)
     return {
         "encoder": used[0] if used and len(set(used)) == 1 else "mixed" if used else "none",
         "encoder_partitions": {name: used.count(name) for name in sorted(set(used))},
         "encoder_check": {"partitions": len(checks), "docs": sum(c["docs"] for c in checks),
                           "chars": sum(c["chars"] for c in checks),
-                          "identical": bool(checks) and differing is None,
                           "sentencepiece_s": round(sum(c.get("sentencepiece_s", 0) for c in checks), 4),
-                          "fast_s": round(sum(c.get("fast_s", 0) for c in checks), 4),
-                          "first_difference": None if differing is None else
-                          {"reason": differing["reason"], **(differing["first_difference"] or {})}},
+                          "candidates": candidates, "first_difference": first_difference},
+        "wordcache": {"partitions": len(caches), "words": words, "distinct_words_encoded": misses,
+                      "hit_rate": round(1 - misses / words, 4) if words else None,
+                      "fell_back": [c["fell_back"] for c in caches if c.get("fell_back")]},
     }
