@@ -110,6 +110,21 @@ def test_stdlib_source():
     parts = plan_partitions(refs, 4 << 20)
     assert sum(len(p) for p in parts) == len(refs) and len(parts) >= 3
     assert [r for p in parts for r in p] == refs
+    # ceil(total / partition_bytes) partitions of about equal size: no small remainder last
+    total = sum(r.size for r in refs)
+    assert len(parts) == -(-total // (4 << 20))
+    sizes = [sum(r.size for r in p) for p in parts]
+    biggest_file = max(r.size for r in refs)
+    assert max(sizes) - min(sizes) <= 2 * biggest_file and max(sizes) <= (4 << 20) + biggest_file
+
+
+def test_a_file_bigger_than_a_partition_is_a_partition_of_its_own():
+    from pipeline.data.readers import FileRef
+
+    refs = [FileRef("s", f"f{i}", size, "text") for i, size in enumerate([10, 10, 500, 10, 10, 10])]
+    parts = plan_partitions(refs, 100)
+    assert [[r.url for r in p] for p in parts] == [["f0", "f1"], ["f2"], ["f3", "f4", "f5"]]
+    assert plan_partitions([], 100) == [] and len(plan_partitions(refs, 1 << 30)) == 1
 
 
 def test_stdlib_package_source():

@@ -326,6 +326,23 @@ def test_shard_stage_resume_rewrites_damaged_kept_shards(tmp_path):
         again = run_stage("shard", run, ov, resumed=True)
         assert again["shards_damaged"] == 0 and again["shards_written"] == 0
         assert shard_hashes(run) == expected
+
+        # what an attempt under another partitioning leaves (plan_partitions changed between versions):
+        # partition a's records name other files, and a partition the corpus no longer has is there
+        (out / MANIFEST).unlink()
+        other = "0" * 16
+        for meta in [out / "meta" / f"part-{a:05d}.json", *(out / "meta").glob(f"*-{a:05d}-*.tar.json")]:
+            meta.write_text(json.dumps({**json.loads(meta.read_text()), "plan": other}))
+        n = first["partitions"]
+        stray = out / f"train-{n:05d}-0000.tar"
+        shutil.copy(p1[0], stray)
+        rec = json.loads((out / "meta" / f"{p1[0].name}.json").read_text())
+        (out / "meta" / f"{stray.name}.json").write_text(json.dumps({**rec, "path": stray.name, "partition": n}))
+        splits_of_a = {p.name.split("-")[0] for p in out.glob(f"*-{a:05d}-*.tar")}
+        m = run_stage("shard", run, ov, resumed=True)
+        assert m["shards_damaged"] == len(splits_of_a) + 1  # a's first shard of each split, the stray partition
+        assert not stray.exists() and not (out / "meta" / f"{stray.name}.json").exists()
+        assert shard_hashes(run) == expected  # partition a rewritten from its files: the same bytes
     finally:
         if started:
             ray.shutdown()

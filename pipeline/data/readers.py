@@ -378,19 +378,38 @@ def resolve_sources(
 
 
 def plan_partitions(files: list[FileRef], partition_bytes: int) -> list[list[FileRef]]:
-    """Consecutive files grouped into partitions of about `partition_bytes` (a big file is its own)."""
+    """Consecutive files grouped into ceil(total / partition_bytes) partitions of about equal size (a
+    file is never split: one of more than that size is a partition of its own).
+
+    Equal sizes, not partitions filled up to partition_bytes with the remainder last: a stage on few
+    partitions then keeps every worker busy to its end. The stdlib corpus (31.5 MB) filled up to 8 MiB
+    is 8.4, 8.4, 8.4 and 6.4 MB: two workers finish after 16.8 MB each, 1.88x one worker at best;
+    as 4 equal partitions, 2x. Each file goes to the partition its middle byte falls in."""
+    if not files:
+        return []
+    total = sum(f.size for f in files)
+    n = max(1, -(-total // max(1, partition_bytes)))
+    target = total / n
     parts: list[list[FileRef]] = []
     cur: list[FileRef] = []
-    size = 0
+    cur_k = pos = 0
     for f in files:
-        if cur and size + f.size > partition_bytes:
+        k = min(n - 1, int((pos + f.size / 2) // target)) if target > 0 else 0
+        if cur and k != cur_k:
             parts.append(cur)
-            cur, size = [], 0
+            cur = []
+        cur_k = k
         cur.append(f)
-        size += f.size
-    if cur:
-        parts.append(cur)
+        pos += f.size
+    parts.append(cur)
     return parts
+
+
+def partition_digest(files: list[FileRef]) -> str:
+    """What a partition is made of (its files, in order): a resumed stage keeps a partition's
+    outputs only if they were made from the same files."""
+    blob = json.dumps([asdict(f) for f in files], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: Path, split: str, partition: int, *, dtype: np.dtype,
                  sample_tokens: int, shard_bytes: int, start_index: int = 0, start_sample: int = 0,
-                 group: str = ""):
+                 group: str = "", plan: str = ""):
         self.out_dir = Path(out_dir)
         self.meta_dir = self.out_dir / META_DIR
         self.split, self.partition = split, partition
@@ -106,6 +106,7 @@ class ShardWriter:
         self.sample_tokens, self.shard_bytes = sample_tokens, shard_bytes
         self.index, self.next_sample = start_index, start_sample
         self.group = group  # a data.mixture group: recorded with each shard (the loader draws by group)
+        self.plan = plan  # the partition's files' digest (readers.partition_digest): a resume checks it
         self.finished: list[dict] = []
         self._docs: list[np.ndarray] = []
         self._doc_sources: list[str] = []
@@ -161,6 +162,8 @@ class ShardWriter:
                       bytes=self._tmp.stat().st_size, sha256=sha256_file(self._tmp), node=node_name())
         if self.group:
             record["group"] = self.group
+        if self.plan:
+            record["plan"] = self.plan
         self.meta_dir.mkdir(exist_ok=True)
         _atomic_json(self.meta_dir / f"{name}.json", record)  # the record first, then the shard
         os.replace(self._tmp, self.out_dir / name)
@@ -202,13 +205,14 @@ class ShardWriter:
 
 
 def complete_shards(out_dir: Path, split: str, partition: int,
-                    damaged: Optional[list[str]] = None) -> list[dict]:
+                    damaged: Optional[list[str]] = None, plan: Optional[str] = None) -> list[dict]:
     """Records of the shards of (split, partition) a previous attempt finished: a prefix 0..k-1 whose
     files match their records (size and sha256, read once). The first one that does not (a disk
     error, a copy cut short, someone's edit) ends the prefix: it and every later shard of the
     (split, partition) are removed, so the writer redoes them (same input -> the same bytes); its
-    one-line problem is appended to `damaged` when given."""
-    records, problem = verified_prefix(out_dir, split, partition)
+    one-line problem is appended to `damaged` when given. With `plan`, a shard written from other
+    files (its record's plan differs: the partitioning changed since) ends the prefix too."""
+    records, problem = verified_prefix(out_dir, split, partition, plan)
     if problem is not None:
         if damaged is not None:
             damaged.append(problem)
@@ -216,9 +220,11 @@ def complete_shards(out_dir: Path, split: str, partition: int,
     return records
 
 
-def verified_prefix(out_dir: Path, split: str, partition: int) -> tuple[list[dict], Optional[str]]:
-    """(records of shards 0..k-1 of (split, partition) that are there and match their records, the
-    problem of shard k when it is there but does not match). Removes nothing."""
+def verified_prefix(out_dir: Path, split: str, partition: int,
+                    plan: Optional[str] = None) -> tuple[list[dict], Optional[str]]:
+    """(records of shards 0..k-1 of (split, partition) that are there and match their records (and,
+    given `plan`, were written from the partition's current files), the problem of shard k when it is
+    there but does not match). Removes nothing."""
     out_dir = Path(out_dir)
     out: list[dict] = []
     while True:
@@ -230,6 +236,9 @@ def verified_prefix(out_dir: Path, split: str, partition: int) -> tuple[list[dic
             rec = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError):
             return out, f"shard {out_dir / name}: its record {meta} is unreadable; {REWRITE}"
+        if plan is not None and rec.get("plan") != plan:
+            return out, (f"shard {out_dir / name}: written from other files than partition {partition} has now "
+                         f"(the corpus was partitioned differently); {REWRITE}")
         problem = check_shard_file(out_dir / name, rec, against="its record", advice=REWRITE)
         if problem is not None:
             return out, problem

@@ -144,6 +144,7 @@ class ShardJob:
     encode_batch_chars: int = 1 << 18
     encoder: str = "auto"  # data.encoder: auto (the quickest encoder that agrees) | sentencepiece
     encoder_threads: int = 1  # threads of the fast encoder (workers x threads = the CPUs)
+    plan: str = ""  # readers.partition_digest(files): kept shards must have been written from these files
 
 
 class PartitionEncoder:
@@ -257,13 +258,13 @@ def shard_partition(job: ShardJob, report) -> dict:
     kept_records: list[dict] = []
     damaged: list[str] = []  # kept shards that no longer match their records: rewritten
     for split in SPLITS:
-        done = complete_shards(out_dir, split, job.partition, damaged)
+        done = complete_shards(out_dir, split, job.partition, damaged, plan=job.plan)
         kept_records.extend(done)
         skip[split] = sum(r["docs"] for r in done)
         writers[split] = ShardWriter(
             out_dir, split, job.partition, dtype=np.dtype(job.dtype), sample_tokens=job.sample_tokens,
             shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done),
-            group=job.group)
+            group=job.group, plan=job.plan)
     seen = {split: 0 for split in SPLITS}
     batch: list[tuple[str, str, str]] = []  # (split, source, text)
     batch_chars = 0
@@ -302,7 +303,7 @@ def shard_partition(job: ShardJob, report) -> dict:
             w.abort()
         raise
     written = [r for w in writers.values() for r in w.finished]
-    record = {"partition": job.partition, "files": len(job.files), "stats": stats.to_dict(),
+    record = {"partition": job.partition, "files": len(job.files), "plan": job.plan, "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
               "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record(),
               # where the task's time went (python -m pipeline.bench_data prints the stage's sums)

@@ -42,8 +42,16 @@ STAGE = Stage(
 def run(ctx: StageContext) -> dict:
     import tokenizer as tk
     from pipeline.data.parallel import default_workers, run_parallel
-    from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
-    from pipeline.data.shards import build_manifest, dtype_name, remove_all, remove_incomplete, token_dtype
+    from pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
+    from pipeline.data.shards import (
+        SPLITS,
+        build_manifest,
+        dtype_name,
+        remove_all,
+        remove_incomplete,
+        remove_shards_from,
+        token_dtype,
+    )
     from pipeline.data.work import (
         HashJob,
         ReadOptions,
@@ -51,6 +59,7 @@ def run(ctx: StageContext) -> dict:
         duplicates,
         hash_partition,
         load_part_record,
+        part_record_path,
         shard_partition,
         verify_finished_partition,
     )
@@ -77,6 +86,7 @@ def run(ctx: StageContext) -> dict:
             parts.append(part)
             part_groups.append(group)
     sizes = [sum(f.size for f in p) for p in parts]
+    plans = [partition_digest(p) for p in parts]
     total = sum(sizes)
     opts = ReadOptions(text_field=dc.text_field, on_error=dc.on_error, max_doc_bytes=dc.max_doc_bytes)
 
@@ -95,7 +105,9 @@ def run(ctx: StageContext) -> dict:
     if ctx.resumed:
         for i in range(len(parts)):
             rec = load_part_record(out, i)
-            if rec is not None:
+            # a partition finished from other files (the partitioning changed) is redone: its task
+            # finds its shards' plan differs and rewrites them
+            if rec is not None and rec.get("plan") == plans[i]:
                 records[i] = rec
         # finished partitions keep their shards only when each matches its record (size, sha256;
         # threads: hashing releases the GIL); a partition with a bad one is redone
@@ -107,6 +119,13 @@ def run(ctx: StageContext) -> dict:
             if problems:
                 del records[i]
                 damaged.extend(problems)
+        # partitions beyond today's count (the corpus was partitioned into more before): their shards
+        # would enter the manifest beside the new ones; removed, each named in the stage's log
+        for p in sorted({int(t.name.split("-")[1]) for t in out.glob("*.tar")} - set(range(len(parts)))):
+            for split in SPLITS:
+                remove_shards_from(out, split, p, 0)
+            part_record_path(out, p).unlink(missing_ok=True)
+            damaged.append(f"partition {p}: beyond the {len(parts)} partitions the corpus has now; its shards removed")
     todo = [i for i in range(len(parts)) if i not in records]
     tok_ref = tok  # pickled once per task as the model bytes
     workers = dc.num_workers or default_workers()
@@ -114,7 +133,7 @@ def run(ctx: StageContext) -> dict:
     jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
                      dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
                      shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i], encoder=dc.encoder,
-                     encoder_threads=threads) for i in todo]
+                     encoder_threads=threads, plan=plans[i]) for i in todo]
     t1 = time.time()
     new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
                        done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
