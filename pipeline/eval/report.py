@@ -30,6 +30,24 @@ def _plt():
     return plt
 
 
+def label_axes(ax, xlabel: str, ylabel: str, title: str, *, title_size: Optional[float] = None,
+               legend_size: float = 8, legend_cols: int = 1) -> None:
+    """The labels, title, grid and legend every single-axes plot of the reports has."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({"fontsize": title_size} if title_size else {}))  # else the axes' title size
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, ncol=legend_cols)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close the figure (an open one keeps its memory for the process's life)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def plot_train_loss(metrics: dict[int, dict], results: dict, path: Path) -> Optional[Path]:
     steps = sorted(s for s, r in metrics.items() if r.get("train/loss") is not None)
     if not steps:
@@ -45,15 +63,8 @@ def plot_train_loss(metrics: dict[int, dict], results: dict, path: Path) -> Opti
         loss = (ppl.get(key) or {}).get("loss")
         if loss is not None:
             ax.axhline(loss, color=style[0], ls=style[1:], lw=1.2, label=f"{label} {loss:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_axes(ax, "step", "loss (nats / token)", "Training loss")
+    return save_figure(fig, path)
 
 
 def plot_long_context(lc: dict, path: Path) -> Optional[Path]:
@@ -68,15 +79,8 @@ def plot_long_context(lc: dict, path: Path) -> Optional[Path]:
             ax.plot(*zip(*pts), "o-", ms=3, label=f"{r['multiplier']}x ({r['seq_len']} tokens), mean {r['loss']:.3f}")
     ax.axvline(lc["train_len"], color="k", ls="--", lw=1, label=f"training length {lc['train_len']}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position (tokens of context)")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Loss by position at 1x..8x the training length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_axes(ax, "position (tokens of context)", "loss (nats / token)", "Loss by position at 1x..8x the training length")
+    return save_figure(fig, path)
 
 
 def plot_generation(gen: dict, arch: str, path: Path) -> Optional[Path]:
@@ -105,10 +109,7 @@ def plot_generation(gen: dict, arch: str, path: Path) -> Optional[Path]:
                  fontsize=9)
     a2.grid(alpha=0.3)
     fig.suptitle(f"Generation cost vs context ({arch})")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def decode_speed_errorbar(ax, rows: list[dict], **kw) -> None:
@@ -149,10 +150,7 @@ def plot_recall(rec: dict, path: Path) -> Optional[Path]:
     a2.grid(alpha=0.3)
     a2.legend(fontsize=8)
     fig.suptitle("MQAR-style associative recall (zero-shot)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def make_plots(out_dir: Path, results: dict, train_metrics: dict[int, dict], arch: str) -> list[Path]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar
+from pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
 from pipeline.layout import RunLayout, StudyLayout
 from pipeline.stage import atomic_write_json, atomic_write_text, read_stage_json
 
@@ -119,15 +119,8 @@ def plot_bpb_vs_params(rows: list[dict], path: Path) -> Optional[Path]:
         for r in mine:
             ax.annotate(r["name"], (r["params"], r["val_bpb"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (embedding included)")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("Held-out bits per byte against model size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_axes(ax, "parameters (embedding included)", "val bits per byte", "Held-out bits per byte against model size")
+    return save_figure(fig, path)
 
 
 def plot_bpb_vs_tokens(rows: list[dict], path: Path) -> Optional[Path]:
@@ -147,15 +140,9 @@ def plot_bpb_vs_tokens(rows: list[dict], path: Path) -> Optional[Path]:
             ax.plot(*zip(*val), "o-", color=color, ms=3, label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
         if r["val_bpb"] is not None:
             ax.plot([r["tokens"]], [r["val_bpb"]], "*", color=color, ms=10)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("Loss curves: validation (points), training (thin), eval stage (star)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_axes(ax, "tokens seen", "bits per byte", "Loss curves: validation (points), training (thin), eval stage (star)",
+               title_size=10, legend_size=7, legend_cols=2)
+    return save_figure(fig, path)
 
 
 def plot_loss_by_position(rows: list[dict], path: Path) -> Optional[Path]:
@@ -174,15 +161,9 @@ def plot_loss_by_position(rows: list[dict], path: Path) -> Optional[Path]:
     if train_len:
         ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position (tokens of context)")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Loss by position, beyond the training length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_axes(ax, "position (tokens of context)", "loss (nats / token)", "Loss by position, beyond the training length",
+               legend_size=7)
+    return save_figure(fig, path)
 
 
 def plot_decode_cost(rows: list[dict], path: Path) -> Optional[Path]:
@@ -211,10 +192,7 @@ def plot_decode_cost(rows: list[dict], path: Path) -> Optional[Path]:
     a2.set_ylabel("MiB")
     a2.set_title("Recurrent state (xLSTM) / KV cache (Llama)", fontsize=9)
     fig.suptitle(f"Generation cost against context ({g0.get('device')})")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _human(n: Optional[float], unit: str = "") -> str:
