@@ -15,7 +15,9 @@ Only models this reproduces convert: BPE, identity normalisation, no dummy prefi
 (the pipeline's own tokenizer.spm.train settings). For others `convert` says why not. Pieces two
 splits can make rank the same in SentencePiece and differently here, so equal ids are never assumed:
 `check` compares both encoders on a sample (ids and time), and the shard stage uses the fast one only if
-they agree and it was the quicker.
+they agree and it was the quicker. The shard stage tries it only where the word cache
+(tokenizer/wordcache.py, SentencePiece itself a word at a time) cannot be used: on this project's
+machines and corpus the word cache is the quicker by far, and `tokenizers` is not quicker than SentencePiece.
 """
 from __future__ import annotations
 
