@@ -112,14 +112,14 @@ def plot_generation(gen: dict, arch: str, path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def decode_speed_errorbar(ax, rows: list[dict], **kw) -> None:
+def decode_speed_errorbar(ax, rows: list[dict], fmt: str = "o-", **kw) -> None:
     """Decode tokens/s against context: the median, and a bar from the slowest to the fastest round
     (rows measured before the rounds existed have no spread)."""
     ctx = [r["context"] for r in rows]
     mid = [r["decode_tokens_per_s"] for r in rows]
     lo = [mid[i] - r.get("decode_tokens_per_s_min", mid[i]) for i, r in enumerate(rows)]
     hi = [r.get("decode_tokens_per_s_max", mid[i]) - mid[i] for i, r in enumerate(rows)]
-    ax.errorbar(ctx, mid, yerr=[lo, hi], fmt="o-", capsize=3, **kw)
+    ax.errorbar(ctx, mid, yerr=[lo, hi], fmt=fmt, capsize=3, **kw)
 
 
 def plot_recall(rec: dict, path: Path) -> Optional[Path]:

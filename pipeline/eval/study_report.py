@@ -28,7 +28,7 @@ from pipeline.stage import atomic_write_json, atomic_write_text, read_stage_json
 if TYPE_CHECKING:
     from pipeline.study import StudyPlan
 
-REPORT_VERSION = 1  # bump when the report's content changes, so reruns rewrite it
+REPORT_VERSION = 2  # bump when the report's content changes, so reruns rewrite it (2: colours by family past 10 variants)
 PLOTS = ("bpb_vs_params.png", "bpb_vs_tokens.png", "loss_by_position.png", "decode_cost.png")
 
 
@@ -107,6 +107,22 @@ def _markers():
     return {"xLSTM[1:0]": "o", "xLSTM[7:1]": "s", "xLSTM-large": "^", "Llama": "D"}
 
 
+def _styles(rows: list[dict]) -> dict[str, dict]:
+    """Each variant's colour and line: its own colour while there are at most 10 variants (matplotlib's
+    distinct colours); beyond that the 11th would wear the 1st one's, so each family gets a colour
+    (in the order families first appear) and its variants a line style and marker each."""
+    if len(rows) <= 10:
+        return {r["name"]: {"color": f"C{i}", "ls": "-", "marker": "o"} for i, r in enumerate(rows)}
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    seen: dict[str, int] = {}
+    out = {}
+    for r in rows:
+        k = seen[r["family"]] = seen.get(r["family"], -1) + 1
+        out[r["name"]] = {"color": f"C{families.index(r['family']) % 10}", "ls": ("-", "--", ":", "-.")[k % 4],
+                          "marker": "os^Dv<>"[k % 7]}
+    return out
+
+
 def plot_bpb_vs_params(rows: list[dict], path: Path) -> Optional[Path]:
     pts = [r for r in rows if r["val_bpb"] is not None]
     if not pts:
@@ -128,18 +144,19 @@ def plot_bpb_vs_tokens(rows: list[dict], path: Path) -> Optional[Path]:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
-    for i, r in enumerate(rows):
-        bpt, color = r["bytes_per_token"], f"C{i % 10}"
+    styles = _styles(rows)
+    for r in rows:
+        bpt, st = r["bytes_per_token"], styles[r["name"]]
         if not bpt:
             continue
         train = [(c["tokens"], _bpb(c["train_loss"], bpt)) for c in r["curve"] if c["train_loss"] is not None]
         val = [(c["tokens"], _bpb(c["val_loss"], bpt)) for c in r["curve"] if c["val_loss"] is not None]
         if train:
-            ax.plot(*zip(*train), color=color, lw=0.8, alpha=0.5)
+            ax.plot(*zip(*train), color=st["color"], ls=st["ls"], lw=0.8, alpha=0.5)
         if val:
-            ax.plot(*zip(*val), "o-", color=color, ms=3, label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
+            ax.plot(*zip(*val), ms=3, **st, label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
         if r["val_bpb"] is not None:
-            ax.plot([r["tokens"]], [r["val_bpb"]], "*", color=color, ms=10)
+            ax.plot([r["tokens"]], [r["val_bpb"]], "*", color=st["color"], ms=10)
     label_axes(ax, "tokens seen", "bits per byte", "Loss curves: validation (points), training (thin), eval stage (star)",
                title_size=10, legend_size=7, legend_cols=2)
     return save_figure(fig, path)
@@ -151,12 +168,12 @@ def plot_loss_by_position(rows: list[dict], path: Path) -> Optional[Path]:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for i, r in enumerate(have):
+    styles = _styles(rows)
+    for r in have:
         lc = r["long_context"]
         pts = [(max(1.0, (b["lo"] + b["hi"]) / 2), b["loss"]) for b in lc["buckets"] if b["loss"] is not None]
         if pts:
-            ax.plot(*zip(*pts), "o-", ms=3, color=f"C{rows.index(r) % 10}",
-                    label=f"{r['name']} ({lc['multiplier']}x = {lc['seq_len']} tokens)")
+            ax.plot(*zip(*pts), ms=3, **styles[r["name"]], label=f"{r['name']} ({lc['multiplier']}x = {lc['seq_len']} tokens)")
     train_len = have[0]["train_len"]
     if train_len:
         ax.axvline(train_len, color="k", ls="--", lw=1, label=f"training length {train_len}")
@@ -170,14 +187,15 @@ def plot_decode_cost(rows: list[dict], path: Path) -> Optional[Path]:
     have = [r for r in rows if (r["generation"] or {}).get("results")]
     if not have:
         return None
+    styles = _styles(rows)
     plt = _plt()
     mib = 2.0 ** 20
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
     for r in have:
-        color = f"C{rows.index(r) % 10}"
+        st = styles[r["name"]]
         gen = r["generation"]["results"]
-        decode_speed_errorbar(a1, gen, color=color, label=r["name"])
-        a2.plot([g["context"] for g in gen], [g["state_bytes"] / mib for g in gen], "o-", color=color, label=r["name"])
+        decode_speed_errorbar(a1, gen, fmt=st["marker"] + st["ls"], color=st["color"], label=r["name"])
+        a2.plot([g["context"] for g in gen], [g["state_bytes"] / mib for g in gen], **st, label=r["name"])
     g0 = have[0]["generation"]
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
