@@ -7,6 +7,8 @@ Prints the machine, the command, and, over --rounds interleaved rounds (median a
   raw sentencepiece  MB/s of SentencePiece encoding the corpus in one thread (per core)
   raw word cache     the same through tokenizer/wordcache.py (each distinct word once; a cold cache per round)
   raw fast encoder   the same through tokenizer/fast.py (Hugging Face `tokenizers`, one thread)
+  raw ..., 2 processes  the corpus split over 2 plain processes (a forked pool, no Ray): what this
+                     machine itself gives 2 workers; "ceiling" is its ratio to 1 thread
   shard stage        MB/s of the shard stage end to end (read, split, encode, pack, write tar + manifest)
                      with N Ray workers, per core against raw SentencePiece (goal >= 1.2x)
   scaling            shard stage 2 workers / 1 worker, per round (goal >= 1.9x)
@@ -31,6 +33,32 @@ import time
 from pathlib import Path
 
 from xlstm_model.machine import cpu_name
+
+
+_FORKED: dict = {}  # what the forked pool's processes encode: set before the fork, inherited
+
+
+def word_cache_encode(tok, docs: list[str]) -> None:
+    """The word cache as the shard stage runs it: batches of 256K characters, a new (cold) cache."""
+    from tokenizer.wordcache import WordCacheEncoder
+
+    enc, batch, size = WordCacheEncoder(tok), [], 0
+    for text in docs:
+        batch.append(text)
+        size += len(text)
+        if size >= 1 << 18:
+            enc.encode_batch(batch)
+            batch, size = [], 0
+    enc.encode_batch(batch)
+
+
+def _encode_half(job: tuple[str, int]) -> None:
+    kind, half = job
+    tok, docs = _FORKED["tok"], _FORKED["docs"][half::2]
+    if kind == "sentencepiece":
+        tok.encode_batch(docs, num_threads=1)
+    else:
+        word_cache_encode(tok, docs)
 
 
 def machine() -> str:
@@ -85,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {args.sources}: {len(docs)} documents, {nbytes / 1e6:.1f} MB (read in {time.perf_counter() - t:.1f}s)")
 
     work = Path(tempfile.mkdtemp(prefix="xlp-bench-data-"))
+    pool = None  # 2 plain processes for the machine's own 2-process rate
     try:
         if args.tokenizer:
             tok = tk.load(args.tokenizer)
@@ -95,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         trained = RunLayout(work)  # the tokenizer stage's output, copied into each run below
         trained.tokenizer_dir.mkdir()
         tok.save(trained.tokenizer_model)
+
+        if max(args.workers) >= 2:  # forked now, before Ray's threads exist in this process
+            from multiprocessing import get_context
+
+            _FORKED.update(tok=tok, docs=docs)
+            pool = get_context("fork").Pool(2)
 
         from tokenizer.fast import check, set_threads
 
@@ -148,20 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[float]] = {}
         times: dict[tuple[int, str], list[dict]] = {}
         measures = {"raw sentencepiece, 1 thread": lambda: raw(lambda d: tok.encode_batch(d, num_threads=1))}
-        from tokenizer.wordcache import WordCacheEncoder, reason_not_exact
+        from tokenizer.wordcache import reason_not_exact
 
-        if reason_not_exact(tok) is None:  # batches of the shard stage's size, a new (cold) cache each round
-            def word_cache(d: list[str]) -> None:
-                enc, batch, size = WordCacheEncoder(tok), [], 0
-                for text in d:
-                    batch.append(text)
-                    size += len(text)
-                    if size >= 1 << 18:
-                        enc.encode_batch(batch)
-                        batch, size = [], 0
-                enc.encode_batch(batch)
+        exact = reason_not_exact(tok) is None
+        if exact:  # batches of the shard stage's size, a new (cold) cache each round
+            measures["raw word cache, 1 thread"] = lambda: raw(lambda d: word_cache_encode(tok, d))
+        if pool is not None:
+            def two_processes(kind: str) -> float:
+                t = time.perf_counter()
+                pool.map(_encode_half, [(kind, 0), (kind, 1)])
+                return nbytes / (time.perf_counter() - t) / 1e6
 
-            measures["raw word cache, 1 thread"] = lambda: raw(word_cache)
+            measures["raw sentencepiece, 2 processes"] = lambda: two_processes("sentencepiece")
+            if exact:
+                measures["raw word cache, 2 processes"] = lambda: two_processes("wordcache")
         if fast is not None:
             measures["raw fast encoder, 1 thread"] = lambda: raw(fast.encode_batch)
         encoders = ["auto", "sentencepiece"] if args.compare_encoders else ["auto"]
@@ -182,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         spm = median(rows["raw sentencepiece, 1 thread"])
         print(f"\n{'':52s} {'median MB/s':>11s} {'min-max':>13s} {'per core vs raw SentencePiece':>30s}")
         for name, v in rows.items():
-            n = int(name.split(", ")[1].split()[0]) if name.startswith("shard") else 1
+            n = 2 if name.endswith("2 processes") else int(name.split(", ")[1].split()[0]) if name.startswith("shard") else 1
             ratio = median(v) / (n * spm)
             print(f"{name:52s} {median(v):11.2f} {min(v):6.2f}-{max(v):<6.2f} {ratio:29.2f}x")
             results.setdefault("rows", {})[name] = {"mb_s": v, "median": median(v), "per_core_vs_raw_spm": ratio}
@@ -194,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"scaling_2w_over_1w_{enc}"] = per_round
                 print(f"scaling, data.encoder={enc}: 2 workers / 1 worker = {median(per_round):.2f}x "
                       f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}; goal >= 1.9x)")
+        for kind in ("sentencepiece", "word cache"):
+            one, two = rows.get(f"raw {kind}, 1 thread"), rows.get(f"raw {kind}, 2 processes")
+            if one and two:
+                per_round = [b / a for a, b in zip(one, two)]
+                results[f"ceiling_2p_over_1_{kind.replace(' ', '')}"] = per_round
+                print(f"ceiling, raw {kind}: 2 processes / 1 thread = {median(per_round):.2f}x "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}; what 2 workers could reach here)")
         print("goal: the shard stage at >= 1.2x raw SentencePiece per core")
         print(f"\nwhere the shard stage's time went (medians over rounds, seconds):\n{'':40s}" +
               "".join(f"{k:>14s}" for k in ("stage", "driver", "encode", "task other", "idle workers")))
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"global loader: {n_tok / dt / 1e6:.2f}M tokens/s in one process (the training order: "
               f"data.streams={args.streams}, 1 rank, num_workers=0)")
     finally:
+        if pool is not None:
+            pool.terminate()
         shutil.rmtree(work, ignore_errors=True)
     if hasattr(os, "getloadavg"):
         print(f"load average during the run: {os.getloadavg()[0]:.1f} (numbers are noisy above the core count)")
