@@ -39,14 +39,15 @@ _FORKED: dict = {}  # what the forked pool's processes encode: set before the fo
 
 
 def word_cache_encode(tok, docs: list[str]) -> None:
-    """The word cache as the shard stage runs it: batches of 256K characters, a new (cold) cache."""
+    """The word cache as the shard stage runs it: its batches (256K characters), a new (cold) cache."""
+    from pipeline.data.work import ShardJob
     from tokenizer.wordcache import WordCacheEncoder
 
     enc, batch, size = WordCacheEncoder(tok), [], 0
     for text in docs:
         batch.append(text)
         size += len(text)
-        if size >= 1 << 18:
+        if size >= ShardJob.encode_batch_chars:
             enc.encode_batch(batch)
             batch, size = [], 0
     enc.encode_batch(batch)

@@ -26,21 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tokenizer.spm import Tokenizer
+from tokenizer.spm import Tokenizer, model_proto, not_plain_bpe
 
 WHITESPACE = "\u2581"
 
 
 class NotConvertible(ValueError):
     """The model has a feature the conversion does not reproduce; the message says which."""
-
-
-def _model_proto(tok: Tokenizer):
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    m = pb.ModelProto()
-    m.ParseFromString(tok.model_proto)
-    return m, pb
 
 
 def convert(tok: Tokenizer):
@@ -51,18 +43,12 @@ def convert(tok: Tokenizer):
     except ImportError:
         raise NotConvertible("the `tokenizers` package is not installed") from None
     try:
-        m, pb = _model_proto(tok)
+        m, pb = model_proto(tok)
     except ImportError:
         raise NotConvertible("protobuf is not installed (needed to read the SentencePiece model)") from None
-    spec, norm = m.trainer_spec, m.normalizer_spec
-    if spec.model_type != pb.TrainerSpec.BPE:
-        raise NotConvertible(f"model type {pb.TrainerSpec.ModelType.Name(spec.model_type)} (only BPE converts)")
-    if norm.name != "identity" or norm.precompiled_charsmap:
-        raise NotConvertible(f"normalisation rule {norm.name!r} (only 'identity' converts)")
-    if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
-        raise NotConvertible("a dummy prefix, whitespace removal or unescaped whitespace")
-    if spec.treat_whitespace_as_suffix:
-        raise NotConvertible("whitespace as a suffix")
+    problem = not_plain_bpe(m, pb)
+    if problem is not None:
+        raise NotConvertible(problem)
     normal, byte = pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.BYTE
     user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
     if any(p.type == user_defined for p in m.pieces):

@@ -12,7 +12,7 @@ import hashlib
 import io
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import sentencepiece as spm
 
@@ -227,6 +227,31 @@ def _normalize_proto(proto: bytes) -> bytes:
     m.ParseFromString(proto)
     m.trainer_spec.num_threads = 1
     return m.SerializeToString(deterministic=True)
+
+
+def model_proto(tok: Tokenizer):
+    """(the parsed ModelProto, the protobuf module) of `tok`; ImportError without protobuf."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(tok.model_proto)
+    return m, pb
+
+
+def not_plain_bpe(m, pb) -> Optional[str]:
+    """What makes a parsed model other than plain BPE as tokenizer.spm.train makes it (identity
+    normalisation, no dummy prefix, whitespace kept, escaped and as a prefix); None when it is.
+    The faster encoders (tokenizer/fast.py, tokenizer/wordcache.py) reproduce only such models."""
+    spec, norm = m.trainer_spec, m.normalizer_spec
+    if spec.model_type != pb.TrainerSpec.BPE:
+        return f"model type {pb.TrainerSpec.ModelType.Name(spec.model_type)} (only BPE)"
+    if norm.name != "identity" or norm.precompiled_charsmap:
+        return f"normalisation rule {norm.name!r} (only 'identity')"
+    if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+        return "a dummy prefix, whitespace removal or unescaped whitespace"
+    if spec.treat_whitespace_as_suffix:
+        return "whitespace as a suffix"
+    return None
 
 
 def chars_per_token(tok: Tokenizer, docs: Sequence[str], *, num_threads: int = 1) -> dict:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tokenizer.spm import Tokenizer
+from tokenizer.spm import Tokenizer, model_proto, not_plain_bpe
 
 WHITESPACE = "\u2581"
 # a run of spaces and the non-space characters after it, or a run of spaces at the end of a text
@@ -46,20 +46,12 @@ def reason_not_exact(tok: Tokenizer) -> Optional[str]:
 
 def _reason_not_exact(tok: Tokenizer) -> Optional[str]:
     try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
+        m, pb = model_proto(tok)
     except ImportError:
         return "protobuf is not installed (needed to read the SentencePiece model)"
-    m = pb.ModelProto()
-    m.ParseFromString(tok.model_proto)
-    spec, norm = m.trainer_spec, m.normalizer_spec
-    if spec.model_type != pb.TrainerSpec.BPE:
-        return f"model type {pb.TrainerSpec.ModelType.Name(spec.model_type)} (only BPE splits into words exactly)"
-    if norm.name != "identity" or norm.precompiled_charsmap:
-        return f"normalisation rule {norm.name!r} (only 'identity' splits into words exactly)"
-    if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
-        return "a dummy prefix, whitespace removal or unescaped whitespace"
-    if spec.treat_whitespace_as_suffix:
-        return "whitespace as a suffix"
+    problem = not_plain_bpe(m, pb)
+    if problem is not None:
+        return problem
     for p in m.pieces:
         s = p.piece
         if any(s[i] == WHITESPACE and s[i - 1] != WHITESPACE for i in range(1, len(s))):
