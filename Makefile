@@ -42,7 +42,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/xlp status runs/demo
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -P -m pytest $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

@@ -6,11 +6,11 @@
 #
 # Parts, in this order, each under its own timeout (so one that fails or hangs leaves the others' results),
 # all together bounded to 540 s (a part gets what is left when its turn comes):
-#   kernels   python -m kernels.bench --check: every Triton kernel against the float64 reference   75 s
-#   train_2k  python -m xlstm_model.bench_train_step: xlstm_large_400m and llama_400m at B8xS2048,
+#   kernels   python -m xlp.kernels.bench --check: every Triton kernel against the float64 reference   75 s
+#   train_2k  python -m xlp.xlstm_model.bench_train_step: xlstm_large_400m and llama_400m at B8xS2048,
 #             eager and compiled (train.compile), bf16 autocast, fused AdamW                       165 s
 #   train_8k  the same at B2xS8192                                                                 165 s
-#   decode    python -m xlstm_model.bench_decode: batch-1 decode of xlstm_large_400m after 1k/4k/16k
+#   decode    python -m xlp.xlstm_model.bench_decode: batch-1 decode of xlstm_large_400m after 1k/4k/16k
 #             tokens, the fused step (base), with programmatic dependent launch (pdl) and the
 #             compiled step (compiled, today's default), interleaved in one process                130 s
 # Then one table (benchmarks/campaign_table.py) of every figure against its goal, with the ratios.
@@ -70,18 +70,18 @@ if [ $DRY -eq 1 ]; then
   # tiny models on the CPU: the same commands, options and files, seconds instead of minutes
   TRAIN=(--models tiny_xlstm_large,tiny_llama --device cpu --compile-backend aot_eager --vocab-size 512
          --steps 1 --warmup 1)
-  part kernels 120 env TRITON_INTERPRET=1 "$PY" -m kernels.bench --check-cpu
-  part train_2k 150 "$PY" -m xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x64 --json "$OUTDIR/train.jsonl"
-  part train_8k 150 "$PY" -m xlstm_model.bench_train_step "${TRAIN[@]}" --shape 1x128 --json "$OUTDIR/train.jsonl"
-  part decode 120 "$PY" -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu --vocab-size 512 \
+  part kernels 120 env TRITON_INTERPRET=1 "$PY" -m xlp.kernels.bench --check-cpu
+  part train_2k 150 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x64 --json "$OUTDIR/train.jsonl"
+  part train_8k 150 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 1x128 --json "$OUTDIR/train.jsonl"
+  part decode 120 "$PY" -m xlp.xlstm_model.bench_decode --model tiny_xlstm_large --device cpu --vocab-size 512 \
     --contexts 16,32 --new-tokens 4 --warmup 1 --fused --variant pdl:pdl=true --variant compiled:fused=false \
     --json "$OUTDIR/decode.jsonl"
 else
   TRAIN=(--models xlstm_large_400m,llama_400m --modes eager,compiled --steps 10 --warmup 3)
-  part kernels 75 "$PY" -m kernels.bench --check
-  part train_2k 165 "$PY" -m xlstm_model.bench_train_step "${TRAIN[@]}" --shape 8x2048 --json "$OUTDIR/train.jsonl"
-  part train_8k 165 "$PY" -m xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x8192 --json "$OUTDIR/train.jsonl"
-  part decode 130 "$PY" -m xlstm_model.bench_decode --model xlstm_large_400m --contexts 1024,4096,16384 \
+  part kernels 75 "$PY" -m xlp.kernels.bench --check
+  part train_2k 165 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 8x2048 --json "$OUTDIR/train.jsonl"
+  part train_8k 165 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x8192 --json "$OUTDIR/train.jsonl"
+  part decode 130 "$PY" -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --contexts 1024,4096,16384 \
     --new-tokens 128 --fused --variant pdl:pdl=true --variant compiled:fused=false --json "$OUTDIR/decode.jsonl"
 fi
 

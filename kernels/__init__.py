@@ -17,10 +17,10 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend, use_backend
-from kernels.reference.common import doc_starts_mask
-from kernels.reference.mlstm import MLSTMState
-from kernels.reference.slstm import SLSTMState
+from xlp.kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend, use_backend
+from xlp.kernels.reference.common import doc_starts_mask
+from xlp.kernels.reference.mlstm import MLSTMState
+from xlp.kernels.reference.slstm import SLSTMState
 
 __all__ = [
     "BACKENDS",

@@ -1,11 +1,11 @@
 """GPU benchmark and correctness check of the Triton kernels.
 
-    python -m kernels.bench                 # mLSTM timing table (issue 8 protocol)
-    python -m kernels.bench --check         # Triton vs reference at real shapes (bf16 / fp32), then exit
-    python -m kernels.bench --chunks 32,64  # also compare chunk sizes (the effective L is printed)
-    python -m kernels.bench --sweep         # time launch-config variants, then the table with the best
-    python -m kernels.bench --mlstm bc_w=4,bc_s=2   # the table under a changed mLSTM launch configuration
-    TRITON_INTERPRET=1 python -m kernels.bench --check-cpu   # dry run of --check's code on CPU
+    python -m xlp.kernels.bench                 # mLSTM timing table (issue 8 protocol)
+    python -m xlp.kernels.bench --check         # Triton vs reference at real shapes (bf16 / fp32), then exit
+    python -m xlp.kernels.bench --chunks 32,64  # also compare chunk sizes (the effective L is printed)
+    python -m xlp.kernels.bench --sweep         # time launch-config variants, then the table with the best
+    python -m xlp.kernels.bench --mlstm bc_w=4,bc_s=2   # the table under a changed mLSTM launch configuration
+    TRITON_INTERPRET=1 python -m xlp.kernels.bench --check-cpu   # dry run of --check's code on CPU
 
 Protocol: 65,536 tokens per step, S in {2k, 8k, 32k} (B = tokens / S), NH=16, DQK=128, DV=256, bf16;
 forward and forward+backward in ms (triton.testing.do_bench, median) and the peak memory of a
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kernels.config import check_mlstm_launch, format_mlstm_launch
+from xlp.kernels.config import check_mlstm_launch, format_mlstm_launch
 
 
 def _sync_ms(fn, warmup: int = 3, rep_ms: int = 200) -> float:
@@ -47,7 +47,7 @@ def _mlstm_inputs(B, NH, S, DQK, DV, dtype, grad=True):
 
 
 def bench_mlstm(tokens, seqlens, NH, DQK, DV, dtype, chunks, rep_ms, label=""):
-    from kernels.triton.mlstm import mlstm_chunkwise, pick_chunk_size
+    from xlp.kernels.triton.mlstm import mlstm_chunkwise, pick_chunk_size
 
     rows = []
     for S in seqlens:
@@ -171,7 +171,7 @@ BWD_VARIANTS = [
 def sweep(tokens, seqlens, NH, DQK, DV, dtype, rep_ms, budget_s):
     """Times FWD_VARIANTS / BWD_VARIANTS at each length, checks each variant's results against the
     default's, combines the best change per kernel, and returns the best config dict."""
-    from kernels.triton import mlstm as tm
+    from xlp.kernels.triton import mlstm as tm
 
     t_start = time.time()
     default = tm.mlstm_config()
@@ -281,8 +281,8 @@ def _rel(a, b):
 def check(strict: bool = False, dev: str = "cuda", small: bool = False) -> bool:
     """Triton vs reference at real shapes, bf16 and fp32; prints max-normalised errors.
     dev="cpu", small=True: a dry run of this check's own code under TRITON_INTERPRET=1 (tiny shapes)."""
-    from kernels.reference import cross_entropy as rce, mlstm as rm, norms as rn, slstm as rs
-    from kernels.triton import cross_entropy as tce, mlstm as tm, norms as tn, slstm as ts
+    from xlp.kernels.reference import cross_entropy as rce, mlstm as rm, norms as rn, slstm as rs
+    from xlp.kernels.triton import cross_entropy as tce, mlstm as tm, norms as tn, slstm as ts
 
     ok = True
 
@@ -457,16 +457,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if a.check_cpu:
-        from kernels.triton._interp import patch_interpreter_bf16
+        from xlp.kernels.triton._interp import patch_interpreter_bf16
 
         patch_interpreter_bf16()  # the interpreter's own bf16 dot is wrong; see _interp.py
         return 0 if check(dev="cpu", small=True) else 1
     if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU (CPU correctness: pytest tests/test_kernels_triton.py)")
+        print("xlp.kernels.bench needs a CUDA GPU (CPU correctness: pytest tests/test_kernels_triton.py)")
         return 2
     import triton
 
-    from kernels.triton import mlstm as tm
+    from xlp.kernels.triton import mlstm as tm
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     if a.check:

@@ -5,11 +5,11 @@
 - `kernels.mlstm`: changes to the launch table of the chunkwise mLSTM Triton kernels (block caps,
   num_warps, num_stages per kernel; see MLSTM_LAUNCH), e.g. `kernels.mlstm.bc_w=4 kernels.mlstm.bc_s=2`
   on the command line, `kernels: {mlstm: {bc_w: 4, bc_s: 2}}` in YAML; empty: the built-in table.
-  `python -m kernels.bench --sweep` prints a tuned table in this form.
+  `python -m xlp.kernels.bench --sweep` prints a tuned table in this form.
 
 Every process that runs a model from a pipeline config (train ranks, eval, `xlp generate`) calls
 `KernelsConfig.apply()` first, so the config, not the environment, decides how it computes. Code
-that calls the kernel functions directly keeps the process defaults (kernels.dispatch: the
+that calls the kernel functions directly keeps the process defaults (xlp.kernels.dispatch: the
 XLP_KERNEL_BACKEND environment variable, else "auto"; MLSTM_LAUNCH).
 
 Pure Python (no Triton import): the pipeline validates configs on machines without a GPU.
@@ -25,7 +25,7 @@ BACKENDS = ("auto", "reference", "triton")
 # largest power of two <= cap dividing the head dim is used), num_warps (w) and num_stages (s).
 # fs = _fwd_states_kernel, fo = _fwd_out_kernel, bs = _bwd_states_kernel, bc = _bwd_chunk_kernel;
 # chunk = 0 lets pick_chunk_size decide, else it forces L (a power of two >= 16; tuning only).
-# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python -m kernels.bench --sweep` at
+# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python -m xlp.kernels.bench --sweep` at
 # 65,536 tokens, NH=16, DQK=128, DV=256, bf16: fwd+bwd 10.6 -> 9.3 ms against the previous table
 # (benchmarks/results/gpu_check_h100_run2.log, ..._run3_tuned.log).
 MLSTM_LAUNCH = dict(
@@ -36,7 +36,7 @@ MLSTM_LAUNCH = dict(
     chunk=0,
 )
 
-# The table the mLSTM kernels of this process launch with (kernels.triton.mlstm reads this dict;
+# The table the mLSTM kernels of this process launch with (xlp.kernels.triton.mlstm reads this dict;
 # set_mlstm_launch replaces its contents in place).
 mlstm_launch: dict[str, int] = dict(MLSTM_LAUNCH)
 
@@ -92,7 +92,7 @@ class KernelsConfig:
         """Make these the process's kernel settings: the default backend (always, "auto" included,
         so that XLP_KERNEL_BACKEND in the environment cannot change a pipeline run) and the mLSTM
         launch table."""
-        from kernels.dispatch import set_default_backend
+        from xlp.kernels.dispatch import set_default_backend
 
         self.validate()
         set_default_backend(self.backend)

@@ -1,11 +1,11 @@
 """Pick the implementation of an op: the pure-PyTorch reference or the Triton kernel.
 
-backend "reference" always works; "triton" imports `kernels.triton.<module>` lazily and calls the
+backend "reference" always works; "triton" imports `xlp.kernels.triton.<module>` lazily and calls the
 function of the same name and signature (an error says what is missing); "auto" takes Triton for
 CUDA tensors when that op exists there, the reference otherwise. The default comes from
 `set_default_backend(...)`, else the environment variable XLP_KERNEL_BACKEND, else "auto". The
 environment variable is for code that calls the kernels directly (benchmarks, notebooks): pipeline
-processes set the default from the `kernels.backend` config key (kernels.config.KernelsConfig.apply).
+processes set the default from the `kernels.backend` config key (xlp.kernels.config.KernelsConfig.apply).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-import kernels.reference as reference
-from kernels.config import BACKENDS
+import xlp.kernels.reference as reference
+from xlp.kernels.config import BACKENDS
 ENV_VAR = "XLP_KERNEL_BACKEND"
 
 # op name -> module under kernels/triton/ that holds its Triton version
@@ -74,7 +74,7 @@ def default_backend() -> str:
 def _load_triton(op: str) -> Any:
     """The Triton function for `op`, or the exception explaining why there is none (cached)."""
     if op not in _triton_cache:
-        module = f"kernels.triton.{TRITON_MODULES[op]}"
+        module = f"xlp.kernels.triton.{TRITON_MODULES[op]}"
         try:
             fn = getattr(importlib.import_module(module), op)
         except (ImportError, AttributeError) as exc:  # no triton installed, module or op not written
@@ -102,7 +102,7 @@ def resolve(op: str, backend: Optional[str], *tensors: Optional[torch.Tensor]) -
         fn = _load_triton(op)
         if isinstance(fn, Exception):
             raise RuntimeError(
-                f"kernel backend 'triton' requested for {op}, but kernels.triton.{TRITON_MODULES[op]}.{op} "
+                f"kernel backend 'triton' requested for {op}, but xlp.kernels.triton.{TRITON_MODULES[op]}.{op} "
                 f"is not available ({type(fn).__name__}: {fn}). Use backend='reference' or 'auto'."
             ) from fn
         return fn

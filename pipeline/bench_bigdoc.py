@@ -1,7 +1,7 @@
 """Oversized-document benchmark: one single-line file of N GiB through the shard stage's worker.
 
-    python -m pipeline.bench_bigdoc --gib 2          # the issue's case (tokenizing 2 GiB takes a while)
-    python -m pipeline.bench_bigdoc --gib 0.1 0.25   # two sizes: peak RSS must not grow with the size
+    python -m xlp.pipeline.bench_bigdoc --gib 2          # the issue's case (tokenizing 2 GiB takes a while)
+    python -m xlp.pipeline.bench_bigdoc --gib 0.1 0.25   # two sizes: peak RSS must not grow with the size
 
 Writes a file of N GiB holding one line of real text (the standard library's sources, newlines
 replaced by spaces), trains a small BPE tokenizer on 2 MB of it, then runs `shard_partition` (what
@@ -36,7 +36,7 @@ def vm_kib(key: str) -> int:
 
 def write_single_line(path: Path, nbytes: int) -> None:
     """`nbytes` of stdlib text with every newline made a space, written in 8 MiB pieces."""
-    from pipeline.data.readers import stdlib_files
+    from xlp.pipeline.data.readers import stdlib_files
 
     block = bytearray()
     for p in stdlib_files("email") + stdlib_files("json") + stdlib_files("logging"):
@@ -55,10 +55,10 @@ def write_single_line(path: Path, nbytes: int) -> None:
 def _child(path: str, tok_path: str, out_dir: str, max_doc_bytes: int, q) -> None:
     import numpy as np  # noqa: F401
 
-    import tokenizer as tk
-    from pipeline.data.readers import FileRef
-    from pipeline.data.shards import token_dtype
-    from pipeline.data.work import ReadOptions, ShardJob, shard_partition
+    from xlp import tokenizer as tk
+    from xlp.pipeline.data.readers import FileRef
+    from xlp.pipeline.data.shards import token_dtype
+    from xlp.pipeline.data.work import ReadOptions, ShardJob, shard_partition
 
     tok = tk.load(tok_path)
     after_imports = vm_kib("VmRSS")
@@ -74,19 +74,19 @@ def _child(path: str, tok_path: str, out_dir: str, max_doc_bytes: int, q) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_bigdoc", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_bigdoc", description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, nargs="+", default=[2.0], help="file sizes in GiB (one run each)")
     ap.add_argument("--max-doc-mb", type=float, default=None, help="data.max_doc_bytes in MiB (default: the config's)")
     ap.add_argument("--dir", help="where the file and shards go (default: a temporary dir; needs N GiB x ~1.5)")
     args = ap.parse_args(argv)
 
-    import tokenizer as tk
-    from pipeline.bench_data import machine
-    from pipeline.data.config import MAX_DOC_BYTES
+    from xlp import tokenizer as tk
+    from xlp.pipeline.bench_data import machine
+    from xlp.pipeline.data.config import MAX_DOC_BYTES
 
     limit = int(args.max_doc_mb * (1 << 20)) if args.max_doc_mb else MAX_DOC_BYTES
     print(f"machine: {machine()}")
-    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'pipeline.bench_bigdoc'] + (argv if argv is not None else sys.argv[1:]))}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'xlp.pipeline.bench_bigdoc'] + (argv if argv is not None else sys.argv[1:]))}")
     print(f"data.max_doc_bytes: {limit} ({limit / (1 << 20):g} MiB)")
     work = Path(tempfile.mkdtemp(prefix="xlp-bench-bigdoc-", dir=args.dir))
     try:

@@ -1,7 +1,7 @@
 """Data benchmark: raw encoding vs the shard stage (1 and 2 Ray workers) vs the loader.
 
-    python -m pipeline.bench_data                      # the stdlib corpus, a fresh 8k BPE tokenizer
-    python -m pipeline.bench_data --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
+    python -m xlp.pipeline.bench_data                      # the stdlib corpus, a fresh 8k BPE tokenizer
+    python -m xlp.pipeline.bench_data --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
 
 Prints the machine, the command, and, over --rounds interleaved rounds (median and min-max):
   raw sentencepiece  MB/s of SentencePiece encoding the corpus in one thread (per core)
@@ -16,7 +16,7 @@ Prints the machine, the command, and, over --rounds interleaved rounds (median a
                      the rest of their work (read, split, pack, write, hash), and the workers' idle time
                      (workers x the tasks' wall time - the tasks' own time: start-up, imbalance, waiting)
   loader          tokens/s ShardLoader yields in one process (num_workers=0; target >= 1M)
-  global loader   tokens/s of the training order (pipeline.data.order.GlobalLoader), one process
+  global loader   tokens/s of the training order (xlp.pipeline.data.order.GlobalLoader), one process
 Ray is started (and its workers warmed) before the timed runs: a stage in `xlp run` finds it running.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xlstm_model.machine import cpu_name
+from xlp.xlstm_model.machine import cpu_name
 
 
 _FORKED: dict = {}  # what the forked pool's processes encode: set before the fork, inherited
@@ -40,8 +40,8 @@ _FORKED: dict = {}  # what the forked pool's processes encode: set before the fo
 
 def word_cache_encode(tok, docs: list[str]) -> None:
     """The word cache as the shard stage runs it: its batches (256K characters), a new (cold) cache."""
-    from pipeline.data.work import ShardJob
-    from tokenizer.wordcache import WordCacheEncoder
+    from xlp.pipeline.data.work import ShardJob
+    from xlp.tokenizer.wordcache import WordCacheEncoder
 
     enc, batch, size = WordCacheEncoder(tok), [], 0
     for text in docs:
@@ -74,7 +74,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_data", description=__doc__.split("\n")[0])
     ap.add_argument("--sources", nargs="+", default=["stdlib"], help="data.sources (default: stdlib)")
     ap.add_argument("--tokenizer", help="a SentencePiece .model (default: train an 8k BPE on a sample)")
     ap.add_argument("--vocab-size", type=int, default=8000)
@@ -94,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    import tokenizer as tk
-    from pipeline.config import load_config
-    from pipeline.data.loader import ShardLoader
-    from pipeline.data.order import GlobalLoader
-    from pipeline.data.readers import ReadStats, iter_documents, resolve_sources
-    from pipeline.layout import RunLayout
-    from pipeline.stage import StageContext
-    from pipeline.stages import shard as shard_stage
+    from xlp import tokenizer as tk
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.data.loader import ShardLoader
+    from xlp.pipeline.data.order import GlobalLoader
+    from xlp.pipeline.data.readers import ReadStats, iter_documents, resolve_sources
+    from xlp.pipeline.layout import RunLayout
+    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.stages import shard as shard_stage
 
     print(f"machine: {machine()}")
-    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'pipeline.bench_data'] + (argv if argv is not None else sys.argv[1:]))}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'xlp.pipeline.bench_data'] + (argv if argv is not None else sys.argv[1:]))}")
     results: dict = {"machine": machine(), "argv": argv if argv is not None else sys.argv[1:]}
 
     stats = ReadStats()
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             _FORKED.update(tok=tok, docs=docs)
             pool = get_context("fork").Pool(2)
 
-        from tokenizer.fast import check, set_threads
+        from xlp.tokenizer.fast import check, set_threads
 
         set_threads(1)  # the raw rows are per core
         fast, agreement = check(tok, docs)
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
         @ray.remote(num_cpus=1)
         def warm() -> int:
-            import pipeline.data.work  # noqa: F401
-            import tokenizer  # noqa: F401
+            import xlp.pipeline.data.work  # noqa: F401
+            from xlp import tokenizer  # noqa: F401
 
             time.sleep(0.5)
             return os.getpid()
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[float]] = {}
         times: dict[tuple[int, str], list[dict]] = {}
         measures = {"raw sentencepiece, 1 thread": lambda: raw(lambda d: tok.encode_batch(d, num_threads=1))}
-        from tokenizer.wordcache import reason_not_exact
+        from xlp.tokenizer.wordcache import reason_not_exact
 
         exact = reason_not_exact(tok) is None
         if exact:  # batches of the shard stage's size, a new (cold) cache each round

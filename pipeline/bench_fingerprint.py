@@ -1,7 +1,7 @@
 """Fingerprint benchmark: how long deciding what to rerun takes for a corpus of many files.
 
-    python -m pipeline.bench_fingerprint                 # 10,000 small files in a temporary directory
-    python -m pipeline.bench_fingerprint --files 100000 --repeat 3
+    python -m xlp.pipeline.bench_fingerprint                 # 10,000 small files in a temporary directory
+    python -m xlp.pipeline.bench_fingerprint --files 100000 --repeat 3
 
 Writes FILES small text files (100 per directory) under a temporary directory, sets
 `data.sources` to it, and times (median of REPEAT, after one untimed warm-up):
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def machine() -> str:
-    from xlstm_model.machine import cpu_name
+    from xlp.xlstm_model.machine import cpu_name
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu_name()}, {cores} cores usable; python {platform.python_version()}, {platform.system()}"
@@ -51,20 +51,20 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_fingerprint", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_fingerprint", description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=10_000, help="input files to list (default 10000)")
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--dir", help="make the files here instead of a temporary directory (it must not exist)")
     args = ap.parse_args(argv)
 
-    from pipeline.config import load_config
-    from pipeline.data import listing
-    from pipeline.data.readers import resolve_sources
-    from pipeline.stage import fingerprints, trajectories
-    from pipeline.stages import STAGES
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.data import listing
+    from xlp.pipeline.data.readers import resolve_sources
+    from xlp.pipeline.stage import fingerprints, trajectories
+    from xlp.pipeline.stages import STAGES
 
     print(f"machine: {machine()}")
-    print(f"command: python -m pipeline.bench_fingerprint {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
+    print(f"command: python -m xlp.pipeline.bench_fingerprint {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
     with tempfile.TemporaryDirectory(prefix="xlp-bench-fp-") as tmp:
         root = Path(args.dir) if args.dir else Path(tmp) / "corpus"
         root.mkdir(parents=True)

@@ -1,11 +1,11 @@
 """Benchmark: the train loop's own overhead against a bare forward/backward/step loop, on CPU.
 
-    python -m pipeline.bench_train [--config configs/demo.yaml] [--steps 60] [key=value ...]
+    python -m xlp.pipeline.bench_train [--config configs/demo.yaml] [--steps 60] [key=value ...]
 
 Times, for the same model, batch shape, thread count and optimizer settings, per optimizer step:
   1. bare torch:     model(x) -> backward -> clip -> AdamW.step -> zero_grad, batches pre-made in memory
   2. bare DeepSpeed: the same through a one-rank DeepSpeed engine (ZeRO stage of the config)
-  3. our train loop: the real `python -m pipeline.train.main` rank (one rank, gloo) on synthetic shards:
+  3. our train loop: the real `python -m xlp.pipeline.train.main` rank (one rank, gloo) on synthetic shards:
                      loader, lr schedule, finiteness checks, all-reduce of the loss, metrics.jsonl, W&B
                      (offline unless wandb.mode is given), console lines, validation and checkpoints
                      (timed separately: they happen every train.eval_every / train.save_every steps)
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xlstm_model.machine import cpu_name
+from xlp.xlstm_model.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def synthetic_shards(out_dir: Path, vocab: int, tokens: int, seed: int = 0) -> N
     """Random documents as a shard-stage output (manifest.json + tar shards)."""
     import numpy as np
 
-    from pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
+    from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -56,15 +56,15 @@ def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     """ms per optimizer step of the bare torch loop and the bare one-rank DeepSpeed loop."""
     import torch
 
-    from pipeline.config import section
-    from pipeline.train.optim import build_optimizer
-    from xlstm_model import build_model
+    from xlp.pipeline.config import section
+    from xlp.pipeline.train.optim import build_optimizer
+    from xlp.xlstm_model import build_model
 
     torch.set_num_threads(threads)
     tc, mcfg = section(cfg, "train"), section(cfg, "model")
     seq, mbs = int(cfg.data.seq_len), tc.micro_batch_size
     # the batches the train loop gets (same documents, same document boundaries), read beforehand
-    from pipeline.data.loader import ShardLoader
+    from xlp.pipeline.data.loader import ShardLoader
 
     loader = ShardLoader(shard_dir, split="train", seq_len=seq, batch_size=mbs, seed=int(cfg.run.seed))
     it = iter(loader)
@@ -91,7 +91,7 @@ def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
 
     import deepspeed
 
-    from pipeline.train import dist as xdist
+    from xlp.pipeline.train import dist as xdist
 
     xdist.import_muon_without_compile()
     xdist.skip_shm_comm_build()
@@ -126,7 +126,7 @@ def _time(fn, steps: int, warmup: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=60, help="timed steps of each loop (after warm-up)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.update(DS_ACCELERATOR="cpu")  # a CPU benchmark, GPUs or not (and train.device=cpu)
 
-    from pipeline.config import load_config, to_yaml
-    from pipeline.layout import RunLayout
+    from xlp.pipeline.config import load_config, to_yaml
+    from xlp.pipeline.layout import RunLayout
 
     threads = args.threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="xlp-bench-") as tmp:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
         print(f"machine: {cpu_name()}, {os.cpu_count()} cores ({threads} used), Python {platform.python_version()}, "
               f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")
-        print(f"command: python -m pipeline.bench_train {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
+        print(f"command: python -m xlp.pipeline.bench_train {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
         print(f"model: {cfg.model.arch} d_model={cfg.model.d_model} blocks={cfg.model.num_blocks} "
               f"vocab={cfg.model.vocab_size}; batch {tc.micro_batch_size}x{cfg.data.seq_len} tokens, "
               f"grad_accum {tc.grad_accum}, ZeRO-{tc.zero_stage}; {args.steps} timed steps")
@@ -170,10 +170,10 @@ def main(argv=None) -> int:
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        from pipeline.train.dist import free_port
+        from xlp.pipeline.train.dist import free_port
 
         env["MASTER_PORT"] = str(free_port())
-        proc = subprocess.run([sys.executable, "-m", "pipeline.train.main", "--run-dir", str(run_dir)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "xlp.pipeline.train.main", "--run-dir", str(run_dir)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])

@@ -24,7 +24,7 @@ An unknown key or a value of the wrong type is an error that names the key and w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.stages import stage_names
+    from xlp.pipeline.stages import stage_names
 
     stages_help = ", ".join(stage_names()) or "(none registered)"
     parser = argparse.ArgumentParser(
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from pipeline.config import ConfigError
-    from pipeline.runner import PipelineError
-    from pipeline.submit import SubmitError
+    from xlp.pipeline.config import ConfigError
+    from xlp.pipeline.runner import PipelineError
+    from xlp.pipeline.submit import SubmitError
 
     commands = {"run": cmd_run, "study": cmd_study, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
                 "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
@@ -233,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
         if getattr(e, "retryable", False):
-            from pipeline.node import EXIT_RETRYABLE
+            from xlp.pipeline.node import EXIT_RETRYABLE
 
             print(f"xlp {args.command}: the cluster failed, not the run: run the same command again to resume "
                   f"(exit status {EXIT_RETRYABLE}; a Slurm job requeues itself)", file=sys.stderr)
             return EXIT_RETRYABLE
         return 1
     except KeyboardInterrupt as e:
-        from pipeline.runner import Stopped
+        from xlp.pipeline.runner import Stopped
 
         sigterm = isinstance(e, Stopped) and e.args and e.args[0] == "SIGTERM"
         print(f"xlp {args.command}: {'stopped by SIGTERM' if sigterm else 'interrupted'}; "
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     only = _stage_list(args.stages)
@@ -262,8 +262,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from pipeline.layout import StudyLayout
-    from pipeline.study import plan_study, print_plan, run_study, summary_line
+    from xlp.pipeline.layout import StudyLayout
+    from xlp.pipeline.study import plan_study, print_plan, run_study, summary_line
 
     plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
     only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
@@ -271,7 +271,7 @@ def cmd_study(args) -> int:
         print_plan(plan, args.config, args.overrides, sys.stdout)
         return 0
     if args.report_only:
-        from pipeline.eval.study_report import update_report
+        from xlp.pipeline.eval.study_report import update_report
 
         update_report(plan, out=sys.stdout)
         return 0
@@ -284,8 +284,8 @@ def cmd_study(args) -> int:
 
 
 def _stage_list(spec: str | None) -> list[str] | None:
-    from pipeline.runner import PipelineError
-    from pipeline.stages import stage_names
+    from xlp.pipeline.runner import PipelineError
+    from xlp.pipeline.stages import stage_names
 
     if not spec:
         return None
@@ -297,12 +297,12 @@ def _stage_list(spec: str | None) -> list[str] | None:
 
 
 def cmd_submit(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.submit import SubmitError, submit_ray, submit_slurm
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.submit import SubmitError, submit_ray, submit_slurm
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
-        from pipeline.study import plan_study, submit_study
+        from xlp.pipeline.study import plan_study, submit_study
 
         if args.to != "slurm" or args.stages or args.wait:
             raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "
@@ -319,36 +319,36 @@ def cmd_submit(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pipeline.eval.compare import main as compare_main
+    from xlp.pipeline.eval.compare import main as compare_main
 
     return compare_main(list(args.run_dirs))
 
 
 def cmd_export(args) -> int:
-    from pipeline.export import main as export_main
+    from xlp.pipeline.export import main as export_main
 
     return export_main(args)
 
 
 def cmd_generate(args) -> int:
-    from pipeline.generate import main as generate_main
+    from xlp.pipeline.generate import main as generate_main
 
     return generate_main(args)
 
 
 def cmd_config(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.secrets import redact_config_yaml
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.secrets import redact_config_yaml
 
     print(redact_config_yaml(load_config(args.config, args.overrides)), end="")  # terminals get logged too
     return 0
 
 
 def cmd_status(args) -> int:
-    from pipeline.config import ConfigError, load_config
-    from pipeline.layout import RunLayout
-    from pipeline.runner import human_bytes, stale_outputs, stage_states
-    from pipeline.stages import STAGES
+    from xlp.pipeline.config import ConfigError, load_config
+    from xlp.pipeline.layout import RunLayout
+    from xlp.pipeline.runner import human_bytes, stale_outputs, stage_states
+    from xlp.pipeline.stages import STAGES
 
     run_dir = Path(args.run_dir)
     config_file = RunLayout(run_dir).config
@@ -385,7 +385,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from pipeline.runner import clean
+    from xlp.pipeline.runner import clean
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

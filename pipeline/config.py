@@ -23,16 +23,16 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from kernels.config import KernelsConfig
-from pipeline.data.config import DataConfig
-from pipeline.eval.config import EvalConfig
-from pipeline.stages.tokenizer import TokenizerConfig
-from pipeline.study import StudyConfig
-from pipeline.submit import SlurmConfig
-from pipeline.train.config import TrainConfig
-from pipeline.train.wandb_config import WandbConfig
-from xlstm_model.config import ModelConfig
-from xlstm_model.decode import DecodeConfig
+from xlp.kernels.config import KernelsConfig
+from xlp.pipeline.data.config import DataConfig
+from xlp.pipeline.eval.config import EvalConfig
+from xlp.pipeline.stages.tokenizer import TokenizerConfig
+from xlp.pipeline.study import StudyConfig
+from xlp.pipeline.submit import SlurmConfig
+from xlp.pipeline.train.config import TrainConfig
+from xlp.pipeline.train.wandb_config import WandbConfig
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.decode import DecodeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.

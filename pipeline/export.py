@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline.layout import RunLayout
+from xlp.pipeline.layout import RunLayout
 
 FORMATS = ("hf", "native")
 TOKENIZER_FILE = "tokenizer.model"  # in an exported directory (the name transformers' LlamaTokenizer reads)
@@ -56,10 +56,10 @@ def load_any(model_dir: Path, map_location: str = "cpu"):
     """Our saved model or a transformers xLSTM checkpoint -> LanguageModel."""
     data = json.loads((Path(model_dir) / "config.json").read_text())
     if data.get("model_type") == "xlstm":
-        from xlstm_model.hf import load_hf_model
+        from xlp.xlstm_model.hf import load_hf_model
 
         return load_hf_model(model_dir).to(map_location)
-    from xlstm_model import load_model
+    from xlp.xlstm_model import load_model
 
     return load_model(model_dir, map_location=map_location)
 
@@ -67,8 +67,8 @@ def load_any(model_dir: Path, map_location: str = "cpu"):
 def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, log=sys.stderr) -> Path:
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
-    from pipeline.generate import model_settings
-    from xlstm_model import load_config
+    from xlp.pipeline.generate import model_settings
+    from xlp.xlstm_model import load_config
 
     model_settings(Path(source))[0].apply()  # the run's kernels.* for any model code that runs here
 
@@ -84,15 +84,15 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, l
         cfg = load_config(model_dir)
         model = None
     if fmt == "hf":
-        from xlstm_model.hf import to_hf_config
+        from xlp.xlstm_model.hf import to_hf_config
 
         to_hf_config(cfg)  # refuses unmappable models before anything is loaded or written
-    import tokenizer as tk
+    from xlp import tokenizer as tk
 
     tok = tk.load(tok_path)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "native":
-        from xlstm_model import save_model
+        from xlp.xlstm_model import save_model
 
         if model is None:  # a plain copy keeps the bytes (and dtype) exactly
             shutil.copyfile(model_dir / "model.safetensors", out / "model.safetensors")
@@ -103,7 +103,7 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, l
         print(f"exported {cfg.arch} model (native: safetensors + config.json + {TOKENIZER_FILE}) to {out}", file=log)
         return out
 
-    from xlstm_model.hf import save_hf
+    from xlp.xlstm_model.hf import save_hf
 
     if model is None:
         model = load_any(model_dir)

@@ -2,7 +2,7 @@
 terminal as tokens arrive; tokens/s on stderr at the end.
 
 Reads a run directory (RUN_DIR/train/model + RUN_DIR/tokenizer/tokenizer.model) or an export
-directory (`xlp export`, native or hf format). Decoding uses xlstm_model.decode: the prompt in
+directory (`xlp export`, native or hf format). Decoding uses xlp.xlstm_model.decode: the prompt in
 segments, then one step per token on a preallocated state (on GPU: compiled with torch.compile and
 captured in a CUDA graph). Settings: the run's `kernels.*` and `decode.*` config keys (their
 defaults for an export directory), changed by `key=value` arguments.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from pipeline.layout import RunLayout
+from xlp.pipeline.layout import RunLayout
 
 
 SETTINGS_SECTIONS = ("kernels", "decode")
@@ -27,9 +27,9 @@ def model_settings(source: Path, overrides=()):
     import yaml
     from omegaconf import OmegaConf
 
-    from kernels.config import KernelsConfig
-    from pipeline.config import ConfigError, merge_into
-    from xlstm_model.decode import DecodeConfig
+    from xlp.kernels.config import KernelsConfig
+    from xlp.pipeline.config import ConfigError, merge_into
+    from xlp.xlstm_model.decode import DecodeConfig
 
     cfg = OmegaConf.create({"kernels": OmegaConf.structured(KernelsConfig),
                             "decode": OmegaConf.structured(DecodeConfig)})
@@ -80,9 +80,9 @@ def run(
 ) -> dict:
     import torch
 
-    import tokenizer as tk
-    from pipeline.export import find_model, load_any
-    from xlstm_model.decode import generate_stream, step_compiles
+    from xlp import tokenizer as tk
+    from xlp.pipeline.export import find_model, load_any
+    from xlp.xlstm_model.decode import generate_stream, step_compiles
 
     dev = pick_device(device)
     model_dir, tok_path = find_model(Path(source))
@@ -149,7 +149,7 @@ def run(
 
 
 def main(args) -> int:
-    from pipeline.export import ExportError
+    from xlp.pipeline.export import ExportError
 
     try:
         run(args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -16,7 +16,7 @@
       train/metrics.jsonl         one row of metrics per step
       train/result.json           rank 0's summary of the attempt
       train/logs/rank_<r>.log     each rank's output (rank_<r>.error: its error message)
-      train/logs/heartbeat_<r>.json  each rank's heartbeat (pipeline.train.heartbeat)
+      train/logs/heartbeat_<r>.json  each rank's heartbeat (xlp.pipeline.train.heartbeat)
       eval/                       report.md, plots, results.json (everything), metrics.json (headline)
 
 Stages get their directories from here; no module spells these names itself.

@@ -28,9 +28,9 @@ from typing import Callable, Iterable, Optional, TextIO
 
 from omegaconf import DictConfig
 
-from pipeline.layout import RunLayout
-from pipeline.secrets import redact_config_yaml
-from pipeline.stage import (
+from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.secrets import redact_config_yaml
+from xlp.pipeline.stage import (
     Stage,
     StageContext,
     StageMarker,
@@ -52,7 +52,7 @@ STALE_HEARTBEAT_S = 60.0
 
 class PipelineError(RuntimeError):
     """A run that cannot go on; the message says which stage and what to do. `retryable`: the stage
-    failed because of the cluster (pipeline.node.RetryableFault), and a rerun resumes."""
+    failed because of the cluster (xlp.pipeline.node.RetryableFault), and a rerun resumes."""
 
     def __init__(self, message: str, *, retryable: bool = False):
         super().__init__(message)
@@ -188,7 +188,7 @@ def run_pipeline(
 ) -> dict[str, str]:
     """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError."""
     if stages is None:
-        from pipeline.stages import STAGES
+        from xlp.pipeline.stages import STAGES
 
         stages = STAGES
     out = out or sys.stdout
@@ -382,7 +382,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
         marker.failed(message)
-        from pipeline.node import RetryableFault
+        from xlp.pipeline.node import RetryableFault
 
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
@@ -460,7 +460,7 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException:
-                from pipeline.secrets import redact_text
+                from xlp.pipeline.secrets import redact_text
 
                 print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
                 raise

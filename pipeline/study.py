@@ -38,7 +38,7 @@ from typing import Optional, TextIO
 
 from omegaconf import DictConfig
 
-from pipeline.layout import StudyLayout
+from xlp.pipeline.layout import StudyLayout
 
 DATA_STAGES = ("tokenizer", "shard")
 VARIANT_STAGES = ("train", "eval")
@@ -102,9 +102,9 @@ class StudyPlan:
 def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
                study_dir: str | os.PathLike | None = None) -> StudyPlan:
     """Load and check the study and every variant's config; raises ConfigError naming the variant."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.stage import fingerprints
-    from pipeline.stages import STAGES
+    from xlp.pipeline.config import ConfigError, load_config
+    from xlp.pipeline.stage import fingerprints
+    from xlp.pipeline.stages import STAGES
 
     base = load_config(config, overrides)
     variants = list(base.study.variants)
@@ -142,9 +142,9 @@ def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
 def link_data(variant: PlannedVariant, out: TextIO) -> None:
     """Make RUN_DIR/tokenizer and RUN_DIR/shard of the variant links to its data directory's. A real
     directory there (a run made by `xlp run`) is moved to RUN_DIR/.stale/, never deleted."""
-    from pipeline.layout import RunLayout
-    from pipeline.runner import keep_stale
-    from pipeline.stage import read_stage_json
+    from xlp.pipeline.layout import RunLayout
+    from xlp.pipeline.runner import keep_stale
+    from xlp.pipeline.stage import read_stage_json
 
     layout = RunLayout(variant.run_dir)
     variant.run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,8 @@ def run_study(plan: StudyPlan, *, out: TextIO | None = None, force: bool = False
     this machine), then the report. A variant that fails does not stop the others; the outcome lists
     it (the caller exits non-zero). `only`: these variants' names (the report still shows every
     variant that has an eval)."""
-    from pipeline.eval import study_report
-    from pipeline.runner import PipelineError, _ensure_ray, run_pipeline
+    from xlp.pipeline.eval import study_report
+    from xlp.pipeline.runner import PipelineError, _ensure_ray, run_pipeline
 
     out = out or sys.stdout
     outcome = StudyOutcome()
@@ -231,7 +231,7 @@ def print_plan(plan: StudyPlan, config: str, overrides: list[str], out: TextIO) 
 
     from omegaconf import OmegaConf
 
-    from xlstm_model import count_params
+    from xlp.xlstm_model import count_params
 
     print(f"study {plan.name}: {len(plan.variants)} variant(s), directory {plan.study_dir}", file=out)
     for data_dir in plan.data_runs:
@@ -266,9 +266,9 @@ def submit_study(plan: StudyPlan, *, out: TextIO, dry_run: bool = False, check: 
     directories and their links to the data are made here (the filesystem is shared). When the jobs are
     done, `xlp study CONFIG --report-only` (or a plain `xlp study CONFIG`, which finds everything done)
     writes the report. Returns the exit status."""
-    from pipeline.runner import stage_states
-    from pipeline.stages import STAGES
-    from pipeline.submit import submit_slurm
+    from xlp.pipeline.runner import stage_states
+    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.submit import submit_slurm
 
     data_stages = [s for s in STAGES if s.name in DATA_STAGES]
     data_jobs: dict[Path, str] = {}

@@ -37,8 +37,8 @@ from typing import NamedTuple, Optional, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.layout import RunLayout
-from pipeline.stage import atomic_write_text
+from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.stage import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SBATCH_TEMPLATE = REPO_ROOT / "slurm" / "pipeline.sbatch"
@@ -67,7 +67,7 @@ class SlurmConfig:
     ray_port: int = 0  # the job's Ray head port; 0: a free one
 
     def validate(self) -> None:
-        from pipeline.slurm_cluster import parse_time
+        from xlp.pipeline.slurm_cluster import parse_time
 
         for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_seconds", 0),
                            ("ray_port", 0)):
@@ -100,7 +100,7 @@ def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Pat
     credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
     from its own environment (Slurm: the submitting shell's, exported; Ray: the cluster's). A credential
     written literally in the config cannot be submitted safely: that is an error naming the key."""
-    from pipeline.secrets import env_references, secret_keys
+    from xlp.pipeline.secrets import env_references, secret_keys
 
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
@@ -158,7 +158,7 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         "time": s.time,
         "signal_seconds": s.signal_seconds,
         "optional_lines": "\n".join(optional),
-        "workdir": shlex.quote(str(REPO_ROOT)),
+        "workdir": shlex.quote(os.getcwd()),  # relative paths in the config mean what they meant here
         "run_dir": shlex.quote(str(run_dir)),
         "slurm_log": shlex.quote(str(layout.slurm_log("%j"))),  # sbatch fills in %j
         # the shell fills in the job id: the directory quoted, the file name not
@@ -181,7 +181,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change.
     `after`: a job id to wait for (`xlp study`: a variant's job waits for its data stages' job);
     `queued`: the job's id is appended to it."""
-    from pipeline.train.plan import slurm_consistency_errors
+    from xlp.pipeline.train.plan import slurm_consistency_errors
 
     errors = slurm_consistency_errors(cfg)
     if errors:
@@ -234,7 +234,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
 
 def _partition_hint(cfg: DictConfig) -> str:
     """"; slurm.x=... but ...: set slurm.x=..." when the partition shows what in slurm.* does not fit."""
-    from pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+    from xlp.pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
 
     try:
         errors = request_errors(cfg.slurm, read_partition(cfg.slurm.partition or None))
@@ -246,7 +246,7 @@ def _partition_hint(cfg: DictConfig) -> str:
 def check_slurm_request(cfg: DictConfig, script: str):
     """The partition the job would run in, after checking that its nodes can hold the request (sinfo)
     and that `sbatch --test-only` accepts the script; SubmitError naming the keys otherwise."""
-    from pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+    from xlp.pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
 
     try:
         partition = read_partition(cfg.slurm.partition or None)
@@ -280,14 +280,14 @@ def print_slurm_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, script: str, sc
 
 def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
     """What the train stage would start on the allocation or cluster of `slurm.*` (see launch_plan)."""
-    from pipeline.train.plan import RayTrainPlan
+    from xlp.pipeline.train.plan import RayTrainPlan
 
     plan = launch_plan(job_cfg)
     if isinstance(plan, RayTrainPlan):
         return plan.describe()
     if isinstance(plan, str):
         return plan
-    from pipeline.train.launch import RankCommand
+    from xlp.pipeline.train.launch import RankCommand
 
     layout = RunLayout(run_dir)
     command = RankCommand(run_dir, layout.train.config, layout.train, layout.shard_dir)
@@ -299,7 +299,7 @@ def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
 def launch_plan(job_cfg: DictConfig):
     """The plan (pipeline/train/plan.py) of the train stage for the launcher `job_cfg` sets, on the
     allocation `slurm.*` asks for: an SrunPlan (slurm), a RayTrainPlan (ray), or a line (local)."""
-    from pipeline.train.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
+    from xlp.pipeline.train.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
                                      srun_plan)
 
     t = job_cfg.train
@@ -395,7 +395,7 @@ def _copy_new(log: Path, pos: int, out: TextIO) -> int:
 
 def _never_starts(job: SlurmJob, slurm) -> Optional[str]:
     """What to change when `job`'s pending reason means it will never start; None when it may."""
-    from pipeline.slurm_cluster import SlurmQueryError, never_starts, read_partition, request_errors
+    from xlp.pipeline.slurm_cluster import SlurmQueryError, never_starts, read_partition, request_errors
 
     key = never_starts(job.reason)
     needs_nodes = job.reason.startswith("ReqNodeNotAvail")  # never only if the nodes it names do not exist
@@ -434,8 +434,8 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
                force: bool, wait: bool, out: TextIO, dry_run: bool = False) -> int:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     config, config_text = submitted_config(cfg, run_dir, "ray")
-    entrypoint = shlex.join([sys.executable, "-m", "pipeline.cli", *run_args(config, run_dir, only, force)])
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}}
+    entrypoint = shlex.join([sys.executable, "-m", "xlp.pipeline.cli", *run_args(config, run_dir, only, force)])
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}}
     metadata = {"xlp_run_dir": str(run_dir), "xlp_run_name": str(cfg.run.name)}
     if dry_run:
         print_ray_dry_run(cfg, OmegaConf.create(config_text), address=address, config=config, entrypoint=entrypoint,

@@ -9,7 +9,7 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of kernels.triton,
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of xlp.kernels.triton,
 # whichever test module does it (torch.compile preloads the ops, tests/test_compile.py). On a machine
 # without a GPU the kernels can only run interpreted: say so before any test imports them, so that the
 # order the modules run in does not decide whether tests/test_kernels_triton.py can run its kernels.
@@ -25,7 +25,7 @@ def ray_local():
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        [str(TESTS_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
@@ -60,10 +60,10 @@ def ray_head(tmp_path_factory):
 def xlp_env(extra: dict | None = None) -> dict:
     """Environment for `xlp` subprocesses: tests/ importable (toy stages), W&B offline."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.update(extra or {})
     return env
 
 
-XLP = [sys.executable, "-m", "pipeline.cli"]
+XLP = [sys.executable, "-m", "xlp.pipeline.cli"]

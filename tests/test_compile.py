@@ -20,10 +20,10 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.train.config import TrainConfig
-from pipeline.train.optim import build_optimizer
-from xlstm_model import ModelConfig, build_model
-from xlstm_model.config import load_model_yaml
+from xlp.pipeline.train.config import TrainConfig
+from xlp.pipeline.train.optim import build_optimizer
+from xlp.xlstm_model import ModelConfig, build_model
+from xlp.xlstm_model.config import load_model_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def batches(n: int, B: int = 2, S: int = 24, vocab: int = 64):
 
 
 def train_losses(model, *, fused: bool, steps: int = 4, seq_len: int = 24) -> list[float]:
-    """AdamW steps as the train stage takes them (pipeline.train.optim's groups, grad clipping)."""
+    """AdamW steps as the train stage takes them (xlp.pipeline.train.optim's groups, grad clipping)."""
     tc = TrainConfig(lr=3e-3)
     opt = build_optimizer(model, tc, fused=fused)
     assert opt.defaults["fused"] is (True if fused else None)
@@ -86,7 +86,7 @@ import json, copy, torch, kernels
 from torch._dynamo.utils import counters
 from tests.test_compile import tiny, train_losses
 torch.manual_seed(0)
-from xlstm_model import build_model
+from xlp.xlstm_model import build_model
 eager = build_model(tiny("xlstm_large", mlstm_chunk_size=16))
 compiled, oracle = copy.deepcopy(eager), copy.deepcopy(eager)
 compiled.config.activation_checkpointing, compiled.config.checkpoint_policy = True, "selective"
@@ -107,7 +107,7 @@ def test_compiled_training_with_triton_kernels_matches_eager():
     interpreter: the compiled graph calls them as custom ops, planned from their fake implementations
     (whose output strides must be the real ones: the graph views the outputs as the fakes say), with
     no graph break."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import REPO, XLP, xlp_env
-from pipeline.node import node_name
-from pipeline.train import checkpoint as ckpt
-from pipeline.train.monitor import read_metrics
+from xlp.pipeline.node import node_name
+from xlp.pipeline.train import checkpoint as ckpt
+from xlp.pipeline.train.monitor import read_metrics
 
 TINY = REPO / "configs" / "tiny.yaml"
 SMALL = ["model.d_model=32", "model.num_blocks=2", "model.num_heads=2", "data.seq_len=32",
@@ -123,7 +123,7 @@ def test_a_direct_launch_is_a_run_the_runner_knows(data_run, tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     # the run's config (RUN_DIR/config.yaml, written by `xlp run`) with a longer run, as a user would
-    r = subprocess.run([sys.executable, "-m", "pipeline.train.main", "--run-dir", str(run), "train.steps=10",
+    r = subprocess.run([sys.executable, "-m", "xlp.pipeline.train.main", "--run-dir", str(run), "train.steps=10",
                         "train.device=cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = marker(run)

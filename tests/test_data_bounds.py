@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.readers import (
+from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.data.readers import (
     DataError,
     FileRef,
     ReadStats,
@@ -118,7 +118,7 @@ def test_parquet_value_over_the_limit_is_split(tmp_path):
 
 
 def test_max_doc_bytes_validated_and_in_the_fingerprints():
-    from pipeline.stages import shard, tokenizer
+    from xlp.pipeline.stages import shard, tokenizer
 
     assert load_config(None, ["data.max_doc_bytes=65536"]).data.max_doc_bytes == 65536
     for bad in ("data.max_doc_bytes=100", "data.max_doc_bytes=0"):
@@ -177,7 +177,7 @@ def test_unread_names_in_shard_manifest_and_counts(tree, tmp_path, ray_local):
     assert manifest["config"]["max_doc_bytes"] == 65536
     assert {Path(u["path"]).name for u in manifest["listed"]["not_read_list"]} == {
         ".secret.txt", ".git", "__pycache__", "up", "z_again"}
-    import tokenizer as tk
+    from xlp import tokenizer as tk
 
     tok = tk.load(run / "tokenizer" / "tokenizer.model")
     docs, _ = read_all([str(tree)])
@@ -185,9 +185,9 @@ def test_unread_names_in_shard_manifest_and_counts(tree, tmp_path, ray_local):
 
 
 def run_stage(name: str, run_dir: Path, overrides: list[str]) -> dict:
-    from pipeline.stage import StageContext
-    from pipeline.stages import shard as shard_stage
-    from pipeline.stages import tokenizer as tok_stage
+    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.stages import shard as shard_stage
+    from xlp.pipeline.stages import tokenizer as tok_stage
 
     cfg = load_config(None, overrides)
     (run_dir / name).mkdir(parents=True, exist_ok=True)
@@ -284,8 +284,8 @@ def test_every_bad_input_fails_on_one_line_naming_the_file(tmp_path):
 
 
 def test_bad_input_fails_the_stage_on_one_line_and_marks_it_failed(tmp_path, ray_local):
-    from pipeline.runner import PipelineError, run_pipeline, stage_states
-    from pipeline.stages import STAGES
+    from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
+    from xlp.pipeline.stages import STAGES
 
     bad = tmp_path / "float.parquet"
     pq.write_table(pa.table({"text": [1.5, 2.5]}), bad)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.loader import ShardLoader, _rows, _segments
-from pipeline.data.shards import MANIFEST, ShardWriter, build_manifest
+from xlp.pipeline.data.loader import ShardLoader, _rows, _segments
+from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest
 
 EOS = 3
 ID0 = 1000  # document d starts with token ID0 + d; no other token is >= ID0

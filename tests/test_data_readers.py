@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.readers import (
+from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.data.readers import (
     DataError,
     ReadStats,
     iter_documents,
@@ -119,7 +119,7 @@ def test_stdlib_source():
 
 
 def test_a_file_bigger_than_a_partition_is_a_partition_of_its_own():
-    from pipeline.data.readers import FileRef
+    from xlp.pipeline.data.readers import FileRef
 
     refs = [FileRef("s", f"f{i}", size, "text") for i, size in enumerate([10, 10, 500, 10, 10, 10])]
     parts = plan_partitions(refs, 100)

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tokenizer as tk
-from pipeline.config import load_config
-from pipeline.data.readers import DataError, ReadStats, doc_hash, hash_unit, iter_documents, resolve_sources
-from pipeline.data.shards import MANIFEST, read_shard
-from pipeline.stage import StageContext
-from pipeline.stages import STAGES
-from pipeline.stages import shard as shard_stage
-from pipeline.stages import tokenizer as tok_stage
+from xlp import tokenizer as tk
+from xlp.pipeline.config import load_config
+from xlp.pipeline.data.readers import DataError, ReadStats, doc_hash, hash_unit, iter_documents, resolve_sources
+from xlp.pipeline.data.shards import MANIFEST, read_shard
+from xlp.pipeline.stage import StageContext
+from xlp.pipeline.stages import STAGES
+from xlp.pipeline.stages import shard as shard_stage
+from xlp.pipeline.stages import tokenizer as tok_stage
 
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -219,9 +219,9 @@ def test_two_runs_identical(run1, corpus, tmp_path):
 KILL_SCRIPT = r"""
 import json, sys, ray
 from pathlib import Path
-from pipeline.config import load_config
-from pipeline.stage import StageContext
-from pipeline.stages.shard import run
+from xlp.pipeline.config import load_config
+from xlp.pipeline.stage import StageContext
+from xlp.pipeline.stages.shard import run
 run_dir, overrides, address = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 ray.init(address=address, log_to_driver=False)  # a second driver on the test's Ray: starts fast
 ctx = StageContext(name="shard", cfg=load_config(None, overrides), run_dir=run_dir, fingerprint="k")
@@ -246,7 +246,7 @@ def test_kill_and_resume_writes_only_missing_shards(ray_here, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(ref / "tokenizer", killed / "tokenizer")
     (killed / "shard").mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(killed), json.dumps(ov),
                              ray_here.get_runtime_context().gcs_address], env=env,

@@ -50,11 +50,11 @@ def stdlib_docs(n: int, max_chars: int = 6000) -> list[str]:
 
 def make_run(run_dir: Path, *, train_steps: int = 60, extra: list[str] = ()) -> Path:
     """A run directory with config.yaml, tokenizer/, shard/ and train/model + train/metrics.jsonl."""
-    import tokenizer as tk
-    from pipeline.config import load_config, section, to_yaml
-    from pipeline.data.loader import ShardLoader
-    from pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
-    from xlstm_model import build_model, save_model
+    from xlp import tokenizer as tk
+    from xlp.pipeline.config import load_config, section, to_yaml
+    from xlp.pipeline.data.loader import ShardLoader
+    from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
+    from xlp.xlstm_model import build_model, save_model
 
     run_dir = Path(run_dir)
     cfg = load_config(None, [f"run.dir={run_dir}", f"run.seed={SEED}", f"data.seq_len={SEQ}", "wandb.mode=disabled",
@@ -105,8 +105,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def stage_ctx(run_dir: Path, overrides: list[str] = ()):
-    from pipeline.config import load_config
-    from pipeline.stage import StageContext
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.stage import StageContext
 
     cfg = load_config(Path(run_dir) / "config.yaml", list(overrides))
     (Path(run_dir) / "eval").mkdir(exist_ok=True)
@@ -116,7 +116,7 @@ def stage_ctx(run_dir: Path, overrides: list[str] = ()):
 @pytest.fixture(scope="module")
 def evaluated(run_dir) -> dict:
     """The eval stage run once on the tiny run; its metrics."""
-    from pipeline.stages.eval import run
+    from xlp.pipeline.stages.eval import run
 
     return run(stage_ctx(run_dir))
 
@@ -183,9 +183,9 @@ def test_report_and_plots(run_dir, evaluated):
 
 
 def test_untrained_recall_near_chance(run_dir):
-    from pipeline.config import load_config, section
-    from pipeline.eval.common import build_untrained
-    from pipeline.eval.recall import recall_probe
+    from xlp.pipeline.config import load_config, section
+    from xlp.pipeline.eval.common import build_untrained
+    from xlp.pipeline.eval.recall import recall_probe
 
     cfg = load_config(run_dir / "config.yaml")
     mcfg = section(cfg, "model")
@@ -215,7 +215,7 @@ def _direct_loglikelihood(model, tok, context: str, continuation: str) -> tuple[
 
 
 def _cloze_tasks(run_dir: Path, tok, tmp: Path) -> Path:
-    from pipeline.eval.cloze import build_items, write_items, write_task_dir
+    from xlp.pipeline.eval.cloze import build_items, write_items, write_task_dir
 
     items = build_items(run_dir / "shard", tok, n_items=8, context_chars=200, seed=0)
     data = write_items(items, tmp / "cloze.jsonl")
@@ -224,8 +224,8 @@ def _cloze_tasks(run_dir: Path, tok, tmp: Path) -> Path:
 
 
 def test_lm_eval_loglikelihoods_match_direct_computation(run_dir, tmp_path):
-    from pipeline.eval.common import load_tokenizer, load_trained
-    from pipeline.eval.harness import XLPLM, run_tasks
+    from xlp.pipeline.eval.common import load_tokenizer, load_trained
+    from xlp.pipeline.eval.harness import XLPLM, run_tasks
 
     tok = load_tokenizer(run_dir)
     model = load_trained(run_dir, torch.device("cpu"))
@@ -259,7 +259,7 @@ def test_lm_eval_loglikelihoods_match_direct_computation(run_dir, tmp_path):
 
 
 def test_rolling_windows_predict_every_token_once():
-    from pipeline.eval.harness import XLPLM
+    from xlp.pipeline.eval.harness import XLPLM
 
     lm = XLPLM.__new__(XLPLM)
     lm.eos, lm.max_length = 3, 5
@@ -274,13 +274,13 @@ def test_rolling_windows_predict_every_token_once():
 
 
 def test_lm_eval_cli_runs_our_model(run_dir, tmp_path):
-    from pipeline.eval.common import load_tokenizer, load_trained
+    from xlp.pipeline.eval.common import load_tokenizer, load_trained
 
     tok = load_tokenizer(run_dir)
     task_dir = _cloze_tasks(run_dir, tok, tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "pipeline.eval.harness", "run", "--model", "xlp", "--model_args",
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "xlp.pipeline.eval.harness", "run", "--model", "xlp", "--model_args",
            f"run_dir={run_dir},max_length=4096", "--tasks", "xlp_cloze", "--include_path", str(task_dir),
            "--limit", "3", "--batch_size", "2", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -297,7 +297,7 @@ def test_lm_eval_cli_runs_our_model(run_dir, tmp_path):
 
 
 def test_token_byte_lengths_match_decoded_text(run_dir):
-    from pipeline.eval.common import load_tokenizer, token_byte_lengths
+    from xlp.pipeline.eval.common import load_tokenizer, token_byte_lengths
 
     tok = load_tokenizer(run_dir)
     blen = token_byte_lengths(tok, 576)
@@ -309,8 +309,8 @@ def test_token_byte_lengths_match_decoded_text(run_dir):
 
 
 def test_generation_cost_kv_cache_grows_xlstm_state_does_not():
-    from pipeline.eval.gencost import generation_cost
-    from xlstm_model import ModelConfig, build_model
+    from xlp.pipeline.eval.gencost import generation_cost
+    from xlp.xlstm_model import ModelConfig, build_model
 
     sizes = {}
     for arch in ("xlstm", "llama"):
@@ -326,7 +326,7 @@ def test_generation_cost_kv_cache_grows_xlstm_state_does_not():
 
 
 def test_eval_config_errors_name_the_key():
-    from pipeline.config import ConfigError, load_config
+    from xlp.pipeline.config import ConfigError, load_config
 
     for override, key in (("eval.parts=[ppl,bogus]", "eval.parts"), ("eval.device=tpu", "eval.device"),
                           ("eval.batch_size=0", "eval.batch_size"), ("eval.gen_contexts=[1]", "eval.gen_contexts"),
@@ -341,8 +341,8 @@ def test_eval_config_errors_name_the_key():
 
 
 def test_eval_stage_registered_with_its_reads():
-    from pipeline.stages import STAGES
-    from pipeline.stages.eval import STAGE
+    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.stages.eval import STAGE
 
     st = {s.name: s for s in STAGES}["eval"]
     assert st is STAGE and st.needs == ("tokenizer", "shard", "train")
@@ -354,7 +354,7 @@ def test_eval_stage_registered_with_its_reads():
 def test_compare_prints_runs_side_by_side(run_dir, evaluated, tmp_path, capsys):
     import shutil
 
-    from pipeline.cli import main
+    from xlp.pipeline.cli import main
 
     other = tmp_path / "other"
     shutil.copytree(run_dir / "eval", other / "eval", ignore=shutil.ignore_patterns("lm_eval", "*.png"))
@@ -371,7 +371,7 @@ def test_compare_prints_runs_side_by_side(run_dir, evaluated, tmp_path, capsys):
 
 
 def test_report_plots_logged_to_offline_wandb(run_dir, evaluated, tmp_path):
-    from pipeline.eval import report
+    from xlp.pipeline.eval import report
 
     ctx = stage_ctx(run_dir, ["wandb.mode=offline", "wandb.project=xlp-test"])
     results = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -17,18 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from xlstm_model import ModelConfig, build_model, load_model, save_model
-from xlstm_model import hf
-from xlstm_model.decode import StepDecoder, fused_wanted, generate_stream, prefill
+from xlp.xlstm_model import ModelConfig, build_model, load_model, save_model
+from xlp.xlstm_model import hf
+from xlp.xlstm_model.decode import StepDecoder, fused_wanted, generate_stream, prefill
 
 REPO = Path(__file__).resolve().parents[1]
-XLP = [sys.executable, "-m", "pipeline.cli"]
+XLP = [sys.executable, "-m", "xlp.pipeline.cli"]
 
 transformers = pytest.importorskip("transformers")
 
 
 def _xlp(*args, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ)
     return subprocess.run([*XLP, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, env=env,
                           timeout=timeout)
 
@@ -101,8 +101,8 @@ def test_hf_roundtrip_random_weights(tmp_path, tie):
 def test_hf_tokenizer_round_trip(hf_export, tiny_run):
     from transformers import AutoTokenizer
 
-    import tokenizer as tk
-    from pipeline.export import CHECK_TEXTS
+    from xlp import tokenizer as tk
+    from xlp.pipeline.export import CHECK_TEXTS
 
     ours = tk.load(tiny_run / "tokenizer" / "tokenizer.model")
     theirs = AutoTokenizer.from_pretrained(hf_export)
@@ -215,8 +215,8 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
     r = _xlp("generate", tiny_run, "--prompt", "import json\n", "--max-new-tokens", "10", "--temperature", "0",
              "--ignore-eos")
     assert r.returncode == 0 and "10 tokens" in r.stderr, r.stderr[-2000:]
-    import tokenizer as tk
-    from pipeline.export import find_model, load_any
+    from xlp import tokenizer as tk
+    from xlp.pipeline.export import find_model, load_any
 
     model_dir, tok_path = find_model(Path(tiny_run))
     tok, model = tk.load(tok_path), load_any(model_dir).eval()
@@ -238,9 +238,9 @@ def test_model_settings_come_from_the_run_config(tiny_run, tmp_path):
     directory), changed by kernels.* / decode.* overrides only."""
     import yaml
 
-    from kernels.config import KernelsConfig
-    from pipeline.config import ConfigError
-    from pipeline.generate import model_settings
+    from xlp.kernels.config import KernelsConfig
+    from xlp.pipeline.config import ConfigError
+    from xlp.pipeline.generate import model_settings
 
     run = tmp_path / "run"
     run.mkdir()
@@ -298,7 +298,7 @@ def test_step_decoder_equals_model_step(arch):
 def test_greedy_token_is_the_first_argmax(vocab):
     """The decoder's two-pass argmax picks what torch.argmax picks, ties (first maximum) included,
     in bf16 logits as on GPU."""
-    from xlstm_model.decode import greedy_token
+    from xlp.xlstm_model.decode import greedy_token
 
     torch.manual_seed(0)
     logits = torch.randn(5, vocab).bfloat16()
@@ -325,7 +325,7 @@ def test_step_greedy_follows_step():
 def test_greedy_tokens_and_eos():
     """greedy_tokens gives step_greedy's sequence; generate_stream greedy with an eos equals
     LanguageModel.generate, and until_eos stops pulling from its source once every row is done."""
-    from xlstm_model.lm import until_eos
+    from xlp.xlstm_model.lm import until_eos
 
     model, ids, state = _tiny_model_after_prompt("xlstm_large")
     with torch.no_grad():
@@ -358,7 +358,7 @@ def test_greedy_tokens_and_eos():
 
 def test_bench_decode_runs_on_cpu():
     """The benchmark, with a variant (the fused step) measured beside the base decoder in one run."""
-    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512",
                         "--variant", "fused:fused=1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -374,7 +374,7 @@ def test_bench_decode_runs_on_cpu():
 
 
 def test_bench_decode_variant_errors_name_the_bad_part():
-    from xlstm_model.bench_decode import parse_settings, parse_variant
+    from xlp.xlstm_model.bench_decode import parse_settings, parse_variant
 
     assert parse_variant("pdl:pdl=1,cuda_graph=0,mix=32768x8") == (
         "pdl", {"pdl": True, "cuda_graph": False, "mix": "32768x8"})
@@ -390,10 +390,10 @@ def test_bench_decode_variant_errors_name_the_bad_part():
     with pytest.raises(ValueError, match=re.escape("--decode: unknown key 'nope'; valid: cuda_graph, compile, "
                                                    "compile_mode, matvec, tune, fused, pdl, mix")):
         parse_settings("nope=1", "--decode")
-    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--variant", "a:pdl=1",
+    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--variant", "a:pdl=1",
                         "--variant", "a:pdl=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "each variant needs its own NAME" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--decode", "matvec=fast"],
+    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--decode", "matvec=fast"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "config key `decode.matvec` is 'fast'; valid values: reduce, gemm" in r.stderr
 
@@ -403,7 +403,7 @@ def test_bench_decode_reports_a_variant_that_fails_and_keeps_the_others():
     by the interpreter; refused when its decoder is built) is reported with its error; the base is
     still measured; exit 1."""
     env = dict(os.environ, TRITON_INTERPRET="1", XLP_KERNEL_BACKEND="triton")
-    r = subprocess.run([sys.executable, "-m", "xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
                         "--contexts", "16", "--new-tokens", "8", "--warmup", "1", "--vocab-size", "512",
                         "--device", "cpu", "--variant", "bad:fused=1,mix=7x3"],
                        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, XLP, xlp_env
-from pipeline.config import load_config
-from pipeline.data import listing
-from pipeline.data.readers import resolve_sources
-from pipeline.stage import fingerprint, fingerprints, input_digests, trajectories
-from pipeline.stages import STAGES
+from xlp.pipeline.config import load_config
+from xlp.pipeline.data import listing
+from xlp.pipeline.data.readers import resolve_sources
+from xlp.pipeline.stage import fingerprint, fingerprints, input_digests, trajectories
+from xlp.pipeline.stages import STAGES
 from test_data_shard import copy_py
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -233,7 +233,7 @@ def test_pipeline_reruns_the_data_stages_when_the_corpus_changes(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_reruns_when_the_tokenizer_file_is_replaced(tmp_path):
-    import tokenizer as tk
+    from xlp import tokenizer as tk
 
     texts = [p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))]
     one = tk.train(texts, vocab_size=400, seed=0)

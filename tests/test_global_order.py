@@ -1,4 +1,4 @@
-"""The global row order (pipeline.data.order): the rows of each step are the same whatever the number of
+"""The global row order (xlp.pipeline.data.order): the rows of each step are the same whatever the number of
 ranks, loader workers or the micro-batch split; its state resumes on another world size; a mixture
 draws rows by weight, with phases. Real shards written by the data library, real DataLoader workers."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.order import Apportioner, GlobalLoader, Mixture, row_hash
+from xlp.pipeline.data.order import Apportioner, GlobalLoader, Mixture, row_hash
 from tests.test_data_loader import make_shards
 
 S = 16

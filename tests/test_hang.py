@@ -16,10 +16,10 @@ from typing import Optional
 import pytest
 
 from conftest import REPO, XLP, xlp_env
-from pipeline.layout import TrainLayout
-from pipeline.node import EXIT_RETRYABLE, node_name
-from pipeline.train.heartbeat import Heartbeat, HangDetector, read_heartbeat
-from pipeline.train.monitor import read_metrics
+from xlp.pipeline.layout import TrainLayout
+from xlp.pipeline.node import EXIT_RETRYABLE, node_name
+from xlp.pipeline.train.heartbeat import Heartbeat, HangDetector, read_heartbeat
+from xlp.pipeline.train.monitor import read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # fast: heartbeat files and the detector, on the detector's clock (the `now` each check is given)
@@ -169,7 +169,7 @@ def test_detector_ignores_a_file_that_is_not_a_heartbeat(tmp_path):
 def test_srun_output_names_the_rank_the_cluster_lost(tmp_path):
     """srun's own report lines (Slurm 23) decide between a lost rank and a rank's own error: with
     --kill-on-bad-exit srun kills every task once one has failed, so only the first failure counts."""
-    from pipeline.train.launch import srun_lost_rank
+    from xlp.pipeline.train.launch import srun_lost_rank
 
     layout = TrainLayout(tmp_path)
     layout.logs.mkdir(parents=True)
@@ -236,7 +236,7 @@ def rank_beat(run: Path, rank: int, ready, proc: subprocess.Popen, timeout: floa
 
 def is_rank_process(pid: int) -> bool:
     try:
-        return b"pipeline.train.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"xlp.pipeline.train.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False  # gone
 
@@ -323,7 +323,7 @@ def test_a_killed_rank_is_named_and_a_rerun_resumes(data_run, tmp_path):
 def test_a_rank_stuck_while_alive_is_named(tmp_path):
     from test_train import make_shards, write_config
 
-    from pipeline.train.launch import RanksLost, launch
+    from xlp.pipeline.train.launch import RanksLost, launch
 
     shards = make_shards(tmp_path / "shard")
     run = tmp_path / "stuck"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.config import MLSTM_LAUNCH, KernelsConfig, check_mlstm_launch, format_mlstm_launch
+from xlp.kernels.config import MLSTM_LAUNCH, KernelsConfig, check_mlstm_launch, format_mlstm_launch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from kernels.dispatch import TRITON_MODULES
+from xlp.kernels.dispatch import TRITON_MODULES
 
 calls = collections.Counter()
 for op, module in TRITON_MODULES.items():  # before the first dispatch: resolve picks up the wrappers
-    mod = importlib.import_module(f"kernels.triton.{module}")
+    mod = importlib.import_module(f"xlp.kernels.triton.{module}")
     def counted(*args, _fn=getattr(mod, op), _op=op, **kwargs):
         calls[_op] += 1
         return _fn(*args, **kwargs)
     setattr(mod, op, counted)
 
 from test_eval import make_run, stage_ctx
-from pipeline.stages.eval import run
+from xlp.pipeline.stages.eval import run
 
 run_dir = make_run(Path(sys.argv[1]), train_steps=2, extra=["model.slstm_at=[]", "model.num_blocks=1"])
 small = ["eval.parts=[ppl,generation]", "eval.baseline=false", "eval.ppl_batches=1", "eval.batch_size=2",
@@ -55,7 +55,7 @@ print("RESULT " + json.dumps(out))
 
 def test_eval_stage_runs_the_triton_kernels_when_configured(tmp_path):
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]),
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(TESTS),
                OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(tmp_path / "run")], capture_output=True, text=True,
                        cwd=tmp_path, env=env, timeout=900)
@@ -87,9 +87,9 @@ def test_kernels_config_validates_and_formats():
 
 
 def test_apply_sets_the_process_defaults_over_the_environment(monkeypatch):
-    import kernels
-    from kernels import dispatch
-    from kernels.config import mlstm_launch
+    from xlp import kernels
+    from xlp.kernels import dispatch
+    from xlp.kernels.config import mlstm_launch
 
     saved = dispatch._default_override, dict(mlstm_launch)
     try:

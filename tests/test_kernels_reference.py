@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-import kernels
-from kernels import dispatch
-from kernels.reference import (
+from xlp import kernels
+from xlp.kernels import dispatch
+from xlp.kernels.reference import (
     layer_norm,
     linear_cross_entropy,
     mlstm_chunkwise,
@@ -306,5 +306,5 @@ def test_dispatch_backends(monkeypatch):
     # a Triton op that does not exist: a clear error for "triton"
     monkeypatch.setitem(dispatch.TRITON_MODULES, "rms_norm", "no_such_module")
     monkeypatch.setattr(dispatch, "_triton_cache", {})
-    with pytest.raises(RuntimeError, match="kernels.triton.no_such_module.rms_norm is not available"):
+    with pytest.raises(RuntimeError, match="xlp.kernels.triton.no_such_module.rms_norm is not available"):
         kernels.rms_norm(x[0], None, backend="triton")

@@ -1,9 +1,9 @@
 """Triton backend vs the pure-PyTorch reference: outputs and gradients, small shapes, fp32.
 
 Without a GPU the kernels run in Triton's CPU interpreter. Triton decides interpreter-or-compiler
-when a kernel is *decorated* (@triton.jit reads TRITON_INTERPRET then), i.e. when kernels.triton.*
+when a kernel is *decorated* (@triton.jit reads TRITON_INTERPRET then), i.e. when xlp.kernels.triton.*
 is first imported, so the variable must be set before that import -- hence the setdefault below,
-before any kernels import. If another test module already imported kernels.triton without it (on a
+before any kernels import. If another test module already imported xlp.kernels.triton without it (on a
 machine with no GPU), the kernels in this process cannot run; then every test here is skipped and
 `test_rerun_in_subprocess` runs this file again in a fresh interpreter with the variable set.
 On a CUDA machine nothing is forced and the same tests run on the GPU.
@@ -19,21 +19,21 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernels.triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first xlp.kernels.triton import
 
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kernels import dispatch  # noqa: E402
-from kernels.reference import cross_entropy as ref_ce  # noqa: E402
-from kernels.reference import mlstm as ref_mlstm  # noqa: E402
-from kernels.reference import norms as ref_norms  # noqa: E402
-from kernels.reference import slstm as ref_slstm  # noqa: E402
-from kernels.triton import cross_entropy as tri_ce  # noqa: E402
-from kernels.triton import mlstm as tri_mlstm  # noqa: E402
-from kernels.triton import norms as tri_norms  # noqa: E402
-from kernels.triton import slstm as tri_slstm  # noqa: E402
+from xlp.kernels import dispatch  # noqa: E402
+from xlp.kernels.reference import cross_entropy as ref_ce  # noqa: E402
+from xlp.kernels.reference import mlstm as ref_mlstm  # noqa: E402
+from xlp.kernels.reference import norms as ref_norms  # noqa: E402
+from xlp.kernels.reference import slstm as ref_slstm  # noqa: E402
+from xlp.kernels.triton import cross_entropy as tri_ce  # noqa: E402
+from xlp.kernels.triton import mlstm as tri_mlstm  # noqa: E402
+from xlp.kernels.triton import norms as tri_norms  # noqa: E402
+from xlp.kernels.triton import slstm as tri_slstm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,7 +48,7 @@ def _kernels_runnable() -> bool:
 
 RUNNABLE = _kernels_runnable()
 needs_kernels = pytest.mark.skipif(
-    not RUNNABLE, reason="kernels.triton was imported before TRITON_INTERPRET=1; see test_rerun_in_subprocess"
+    not RUNNABLE, reason="xlp.kernels.triton was imported before TRITON_INTERPRET=1; see test_rerun_in_subprocess"
 )
 
 
@@ -68,7 +68,7 @@ def test_every_kernel_compiles_for_h100():
     """The interpreter runs no compiler: compiling each kernel (every launch configuration it may
     use) for sm_90 catches what only the compiler rejects. Needs no GPU (ptxas ships with Triton)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.triton.aot_check"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "xlp.kernels.triton.aot_check"], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "decode_linear" in proc.stdout and "mlstm_decode_mix" in proc.stdout
@@ -296,7 +296,7 @@ def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
     float32 head would be the slowest part of a bf16 training step. Same loss and gradients as the
     reference to bf16 rounding, gradients in the float32 parameters' dtype."""
     if DEVICE == "cpu":
-        from kernels.triton._interp import patch_interpreter_bf16
+        from xlp.kernels.triton._interp import patch_interpreter_bf16
 
         patch_interpreter_bf16()
     torch.manual_seed(10)
@@ -318,7 +318,7 @@ def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
 @needs_kernels
 def test_dispatch_forced_triton():
     torch.manual_seed(9)
-    import kernels
+    from xlp import kernels
 
     x = torch.randn(4, 32, device=DEVICE)
     w = torch.randn(32, device=DEVICE)
@@ -360,7 +360,7 @@ def test_mlstm_chunkwise_bf16_within_reference_yardstick(L, init, docs):
     A kernel that rounds a stabiliser, an exp or a state to bf16 where it must not is 10-1000x off.
     On CPU the interpreter's bf16 dot is patched to behave like tensor cores (kernels/triton/_interp.py)."""
     if DEVICE == "cpu":
-        from kernels.triton._interp import patch_interpreter_bf16
+        from xlp.kernels.triton._interp import patch_interpreter_bf16
 
         patch_interpreter_bf16()
     torch.manual_seed(0)
@@ -403,8 +403,8 @@ def test_mlstm_chunkwise_bf16_within_reference_yardstick(L, init, docs):
 @pytest.mark.parametrize("parts", ["plain", "norm", "bias_cap", "norm_glu_residual", "norm_bias_residual"])
 def test_decode_linear_matches_reference(B, K, N, parts):
     """Every prologue/epilogue of the fused matrix-vector product, on sizes that fit no block."""
-    from kernels.reference import decode as ref_decode
-    from kernels.triton import decode as tri_decode
+    from xlp.kernels.reference import decode as ref_decode
+    from xlp.kernels.triton import decode as tri_decode
 
     torch.manual_seed(0)
     x = torch.randn(B, K, device=DEVICE)
@@ -425,7 +425,7 @@ def test_decode_linear_matches_reference(B, K, N, parts):
     _assert_close(tri_decode.decode_linear(x, w, **kw), want, f"decode_linear[{parts}]")
     if parts == "norm_glu_residual":  # bf16 weights and activations, as decoding runs on GPU
         if DEVICE == "cpu":
-            from kernels.triton._interp import patch_interpreter_bf16
+            from xlp.kernels.triton._interp import patch_interpreter_bf16
 
             patch_interpreter_bf16()
         kb = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -440,8 +440,8 @@ def test_decode_linear_every_autotune_config():
     """Each launch configuration the GPU autotuner may pick (the interpreter runs only one through
     decode_linear) computes the same product: norm + SwiGLU + bias + cap + residual, K = 1100 ends
     every tile size part-way."""
-    from kernels.reference import decode as ref_decode
-    from kernels.triton import decode as tri_decode
+    from xlp.kernels.reference import decode as ref_decode
+    from xlp.kernels.triton import decode as tri_decode
 
     torch.manual_seed(0)
     B, K, N = 2, 1100, 18
@@ -464,8 +464,8 @@ def test_decode_linear_every_autotune_config():
 def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
     """Gates, in-place state update, read-out, head norm and output gate of one token, from a
     non-empty state; head sizes that are no power of two."""
-    from kernels.reference import decode as ref_decode
-    from kernels.triton import decode as tri_decode
+    from xlp.kernels.reference import decode as ref_decode
+    from xlp.kernels.triton import decode as tri_decode
 
     torch.manual_seed(0)
     B, D, NH = 2, 48, 3
@@ -503,9 +503,9 @@ def test_mlstm_decode_mix_matches_reference(head_norm, dqk, dv):
 def test_mlstm_decode_mix_launch_from_config():
     """decode.mix fixes the state tile and warps (here: C in tiles of 64 elements, 4 rows each); a bad
     value is refused with its key, and a bad (tile, warps) passed to the kernel itself too."""
-    from kernels.reference import decode as ref_decode
-    from kernels.triton import decode as tri_decode
-    from xlstm_model.decode import DecodeConfig
+    from xlp.kernels.reference import decode as ref_decode
+    from xlp.kernels.triton import decode as tri_decode
+    from xlp.xlstm_model.decode import DecodeConfig
 
     torch.manual_seed(2)
     B, D, NH, dqk, dv = 1, 32, 2, 12, 16
@@ -531,8 +531,8 @@ def test_mlstm_decode_mix_launch_from_config():
 @needs_kernels
 def test_mlstm_decode_mix_gate_weights_in_chunks():
     """A model width over 1024: the gate dot products run over several chunks of x (the last part-filled)."""
-    from kernels.reference import decode as ref_decode
-    from kernels.triton import decode as tri_decode
+    from xlp.kernels.reference import decode as ref_decode
+    from xlp.kernels.triton import decode as tri_decode
 
     torch.manual_seed(1)
     B, D, NH, dqk, dv = 1, 2100, 2, 8, 16
@@ -553,9 +553,9 @@ def test_mlstm_decode_mix_gate_weights_in_chunks():
 @needs_kernels
 def test_fused_decode_step_matches_model_step():
     """A tiny xlstm_large decoding through the Triton fused step gives model.step's logits."""
-    from xlstm_model.config import ModelConfig
-    from xlstm_model.decode import StepDecoder, prefill
-    from xlstm_model.lm import build_model
+    from xlp.xlstm_model.config import ModelConfig
+    from xlp.xlstm_model.decode import StepDecoder, prefill
+    from xlp.xlstm_model.lm import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="xlstm_large", vocab_size=96, d_model=64, num_blocks=2,

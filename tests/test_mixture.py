@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.monitor import read_metrics
+from xlp.pipeline.train.monitor import read_metrics
 from tests.test_continue import TINY, xlp
 from tests.test_train import read_wandb_history
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from xlstm_model import ModelConfig, build_model, count_params, flops_per_token, load_model, save_model
-from xlstm_model.lm import sample
+from xlp.xlstm_model import ModelConfig, build_model, count_params, flops_per_token, load_model, save_model
+from xlp.xlstm_model.lm import sample
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ["xlstm", "xlstm_large", "llama"]

@@ -90,7 +90,7 @@ def rank_pids_on(node: str) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.train.main" in cmdline:
+        if b"xlp.pipeline.train.main" in cmdline:
             found.append(int(pid))
     return found
 

@@ -10,10 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, XLP, xlp_env
-from pipeline.config import ConfigError, load_config
-from pipeline.slurm_cluster import Partition, SlurmNode, format_time, never_starts, parse_time, request_errors
-from pipeline.submit import launch_plan, submitted_config
-from pipeline.train.plan import (RayCluster, RayTrainPlan, SlurmAllocation, SrunPlan, job_rendezvous_port,
+from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.slurm_cluster import Partition, SlurmNode, format_time, never_starts, parse_time, request_errors
+from xlp.pipeline.submit import launch_plan, submitted_config
+from xlp.pipeline.train.plan import (RayCluster, RayTrainPlan, SlurmAllocation, SrunPlan, job_rendezvous_port,
                                  ray_train_plan, slurm_consistency_errors, srun_plan)
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
@@ -90,8 +90,8 @@ def test_ray_dry_run_prints_the_job_and_spreads_the_workers(recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     (entry,) = [line for line in out.splitlines() if line.startswith("entrypoint: ")]
-    assert shlex.split(entry)[2:5] == ["-m", "pipeline.cli", "run"] and f"--run-dir {run_dir}" in entry
-    assert '"PYTHONPATH"' in out and "runtime_env: " in out
+    assert shlex.split(entry)[2:5] == ["-m", "xlp.pipeline.cli", "run"] and f"--run-dir {run_dir}" in entry
+    assert '"PYTHONSAFEPATH"' in out and "runtime_env: " in out
     assert "ScalingConfig(num_workers=16, use_gpu=True" in out and "placement_strategy='SPREAD'" in out
     assert "nothing was submitted (--dry-run)" in out
     assert not run_dir.exists()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import XLP, xlp_env
-from pipeline.config import load_config
-from pipeline.runner import PipelineError, run_pipeline, stage_states
+from xlp.pipeline.config import load_config
+from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
 from toy_stages import BROKEN_STAGES, TOY_STAGES
 
 
@@ -70,8 +70,8 @@ def test_force_reruns_done_stage(tmp_path, ray_local):
 
 
 def test_replaced_outputs_are_kept_until_clean(tmp_path, ray_local):
-    from pipeline.runner import stale_outputs
-    from pipeline.stage import fingerprints
+    from xlp.pipeline.runner import stale_outputs
+    from xlp.pipeline.stage import fingerprints
 
     run(tmp_path)
     fp = {s.name: s for s in stage_states(TOY_STAGES, load_config(None, [f"run.dir={tmp_path}"]), tmp_path)}
@@ -104,7 +104,7 @@ def test_replaced_outputs_are_kept_until_clean(tmp_path, ray_local):
 
 
 def clean_output(run_dir: Path) -> str:
-    from pipeline.runner import clean
+    from xlp.pipeline.runner import clean
 
     out = io.StringIO()
     clean(run_dir, out)
@@ -112,7 +112,7 @@ def clean_output(run_dir: Path) -> str:
 
 
 def test_a_continuing_stage_keeps_its_output_when_only_its_continue_keys_change(tmp_path, ray_local):
-    from pipeline.stage import Stage
+    from xlp.pipeline.stage import Stage
 
     stages = [TOY_STAGES[0], Stage("total", reads=("train.steps", "train.lr"), needs=("numbers",),
                                    fn="toy_stages:total", continues=("train.steps",)), TOY_STAGES[2]]
@@ -151,8 +151,8 @@ def test_stage_output_is_echoed_to_the_terminal(tmp_path, ray_local):
 KILLABLE_RUN = textwrap.dedent(
     """
     import sys
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
+    from xlp.pipeline.config import load_config
+    from xlp.pipeline.runner import run_pipeline
     from toy_stages import TOY_STAGES
     run_pipeline(load_config(None, ["run.dir=" + sys.argv[1]]), stages=TOY_STAGES)
     """
@@ -188,7 +188,7 @@ def test_sigkill_mid_stage_leaves_it_not_done_and_rerun_completes(tmp_path):
 
 
 def test_second_run_on_same_dir_is_refused_while_first_holds_it(tmp_path):
-    from pipeline.runner import RunLock
+    from xlp.pipeline.runner import RunLock
 
     lock = RunLock(tmp_path)
     lock.acquire()
@@ -220,7 +220,7 @@ def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
 
 
 def test_ignored_keys_stay_out_of_the_fingerprint():
-    from pipeline.stage import Stage, fingerprint
+    from xlp.pipeline.stage import Stage, fingerprint
 
     stage = Stage("train", reads=("train",), needs=(), fn="x:y", ignores=("train.launcher", "train.log_every"))
     base = fingerprint(stage, load_config(None, []), {})
@@ -231,7 +231,7 @@ def test_ignored_keys_stay_out_of_the_fingerprint():
 def test_stage_registry_imports_nothing_heavy():
     """Each stage module declares its STAGE and imports what it runs with inside run(), so the
     registry (imported by `xlp status`, the config schema, Ray workers) stays cheap."""
-    code = ("import sys, pipeline.stages; "
+    code = ("import sys, xlp.pipeline.stages; "
             "print(sorted(m for m in ('ray', 'torch', 'numpy', 'sentencepiece', 'deepspeed', 'wandb') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=xlp_env(), check=True)

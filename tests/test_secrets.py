@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from conftest import REPO, XLP, xlp_env
-from pipeline.config import ConfigError, load_config, read_yaml
-from pipeline.secrets import env_references, is_secret, is_secret_name, redact, secret_keys
+from xlp.pipeline.config import ConfigError, load_config, read_yaml
+from xlp.pipeline.secrets import env_references, is_secret, is_secret_name, redact, secret_keys
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -52,7 +52,7 @@ def test_redact_masks_url_credentials_and_token_parameters():
 
 
 def test_submitted_config_keeps_env_references_and_refuses_literal_credentials(tmp_path, monkeypatch):
-    from pipeline.submit import SubmitError, save_submitted_config
+    from xlp.pipeline.submit import SubmitError, save_submitted_config
 
     pw = pysecrets.token_hex(8)
     monkeypatch.setenv("XLP_TEST_SOURCE", f"ftp://reader:{pw}@127.0.0.1:1/corpus.jsonl")
@@ -95,8 +95,8 @@ def test_cli_config_not_utf8_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("content", [b"", b"garbage\x00\x01 this is not a model"], ids=["empty", "garbage"])
 def test_bad_tokenizer_model_names_the_file(tmp_path, content):
-    import tokenizer as tk
-    from tokenizer.spm import TokenizerError
+    from xlp import tokenizer as tk
+    from xlp.tokenizer.spm import TokenizerError
 
     model = tmp_path / "tokenizer.model"
     model.write_bytes(content)
@@ -108,7 +108,7 @@ def test_bad_tokenizer_model_names_the_file(tmp_path, content):
 
 
 def _tiny_model(path: Path) -> Path:
-    import tokenizer as tk
+    from xlp import tokenizer as tk
 
     docs = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300)]
     tk.train(docs, vocab_size=300, model_type="bpe").save(path)

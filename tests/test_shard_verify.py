@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import shards as shards_mod
-from pipeline.data.loader import ShardLoader
-from pipeline.data.shards import MANIFEST, ShardError, read_shard
+from xlp.pipeline.data import shards as shards_mod
+from xlp.pipeline.data.loader import ShardLoader
+from xlp.pipeline.data.shards import MANIFEST, ShardError, read_shard
 from tests.test_train import make_shards
 
 S, B = 16, 4
@@ -167,7 +167,7 @@ def test_skip_counts_the_shard_and_keeps_every_other_row(clean, data, workers, c
     n_streams = world * nw
     bad = first_shard_of(data, 1 * nw, n_streams)  # the first shard of rank 1's (first worker's) stream
     flip(data / bad["path"])
-    caplog.set_level(logging.WARNING, logger="pipeline.data.loader")
+    caplog.set_level(logging.WARNING, logger="xlp.pipeline.data.loader")
 
     def run(shard_dir, rank, on_error):
         loader = ShardLoader(shard_dir, split="train", seq_len=S, batch_size=B, rank=rank, world_size=world,
@@ -380,7 +380,7 @@ def _train_damaged(tmp_path, clean, overrides):
 
 @pytest.mark.slow
 def test_training_over_a_damaged_shard_fails_naming_it(tmp_path, clean):
-    from pipeline.train.launch import TrainFailed
+    from xlp.pipeline.train.launch import TrainFailed
 
     data, bad, go = _train_damaged(tmp_path, clean, [])
     with pytest.raises(TrainFailed) as err:

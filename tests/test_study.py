@@ -46,7 +46,7 @@ def xlp_study(path: Path, *args: str, timeout: float = 600) -> subprocess.Comple
     ("    - {name: data, overrides: []}\n", ["'data' is reserved"]),
 ])
 def test_bad_study_config_fails_before_anything_runs(tmp_path, capsys, variants, expected):
-    from pipeline.cli import main
+    from xlp.pipeline.cli import main
 
     path = study_file(tmp_path, variants)
     assert main(["study", str(path)]) == 1  # `xlp study`, in this process
@@ -57,8 +57,8 @@ def test_bad_study_config_fails_before_anything_runs(tmp_path, capsys, variants,
 
 
 def test_study_without_variants_says_how_to_write_one(tmp_path):
-    from pipeline.config import ConfigError
-    from pipeline.study import plan_study
+    from xlp.pipeline.config import ConfigError
+    from xlp.pipeline.study import plan_study
 
     with pytest.raises(ConfigError, match="no `study.variants`"):
         plan_study(TINY)
@@ -67,7 +67,7 @@ def test_study_without_variants_says_how_to_write_one(tmp_path):
 def test_plan_shares_data_by_fingerprint(tmp_path):
     """Variants that change only model or train keys share STUDY_DIR/data; one that changes a data
     stage's key gets a data directory of its own."""
-    from pipeline.study import plan_study
+    from xlp.pipeline.study import plan_study
 
     path = study_file(tmp_path, "    - {name: x, overrides: [model=tiny]}\n"
                                 "    - {name: l, overrides: [model=tiny_llama, train.lr=0.002]}\n"
@@ -87,8 +87,8 @@ def test_plan_shares_data_by_fingerprint(tmp_path):
 
 
 def test_sizing_matches_every_family_to_the_target():
-    from xlstm_model import ModelConfig, count_params
-    from xlstm_model.sizing import FAMILIES, match_params
+    from xlp.xlstm_model import ModelConfig, count_params
+    from xlp.xlstm_model.sizing import FAMILIES, match_params
 
     for family in FAMILIES:
         sized = match_params(family, 1.2e6, vocab_size=2048, width_multiple=16, max_blocks=8)
@@ -101,7 +101,7 @@ def test_sizing_matches_every_family_to_the_target():
 
 
 def test_sizing_finds_the_papers_125m_llama_shape():
-    from xlstm_model.sizing import match_params
+    from xlp.xlstm_model.sizing import match_params
 
     sized = match_params("llama", 125e6, vocab_size=50304, max_blocks=16)
     assert (sized.model["d_model"], sized.model["num_blocks"], sized.model["num_heads"]) == (768, 12, 12)
@@ -111,7 +111,7 @@ def test_sizing_finds_the_papers_125m_llama_shape():
 
 
 def test_decode_rounds_interleave_contexts():
-    from pipeline.eval.gencost import round_orders
+    from xlp.pipeline.eval.gencost import round_orders
 
     orders = round_orders(3, 4)
     assert all(sorted(o) == [0, 1, 2] for o in orders)
@@ -119,8 +119,8 @@ def test_decode_rounds_interleave_contexts():
 
 
 def test_generation_cost_reports_median_and_spread_of_rounds():
-    from pipeline.eval.gencost import generation_cost
-    from xlstm_model import ModelConfig, build_model
+    from xlp.pipeline.eval.gencost import generation_cost
+    from xlp.xlstm_model import ModelConfig, build_model
 
     cfg = ModelConfig(arch="xlstm", vocab_size=128, d_model=32, num_blocks=2, num_heads=2, mlstm_chunk_size=16)
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_generation_cost_reports_median_and_spread_of_rounds():
 
 
 def test_prefill_last_only_logits_equal_the_full_forward():
-    from xlstm_model import ModelConfig, build_model
+    from xlp.xlstm_model import ModelConfig, build_model
 
     for arch in ("xlstm", "llama"):
         cfg = ModelConfig(arch=arch, vocab_size=128, d_model=32, num_blocks=2, num_heads=2, mlstm_chunk_size=16)
@@ -195,7 +195,7 @@ def test_study_runs_data_once_and_both_variants(study):
 
 @pytest.mark.slow
 def test_study_report_holds_both_variants(study):
-    from pipeline.eval.study_report import PLOTS
+    from xlp.pipeline.eval.study_report import PLOTS
 
     root = study["root"]
     report = (root / "report.md").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import tokenizer as tk
+from xlp import tokenizer as tk
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import tokenizer as tk
-from pipeline.data.work import PartitionEncoder
-from tokenizer.fast import FastEncoder, NotConvertible, check, first_difference
-from tokenizer.wordcache import WordCacheEncoder, reason_not_exact
+from xlp import tokenizer as tk
+from xlp.pipeline.data.work import PartitionEncoder
+from xlp.tokenizer.fast import FastEncoder, NotConvertible, check, first_difference
+from xlp.tokenizer.wordcache import WordCacheEncoder, reason_not_exact
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # byte fallback: none of these scripts is in a vocabulary trained on Python sources

@@ -3,7 +3,7 @@ on CPU gloo processes: ZeRO 0-3 agreement, exact resume after SIGKILL, learning,
 SIGTERM, non-finite steps.
 
 The slow tests start DeepSpeed ranks as subprocesses (~10-20 s of start-up each on two cores);
-nothing is JIT-compiled (pipeline.train.dist.skip_shm_comm_build).
+nothing is JIT-compiled (xlp.pipeline.train.dist.skip_shm_comm_build).
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
-from pipeline.train import checkpoint as ckpt
-from pipeline.train.config import TrainConfig
-from pipeline.train.dist import detect
-from pipeline.train.hooks import TrainHooks, load_hooks
-from pipeline.train.monitor import read_metrics
-from pipeline.train.optim import StepGate, param_groups
-from pipeline.train.schedule import lr_at
+from xlp.pipeline.config import ConfigError, load_config, to_yaml
+from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
+from xlp.pipeline.train import checkpoint as ckpt
+from xlp.pipeline.train.config import TrainConfig
+from xlp.pipeline.train.dist import detect
+from xlp.pipeline.train.hooks import TrainHooks, load_hooks
+from xlp.pipeline.train.monitor import read_metrics
+from xlp.pipeline.train.optim import StepGate, param_groups
+from xlp.pipeline.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def test_schedules():
 
 
 def test_param_groups_exclude_norms_biases_embeddings():
-    from xlstm_model import ModelConfig, build_model
+    from xlp.xlstm_model import ModelConfig, build_model
 
     for arch, extra in [("xlstm", {"slstm_at": [1]}), ("llama", {"tie_weights": True}), ("xlstm_large", {})]:
         model = build_model(ModelConfig(arch=arch, vocab_size=VOCAB, d_model=32, num_blocks=2, num_heads=2, **extra))
@@ -226,7 +226,7 @@ def test_dist_detect(monkeypatch):
 
 
 def ckpt_env(*a):
-    from pipeline.train.dist import DistEnv
+    from xlp.pipeline.train.dist import DistEnv
 
     return DistEnv(*a)
 
@@ -263,7 +263,7 @@ def test_hooks_and_metrics_reader(tmp_path):
 
 
 def test_train_stage_registered():
-    from pipeline.stages import STAGES
+    from xlp.pipeline.stages import STAGES
 
     stage = {s.name: s for s in STAGES}["train"]
     assert stage.needs == ("tokenizer", "shard")
@@ -281,7 +281,7 @@ def shards(tmp_path_factory):
 
 
 def train(run_dir: Path, shards: Path, overrides: list[str], procs: int = 2, hooks: str | None = None) -> dict:
-    from pipeline.train.launch import launch
+    from xlp.pipeline.train.launch import launch
 
     config = write_config(run_dir, [f"train.cpu_processes={procs}", *overrides])
     launch(run_dir, config=config, cpu_processes=procs, shard_dir=shards, hooks=hooks)
@@ -334,7 +334,7 @@ def test_zero_stages_follow_zero0(tmp_path, shards, arch):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, shards):
-    from pipeline.train.launch import RanksLost
+    from xlp.pipeline.train.launch import RanksLost
 
     common = ["train.zero_stage=2", "train.steps=60", "train.save_every=30", "train.eval_every=20",
               "train.eval_batches=2", "train.keep_checkpoints=1", "model.d_model=16", "data.seq_len=16"]
@@ -385,7 +385,7 @@ def test_learns_and_logs_to_wandb_offline(tmp_path, shards):
 LAUNCH_SCRIPT = """
 import sys
 from pathlib import Path
-from pipeline.train.launch import launch, TrainInterrupted
+from xlp.pipeline.train.launch import launch, TrainInterrupted
 try:
     launch(Path(sys.argv[1]), config=Path(sys.argv[2]), cpu_processes=2, shard_dir=Path(sys.argv[3]))
 except TrainInterrupted as e:
@@ -437,8 +437,8 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
-    from pipeline.node import RetryableFault
-    from pipeline.train.launch import TrainFailed
+    from xlp.pipeline.node import RetryableFault
+    from xlp.pipeline.train.launch import TrainFailed
 
     common = ["train.steps=8", "train.eval_every=0", "train.save_every=0", "train.max_bad_steps=3"]
     # ZeRO-0 (our own check) with 2 ranks: rank 0's NaN must stop the step on both ranks

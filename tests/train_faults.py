@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from pipeline.train.hooks import TrainHooks
+from xlp.pipeline.train.hooks import TrainHooks
 
 
 class NanLoss(TrainHooks):

@@ -1,6 +1,6 @@
 """SentencePiece tokenizers: train, load, batch-encode, decode; `<bos>`/`<eos>`/`<pad>` specials.
 
-    import tokenizer
+    from xlp import tokenizer
     tok = tokenizer.train(docs, vocab_size=8000)          # BPE, byte fallback
     tok.save("tokenizer.model")
     tok = tokenizer.load("tokenizer.model")               # local path or fsspec URL
@@ -9,7 +9,7 @@
 
 Knows nothing about shards or Ray: the pipeline's stages call it.
 """
-from tokenizer.spm import (
+from xlp.tokenizer.spm import (
     BOS,
     EOS,
     PAD,

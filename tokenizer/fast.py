@@ -12,7 +12,7 @@ pair whose merged piece scores highest, over the whole text (there is no split i
 - the normaliser: a space becomes U+2581 (SentencePiece's whitespace escape). No pre-tokenizer.
 
 Only models this reproduces convert: BPE, identity normalisation, no dummy prefix, whitespace kept
-(the pipeline's own tokenizer.spm.train settings). For others `convert` says why not. Pieces two
+(the pipeline's own xlp.tokenizer.spm.train settings). For others `convert` says why not. Pieces two
 splits can make rank the same in SentencePiece and differently here, so equal ids are never assumed:
 `check` compares both encoders on a sample (ids and time), and the shard stage uses the fast one only if
 they agree and it was the quicker. The shard stage tries it only where the word cache
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tokenizer.spm import Tokenizer, model_proto, not_plain_bpe
+from xlp.tokenizer.spm import Tokenizer, model_proto, not_plain_bpe
 
 WHITESPACE = "\u2581"
 

@@ -239,7 +239,7 @@ def model_proto(tok: Tokenizer):
 
 
 def not_plain_bpe(m, pb) -> Optional[str]:
-    """What makes a parsed model other than plain BPE as tokenizer.spm.train makes it (identity
+    """What makes a parsed model other than plain BPE as xlp.tokenizer.spm.train makes it (identity
     normalisation, no dummy prefix, whitespace kept, escaped and as a prefix); None when it is.
     The faster encoders (tokenizer/fast.py, tokenizer/wordcache.py) reproduce only such models."""
     spec, norm = m.trainer_spec, m.normalizer_spec

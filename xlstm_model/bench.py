@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m xlstm_model.bench [--steps N] [--quick]`.
+"""Benchmarks (not tests): `python -m xlp.xlstm_model.bench [--steps N] [--quick]`.
 
 1. CPU train-step throughput (tokens/s) of the tiny configs: xlstm_large vs the Llama baseline
    (and the NeurIPS xLSTM with its sLSTM block, for reference).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from xlstm_model.machine import cpu_name, peak_rss, reset_peak_rss
+from xlp.xlstm_model.machine import cpu_name, peak_rss, reset_peak_rss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
@@ -36,7 +36,7 @@ def machine_info() -> str:
 def train_tokens_per_s(config: str, batch: int, seq_len: int, steps: int, vocab: int = 512) -> tuple[float, int]:
     from omegaconf import OmegaConf
 
-    from xlstm_model import ModelConfig, build_model, count_params
+    from xlp.xlstm_model import ModelConfig, build_model, count_params
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIGS / config)))
     cfg.vocab_size = vocab
@@ -61,7 +61,7 @@ def train_tokens_per_s(config: str, batch: int, seq_len: int, steps: int, vocab:
 
 def _memory_child(form: str, seq_len: int) -> None:
     """Run in a fresh process: print the peak RSS rise (bytes) of one forward + backward."""
-    import kernels
+    from xlp import kernels
 
     B, NH, DH = 1, 4, 128
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,7 @@ def _memory_child(form: str, seq_len: int) -> None:
 
 
 def peak_memory(form: str, seq_len: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "xlstm_model.bench", "--_memory-child", form, str(seq_len)],
+    out = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench", "--_memory-child", form, str(seq_len)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
         return
 
     print(f"# {machine_info()}")
-    print(f"# command: {' '.join([Path(sys.executable).name, '-m', 'xlstm_model.bench'] + sys.argv[1:])}")
+    print(f"# command: {' '.join([Path(sys.executable).name, '-m', 'xlp.xlstm_model.bench'] + sys.argv[1:])}")
     print("\n## mlstm_chunkwise peak memory, forward + backward (reference, fp32, B 1, NH 4, DQK = DV = 128, chunk 64)")
     results = {}
     for form, lengths in (("chunkwise", (2048, 8192)), ("parallel", (1024, 2048))):

@@ -1,16 +1,16 @@
 """Batch-1 decode speed after long prompts: tokens/s and memory at 1k, 4k and 16k tokens of context.
 
-    python -m xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
-    python -m xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
-    python -m xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
-    python -m xlstm_model.bench_decode --fused --decode pdl=true              # ... kernels overlapped (Hopper PDL)
-    python -m xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
-    python -m xlstm_model.bench_decode --decode matvec=gemm                   # compiled, cuBLAS matrix-vector products
-    python -m xlstm_model.bench_decode --fused --variant pdl:pdl=true --variant compiled:fused=false
-    python -m xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
+    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
+    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
+    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
+    python -m xlp.xlstm_model.bench_decode --fused --decode pdl=true              # ... kernels overlapped (Hopper PDL)
+    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
+    python -m xlp.xlstm_model.bench_decode --decode matvec=gemm                   # compiled, cuBLAS matrix-vector products
+    python -m xlp.xlstm_model.bench_decode --fused --variant pdl:pdl=true --variant compiled:fused=false
+    python -m xlp.xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
 
 Random weights (speed does not depend on them). The prompt is read in segments carrying the state
-(xlstm_model.decode.prefill); then --new-tokens greedy steps are timed (StepDecoder.step_greedy: the
+(xlp.xlstm_model.decode.prefill); then --new-tokens greedy steps are timed (StepDecoder.step_greedy: the
 argmax is taken on the device in the step's graph, as greedy generation does), each ending in a host
 sync (the token is read back, as a streaming generator does). Then the same number of tokens as
 `xlp generate --temperature 0` produces them ("run-ahead": StepDecoder.greedy_tokens, the device
@@ -18,7 +18,7 @@ up to 4 steps ahead of the host, each token read back as soon as it is there). E
 whether the greedy paths pick the same 8 tokens as the argmax of the plain step. xLSTM's state has a
 fixed size, so the time per token should not depend on the context length.
 
---decode KEY=VALUE[,KEY=VALUE...] sets the base decoder's DecodeConfig (xlstm_model.decode: the
+--decode KEY=VALUE[,KEY=VALUE...] sets the base decoder's DecodeConfig (xlp.xlstm_model.decode: the
 pipeline's `decode.*` config keys without the prefix). --variant NAME:KEY=VALUE[,KEY=VALUE...]
 (repeatable) also measures decoders built with some of those keys changed (VARIANT_KEYS), in the same
 process, from the same prefilled states, with their steps interleaved with the base decoder's: ratios
@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from xlstm_model.config import ModelConfig, load_model_yaml
-from xlstm_model.decode import DecodeConfig, StepDecoder, compile_wanted, graphs_wanted, prefill
-from xlstm_model.lm import build_model
+from xlp.xlstm_model.config import ModelConfig, load_model_yaml
+from xlp.xlstm_model.decode import DecodeConfig, StepDecoder, compile_wanted, graphs_wanted, prefill
+from xlp.xlstm_model.lm import build_model
 
 # DecodeConfig keys a variant may change -> the StepDecoder option (set by a command-line flag) that it
 # replaces for that variant. The torch.compile options (compile_mode, matvec, tune) are the same for
@@ -116,7 +116,7 @@ def machine(device: torch.device) -> str:
 def pdl_on(device: torch.device, config: DecodeConfig) -> bool:
     """Whether fused kernels launched with this config use programmatic dependent launch (decode.pdl
     on a GPU that has it)."""
-    from kernels.triton.decode import pdl_wanted
+    from xlp.kernels.triton.decode import pdl_wanted
 
     return pdl_wanted(device, config.pdl)
 
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     use_graph = False if args.no_graph else None
     use_compile = False if args.no_compile else (True if args.compile else None)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"command: {shlex.join([sys.executable, '-m', 'xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
+    print(f"command: {shlex.join([sys.executable, '-m', 'xlp.xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
     fused = True if args.fused else None
     if compile_wanted(device, use_compile, config) and (not (args.fused or config.fused)

@@ -1,8 +1,8 @@
 """One training step of whole models, eager and compiled: tokens/s, MFU and peak memory per GPU.
 
-    python -m xlstm_model.bench_train_step                                  # xlstm_large_400m vs llama_400m, 8x2048
-    python -m xlstm_model.bench_train_step --shape 2x8192 --modes eager,compiled
-    python -m xlstm_model.bench_train_step --models tiny_xlstm_large,tiny_llama --shape 2x64 --device cpu \\
+    python -m xlp.xlstm_model.bench_train_step                                  # xlstm_large_400m vs llama_400m, 8x2048
+    python -m xlp.xlstm_model.bench_train_step --shape 2x8192 --modes eager,compiled
+    python -m xlp.xlstm_model.bench_train_step --models tiny_xlstm_large,tiny_llama --shape 2x64 --device cpu \\
         --compile-backend aot_eager --vocab-size 512                          # CPU dry run
 
 A step is what a pretraining run does per micro-batch on one GPU: forward with the loss (our fused
@@ -15,7 +15,7 @@ another on the same GPU: eager rows first, so that a compile that runs out of ti
 
 Per row: tokens/s and ms/step (median of --steps after --warmup steps; the warm-up includes the
 compile), MFU = xlstm_model.flops_per_token x tokens/s / the GPU's dense bf16 peak
-(xlstm_model.machine.GPU_PEAK_TFLOPS), peak memory (torch.cuda.max_memory_allocated; CPU: the rise
+(xlp.xlstm_model.machine.GPU_PEAK_TFLOPS), peak memory (torch.cuda.max_memory_allocated; CPU: the rise
 of the process's peak RSS), the first step's loss. Then a table with the ratios. Each row is also a
 `RESULT {json}` line on stdout and, with --json PATH, a line of PATH (benchmarks/gpu_campaign.sh
 reads those). Imports only torch, triton and this repository's xlstm_model and kernels.
@@ -38,10 +38,10 @@ from typing import Any, Optional
 
 import torch
 
-from xlstm_model.config import load_model_yaml
-from xlstm_model.counts import flops_per_token
-from xlstm_model.lm import build_model
-from xlstm_model.machine import cpu_name, gpu_peak_tflops, peak_rss, reset_peak_rss
+from xlp.xlstm_model.config import load_model_yaml
+from xlp.xlstm_model.counts import flops_per_token
+from xlp.xlstm_model.lm import build_model
+from xlp.xlstm_model.machine import cpu_name, gpu_peak_tflops, peak_rss, reset_peak_rss
 
 MODES = ("eager", "compiled")
 POLICIES = ("none", "full", "selective")
@@ -183,7 +183,7 @@ def print_table(rows: list[dict[str, Any]], models: list[str], modes: list[str])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xlstm_model.bench_train_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m xlp.xlstm_model.bench_train_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="xlstm_large_400m,llama_400m",
                    help="configs/model names (or YAML paths), comma-separated: the subject, then its baselines")
@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             load_model_yaml(name, args.overrides)
         except (OSError, ValueError) as e:
             p.error(f"--models {name}: {e}")
-    print(f"command: {shlex.join(['python', '-m', 'xlstm_model.bench_train_step', *(sys.argv[1:] if argv is None else argv)])}")
+    print(f"command: {shlex.join(['python', '-m', 'xlp.xlstm_model.bench_train_step', *(sys.argv[1:] if argv is None else argv)])}")
     print(f"machine: {machine(device)}")
     print(f"models: {', '.join(models)}; shapes: {', '.join(f'{b}x{s}' for b, s in shapes)}; modes: {', '.join(modes)}; "
           f"{args.precision}{' autocast' if args.precision == 'bf16' else ''}, fused AdamW, checkpointing "

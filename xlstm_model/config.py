@@ -54,7 +54,7 @@ class ModelConfig:
     gate_soft_cap: Optional[float] = None
     logit_soft_cap: Optional[float] = None
     # Per-head norm of the mLSTM output: layer | rms. None: layer (as xLSTM 7B and transformers' xLSTM).
-    # Models saved before this key existed load as rms (xlstm_model.io keeps their function).
+    # Models saved before this key existed load as rms (xlp.xlstm_model.io keeps their function).
     head_norm: Optional[str] = None
 
     # --- FFNs (SwiGLU in xlstm_large and llama) ---

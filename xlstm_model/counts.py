@@ -6,8 +6,8 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
-from xlstm_model.config import ModelConfig
-from xlstm_model.lm import as_model_config, build_model
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.lm import as_model_config, build_model
 
 
 def _meta_model(cfg: ModelConfig) -> nn.Module:

@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-import kernels
-from xlstm_model.lm import LanguageModel, sample_tokens, until_eos
+from xlp import kernels
+from xlp.xlstm_model.lm import LanguageModel, sample_tokens, until_eos
 
 PREFILL_SEGMENT = 2048  # prompt tokens per forward pass (bounds the (B, S, V) logits of a long prompt)
 MATVECS = ("reduce", "gemm")

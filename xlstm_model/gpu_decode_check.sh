@@ -39,7 +39,7 @@ run() {  # run NAME TIMEOUT ARGS...
 }
 # BENCH_ARGS replaces the model arguments, e.g. for a dry run of the script on CPU:
 #   BENCH_ARGS="--model tiny_xlstm_large --contexts 64,128 --new-tokens 8 --vocab-size 512 --device cpu" bash xlstm_model/gpu_decode_check.sh fused
-M="-m xlstm_model.bench_decode ${BENCH_ARGS:---model xlstm_large_400m}"
+M="-m xlp.xlstm_model.bench_decode ${BENCH_ARGS:---model xlstm_large_400m}"
 for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
@@ -52,7 +52,7 @@ for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager
     compiled_tune) run decode_compiled_tune 170 $M --profile --decode tune=true ;;
     compiled_autotune) run decode_compiled_autotune 200 $M --decode compile_mode=max-autotune-no-cudagraphs ;;
     eager) run decode_eager 70 $M --no-graph --no-compile ;;
-    gencost) run gencost 70 -m pipeline.eval.gencost --models xlstm_125m llama_125m --dtype bf16 --contexts 1024 4096 16384 ;;
+    gencost) run gencost 70 -m xlp.pipeline.eval.gencost --models xlstm_125m llama_125m --dtype bf16 --contexts 1024 4096 16384 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from xlstm_model.config import ModelConfig
+from xlp.xlstm_model.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
 # transformers' xLSTM adds this eps to the mLSTM normaliser max(|n.q|, exp(-m)); ours adds none.
@@ -318,7 +318,7 @@ def read_hf_checkpoint(directory: PathLike) -> tuple[dict, dict[str, Tensor]]:
 
 def load_hf_model(directory: PathLike, base: Optional[ModelConfig] = None, dtype: torch.dtype = torch.float32):
     """Build our LanguageModel from a transformers xLSTM checkpoint directory."""
-    from xlstm_model.lm import build_model
+    from xlp.xlstm_model.lm import build_model
 
     hf_cfg, hf_state = read_hf_checkpoint(directory)
     cfg = from_hf_config(hf_cfg, base)
@@ -398,7 +398,7 @@ def init_from(model: torch.nn.Module, spec: str) -> ModelConfig:
     else:
         from safetensors.torch import load_file
 
-        from xlstm_model.io import WEIGHTS, load_config
+        from xlp.xlstm_model.io import WEIGHTS, load_config
 
         theirs = load_config(path)
         state = load_file(str(Path(path) / WEIGHTS))

@@ -10,8 +10,8 @@ from typing import Union
 
 import torch
 
-from xlstm_model.config import ModelConfig
-from xlstm_model.lm import LanguageModel, as_model_config, build_model
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.lm import LanguageModel, as_model_config, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

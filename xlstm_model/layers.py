@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from kernels.reference.common import segment_ids
-from xlstm_model.config import ModelConfig
+from xlp import kernels
+from xlp.kernels.reference.common import segment_ids
+from xlp.xlstm_model.config import ModelConfig
 
 
 # --------------------------------------------------------------------------------------------- init

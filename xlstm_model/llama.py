@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference.common import segment_ids
-from xlstm_model.config import ModelConfig
-from xlstm_model.layers import GatedFFN, RMSNorm, rope, std_in, std_out
+from xlp.kernels.reference.common import segment_ids
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.layers import GatedFFN, RMSNorm, rope, std_in, std_out
 
 
 class LlamaBlock(nn.Module):

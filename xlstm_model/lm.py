@@ -13,12 +13,12 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-import kernels
-from xlstm_model.config import ModelConfig
-from xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
-from xlstm_model.llama import LlamaBlock
-from xlstm_model.xlstm import MLSTMBlock, SLSTMBlock
-from xlstm_model.xlstm_large import XLSTMLargeBlock
+from xlp import kernels
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
+from xlp.xlstm_model.llama import LlamaBlock
+from xlp.xlstm_model.xlstm import MLSTMBlock, SLSTMBlock
+from xlp.xlstm_model.xlstm_large import XLSTMLargeBlock
 
 State = list[Any]  # one entry per block: (conv state, cell state) for xLSTM blocks, the KV cache for Llama
 
@@ -75,7 +75,7 @@ class LanguageModel(nn.Module):
         shape and policy: parameters are graph inputs, so 24 blocks cost one compile, not 24. Our
         Triton ops are custom ops with fake implementations: the graph calls them as they are. The
         embedding, final norm and fused linear + cross-entropy stay outside. Returns self."""
-        from kernels.dispatch import preload_triton
+        from xlp.kernels.dispatch import preload_triton
 
         preload_triton()
         self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)

@@ -17,7 +17,7 @@ shapes come back (125M: xLSTM 768 x 24, Llama 768 x 12), and at toy sizes, where
 most of the model, depth and width stay sensible rather than hitting the count to the last parameter. Counts are exact (`count_params` on a meta-device model):
 embedding included, a tied head counted once, the vocabulary as given.
 
-    python -m xlstm_model.sizing --params 125e6 --vocab-size 50304
+    python -m xlp.xlstm_model.sizing --params 125e6 --vocab-size 50304
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from xlstm_model.config import ModelConfig
-from xlstm_model.counts import count_params
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.counts import count_params
 
 FAMILIES = ("xlstm_1_0", "xlstm_7_1", "xlstm_large", "llama")
 # d_model / num_blocks of the papers' shapes

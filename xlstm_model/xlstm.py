@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from xlstm_model.config import ModelConfig
-from xlstm_model.layers import CausalConv1d, GatedFFN, HeadwiseLinear, LayerNorm, MultiHeadNorm, std_in, std_out
+from xlp import kernels
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.layers import CausalConv1d, GatedFFN, HeadwiseLinear, LayerNorm, MultiHeadNorm, std_in, std_out
 
 
 class MLSTMBlock(nn.Module):

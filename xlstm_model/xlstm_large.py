@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from xlstm_model.config import ModelConfig
-from xlstm_model.layers import GatedFFN, MultiHeadNorm, RMSNorm, soft_cap, std_in, std_out
+from xlp import kernels
+from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.layers import GatedFFN, MultiHeadNorm, RMSNorm, soft_cap, std_in, std_out
 
 
 class XLSTMLargeBlock(nn.Module):

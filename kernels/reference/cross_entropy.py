@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference.common import compute_dtype
+from xlp.kernels.reference.common import compute_dtype
 
 
 def linear_cross_entropy(

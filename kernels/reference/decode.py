@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference.common import compute_dtype
-from kernels.reference.mlstm import MLSTMState
+from xlp.kernels.reference.common import compute_dtype
+from xlp.kernels.reference.mlstm import MLSTMState
 
 
 def _rms_normed(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:

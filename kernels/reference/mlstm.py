@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference.common import compute_dtype, doc_starts_mask, segment_ids
+from xlp.kernels.reference.common import compute_dtype, doc_starts_mask, segment_ids
 
 MLSTMState = tuple[Tensor, Tensor, Tensor]  # (C, n, m)
 

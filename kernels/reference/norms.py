@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.reference.common import compute_dtype
+from xlp.kernels.reference.common import compute_dtype
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:

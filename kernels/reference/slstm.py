@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference.common import compute_dtype, doc_starts_mask
+from xlp.kernels.reference.common import compute_dtype, doc_starts_mask
 
 SLSTMState = tuple[Tensor, Tensor, Tensor, Tensor]  # (h, c, n, m)
 FORGET_GATES = ("sigmoid", "exp")

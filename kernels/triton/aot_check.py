@@ -1,6 +1,6 @@
 """Compile every Triton kernel for an H100 (sm_90) without a GPU: catches compiler rejections
 (non-constexpr globals, bad dot shapes, type errors) the CPU interpreter does not.
-    python -m kernels.triton.aot_check [bf16|fp32]
+    python -m xlp.kernels.triton.aot_check [bf16|fp32]
 """
 import itertools, sys
 
@@ -50,9 +50,9 @@ def sig_for(fn, ptr_types, ints, consts):
         else: s[a] = "*fp32"
     return s
 ints = {"NH":"i32","S_P":"i32","NC":"i32","scale":"fp32"}
-# every launch configuration kernels.bench --sweep can time (and the default), at the bench shape
+# every launch configuration xlp.kernels.bench --sweep can time (and the default), at the bench shape
 import torch
-from kernels.bench import FWD_VARIANTS, BWD_VARIANTS
+from xlp.kernels.bench import FWD_VARIANTS, BWD_VARIANTS
 tdt = torch.float32 if dt == "fp32" else torch.bfloat16
 seen = set()
 for change in FWD_VARIANTS + BWD_VARIANTS:
@@ -89,7 +89,7 @@ cc = dict(BV=4096, HAS_CAP=True, GRAD=True)
 comp(CE._ce_kernel, sig2(CE._ce_kernel, {"LOGITS":dt,"TGT":"i64"}, {"V":"i32","stride":"i32","ignore_index":"i32","inv_count":"fp32","soft_cap":"fp32"}, cc), cc, "ce")
 comp(M._step_kernel, sig2(M._step_kernel, {"Q":dt,"K":dt,"V":dt,"H":dt}, {"scale":"fp32"}, dict(DQK=128,DV=256,BK=64,BV=64)), dict(DQK=128,DV=256,BK=64,BV=64), "step")
 comp(M._bwd_prep_kernel, sig2(M._bwd_prep_kernel, {"H":dt,"DH":dt}, {"S_P":"i32"}, dict(DV=256,BT=64,BV=64)), dict(DV=256,BT=64,BV=64), "bwd_prep")
-import kernels.triton.decode as DEC
+import xlp.kernels.triton.decode as DEC
 lin = DEC._linear_kernel.fn  # under triton.autotune: the jit function itself
 lp = {"X":dt,"W":dt,"G":dt,"BIAS":dt,"R":dt,"Y":dt}
 li = {"N_OUT":"i32","K":"i32","eps":"fp32","cap":"fp32"}

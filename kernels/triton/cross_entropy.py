@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton._common import check_device, kernel_dtype
+from xlp.kernels.triton._common import check_device, kernel_dtype
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from kernels.triton._common import check_device, interpreting
+from xlp.kernels.triton._common import check_device, interpreting
 
 try:  # grid dependency control (Triton >= 3.3); PDL is off where it is missing
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -153,7 +153,7 @@ def decode_linear(
     residual: Optional[Tensor] = None,
     pdl: bool = False,
 ) -> Tensor:
-    """Fused matrix-vector product; see kernels.reference.decode.decode_linear. pdl: launched with
+    """Fused matrix-vector product; see xlp.kernels.reference.decode.decode_linear. pdl: launched with
     programmatic dependent launch where the GPU has it."""
     check_device(x, weight)
     B, K = x.shape
@@ -321,7 +321,7 @@ def mlstm_decode_mix(
     pdl: bool = False,
     mix: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """One-token mLSTM cell of an xLSTM-large block; see kernels.reference.decode.mlstm_decode_mix.
+    """One-token mLSTM cell of an xLSTM-large block; see xlp.kernels.reference.decode.mlstm_decode_mix.
     pdl: programmatic dependent launch where the GPU has it; mix: (C elements per state tile, warps),
     None: the fastest of _MIX_CONFIGS, timed on the first GPU call per shape."""
     C, n, m = state

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.config import MLSTM_LAUNCH, mlstm_launch, set_mlstm_launch
-from kernels.triton._common import (
+from xlp.kernels.config import MLSTM_LAUNCH, mlstm_launch, set_mlstm_launch
+from xlp.kernels.triton._common import (
     TORCH_TO_TL,
     check_device,
     dot_precision,
@@ -365,8 +365,8 @@ def _bwd_chunk_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration of the four chunkwise kernels: the table and its meaning are in
 # kernels/config.py (MLSTM_LAUNCH, the built-in one; `kernels.mlstm` config key changes it). _CFG is
-# the process's table (kernels.config.mlstm_launch, replaced in place by KernelsConfig.apply or
-# set_mlstm_config). `python -m kernels.bench --sweep` times variants on a GPU and prints the best
+# the process's table (xlp.kernels.config.mlstm_launch, replaced in place by KernelsConfig.apply or
+# set_mlstm_config). `python -m xlp.kernels.bench --sweep` times variants on a GPU and prints the best
 # as `kernels.mlstm.KEY=N` config overrides.
 DEFAULT_CFG = MLSTM_LAUNCH
 _CFG = mlstm_launch
@@ -418,7 +418,7 @@ def _seg_chunk(doc_starts: Optional[Tensor], B: int, S: int, S_P: int, L: int, d
     """Chunk-local document counter (B, S_P) int32: resets seen in the chunk up to and including t."""
     if doc_starts is None:
         return torch.zeros(B, S_P, dtype=torch.int32, device=device)
-    from kernels.reference.common import doc_starts_mask
+    from xlp.kernels.reference.common import doc_starts_mask
 
     reset = doc_starts_mask(doc_starts, B, S, device)
     reset = F.pad(reset.to(torch.int32), (0, S_P - S))
@@ -632,7 +632,7 @@ def mlstm_chunkwise(
     return_final_state: bool = False,
     doc_starts: Optional[Tensor] = None,
 ):
-    """Triton chunkwise mLSTM; same arguments and results as kernels.reference.mlstm.mlstm_chunkwise.
+    """Triton chunkwise mLSTM; same arguments and results as xlp.kernels.reference.mlstm.mlstm_chunkwise.
 
     chunk_size is a request: it is rounded to a power of two in [16, 128] by `pick_chunk_size`.
     """

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton._common import check_device, kernel_dtype
+from xlp.kernels.triton._common import check_device, kernel_dtype
 
 
 @triton.jit
@@ -174,14 +174,14 @@ def _prep(x: Tensor, *params: Optional[Tensor]):
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
-    """Triton RMSNorm; same arguments and result as kernels.reference.norms.rms_norm."""
+    """Triton RMSNorm; same arguments and result as xlp.kernels.reference.norms.rms_norm."""
     check_device(x)
     xk, w = _prep(x, weight)
     return _norm_fwd(xk, w, None, float(eps), False)[0].to(x.dtype)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
-    """Triton LayerNorm; same arguments and result as kernels.reference.norms.layer_norm."""
+    """Triton LayerNorm; same arguments and result as xlp.kernels.reference.norms.layer_norm."""
     check_device(x)
     xk, w, b = _prep(x, weight, bias)
     return _norm_fwd(xk, w, b, float(eps), True)[0].to(x.dtype)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton._common import check_device, kernel_dtype
+from xlp.kernels.triton._common import check_device, kernel_dtype
 
 NEG_INF = tl.constexpr(float("-inf"))  # constexpr: readable inside @triton.jit kernels
 
@@ -296,9 +296,9 @@ def slstm_sequence(
     return_final_state: bool = False,
     doc_starts: Optional[Tensor] = None,
 ):
-    """Triton sLSTM over a sequence; same arguments and results as kernels.reference.slstm."""
-    from kernels.reference.common import doc_starts_mask
-    from kernels.reference.slstm import _check
+    """Triton sLSTM over a sequence; same arguments and results as xlp.kernels.reference.slstm."""
+    from xlp.kernels.reference.common import doc_starts_mask
+    from xlp.kernels.reference.slstm import _check
 
     _check(gates, R, forget_gate, seq=True)
     check_device(gates, R)

@@ -11,7 +11,7 @@ MiB = 1 << 20
 # A document longer than this is cut near it (at a newline or space) into pieces, each a document
 # (counted as docs_split / split_pieces): above natural documents (a long book is 1-2 MB), and what
 # bounds a data worker's memory: encoding a piece peaks at ~60x its size (SentencePiece's state per
-# character plus Python ints), ~300 MiB here (python -m pipeline.bench_bigdoc).
+# character plus Python ints), ~300 MiB here (python -m xlp.pipeline.bench_bigdoc).
 MAX_DOC_BYTES = 4 * MiB
 
 
@@ -49,7 +49,7 @@ class DataConfig:
     # Later weights: [{step: 900, weights: {web: 0.5, code: 0.5}}, ...]: from that step on (an annealing
     # phase); a group left out gets weight 0. Changing a phase the run has not reached continues it.
     mixture_phases: list[Any] = field(default_factory=list)
-    # The global row order interleaves this many streams of each group's shards (pipeline.data.order):
+    # The global row order interleaves this many streams of each group's shards (xlp.pipeline.data.order):
     # a step's rows come from that many shards at once. Part of the order (changing it is another run).
     # Memory: a rank (or loader worker) process holds the current shard of each stream it reads (each up
     # to data.shard_bytes): streams/ranks of them with one group and ranks dividing streams (then the

@@ -7,7 +7,7 @@ whole (`tokenizer.path`) are hashed by content; a checkpoint directory (`model.i
 its small files hashed and its big ones (weights) taken by size and modification time.
 
 Each function takes the resolved config and returns something JSON-able; the stage fingerprint hashes
-it (`pipeline.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing
+it (`xlp.pipeline.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing
 records the error (so `xlp status` still works), and the stage itself fails with the readers' message
 when it runs.
 """
@@ -72,7 +72,7 @@ def list_source(source: str) -> dict:
 def _list_local(source: str) -> dict:
     """Files, directories, globs and file:// URLs: the readers' own expansion (so what they skip, the
     listing skips), then one stat per file: [path, size, mtime_ns]."""
-    from pipeline.data.readers import resolve_sources
+    from xlp.pipeline.data.readers import resolve_sources
 
     files = []
     for ref in resolve_sources([source]):  # raises DataError naming the source when nothing is there
@@ -89,7 +89,7 @@ def _list_stdlib(source: str) -> dict:
     """The interpreter's version and its standard library's .py files with their sizes, as paths
     relative to the stdlib root (no mtimes: the same Python installed on another node or in another
     container lists the same)."""
-    from pipeline.data.readers import stdlib_files, stdlib_root
+    from xlp.pipeline.data.readers import stdlib_files, stdlib_root
 
     root = stdlib_root()
     files = [[os.path.relpath(p, root), os.stat(p).st_size] for p in stdlib_files(source.partition(":")[2])]
@@ -103,7 +103,7 @@ def _list_url(source: str) -> dict:
     gives them. One listing call per source (no request per object)."""
     import fsspec
 
-    from pipeline.data.readers import GLOB_CHARS, _hidden
+    from xlp.pipeline.data.readers import GLOB_CHARS, _hidden
 
     fs, path = fsspec.core.url_to_fs(source)
     if any(c in path for c in GLOB_CHARS):

@@ -27,7 +27,7 @@ How data is split and ordered (all of it a function of seed and epoch, nothing e
   world_size, num_workers, seq_len, batch_size, seed; other values are refused).
 
 Shards are verified: the first time a process opens a shard, its size (before reading) and sha256
-(over the bytes read) are compared with the manifest (pipeline.data.shards.read_verified). A missing,
+(over the bytes read) are compared with the manifest (xlp.pipeline.data.shards.read_verified). A missing,
 truncated, damaged or unparsable shard raises ShardError, one line naming the shard and the expected
 and actual size or hash, before any of its samples is used. With `on_error="skip"` (data.on_error)
 the shard is left out instead: a warning names it, `skipped_shards` counts it, and it contributes no
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardError, load_manifest, read_shard, read_verified
+from xlp.pipeline.data.shards import ShardError, load_manifest, read_shard, read_verified
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("fail", "skip")

@@ -11,7 +11,7 @@ What row comes when is a function of (seed, shards, seq_len, streams, mixture, g
 nothing else: not of the number of ranks, loader workers or the micro-batch split.
 
 - Each mixture group (one group, "", without `data.mixture`) reads its own train shards as `streams`
-  endless streams (pipeline.data.loader's plan with n_streams=streams: shuffled by (seed, epoch), a
+  endless streams (xlp.pipeline.data.loader's plan with n_streams=streams: shuffled by (seed, epoch), a
   stream reads every streams-th shard, or every streams-th sample when there are fewer shards). A
   stream is cut into rows of S+1 tokens overlapping by one, as in ShardLoader.
 - Global row i belongs to a group chosen by weight (`Apportioner`: the group furthest below its share
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.loader import ON_ERROR, Pos, _Plan, _segments
-from pipeline.data.shards import load_manifest
+from xlp.pipeline.data.loader import ON_ERROR, Pos, _Plan, _segments
+from xlp.pipeline.data.shards import load_manifest
 
 STATE_VERSION = 1
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Mixture:
     @staticmethod
     def from_config(mixture: Optional[dict], phases: Optional[list]) -> "Mixture":
         """From `data.mixture` ({name: {sources, weight}}) and `data.mixture_phases`
-        ([{step, weights: {name: weight}}]), already validated (pipeline.data.config)."""
+        ([{step, weights: {name: weight}}]), already validated (xlp.pipeline.data.config)."""
         if not mixture:
             return Mixture.one_group()
         names = tuple(mixture)

@@ -16,15 +16,15 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.data.config import MAX_DOC_BYTES
-from pipeline.data.readers import (
+from xlp.pipeline.data.config import MAX_DOC_BYTES
+from xlp.pipeline.data.readers import (
     FileRef,
     ReadStats,
     doc_hash,
     hash_unit,
     iter_documents,
 )
-from pipeline.data.shards import (
+from xlp.pipeline.data.shards import (
     META_DIR,
     REWRITE,
     SPLITS,
@@ -177,8 +177,8 @@ class PartitionEncoder:
         self.wordcache = None  # the word-cache encoder, once it agreed (kept for its statistics)
 
     def _check(self, texts: list[str]) -> list[list[int]]:
-        from tokenizer.fast import check, first_difference, set_threads
-        from tokenizer.wordcache import WordCacheEncoder, reason_not_exact
+        from xlp.tokenizer.fast import check, first_difference, set_threads
+        from xlp.tokenizer.wordcache import WordCacheEncoder, reason_not_exact
 
         chars = sum(map(len, texts))
         t = time.perf_counter()
@@ -306,7 +306,7 @@ def shard_partition(job: ShardJob, report) -> dict:
     record = {"partition": job.partition, "files": len(job.files), "plan": job.plan, "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
               "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record(),
-              # where the task's time went (python -m pipeline.bench_data prints the stage's sums)
+              # where the task's time went (python -m xlp.pipeline.bench_data prints the stage's sums)
               "seconds": round(time.perf_counter() - started, 4), "encode_seconds": round(encode_s, 4)}
     path = part_record_path(out_dir, job.partition)
     tmp = path.with_name(f".{path.name}.tmp")

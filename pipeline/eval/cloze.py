@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.eval.common import val_documents
-from pipeline.eval.config import local_task_files
+from xlp.pipeline.eval.common import val_documents
+from xlp.pipeline.eval.config import local_task_files
 
 DATA_FILE = "cloze.jsonl"
 MIN_LINE, MAX_LINE = 8, 100

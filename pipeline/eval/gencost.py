@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.eval.common import param_bytes, tensor_bytes
-from xlstm_model.machine import peak_rss
+from xlp.pipeline.eval.common import param_bytes, tensor_bytes
+from xlp.xlstm_model.machine import peak_rss
 
 
 class _Rise:
@@ -148,7 +148,7 @@ def _model_from_config(name: str, vocab_size: int | None):
     """A randomly initialised model of configs/model/<name>.yaml (timing does not depend on training)."""
     import yaml
 
-    from xlstm_model import ModelConfig, build_model
+    from xlp.xlstm_model import ModelConfig, build_model
 
     path = Path(__file__).resolve().parent.parent.parent / "configs" / "model" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
@@ -159,7 +159,7 @@ def _model_from_config(name: str, vocab_size: int | None):
 
 
 def main(argv=None) -> int:
-    """`python -m pipeline.eval.gencost --models xlstm_125m llama_125m`: the eval stage's generation-cost
+    """`python -m xlp.pipeline.eval.gencost --models xlstm_125m llama_125m`: the eval stage's generation-cost
     measurement on randomly initialised models of configs/model/, side by side (no run needed)."""
     import argparse
     import json
@@ -193,12 +193,12 @@ def main(argv=None) -> int:
     import os
     import platform
 
-    from xlstm_model.machine import cpu_name
+    from xlp.xlstm_model.machine import cpu_name
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} {torch.get_num_threads()} threads, {platform.node()}"
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
-    print(f"\nmachine: {machine}\ncommand: python -m pipeline.eval.gencost {' '.join(argv or sys.argv[1:])}")
+    print(f"\nmachine: {machine}\ncommand: python -m xlp.pipeline.eval.gencost {' '.join(argv or sys.argv[1:])}")
     print(f"{'model':16s} {'context':>8s} {'prefill tok/s':>14s} {'decode tok/s (min-max)':>24s} {'vs first':>9s} "
           f"{'state MiB':>10s} {'decode peak MiB':>16s}")
     for name, res in out.items():

@@ -3,7 +3,7 @@
 From the lm_eval command line (lm-eval discovers no models outside its own package, so this module
 runs lm_eval's CLI after registering ours; every lm_eval option works as usual):
 
-    HF_DATASETS_OFFLINE=1 python -m pipeline.eval.harness run --model xlp \\
+    HF_DATASETS_OFFLINE=1 python -m xlp.pipeline.eval.harness run --model xlp \\
         --model_args run_dir=runs/demo --tasks xlp_cloze xlp_cloze_mc \\
         --include_path runs/demo/eval/lm_eval/tasks --limit 50 --output_path out/ --log_samples
 
@@ -12,7 +12,7 @@ runs lm_eval's CLI after registering ours; every lm_eval option works as usual):
 their data (built from the val split) and a copy of the YAML pointing at it into
 RUN_DIR/eval/lm_eval/tasks/. From Python: `XLPLM(model=model, tokenizer=tok)`.
 
-How requests are scored (the training loop's document semantics, see pipeline.eval.common):
+How requests are scored (the training loop's document semantics, see xlp.pipeline.eval.common):
 - loglikelihood(context, continuation): context and continuation are encoded separately (our
   SentencePiece has no dummy prefix, so the continuation's tokens do not depend on the context),
   the row is `<eos> + context + continuation` with the state reset at the first context token,
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from pipeline.eval.common import load_tokenizer, pick_device
-from pipeline.layout import RunLayout
+from xlp.pipeline.eval.common import load_tokenizer, pick_device
+from xlp.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class XLPLM(LM):
             log.warning("xlp model: ignoring unknown model_args %s", sorted(kwargs))
         dev = _resolve_device(device)
         if model is None:
-            from xlstm_model import load_model
+            from xlp.xlstm_model import load_model
 
             if model_dir is None:
                 if run_dir is None:
@@ -61,7 +61,7 @@ class XLPLM(LM):
                 model_dir = str(RunLayout(run_dir).train.model_dir)
             model = load_model(model_dir, map_location="cpu")
             if run_dir is not None:  # the run's kernels.* (the eval stage, passing model=, has set them)
-                from pipeline.generate import model_settings
+                from xlp.pipeline.generate import model_settings
 
                 model_settings(Path(run_dir))[0].apply()
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
@@ -70,7 +70,7 @@ class XLPLM(LM):
                     raise ValueError("xlp model: give tokenizer=PATH/tokenizer.model (or run_dir=)")
                 tokenizer = load_tokenizer(Path(run_dir))
             else:
-                import tokenizer as tk
+                from xlp import tokenizer as tk
 
                 tokenizer = tk.load(tokenizer)
         self.model = model.to(dev).eval()
@@ -172,7 +172,7 @@ class XLPLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from xlstm_model import sample
+        from xlp.xlstm_model import sample
 
         out = []
         gen = torch.Generator(device=self._device).manual_seed(1234)

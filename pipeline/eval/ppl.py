@@ -1,6 +1,6 @@
 """Held-out perplexity, bits per byte, and loss by position at 1x..8x the training length.
 
-Both read the val split through the training loader (pipeline.data.loader.ShardLoader, one epoch,
+Both read the val split through the training loader (xlp.pipeline.data.loader.ShardLoader, one epoch,
 no shuffling): packed rows of documents with the state reset at every document start, exactly as
 training and its validation saw them.
 
@@ -21,13 +21,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.eval.common import document_positions, finite, token_nll
+from xlp.pipeline.eval.common import document_positions, finite, token_nll
 
 
 def val_loader(shard_dir: Path, seq_len: int, batch_size: int):
     """One unshuffled epoch of the val split in (batch_size, seq_len) rows; the batch size shrinks
     when the split has fewer rows than one batch (None when it has not one row)."""
-    from pipeline.data.loader import ShardLoader
+    from xlp.pipeline.data.loader import ShardLoader
 
     loader = ShardLoader(shard_dir, split="val", seq_len=seq_len, batch_size=batch_size, shuffle=False, epochs=1)
     if loader.epoch_batches() == 0:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.eval.common import finite
+from xlp.pipeline.eval.common import finite
 
 
 def _pools(vocab: int, rng: np.random.Generator, first_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
-from pipeline.layout import RunLayout, StudyLayout
-from pipeline.stage import atomic_write_json, atomic_write_text, read_stage_json
+from xlp.pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
+from xlp.pipeline.layout import RunLayout, StudyLayout
+from xlp.pipeline.stage import atomic_write_json, atomic_write_text, read_stage_json
 
 if TYPE_CHECKING:
-    from pipeline.study import StudyPlan
+    from xlp.pipeline.study import StudyPlan
 
 REPORT_VERSION = 2  # bump when the report's content changes, so reruns rewrite it (2: colours by family past 10 variants)
 PLOTS = ("bpb_vs_params.png", "bpb_vs_tokens.png", "loss_by_position.png", "decode_cost.png")
@@ -51,10 +51,10 @@ def collect(plan: "StudyPlan") -> list[dict]:
     """One record per variant whose eval stage is done (in the study's order)."""
     from omegaconf import OmegaConf
 
-    from pipeline.train.monitor import read_metrics
-    from pipeline.study import model_vocab
-    from xlstm_model import count_params
-    from xlstm_model.counts import flops_per_token
+    from xlp.pipeline.train.monitor import read_metrics
+    from xlp.pipeline.study import model_vocab
+    from xlp.xlstm_model import count_params
+    from xlp.xlstm_model.counts import flops_per_token
 
     rows = []
     for v in plan.variants:
@@ -233,7 +233,7 @@ def write_markdown(path: Path, plan: "StudyPlan", rows: list[dict], plots: list[
         md.append(f"Not in this report (no finished eval yet): {', '.join(missing)}.\n")
     md.append("## Variants\n")
     md.append("Parameters count the embedding (tied head once); FLOPs = training FLOPs per token "
-              "(`xlstm_model.counts.flops_per_token`, forward + backward) x tokens seen; wall time = the train "
+              "(`xlp.xlstm_model.counts.flops_per_token`, forward + backward) x tokens seen; wall time = the train "
               "stage's, throughput = its tokens/s after the first step. Bits per byte: the eval stage's held-out "
               "loss / ln 2 / UTF-8 bytes per token (tokenizer-independent).\n")
     table = []

@@ -3,8 +3,8 @@ config keys it reads, the stages it needs, its function as an import string); th
 The stage modules import their heavy dependencies inside `run`, so importing the registry is cheap."""
 from __future__ import annotations
 
-from pipeline.stage import Stage
-from pipeline.stages import eval, shard, tokenizer, train
+from xlp.pipeline.stage import Stage
+from xlp.pipeline.stages import eval, shard, tokenizer, train
 
 STAGES: list[Stage] = [tokenizer.STAGE, shard.STAGE, train.STAGE, eval.STAGE]
 

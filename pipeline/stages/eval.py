@@ -20,8 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.layout import RunLayout
-from pipeline.stage import Stage, StageContext
+from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.stage import Stage, StageContext
 
 # The registry imports this module: torch and the evaluations are imported inside run().
 
@@ -34,7 +34,7 @@ STAGE = Stage(
     name="eval",
     reads=READS,
     needs=("tokenizer", "shard", "train"),
-    fn="pipeline.stages.eval:run",
+    fn="xlp.pipeline.stages.eval:run",
     resumable=False,
     headline=HEADLINE,
     description="held-out ppl/bpb, long context, generation cost, recall, lm-eval; report.md + plots",
@@ -84,10 +84,10 @@ def run(ctx: StageContext) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from pipeline.config import section
-    from pipeline.eval import common, gencost, ppl, recall, report
-    from pipeline.train.monitor import read_metrics
-    from xlstm_model import count_params
+    from xlp.pipeline.config import section
+    from xlp.pipeline.eval import common, gencost, ppl, recall, report
+    from xlp.pipeline.train.monitor import read_metrics
+    from xlp.xlstm_model import count_params
 
     t_start = time.time()
     cfg = ctx.cfg
@@ -191,12 +191,12 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
         os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_DATASETS_CACHE", str(lm_dir / "hf_cache"))
     try:
-        from pipeline.eval.harness import XLPLM, flatten_results, run_tasks
+        from xlp.pipeline.eval.harness import XLPLM, flatten_results, run_tasks
     except ImportError as e:
         raise RuntimeError(
             f"eval.parts has lm_eval but lm-evaluation-harness is not importable ({e}); install it with "
             "`pip install -e '.[eval]'` (or drop lm_eval from eval.parts)") from None
-    from pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
+    from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
 
     items = build_items(shard_dir, tok, n_items=ec.cloze_items, context_chars=ec.cloze_context_chars, seed=ec.seed)
     if not items:
@@ -215,7 +215,7 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
 
     from lm_eval.utils import handle_non_serializable
 
-    from pipeline.stage import atomic_write_text
+    from xlp.pipeline.stage import atomic_write_text
 
     keep = {k: v for k, v in res.items() if k not in ("samples",)}
     atomic_write_text(lm_dir / "results.json", json.dumps(keep, indent=2, default=handle_non_serializable))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.stage import Stage, StageContext, atomic_write_json
+from xlp.pipeline.stage import Stage, StageContext, atomic_write_json
 
 # The registry imports this module: what the stage runs with (Ray, numpy, SentencePiece) is imported
 # inside run().
@@ -31,19 +31,19 @@ STAGE = Stage(
     name="shard",
     reads=READS,
     needs=("tokenizer",),
-    fn="pipeline.stages.shard:run",
+    fn="xlp.pipeline.stages.shard:run",
     resumable=True,
     headline=("tokens", "shards", "docs_kept", "docs_empty", "files_skipped", "bad_records"),
     description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
-    inputs=("pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
+    inputs=("xlp.pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
 )
 
 
 def run(ctx: StageContext) -> dict:
-    import tokenizer as tk
-    from pipeline.data.parallel import default_workers, run_parallel
-    from pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
-    from pipeline.data.shards import (
+    from xlp import tokenizer as tk
+    from xlp.pipeline.data.parallel import default_workers, run_parallel
+    from xlp.pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
+    from xlp.pipeline.data.shards import (
         SPLITS,
         build_manifest,
         dtype_name,
@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> dict:
         remove_shards_from,
         token_dtype,
     )
-    from pipeline.data.work import (
+    from xlp.pipeline.data.work import (
         HashJob,
         ReadOptions,
         ShardJob,
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
         shard_partition,
         verify_finished_partition,
     )
-    from pipeline.stages.tokenizer import _sections, read_metrics
+    from xlp.pipeline.stages.tokenizer import _sections, read_metrics
 
     t0 = time.time()
     dc, _ = _sections(ctx.cfg)
@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> dict:
                               read_counts=counts, per_source=stats.per_source,
                               listed={k: v for k, v in rm.items() if isinstance(v, list)})
     if manifest["tokens"] == 0:  # an empty corpus fails here, not later in train
-        from pipeline.secrets import redact
+        from xlp.pipeline.secrets import redact
 
         raise ValueError(
             f"the corpus gave no tokens: data.sources {redact(list(dc.sources))} has "
@@ -171,7 +171,7 @@ def run(ctx: StageContext) -> dict:
     if empty:  # a group the loader could never draw from fails here, not in train
         raise ValueError(f"data.mixture group(s) {empty} gave no training tokens: point their sources at "
                          "non-empty files (and check data.val_fraction)")
-    from pipeline.diskfull import writing
+    from xlp.pipeline.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
         atomic_write_json(layout.manifest, manifest)

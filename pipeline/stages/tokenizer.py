@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.data.config import MiB
-from pipeline.stage import Stage, StageContext, atomic_write_json, atomic_write_text
+from xlp.pipeline.data.config import MiB
+from xlp.pipeline.stage import Stage, StageContext, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from pipeline.data.config import DataConfig
-    from pipeline.data.readers import ReadStats
+    from xlp.pipeline.data.config import DataConfig
+    from xlp.pipeline.data.readers import ReadStats
 
 # The registry (pipeline/stages/__init__.py) and the config schema import this module: what the stage
 # runs with (SentencePiece, Ray, the readers) is imported inside run().
@@ -70,12 +70,12 @@ STAGE = Stage(
     name="tokenizer",
     reads=READS,
     needs=(),
-    fn="pipeline.stages.tokenizer:run",
+    fn="xlp.pipeline.stages.tokenizer:run",
     resumable=False,
     headline=("vocab_size", "chars_per_token", "docs_read", "sample_docs"),
     description="train SentencePiece on a uniform sample of the corpus (or take tokenizer.path)",
     # the corpus files (path, size, mtime) and the content of tokenizer.path: pipeline/data/listing.py
-    inputs=("pipeline.data.listing:corpus", "pipeline.data.listing:tokenizer_file"),
+    inputs=("xlp.pipeline.data.listing:corpus", "xlp.pipeline.data.listing:tokenizer_file"),
 )
 
 
@@ -99,10 +99,10 @@ def read_metrics(stats: ReadStats) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    import tokenizer as tk
-    from pipeline.data.parallel import default_workers, run_parallel
-    from pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
-    from pipeline.data.work import ReadOptions, SampleJob, sample_partition
+    from xlp import tokenizer as tk
+    from xlp.pipeline.data.parallel import default_workers, run_parallel
+    from xlp.pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+    from xlp.pipeline.data.work import ReadOptions, SampleJob, sample_partition
 
     t0 = time.time()
     dc, tc = _sections(ctx.cfg)

@@ -1,6 +1,6 @@
 """The `train` stage: DeepSpeed ZeRO training of `model.*` on the shards, resumable.
 
-Launches the ranks (pipeline.train.launch) with the stage's resolved config, and returns rank 0's
+Launches the ranks (xlp.pipeline.train.launch) with the stage's resolved config, and returns rank 0's
 result (final loss, validation loss, tokens/s, ...). A rerun with the same fingerprint resumes from
 the newest complete checkpoint in RUN_DIR/train/checkpoints.
 """
@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from pipeline.stage import Stage, StageContext, atomic_write_text
+from xlp.pipeline.stage import Stage, StageContext, atomic_write_text
 
 # The registry imports this module: torch, DeepSpeed and the loop are imported inside run().
 
@@ -18,7 +18,7 @@ STAGE = Stage(
     name="train",
     # wandb.* is read at run time but not hashed: monitoring settings change no result
     # the rows of each step: data.seq_len, data.streams, data.mixture's weights and phases, run.seed
-    # (pipeline.data.order) and the global batch
+    # (xlp.pipeline.data.order) and the global batch
     reads=("model", "train", "data.seq_len", "data.streams", "data.mixture", "data.mixture_phases", "run.seed",
            "kernels"),
     # where the ranks run (and their transport settings, train.env), how often they log, validate and
@@ -34,17 +34,17 @@ STAGE = Stage(
     continues=("train.steps", "train.resume_from_step", "train.cpu_processes", "train.grad_accum",
                "train.micro_batch_size", "data.mixture_phases"),
     needs=("tokenizer", "shard"),
-    fn="pipeline.stages.train:run",
+    fn="xlp.pipeline.stages.train:run",
     resumable=True,
     headline=("final_loss", "val_loss", "tokens_per_s", "mfu", "skipped_steps"),
     description="DeepSpeed ZeRO training (gloo ranks on CPU, one rank per GPU); checkpoints, W&B",
-    inputs=("pipeline.data.listing:init_from",),  # the model.init_from checkpoint's files (listing.py)
+    inputs=("xlp.pipeline.data.listing:init_from",),  # the model.init_from checkpoint's files (listing.py)
 )
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.secrets import redact_config_yaml
-    from pipeline.train.launch import launch
+    from xlp.pipeline.secrets import redact_config_yaml
+    from xlp.pipeline.train.launch import launch
 
     layout = ctx.layout
     out = layout.train
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     out.result.unlink(missing_ok=True)
     world = local_world_size(ctx.cfg)
     if world is not None:  # the global batch splits over the ranks, and matches the checkpoint's: checked
-        from pipeline.train.elastic import refuse_before_launch  # before any rank starts
+        from xlp.pipeline.train.elastic import refuse_before_launch  # before any rank starts
 
         resized = refuse_before_launch(ctx.cfg, out.checkpoints, world)
         if resized:
@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> dict:
 def local_world_size(cfg) -> "int | None":
     """The ranks the local launcher will start (one per GPU, else train.cpu_processes); None under
     slurm or ray, where the ranks check the resize themselves."""
-    from pipeline.train.launch import choose_launcher, count_gpus, visible_devices_for_ranks
+    from xlp.pipeline.train.launch import choose_launcher, count_gpus, visible_devices_for_ranks
 
     try:
         if choose_launcher(str(cfg.train.launcher)) != "local":

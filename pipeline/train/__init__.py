@@ -3,7 +3,7 @@
 Modules
   config.py      `train.*` (TrainConfig), its validation, and the DeepSpeed config it gives
   trainer.py     the loop of one rank: Trainer.train_step / validate / save / restore / log, StepStats
-  main.py        the rank's entry points: `python -m pipeline.train.main --run-dir RUN_DIR [KEY=VALUE ...]`
+  main.py        the rank's entry points: `python -m xlp.pipeline.train.main --run-dir RUN_DIR [KEY=VALUE ...]`
                  and `ray_train_loop` for Ray Train; reads the config, starts the process group
   hooks.py       TrainHooks: where tests step into the loop (`--hooks module:name`), no-ops otherwise
   launch.py      starts the ranks (local processes, srun in an allocation, Ray Train workers) and
@@ -17,10 +17,10 @@ Modules
 
 Launching outside the stage (the config is the run's resolved config, RUN_DIR/config.yaml; KEY=VALUE
 arguments after it override keys, e.g. `train.device=cpu`):
-  torchrun --nproc-per-node 8 -m pipeline.train.main --run-dir RUN_DIR
-  deepspeed --num_gpus 8 --module pipeline.train.main --run-dir RUN_DIR
-  srun --ntasks-per-node 8 python -m pipeline.train.main --run-dir RUN_DIR
-  Ray Train: TorchTrainer(pipeline.train.main.ray_train_loop, train_loop_config={"run_dir": RUN_DIR}, ...)
+  torchrun --nproc-per-node 8 -m xlp.pipeline.train.main --run-dir RUN_DIR
+  deepspeed --num_gpus 8 --module xlp.pipeline.train.main --run-dir RUN_DIR
+  srun --ntasks-per-node 8 python -m xlp.pipeline.train.main --run-dir RUN_DIR
+  Ray Train: TorchTrainer(xlp.pipeline.train.main.ray_train_loop, train_loop_config={"run_dir": RUN_DIR}, ...)
 
 Outputs in RUN_DIR/train/
   checkpoints/step_XXXXXXXX/  DeepSpeed module/optimizer/engine state + per-rank RNG and loader state

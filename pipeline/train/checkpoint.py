@@ -53,8 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.diskfull import disk_full, is_disk_full, writing
-from pipeline.stage import atomic_write_json
+from xlp.pipeline.diskfull import disk_full, is_disk_full, writing
+from xlp.pipeline.stage import atomic_write_json
 
 NAME_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp."
@@ -259,7 +259,7 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
          write_extra: Optional[Callable[[Path], dict[str, dict]]] = None) -> Path:
     """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path.
     `write_extra(folder)`, called on every rank after DeepSpeed's files, writes more files into the
-    checkpoint and returns their records ({name: file_record}), e.g. pipeline.train.elastic.save_state.
+    checkpoint and returns their records ({name: file_record}), e.g. xlp.pipeline.train.elastic.save_state.
 
     Raises DiskFull (naming the file) when the disk fills up, CheckpointError on other write errors;
     either way the `.tmp.` folder is removed and the older checkpoints are left as they were."""
@@ -555,7 +555,7 @@ def gather_full_state(engine, *, rank: int) -> dict[str, torch.Tensor]:
 
 def export_model(state: dict[str, torch.Tensor], model_cfg: Any, out: Path) -> Path:
     """Write the consolidated model (safetensors + config.json) to `out` atomically (rank 0 only)."""
-    from xlstm_model import build_model, save_model
+    from xlp.xlstm_model import build_model, save_model
 
     out = Path(out)
     model = build_model(model_cfg)

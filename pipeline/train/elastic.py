@@ -4,7 +4,7 @@ What the trajectory keeps is the global batch G (rows per optimizer step): `trai
 or, when it is null, train.micro_batch_size x train.grad_accum x ranks of the run that started it. With
 `train.global_batch_size` set, grad_accum is derived on every launch, G / (micro_batch_size x ranks),
 and the run can come back on any number of ranks M for which that divides; the loader's global order
-(pipeline.data.order) gives every step the same rows whatever M is.
+(xlp.pipeline.data.order) gives every step the same rows whatever M is.
 
 DeepSpeed's ZeRO-1/2/3 files hold each rank's partition of the optimizer (and under ZeRO-3 of the
 parameters), which DeepSpeed loads only on the same number of ranks (its universal checkpoint needs an
@@ -90,8 +90,8 @@ def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
 def refuse_before_launch(cfg: Any, checkpoints: Path, world_size: int) -> Optional[str]:
     """The train stage's check before it starts any rank: the global batch splits over `world_size`
     ranks and matches the newest checkpoint's. Returns the resume line (or None); raises ResizeError."""
-    from pipeline.config import section
-    from pipeline.train import checkpoint as ckpt
+    from xlp.pipeline.config import section
+    from xlp.pipeline.train import checkpoint as ckpt
 
     tc = section(cfg, "train")
     grad_accum_for(tc, world_size)
@@ -153,7 +153,7 @@ def save_state(engine, folder: Path, *, rank: int) -> dict[str, dict]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
 
-    from pipeline.train.checkpoint import file_record
+    from xlp.pipeline.train.checkpoint import file_record
 
     base = _base_optimizer(engine)
     _link_optimizer_fragments(engine)

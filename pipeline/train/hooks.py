@@ -4,7 +4,7 @@ The loop calls the hooks at fixed places; the default hooks do nothing. Tests in
 reproduce faults that cannot be made from outside a process at an exact step (a NaN loss on one rank,
 a node lost right after a checkpoint became whole):
 
-    python -m pipeline.train.main --run-dir RUN_DIR --hooks tests.train_faults:NAN_LOSS_AT_3_4
+    python -m xlp.pipeline.train.main --run-dir RUN_DIR --hooks tests.train_faults:NAN_LOSS_AT_3_4
 
 `--hooks module:name` names a TrainHooks instance, or a class or function that returns one.
 """

@@ -12,11 +12,11 @@ to save a checkpoint and exit (TrainInterrupted), and after `grace_s` they are k
 fails fails the launch (TrainFailed) with its log tail, and the others are ended. Locally the ranks
 also get SIGTERM if this process dies (PR_SET_PDEATHSIG); under srun the srun step does.
 
-`supervise()` also watches the ranks' heartbeats (pipeline.train.heartbeat) when `train.hang_timeout`
+`supervise()` also watches the ranks' heartbeats (xlp.pipeline.train.heartbeat) when `train.hang_timeout`
 is set: a rank silent that long (stopped, or its node lost), or every rank without progress that long
 once training has begun (stuck in a collective), ends the ranks and fails the launch with RanksLost,
 naming the rank. So does a rank killed by SIGKILL (OOM killer, node lost) without an error of its own.
-RanksLost is a pipeline.node.RetryableFault: `xlp run` exits 75, and a rerun resumes from the last
+RanksLost is a xlp.pipeline.node.RetryableFault: `xlp run` exits 75, and a rerun resumes from the last
 checkpoint. A rank that raised (it wrote rank_<r>.error) stays a TrainFailed: a rerun would fail again.
 """
 from __future__ import annotations
@@ -35,15 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
-from pipeline.layout import RunLayout, TrainLayout
-from pipeline.node import RetryableFault, node_name
-from pipeline.train.dist import free_port
-from pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
-from pipeline.train.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
+from xlp.pipeline.layout import RunLayout, TrainLayout
+from xlp.pipeline.node import RetryableFault, node_name
+from xlp.pipeline.train.dist import free_port
+from xlp.pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
+from xlp.pipeline.train.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
                                  slurm_count, srun_plan)
-from pipeline.train.trainer import EXIT_STOPPED
+from xlp.pipeline.train.trainer import EXIT_STOPPED
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("auto", "local", "slurm", "ray")
 
 
@@ -62,17 +61,17 @@ class RanksLost(TrainFailed, RetryableFault):
 
 @dataclass
 class RankCommand:
-    """What every launcher starts: `python -m pipeline.train.main` with these arguments."""
+    """What every launcher starts: `python -m xlp.pipeline.train.main` with these arguments."""
 
     run_dir: Path
     config: Path
     out: TrainLayout
     shard_dir: Optional[Path] = None
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE, e.g. train.device=cpu
-    hooks: Optional[str] = None  # module:name of pipeline.train.hooks.TrainHooks (tests)
+    hooks: Optional[str] = None  # module:name of xlp.pipeline.train.hooks.TrainHooks (tests)
 
     def argv(self) -> list[str]:
-        cmd = [sys.executable, "-m", "pipeline.train.main", "--run-dir", str(self.run_dir), "--config",
+        cmd = [sys.executable, "-m", "xlp.pipeline.train.main", "--run-dir", str(self.run_dir), "--config",
                str(self.config), "--out-dir", str(self.out.root)]
         if self.shard_dir is not None:
             cmd += ["--shard-dir", str(self.shard_dir)]
@@ -81,7 +80,7 @@ class RankCommand:
         return cmd + ["--no-stage-json", *self.overrides]  # the train stage records its own stage.json
 
     def loop_config(self) -> dict:
-        """The same, as pipeline.train.main.ray_train_loop's config."""
+        """The same, as xlp.pipeline.train.main.ray_train_loop's config."""
         return {"run_dir": str(self.run_dir), "config": str(self.config), "out_dir": str(self.out.root),
                 "shard_dir": str(self.shard_dir) if self.shard_dir is not None else None,
                 "overrides": list(self.overrides), "hooks": self.hooks, "record_stage": False}
@@ -176,7 +175,7 @@ class Ranks:
 def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float,
               hang_timeout: float = 0.0) -> int:
     """Wait for `ranks`, rank 0's log followed to `stream`, SIGTERM/SIGINT forwarded as a stop
-    request, their heartbeats judged (hang_timeout > 0; pipeline.train.heartbeat.HangDetector).
+    request, their heartbeats judged (hang_timeout > 0; xlp.pipeline.train.heartbeat.HangDetector).
     Returns the number of ranks; raises TrainFailed (RanksLost: hung or lost) or TrainInterrupted."""
     detector = HangDetector(out, world_size=ranks.n, hang_timeout=hang_timeout) if hang_timeout > 0 else None
     hang: Optional[Hang] = None
@@ -350,13 +349,12 @@ def _first_error_rank(out: TrainLayout) -> Optional[int]:
 
 
 def rank_env(base: dict, *, cpu_threads: Optional[int], extra_env: dict) -> dict:
-    """The ranks' environment: ours, with the repo importable, unbuffered output, and on CPU the
+    """The ranks' environment: ours (the installed package is importable), unbuffered output, and on CPU the
     DeepSpeed CPU accelerator and `cpu_threads` OpenMP threads (None: ranks on GPUs)."""
     env = dict(base)
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    })
+    # PYTHONSAFEPATH: `python -m` would put the working directory first on sys.path, where a clone's
+    # top-level folders (kernels/, tokenizer/) would shadow other distributions' packages of those names.
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"})
     if cpu_threads is not None:
         env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cpu_threads)})
     env.update(extra_env)
@@ -668,7 +666,7 @@ def _signal_step(job_id: str, step_name: str, signal_name: str = "TERM") -> bool
 # Ray: Ray Train workers
 
 # The workers get their environment from Ray (the job's runtime env), not from this process: these
-# are passed on. Secret ones (pipeline.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
+# are passed on. Secret ones (xlp.pipeline.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
 # a value with a credentialed URL) never go into the runtime env, which Ray's agents log: they travel as a Ray object (in the
 # object store, not in any log or in Ray Train's stored run config), which each worker reads into its
 # environment before the rank starts.
@@ -690,7 +688,7 @@ class RayRanks(Ranks):
         from ray.train.torch import TorchTrainer
 
         resources = ray.cluster_resources()
-        from pipeline.secrets import is_secret
+        from xlp.pipeline.secrets import is_secret
 
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
@@ -795,9 +793,9 @@ def _ray_rank(config: dict) -> None:
     import ray
     import ray.train
 
-    from pipeline.stage import output_to
-    from pipeline.train.main import ray_train_loop
-    from pipeline.train.trainer import StopRequest
+    from xlp.pipeline.stage import output_to
+    from xlp.pipeline.train.main import ray_train_loop
+    from xlp.pipeline.train.trainer import StopRequest
 
     config = dict(config)
     secret_ref = config.pop("secret_env", None)

@@ -1,12 +1,12 @@
-"""One training rank: `python -m pipeline.train.main --run-dir RUN_DIR [--config FILE] [KEY=VALUE ...]`.
+"""One training rank: `python -m xlp.pipeline.train.main --run-dir RUN_DIR [--config FILE] [KEY=VALUE ...]`.
 
-Runs under any launcher (see pipeline.train.dist): the train stage's own (`train.cpu_processes` gloo
+Runs under any launcher (see xlp.pipeline.train.dist): the train stage's own (`train.cpu_processes` gloo
 ranks, or one rank per GPU), `torchrun`, `deepspeed`, `srun`, `mpirun`, Ray Train (`ray_train_loop`),
 or none (one process). It reads the resolved config (default RUN_DIR/config.yaml, which the runner
 writes) with the KEY=VALUE overrides given after it (a launcher passes its choices this way, e.g.
 `train.device=cpu`), the tokenizer and shards of RUN_DIR, and writes RUN_DIR/train/: checkpoints/,
 model/ (consolidated safetensors), metrics.jsonl, result.json, the W&B run, and this rank's heartbeat
-(logs/heartbeat_<rank>.json, pipeline.train.heartbeat) for the launcher's hang check.
+(logs/heartbeat_<rank>.json, xlp.pipeline.train.heartbeat) for the launcher's hang check.
 
 Exit status: 0 trained to train.steps; 143 stopped by SIGTERM/SIGINT after saving a checkpoint; 1 error
 (the message is also in RUN_DIR/train/logs/rank_<r>.error).
@@ -26,21 +26,21 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.layout import RunLayout, TrainLayout
-from pipeline.train import dist as xdist
-from pipeline.train.heartbeat import Heartbeat, beat_interval
-from pipeline.train.trainer import StopRequest, Trainer
+from xlp.pipeline.layout import RunLayout, TrainLayout
+from xlp.pipeline.train import dist as xdist
+from xlp.pipeline.train.heartbeat import Heartbeat, beat_interval
+from xlp.pipeline.train.trainer import StopRequest, Trainer
 
 T0 = time.perf_counter()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train.main", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.train.main", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, type=Path)
     ap.add_argument("--config", type=Path, help="resolved config (default RUN_DIR/config.yaml)")
     ap.add_argument("--out-dir", type=Path, help="default RUN_DIR/train")
     ap.add_argument("--shard-dir", type=Path, help="default RUN_DIR/shard")
-    ap.add_argument("--hooks", help="module:name of TrainHooks to install (pipeline.train.hooks; for tests)")
+    ap.add_argument("--hooks", help="module:name of TrainHooks to install (xlp.pipeline.train.hooks; for tests)")
     ap.add_argument("--no-stage-json", dest="record_stage", action="store_false",
                     help="do not write OUT_DIR/stage.json (the train stage's launcher records it itself); by "
                     "default rank 0 records the run as `xlp run` would, so the runner treats it as its own")
@@ -90,14 +90,14 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
     marker = lock = heartbeat = None
     try:
-        from pipeline.config import load_config
-        from pipeline.train.hooks import load_hooks
+        from xlp.pipeline.config import load_config
+        from xlp.pipeline.train.hooks import load_hooks
 
         cfg = load_config(Path(config) if config else layout.config, list(overrides))
         heartbeat = Heartbeat(out.heartbeat(d.rank), rank=d.rank,
                               interval_s=beat_interval(float(cfg.train.hang_timeout))).start()
         if record_stage and d.rank == 0:
-            from pipeline.runner import RunLock
+            from xlp.pipeline.runner import RunLock
 
             lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
             lock.acquire()
@@ -140,8 +140,8 @@ def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout):
     """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
     computes from the same config over the upstream stages' recorded fingerprints (a compute node need
     not see the corpus their listings cover)."""
-    from pipeline.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
-    from pipeline.stages import STAGES
+    from xlp.pipeline.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
+    from xlp.pipeline.stages import STAGES
 
     train = next(s for s in STAGES if s.name == "train")
     markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in train.needs}
@@ -159,7 +159,7 @@ def start_process_group(cfg, d: xdist.DistEnv) -> bool:
     rank trains on a GPU."""
     import torch
 
-    from pipeline.config import section
+    from xlp.pipeline.config import section
 
     tc = section(cfg, "train")
     cuda = xdist.use_cuda(tc.device)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from xlstm_model.machine import GPU_PEAK_TFLOPS  # the table the benchmarks share
+from xlp.xlstm_model.machine import GPU_PEAK_TFLOPS  # the table the benchmarks share
 
 
 def device_peak_flops(precision: str, *, cuda: bool, configured_tflops: Optional[float] = None) -> tuple[float, str]:
@@ -185,7 +185,7 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
     import wandb
     from omegaconf import OmegaConf
 
-    from pipeline.secrets import redact
+    from xlp.pipeline.secrets import redact
 
     id_file = out_dir / "wandb_run_id"
     if id_file.is_file():
