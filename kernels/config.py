@@ -16,8 +16,10 @@ Pure Python (no Triton import): the pipeline validates configs on machines witho
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -78,6 +80,42 @@ def format_mlstm_launch(table: Mapping[str, int]) -> str:
     return changed or "kernels.mlstm={}"
 
 
+# The process's default backend (what ops use when called without `backend=`). Plain Python state, here
+# beside the settings that set it, so that applying a config needs no torch.
+ENV_VAR = "XLP_KERNEL_BACKEND"
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
+    return name
+
+
+def set_default_backend(name: Optional[str]) -> None:
+    """Set the backend ops use when called without `backend=` (name in BACKENDS), or None to go
+    back to the environment variable XLP_KERNEL_BACKEND (else "auto")."""
+    global _default_override
+    _default_override = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """`set_default_backend(name)` for the duration of a `with` block, then the previous setting."""
+    global _default_override
+    previous = _default_override
+    set_default_backend(name)
+    try:
+        yield
+    finally:
+        _default_override = previous
+
+
+def default_backend() -> str:
+    if _default_override is not None:
+        return _default_override
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | reference | triton (auto: Triton on CUDA tensors, else reference)
@@ -92,8 +130,6 @@ class KernelsConfig:
         """Make these the process's kernel settings: the default backend (always, "auto" included,
         so that XLP_KERNEL_BACKEND in the environment cannot change a pipeline run) and the mLSTM
         launch table."""
-        from xlp.kernels.dispatch import set_default_backend
-
         self.validate()
         set_default_backend(self.backend)
         set_mlstm_launch(self.mlstm)

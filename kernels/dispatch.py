@@ -9,17 +9,15 @@ processes set the default from the `kernels.backend` config key (xlp.kernels.con
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 import xlp.kernels.reference as reference
-from xlp.kernels.config import BACKENDS
-ENV_VAR = "XLP_KERNEL_BACKEND"
+from xlp.kernels.config import (BACKENDS, ENV_VAR, _check_name, default_backend,  # noqa: F401  (re-exported)
+                               set_default_backend, use_backend)
 
 # op name -> module under kernels/triton/ that holds its Triton version
 TRITON_MODULES = {
@@ -39,36 +37,6 @@ _default_override: Optional[str] = None
 _triton_cache: dict[str, Any] = {}  # op -> callable, or the exception that made it unavailable
 _warned: set[str] = set()
 
-
-def _check_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
-    return name
-
-
-def set_default_backend(name: Optional[str]) -> None:
-    """Set the backend ops use when called without `backend=` (name in BACKENDS), or None to go
-    back to the environment variable XLP_KERNEL_BACKEND (else "auto")."""
-    global _default_override
-    _default_override = None if name is None else _check_name(name)
-
-
-@contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """`set_default_backend(name)` for the duration of a `with` block, then the previous setting."""
-    global _default_override
-    previous = _default_override
-    set_default_backend(name)
-    try:
-        yield
-    finally:
-        _default_override = previous
-
-
-def default_backend() -> str:
-    if _default_override is not None:
-        return _default_override
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
 
 
 def _load_triton(op: str) -> Any:

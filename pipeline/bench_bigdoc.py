@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from xlp import tokenizer as tk
     from xlp.pipeline.bench_data import machine
-    from xlp.pipeline.data.config import MAX_DOC_BYTES
+    from xlp.pipeline.core.schema.data import MAX_DOC_BYTES
 
     limit = int(args.max_doc_mb * (1 << 20)) if args.max_doc_mb else MAX_DOC_BYTES
     print(f"machine: {machine()}")

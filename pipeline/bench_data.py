@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from xlp import tokenizer as tk
-    from xlp.pipeline.config import load_config
+    from xlp.pipeline.core.config import load_config
     from xlp.pipeline.data.loader import ShardLoader
     from xlp.pipeline.data.order import GlobalLoader
     from xlp.pipeline.data.readers import ReadStats, iter_documents, resolve_sources
-    from xlp.pipeline.layout import RunLayout
-    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.core.layout import RunLayout
+    from xlp.pipeline.core.stage import StageContext
     from xlp.pipeline.stages import shard as shard_stage
 
     print(f"machine: {machine()}")

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="make the files here instead of a temporary directory (it must not exist)")
     args = ap.parse_args(argv)
 
-    from xlp.pipeline.config import load_config
+    from xlp.pipeline.core.config import load_config
     from xlp.pipeline.data import listing
     from xlp.pipeline.data.readers import resolve_sources
-    from xlp.pipeline.stage import fingerprints, trajectories
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.stage import fingerprints, trajectories
+    from xlp.pipeline.core.registry import STAGES
 
     print(f"machine: {machine()}")
     print(f"command: python -m xlp.pipeline.bench_fingerprint {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")

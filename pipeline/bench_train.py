@@ -56,7 +56,7 @@ def bare_loops(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     """ms per optimizer step of the bare torch loop and the bare one-rank DeepSpeed loop."""
     import torch
 
-    from xlp.pipeline.config import section
+    from xlp.pipeline.core.config import section
     from xlp.pipeline.train.optim import build_optimizer
     from xlp.xlstm_model import build_model
 
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.update(DS_ACCELERATOR="cpu")  # a CPU benchmark, GPUs or not (and train.device=cpu)
 
-    from xlp.pipeline.config import load_config, to_yaml
-    from xlp.pipeline.layout import RunLayout
+    from xlp.pipeline.core.config import load_config, to_yaml
+    from xlp.pipeline.core.layout import RunLayout
 
     threads = args.threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="xlp-bench-") as tmp:

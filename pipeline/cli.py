@@ -24,7 +24,7 @@ An unknown key or a value of the wrong type is an error that names the key and w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xlp.pipeline.stages import stage_names
+    from xlp.pipeline.core.registry import stage_names
 
     stages_help = ", ".join(stage_names()) or "(none registered)"
     parser = argparse.ArgumentParser(
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("config", metavar="CONFIG", help="run config YAML, e.g. configs/demo.yaml")
+    run.add_argument("config", metavar="CONFIG", help="run config: a YAML file, or a packaged config's name (`xlp configs`), e.g. demo, tiny")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dot-list)")
     run.add_argument(
         "--stages",
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Ray clusters with token authentication: the token in ~/.ray/auth_token or RAY_AUTH_TOKEN is used.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    submit.add_argument("config", metavar="CONFIG", help="run config YAML")
+    submit.add_argument("config", metavar="CONFIG", help="run config: a YAML file or a packaged config's name (`xlp configs`)")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dot-list)")
     submit.add_argument("--to", required=True, choices=("slurm", "ray"), help="the kind of cluster")
     submit.add_argument("--address", metavar="URL", help="Ray: the Jobs API address, e.g. http://head:8265 "
@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("config", metavar="CONFIG")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
 
+    sub.add_parser(
+        "configs",
+        help="list the configs that ship with the package (run, recipes, studies; model sizes)",
+        description="List the packaged configs. Any command that takes CONFIG accepts one of these names "
+        "(`xlp run tiny`, `xlp submit recipes/xlstm_large_7b ...`) or a path to a YAML file; a YAML file of "
+        "yours can name the packaged model sizes in its defaults (`defaults: [{model: xlstm_large_400m}]`), "
+        "and a model/ folder beside it wins over them.",
+    )
+
     export = sub.add_parser(
         "export",
         help="write a trained model (+ tokenizer) for use outside the pipeline",
@@ -222,18 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from xlp.pipeline.config import ConfigError
+    from xlp.pipeline.core.config import ConfigError
     from xlp.pipeline.runner import PipelineError
-    from xlp.pipeline.submit import SubmitError
+    from xlp.pipeline.cluster.submit import SubmitError
 
     commands = {"run": cmd_run, "study": cmd_study, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
+                "configs": cmd_configs,
                 "compare": cmd_compare, "export": cmd_export, "generate": cmd_generate}
     try:
         return commands[args.command](args)
     except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
         if getattr(e, "retryable", False):
-            from xlp.pipeline.node import EXIT_RETRYABLE
+            from xlp.pipeline.core.node import EXIT_RETRYABLE
 
             print(f"xlp {args.command}: the cluster failed, not the run: run the same command again to resume "
                   f"(exit status {EXIT_RETRYABLE}; a Slurm job requeues itself)", file=sys.stderr)
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
-    from xlp.pipeline.config import load_config
+    from xlp.pipeline.core.config import load_config
     from xlp.pipeline.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
@@ -262,8 +272,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from xlp.pipeline.layout import StudyLayout
-    from xlp.pipeline.study import plan_study, print_plan, run_study, summary_line
+    from xlp.pipeline.core.layout import StudyLayout
+    from xlp.pipeline.study.plan import plan_study, print_plan
+    from xlp.pipeline.study.run import run_study, summary_line
 
     plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
     only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
@@ -271,7 +282,7 @@ def cmd_study(args) -> int:
         print_plan(plan, args.config, args.overrides, sys.stdout)
         return 0
     if args.report_only:
-        from xlp.pipeline.eval.study_report import update_report
+        from xlp.pipeline.study.report import update_report
 
         update_report(plan, out=sys.stdout)
         return 0
@@ -285,7 +296,7 @@ def cmd_study(args) -> int:
 
 def _stage_list(spec: str | None) -> list[str] | None:
     from xlp.pipeline.runner import PipelineError
-    from xlp.pipeline.stages import stage_names
+    from xlp.pipeline.core.registry import stage_names
 
     if not spec:
         return None
@@ -297,12 +308,12 @@ def _stage_list(spec: str | None) -> list[str] | None:
 
 
 def cmd_submit(args) -> int:
-    from xlp.pipeline.config import load_config
-    from xlp.pipeline.submit import SubmitError, submit_ray, submit_slurm
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
-        from xlp.pipeline.study import plan_study, submit_study
+        from xlp.pipeline.study.plan import plan_study, submit_study
 
         if args.to != "slurm" or args.stages or args.wait:
             raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "
@@ -336,19 +347,31 @@ def cmd_generate(args) -> int:
     return generate_main(args)
 
 
+def cmd_configs(args) -> int:
+    from xlp.pipeline.core.resources import config_dir, packaged_configs
+
+    root = config_dir()
+    print(f"configs shipped in {root} (use the name, e.g. `xlp run tiny`):")
+    for name in packaged_configs():
+        print(f"  {name}")
+    models = sorted(p.stem for p in (root / "model").glob("*.yaml"))
+    print(f"model sizes (`model=NAME` or `defaults: [{{model: NAME}}]`): {', '.join(models)}")
+    return 0
+
+
 def cmd_config(args) -> int:
-    from xlp.pipeline.config import load_config
-    from xlp.pipeline.secrets import redact_config_yaml
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.core.secrets import redact_config_yaml
 
     print(redact_config_yaml(load_config(args.config, args.overrides)), end="")  # terminals get logged too
     return 0
 
 
 def cmd_status(args) -> int:
-    from xlp.pipeline.config import ConfigError, load_config
-    from xlp.pipeline.layout import RunLayout
+    from xlp.pipeline.core.config import ConfigError, load_config
+    from xlp.pipeline.core.layout import RunLayout
     from xlp.pipeline.runner import human_bytes, stale_outputs, stage_states
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.registry import STAGES
 
     run_dir = Path(args.run_dir)
     config_file = RunLayout(run_dir).config

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.trained import TOKENIZER_FILE, ExportError, find_model, load_any, model_settings
 
 FORMATS = ("hf", "native")
-TOKENIZER_FILE = "tokenizer.model"  # in an exported directory (the name transformers' LlamaTokenizer reads)
 # Texts the exported transformers tokenizer must encode exactly as our SentencePiece model does.
 CHECK_TEXTS = (
     "def f(x):\n\tif x  >= 10:\n        return 'héllo 世界 🚀'  # ok\n",
@@ -31,43 +30,10 @@ CHECK_TEXTS = (
 )
 
 
-class ExportError(ValueError):
-    pass
-
-
-def find_model(source: Path) -> tuple[Path, Path]:
-    """(model dir, tokenizer.model) of a run directory (RUN_DIR/train/model, RUN_DIR/tokenizer) or of
-    an export directory (both inside)."""
-    source = Path(source)
-    run = RunLayout(source)
-    if (run.train.model_dir / "config.json").is_file():
-        model_dir, tok = run.train.model_dir, run.tokenizer_model
-    elif (source / "config.json").is_file():
-        model_dir, tok = source, source / TOKENIZER_FILE
-    else:
-        raise ExportError(f"{source}: neither a run directory with a trained model (RUN_DIR/train/model/) "
-                          "nor an exported model directory (config.json)")
-    if not tok.is_file():
-        raise ExportError(f"{source}: no tokenizer at {tok}")
-    return model_dir, tok
-
-
-def load_any(model_dir: Path, map_location: str = "cpu"):
-    """Our saved model or a transformers xLSTM checkpoint -> LanguageModel."""
-    data = json.loads((Path(model_dir) / "config.json").read_text())
-    if data.get("model_type") == "xlstm":
-        from xlp.xlstm_model.hf import load_hf_model
-
-        return load_hf_model(model_dir).to(map_location)
-    from xlp.xlstm_model import load_model
-
-    return load_model(model_dir, map_location=map_location)
-
 
 def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, log=sys.stderr) -> Path:
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
-    from xlp.pipeline.generate import model_settings
     from xlp.xlstm_model import load_config
 
     model_settings(Path(source))[0].apply()  # the run's kernels.* for any model code that runs here

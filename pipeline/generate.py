@@ -14,50 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.trained import ExportError, find_model, load_any, model_settings, pick_device
 
-
-SETTINGS_SECTIONS = ("kernels", "decode")
-
-
-def model_settings(source: Path, overrides=()):
-    """(KernelsConfig, DecodeConfig) for running the model of `source`: the `kernels` and `decode`
-    sections of the run's config (RUN_DIR/config.yaml; their defaults for an export directory), then
-    `overrides` (`kernels.*` / `decode.*` key=value items), validated."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    from xlp.kernels.config import KernelsConfig
-    from xlp.pipeline.config import ConfigError, merge_into
-    from xlp.xlstm_model.decode import DecodeConfig
-
-    cfg = OmegaConf.create({"kernels": OmegaConf.structured(KernelsConfig),
-                            "decode": OmegaConf.structured(DecodeConfig)})
-    config_file = RunLayout(source).config
-    if config_file.is_file():
-        data = yaml.safe_load(config_file.read_text()) or {}
-        merge_into(cfg, {k: data[k] for k in SETTINGS_SECTIONS if data.get(k)}, f"config file {config_file}")
-    for item in overrides:
-        key, eq, _ = item.partition("=")
-        if not eq or key.split(".")[0] not in SETTINGS_SECTIONS:
-            raise ConfigError(f"override {item!r}: only kernels.* and decode.* keys can be set here "
-                              "(e.g. kernels.backend=triton decode.fused=true)")
-        merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
-    kernels, decode = OmegaConf.to_object(cfg["kernels"]), OmegaConf.to_object(cfg["decode"])
-    for part in (kernels, decode):
-        try:
-            part.validate()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return kernels, decode
-
-
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def run(
@@ -81,7 +39,6 @@ def run(
     import torch
 
     from xlp import tokenizer as tk
-    from xlp.pipeline.export import find_model, load_any
     from xlp.xlstm_model.decode import generate_stream, step_compiles
 
     dev = pick_device(device)
@@ -149,7 +106,6 @@ def run(
 
 
 def main(args) -> int:
-    from xlp.pipeline.export import ExportError
 
     try:
         run(args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

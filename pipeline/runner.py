@@ -9,7 +9,6 @@ stay out of the user's way.
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -28,9 +27,11 @@ from typing import Callable, Iterable, Optional, TextIO
 
 from omegaconf import DictConfig
 
-from xlp.pipeline.layout import RunLayout
-from xlp.pipeline.secrets import redact_config_yaml
-from xlp.pipeline.stage import (
+from xlp.pipeline.core.errors import PipelineError
+from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.lock import RunLock
+from xlp.pipeline.core.secrets import redact_config_yaml
+from xlp.pipeline.core.stage import (
     Stage,
     StageContext,
     StageMarker,
@@ -49,14 +50,6 @@ HEARTBEAT_S = 10.0
 # A marker that says "running" but has not been refreshed for this long belongs to a dead run.
 STALE_HEARTBEAT_S = 60.0
 
-
-class PipelineError(RuntimeError):
-    """A run that cannot go on; the message says which stage and what to do. `retryable`: the stage
-    failed because of the cluster (xlp.pipeline.node.RetryableFault), and a rerun resumes."""
-
-    def __init__(self, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class Stopped(KeyboardInterrupt):
@@ -133,48 +126,6 @@ def _still_running(marker: dict, run_dir: Path | None) -> bool:
     return True
 
 
-class RunLock:
-    """An advisory lock on RUN_DIR held by the `xlp run` using it, so two runs never interleave."""
-
-    def __init__(self, run_dir: Path):
-        self.path = RunLayout(run_dir).lock
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise PipelineError(
-                f"another `xlp run` ({holder or 'unknown process'}) is using {self.path.parent}; "
-                "wait for it to finish or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def held_by_other(self) -> bool:
-        if not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
 
 def run_pipeline(
     cfg: DictConfig,
@@ -188,7 +139,7 @@ def run_pipeline(
 ) -> dict[str, str]:
     """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError."""
     if stages is None:
-        from xlp.pipeline.stages import STAGES
+        from xlp.pipeline.core.registry import STAGES
 
         stages = STAGES
     out = out or sys.stdout
@@ -382,7 +333,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
         marker.failed(message)
-        from xlp.pipeline.node import RetryableFault
+        from xlp.pipeline.core.node import RetryableFault
 
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
@@ -460,7 +411,7 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException:
-                from xlp.pipeline.secrets import redact_text
+                from xlp.pipeline.core.secrets import redact_text
 
                 print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
                 raise

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from xlp.pipeline.diskfull import DiskFull, disk_full, free_bytes
+from xlp.pipeline.core.diskfull import DiskFull, disk_full, free_bytes
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.hooks import TrainHooks
 from tests.test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
@@ -222,7 +222,7 @@ def test_shard_writer_disk_full(tmp_path, tmpfs):
 @needs_root
 def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
     from xlp.pipeline.runner import _status
-    from xlp.pipeline.stage import StageMarker, atomic_write_json
+    from xlp.pipeline.core.stage import StageMarker, atomic_write_json
 
     d = tmpfs(tmp_path / "stage", "64k")
     marker = StageMarker(d / "stage.json", "train", fingerprint="abc", trajectory="t", resumed=False)
@@ -297,7 +297,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, shards):
 
 @pytest.mark.slow
 def test_resume_from_step(tmp_path, shards):
-    from xlp.pipeline.train.launch import TrainFailed
+    from xlp.pipeline.cluster.launch import TrainFailed
 
     run = tmp_path / "run"
     train(run, shards, COMMON)
@@ -339,7 +339,7 @@ FILL_DISK_AFTER_FIRST_SAVE = FillDiskAfterFirstSave
 @pytest.mark.slow
 @needs_root
 def test_checkpoint_save_on_a_full_disk(tmp_path, shards, tmpfs, monkeypatch):
-    from xlp.pipeline.train.launch import TrainFailed
+    from xlp.pipeline.cluster.launch import TrainFailed
 
     run = tmp_path / "run"
     root = tmpfs(run / "train" / "checkpoints", "64m")

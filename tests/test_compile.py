@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xlp.pipeline.train.config import TrainConfig
+from xlp.pipeline.core.schema.train import TrainConfig
 from xlp.pipeline.train.optim import build_optimizer
 from xlp.xlstm_model import ModelConfig, build_model
 from xlp.xlstm_model.config import load_model_yaml

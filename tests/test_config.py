@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.core.config import ConfigError, load_config
 
 DEMO = REPO / "configs" / "demo.yaml"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.node import node_name
+from xlp.pipeline.core.node import node_name
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.monitor import read_metrics
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.core.config import ConfigError, load_config
 from xlp.pipeline.data.readers import (
     DataError,
     FileRef,
@@ -185,7 +185,7 @@ def test_unread_names_in_shard_manifest_and_counts(tree, tmp_path, ray_local):
 
 
 def run_stage(name: str, run_dir: Path, overrides: list[str]) -> dict:
-    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.core.stage import StageContext
     from xlp.pipeline.stages import shard as shard_stage
     from xlp.pipeline.stages import tokenizer as tok_stage
 
@@ -285,7 +285,7 @@ def test_every_bad_input_fails_on_one_line_naming_the_file(tmp_path):
 
 def test_bad_input_fails_the_stage_on_one_line_and_marks_it_failed(tmp_path, ray_local):
     from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.registry import STAGES
 
     bad = tmp_path / "float.parquet"
     pq.write_table(pa.table({"text": [1.5, 2.5]}), bad)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.core.config import ConfigError, load_config
 from xlp.pipeline.data.readers import (
     DataError,
     ReadStats,

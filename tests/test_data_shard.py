@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from xlp import tokenizer as tk
-from xlp.pipeline.config import load_config
+from xlp.pipeline.core.config import load_config
 from xlp.pipeline.data.readers import DataError, ReadStats, doc_hash, hash_unit, iter_documents, resolve_sources
 from xlp.pipeline.data.shards import MANIFEST, read_shard
-from xlp.pipeline.stage import StageContext
-from xlp.pipeline.stages import STAGES
+from xlp.pipeline.core.stage import StageContext
+from xlp.pipeline.core.registry import STAGES
 from xlp.pipeline.stages import shard as shard_stage
 from xlp.pipeline.stages import tokenizer as tok_stage
 
@@ -219,8 +219,8 @@ def test_two_runs_identical(run1, corpus, tmp_path):
 KILL_SCRIPT = r"""
 import json, sys, ray
 from pathlib import Path
-from xlp.pipeline.config import load_config
-from xlp.pipeline.stage import StageContext
+from xlp.pipeline.core.config import load_config
+from xlp.pipeline.core.stage import StageContext
 from xlp.pipeline.stages.shard import run
 run_dir, overrides, address = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 ray.init(address=address, log_to_driver=False)  # a second driver on the test's Ray: starts fast

@@ -93,8 +93,8 @@ def test_zero_partitions_two_ranks_resume_on_one(shards, reference, tmp_path, ze
 @pytest.mark.slow
 def test_a_resize_the_global_batch_does_not_divide_is_refused(reference, tmp_path):
     """The train stage on 3 ranks over a 2-rank checkpoint of 8-row steps: refused before any rank starts."""
-    from xlp.pipeline.config import load_config
-    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.core.stage import StageContext
     from xlp.pipeline.stages import train as train_stage
     from xlp.pipeline.train.elastic import ResizeError
 
@@ -123,9 +123,9 @@ def test_which_keys_define_the_trajectory():
     """train.num_workers changes nothing (not in the fingerprint); ranks, grad_accum and micro-batch
     size continue a run (the ranks refuse a different global batch); the global batch, data.streams
     and the mixture weights are the trajectory."""
-    from xlp.pipeline.config import load_config
-    from xlp.pipeline.stage import fingerprint
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.core.stage import fingerprint
+    from xlp.pipeline.core.registry import STAGES
 
     stage = {s.name: s for s in STAGES}["train"]
     up = {"tokenizer": "t", "shard": "s"}

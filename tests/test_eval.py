@@ -51,7 +51,7 @@ def stdlib_docs(n: int, max_chars: int = 6000) -> list[str]:
 def make_run(run_dir: Path, *, train_steps: int = 60, extra: list[str] = ()) -> Path:
     """A run directory with config.yaml, tokenizer/, shard/ and train/model + train/metrics.jsonl."""
     from xlp import tokenizer as tk
-    from xlp.pipeline.config import load_config, section, to_yaml
+    from xlp.pipeline.core.config import load_config, section, to_yaml
     from xlp.pipeline.data.loader import ShardLoader
     from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
     from xlp.xlstm_model import build_model, save_model
@@ -105,8 +105,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def stage_ctx(run_dir: Path, overrides: list[str] = ()):
-    from xlp.pipeline.config import load_config
-    from xlp.pipeline.stage import StageContext
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.core.stage import StageContext
 
     cfg = load_config(Path(run_dir) / "config.yaml", list(overrides))
     (Path(run_dir) / "eval").mkdir(exist_ok=True)
@@ -183,7 +183,7 @@ def test_report_and_plots(run_dir, evaluated):
 
 
 def test_untrained_recall_near_chance(run_dir):
-    from xlp.pipeline.config import load_config, section
+    from xlp.pipeline.core.config import load_config, section
     from xlp.pipeline.eval.common import build_untrained
     from xlp.pipeline.eval.recall import recall_probe
 
@@ -326,7 +326,7 @@ def test_generation_cost_kv_cache_grows_xlstm_state_does_not():
 
 
 def test_eval_config_errors_name_the_key():
-    from xlp.pipeline.config import ConfigError, load_config
+    from xlp.pipeline.core.config import ConfigError, load_config
 
     for override, key in (("eval.parts=[ppl,bogus]", "eval.parts"), ("eval.device=tpu", "eval.device"),
                           ("eval.batch_size=0", "eval.batch_size"), ("eval.gen_contexts=[1]", "eval.gen_contexts"),
@@ -341,7 +341,7 @@ def test_eval_config_errors_name_the_key():
 
 
 def test_eval_stage_registered_with_its_reads():
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.registry import STAGES
     from xlp.pipeline.stages.eval import STAGE
 
     st = {s.name: s for s in STAGES}["eval"]

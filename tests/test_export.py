@@ -216,7 +216,7 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
              "--ignore-eos")
     assert r.returncode == 0 and "10 tokens" in r.stderr, r.stderr[-2000:]
     from xlp import tokenizer as tk
-    from xlp.pipeline.export import find_model, load_any
+    from xlp.pipeline.trained import find_model, load_any
 
     model_dir, tok_path = find_model(Path(tiny_run))
     tok, model = tk.load(tok_path), load_any(model_dir).eval()
@@ -239,8 +239,8 @@ def test_model_settings_come_from_the_run_config(tiny_run, tmp_path):
     import yaml
 
     from xlp.kernels.config import KernelsConfig
-    from xlp.pipeline.config import ConfigError
-    from xlp.pipeline.generate import model_settings
+    from xlp.pipeline.core.config import ConfigError
+    from xlp.pipeline.trained import model_settings
 
     run = tmp_path / "run"
     run.mkdir()

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.config import load_config
+from xlp.pipeline.core.config import load_config
 from xlp.pipeline.data import listing
 from xlp.pipeline.data.readers import resolve_sources
-from xlp.pipeline.stage import fingerprint, fingerprints, input_digests, trajectories
-from xlp.pipeline.stages import STAGES
+from xlp.pipeline.core.stage import fingerprint, fingerprints, input_digests, trajectories
+from xlp.pipeline.core.registry import STAGES
 from test_data_shard import copy_py
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -16,8 +16,8 @@ from typing import Optional
 import pytest
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.layout import TrainLayout
-from xlp.pipeline.node import EXIT_RETRYABLE, node_name
+from xlp.pipeline.core.layout import TrainLayout
+from xlp.pipeline.core.node import EXIT_RETRYABLE, node_name
 from xlp.pipeline.train.heartbeat import Heartbeat, HangDetector, read_heartbeat
 from xlp.pipeline.train.monitor import read_metrics
 
@@ -169,7 +169,7 @@ def test_detector_ignores_a_file_that_is_not_a_heartbeat(tmp_path):
 def test_srun_output_names_the_rank_the_cluster_lost(tmp_path):
     """srun's own report lines (Slurm 23) decide between a lost rank and a rank's own error: with
     --kill-on-bad-exit srun kills every task once one has failed, so only the first failure counts."""
-    from xlp.pipeline.train.launch import srun_lost_rank
+    from xlp.pipeline.cluster.launch import srun_lost_rank
 
     layout = TrainLayout(tmp_path)
     layout.logs.mkdir(parents=True)
@@ -323,7 +323,7 @@ def test_a_killed_rank_is_named_and_a_rerun_resumes(data_run, tmp_path):
 def test_a_rank_stuck_while_alive_is_named(tmp_path):
     from test_train import make_shards, write_config
 
-    from xlp.pipeline.train.launch import RanksLost, launch
+    from xlp.pipeline.cluster.launch import RanksLost, launch
 
     shards = make_shards(tmp_path / "shard")
     run = tmp_path / "stuck"

@@ -88,10 +88,10 @@ def test_kernels_config_validates_and_formats():
 
 def test_apply_sets_the_process_defaults_over_the_environment(monkeypatch):
     from xlp import kernels
-    from xlp.kernels import dispatch
+    from xlp.kernels import config as kconfig
     from xlp.kernels.config import mlstm_launch
 
-    saved = dispatch._default_override, dict(mlstm_launch)
+    saved = kconfig._default_override, dict(mlstm_launch)
     try:
         monkeypatch.setenv("XLP_KERNEL_BACKEND", "triton")
         KernelsConfig().apply()  # "auto" is set explicitly: the environment no longer decides

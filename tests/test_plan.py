@@ -10,10 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.config import ConfigError, load_config
-from xlp.pipeline.slurm_cluster import Partition, SlurmNode, format_time, never_starts, parse_time, request_errors
-from xlp.pipeline.submit import launch_plan, submitted_config
-from xlp.pipeline.train.plan import (RayCluster, RayTrainPlan, SlurmAllocation, SrunPlan, job_rendezvous_port,
+from xlp.pipeline.core.config import ConfigError, load_config
+from xlp.pipeline.cluster.slurm import Partition, SlurmNode, format_time, never_starts, parse_time, request_errors
+from xlp.pipeline.cluster.submit import launch_plan, submitted_config
+from xlp.pipeline.cluster.plan import (RayCluster, RayTrainPlan, SlurmAllocation, SrunPlan, job_rendezvous_port,
                                  ray_train_plan, slurm_consistency_errors, srun_plan)
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.config import ConfigError, load_config
+from xlp.pipeline.core.config import ConfigError, load_config
 
 RECIPE_DIR = REPO / "configs" / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
@@ -99,7 +99,7 @@ def test_recipe_without_a_corpus_names_the_missing_key(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_sbatch_renders_its_allocation(recipe, tmp_path):
-    from xlp.pipeline.submit import render_sbatch
+    from xlp.pipeline.cluster.submit import render_sbatch
 
     slurm = read(recipe)["slurm"]
     cfg = load_config(recipe, [SOURCES])

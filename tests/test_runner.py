@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import XLP, xlp_env
-from xlp.pipeline.config import load_config
+from xlp.pipeline.core.config import load_config
 from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
 from toy_stages import BROKEN_STAGES, TOY_STAGES
 
@@ -71,7 +71,7 @@ def test_force_reruns_done_stage(tmp_path, ray_local):
 
 def test_replaced_outputs_are_kept_until_clean(tmp_path, ray_local):
     from xlp.pipeline.runner import stale_outputs
-    from xlp.pipeline.stage import fingerprints
+    from xlp.pipeline.core.stage import fingerprints
 
     run(tmp_path)
     fp = {s.name: s for s in stage_states(TOY_STAGES, load_config(None, [f"run.dir={tmp_path}"]), tmp_path)}
@@ -112,7 +112,7 @@ def clean_output(run_dir: Path) -> str:
 
 
 def test_a_continuing_stage_keeps_its_output_when_only_its_continue_keys_change(tmp_path, ray_local):
-    from xlp.pipeline.stage import Stage
+    from xlp.pipeline.core.stage import Stage
 
     stages = [TOY_STAGES[0], Stage("total", reads=("train.steps", "train.lr"), needs=("numbers",),
                                    fn="toy_stages:total", continues=("train.steps",)), TOY_STAGES[2]]
@@ -151,7 +151,7 @@ def test_stage_output_is_echoed_to_the_terminal(tmp_path, ray_local):
 KILLABLE_RUN = textwrap.dedent(
     """
     import sys
-    from xlp.pipeline.config import load_config
+    from xlp.pipeline.core.config import load_config
     from xlp.pipeline.runner import run_pipeline
     from toy_stages import TOY_STAGES
     run_pipeline(load_config(None, ["run.dir=" + sys.argv[1]]), stages=TOY_STAGES)
@@ -188,7 +188,7 @@ def test_sigkill_mid_stage_leaves_it_not_done_and_rerun_completes(tmp_path):
 
 
 def test_second_run_on_same_dir_is_refused_while_first_holds_it(tmp_path):
-    from xlp.pipeline.runner import RunLock
+    from xlp.pipeline.core.lock import RunLock
 
     lock = RunLock(tmp_path)
     lock.acquire()
@@ -220,7 +220,7 @@ def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
 
 
 def test_ignored_keys_stay_out_of_the_fingerprint():
-    from xlp.pipeline.stage import Stage, fingerprint
+    from xlp.pipeline.core.stage import Stage, fingerprint
 
     stage = Stage("train", reads=("train",), needs=(), fn="x:y", ignores=("train.launcher", "train.log_every"))
     base = fingerprint(stage, load_config(None, []), {})

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from conftest import REPO, XLP, xlp_env
-from xlp.pipeline.config import ConfigError, load_config, read_yaml
-from xlp.pipeline.secrets import env_references, is_secret, is_secret_name, redact, secret_keys
+from xlp.pipeline.core.config import ConfigError, load_config, read_yaml
+from xlp.pipeline.core.secrets import env_references, is_secret, is_secret_name, redact, secret_keys
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -52,7 +52,7 @@ def test_redact_masks_url_credentials_and_token_parameters():
 
 
 def test_submitted_config_keeps_env_references_and_refuses_literal_credentials(tmp_path, monkeypatch):
-    from xlp.pipeline.submit import SubmitError, save_submitted_config
+    from xlp.pipeline.cluster.submit import SubmitError, save_submitted_config
 
     pw = pysecrets.token_hex(8)
     monkeypatch.setenv("XLP_TEST_SOURCE", f"ftp://reader:{pw}@127.0.0.1:1/corpus.jsonl")

@@ -380,7 +380,7 @@ def _train_damaged(tmp_path, clean, overrides):
 
 @pytest.mark.slow
 def test_training_over_a_damaged_shard_fails_naming_it(tmp_path, clean):
-    from xlp.pipeline.train.launch import TrainFailed
+    from xlp.pipeline.cluster.launch import TrainFailed
 
     data, bad, go = _train_damaged(tmp_path, clean, [])
     with pytest.raises(TrainFailed) as err:

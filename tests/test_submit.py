@@ -181,8 +181,8 @@ def test_slurm_wait_shows_the_job_pending_then_running(slurm, tmp_path):
 PLAN_PROBE = """
 import json, os, subprocess, sys
 from pathlib import Path
-from xlp.pipeline.train.launch import _SLURM_STEP_VARS, slurm_hosts
-from xlp.pipeline.train.plan import SlurmAllocation, job_rendezvous_port, srun_plan
+from xlp.pipeline.cluster.launch import _SLURM_STEP_VARS, slurm_hosts
+from xlp.pipeline.cluster.plan import SlurmAllocation, job_rendezvous_port, srun_plan
 
 out = Path(sys.argv[1])
 env = dict(os.environ)

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from xlp.pipeline.config import ConfigError, load_config, to_yaml
+from xlp.pipeline.core.config import ConfigError, load_config, to_yaml
 from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest, token_dtype
 from xlp.pipeline.train import checkpoint as ckpt
-from xlp.pipeline.train.config import TrainConfig
+from xlp.pipeline.core.schema.train import TrainConfig
 from xlp.pipeline.train.dist import detect
 from xlp.pipeline.train.hooks import TrainHooks, load_hooks
 from xlp.pipeline.train.monitor import read_metrics
@@ -263,7 +263,7 @@ def test_hooks_and_metrics_reader(tmp_path):
 
 
 def test_train_stage_registered():
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.registry import STAGES
 
     stage = {s.name: s for s in STAGES}["train"]
     assert stage.needs == ("tokenizer", "shard")
@@ -281,7 +281,7 @@ def shards(tmp_path_factory):
 
 
 def train(run_dir: Path, shards: Path, overrides: list[str], procs: int = 2, hooks: str | None = None) -> dict:
-    from xlp.pipeline.train.launch import launch
+    from xlp.pipeline.cluster.launch import launch
 
     config = write_config(run_dir, [f"train.cpu_processes={procs}", *overrides])
     launch(run_dir, config=config, cpu_processes=procs, shard_dir=shards, hooks=hooks)
@@ -334,7 +334,7 @@ def test_zero_stages_follow_zero0(tmp_path, shards, arch):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, shards):
-    from xlp.pipeline.train.launch import RanksLost
+    from xlp.pipeline.cluster.launch import RanksLost
 
     common = ["train.zero_stage=2", "train.steps=60", "train.save_every=30", "train.eval_every=20",
               "train.eval_batches=2", "train.keep_checkpoints=1", "model.d_model=16", "data.seq_len=16"]
@@ -385,7 +385,7 @@ def test_learns_and_logs_to_wandb_offline(tmp_path, shards):
 LAUNCH_SCRIPT = """
 import sys
 from pathlib import Path
-from xlp.pipeline.train.launch import launch, TrainInterrupted
+from xlp.pipeline.cluster.launch import launch, TrainInterrupted
 try:
     launch(Path(sys.argv[1]), config=Path(sys.argv[2]), cpu_processes=2, shard_dir=Path(sys.argv[3]))
 except TrainInterrupted as e:
@@ -437,8 +437,8 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
-    from xlp.pipeline.node import RetryableFault
-    from xlp.pipeline.train.launch import TrainFailed
+    from xlp.pipeline.core.node import RetryableFault
+    from xlp.pipeline.cluster.launch import TrainFailed
 
     common = ["train.steps=8", "train.eval_every=0", "train.save_every=0", "train.max_bad_steps=3"]
     # ZeRO-0 (our own check) with 2 ranks: rank 0's NaN must stop the step on both ranks

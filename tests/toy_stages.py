@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from xlp.pipeline.stage import Stage, StageContext, atomic_write_text
+from xlp.pipeline.core.stage import Stage, StageContext, atomic_write_text
 
 
 def _count_call(ctx: StageContext) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -250,7 +251,7 @@ def load_model_yaml(name: Union[str, Path], overrides: Optional[list[str]] = Non
     `key: value` maps (scalars and flow lists); anything nested is refused."""
     path = Path(name)
     if not path.is_file():
-        path = (config_dir or Path(__file__).resolve().parents[1] / "configs" / "model") / f"{name}.yaml"
+        path = (config_dir or Path(find_spec("xlp.configs").origin).parent / "model") / f"{name}.yaml"  # packaged sizes
     values: dict[str, Any] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         body = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
@@ -266,3 +267,51 @@ def load_model_yaml(name: Union[str, Path], overrides: Optional[list[str]] = Non
             raise ValueError(f"override {item!r} is not key=value")
         values[key.strip().removeprefix("model.")] = _scalar(value)
     return model_config_from(values)
+
+
+MATVECS = ("reduce", "gemm")
+
+
+MIX_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class DecodeConfig:
+    """How the one-token step runs (the `decode` config section). None of these changes what a step
+    computes beyond rounding; they change how fast."""
+
+    cuda_graph: bool = True  # CUDA: capture the step in a CUDA graph (replayed without launch overhead)
+    compile: bool = True  # CUDA: torch.compile the step (never on CPU unless asked for per call)
+    compile_mode: Optional[str] = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs (None: default)
+    matvec: str = "reduce"  # compiled step: matrix-vector products as inductor reductions (reduce) or cuBLAS (gemm)
+    tune: bool = False  # compiled step: inductor's coordinate-descent tuning of each kernel's launch parameters
+    fused: bool = False  # xlstm_large: the hand-fused Triton step instead of the compiled one (other archs: ignored)
+    pdl: bool = False  # fused step: programmatic dependent launch on Hopper and later
+    mix: str = "auto"  # fused step: mlstm_decode_mix's (state tile, warps), 'TILExWARPS' e.g. 32768x8; auto: timed
+
+    def validate(self) -> None:
+        if self.matvec not in MATVECS:
+            raise ValueError(f"config key `decode.matvec` is {self.matvec!r}; valid values: {', '.join(MATVECS)}")
+        if self.tune and self.compile_mode:
+            raise ValueError("decode.tune=true and decode.compile_mode cannot be combined (torch.compile takes a "
+                             "mode or options, not both)")
+        self.mix_launch()
+
+    def mix_launch(self) -> Optional[tuple[int, int]]:
+        """decode.mix as (TILE, WARPS), None for auto; ValueError naming the key for a bad value."""
+        value = str(self.mix).strip().lower()
+        if value == "auto":
+            return None
+        try:
+            tile, warps = (int(v) for v in value.split("x"))
+        except ValueError:
+            tile = warps = 0
+        if tile < 1 or tile & (tile - 1) or warps not in MIX_WARPS:
+            raise ValueError(f"decode.mix={self.mix!r}: expected 'auto' or 'TILExWARPS' with TILE a power of two "
+                             f"(C elements per state tile) and WARPS one of {', '.join(map(str, MIX_WARPS))}")
+        return tile, warps
+
+    def compile_options(self) -> tuple[Optional[str], bool, bool]:
+        """(torch.compile mode, matvec-as-reduction, coordinate-descent tuning), checked."""
+        self.validate()
+        return self.compile_mode or None, self.matvec == "reduce", bool(self.tune)

@@ -7,7 +7,7 @@ whole (`tokenizer.path`) are hashed by content; a checkpoint directory (`model.i
 its small files hashed and its big ones (weights) taken by size and modification time.
 
 Each function takes the resolved config and returns something JSON-able; the stage fingerprint hashes
-it (`xlp.pipeline.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing
+it (`xlp.pipeline.core.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing
 records the error (so `xlp status` still works), and the stage itself fails with the readers' message
 when it runs.
 """

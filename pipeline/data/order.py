@@ -69,7 +69,7 @@ class Mixture:
     @staticmethod
     def from_config(mixture: Optional[dict], phases: Optional[list]) -> "Mixture":
         """From `data.mixture` ({name: {sources, weight}}) and `data.mixture_phases`
-        ([{step, weights: {name: weight}}]), already validated (xlp.pipeline.data.config)."""
+        ([{step, weights: {name: weight}}]), already validated (xlp.pipeline.core.schema.data)."""
         if not mixture:
             return Mixture.one_group()
         names = tuple(mixture)

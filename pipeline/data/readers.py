@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
-from xlp.pipeline.data.config import MAX_DOC_BYTES
-from xlp.pipeline.secrets import redact, redact_text, redact_urls
+from xlp.pipeline.core.schema.data import MAX_DOC_BYTES
+from xlp.pipeline.core.secrets import redact, redact_text, redact_urls
 
 GLOB_CHARS = set("*?[")
 MAX_LISTED = 100  # skipped files / bad records listed by name in the metrics (all are counted)

@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from xlp.pipeline.diskfull import DiskFull, disk_full, is_disk_full
-from xlp.pipeline.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
-from xlp.pipeline.node import node_name
+from xlp.pipeline.core.diskfull import DiskFull, disk_full, is_disk_full
+from xlp.pipeline.core.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
+from xlp.pipeline.core.node import node_name
 
 META_DIR = "meta"
 FORMAT = "xlp-webdataset-tokens-v2"  # v2: .npy members; v1 (raw members) is still read

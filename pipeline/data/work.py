@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from xlp.pipeline.data.config import MAX_DOC_BYTES
+from xlp.pipeline.core.schema.data import MAX_DOC_BYTES
 from xlp.pipeline.data.readers import (
     FileRef,
     ReadStats,

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from xlp.pipeline.eval.common import val_documents
-from xlp.pipeline.eval.config import local_task_files
+from xlp.pipeline.core.schema.eval import local_task_files
 
 DATA_FILE = "cloze.jsonl"
 MIN_LINE, MAX_LINE = 8, 100

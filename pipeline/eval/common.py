@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.core.layout import RunLayout
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,7 +137,7 @@ def finite(x: float) -> Optional[float]:
 
 
 def write_json(path: Path, obj) -> None:
-    from xlp.pipeline.stage import atomic_write_json
+    from xlp.pipeline.core.stage import atomic_write_json
 
     atomic_write_json(Path(path), obj)
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.core.layout import RunLayout
 
 INFO_ROWS = (("arch", "arch"), ("params (M)", "params"), ("train steps", "train_steps"),
              ("tokens seen", "tokens_seen"), ("seq len", "seq_len"), ("device", "device"))

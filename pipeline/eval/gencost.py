@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from xlp.pipeline.core.resources import config_dir
 from xlp.pipeline.eval.common import param_bytes, tensor_bytes
 from xlp.xlstm_model.machine import peak_rss
 
@@ -150,7 +151,7 @@ def _model_from_config(name: str, vocab_size: int | None):
 
     from xlp.xlstm_model import ModelConfig, build_model
 
-    path = Path(__file__).resolve().parent.parent.parent / "configs" / "model" / f"{name}.yaml"
+    path = config_dir() / "model" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
     if vocab_size or not data.get("vocab_size"):
         data["vocab_size"] = vocab_size or 50304

@@ -37,7 +37,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from xlp.pipeline.eval.common import load_tokenizer, pick_device
-from xlp.pipeline.layout import RunLayout
+from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.trained import model_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ class XLPLM(LM):
                 model_dir = str(RunLayout(run_dir).train.model_dir)
             model = load_model(model_dir, map_location="cpu")
             if run_dir is not None:  # the run's kernels.* (the eval stage, passing model=, has set them)
-                from xlp.pipeline.generate import model_settings
 
                 model_settings(Path(run_dir))[0].apply()
         if tokenizer is None or isinstance(tokenizer, (str, Path)):

@@ -295,7 +295,7 @@ def write_report(path: Path, results: dict, plots: list[Path]) -> Path:
             md.append(_table(["task", "metric", "value", "stderr"], rows))
             md.append("\nstderr: binomial standard error of 0/1 metrics over the documents scored.\n")
         md.append("")
-    from xlp.pipeline.stage import atomic_write_text
+    from xlp.pipeline.core.stage import atomic_write_text
 
     atomic_write_text(path, "\n".join(md))
     return path

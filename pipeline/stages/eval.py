@@ -20,25 +20,14 @@ import os
 import time
 from pathlib import Path
 
-from xlp.pipeline.layout import RunLayout
-from xlp.pipeline.stage import Stage, StageContext
+from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core import registry
+from xlp.pipeline.core.stage import StageContext
 
 # The registry imports this module: torch and the evaluations are imported inside run().
 
-# wandb.* is read at run time but not hashed; kernels.* chooses the kernels the model runs with.
-# decode.* is not read: the generation-cost measurement steps the model itself, not the decoder.
-READS = ("eval", "data.seq_len", "run.seed", "kernels")
-HEADLINE = ("val_bpb", "untrained_bpb", "val_ppl", "loss_beyond_train_len", "recall_acc", "gen_decode_tok_s_max_ctx")
 
-STAGE = Stage(
-    name="eval",
-    reads=READS,
-    needs=("tokenizer", "shard", "train"),
-    fn="xlp.pipeline.stages.eval:run",
-    resumable=False,
-    headline=HEADLINE,
-    description="held-out ppl/bpb, long context, generation cost, recall, lm-eval; report.md + plots",
-)
+STAGE = registry.EVAL
 
 
 def _log(msg: str) -> None:
@@ -84,7 +73,7 @@ def run(ctx: StageContext) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from xlp.pipeline.config import section
+    from xlp.pipeline.core.config import section
     from xlp.pipeline.eval import common, gencost, ppl, recall, report
     from xlp.pipeline.train.monitor import read_metrics
     from xlp.xlstm_model import count_params
@@ -215,7 +204,7 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
 
     from lm_eval.utils import handle_non_serializable
 
-    from xlp.pipeline.stage import atomic_write_text
+    from xlp.pipeline.core.stage import atomic_write_text
 
     keep = {k: v for k, v in res.items() if k not in ("samples",)}
     atomic_write_text(lm_dir / "results.json", json.dumps(keep, indent=2, default=handle_non_serializable))

@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import time
 
-from xlp.pipeline.stage import Stage, StageContext, atomic_write_json
+from xlp.pipeline.core import registry
+from xlp.pipeline.core.stage import StageContext, atomic_write_json
 
 # The registry imports this module: what the stage runs with (Ray, numpy, SentencePiece) is imported
 # inside run().
 
-READS = (
-    "data.sources", "data.format", "data.text_field", "data.on_error", "data.dedup", "data.val_fraction",
-    "data.max_doc_bytes",
-    "data.partition_bytes", "data.shard_bytes", "data.sample_tokens",
-    # the ids are SentencePiece's either way on the sample each partition checks; hashed all the same, as
-    # nothing proves them equal on the documents after it
-    "data.encoder",
-)
 
-STAGE = Stage(
-    name="shard",
-    reads=READS,
-    needs=("tokenizer",),
-    fn="xlp.pipeline.stages.shard:run",
-    resumable=True,
-    headline=("tokens", "shards", "docs_kept", "docs_empty", "files_skipped", "bad_records"),
-    description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
-    inputs=("xlp.pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
-)
+STAGE = registry.SHARD
 
 
 def run(ctx: StageContext) -> dict:
@@ -160,7 +144,7 @@ def run(ctx: StageContext) -> dict:
                               read_counts=counts, per_source=stats.per_source,
                               listed={k: v for k, v in rm.items() if isinstance(v, list)})
     if manifest["tokens"] == 0:  # an empty corpus fails here, not later in train
-        from xlp.pipeline.secrets import redact
+        from xlp.pipeline.core.secrets import redact
 
         raise ValueError(
             f"the corpus gave no tokens: data.sources {redact(list(dc.sources))} has "
@@ -171,7 +155,7 @@ def run(ctx: StageContext) -> dict:
     if empty:  # a group the loader could never draw from fails here, not in train
         raise ValueError(f"data.mixture group(s) {empty} gave no training tokens: point their sources at "
                          "non-empty files (and check data.val_fraction)")
-    from xlp.pipeline.diskfull import writing
+    from xlp.pipeline.core.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
         atomic_write_json(layout.manifest, manifest)

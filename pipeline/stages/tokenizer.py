@@ -9,74 +9,21 @@ is uniform over documents and the same on every run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
-from xlp.pipeline.data.config import MiB
-from xlp.pipeline.stage import Stage, StageContext, atomic_write_json, atomic_write_text
+from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
+from xlp.pipeline.core import registry
+from xlp.pipeline.core.stage import StageContext, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from xlp.pipeline.data.config import DataConfig
+    from xlp.pipeline.core.schema.data import DataConfig
     from xlp.pipeline.data.readers import ReadStats
 
 # The registry (pipeline/stages/__init__.py) and the config schema import this module: what the stage
 # runs with (SentencePiece, Ray, the readers) is imported inside run().
 
-TOKENIZER_TYPES = ("bpe", "unigram")
 
-
-@dataclass
-class TokenizerConfig:
-    """`tokenizer.*`"""
-
-    vocab_size: int = 8000
-    path: Optional[str] = None  # an existing SentencePiece model instead of training one
-    type: str = "bpe"  # bpe | unigram
-    byte_fallback: bool = True
-    character_coverage: float = 0.9995
-    sample_bytes: int = 8 * MiB  # about this much text, a uniform sample of documents, trains it
-    heldout_bytes: int = 1 * MiB  # about this much other text measures chars per token
-    seed: int = 0
-    num_threads: int = 0  # SentencePiece training threads; 0 = all CPUs (does not change the model)
-
-    def validate(self) -> None:
-        if self.type not in TOKENIZER_TYPES:
-            raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
-        n_min = 4 + (256 if self.byte_fallback else 0)
-        if self.path is None and self.vocab_size <= n_min:
-            raise ValueError(
-                f"tokenizer.vocab_size must exceed {n_min} (specials"
-                f"{' + 256 byte pieces' if self.byte_fallback else ''}), got {self.vocab_size}"
-            )
-        if self.vocab_size > 1 << 32:
-            raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
-        if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
-        if self.sample_bytes < 1:
-            raise ValueError(f"tokenizer.sample_bytes must be >= 1, got {self.sample_bytes}")
-        if self.heldout_bytes < 0:
-            raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
-        if self.num_threads < 0:
-            raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")
-
-
-READS = (
-    "data.sources", "data.format", "data.text_field", "data.on_error", "data.max_doc_bytes",
-    "tokenizer.vocab_size", "tokenizer.path", "tokenizer.type", "tokenizer.byte_fallback",
-    "tokenizer.character_coverage", "tokenizer.sample_bytes", "tokenizer.heldout_bytes", "tokenizer.seed",
-)
-
-STAGE = Stage(
-    name="tokenizer",
-    reads=READS,
-    needs=(),
-    fn="xlp.pipeline.stages.tokenizer:run",
-    resumable=False,
-    headline=("vocab_size", "chars_per_token", "docs_read", "sample_docs"),
-    description="train SentencePiece on a uniform sample of the corpus (or take tokenizer.path)",
-    # the corpus files (path, size, mtime) and the content of tokenizer.path: pipeline/data/listing.py
-    inputs=("xlp.pipeline.data.listing:corpus", "xlp.pipeline.data.listing:tokenizer_file"),
-)
+STAGE = registry.TOKENIZER
 
 
 def _sections(cfg) -> tuple[DataConfig, TokenizerConfig]:

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from xlp.pipeline.diskfull import disk_full, is_disk_full, writing
-from xlp.pipeline.stage import atomic_write_json
+from xlp.pipeline.core.diskfull import disk_full, is_disk_full, writing
+from xlp.pipeline.core.stage import atomic_write_json
 
 NAME_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp."

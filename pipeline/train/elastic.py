@@ -90,7 +90,7 @@ def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
 def refuse_before_launch(cfg: Any, checkpoints: Path, world_size: int) -> Optional[str]:
     """The train stage's check before it starts any rank: the global batch splits over `world_size`
     ranks and matches the newest checkpoint's. Returns the resume line (or None); raises ResizeError."""
-    from xlp.pipeline.config import section
+    from xlp.pipeline.core.config import section
     from xlp.pipeline.train import checkpoint as ckpt
 
     tc = section(cfg, "train")

@@ -14,7 +14,7 @@ from its peers, which wait for it in the step's first collective. Only the threa
 so a fast loop costs no file system traffic. `ended` is set when the rank's work is over (done, stopped
 or failed with its own error), so a rank that is finished is never judged silent.
 
-The launcher (xlp.pipeline.train.launch.supervise) runs a `HangDetector` over the files. It measures silence
+The launcher (xlp.pipeline.cluster.launch.supervise) runs a `HangDetector` over the files. It measures silence
 on its own clock, from when it saw a file's `alive_at` (or `progress_at`) last change, so the ranks'
 clocks need not agree with the launcher's.
 """
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from xlp.pipeline.layout import TrainLayout
-from xlp.pipeline.node import node_name
+from xlp.pipeline.core.layout import TrainLayout
+from xlp.pipeline.core.node import node_name
 
 # A rank's phases in the order it goes through them within a step (setup comes once, before step 1;
 # validate and save follow a step's training; finish comes once, after the last step).
@@ -88,7 +88,7 @@ class Heartbeat:
                               progress_at=time.time())
 
     def write(self) -> None:
-        from xlp.pipeline.stage import atomic_write_json
+        from xlp.pipeline.core.stage import atomic_write_json
 
         with self._lock:
             self.state["alive_at"] = time.time()

@@ -185,7 +185,7 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
     import wandb
     from omegaconf import OmegaConf
 
-    from xlp.pipeline.secrets import redact
+    from xlp.pipeline.core.secrets import redact
 
     id_file = out_dir / "wandb_run_id"
     if id_file.is_file():

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from xlp.pipeline.layout import TrainLayout
-from xlp.pipeline.node import node_name
+from xlp.pipeline.core.layout import TrainLayout
+from xlp.pipeline.core.node import node_name
 from xlp.pipeline.train import dist as xdist
 from xlp.pipeline.train.heartbeat import Heartbeat
 from xlp.pipeline.train.hooks import TrainHooks
@@ -80,7 +80,7 @@ class Trainer:
                  stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None):
         import torch
 
-        from xlp.pipeline.config import section
+        from xlp.pipeline.core.config import section
 
         self.cfg = cfg
         self.tc = section(cfg, "train")
@@ -201,7 +201,7 @@ class Trainer:
     def _size_global_batch(self) -> None:
         """grad_accum for this many ranks (derived from train.global_batch_size when it is set; a
         ResizeError names the numbers when it does not divide), and the mixture the loader draws."""
-        from xlp.pipeline.config import section
+        from xlp.pipeline.core.config import section
         from xlp.pipeline.data.order import Mixture
         from xlp.pipeline.train.elastic import grad_accum_for
 
@@ -259,7 +259,7 @@ class Trainer:
                 f"the new phases ({Mixture.describe(new)})")
 
     def _node_names(self) -> list[str]:
-        """The distinct nodes the ranks run on, named as xlp.pipeline.node names them (collective)."""
+        """The distinct nodes the ranks run on, named as xlp.pipeline.core.node names them (collective)."""
         import torch.distributed as dist
 
         names: list[Any] = [None] * self.world
@@ -307,7 +307,7 @@ class Trainer:
         return None
 
     def _start_monitor(self, latest: Optional[Path], no_val: Optional[str], t_start: float, t_engine: float) -> None:
-        from xlp.pipeline.config import section
+        from xlp.pipeline.core.config import section
         from xlp.pipeline.train.monitor import Monitor, device_peak_flops
 
         tc = self.tc
@@ -586,7 +586,7 @@ class Trainer:
             self._export_model()
         result = self._result(stopped, t_end, shards_skipped)
         if self.rank == 0:
-            from xlp.pipeline.stage import atomic_write_json
+            from xlp.pipeline.core.stage import atomic_write_json
 
             atomic_write_json(self.out.result, result)
             self.monitor.summary({k: v for k, v in result.items() if v is not None})

@@ -16,7 +16,7 @@ also get SIGTERM if this process dies (PR_SET_PDEATHSIG); under srun the srun st
 is set: a rank silent that long (stopped, or its node lost), or every rank without progress that long
 once training has begun (stuck in a collective), ends the ranks and fails the launch with RanksLost,
 naming the rank. So does a rank killed by SIGKILL (OOM killer, node lost) without an error of its own.
-RanksLost is a xlp.pipeline.node.RetryableFault: `xlp run` exits 75, and a rerun resumes from the last
+RanksLost is a xlp.pipeline.core.node.RetryableFault: `xlp run` exits 75, and a rerun resumes from the last
 checkpoint. A rank that raised (it wrote rank_<r>.error) stays a TrainFailed: a rerun would fail again.
 """
 from __future__ import annotations
@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
-from xlp.pipeline.layout import RunLayout, TrainLayout
-from xlp.pipeline.node import RetryableFault, node_name
+from xlp.pipeline.core.layout import RunLayout, TrainLayout
+from xlp.pipeline.core.node import RetryableFault, node_name
 from xlp.pipeline.train.dist import free_port
 from xlp.pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
-from xlp.pipeline.train.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
+from xlp.pipeline.cluster.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
                                  slurm_count, srun_plan)
 from xlp.pipeline.train.trainer import EXIT_STOPPED
 
@@ -666,7 +666,7 @@ def _signal_step(job_id: str, step_name: str, signal_name: str = "TERM") -> bool
 # Ray: Ray Train workers
 
 # The workers get their environment from Ray (the job's runtime env), not from this process: these
-# are passed on. Secret ones (xlp.pipeline.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
+# are passed on. Secret ones (xlp.pipeline.core.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
 # a value with a credentialed URL) never go into the runtime env, which Ray's agents log: they travel as a Ray object (in the
 # object store, not in any log or in Ray Train's stored run config), which each worker reads into its
 # environment before the rank starts.
@@ -688,7 +688,7 @@ class RayRanks(Ranks):
         from ray.train.torch import TorchTrainer
 
         resources = ray.cluster_resources()
-        from xlp.pipeline.secrets import is_secret
+        from xlp.pipeline.core.secrets import is_secret
 
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
@@ -793,7 +793,7 @@ def _ray_rank(config: dict) -> None:
     import ray
     import ray.train
 
-    from xlp.pipeline.stage import output_to
+    from xlp.pipeline.core.stage import output_to
     from xlp.pipeline.train.main import ray_train_loop
     from xlp.pipeline.train.trainer import StopRequest
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from xlp.pipeline.layout import STAGE_JSON, RunLayout
+from xlp.pipeline.core.layout import STAGE_JSON, RunLayout
 
 # Bump when a stage's code changes what it writes, so old outputs become stale.
 # 2: the fingerprint hashes the stage's input listing (Stage.inputs) too.

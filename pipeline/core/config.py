@@ -24,17 +24,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from xlp.kernels.config import KernelsConfig
-from xlp.pipeline.data.config import DataConfig
-from xlp.pipeline.eval.config import EvalConfig
-from xlp.pipeline.stages.tokenizer import TokenizerConfig
-from xlp.pipeline.study import StudyConfig
-from xlp.pipeline.submit import SlurmConfig
-from xlp.pipeline.train.config import TrainConfig
-from xlp.pipeline.train.wandb_config import WandbConfig
+from xlp.pipeline.core.errors import ConfigError
+from xlp.pipeline.core.resources import config_dir, resolve_config
+from xlp.pipeline.core.schema.data import DataConfig
+from xlp.pipeline.core.schema.eval import EvalConfig
+from xlp.pipeline.core.schema.slurm import SlurmConfig
+from xlp.pipeline.core.schema.study import StudyConfig
+from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
+from xlp.pipeline.core.schema.train import TrainConfig
+from xlp.pipeline.core.schema.wandb import WandbConfig
 from xlp.xlstm_model.config import ModelConfig
-from xlp.xlstm_model.decode import DecodeConfig
+from xlp.xlstm_model.config import DecodeConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = config_dir()  # the packaged configs (xlp.configs)
 # Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.
 GROUPS = ("model",)
 
@@ -61,9 +63,6 @@ class PipelineConfig:
     study: StudyConfig = field(default_factory=StudyConfig)  # `xlp study` only (pipeline/study.py)
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key, where it came from, and the fix."""
-
 
 CHOICES = {
     "wandb.mode": ("offline", "online", "disabled"),
@@ -78,9 +77,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """The validated, resolved config of a run: defaults <- YAML file <- overrides."""
     cfg = OmegaConf.structured(PipelineConfig)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config(path)  # a file, or a packaged config's name (`tiny`, `recipes/xlstm_large_7b`)
     group_overrides, dot_overrides = split_overrides(overrides)
     choices = dict(group_overrides)  # the last `model=...` wins, as for any key
     chosen: set[str] = set()  # the groups a `defaults:` entry named (and so were replaced there)

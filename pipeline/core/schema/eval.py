@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from xlp.pipeline.core.resources import config_dir
+
 PARTS = ("ppl", "long_context", "generation", "recall", "lm_eval")
 DEVICES = ("auto", "cpu", "cuda")
 BUNDLED_TASKS = ("xlp_cloze", "xlp_cloze_mc", "xlp_cloze_gen", "xlp_heldout")
-CONFIG_EVAL_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "eval"
+CONFIG_EVAL_DIR = config_dir() / "eval"  # the packaged lm-eval task files
 
 
 def local_task_files() -> dict[str, Path]:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from xlp.pipeline.secrets import is_secret_name
+from xlp.pipeline.core.secrets import is_secret_name
 
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")

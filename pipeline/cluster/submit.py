@@ -30,54 +30,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import NamedTuple, Optional, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
-from xlp.pipeline.layout import RunLayout
-from xlp.pipeline.stage import atomic_write_text
+from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.resources import sbatch_template
+from xlp.pipeline.core.stage import atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SBATCH_TEMPLATE = REPO_ROOT / "slurm" / "pipeline.sbatch"
+SBATCH_TEMPLATE = sbatch_template()
 TERMINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
-
-@dataclass
-class SlurmConfig:
-    """How `xlp submit --to slurm` asks for an allocation (rendered into slurm/pipeline.sbatch)."""
-
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # also the training ranks per node (one per GPU); 0: train.cpu_processes CPU ranks
-    cpus_per_task: int = 8  # CPUs per node for the job's one task (Ray, data stages, CPU ranks)
-    time: str = "24:00:00"
-    job_name: Optional[str] = None  # None: xlp-<run.name>
-    requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume
-    # times the job puts itself back in the queue after the cluster failed it (a rank's process or
-    # node lost, a rank hung: `xlp run` exit status 75); 0: never
-    max_requeues: int = 3
-    signal_seconds: int = 300  # SIGTERM this long before the time limit, to save a checkpoint
-    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
-    python: Optional[str] = None  # the Python on the nodes (None: the one running xlp submit)
-    ray_port: int = 0  # the job's Ray head port; 0: a free one
-
-    def validate(self) -> None:
-        from xlp.pipeline.slurm_cluster import parse_time
-
-        for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_seconds", 0),
-                           ("ray_port", 0)):
-            if getattr(self, key) < least:
-                raise ValueError(f"config key `slurm.{key}` is {getattr(self, key)}; must be >= {least}")
-        try:
-            parse_time(self.time)
-        except ValueError:
-            raise ValueError(f"config key `slurm.time` is {self.time!r}; use Slurm's format: minutes, "
-                             "HH:MM:SS or D-HH:MM:SS (e.g. 24:00:00)") from None
 
 
 class SubmitError(RuntimeError):
@@ -100,7 +66,7 @@ def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Pat
     credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
     from its own environment (Slurm: the submitting shell's, exported; Ray: the cluster's). A credential
     written literally in the config cannot be submitted safely: that is an error naming the key."""
-    from xlp.pipeline.secrets import env_references, secret_keys
+    from xlp.pipeline.core.secrets import env_references, secret_keys
 
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
@@ -181,7 +147,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change.
     `after`: a job id to wait for (`xlp study`: a variant's job waits for its data stages' job);
     `queued`: the job's id is appended to it."""
-    from xlp.pipeline.train.plan import slurm_consistency_errors
+    from xlp.pipeline.cluster.plan import slurm_consistency_errors
 
     errors = slurm_consistency_errors(cfg)
     if errors:
@@ -234,7 +200,7 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
 
 def _partition_hint(cfg: DictConfig) -> str:
     """"; slurm.x=... but ...: set slurm.x=..." when the partition shows what in slurm.* does not fit."""
-    from xlp.pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+    from xlp.pipeline.cluster.slurm import SlurmQueryError, read_partition, request_errors
 
     try:
         errors = request_errors(cfg.slurm, read_partition(cfg.slurm.partition or None))
@@ -246,7 +212,7 @@ def _partition_hint(cfg: DictConfig) -> str:
 def check_slurm_request(cfg: DictConfig, script: str):
     """The partition the job would run in, after checking that its nodes can hold the request (sinfo)
     and that `sbatch --test-only` accepts the script; SubmitError naming the keys otherwise."""
-    from xlp.pipeline.slurm_cluster import SlurmQueryError, read_partition, request_errors
+    from xlp.pipeline.cluster.slurm import SlurmQueryError, read_partition, request_errors
 
     try:
         partition = read_partition(cfg.slurm.partition or None)
@@ -280,14 +246,14 @@ def print_slurm_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, script: str, sc
 
 def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
     """What the train stage would start on the allocation or cluster of `slurm.*` (see launch_plan)."""
-    from xlp.pipeline.train.plan import RayTrainPlan
+    from xlp.pipeline.cluster.plan import RayTrainPlan
 
     plan = launch_plan(job_cfg)
     if isinstance(plan, RayTrainPlan):
         return plan.describe()
     if isinstance(plan, str):
         return plan
-    from xlp.pipeline.train.launch import RankCommand
+    from xlp.pipeline.cluster.launch import RankCommand
 
     layout = RunLayout(run_dir)
     command = RankCommand(run_dir, layout.train.config, layout.train, layout.shard_dir)
@@ -299,7 +265,7 @@ def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
 def launch_plan(job_cfg: DictConfig):
     """The plan (pipeline/train/plan.py) of the train stage for the launcher `job_cfg` sets, on the
     allocation `slurm.*` asks for: an SrunPlan (slurm), a RayTrainPlan (ray), or a line (local)."""
-    from xlp.pipeline.train.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
+    from xlp.pipeline.cluster.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
                                      srun_plan)
 
     t = job_cfg.train
@@ -395,7 +361,7 @@ def _copy_new(log: Path, pos: int, out: TextIO) -> int:
 
 def _never_starts(job: SlurmJob, slurm) -> Optional[str]:
     """What to change when `job`'s pending reason means it will never start; None when it may."""
-    from xlp.pipeline.slurm_cluster import SlurmQueryError, never_starts, read_partition, request_errors
+    from xlp.pipeline.cluster.slurm import SlurmQueryError, never_starts, read_partition, request_errors
 
     key = never_starts(job.reason)
     needs_nodes = job.reason.startswith("ReqNodeNotAvail")  # never only if the nodes it names do not exist

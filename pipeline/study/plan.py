@@ -30,56 +30,19 @@ Every variant is checked before anything runs: a bad override names its variant.
 from __future__ import annotations
 
 import os
-import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 from omegaconf import DictConfig
 
-from xlp.pipeline.layout import StudyLayout
+from xlp.pipeline.core.layout import RunLayout, StudyLayout
+from xlp.pipeline.core.stage import read_stage_json
+from xlp.pipeline.runner import keep_stale
 
 DATA_STAGES = ("tokenizer", "shard")
 VARIANT_STAGES = ("train", "eval")
-RESERVED_NAMES = ("data", "report", "wandb")  # and data-*: names in the study directory (StudyLayout)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# keys a variant may not set: the study sets them for each variant
-STUDY_OWNED = ("run.name", "run.dir", "wandb.group", "study")
 
-
-@dataclass
-class StudyVariant:
-    """One entry of `study.variants`."""
-
-    name: str = ""  # its directory under the study's and its label in the report
-    overrides: list[str] = field(default_factory=list)  # applied after the command line's, e.g. [model=tiny_llama]
-
-
-@dataclass
-class StudyConfig:
-    """`study.*`: read only by `xlp study` (no stage reads it, so it changes no fingerprint)."""
-
-    variants: list[StudyVariant] = field(default_factory=list)
-
-    def validate(self) -> None:
-        seen: dict[str, int] = {}
-        for i, v in enumerate(self.variants):
-            where = f"study.variants[{i}]"
-            if not v.name or not NAME_RE.match(v.name):
-                raise ValueError(f"{where}: name {v.name!r} must be letters, digits, '_', '-', '.' (it names the "
-                                 "variant's directory), e.g. name: xlstm_small")
-            if v.name in RESERVED_NAMES or v.name.startswith("data-"):
-                raise ValueError(f"{where}: name {v.name!r} is reserved in the study directory; pick another")
-            if v.name in seen:
-                raise ValueError(f"study variant {v.name!r}: the name is used twice (study.variants[{seen[v.name]}] "
-                                 f"and [{i}]); variant names must be unique")
-            seen[v.name] = i
-            for item in v.overrides:
-                key = str(item).partition("=")[0]
-                if any(key == k or key.startswith(k + ".") for k in STUDY_OWNED):
-                    raise ValueError(f"study variant {v.name!r} ({where}): override {item!r} sets `{key}`, which the "
-                                     f"study sets for each variant ({', '.join(STUDY_OWNED)}); remove it")
 
 
 @dataclass
@@ -102,9 +65,9 @@ class StudyPlan:
 def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
                study_dir: str | os.PathLike | None = None) -> StudyPlan:
     """Load and check the study and every variant's config; raises ConfigError naming the variant."""
-    from xlp.pipeline.config import ConfigError, load_config
-    from xlp.pipeline.stage import fingerprints
-    from xlp.pipeline.stages import STAGES
+    from xlp.pipeline.core.config import ConfigError, load_config
+    from xlp.pipeline.core.stage import fingerprints
+    from xlp.pipeline.core.registry import STAGES
 
     base = load_config(config, overrides)
     variants = list(base.study.variants)
@@ -139,13 +102,10 @@ def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
     return StudyPlan(str(base.run.name), root, base, data_runs, planned)
 
 
+
 def link_data(variant: PlannedVariant, out: TextIO) -> None:
     """Make RUN_DIR/tokenizer and RUN_DIR/shard of the variant links to its data directory's. A real
     directory there (a run made by `xlp run`) is moved to RUN_DIR/.stale/, never deleted."""
-    from xlp.pipeline.layout import RunLayout
-    from xlp.pipeline.runner import keep_stale
-    from xlp.pipeline.stage import read_stage_json
-
     layout = RunLayout(variant.run_dir)
     variant.run_dir.mkdir(parents=True, exist_ok=True)
     for stage in DATA_STAGES:
@@ -159,62 +119,6 @@ def link_data(variant: PlannedVariant, out: TextIO) -> None:
             kept = keep_stale(layout, stage, read_stage_json(link))
             print(f"~ {variant.name}: {link} was a directory of its own; kept in {kept}", file=out, flush=True)
         link.symlink_to(target, target_is_directory=True)
-
-
-@dataclass
-class StudyOutcome:
-    data: dict[str, dict[str, str]] = field(default_factory=dict)  # data dir name -> {stage: ran|skipped}
-    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> {stage: ran|skipped}
-    failed: dict[str, str] = field(default_factory=dict)  # variant -> error
-    report: str = "skipped"  # ran | skipped | none (no variant evaluated)
-
-
-def run_study(plan: StudyPlan, *, out: TextIO | None = None, force: bool = False,
-              only: Optional[list[str]] = None) -> StudyOutcome:
-    """Run the data stages once per data directory, then each variant's train and eval (in order, on
-    this machine), then the report. A variant that fails does not stop the others; the outcome lists
-    it (the caller exits non-zero). `only`: these variants' names (the report still shows every
-    variant that has an eval)."""
-    from xlp.pipeline.eval import study_report
-    from xlp.pipeline.runner import PipelineError, _ensure_ray, run_pipeline
-
-    out = out or sys.stdout
-    outcome = StudyOutcome()
-    wanted = [v for v in plan.variants if only is None or v.name in only]
-    unknown = sorted(set(only or ()) - {v.name for v in plan.variants})
-    if unknown:
-        raise PipelineError(f"no study variant named {', '.join(unknown)}; variants: "
-                            f"{', '.join(v.name for v in plan.variants)}")
-    print(f"study {plan.name}: {len(plan.variants)} variant(s) in {plan.study_dir}", file=out, flush=True)
-    started_ray = _ensure_ray()  # one Ray instance for every run of the study
-    try:
-        for data_dir in sorted({v.data_dir for v in wanted}):
-            print(f"== data ({data_dir.name}): {', '.join(DATA_STAGES)}", file=out, flush=True)
-            outcome.data[data_dir.name] = run_pipeline(plan.data_runs[data_dir], only=list(DATA_STAGES),
-                                                       run_dir=data_dir, out=out, force=force)
-        for v in wanted:
-            print(f"== variant {v.name}: {', '.join(VARIANT_STAGES)} in {v.run_dir}", file=out, flush=True)
-            link_data(v, out)
-            try:
-                outcome.variants[v.name] = run_pipeline(v.cfg, only=list(VARIANT_STAGES), run_dir=v.run_dir, out=out,
-                                                        force=force)
-            except PipelineError as e:
-                outcome.failed[v.name] = str(e)
-                print(f"! variant {v.name} failed: {e}\n  the other variants go on; rerun `xlp study` to resume it",
-                      file=out, flush=True)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    outcome.report = study_report.update_report(plan, out=out)
-    return outcome
-
-
-def summary_line(outcome: StudyOutcome) -> str:
-    ran = sum(s == "ran" for runs in (*outcome.data.values(), *outcome.variants.values()) for s in runs.values())
-    return (f"{ran} stage(s) ran, {len(outcome.variants)} variant(s) done, {len(outcome.failed)} failed; "
-            f"report {outcome.report}")
 
 
 def model_vocab(cfg: DictConfig) -> int:
@@ -267,8 +171,8 @@ def submit_study(plan: StudyPlan, *, out: TextIO, dry_run: bool = False, check: 
     done, `xlp study CONFIG --report-only` (or a plain `xlp study CONFIG`, which finds everything done)
     writes the report. Returns the exit status."""
     from xlp.pipeline.runner import stage_states
-    from xlp.pipeline.stages import STAGES
-    from xlp.pipeline.submit import submit_slurm
+    from xlp.pipeline.core.registry import STAGES
+    from xlp.pipeline.cluster.submit import submit_slurm
 
     data_stages = [s for s in STAGES if s.name in DATA_STAGES]
     data_jobs: dict[Path, str] = {}

@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from xlp.pipeline.core.schema.slurm import parse_time
+
 # Pending reasons after which the job never starts unless the partition (or the job) is changed, and
 # the config key that asked for what the partition cannot give.
 NEVER_STARTS = {
@@ -66,26 +68,6 @@ class Partition:
 # ---------------------------------------------------------------------------------------------
 # Slurm's formats
 
-
-def parse_time(text: str) -> Optional[int]:
-    """Seconds of a Slurm time ("60", "1:30:00", "2-00:00:00", "1-12"); None for infinite/UNLIMITED.
-    Raises ValueError on anything else."""
-    text = str(text).strip()
-    if text.lower() in ("infinite", "unlimited", "-1"):
-        return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
-        raise ValueError(f"not a Slurm time: {text!r}")
-    days, a, b, c = m.groups()
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
-    elif c is not None:  # hours:minutes:seconds
-        hours, minutes, seconds = int(a), int(b), int(c)
-    elif b is not None:  # minutes:seconds
-        hours, minutes, seconds = 0, int(a), int(b)
-    else:  # minutes
-        hours, minutes, seconds = 0, int(a), 0
-    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def format_time(seconds: int) -> str:

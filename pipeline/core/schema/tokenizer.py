@@ -1,0 +1,45 @@
+"""`tokenizer.*`: the tokenizer stage's settings (xlp.pipeline.stages.tokenizer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from xlp.pipeline.core.schema.data import MiB
+
+
+TOKENIZER_TYPES = ("bpe", "unigram")
+
+
+@dataclass
+class TokenizerConfig:
+    """`tokenizer.*`"""
+
+    vocab_size: int = 8000
+    path: Optional[str] = None  # an existing SentencePiece model instead of training one
+    type: str = "bpe"  # bpe | unigram
+    byte_fallback: bool = True
+    character_coverage: float = 0.9995
+    sample_bytes: int = 8 * MiB  # about this much text, a uniform sample of documents, trains it
+    heldout_bytes: int = 1 * MiB  # about this much other text measures chars per token
+    seed: int = 0
+    num_threads: int = 0  # SentencePiece training threads; 0 = all CPUs (does not change the model)
+
+    def validate(self) -> None:
+        if self.type not in TOKENIZER_TYPES:
+            raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
+        n_min = 4 + (256 if self.byte_fallback else 0)
+        if self.path is None and self.vocab_size <= n_min:
+            raise ValueError(
+                f"tokenizer.vocab_size must exceed {n_min} (specials"
+                f"{' + 256 byte pieces' if self.byte_fallback else ''}), got {self.vocab_size}"
+            )
+        if self.vocab_size > 1 << 32:
+            raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
+        if self.sample_bytes < 1:
+            raise ValueError(f"tokenizer.sample_bytes must be >= 1, got {self.sample_bytes}")
+        if self.heldout_bytes < 0:
+            raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
+        if self.num_threads < 0:
+            raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")

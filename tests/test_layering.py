@@ -1,0 +1,200 @@
+"""The package reads from the ground floor up: every import between our own modules, the ones written
+inside functions included, points down the floors below, and no set of modules imports itself in a
+circle. The floors are DESIGN.md's (`pipeline -> xlstm_model -> kernels`, `pipeline -> tokenizer`; inside
+pipeline/ from cli down to core/). A failure names the module, the line and the arrow."""
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOPS = ("kernels", "tokenizer", "xlstm_model", "pipeline")
+
+# Floors, bottom first. A module may import its own floor's modules and those of floors listed before
+# it; a floor is a package (every module under it) or a single module.
+FLOORS = (
+    "kernels",
+    "tokenizer",
+    "xlstm_model",
+    "pipeline.core",
+    "pipeline.data",
+    "pipeline.trained",  # a trained model found and loaded (generate, export, the lm-eval adapter)
+    "pipeline.train",
+    "pipeline.eval",
+    "pipeline.generate",
+    "pipeline.export",
+    "pipeline.cluster",
+    "pipeline.stages",
+    "pipeline.runner",
+    "pipeline.study",
+    "pipeline.cli",
+)
+# Heavy third-party libraries: the only imports allowed inside a function (they cost seconds to import,
+# and most commands never need them). Everything of ours is imported at the top of the module, except
+# a package __init__'s lazy re-exports of its own modules (PEP 562 __getattr__), which keep the torch-free
+# config modules importable without torch.
+HEAVY = ("torch", "triton", "deepspeed", "ray", "transformers", "lm_eval", "wandb", "sentencepiece", "tokenizers",
+         "matplotlib", "numpy", "safetensors", "webdataset", "datasets", "psutil", "pyarrow", "zstandard", "fsspec",
+         "yaml", "omegaconf", "huggingface_hub", "tqdm")
+
+
+def our_modules() -> dict[str, Path]:
+    mods = {}
+    for top in TOPS:
+        for path in (REPO / top).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+MODULES = our_modules()
+
+
+def resolve(name: str) -> str:
+    """The module (of ours) an imported dotted name lives in."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def imports(module: str) -> list[tuple[str, int, bool]]:
+    """(imported module of ours, line, inside a function) for every import statement of `module`."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            names: list[str] = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    stem = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    stem = child.module or ""
+                names = [f"{stem}.{a.name}" for a in child.names] if stem else []
+            for name in names:
+                name = name.removeprefix("xlp.")
+                if name.split(".")[0] in TOPS:
+                    target = resolve(name)
+                    if target and target != module:
+                        found.append((target, child.lineno, in_function))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def floor(module: str) -> int:
+    best = -1
+    for i, name in enumerate(FLOORS):
+        if module == name or module.startswith(name + "."):
+            best = i if best < 0 or len(name) > len(FLOORS[best]) else best
+    return best
+
+
+def test_every_module_has_a_floor():
+    missing = sorted(m for m in MODULES if m not in TOPS and m != "pipeline" and floor(m) < 0)
+    assert not missing, f"modules on no floor (add them to FLOORS in {__file__}): {missing}"
+
+
+def test_every_import_points_down():
+    wrong = []
+    for module in sorted(MODULES):
+        if module == "pipeline":
+            continue
+        for target, line, _ in imports(module):
+            if floor(target) > floor(module):
+                wrong.append(f"{MODULES[module].relative_to(REPO)}:{line}: {module} ({FLOORS[floor(module)]}) "
+                             f"imports {target} ({FLOORS[floor(target)]}), a floor above it")
+    assert not wrong, "imports pointing up:\n" + "\n".join(wrong)
+
+
+def test_no_import_circle():
+    graph = {m: sorted({t for t, _, _ in imports(m)}) for m in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+    counter = [0]
+    sys.setrecursionlimit(10_000)
+
+    def strongconnect(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            # a package's __init__ re-exporting its own modules is not a circle of meaning
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            strongconnect(v)
+    described = []
+    for component in circles:
+        members = set(component)
+        arrows = [f"{m} -> {t} ({MODULES[m].relative_to(REPO)}:{line})" for m in component
+                  for t, line, _ in imports(m) if t in members]
+        described.append("circle of " + ", ".join(component) + ":\n    " + "\n    ".join(arrows))
+    assert not circles, "\n".join(described)
+
+
+def test_imports_inside_functions_are_only_heavy_libraries():
+    """An import inside a function is for a heavy third-party library; ours are imported at the top, so
+    the import graph is the one a reader sees."""
+    wrong = []
+    for module in sorted(MODULES):
+        path = MODULES[module]
+        lazy_init = path.name == "__init__.py"
+        for target, line, in_function in imports(module):
+            if in_function and not (lazy_init and target.startswith(module + ".")):
+                wrong.append(f"{path.relative_to(REPO)}:{line}: imports {target} inside a function")
+    assert not wrong, "imports of our own modules inside functions:\n" + "\n".join(wrong)
+
+
+def test_every_package_folder_is_in_pyproject():
+    """setuptools' package-dir maps each folder to its xlp.* name; a folder missing from `packages` would
+    be left out of the wheel."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"xlp." + ".".join(p.parent.relative_to(REPO).parts) for top in TOPS for p in (REPO / top).rglob("*.py")}
+    assert folders <= listed, f"folders with Python files missing from pyproject's packages: {sorted(folders - listed)}"
+
+
+@pytest.mark.parametrize("module", ["xlp.pipeline.core.config", "xlp.pipeline.core.registry", "xlp.pipeline.core.lock"])
+def test_the_ground_floor_loads_without_torch(module):
+    """Loading and validating a config needs neither torch nor the model code."""
+    import subprocess
+
+    code = (f"import sys, {module}\n"
+            "from xlp.pipeline.core.config import load_config\n"
+            "cfg = load_config('tiny')\n"
+            "heavy = sorted(m for m in ('torch', 'triton', 'deepspeed', 'ray', 'xlp.xlstm_model.lm') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
