@@ -13,6 +13,13 @@ REPO = TESTS_DIR.parent
 # whichever test module does it (torch.compile preloads the ops, tests/test_compile.py). On a machine
 # without a GPU the kernels can only run interpreted: say so before any test imports them, so that the
 # order the modules run in does not decide whether tests/test_kernels_triton.py can run its kernels.
+# Every process the tests start (xlp, training ranks, Ray workers) can import the helpers in tests/
+# (toy stages, fault hooks): tests/ goes on PYTHONPATH. The clone's root never does: its kernels/ folder
+# would shadow Hugging Face's `kernels`; our packages are imported as xlp.* from the install.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(TESTS_DIR)])
+os.environ["PYTHONSAFEPATH"] = "1"  # `python -m` in a test's subprocess: no working directory on sys.path
+
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 

@@ -24,7 +24,7 @@ import torch
 from xlp.pipeline.core.diskfull import DiskFull, disk_full, free_bytes
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.hooks import TrainHooks
-from tests.test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
+from test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -206,7 +206,7 @@ def test_disk_full_error_message_and_pickling():
 @needs_root
 def test_shard_writer_disk_full(tmp_path, tmpfs):
     from xlp.pipeline.data.shards import ShardWriter, complete_shards, token_dtype
-    from tests.test_train import synthetic_docs
+    from test_train import synthetic_docs
 
     out = tmpfs(tmp_path / "shard", "96k")
     w = ShardWriter(out, "train", 0, dtype=token_dtype(64), sample_tokens=512, shard_bytes=8_000)
@@ -347,7 +347,7 @@ def test_checkpoint_save_on_a_full_disk(tmp_path, shards, tmpfs, monkeypatch):
     common = [*COMMON, "train.keep_checkpoints=1"]
     with pytest.raises(TrainFailed, match=r"No space left on device writing \S*/checkpoints/\.tmp\.step_00000020\S*: "
                                           "free space or move run.dir"):
-        train(run, shards, common, hooks="tests.test_checkpoints:FILL_DISK_AFTER_FIRST_SAVE")
+        train(run, shards, common, hooks="test_checkpoints:FILL_DISK_AFTER_FIRST_SAVE")
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10]
     assert ckpt.verify(root / ckpt.name_of(10)) == []  # the older checkpoint is whole
     assert not [p for p in root.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]  # the failed save's space is free

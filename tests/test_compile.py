@@ -84,7 +84,7 @@ def test_compiled_training_matches_eager(arch):
 TRITON_SCRIPT = """
 import json, copy, torch, kernels
 from torch._dynamo.utils import counters
-from tests.test_compile import tiny, train_losses
+from test_compile import tiny, train_losses
 torch.manual_seed(0)
 from xlp.xlstm_model import build_model
 eager = build_model(tiny("xlstm_large", mlstm_chunk_size=16))
@@ -184,7 +184,7 @@ def test_train_stage_with_compile_follows_eager(tmp_path):
     """The train stage's ranks (DeepSpeed ZeRO-1, one gloo rank) with train.compile=true: the same
     losses as without, and the blocks did run through torch.compile (its checkpointing note is in
     the rank's log: the selective policy was traced by Dynamo)."""
-    from tests.test_train import losses, make_shards, train
+    from test_train import losses, make_shards, train
 
     shards = make_shards(tmp_path / "shard")
     common = ["model.arch=xlstm_large", "train.zero_stage=1", "train.steps=4", "train.eval_every=0",

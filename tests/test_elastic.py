@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xlp.pipeline.train.monitor import read_metrics
-from tests.test_train import TINY, make_shards, train  # noqa: F401  (make_shards: the fixture's)
+from test_train import TINY, make_shards, train  # noqa: F401  (make_shards: the fixture's)
 
 HALF, STEPS = 6, 12
 # 8 rows a step: 2 ranks x 4 rows, or 1 rank x 4 rows x grad_accum 2. Checkpoints only where the runs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from xlp.pipeline.data.order import Apportioner, GlobalLoader, Mixture, row_hash
-from tests.test_data_loader import make_shards
+from test_data_loader import make_shards
 
 S = 16
 G = 8  # rows per step

@@ -331,7 +331,7 @@ def test_a_rank_stuck_while_alive_is_named(tmp_path):
                                 "train.eval_every=0", f"train.hang_timeout={HANG_TIMEOUT}"])
     with pytest.raises(RanksLost) as failed:  # rank 1 sleeps after saving step 10; rank 0 waits in step 11
         launch(run, config=config, cpu_processes=2, shard_dir=shards, hang_timeout=HANG_TIMEOUT,
-               hooks="tests.train_faults:STALL_RANK_1_AFTER_SAVE_10")
+               hooks="train_faults:STALL_RANK_1_AFTER_SAVE_10")
     message = str(failed.value)
     assert message.startswith("train ranks made no progress for "), message
     assert "while every rank is alive (stuck in a collective?)" in message, message

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from xlp.pipeline.train.monitor import read_metrics
-from tests.test_continue import TINY, xlp
-from tests.test_train import read_wandb_history
+from test_continue import TINY, xlp
+from test_train import read_wandb_history
 
 MIXTURE = "data.mixture={web: {sources: ['stdlib:email'], weight: 0.8}, code: {sources: ['stdlib:asyncio'], weight: 0.2}}"
 ANNEAL_AT = 7  # the phase's first step

@@ -15,7 +15,7 @@ import pytest
 from xlp.pipeline.data import shards as shards_mod
 from xlp.pipeline.data.loader import ShardLoader
 from xlp.pipeline.data.shards import MANIFEST, ShardError, read_shard
-from tests.test_train import make_shards
+from test_train import make_shards
 
 S, B = 16, 4
 
@@ -272,7 +272,7 @@ def test_on_error_is_validated(clean):
 
 
 def test_shard_stage_resume_rewrites_damaged_kept_shards(tmp_path):
-    from tests.test_data_shard import run_stage, shard_hashes
+    from test_data_shard import run_stage, shard_hashes
 
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
@@ -368,7 +368,7 @@ def test_complete_shards_keeps_the_verified_prefix(data):
 
 
 def _train_damaged(tmp_path, clean, overrides):
-    from tests.test_train import train
+    from test_train import train
 
     data = tmp_path / "shard"
     shutil.copytree(clean, data)

@@ -247,14 +247,14 @@ def test_checkpoint_listing_ignores_partial_and_prunes(tmp_path):
 
 
 def test_hooks_and_metrics_reader(tmp_path):
-    from tests.train_faults import KILL_AFTER_SAVE_30, NAN_LOSS_AT_3_4
+    from train_faults import KILL_AFTER_SAVE_30, NAN_LOSS_AT_3_4
 
-    assert type(load_hooks(None)) is TrainHooks and load_hooks("tests.train_faults:NAN_LOSS_AT_3_4") is NAN_LOSS_AT_3_4
-    assert load_hooks("tests.train_faults:KILL_AFTER_SAVE_30") is KILL_AFTER_SAVE_30
+    assert type(load_hooks(None)) is TrainHooks and load_hooks("train_faults:NAN_LOSS_AT_3_4") is NAN_LOSS_AT_3_4
+    assert load_hooks("train_faults:KILL_AFTER_SAVE_30") is KILL_AFTER_SAVE_30
     assert math.isnan(NAN_LOSS_AT_3_4.loss(3, 0, torch.tensor(1.0))) and NAN_LOSS_AT_3_4.loss(3, 1, 1.0) == 1.0
     assert NAN_LOSS_AT_3_4.loss(5, 0, 1.0) == 1.0
-    for spec, words in (("nocolon", "expected module:name"), ("tests.train_faults:NOPE", "NOPE"),
-                        ("tests.train_faults:signal", "not a TrainHooks")):
+    for spec, words in (("nocolon", "expected module:name"), ("train_faults:NOPE", "NOPE"),
+                        ("train_faults:signal", "not a TrainHooks")):
         with pytest.raises(ValueError, match=words):
             load_hooks(spec)
     p = tmp_path / "m.jsonl"
@@ -343,7 +343,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
 
     killed = tmp_path / "killed"
     with pytest.raises(RanksLost, match="SIGKILL"):  # every rank killed: the first is named, retryable
-        train(killed, shards, common, hooks="tests.train_faults:KILL_AFTER_SAVE_30")
+        train(killed, shards, common, hooks="train_faults:KILL_AFTER_SAVE_30")
     assert ckpt.latest_checkpoint(killed / "train" / "checkpoints").name == ckpt.name_of(30)
     assert max(read_metrics(killed / "train" / "metrics.jsonl")) == 30
     result = train(killed, shards, common)  # the rerun resumes from step 30
@@ -443,7 +443,7 @@ def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     common = ["train.steps=8", "train.eval_every=0", "train.save_every=0", "train.max_bad_steps=3"]
     # ZeRO-0 (our own check) with 2 ranks: rank 0's NaN must stop the step on both ranks
     run = tmp_path / "skip"
-    result = train(run, shards, [*common, "train.zero_stage=0"], hooks="tests.train_faults:NAN_LOSS_AT_3_4")
+    result = train(run, shards, [*common, "train.zero_stage=0"], hooks="train_faults:NAN_LOSS_AT_3_4")
     m = read_metrics(run / "train" / "metrics.jsonl")
     assert result["skipped_steps"] == 2 and result["step"] == 8
     assert [m[s]["train/skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 2, 2, 2, 2, 2]
@@ -452,5 +452,5 @@ def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     # ZeRO-2 (DeepSpeed's overflow check), one rank: 3 bad steps in a row fail the run, naming the step
     run = tmp_path / "fail"
     with pytest.raises(TrainFailed, match="at step 4.*steps 2-4.*train.max_bad_steps=3") as failed:
-        train(run, shards, [*common, "train.zero_stage=2"], procs=1, hooks="tests.train_faults:NAN_LOSS_AT_2_6")
+        train(run, shards, [*common, "train.zero_stage=2"], procs=1, hooks="train_faults:NAN_LOSS_AT_2_6")
     assert not isinstance(failed.value, RetryableFault)  # the run's own error: a rerun would fail again

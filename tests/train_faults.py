@@ -1,4 +1,4 @@
-"""Faults the slow train tests install in the ranks' loop (`launch(..., hooks="tests.train_faults:NAME")`),
+"""Faults the slow train tests install in the ranks' loop (`launch(..., hooks="train_faults:NAME")`),
 for what cannot be made from outside a process at an exact step."""
 from __future__ import annotations
 
