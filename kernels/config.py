@@ -83,6 +83,7 @@ def format_mlstm_launch(table: Mapping[str, int]) -> str:
 # The process's default backend (what ops use when called without `backend=`). Plain Python state, here
 # beside the settings that set it, so that applying a config needs no torch.
 ENV_VAR = "XLP_KERNEL_BACKEND"
+_default_override: Optional[str] = None  # set_default_backend; None: the environment variable, else "auto"
 
 
 def _check_name(name: str) -> str:

@@ -33,7 +33,6 @@ TRITON_MODULES = {
     "mlstm_decode_mix": "decode",
 }
 
-_default_override: Optional[str] = None
 _triton_cache: dict[str, Any] = {}  # op -> callable, or the exception that made it unavailable
 _warned: set[str] = set()
 

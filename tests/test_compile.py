@@ -82,7 +82,8 @@ def test_compiled_training_matches_eager(arch):
 
 
 TRITON_SCRIPT = """
-import json, copy, torch, kernels
+import json, copy, torch
+from xlp import kernels
 from torch._dynamo.utils import counters
 from test_compile import tiny, train_losses
 torch.manual_seed(0)

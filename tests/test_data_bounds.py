@@ -118,13 +118,13 @@ def test_parquet_value_over_the_limit_is_split(tmp_path):
 
 
 def test_max_doc_bytes_validated_and_in_the_fingerprints():
-    from xlp.pipeline.stages import shard, tokenizer
+    from xlp.pipeline.core.registry import SHARD, TOKENIZER
 
     assert load_config(None, ["data.max_doc_bytes=65536"]).data.max_doc_bytes == 65536
     for bad in ("data.max_doc_bytes=100", "data.max_doc_bytes=0"):
         with pytest.raises(ConfigError, match=r"data\.max_doc_bytes"):
             load_config(None, [bad])
-    assert "data.max_doc_bytes" in shard.READS and "data.max_doc_bytes" in tokenizer.READS
+    assert "data.max_doc_bytes" in SHARD.reads and "data.max_doc_bytes" in TOKENIZER.reads
 
 
 # ---------------------------------------------------------------------------------------------
