@@ -6,19 +6,20 @@
 #
 # Parts, in this order, each under its own timeout (so one that fails or hangs leaves the others' results),
 # all together bounded to 540 s (a part gets what is left when its turn comes):
-#   kernels   python -m xlp.kernels.bench --check: every Triton kernel against the float64 reference   75 s
-#   train_2k  python -m xlp.xlstm_model.bench_train_step: xlstm_large_400m and llama_400m at B8xS2048,
+#   kernels   python benchmarks/bench_kernels.py --check: every Triton kernel against the float64 reference   75 s
+#   train_2k  python benchmarks/bench_train_step.py: xlstm_large_400m and llama_400m at B8xS2048,
 #             eager and compiled (train.compile), bf16 autocast, fused AdamW                       165 s
 #   train_8k  the same at B2xS8192                                                                 165 s
-#   decode    python -m xlp.xlstm_model.bench_decode: batch-1 decode of xlstm_large_400m after 1k/4k/16k
+#   decode    python benchmarks/bench_decode.py: batch-1 decode of xlstm_large_400m after 1k/4k/16k
 #             tokens, the fused step (base), with programmatic dependent launch (pdl) and the
 #             compiled step (compiled, today's default), interleaved in one process                130 s
 # Then one table (benchmarks/campaign_table.py) of every figure against its goal, with the ratios.
 # Files in OUTDIR (8, what a lent machine's $OUT gives back): campaign.log (command, commit, machine, and a
 # line `part<TAB>NAME<TAB>EXIT<TAB>SECONDS` per part), <part>.log for the four parts, train.jsonl and
 # decode.jsonl (one JSON line per measurement), table.md (the table). Needs only python3 with torch and triton: no
-# DeepSpeed, Ray, OmegaConf or WebDataset. PYTHON=... picks the interpreter; COMMIT=... names the
-# commit measured when the copy has no .git. Exit status: 0 when every part exited 0.
+# DeepSpeed, Ray, OmegaConf or WebDataset, and no install of the project (benchmarks/_xlp_path.sh makes xlp.*
+# importable). PYTHON=... picks the interpreter; COMMIT=... names the commit measured when the copy has no
+# .git. Exit status: 0 when every part exited 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: bash benchmarks/gpu_campaign.sh OUTDIR [--dry-run]}
@@ -31,7 +32,8 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 elif command -v python3 >/dev/null; then PY=python3
 else PY=python; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/_xlp_path.sh
+export PYTHONUNBUFFERED=1
 unset XLP_KERNEL_BACKEND
 [ $DRY -eq 0 ] && unset TRITON_INTERPRET
 TOTAL=${CAMPAIGN_SECONDS:-540}
@@ -43,6 +45,7 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   echo "commit: $COMMIT$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes, or no .git)')"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host: $(hostname 2>/dev/null), $(nproc 2>/dev/null) CPUs"
+  echo "$XLP_SOURCE"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUTDIR/campaign.log"
@@ -70,18 +73,18 @@ if [ $DRY -eq 1 ]; then
   # tiny models on the CPU: the same commands, options and files, seconds instead of minutes
   TRAIN=(--models tiny_xlstm_large,tiny_llama --device cpu --compile-backend aot_eager --vocab-size 512
          --steps 1 --warmup 1)
-  part kernels 120 env TRITON_INTERPRET=1 "$PY" -m xlp.kernels.bench --check-cpu
-  part train_2k 150 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x64 --json "$OUTDIR/train.jsonl"
-  part train_8k 150 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 1x128 --json "$OUTDIR/train.jsonl"
-  part decode 120 "$PY" -m xlp.xlstm_model.bench_decode --model tiny_xlstm_large --device cpu --vocab-size 512 \
+  part kernels 120 env TRITON_INTERPRET=1 "$PY" benchmarks/bench_kernels.py --check-cpu
+  part train_2k 150 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --shape 2x64 --json "$OUTDIR/train.jsonl"
+  part train_8k 150 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --shape 1x128 --json "$OUTDIR/train.jsonl"
+  part decode 120 "$PY" benchmarks/bench_decode.py --model tiny_xlstm_large --device cpu --vocab-size 512 \
     --contexts 16,32 --new-tokens 4 --warmup 1 --fused --variant pdl:pdl=true --variant compiled:fused=false \
     --json "$OUTDIR/decode.jsonl"
 else
   TRAIN=(--models xlstm_large_400m,llama_400m --modes eager,compiled --steps 10 --warmup 3)
-  part kernels 75 "$PY" -m xlp.kernels.bench --check
-  part train_2k 165 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 8x2048 --json "$OUTDIR/train.jsonl"
-  part train_8k 165 "$PY" -m xlp.xlstm_model.bench_train_step "${TRAIN[@]}" --shape 2x8192 --json "$OUTDIR/train.jsonl"
-  part decode 130 "$PY" -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --contexts 1024,4096,16384 \
+  part kernels 75 "$PY" benchmarks/bench_kernels.py --check
+  part train_2k 165 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --shape 8x2048 --json "$OUTDIR/train.jsonl"
+  part train_8k 165 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --shape 2x8192 --json "$OUTDIR/train.jsonl"
+  part decode 130 "$PY" benchmarks/bench_decode.py --model xlstm_large_400m --contexts 1024,4096,16384 \
     --new-tokens 128 --fused --variant pdl:pdl=true --variant compiled:fused=false --json "$OUTDIR/decode.jsonl"
 fi
 

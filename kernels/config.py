@@ -5,7 +5,7 @@
 - `kernels.mlstm`: changes to the launch table of the chunkwise mLSTM Triton kernels (block caps,
   num_warps, num_stages per kernel; see MLSTM_LAUNCH), e.g. `kernels.mlstm.bc_w=4 kernels.mlstm.bc_s=2`
   on the command line, `kernels: {mlstm: {bc_w: 4, bc_s: 2}}` in YAML; empty: the built-in table.
-  `python -m xlp.kernels.bench --sweep` prints a tuned table in this form.
+  `python benchmarks/bench_kernels.py --sweep` prints a tuned table in this form.
 
 Every process that runs a model from a pipeline config (train ranks, eval, `xlp generate`) calls
 `KernelsConfig.apply()` first, so the config, not the environment, decides how it computes. Code
@@ -27,7 +27,7 @@ BACKENDS = ("auto", "reference", "triton")
 # largest power of two <= cap dividing the head dim is used), num_warps (w) and num_stages (s).
 # fs = _fwd_states_kernel, fo = _fwd_out_kernel, bs = _bwd_states_kernel, bc = _bwd_chunk_kernel;
 # chunk = 0 lets pick_chunk_size decide, else it forces L (a power of two >= 16; tuning only).
-# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python -m xlp.kernels.bench --sweep` at
+# Tuned on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `python benchmarks/bench_kernels.py --sweep` at
 # 65,536 tokens, NH=16, DQK=128, DV=256, bf16: fwd+bwd 10.6 -> 9.3 ms against the previous table
 # (benchmarks/results/gpu_check_h100_run2.log, ..._run3_tuned.log).
 MLSTM_LAUNCH = dict(
@@ -37,6 +37,19 @@ MLSTM_LAUNCH = dict(
     bc_bk=64, bc_bv=128, bc_w=8, bc_s=1,
     chunk=0,
 )
+
+# Launch-config variants that `python benchmarks/bench_kernels.py --sweep` times: single-key changes from
+# MLSTM_LAUNCH, plus a few combinations; FWD_ for the forward kernels (fs, fo), BWD_ for the backward (bc, bs).
+# xlp.kernels.triton.aot_check compiles every one of them for sm_90.
+FWD_VARIANTS = [
+    {}, {"fs_w": 8}, {"fs_s": 1}, {"fs_s": 3}, {"fs_bv": 128}, {"fs_bv": 32}, {"fs_bk": 128},
+    {"fo_bv": 256}, {"fo_bv": 64}, {"fo_w": 4}, {"fo_s": 1}, {"fo_s": 3}, {"fo_bk": 128},
+]
+BWD_VARIANTS = [
+    {}, {"bc_w": 4}, {"bc_s": 2}, {"bc_bv": 128}, {"bc_bk": 128}, {"bc_bv": 32}, {"bc_bv": 128, "bc_w": 4},
+    {"bc_bv": 128, "bc_s": 2}, {"bs_w": 8}, {"bs_s": 1}, {"bs_s": 3}, {"bs_bv": 128}, {"bs_bv": 32},
+    {"bs_bk": 128},
+]
 
 # The table the mLSTM kernels of this process launch with (xlp.kernels.triton.mlstm reads this dict;
 # set_mlstm_launch replaces its contents in place).

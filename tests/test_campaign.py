@@ -1,5 +1,6 @@
 """benchmarks/gpu_campaign.sh: its CPU dry run (tiny models, the same commands and files) runs every
-part with nothing but torch and triton importable, and its table judges the figures against the goals."""
+part with nothing but torch and triton importable and the project not installed (benchmarks/_xlp_path.sh
+makes xlp.* importable from the copy), and its table judges the figures against the goals."""
 from __future__ import annotations
 
 import json
@@ -13,16 +14,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What the lent GPU machine does not have, and what the benchmarks must not need: importing any of
-# these fails in the dry run's processes.
+# these fails in the dry run's processes (xlp.pipeline and xlp.tokenizer are in the copy, but the GPU parts
+# must not need them).
 NOT_ON_THE_GPU_MACHINE = ("deepspeed", "ray", "omegaconf", "webdataset", "safetensors", "wandb", "pipeline",
-                          "tokenizer", "sentencepiece", "yaml")
+                          "tokenizer", "xlp.pipeline", "xlp.tokenizer", "sentencepiece", "yaml")
+# Nor is the project installed there: the dry run's processes drop an editable install's import hooks, so
+# xlp.* comes from the campaign's import shim (links to this checkout's folders), as on the GPU machine.
+NOT_INSTALLED = """
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+sys.path_importer_cache.clear()
+"""
 
 
 def test_campaign_dry_run(tmp_path):
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text(
-        "import sys\nfor name in %r:\n    sys.modules[name] = None\n" % (NOT_ON_THE_GPU_MACHINE,))
+        "import sys\nfor name in %r:\n    sys.modules[name] = None\n" % (NOT_ON_THE_GPU_MACHINE,) + NOT_INSTALLED)
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(block), COMMIT="test")
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"], cwd=tmp_path,
@@ -32,6 +42,7 @@ def test_campaign_dry_run(tmp_path):
     parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
     assert parts == [["kernels", "0"], ["train_2k", "0"], ["train_8k", "0"], ["decode", "0"]]
     assert "commit: test" in log
+    assert f"xlp: {REPO} through an import shim on PYTHONPATH" in log
     # no more than a lent machine gives back from its $OUT (8 files)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["campaign.log", "kernels.log", "train_2k.log", "train_8k.log", "decode.log", "train.jsonl", "decode.jsonl",

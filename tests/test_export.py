@@ -6,6 +6,7 @@ One real tiny run (tokenizer -> shard -> 2 training steps, arch xlstm_large) is 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from xlp.xlstm_model import hf
 from xlp.xlstm_model.decode import StepDecoder, fused_wanted, generate_stream, prefill
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_DECODE = REPO / "benchmarks" / "bench_decode.py"  # run as a script: python benchmarks/bench_decode.py
 XLP = [sys.executable, "-m", "xlp.pipeline.cli"]
 
 transformers = pytest.importorskip("transformers")
@@ -358,12 +360,14 @@ def test_greedy_tokens_and_eos():
 
 def test_bench_decode_runs_on_cpu():
     """The benchmark, with a variant (the fused step) measured beside the base decoder in one run."""
-    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+    r = subprocess.run([sys.executable, str(BENCH_DECODE), "--model", "tiny_xlstm_large",
                         "--contexts", "64,256", "--new-tokens", "8", "--vocab-size", "512",
                         "--variant", "fused:fused=1"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "command:" in r.stdout and "machine:" in r.stdout and "variant fused: fused=True" in r.stdout
+    assert re.search(r"^command: .*benchmarks/bench_decode\.py --model tiny_xlstm_large --contexts 64,256 ",
+                     r.stdout, re.M), r.stdout
     for ctx in (64, 256):
         base = re.search(rf"^context +{ctx}: .*fused=False .*same argmax True; greedy tokens = step\+argmax: "
                          rf"graph 8/8, run-ahead 8/8$", r.stdout, re.M)
@@ -373,8 +377,17 @@ def test_bench_decode_runs_on_cpu():
     assert len(re.findall(r"run-ahead \(xlp generate --temperature 0\) +[0-9.]+ tokens/s", r.stdout)) == 4
 
 
+def _load_bench_decode():
+    """benchmarks/bench_decode.py as a module, loaded from its file (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH_DECODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_decode_variant_errors_name_the_bad_part():
-    from xlp.xlstm_model.bench_decode import parse_settings, parse_variant
+    bench_decode = _load_bench_decode()
+    parse_settings, parse_variant = bench_decode.parse_settings, bench_decode.parse_variant
 
     assert parse_variant("pdl:pdl=1,cuda_graph=0,mix=32768x8") == (
         "pdl", {"pdl": True, "cuda_graph": False, "mix": "32768x8"})
@@ -390,10 +403,10 @@ def test_bench_decode_variant_errors_name_the_bad_part():
     with pytest.raises(ValueError, match=re.escape("--decode: unknown key 'nope'; valid: cuda_graph, compile, "
                                                    "compile_mode, matvec, tune, fused, pdl, mix")):
         parse_settings("nope=1", "--decode")
-    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--variant", "a:pdl=1",
+    r = subprocess.run([sys.executable, str(BENCH_DECODE), "--variant", "a:pdl=1",
                         "--variant", "a:pdl=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "each variant needs its own NAME" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--decode", "matvec=fast"],
+    r = subprocess.run([sys.executable, str(BENCH_DECODE), "--decode", "matvec=fast"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "config key `decode.matvec` is 'fast'; valid values: reduce, gemm" in r.stderr
 
@@ -403,7 +416,7 @@ def test_bench_decode_reports_a_variant_that_fails_and_keeps_the_others():
     by the interpreter; refused when its decoder is built) is reported with its error; the base is
     still measured; exit 1."""
     env = dict(os.environ, TRITON_INTERPRET="1", XLP_KERNEL_BACKEND="triton")
-    r = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench_decode", "--model", "tiny_xlstm_large",
+    r = subprocess.run([sys.executable, str(BENCH_DECODE), "--model", "tiny_xlstm_large",
                         "--contexts", "16", "--new-tokens", "8", "--warmup", "1", "--vocab-size", "512",
                         "--device", "cpu", "--variant", "bad:fused=1,mix=7x3"],
                        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)

@@ -11,7 +11,7 @@ word encoded alone gives the ids it gets inside the text, and the text's ids are
 
 Why it is faster. Text repeats its words (Zipf): the stdlib corpus (31.5 MB of Python) has 0.57M
 distinct space-delimited words, so most words are a dictionary lookup instead of a BPE run. One thread,
-cold cache, that corpus encodes at about 2x SentencePiece's rate (`python -m xlp.pipeline.bench_data`).
+cold cache, that corpus encodes at about 2x SentencePiece's rate (`python benchmarks/bench_data.py`).
 
 Only models where the argument holds are accepted (`reason_not_exact` says why not): BPE, identity
 normalisation with escaped whitespace, no dummy prefix, no whitespace removal, whitespace as a prefix,

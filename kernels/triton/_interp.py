@@ -4,7 +4,7 @@ kernels can be tested on CPU:
     (garbage); here the operands are widened to fp32 first (= tensor cores: exact bf16 products,
     fp32 accumulation);
   - fp32 -> bf16 casts: the interpreter truncates; the GPU rounds to nearest even, as here.
-Testing aid only (tests, `python -m xlp.kernels.bench --check-cpu`); a no-op when the interpreter
+Testing aid only (tests, `python benchmarks/bench_kernels.py --check-cpu`); a no-op when the interpreter
 is not importable. Idempotent.
 """
 from __future__ import annotations

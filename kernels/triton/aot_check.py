@@ -7,7 +7,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.triton.mlstm as M, kernels.triton.slstm as SL, kernels.triton.norms as N, kernels.triton.cross_entropy as CE
+import xlp.kernels.triton.mlstm as M, xlp.kernels.triton.slstm as SL, xlp.kernels.triton.norms as N, xlp.kernels.triton.cross_entropy as CE
 tgt = GPUTarget("cuda", 90, 32)
 def resource_usage(k) -> str:
     """Registers / stack (spills) / shared memory per thread block, from the cubin (no GPU needed)."""
@@ -50,9 +50,9 @@ def sig_for(fn, ptr_types, ints, consts):
         else: s[a] = "*fp32"
     return s
 ints = {"NH":"i32","S_P":"i32","NC":"i32","scale":"fp32"}
-# every launch configuration xlp.kernels.bench --sweep can time (and the default), at the bench shape
+# every launch configuration benchmarks/bench_kernels.py --sweep can time (and the default), at the bench shape
 import torch
-from xlp.kernels.bench import FWD_VARIANTS, BWD_VARIANTS
+from xlp.kernels.config import FWD_VARIANTS, BWD_VARIANTS
 tdt = torch.float32 if dt == "fp32" else torch.bfloat16
 seen = set()
 for change in FWD_VARIANTS + BWD_VARIANTS:

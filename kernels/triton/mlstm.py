@@ -366,7 +366,7 @@ def _bwd_chunk_kernel(
 # Launch configuration of the four chunkwise kernels: the table and its meaning are in
 # kernels/config.py (MLSTM_LAUNCH, the built-in one; `kernels.mlstm` config key changes it). _CFG is
 # the process's table (xlp.kernels.config.mlstm_launch, replaced in place by KernelsConfig.apply or
-# set_mlstm_config). `python -m xlp.kernels.bench --sweep` times variants on a GPU and prints the best
+# set_mlstm_config). `python benchmarks/bench_kernels.py --sweep` times variants on a GPU and prints the best
 # as `kernels.mlstm.KEY=N` config overrides.
 DEFAULT_CFG = MLSTM_LAUNCH
 _CFG = mlstm_launch

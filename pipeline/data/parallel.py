@@ -4,7 +4,7 @@ Tasks are plain functions `fn(item, report)`; `report(nbytes, ndocs)` moves the 
 Each task keeps its running totals in a small file of `progress_dir` (on the filesystem the run
 directory lives on, so tasks on other nodes count too), which the driver sums twice a second. A file
 and not a Ray actor: an actor is one more process to start, which cost the shard stage about 12% of
-its throughput on 2 cores (python -m xlp.pipeline.bench_data). Results come back in item order, whatever
+its throughput on 2 cores (python benchmarks/bench_data.py). Results come back in item order, whatever
 order tasks finish in.
 """
 from __future__ import annotations

@@ -306,7 +306,7 @@ def shard_partition(job: ShardJob, report) -> dict:
     record = {"partition": job.partition, "files": len(job.files), "plan": job.plan, "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
               "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record(),
-              # where the task's time went (python -m xlp.pipeline.bench_data prints the stage's sums)
+              # where the task's time went (python benchmarks/bench_data.py prints the stage's sums)
               "seconds": round(time.perf_counter() - started, 4), "encode_seconds": round(encode_s, 4)}
     path = part_record_path(out_dir, job.partition)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -11,7 +11,7 @@ MiB = 1 << 20
 # A document longer than this is cut near it (at a newline or space) into pieces, each a document
 # (counted as docs_split / split_pieces): above natural documents (a long book is 1-2 MB), and what
 # bounds a data worker's memory: encoding a piece peaks at ~60x its size (SentencePiece's state per
-# character plus Python ints), ~300 MiB here (python -m xlp.pipeline.bench_bigdoc).
+# character plus Python ints), ~300 MiB here (python benchmarks/bench_bigdoc.py).
 MAX_DOC_BYTES = 4 * MiB
 
 

@@ -1,4 +1,4 @@
-"""`study.*`: the variants of `xlp study` (xlp.pipeline.study)."""
+"""`study.*`: the variants of `xlp study` (xlp.pipeline.study.plan)."""
 from __future__ import annotations
 
 import re

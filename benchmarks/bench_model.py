@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m xlp.xlstm_model.bench [--steps N] [--quick]`.
+"""Benchmarks (not tests): `python benchmarks/bench_model.py [--steps N] [--quick]`.
 
 1. CPU train-step throughput (tokens/s) of the tiny configs: xlstm_large vs the Llama baseline
    (and the NeurIPS xLSTM with its sLSTM block, for reference).
@@ -83,13 +83,14 @@ def _memory_child(form: str, seq_len: int) -> None:
 
 
 def peak_memory(form: str, seq_len: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "xlp.xlstm_model.bench", "--_memory-child", form, str(seq_len)],
+    out = subprocess.run([sys.executable, __file__, "--_memory-child", form, str(seq_len)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_model.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed train steps per model")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
         return
 
     print(f"# {machine_info()}")
-    print(f"# command: {' '.join([Path(sys.executable).name, '-m', 'xlp.xlstm_model.bench'] + sys.argv[1:])}")
+    print(f"# command: {' '.join([Path(sys.executable).name, 'benchmarks/bench_model.py'] + sys.argv[1:])}")
     print("\n## mlstm_chunkwise peak memory, forward + backward (reference, fp32, B 1, NH 4, DQK = DV = 128, chunk 64)")
     results = {}
     for form, lengths in (("chunkwise", (2048, 8192)), ("parallel", (1024, 2048))):

@@ -1,7 +1,7 @@
 """Fingerprint benchmark: how long deciding what to rerun takes for a corpus of many files.
 
-    python -m xlp.pipeline.bench_fingerprint                 # 10,000 small files in a temporary directory
-    python -m xlp.pipeline.bench_fingerprint --files 100000 --repeat 3
+    python benchmarks/bench_fingerprint.py                 # 10,000 small files in a temporary directory
+    python benchmarks/bench_fingerprint.py --files 100000 --repeat 3
 
 Writes FILES small text files (100 per directory) under a temporary directory, sets
 `data.sources` to it, and times (median of REPEAT, after one untimed warm-up):
@@ -51,7 +51,7 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_fingerprint", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_fingerprint.py", description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=10_000, help="input files to list (default 10000)")
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--dir", help="make the files here instead of a temporary directory (it must not exist)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from xlp.pipeline.core.registry import STAGES
 
     print(f"machine: {machine()}")
-    print(f"command: python -m xlp.pipeline.bench_fingerprint {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
+    print(f"command: python benchmarks/bench_fingerprint.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
     with tempfile.TemporaryDirectory(prefix="xlp-bench-fp-") as tmp:
         root = Path(args.dir) if args.dir else Path(tmp) / "corpus"
         root.mkdir(parents=True)

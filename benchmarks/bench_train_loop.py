@@ -1,6 +1,6 @@
 """Benchmark: the train loop's own overhead against a bare forward/backward/step loop, on CPU.
 
-    python -m xlp.pipeline.bench_train [--config configs/demo.yaml] [--steps 60] [key=value ...]
+    python benchmarks/bench_train_loop.py [--config configs/demo.yaml] [--steps 60] [key=value ...]
 
 Times, for the same model, batch shape, thread count and optimizer settings, per optimizer step:
   1. bare torch:     model(x) -> backward -> clip -> AdamW.step -> zero_grad, batches pre-made in memory
@@ -126,7 +126,7 @@ def _time(fn, steps: int, warmup: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_train_loop.py", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=60, help="timed steps of each loop (after warm-up)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
         print(f"machine: {cpu_name()}, {os.cpu_count()} cores ({threads} used), Python {platform.python_version()}, "
               f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")
-        print(f"command: python -m xlp.pipeline.bench_train {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
+        print(f"command: python benchmarks/bench_train_loop.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}")
         print(f"model: {cfg.model.arch} d_model={cfg.model.d_model} blocks={cfg.model.num_blocks} "
               f"vocab={cfg.model.vocab_size}; batch {tc.micro_batch_size}x{cfg.data.seq_len} tokens, "
               f"grad_accum {tc.grad_accum}, ZeRO-{tc.zero_stage}; {args.steps} timed steps")

@@ -1,7 +1,7 @@
 """Oversized-document benchmark: one single-line file of N GiB through the shard stage's worker.
 
-    python -m xlp.pipeline.bench_bigdoc --gib 2          # the issue's case (tokenizing 2 GiB takes a while)
-    python -m xlp.pipeline.bench_bigdoc --gib 0.1 0.25   # two sizes: peak RSS must not grow with the size
+    python benchmarks/bench_bigdoc.py --gib 2          # the issue's case (tokenizing 2 GiB takes a while)
+    python benchmarks/bench_bigdoc.py --gib 0.1 0.25   # two sizes: peak RSS must not grow with the size
 
 Writes a file of N GiB holding one line of real text (the standard library's sources, newlines
 replaced by spaces), trains a small BPE tokenizer on 2 MB of it, then runs `shard_partition` (what
@@ -74,19 +74,20 @@ def _child(path: str, tok_path: str, out_dir: str, max_doc_bytes: int, q) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_bigdoc", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_bigdoc.py", description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=float, nargs="+", default=[2.0], help="file sizes in GiB (one run each)")
     ap.add_argument("--max-doc-mb", type=float, default=None, help="data.max_doc_bytes in MiB (default: the config's)")
     ap.add_argument("--dir", help="where the file and shards go (default: a temporary dir; needs N GiB x ~1.5)")
     args = ap.parse_args(argv)
 
     from xlp import tokenizer as tk
-    from xlp.pipeline.bench_data import machine
     from xlp.pipeline.core.schema.data import MAX_DOC_BYTES
+
+    from bench_data import machine  # benchmarks/ is sys.path[0] when this file runs as a script
 
     limit = int(args.max_doc_mb * (1 << 20)) if args.max_doc_mb else MAX_DOC_BYTES
     print(f"machine: {machine()}")
-    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'xlp.pipeline.bench_bigdoc'] + (argv if argv is not None else sys.argv[1:]))}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), 'benchmarks/bench_bigdoc.py'] + (argv if argv is not None else sys.argv[1:]))}")
     print(f"data.max_doc_bytes: {limit} ({limit / (1 << 20):g} MiB)")
     work = Path(tempfile.mkdtemp(prefix="xlp-bench-bigdoc-", dir=args.dir))
     try:

@@ -18,16 +18,19 @@
 # Each bench also prints the decoder's logits against the plain eager model.step on the same state.
 # (benchmarks/results/gpu_decode_h100.log predates the decode.* settings: it names them by their old
 # environment variables, which benchmarks/results/README.md maps to the keys.)
-# Usage (repo root, CUDA machine): bash xlstm_model/gpu_decode_check.sh [STEP ...]   (logs to $OUT or /tmp)
+# Usage (repo root, CUDA machine): bash benchmarks/gpu_decode_check.sh [STEP ...]   (logs to $OUT or /tmp)
+# Needs python with torch and triton; the project need not be installed (benchmarks/_xlp_path.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 if [ -d .devcarry/site ]; then export PYTHONPATH="$PWD/.devcarry/site${PYTHONPATH:+:$PYTHONPATH}"; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/_xlp_path.sh
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 LOGDIR=${OUT:-/tmp}
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+echo "$XLP_SOURCE"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
 run() {  # run NAME TIMEOUT ARGS...
@@ -38,8 +41,8 @@ run() {  # run NAME TIMEOUT ARGS...
   [ "$r" -ne 0 ] && { echo "!! $name exited $r"; rc=1; }
 }
 # BENCH_ARGS replaces the model arguments, e.g. for a dry run of the script on CPU:
-#   BENCH_ARGS="--model tiny_xlstm_large --contexts 64,128 --new-tokens 8 --vocab-size 512 --device cpu" bash xlstm_model/gpu_decode_check.sh fused
-M="-m xlp.xlstm_model.bench_decode ${BENCH_ARGS:---model xlstm_large_400m}"
+#   BENCH_ARGS="--model tiny_xlstm_large --contexts 64,128 --new-tokens 8 --vocab-size 512 --device cpu" bash benchmarks/gpu_decode_check.sh fused
+M="benchmarks/bench_decode.py ${BENCH_ARGS:---model xlstm_large_400m}"
 for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager gencost}; do
   case $step in
     graph) run decode_graph 100 $M --no-compile ;;
@@ -52,7 +55,7 @@ for step in ${@:-fused graph compiled_gemm compiled_tune compiled_autotune eager
     compiled_tune) run decode_compiled_tune 170 $M --profile --decode tune=true ;;
     compiled_autotune) run decode_compiled_autotune 200 $M --decode compile_mode=max-autotune-no-cudagraphs ;;
     eager) run decode_eager 70 $M --no-graph --no-compile ;;
-    gencost) run gencost 70 -m xlp.pipeline.eval.gencost --models xlstm_125m llama_125m --dtype bf16 --contexts 1024 4096 16384 ;;
+    gencost) run gencost 70 -P -m xlp.pipeline.eval.gencost --models xlstm_125m llama_125m --dtype bf16 --contexts 1024 4096 16384 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

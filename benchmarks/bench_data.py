@@ -1,7 +1,7 @@
 """Data benchmark: raw encoding vs the shard stage (1 and 2 Ray workers) vs the loader.
 
-    python -m xlp.pipeline.bench_data                      # the stdlib corpus, a fresh 8k BPE tokenizer
-    python -m xlp.pipeline.bench_data --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
+    python benchmarks/bench_data.py                      # the stdlib corpus, a fresh 8k BPE tokenizer
+    python benchmarks/bench_data.py --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
 
 Prints the machine, the command, and, over --rounds interleaved rounds (median and min-max):
   raw sentencepiece  MB/s of SentencePiece encoding the corpus in one thread (per core)
@@ -74,7 +74,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xlp.pipeline.bench_data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_data.py", description=__doc__.split("\n")[0])
     ap.add_argument("--sources", nargs="+", default=["stdlib"], help="data.sources (default: stdlib)")
     ap.add_argument("--tokenizer", help="a SentencePiece .model (default: train an 8k BPE on a sample)")
     ap.add_argument("--vocab-size", type=int, default=8000)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from xlp.pipeline.stages import shard as shard_stage
 
     print(f"machine: {machine()}")
-    print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'xlp.pipeline.bench_data'] + (argv if argv is not None else sys.argv[1:]))}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), 'benchmarks/bench_data.py'] + (argv if argv is not None else sys.argv[1:]))}")
     results: dict = {"machine": machine(), "argv": argv if argv is not None else sys.argv[1:]}
 
     stats = ReadStats()

@@ -1,8 +1,8 @@
 """One training step of whole models, eager and compiled: tokens/s, MFU and peak memory per GPU.
 
-    python -m xlp.xlstm_model.bench_train_step                                  # xlstm_large_400m vs llama_400m, 8x2048
-    python -m xlp.xlstm_model.bench_train_step --shape 2x8192 --modes eager,compiled
-    python -m xlp.xlstm_model.bench_train_step --models tiny_xlstm_large,tiny_llama --shape 2x64 --device cpu \\
+    python benchmarks/bench_train_step.py                                  # xlstm_large_400m vs llama_400m, 8x2048
+    python benchmarks/bench_train_step.py --shape 2x8192 --modes eager,compiled
+    python benchmarks/bench_train_step.py --models tiny_xlstm_large,tiny_llama --shape 2x64 --device cpu \\
         --compile-backend aot_eager --vocab-size 512                          # CPU dry run
 
 A step is what a pretraining run does per micro-batch on one GPU: forward with the loss (our fused
@@ -183,7 +183,7 @@ def print_table(rows: list[dict[str, Any]], models: list[str], modes: list[str])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xlp.xlstm_model.bench_train_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_train_step.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="xlstm_large_400m,llama_400m",
                    help="configs/model names (or YAML paths), comma-separated: the subject, then its baselines")
@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             load_model_yaml(name, args.overrides)
         except (OSError, ValueError) as e:
             p.error(f"--models {name}: {e}")
-    print(f"command: {shlex.join(['python', '-m', 'xlp.xlstm_model.bench_train_step', *(sys.argv[1:] if argv is None else argv)])}")
+    print(f"command: {shlex.join(['python', 'benchmarks/bench_train_step.py', *(sys.argv[1:] if argv is None else argv)])}")
     print(f"machine: {machine(device)}")
     print(f"models: {', '.join(models)}; shapes: {', '.join(f'{b}x{s}' for b, s in shapes)}; modes: {', '.join(modes)}; "
           f"{args.precision}{' autocast' if args.precision == 'bf16' else ''}, fused AdamW, checkpointing "

@@ -1,13 +1,13 @@
 """Batch-1 decode speed after long prompts: tokens/s and memory at 1k, 4k and 16k tokens of context.
 
-    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
-    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
-    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
-    python -m xlp.xlstm_model.bench_decode --fused --decode pdl=true              # ... kernels overlapped (Hopper PDL)
-    python -m xlp.xlstm_model.bench_decode --model xlstm_large_400m --no-graph --no-compile   # eager baseline
-    python -m xlp.xlstm_model.bench_decode --decode matvec=gemm                   # compiled, cuBLAS matrix-vector products
-    python -m xlp.xlstm_model.bench_decode --fused --variant pdl:pdl=true --variant compiled:fused=false
-    python -m xlp.xlstm_model.bench_decode --model tiny_xlstm_large --device cpu   # CPU check
+    python benchmarks/bench_decode.py --model xlstm_large_400m                # GPU: bf16, compiled step in a CUDA graph
+    python benchmarks/bench_decode.py --model xlstm_large_400m --no-compile   # GPU: eager ops in a CUDA graph
+    python benchmarks/bench_decode.py --model xlstm_large_400m --fused        # GPU: hand-fused step in a CUDA graph
+    python benchmarks/bench_decode.py --fused --decode pdl=true              # ... kernels overlapped (Hopper PDL)
+    python benchmarks/bench_decode.py --model xlstm_large_400m --no-graph --no-compile   # eager baseline
+    python benchmarks/bench_decode.py --decode matvec=gemm                   # compiled, cuBLAS matrix-vector products
+    python benchmarks/bench_decode.py --fused --variant pdl:pdl=true --variant compiled:fused=false
+    python benchmarks/bench_decode.py --model tiny_xlstm_large --device cpu   # CPU check
 
 Random weights (speed does not depend on them). The prompt is read in segments carrying the state
 (xlp.xlstm_model.decode.prefill); then --new-tokens greedy steps are timed (StepDecoder.step_greedy: the
@@ -302,7 +302,8 @@ def bench_contexts(model, contexts: list[int], new_tokens: int, device, use_grap
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="xlstm_large_400m", help="configs/model/NAME.yaml or a YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides")
     p.add_argument("--contexts", default="1024,4096,16384")
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
     use_graph = False if args.no_graph else None
     use_compile = False if args.no_compile else (True if args.compile else None)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"command: {shlex.join([sys.executable, '-m', 'xlp.xlstm_model.bench_decode', *(argv or sys.argv[1:])])}")
+    print(f"command: {shlex.join([sys.executable, 'benchmarks/bench_decode.py', *(argv or sys.argv[1:])])}")
     print(f"machine: {machine(device)}")
     fused = True if args.fused else None
     if compile_wanted(device, use_compile, config) and (not (args.fused or config.fused)

@@ -1,11 +1,11 @@
 """GPU benchmark and correctness check of the Triton kernels.
 
-    python -m xlp.kernels.bench                 # mLSTM timing table (issue 8 protocol)
-    python -m xlp.kernels.bench --check         # Triton vs reference at real shapes (bf16 / fp32), then exit
-    python -m xlp.kernels.bench --chunks 32,64  # also compare chunk sizes (the effective L is printed)
-    python -m xlp.kernels.bench --sweep         # time launch-config variants, then the table with the best
-    python -m xlp.kernels.bench --mlstm bc_w=4,bc_s=2   # the table under a changed mLSTM launch configuration
-    TRITON_INTERPRET=1 python -m xlp.kernels.bench --check-cpu   # dry run of --check's code on CPU
+    python benchmarks/bench_kernels.py                 # mLSTM timing table (issue 8 protocol)
+    python benchmarks/bench_kernels.py --check         # Triton vs reference at real shapes (bf16 / fp32), then exit
+    python benchmarks/bench_kernels.py --chunks 32,64  # also compare chunk sizes (the effective L is printed)
+    python benchmarks/bench_kernels.py --sweep         # time launch-config variants, then the table with the best
+    python benchmarks/bench_kernels.py --mlstm bc_w=4,bc_s=2   # the table under a changed mLSTM launch configuration
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --check-cpu   # dry run of --check's code on CPU
 
 Protocol: 65,536 tokens per step, S in {2k, 8k, 32k} (B = tokens / S), NH=16, DQK=128, DV=256, bf16;
 forward and forward+backward in ms (triton.testing.do_bench, median) and the peak memory of a
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from xlp.kernels.config import check_mlstm_launch, format_mlstm_launch
+from xlp.kernels.config import BWD_VARIANTS, FWD_VARIANTS, check_mlstm_launch, format_mlstm_launch
 
 
 def _sync_ms(fn, warmup: int = 3, rep_ms: int = 200) -> float:
@@ -153,19 +153,10 @@ def bench_official(tokens, seqlens, NH, DQK, DV, dtype, rep_ms):
 
 
 # ------------------------------------------------------------------------------------ sweep
-# Single-key changes from the default launch configuration (see kernels/config.py,
-# MLSTM_LAUNCH), plus a few combinations. Forward variants are timed as the no-grad forward;
-# backward variants as autograd.grad on ONE retained graph per length (the saved tensors do not
-# depend on the launch configuration), so no forward is recomputed.
-FWD_VARIANTS = [
-    {}, {"fs_w": 8}, {"fs_s": 1}, {"fs_s": 3}, {"fs_bv": 128}, {"fs_bv": 32}, {"fs_bk": 128},
-    {"fo_bv": 256}, {"fo_bv": 64}, {"fo_w": 4}, {"fo_s": 1}, {"fo_s": 3}, {"fo_bk": 128},
-]
-BWD_VARIANTS = [
-    {}, {"bc_w": 4}, {"bc_s": 2}, {"bc_bv": 128}, {"bc_bk": 128}, {"bc_bv": 32}, {"bc_bv": 128, "bc_w": 4},
-    {"bc_bv": 128, "bc_s": 2}, {"bs_w": 8}, {"bs_s": 1}, {"bs_s": 3}, {"bs_bv": 128}, {"bs_bv": 32},
-    {"bs_bk": 128},
-]
+# The launch-config variants timed here (FWD_VARIANTS, BWD_VARIANTS) live in xlp.kernels.config, beside the
+# table they change: xlp.kernels.triton.aot_check compiles every one of them. Forward variants are timed as
+# the no-grad forward; backward variants as autograd.grad on ONE retained graph per length (the saved
+# tensors do not depend on the launch configuration), so no forward is recomputed.
 
 
 def sweep(tokens, seqlens, NH, DQK, DV, dtype, rep_ms, budget_s):
@@ -429,7 +420,8 @@ def parse_launch(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_kernels.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--seqlens", default="2048,8192,32768")
     p.add_argument("--nh", type=int, default=16)
@@ -462,7 +454,7 @@ def main(argv=None) -> int:
         patch_interpreter_bf16()  # the interpreter's own bf16 dot is wrong; see _interp.py
         return 0 if check(dev="cpu", small=True) else 1
     if not torch.cuda.is_available():
-        print("xlp.kernels.bench needs a CUDA GPU (CPU correctness: pytest tests/test_kernels_triton.py)")
+        print("benchmarks/bench_kernels.py needs a CUDA GPU (CPU correctness: pytest tests/test_kernels_triton.py)")
         return 2
     import triton
 
