@@ -273,8 +273,8 @@ def cmd_run(args) -> int:
 
 def cmd_study(args) -> int:
     from xlp.pipeline.core.layout import StudyLayout
-    from xlp.pipeline.study.plan.plan import plan_study, print_plan
-    from xlp.pipeline.study.plan.run import run_study, summary_line
+    from xlp.pipeline.study.plan import plan_study, print_plan
+    from xlp.pipeline.study.run import run_study, summary_line
 
     plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
     only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
@@ -282,7 +282,7 @@ def cmd_study(args) -> int:
         print_plan(plan, args.config, args.overrides, sys.stdout)
         return 0
     if args.report_only:
-        from xlp.pipeline.study.plan.report import update_report
+        from xlp.pipeline.study.report import update_report
 
         update_report(plan, out=sys.stdout)
         return 0
@@ -313,7 +313,7 @@ def cmd_submit(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
-        from xlp.pipeline.study.plan.plan import plan_study, submit_study
+        from xlp.pipeline.study.plan import plan_study, submit_study
 
         if args.to != "slurm" or args.stages or args.wait:
             raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "

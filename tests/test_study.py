@@ -58,7 +58,7 @@ def test_bad_study_config_fails_before_anything_runs(tmp_path, capsys, variants,
 
 def test_study_without_variants_says_how_to_write_one(tmp_path):
     from xlp.pipeline.core.config import ConfigError
-    from xlp.pipeline.study.plan.plan import plan_study
+    from xlp.pipeline.study.plan import plan_study
 
     with pytest.raises(ConfigError, match="no `study.variants`"):
         plan_study(TINY)
@@ -67,7 +67,7 @@ def test_study_without_variants_says_how_to_write_one(tmp_path):
 def test_plan_shares_data_by_fingerprint(tmp_path):
     """Variants that change only model or train keys share STUDY_DIR/data; one that changes a data
     stage's key gets a data directory of its own."""
-    from xlp.pipeline.study.plan.plan import plan_study
+    from xlp.pipeline.study.plan import plan_study
 
     path = study_file(tmp_path, "    - {name: x, overrides: [model=tiny]}\n"
                                 "    - {name: l, overrides: [model=tiny_llama, train.lr=0.002]}\n"
@@ -195,7 +195,7 @@ def test_study_runs_data_once_and_both_variants(study):
 
 @pytest.mark.slow
 def test_study_report_holds_both_variants(study):
-    from xlp.pipeline.study.plan.report import PLOTS
+    from xlp.pipeline.study.report import PLOTS
 
     root = study["root"]
     report = (root / "report.md").read_text()

@@ -26,7 +26,7 @@ from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.stage import atomic_write_json, atomic_write_text, read_stage_json
 
 if TYPE_CHECKING:
-    from xlp.pipeline.study.plan.plan import StudyPlan
+    from xlp.pipeline.study.plan import StudyPlan
 
 REPORT_VERSION = 2  # bump when the report's content changes, so reruns rewrite it (2: colours by family past 10 variants)
 PLOTS = ("bpb_vs_params.png", "bpb_vs_tokens.png", "loss_by_position.png", "decode_cost.png")
@@ -52,7 +52,7 @@ def collect(plan: "StudyPlan") -> list[dict]:
     from omegaconf import OmegaConf
 
     from xlp.pipeline.train.monitor import read_metrics
-    from xlp.pipeline.study.plan.plan import model_vocab
+    from xlp.pipeline.study.plan import model_vocab
     from xlp.xlstm_model import count_params
     from xlp.xlstm_model.counts import flops_per_token
 

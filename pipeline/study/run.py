@@ -1,5 +1,5 @@
 """`xlp study`, running: the data stages once per data directory, then each variant's train and eval
-on this machine, then the report (xlp.pipeline.study.plan.report)."""
+on this machine, then the report (xlp.pipeline.study.report)."""
 from __future__ import annotations
 
 import sys
@@ -8,8 +8,8 @@ from typing import Optional, TextIO
 
 from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.runner import _ensure_ray, run_pipeline
-from xlp.pipeline.study.plan.plan import DATA_STAGES, VARIANT_STAGES, StudyPlan, link_data
-from xlp.pipeline.study.plan.report import update_report
+from xlp.pipeline.study.plan import DATA_STAGES, VARIANT_STAGES, StudyPlan, link_data
+from xlp.pipeline.study.report import update_report
 
 
 

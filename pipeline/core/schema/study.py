@@ -1,4 +1,4 @@
-"""`study.*`: the variants of `xlp study` (xlp.pipeline.study.plan)."""
+"""`study.*`: the variants of `xlp study` (xlp.pipeline.study)."""
 from __future__ import annotations
 
 import re
