@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from xlp.pipeline.data.loader import ShardLoader
 from xlp.pipeline.data.order import Apportioner, GlobalLoader, Mixture, row_hash
 from test_data_loader import make_shards
 
@@ -68,6 +69,29 @@ def test_state_resumes_on_another_world_size(shards):
     for world, micro, workers in ((1, 4, 0), (1, 8, 2), (4, 2, 0), (2, 4, 0)):
         after, _ = rows_of(shards, world=world, micro=micro, steps=25, workers=workers, state=state)
         assert same_rows(after, {i: ref[i] for i in range(15 * G, 40 * G)}), (world, micro, workers)
+    other = GlobalLoader(shards, seq_len=2 * S, micro_batch_size=4, rows_per_step=G, streams=4)
+    with pytest.raises(ValueError, match="seq_len"):  # a state of other data settings is refused
+        other.load_global_state(json.loads(json.dumps(state)))
+
+
+def test_shard_loader_packs_the_same_rows_as_the_global_order(shards):
+    """The two readers of the shards share one plan and one row packing: ShardLoader's stream r of K
+    (rank r of K, batches of one row) is the global order's stream r of K (one group), whose row j is
+    global row j*K + r; the same tokens and doc starts, bit for bit, into the next epoch."""
+    K, seed = 4, 3
+    plan = ShardLoader(shards, split="train", seq_len=S, batch_size=1, world_size=K, seed=seed)._plan()
+    n = max((plan.stream_tokens(g, 0) - 1) // S for g in range(K)) + 20  # every stream crosses an epoch
+    by_row = {}
+    for batch in itertools.islice(GlobalLoader(shards, seq_len=S, micro_batch_size=K, rows_per_step=K,
+                                               streams=K, seed=seed), n):
+        for i, x, y, d in zip(batch["rows"].tolist(), batch["input_ids"], batch["targets"], batch["doc_starts"]):
+            by_row[i] = (x, y, d)
+    for r in range(K):
+        loader = ShardLoader(shards, split="train", seq_len=S, batch_size=1, rank=r, world_size=K, seed=seed)
+        for j, b in enumerate(itertools.islice(loader, n)):
+            x, y, d = by_row[j * K + r]
+            assert torch.equal(b["input_ids"][0], x) and torch.equal(b["targets"][0], y), (r, j)
+            assert torch.equal(b["doc_starts"][0], d), (r, j)
 
 
 def test_apportioner_keeps_each_prefix_within_a_row():

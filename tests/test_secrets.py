@@ -52,21 +52,29 @@ def test_redact_masks_url_credentials_and_token_parameters():
 
 
 def test_submitted_config_keeps_env_references_and_refuses_literal_credentials(tmp_path, monkeypatch):
-    from xlp.pipeline.cluster.submit import SubmitError, save_submitted_config
+    """The config `xlp submit` saves: submit_slurm and submit_ray write submitted_config()'s text to its
+    path (atomic_write_text), and stop at submitted_config() when the config holds a credential."""
+    import io
+
+    from xlp.pipeline.core.stage import atomic_write_text
+    from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm, submitted_config
 
     pw = pysecrets.token_hex(8)
     monkeypatch.setenv("XLP_TEST_SOURCE", f"ftp://reader:{pw}@127.0.0.1:1/corpus.jsonl")
     cfg = load_config(TINY, ["data.sources=['stdlib:json','${oc.env:XLP_TEST_SOURCE}']"])
-    path = save_submitted_config(cfg, tmp_path / "run", "ray")
+    path, text = submitted_config(cfg, tmp_path / "run", "ray")
+    atomic_write_text(path, text)
     text = path.read_text()
     assert pw not in text and "${oc.env:XLP_TEST_SOURCE}" in text
     assert yaml.safe_load(text)["train"]["launcher"] == "ray"
 
     literal = load_config(TINY, [f"data.sources=[stdlib:json,'https://u:{pw}@host/x.jsonl']"])
-    with pytest.raises(SubmitError, match=r"data\.sources\[1\].*oc\.env") as e:
-        save_submitted_config(literal, tmp_path / "run2", "ray")
-    assert pw not in str(e.value)
-    assert not (tmp_path / "run2").exists() or not any((tmp_path / "run2").rglob("*.yaml"))
+    for submit in (submit_ray, submit_slurm):
+        kw = {"address": None} if submit is submit_ray else {}
+        with pytest.raises(SubmitError, match=r"data\.sources\[1\].*oc\.env") as e:
+            submit(literal, run_dir=tmp_path / "run2", only=None, force=False, wait=False, out=io.StringIO(), **kw)
+        assert pw not in str(e.value)
+        assert not (tmp_path / "run2").exists() or not any((tmp_path / "run2").rglob("*.yaml"))
     assert secret_keys(env_references({"x": f"https://u:{pw}@h"}, env={})) == ["x"]
 
 

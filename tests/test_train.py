@@ -239,7 +239,7 @@ def test_checkpoint_listing_ignores_partial_and_prunes(tmp_path):
         (d / ckpt.META).write_text(json.dumps({"step": step}))
     (root / ckpt.name_of(40)).mkdir()  # no meta.json: a save that never finished renaming
     (root / (ckpt.TMP_PREFIX + ckpt.name_of(50))).mkdir()
-    assert ckpt.latest_checkpoint(root).name == ckpt.name_of(30)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [10, 20, 30]
     ckpt.remove_partial(root)
     assert not (root / (ckpt.TMP_PREFIX + ckpt.name_of(50))).exists()
     ckpt.prune(root, keep=2)
@@ -344,7 +344,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
     killed = tmp_path / "killed"
     with pytest.raises(RanksLost, match="SIGKILL"):  # every rank killed: the first is named, retryable
         train(killed, shards, common, hooks="train_faults:KILL_AFTER_SAVE_30")
-    assert ckpt.latest_checkpoint(killed / "train" / "checkpoints").name == ckpt.name_of(30)
+    assert ckpt.complete_checkpoints(killed / "train" / "checkpoints")[-1][1].name == ckpt.name_of(30)
     assert max(read_metrics(killed / "train" / "metrics.jsonl")) == 30
     result = train(killed, shards, common)  # the rerun resumes from step 30
     assert result["step"] == 60
@@ -411,8 +411,9 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 3, out
     assert "INTERRUPTED" in out and "stopped by SIGTERM" in out
-    latest = ckpt.latest_checkpoint(run / "train" / "checkpoints")
-    assert latest is not None
+    found = ckpt.complete_checkpoints(run / "train" / "checkpoints")
+    assert found
+    latest = found[-1][1]
     step = ckpt.read_meta(latest)["step"]
     assert step >= 3 and step == max(read_metrics(metrics))
     assert json.loads((run / "train" / "result.json").read_text())["stopped"] is True
@@ -428,7 +429,7 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
     p.kill()
     p.wait()
     deadline = time.monotonic() + 120
-    while ckpt.read_meta(ckpt.latest_checkpoint(run / "train" / "checkpoints"))["step"] <= step:
+    while ckpt.read_meta(ckpt.complete_checkpoints(run / "train" / "checkpoints")[-1][1])["step"] <= step:
         assert time.monotonic() < deadline, "no checkpoint after the launcher was killed"
         time.sleep(0.2)
     log = (run / "train" / "logs" / "rank_0.log").read_text()

@@ -50,13 +50,6 @@ class SubmitError(RuntimeError):
     """The cluster refused the run or could not be reached; the message says what to fix."""
 
 
-def save_submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> Path:
-    """Write submitted_config() to its path; returns the path."""
-    path, text = submitted_config(cfg, run_dir, launcher)
-    atomic_write_text(path, text)
-    return path
-
-
 def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Path, str]:
     """The resolved config the job will run and its path in RUN_DIR/submit/ (kept: one file per
     submission), with `train.launcher` set to the cluster's launcher (slurm or ray) where the config
@@ -298,12 +291,6 @@ def slurm_job(job_id: str) -> SlurmJob:
     return SlurmJob(fields.get("JobState", "UNKNOWN"),
                     fields.get("Reason", "None").replace("_", " "),  # scontrol -o joins a reason's words with _
                     "" if nodes == "(null)" else nodes, fields.get("Partition", ""), fields.get("ExitCode", ""))
-
-
-def slurm_job_state(job_id: str) -> tuple[str, str]:
-    """(JobState, ExitCode) from scontrol; ("UNKNOWN", "") once the controller has forgotten the job."""
-    job = slurm_job(job_id)
-    return job.state, job.exit_code
 
 
 def _hostnames(nodelist: str) -> str:

@@ -88,10 +88,6 @@ def redact(obj: Any, env: Optional[Mapping[str, str]] = None) -> Any:
     return obj
 
 
-def has_secret(obj: Any, env: Optional[Mapping[str, str]] = None) -> bool:
-    return redact(obj, env) != obj
-
-
 def redact_config_yaml(cfg: Any) -> str:
     """A resolved OmegaConf config as YAML, redacted (for RUN_DIR/config.yaml and the like)."""
     from omegaconf import OmegaConf

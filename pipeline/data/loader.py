@@ -1,15 +1,14 @@
-"""The training data loader: WebDataset token shards -> packed (B, S) batches, resumable exactly.
+"""WebDataset token shards -> packed (B, S) batches of one split, split over ranks and workers.
 
-    loader = ShardLoader("runs/demo/shard", split="train", seq_len=256, batch_size=8,
+    loader = ShardLoader("runs/demo/shard", split="val", seq_len=256, batch_size=8,
                          rank=rank, world_size=world, num_workers=2, seed=0)
-    for step, batch in zip(range(steps), loader):   # endless epochs
+    for batch in loader.one_epoch():                  # validation: exactly one pass
         batch["input_ids"], batch["targets"], batch["doc_starts"]   # (B, S) each
-        ...
-        ckpt["data"] = loader.state_dict()
-    # after a restart:
-    loader.load_state_dict(ckpt["data"])              # the next batches are the ones an
-                                                      # uninterrupted run would have seen
-    for batch in loader.one_epoch(): ...              # validation: exactly one pass
+    for step, batch in zip(range(steps), loader): ... # endless epochs
+
+Training reads the global row order (xlp.pipeline.data.order.GlobalLoader), which is built from this
+module's plan, segments and row packing (_Plan, _segments, _Rows); ShardLoader is the validation and
+evaluation reader (and the benchmarks'). Each iter() of a ShardLoader starts at its first batch.
 
 How data is split and ordered (all of it a function of seed and epoch, nothing else):
 - There are W = world_size * max(1, num_workers) streams; stream g = rank * max(1, num_workers) + w.
@@ -22,9 +21,7 @@ How data is split and ordered (all of it a function of seed and epoch, nothing e
   token, and position 0 of every row. In endless mode a stream runs on into the next epoch; with
   `epochs=n` it stops after n epochs and drops its last incomplete batch.
 - A DataLoader worker makes whole batches from its own stream; batches arrive round-robin from the
-  workers. The state is each stream's position (epoch, shard, sample, token) after its last consumed
-  batch plus which worker is next, so resuming reproduces the batch sequence exactly (with the same
-  world_size, num_workers, seq_len, batch_size, seed; other values are refused).
+  workers.
 
 Shards are verified: the first time a process opens a shard, its size (before reading) and sha256
 (over the bytes read) are compared with the manifest (xlp.pipeline.data.shards.read_verified). A missing,
@@ -32,7 +29,7 @@ truncated, damaged or unparsable shard raises ShardError, one line naming the sh
 and actual size or hash, before any of its samples is used. With `on_error="skip"` (data.on_error)
 the shard is left out instead: a warning names it, `skipped_shards` counts it, and it contributes no
 samples; every other shard's samples stay where they were in their stream's order (the plan does not
-change), so resuming from a checkpoint still reproduces the batches exactly.
+change), so the global order's resume from a checkpoint still reproduces the batches exactly.
 """
 from __future__ import annotations
 
@@ -50,7 +47,6 @@ from xlp.pipeline.data.shards import ShardError, load_manifest, read_shard, read
 log = logging.getLogger(__name__)
 ON_ERROR = ("fail", "skip")
 
-STATE_VERSION = 1
 Pos = tuple[int, int, int, int]  # (epoch, piece index in the stream's epoch plan, sample index, token offset)
 
 
@@ -175,86 +171,101 @@ def _stream_has_data(plan: _Plan, g: int, epoch: int) -> bool:
     return any(len(plan.kept(g, epoch, p)) for p in plan.pieces(g, epoch))
 
 
-def _rows(segments: Iterator, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray, Pos]]:
-    """Rows of seq_len+1 tokens overlapping by one, their doc-start flags, and where the next row starts."""
-    need = seq_len + 1
-    segs: deque = deque()
-    n = 0
-    for seg in segments:
-        if not len(seg[0]):
-            continue
-        segs.append(seg)
-        n += len(seg[0])
-        while n >= need:
-            row = np.empty(need, dtype=np.int64)
-            st = np.empty(need, dtype=bool)
+class _Rows:
+    """The one row packing (ShardLoader's streams and the global order's, xlp.pipeline.data.order): a
+    stream's segments cut into rows of S+1 tokens that overlap by one (all but a row's last token are
+    consumed: that one starts the next row). `index` counts the rows taken; `position()` is where the
+    next row starts, so a reader can be restarted there. Segments are pulled only as a row needs them."""
+
+    def __init__(self, segments: Iterator[tuple[np.ndarray, np.ndarray, Pos]], seq_len: int, index: int = 0,
+                 pos: Pos = (0, 0, 0, 0)):
+        self.S, self.index = seq_len, index
+        self._segments = segments
+        self._start = pos
+        self._buf: deque = deque()
+        self._n = 0
+
+    def position(self) -> Pos:
+        return self._buf[0][2] if self._buf else self._start
+
+    def _next_segment(self) -> Optional[tuple[np.ndarray, np.ndarray, Pos]]:
+        return next(self._segments, None)
+
+    def take(self, row: Optional[np.ndarray] = None, starts: Optional[np.ndarray] = None) -> bool:
+        """The next row: its S+1 tokens into `row` and doc-start flags into `starts` (int64 and bool
+        arrays of S+1), or skipped without building it when they are None. False (nothing taken) when
+        the segments end before a whole row (a stream of `epochs=n`: its last partial row is dropped)."""
+        need = self.S + 1
+        while self._n < need:
+            seg = self._next_segment()
+            if seg is None:
+                return False
+            if len(seg[0]):
+                self._buf.append(seg)
+                self._n += len(seg[0])
+        if row is not None and starts is not None:
             k = 0
-            for t, s, _ in segs:
-                take = min(len(t), need - k)
-                row[k:k + take] = t[:take]
-                st[k:k + take] = s[:take]
-                k += take
+            for t, st, _ in self._buf:
+                n = min(len(t), need - k)
+                row[k:k + n] = t[:n]
+                starts[k:k + n] = st[:n]
+                k += n
                 if k == need:
                     break
-            c = seq_len  # consume all but the row's last token: it starts the next row
-            while c:
-                t, s, p = segs[0]
-                if len(t) <= c:
-                    segs.popleft()
-                    c -= len(t)
-                    n -= len(t)
-                else:
-                    segs[0] = (t[c:], s[c:], (p[0], p[1], p[2], p[3] + c))
-                    n -= c
-                    c = 0
-            yield row, st, segs[0][2]
+        c = self.S  # all but the row's last token: it starts the next row
+        while c:
+            t, st, p = self._buf[0]
+            if len(t) <= c:
+                self._buf.popleft()
+                c -= len(t)
+                self._n -= len(t)
+            else:
+                self._buf[0] = (t[c:], st[c:], (p[0], p[1], p[2], p[3] + c))
+                self._n -= c
+                c = 0
+        self.index += 1
+        return True
 
 
 class _Streams(IterableDataset):
-    """Each DataLoader worker (or the main process) yields (local stream, position after, batch, skipped
-    shards noticed since its last item, error). A worker passes its ShardError on as the item's
-    `error` (torch would re-raise it with the worker's traceback pasted into the message); skip notes
-    ride on the next batch rather than taking a batch's place in the workers' round-robin order, so
-    that skipping does not reorder the other batches (or a resume)."""
+    """Each DataLoader worker (or the main process) yields (batch, skipped shards noticed since its last
+    item, error). A worker passes its ShardError on as the item's `error` (torch would re-raise it with
+    the worker's traceback pasted into the message); skip notes ride on the next batch rather than
+    taking a batch's place in the workers' round-robin order, so that skipping does not reorder the
+    other batches."""
 
-    def __init__(self, loader: "ShardLoader", positions: dict[int, Pos], worker_offset: int,
-                 last_epoch: Optional[int], start_epoch: int):
+    def __init__(self, loader: "ShardLoader", last_epoch: Optional[int], start_epoch: int):
         super().__init__()
         self.loader = loader
-        self.positions = positions
-        self.worker_offset = worker_offset
         self.last_epoch = last_epoch
         self.start_epoch = start_epoch
 
     def __iter__(self):
         L = self.loader
-        nw = max(1, L.num_workers)
         info = get_worker_info()
-        wid = info.id if info is not None else 0
-        local = (wid + self.worker_offset) % nw
-        g = L.rank * nw + local
+        g = L.rank * max(1, L.num_workers) + (info.id if info is not None else 0)
         plan = L._plan()
-        pos = self.positions.get(local, (self.start_epoch, 0, 0, 0))
         B, S = L.batch_size, L.seq_len
-        rows, starts = [], []
+        rows = _Rows(_segments(plan, g, (self.start_epoch, 0, 0, 0), self.last_epoch), S)
         try:
-            for row, st, nxt in _rows(_segments(plan, g, pos, self.last_epoch), S):
-                rows.append(row)
-                starts.append(st[:S])
-                if len(rows) == B:
-                    x = torch.from_numpy(np.stack(rows))
-                    d = torch.from_numpy(np.stack(starts))
-                    d[:, 0] = True
-                    batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(), "doc_starts": d}
-                    yield local, nxt, batch, plan.take_notes(), None
-                    rows, starts = [], []
+            while True:
+                x = np.empty((B, S + 1), dtype=np.int64)
+                d = np.empty((B, S + 1), dtype=bool)
+                if not all(rows.take(x[b], d[b]) for b in range(B)):  # the last incomplete batch is dropped
+                    break
+                xt = torch.from_numpy(x)
+                doc_starts = torch.from_numpy(d[:, :S].copy())
+                doc_starts[:, 0] = True
+                batch = {"input_ids": xt[:, :-1].contiguous(), "targets": xt[:, 1:].contiguous(),
+                         "doc_starts": doc_starts}
+                yield batch, plan.take_notes(), None
         except Exception as e:  # (not `except ShardError`: that name may be gone when a generator
             if info is None or not isinstance(e, ShardError):  # is closed at interpreter exit)
                 raise
-            yield local, None, None, plan.take_notes(), str(e)
+            yield None, plan.take_notes(), str(e)
             return
         if plan.notes:  # skipped after this stream's last whole batch (epochs=n): still reported
-            yield local, None, None, plan.take_notes(), None
+            yield None, plan.take_notes(), None
 
 
 class ShardLoader:
@@ -289,9 +300,6 @@ class ShardLoader:
             raise ValueError(f"no {which} shards in {self.shard_dir} (splits there: {splits})")
         self.dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[self.manifest["dtype"]])
         self.tokens = sum(s["tokens"] for s in self.shards)
-        self._positions: dict[int, Pos] = {}
-        self._next_local = 0
-        self._batches = 0
         self._start_epoch = 0
 
     @property
@@ -304,24 +312,20 @@ class ShardLoader:
     # -- iteration -------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        nw = max(1, self.num_workers)
         last_epoch = None if self.epochs is None else self._start_epoch + self.epochs - 1
-        ds = _Streams(self, dict(self._positions), self._next_local, last_epoch, self._start_epoch)
+        ds = _Streams(self, last_epoch, self._start_epoch)
         if self.num_workers == 0:
             it: Any = iter(ds)
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                  prefetch_factor=self.prefetch_factor, persistent_workers=False))
-        for local, pos, batch, notes, error in it:
+        for batch, notes, error in it:
             for path, problem in notes:
                 self._note_skipped(path, problem)
             if error is not None:
                 raise ShardError(error)
             if batch is None:
                 continue
-            self._positions[int(local)] = tuple(int(v) for v in pos)  # type: ignore[assignment]
-            self._next_local = (int(local) + 1) % nw
-            self._batches += 1
             yield batch
 
     def _note_skipped(self, path: str, problem: str) -> None:
@@ -361,35 +365,6 @@ class ShardLoader:
         """The fewest batches any rank gets from one epoch: iterate that many on every rank so that
         collective ops stay in step (e.g. `itertools.islice(loader.one_epoch(), n)`)."""
         return min(self.epoch_batches(r, epoch) for r in range(self.world_size))
-
-    # -- state -----------------------------------------------------------------------------------
-
-    def _shape(self) -> dict:
-        return {"split": self.split, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed,
-                "shuffle": self.shuffle, "shards": [s["sha256"] for s in self.shards][:1] + [len(self.shards)]}
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "rank": self.rank, **self._shape(),
-                "positions": {str(k): list(v) for k, v in sorted(self._positions.items())},
-                "next_worker": self._next_local, "batches": self._batches, "start_epoch": self._start_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
-        mine = self._shape()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diff:
-            raise ValueError("loader state was saved with different settings; exact resume needs the same "
-                             + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items()))
-        self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}  # type: ignore[misc]
-        self._next_local = int(state["next_worker"])
-        self._batches = int(state["batches"])
-        self._start_epoch = int(state.get("start_epoch", 0))
-
-    @property
-    def batches_seen(self) -> int:
-        return self._batches
 
     def __repr__(self) -> str:
         return (f"ShardLoader({self.shard_dir!r}, split={self.split!r}, seq_len={self.seq_len}, "

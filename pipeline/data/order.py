@@ -13,7 +13,8 @@ nothing else: not of the number of ranks, loader workers or the micro-batch spli
 - Each mixture group (one group, "", without `data.mixture`) reads its own train shards as `streams`
   endless streams (xlp.pipeline.data.loader's plan with n_streams=streams: shuffled by (seed, epoch), a
   stream reads every streams-th shard, or every streams-th sample when there are fewer shards). A
-  stream is cut into rows of S+1 tokens overlapping by one, as in ShardLoader.
+  stream is cut into rows of S+1 tokens overlapping by one by the loader's row packing (_Rows, the
+  same code ShardLoader packs with).
 - Global row i belongs to a group chosen by weight (`Apportioner`: the group furthest below its share
   of the rows so far, so every prefix of the run holds each group within one row of its weight); the
   q-th row of group g is row q // streams of its stream q % streams.
@@ -35,7 +36,7 @@ at its position and skips forward to the row it needs).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from xlp.pipeline.data.loader import ON_ERROR, Pos, _Plan, _segments
+from xlp.pipeline.data.loader import ON_ERROR, Pos, _Plan, _Rows, _segments
 from xlp.pipeline.data.shards import load_manifest
 
 STATE_VERSION = 1
@@ -194,60 +195,22 @@ class _SharedPlan(_Plan):
         return samples
 
 
-class _Stream:
-    """Rows of S+1 tokens (overlapping by one) of stream `g` of a plan; `index` is the next row's
-    number and `position()` where it starts, so a reader can be restarted there."""
+class _Stream(_Rows):
+    """Rows of S+1 tokens (overlapping by one) of endless stream `g` of a plan, packed by _Rows; `index`
+    is the next row's number and `position()` where it starts, so a reader can be restarted there."""
 
     def __init__(self, plan: _Plan, g: int, seq_len: int, index: int = 0, pos: Pos = (0, 0, 0, 0)):
-        self.plan, self.g, self.S = plan, g, seq_len
-        self.index = index
-        self._start = pos
-        self._segments = _segments(plan, g, pos, None)
-        self._buf: deque = deque()
-        self._n = 0
+        super().__init__(_segments(plan, g, pos, None), seq_len, index, pos)
+        self.plan, self.g = plan, g
 
-    def position(self) -> Pos:
-        return self._buf[0][2] if self._buf else self._start
-
-    def _fill(self, need: int) -> None:
-        while self._n < need:
-            try:
-                seg = next(self._segments)
-            except ValueError as e:
-                if "gets no samples" not in str(e):
-                    raise
-                raise ValueError(f"{e} (here: data.streams={self.plan.n_streams} streams per mixture group; "
-                                 "lower data.streams)") from None
-            if len(seg[0]):
-                self._buf.append(seg)
-                self._n += len(seg[0])
-
-    def take(self, row: Optional[np.ndarray] = None, starts: Optional[np.ndarray] = None) -> None:
-        """The next row: its S+1 tokens into `row` and doc-start flags into `starts` (int64 and bool
-        arrays of S+1), or skipped without building it when they are None."""
-        need = self.S + 1
-        self._fill(need)
-        if row is not None and starts is not None:
-            k = 0
-            for t, st, _ in self._buf:
-                n = min(len(t), need - k)
-                row[k:k + n] = t[:n]
-                starts[k:k + n] = st[:n]
-                k += n
-                if k == need:
-                    break
-        c = self.S  # all but the row's last token: it starts the next row
-        while c:
-            t, st, p = self._buf[0]
-            if len(t) <= c:
-                self._buf.popleft()
-                c -= len(t)
-                self._n -= len(t)
-            else:
-                self._buf[0] = (t[c:], st[c:], (p[0], p[1], p[2], p[3] + c))
-                self._n -= c
-                c = 0
-        self.index += 1
+    def _next_segment(self):
+        try:
+            return super()._next_segment()
+        except ValueError as e:
+            if "gets no samples" not in str(e):
+                raise
+            raise ValueError(f"{e} (here: data.streams={self.plan.n_streams} streams per mixture group; "
+                             "lower data.streams)") from None
 
     def seek(self, index: int) -> None:
         """Skip forward to row `index` (never back)."""

@@ -91,11 +91,6 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def remove_partial(root: Path) -> None:
     """Remove folders a killed save or prune left behind (rank 0, before anyone saves)."""
     root = Path(root)

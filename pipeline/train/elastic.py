@@ -51,10 +51,6 @@ def grad_accum_for(tc: Any, world_size: int) -> int:
     return G // (B * world_size)
 
 
-def global_batch(tc: Any, world_size: int) -> int:
-    return int(tc.micro_batch_size) * grad_accum_for(tc, world_size) * world_size
-
-
 def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
     """What changes when the checkpoint `meta` continues on `world_size` ranks with config `tc`: None
     when nothing does, else a line for the log. ResizeError when it cannot work."""
