@@ -7,6 +7,21 @@ import sys
 import time
 from pathlib import Path
 
+from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
+from xlp.pipeline.core.config import ConfigError, load_config
+from xlp.pipeline.core.layout import RunLayout, StudyLayout
+from xlp.pipeline.core.node import EXIT_RETRYABLE
+from xlp.pipeline.core.registry import STAGES, stage_names
+from xlp.pipeline.core.resources import config_dir, packaged_configs
+from xlp.pipeline.core.secrets import redact_config_yaml
+from xlp.pipeline.eval.compare import main as compare_main
+from xlp.pipeline.export import main as export_main
+from xlp.pipeline.generate import main as generate_main
+from xlp.pipeline.runner import PipelineError, Stopped, clean, human_bytes, run_pipeline, stage_states, stale_outputs
+from xlp.pipeline.study.plan import plan_study, print_plan, submit_study
+from xlp.pipeline.study.report import update_report
+from xlp.pipeline.study.run import run_study, summary_line
+
 DESCRIPTION = """\
 xlstm-pipeline: pretrain xLSTM language models from raw corpus to evaluated checkpoint.
 
@@ -24,8 +39,6 @@ An unknown key or a value of the wrong type is an error that names the key and w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xlp.pipeline.core.registry import stage_names
-
     stages_help = ", ".join(stage_names()) or "(none registered)"
     parser = argparse.ArgumentParser(
         prog="xlp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,9 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from xlp.pipeline.core.config import ConfigError
-    from xlp.pipeline.runner import PipelineError
-    from xlp.pipeline.cluster.submit import SubmitError
 
     commands = {"run": cmd_run, "study": cmd_study, "submit": cmd_submit, "status": cmd_status, "clean": cmd_clean, "config": cmd_config,
                 "configs": cmd_configs,
@@ -243,15 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PipelineError, SubmitError) as e:
         print(f"xlp {args.command}: error: {e}", file=sys.stderr)
         if getattr(e, "retryable", False):
-            from xlp.pipeline.core.node import EXIT_RETRYABLE
-
             print(f"xlp {args.command}: the cluster failed, not the run: run the same command again to resume "
                   f"(exit status {EXIT_RETRYABLE}; a Slurm job requeues itself)", file=sys.stderr)
             return EXIT_RETRYABLE
         return 1
     except KeyboardInterrupt as e:
-        from xlp.pipeline.runner import Stopped
-
         sigterm = isinstance(e, Stopped) and e.args and e.args[0] == "SIGTERM"
         print(f"xlp {args.command}: {'stopped by SIGTERM' if sigterm else 'interrupted'}; "
               "run the same command again to resume", file=sys.stderr)
@@ -259,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
-    from xlp.pipeline.core.config import load_config
-    from xlp.pipeline.runner import run_pipeline
-
     cfg = load_config(args.config, args.overrides)
     only = _stage_list(args.stages)
     if cfg.study.variants:
@@ -272,18 +275,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from xlp.pipeline.core.layout import StudyLayout
-    from xlp.pipeline.study.plan import plan_study, print_plan
-    from xlp.pipeline.study.run import run_study, summary_line
-
     plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked here
     only = [s.strip() for s in args.variants.split(",") if s.strip()] if args.variants else None
     if args.dry_run:
         print_plan(plan, args.config, args.overrides, sys.stdout)
         return 0
     if args.report_only:
-        from xlp.pipeline.study.report import update_report
-
         update_report(plan, out=sys.stdout)
         return 0
     outcome = run_study(plan, force=args.force, only=only, out=sys.stdout)
@@ -295,9 +292,6 @@ def cmd_study(args) -> int:
 
 
 def _stage_list(spec: str | None) -> list[str] | None:
-    from xlp.pipeline.runner import PipelineError
-    from xlp.pipeline.core.registry import stage_names
-
     if not spec:
         return None
     only = [s.strip() for s in spec.split(",") if s.strip()]
@@ -308,12 +302,8 @@ def _stage_list(spec: str | None) -> list[str] | None:
 
 
 def cmd_submit(args) -> int:
-    from xlp.pipeline.core.config import load_config
-    from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
-
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     if cfg.study.variants:  # a study: its data stages and each variant as jobs of their own
-        from xlp.pipeline.study.plan import plan_study, submit_study
 
         if args.to != "slurm" or args.stages or args.wait:
             raise SubmitError("a study config (study.variants) is submitted with `--to slurm` only, without --stages "
@@ -330,26 +320,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from xlp.pipeline.eval.compare import main as compare_main
-
     return compare_main(list(args.run_dirs))
 
 
 def cmd_export(args) -> int:
-    from xlp.pipeline.export import main as export_main
-
     return export_main(args)
 
 
 def cmd_generate(args) -> int:
-    from xlp.pipeline.generate import main as generate_main
-
     return generate_main(args)
 
 
 def cmd_configs(args) -> int:
-    from xlp.pipeline.core.resources import config_dir, packaged_configs
-
     root = config_dir()
     print(f"configs shipped in {root} (use the name, e.g. `xlp run tiny`):")
     for name in packaged_configs():
@@ -360,19 +342,11 @@ def cmd_configs(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from xlp.pipeline.core.config import load_config
-    from xlp.pipeline.core.secrets import redact_config_yaml
-
     print(redact_config_yaml(load_config(args.config, args.overrides)), end="")  # terminals get logged too
     return 0
 
 
 def cmd_status(args) -> int:
-    from xlp.pipeline.core.config import ConfigError, load_config
-    from xlp.pipeline.core.layout import RunLayout
-    from xlp.pipeline.runner import human_bytes, stale_outputs, stage_states
-    from xlp.pipeline.core.registry import STAGES
-
     run_dir = Path(args.run_dir)
     config_file = RunLayout(run_dir).config
     if not config_file.is_file():
@@ -408,8 +382,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from xlp.pipeline.runner import clean
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"xlp clean: error: {run_dir} is not a directory", file=sys.stderr)

@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from xlp import tokenizer as tk
 from xlp.pipeline.trained import TOKENIZER_FILE, ExportError, find_model, load_any, model_settings
+from xlp.xlstm_model import load_config, save_model
+from xlp.xlstm_model.hf import save_hf, to_hf_config
 
 FORMATS = ("hf", "native")
 # Texts the exported transformers tokenizer must encode exactly as our SentencePiece model does.
@@ -34,7 +37,6 @@ CHECK_TEXTS = (
 def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, log=sys.stderr) -> Path:
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
-    from xlp.xlstm_model import load_config
 
     model_settings(Path(source))[0].apply()  # the run's kernels.* for any model code that runs here
 
@@ -50,16 +52,11 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, l
         cfg = load_config(model_dir)
         model = None
     if fmt == "hf":
-        from xlp.xlstm_model.hf import to_hf_config
-
         to_hf_config(cfg)  # refuses unmappable models before anything is loaded or written
-    from xlp import tokenizer as tk
 
     tok = tk.load(tok_path)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "native":
-        from xlp.xlstm_model import save_model
-
         if model is None:  # a plain copy keeps the bytes (and dtype) exactly
             shutil.copyfile(model_dir / "model.safetensors", out / "model.safetensors")
             shutil.copyfile(model_dir / "config.json", out / "config.json")
@@ -68,8 +65,6 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, l
         tok.save(out / TOKENIZER_FILE)
         print(f"exported {cfg.arch} model (native: safetensors + config.json + {TOKENIZER_FILE}) to {out}", file=log)
         return out
-
-    from xlp.xlstm_model.hf import save_hf
 
     if model is None:
         model = load_any(model_dir)

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+from xlp import tokenizer as tk
 from xlp.pipeline.trained import ExportError, find_model, load_any, model_settings, pick_device
-
+from xlp.xlstm_model.decode import generate_stream, step_compiles
 
 
 def run(
@@ -37,9 +38,6 @@ def run(
     err: TextIO = sys.stderr,
 ) -> dict:
     import torch
-
-    from xlp import tokenizer as tk
-    from xlp.xlstm_model.decode import generate_stream, step_compiles
 
     dev = pick_device(device)
     model_dir, tok_path = find_model(Path(source))

@@ -9,12 +9,12 @@ stay out of the user's way.
 """
 from __future__ import annotations
 
+import _thread
+import ctypes
 import functools
 import logging
 import os
 import shutil
-import _thread
-import ctypes
 import signal
 import socket
 import sys
@@ -30,7 +30,9 @@ from omegaconf import DictConfig
 from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.lock import RunLock
-from xlp.pipeline.core.secrets import redact_config_yaml
+from xlp.pipeline.core.node import RetryableFault
+from xlp.pipeline.core.registry import STAGES
+from xlp.pipeline.core.secrets import redact_config_yaml, redact_text
 from xlp.pipeline.core.stage import (
     Stage,
     StageContext,
@@ -139,8 +141,6 @@ def run_pipeline(
 ) -> dict[str, str]:
     """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError."""
     if stages is None:
-        from xlp.pipeline.core.registry import STAGES
-
         stages = STAGES
     out = out or sys.stdout
     run_dir = Path(run_dir or cfg.run.dir).absolute()
@@ -333,7 +333,6 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         cause = getattr(e, "cause", None) or e
         message = f"{type(cause).__name__}: {cause}".strip()
         marker.failed(message)
-        from xlp.pipeline.core.node import RetryableFault
 
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
@@ -411,8 +410,6 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException:
-                from xlp.pipeline.core.secrets import redact_text
-
                 print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
                 raise
     finally:

@@ -10,8 +10,9 @@ from xlp.kernels.config import KernelsConfig
 from xlp.pipeline.core.config import merge_into
 from xlp.pipeline.core.errors import ConfigError
 from xlp.pipeline.core.layout import RunLayout
+from xlp.xlstm_model import load_model
 from xlp.xlstm_model.config import DecodeConfig
-
+from xlp.xlstm_model.hf import load_hf_model
 
 TOKENIZER_FILE = "tokenizer.model"  # in an exported directory (the name transformers' LlamaTokenizer reads)
 
@@ -41,10 +42,7 @@ def load_any(model_dir: Path, map_location: str = "cpu"):
     """Our saved model or a transformers xLSTM checkpoint -> LanguageModel."""
     data = json.loads((Path(model_dir) / "config.json").read_text())
     if data.get("model_type") == "xlstm":
-        from xlp.xlstm_model.hf import load_hf_model
-
         return load_hf_model(model_dir).to(map_location)
-    from xlp.xlstm_model import load_model
 
     return load_model(model_dir, map_location=map_location)
 

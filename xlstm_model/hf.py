@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model.io import WEIGHTS, load_config
+from xlp.xlstm_model.lm import build_model
 
 PathLike = Union[str, os.PathLike]
 # transformers' xLSTM adds this eps to the mLSTM normaliser max(|n.q|, exp(-m)); ours adds none.
@@ -318,8 +320,6 @@ def read_hf_checkpoint(directory: PathLike) -> tuple[dict, dict[str, Tensor]]:
 
 def load_hf_model(directory: PathLike, base: Optional[ModelConfig] = None, dtype: torch.dtype = torch.float32):
     """Build our LanguageModel from a transformers xLSTM checkpoint directory."""
-    from xlp.xlstm_model.lm import build_model
-
     hf_cfg, hf_state = read_hf_checkpoint(directory)
     cfg = from_hf_config(hf_cfg, base)
     with torch.device("meta"):
@@ -397,8 +397,6 @@ def init_from(model: torch.nn.Module, spec: str) -> ModelConfig:
         state = from_hf_state_dict(hf_state, theirs)
     else:
         from safetensors.torch import load_file
-
-        from xlp.xlstm_model.io import WEIGHTS, load_config
 
         theirs = load_config(path)
         state = load_file(str(Path(path) / WEIGHTS))

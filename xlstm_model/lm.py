@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from xlp import kernels
+from xlp.kernels.dispatch import preload_triton
 from xlp.xlstm_model.config import ModelConfig
 from xlp.xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
 from xlp.xlstm_model.llama import LlamaBlock
@@ -75,8 +76,6 @@ class LanguageModel(nn.Module):
         shape and policy: parameters are graph inputs, so 24 blocks cost one compile, not 24. Our
         Triton ops are custom ops with fake implementations: the graph calls them as they are. The
         embedding, final norm and fused linear + cross-entropy stay outside. Returns self."""
-        from xlp.kernels.dispatch import preload_triton
-
         preload_triton()
         self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
         return self

@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from xlp.kernels.config import MLSTM_LAUNCH, mlstm_launch, set_mlstm_launch
+from xlp.kernels.reference.common import doc_starts_mask
 from xlp.kernels.triton._common import (
     TORCH_TO_TL,
     check_device,
@@ -418,7 +419,6 @@ def _seg_chunk(doc_starts: Optional[Tensor], B: int, S: int, S_P: int, L: int, d
     """Chunk-local document counter (B, S_P) int32: resets seen in the chunk up to and including t."""
     if doc_starts is None:
         return torch.zeros(B, S_P, dtype=torch.int32, device=device)
-    from xlp.kernels.reference.common import doc_starts_mask
 
     reset = doc_starts_mask(doc_starts, B, S, device)
     reset = F.pad(reset.to(torch.int32), (0, S_P - S))

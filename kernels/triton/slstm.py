@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from xlp.kernels.reference.common import doc_starts_mask
+from xlp.kernels.reference.slstm import _check
 from xlp.kernels.triton._common import check_device, kernel_dtype
 
 NEG_INF = tl.constexpr(float("-inf"))  # constexpr: readable inside @triton.jit kernels
@@ -297,9 +299,6 @@ def slstm_sequence(
     doc_starts: Optional[Tensor] = None,
 ):
     """Triton sLSTM over a sequence; same arguments and results as xlp.kernels.reference.slstm."""
-    from xlp.kernels.reference.common import doc_starts_mask
-    from xlp.kernels.reference.slstm import _check
-
     _check(gates, R, forget_gate, seq=True)
     check_device(gates, R)
     B, S, _, NH, DH = gates.shape

@@ -35,13 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
+from xlp.pipeline.cluster.plan import (
+    RayCluster,
+    SlurmAllocation,
+    job_rendezvous_port,
+    ray_train_plan,
+    slurm_count,
+    srun_plan,
+)
 from xlp.pipeline.core.layout import RunLayout, TrainLayout
 from xlp.pipeline.core.node import RetryableFault, node_name
+from xlp.pipeline.core.secrets import is_secret
+from xlp.pipeline.core.stage import output_to
 from xlp.pipeline.train.dist import free_port
 from xlp.pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
-from xlp.pipeline.cluster.plan import (RayCluster, SlurmAllocation, job_rendezvous_port, ray_train_plan,
-                                 slurm_count, srun_plan)
-from xlp.pipeline.train.trainer import EXIT_STOPPED
+from xlp.pipeline.train.main import ray_train_loop
+from xlp.pipeline.train.trainer import EXIT_STOPPED, StopRequest
 
 LAUNCHERS = ("auto", "local", "slurm", "ray")
 
@@ -688,7 +697,6 @@ class RayRanks(Ranks):
         from ray.train.torch import TorchTrainer
 
         resources = ray.cluster_resources()
-        from xlp.pipeline.core.secrets import is_secret
 
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
@@ -792,10 +800,6 @@ def _ray_rank(config: dict) -> None:
     launcher touches logs/STOP) turned into the rank's StopRequest, then the rank."""
     import ray
     import ray.train
-
-    from xlp.pipeline.core.stage import output_to
-    from xlp.pipeline.train.main import ray_train_loop
-    from xlp.pipeline.train.trainer import StopRequest
 
     config = dict(config)
     secret_ref = config.pop("secret_env", None)

@@ -36,8 +36,19 @@ from typing import NamedTuple, Optional, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
+from xlp.pipeline.cluster.launch import RankCommand
+from xlp.pipeline.cluster.plan import (
+    RayTrainPlan,
+    planned_ray_cluster,
+    planned_slurm_allocation,
+    ray_train_plan,
+    slurm_consistency_errors,
+    srun_plan,
+)
+from xlp.pipeline.cluster.slurm import SlurmQueryError, never_starts, read_partition, request_errors
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.resources import sbatch_template
+from xlp.pipeline.core.secrets import env_references, secret_keys
 from xlp.pipeline.core.stage import atomic_write_text
 
 SBATCH_TEMPLATE = sbatch_template()
@@ -59,8 +70,6 @@ def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Pat
     credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
     from its own environment (Slurm: the submitting shell's, exported; Ray: the cluster's). A credential
     written literally in the config cannot be submitted safely: that is an error naming the key."""
-    from xlp.pipeline.core.secrets import env_references, secret_keys
-
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
     if cfg.train.launcher == "auto":
@@ -140,8 +149,6 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
     nothing). Returns the exit status for `xlp submit`; raises SubmitError with what to change.
     `after`: a job id to wait for (`xlp study`: a variant's job waits for its data stages' job);
     `queued`: the job's id is appended to it."""
-    from xlp.pipeline.cluster.plan import slurm_consistency_errors
-
     errors = slurm_consistency_errors(cfg)
     if errors:
         raise SubmitError("; ".join(errors))
@@ -193,8 +200,6 @@ def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], f
 
 def _partition_hint(cfg: DictConfig) -> str:
     """"; slurm.x=... but ...: set slurm.x=..." when the partition shows what in slurm.* does not fit."""
-    from xlp.pipeline.cluster.slurm import SlurmQueryError, read_partition, request_errors
-
     try:
         errors = request_errors(cfg.slurm, read_partition(cfg.slurm.partition or None))
     except (SlurmQueryError, ValueError):
@@ -205,8 +210,6 @@ def _partition_hint(cfg: DictConfig) -> str:
 def check_slurm_request(cfg: DictConfig, script: str):
     """The partition the job would run in, after checking that its nodes can hold the request (sinfo)
     and that `sbatch --test-only` accepts the script; SubmitError naming the keys otherwise."""
-    from xlp.pipeline.cluster.slurm import SlurmQueryError, read_partition, request_errors
-
     try:
         partition = read_partition(cfg.slurm.partition or None)
     except SlurmQueryError as e:
@@ -239,14 +242,11 @@ def print_slurm_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, script: str, sc
 
 def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
     """What the train stage would start on the allocation or cluster of `slurm.*` (see launch_plan)."""
-    from xlp.pipeline.cluster.plan import RayTrainPlan
-
     plan = launch_plan(job_cfg)
     if isinstance(plan, RayTrainPlan):
         return plan.describe()
     if isinstance(plan, str):
         return plan
-    from xlp.pipeline.cluster.launch import RankCommand
 
     layout = RunLayout(run_dir)
     command = RankCommand(run_dir, layout.train.config, layout.train, layout.shard_dir)
@@ -258,9 +258,6 @@ def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
 def launch_plan(job_cfg: DictConfig):
     """The plan (pipeline/train/plan.py) of the train stage for the launcher `job_cfg` sets, on the
     allocation `slurm.*` asks for: an SrunPlan (slurm), a RayTrainPlan (ray), or a line (local)."""
-    from xlp.pipeline.cluster.plan import (planned_ray_cluster, planned_slurm_allocation, ray_train_plan,
-                                     srun_plan)
-
     t = job_cfg.train
     user_env = {str(k): str(v) for k, v in t.env.items()}
     common = dict(cpu_processes=int(t.cpu_processes), threads=int(t.threads), device=str(t.device),
@@ -348,8 +345,6 @@ def _copy_new(log: Path, pos: int, out: TextIO) -> int:
 
 def _never_starts(job: SlurmJob, slurm) -> Optional[str]:
     """What to change when `job`'s pending reason means it will never start; None when it may."""
-    from xlp.pipeline.cluster.slurm import SlurmQueryError, never_starts, read_partition, request_errors
-
     key = never_starts(job.reason)
     needs_nodes = job.reason.startswith("ReqNodeNotAvail")  # never only if the nodes it names do not exist
     if key is None and not needs_nodes:

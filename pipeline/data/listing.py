@@ -19,6 +19,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from xlp.pipeline.data.readers import GLOB_CHARS, _hidden, resolve_sources, stdlib_files, stdlib_root
+
 SMALL_FILE_BYTES = 1 << 20  # checkpoint files up to this size are hashed by content; bigger ones by size+mtime
 
 # What fsspec stores report that changes when an object is replaced (S3/GCS/Azure/HTTP name them differently).
@@ -72,8 +74,6 @@ def list_source(source: str) -> dict:
 def _list_local(source: str) -> dict:
     """Files, directories, globs and file:// URLs: the readers' own expansion (so what they skip, the
     listing skips), then one stat per file: [path, size, mtime_ns]."""
-    from xlp.pipeline.data.readers import resolve_sources
-
     files = []
     for ref in resolve_sources([source]):  # raises DataError naming the source when nothing is there
         path = ref.url[len("file://"):] if ref.url.startswith("file://") else ref.url
@@ -89,8 +89,6 @@ def _list_stdlib(source: str) -> dict:
     """The interpreter's version and its standard library's .py files with their sizes, as paths
     relative to the stdlib root (no mtimes: the same Python installed on another node or in another
     container lists the same)."""
-    from xlp.pipeline.data.readers import stdlib_files, stdlib_root
-
     root = stdlib_root()
     files = [[os.path.relpath(p, root), os.stat(p).st_size] for p in stdlib_files(source.partition(":")[2])]
     return {"source": source, "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -102,8 +100,6 @@ def _list_url(source: str) -> dict:
     store reports about each object: size and ETag/checksum/version and modification time where it
     gives them. One listing call per source (no request per object)."""
     import fsspec
-
-    from xlp.pipeline.data.readers import GLOB_CHARS, _hidden
 
     fs, path = fsspec.core.url_to_fs(source)
     if any(c in path for c in GLOB_CHARS):

@@ -34,6 +34,8 @@ from xlp.pipeline.data.shards import (
     shard_name,
     verified_prefix,
 )
+from xlp.tokenizer.fast import check, first_difference, set_threads
+from xlp.tokenizer.wordcache import WordCacheEncoder, reason_not_exact
 
 
 @dataclass
@@ -177,9 +179,6 @@ class PartitionEncoder:
         self.wordcache = None  # the word-cache encoder, once it agreed (kept for its statistics)
 
     def _check(self, texts: list[str]) -> list[list[int]]:
-        from xlp.tokenizer.fast import check, first_difference, set_threads
-        from xlp.tokenizer.wordcache import WordCacheEncoder, reason_not_exact
-
         chars = sum(map(len, texts))
         t = time.perf_counter()
         want = self.tok.encode_batch(texts, num_threads=1)

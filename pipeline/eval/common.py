@@ -19,7 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xlp import tokenizer
 from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.stage import atomic_write_json
+from xlp.pipeline.data.shards import load_manifest, open_bytes, read_shard
+from xlp.xlstm_model import build_model, load_model
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,8 +42,6 @@ def set_threads(threads: int) -> int:
 
 
 def load_trained(run_dir: Path, device: torch.device):
-    from xlp.xlstm_model import load_model
-
     model = load_model(RunLayout(run_dir).train.model_dir, map_location="cpu").to(device)
     return model.eval()
 
@@ -47,16 +49,12 @@ def load_trained(run_dir: Path, device: torch.device):
 def build_untrained(model_cfg, seed: int, device: torch.device):
     """The model the train stage started from: same config, same seed (train seeds torch with
     run.seed right before build_model)."""
-    from xlp.xlstm_model import build_model
-
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     return model.to(device).eval()
 
 
 def load_tokenizer(run_dir: Path):
-    from xlp import tokenizer
-
     return tokenizer.load(RunLayout(run_dir).tokenizer_model)
 
 
@@ -111,8 +109,6 @@ def token_nll(model, input_ids: torch.Tensor, targets: torch.Tensor,
 
 def val_documents(shard_dir: Path, max_docs: Optional[int] = None) -> Iterator[np.ndarray]:
     """The val split's documents in shard order, each as int64 token ids without its final <eos>."""
-    from xlp.pipeline.data.shards import load_manifest, open_bytes, read_shard
-
     manifest = load_manifest(shard_dir)
     dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[manifest["dtype"]])
     n = 0
@@ -137,8 +133,6 @@ def finite(x: float) -> Optional[float]:
 
 
 def write_json(path: Path, obj) -> None:
-    from xlp.pipeline.core.stage import atomic_write_json
-
     atomic_write_json(Path(path), obj)
 
 

@@ -30,7 +30,8 @@ import torch
 
 from xlp.pipeline.core.resources import config_dir
 from xlp.pipeline.eval.common import param_bytes, tensor_bytes
-from xlp.xlstm_model.machine import peak_rss
+from xlp.xlstm_model import ModelConfig, build_model
+from xlp.xlstm_model.machine import cpu_name, peak_rss
 
 
 class _Rise:
@@ -149,8 +150,6 @@ def _model_from_config(name: str, vocab_size: int | None):
     """A randomly initialised model of configs/model/<name>.yaml (timing does not depend on training)."""
     import yaml
 
-    from xlp.xlstm_model import ModelConfig, build_model
-
     path = config_dir() / "model" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
     if vocab_size or not data.get("vocab_size"):
@@ -193,8 +192,6 @@ def main(argv=None) -> int:
     mib = 2.0 ** 20
     import os
     import platform
-
-    from xlp.xlstm_model.machine import cpu_name
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} {torch.get_num_threads()} threads, {platform.node()}"
     if device.type == "cuda":

@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from xlp.pipeline.eval.common import load_tokenizer, pick_device
+from xlp import tokenizer as tk
 from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.eval.common import load_tokenizer, pick_device
 from xlp.pipeline.trained import model_settings
+from xlp.xlstm_model import load_model, sample
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,6 @@ class XLPLM(LM):
             log.warning("xlp model: ignoring unknown model_args %s", sorted(kwargs))
         dev = _resolve_device(device)
         if model is None:
-            from xlp.xlstm_model import load_model
-
             if model_dir is None:
                 if run_dir is None:
                     raise ValueError("xlp model: give run_dir=RUN_DIR (or model_dir= and tokenizer=)")
@@ -70,8 +70,6 @@ class XLPLM(LM):
                     raise ValueError("xlp model: give tokenizer=PATH/tokenizer.model (or run_dir=)")
                 tokenizer = load_tokenizer(Path(run_dir))
             else:
-                from xlp import tokenizer as tk
-
                 tokenizer = tk.load(tokenizer)
         self.model = model.to(dev).eval()
         self.tok = tokenizer
@@ -172,8 +170,6 @@ class XLPLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from xlp.xlstm_model import sample
-
         out = []
         gen = torch.Generator(device=self._device).manual_seed(1234)
         for req in requests:

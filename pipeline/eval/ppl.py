@@ -21,14 +21,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from xlp.pipeline.data.loader import ShardLoader
 from xlp.pipeline.eval.common import document_positions, finite, token_nll
 
 
 def val_loader(shard_dir: Path, seq_len: int, batch_size: int):
     """One unshuffled epoch of the val split in (batch_size, seq_len) rows; the batch size shrinks
     when the split has fewer rows than one batch (None when it has not one row)."""
-    from xlp.pipeline.data.loader import ShardLoader
-
     loader = ShardLoader(shard_dir, split="val", seq_len=seq_len, batch_size=batch_size, shuffle=False, epochs=1)
     if loader.epoch_batches() == 0:
         rows = max(0, (loader.tokens - 1) // seq_len)

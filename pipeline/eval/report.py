@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from xlp.pipeline.core.stage import atomic_write_text
+
 PLOTS = ("train_loss.png", "loss_vs_context.png", "memory_vs_context.png", "recall.png")
 
 
@@ -295,7 +297,6 @@ def write_report(path: Path, results: dict, plots: list[Path]) -> Path:
             md.append(_table(["task", "metric", "value", "stderr"], rows))
             md.append("\nstderr: binomial standard error of 0/1 metrics over the documents scored.\n")
         md.append("")
-    from xlp.pipeline.core.stage import atomic_write_text
 
     atomic_write_text(path, "\n".join(md))
     return path

@@ -20,9 +20,14 @@ import os
 import time
 from pathlib import Path
 
-from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core import registry
-from xlp.pipeline.core.stage import StageContext
+from xlp.pipeline.core.config import section
+from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.stage import StageContext, atomic_write_text
+from xlp.pipeline.eval import common, gencost, ppl, recall, report
+from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
+from xlp.pipeline.train.monitor import read_metrics
+from xlp.xlstm_model import count_params
 
 # The registry imports this module: torch and the evaluations are imported inside run().
 
@@ -72,11 +77,6 @@ def headline_metrics(results: dict) -> dict:
 def run(ctx: StageContext) -> dict:
     import torch
     from omegaconf import OmegaConf
-
-    from xlp.pipeline.core.config import section
-    from xlp.pipeline.eval import common, gencost, ppl, recall, report
-    from xlp.pipeline.train.monitor import read_metrics
-    from xlp.xlstm_model import count_params
 
     t_start = time.time()
     cfg = ctx.cfg
@@ -185,7 +185,6 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
         raise RuntimeError(
             f"eval.parts has lm_eval but lm-evaluation-harness is not importable ({e}); install it with "
             "`pip install -e '.[eval]'` (or drop lm_eval from eval.parts)") from None
-    from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
 
     items = build_items(shard_dir, tok, n_items=ec.cloze_items, context_chars=ec.cloze_context_chars, seed=ec.seed)
     if not items:
@@ -203,8 +202,6 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
     import json
 
     from lm_eval.utils import handle_non_serializable
-
-    from xlp.pipeline.core.stage import atomic_write_text
 
     keep = {k: v for k, v in res.items() if k not in ("samples",)}
     atomic_write_text(lm_dir / "results.json", json.dumps(keep, indent=2, default=handle_non_serializable))

@@ -13,8 +13,34 @@ from __future__ import annotations
 
 import time
 
+from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.diskfull import writing
+from xlp.pipeline.core.secrets import redact
 from xlp.pipeline.core.stage import StageContext, atomic_write_json
+from xlp.pipeline.data.parallel import default_workers, run_parallel
+from xlp.pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
+from xlp.pipeline.data.shards import (
+    SPLITS,
+    build_manifest,
+    dtype_name,
+    remove_all,
+    remove_incomplete,
+    remove_shards_from,
+    token_dtype,
+)
+from xlp.pipeline.data.work import (
+    HashJob,
+    ReadOptions,
+    ShardJob,
+    duplicates,
+    hash_partition,
+    load_part_record,
+    part_record_path,
+    shard_partition,
+    verify_finished_partition,
+)
+from xlp.pipeline.stages.tokenizer import _sections, read_metrics
 
 # The registry imports this module: what the stage runs with (Ray, numpy, SentencePiece) is imported
 # inside run().
@@ -24,31 +50,6 @@ STAGE = registry.SHARD
 
 
 def run(ctx: StageContext) -> dict:
-    from xlp import tokenizer as tk
-    from xlp.pipeline.data.parallel import default_workers, run_parallel
-    from xlp.pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
-    from xlp.pipeline.data.shards import (
-        SPLITS,
-        build_manifest,
-        dtype_name,
-        remove_all,
-        remove_incomplete,
-        remove_shards_from,
-        token_dtype,
-    )
-    from xlp.pipeline.data.work import (
-        HashJob,
-        ReadOptions,
-        ShardJob,
-        duplicates,
-        hash_partition,
-        load_part_record,
-        part_record_path,
-        shard_partition,
-        verify_finished_partition,
-    )
-    from xlp.pipeline.stages.tokenizer import _sections, read_metrics
-
     t0 = time.time()
     dc, _ = _sections(ctx.cfg)
     layout = ctx.layout
@@ -144,7 +145,6 @@ def run(ctx: StageContext) -> dict:
                               read_counts=counts, per_source=stats.per_source,
                               listed={k: v for k, v in rm.items() if isinstance(v, list)})
     if manifest["tokens"] == 0:  # an empty corpus fails here, not later in train
-        from xlp.pipeline.core.secrets import redact
 
         raise ValueError(
             f"the corpus gave no tokens: data.sources {redact(list(dc.sources))} has "
@@ -155,7 +155,6 @@ def run(ctx: StageContext) -> dict:
     if empty:  # a group the loader could never draw from fails here, not in train
         raise ValueError(f"data.mixture group(s) {empty} gave no training tokens: point their sources at "
                          "non-empty files (and check data.val_fraction)")
-    from xlp.pipeline.core.diskfull import writing
 
     with writing(layout.manifest):  # a full disk: DiskFull naming the manifest
         atomic_write_json(layout.manifest, manifest)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
+from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
 from xlp.pipeline.core.stage import StageContext, atomic_write_json, atomic_write_text
+from xlp.pipeline.data.parallel import default_workers, run_parallel
+from xlp.pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
+from xlp.pipeline.data.work import ReadOptions, SampleJob, sample_partition
 
 if TYPE_CHECKING:
     from xlp.pipeline.core.schema.data import DataConfig
@@ -46,11 +50,6 @@ def read_metrics(stats: ReadStats) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    from xlp import tokenizer as tk
-    from xlp.pipeline.data.parallel import default_workers, run_parallel
-    from xlp.pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
-    from xlp.pipeline.data.work import ReadOptions, SampleJob, sample_partition
-
     t0 = time.time()
     dc, tc = _sections(ctx.cfg)
     layout = ctx.layout

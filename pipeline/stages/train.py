@@ -10,8 +10,11 @@ import json
 import os
 import sys
 
+from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, launch, visible_devices_for_ranks
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.secrets import redact_config_yaml
 from xlp.pipeline.core.stage import StageContext, atomic_write_text
+from xlp.pipeline.train.elastic import refuse_before_launch
 
 # The registry imports this module: torch, DeepSpeed and the loop are imported inside run().
 
@@ -19,9 +22,6 @@ STAGE = registry.TRAIN
 
 
 def run(ctx: StageContext) -> dict:
-    from xlp.pipeline.core.secrets import redact_config_yaml
-    from xlp.pipeline.cluster.launch import launch
-
     layout = ctx.layout
     out = layout.train
     out.root.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,6 @@ def run(ctx: StageContext) -> dict:
     out.result.unlink(missing_ok=True)
     world = local_world_size(ctx.cfg)
     if world is not None:  # the global batch splits over the ranks, and matches the checkpoint's: checked
-        from xlp.pipeline.train.elastic import refuse_before_launch  # before any rank starts
 
         resized = refuse_before_launch(ctx.cfg, out.checkpoints, world)
         if resized:
@@ -51,8 +50,6 @@ def run(ctx: StageContext) -> dict:
 def local_world_size(cfg) -> "int | None":
     """The ranks the local launcher will start (one per GPU, else train.cpu_processes); None under
     slurm or ray, where the ranks check the resize themselves."""
-    from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, visible_devices_for_ranks
-
     try:
         if choose_launcher(str(cfg.train.launcher)) != "local":
             return None

@@ -36,9 +36,13 @@ from typing import TextIO
 
 from omegaconf import DictConfig
 
+from xlp.pipeline.cluster.submit import submit_slurm
+from xlp.pipeline.core.config import ConfigError, load_config
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
-from xlp.pipeline.core.stage import read_stage_json
-from xlp.pipeline.runner import keep_stale
+from xlp.pipeline.core.registry import STAGES
+from xlp.pipeline.core.stage import fingerprints, read_stage_json
+from xlp.pipeline.runner import keep_stale, stage_states
+from xlp.xlstm_model import count_params
 
 DATA_STAGES = ("tokenizer", "shard")
 VARIANT_STAGES = ("train", "eval")
@@ -65,10 +69,6 @@ class StudyPlan:
 def plan_study(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
                study_dir: str | os.PathLike | None = None) -> StudyPlan:
     """Load and check the study and every variant's config; raises ConfigError naming the variant."""
-    from xlp.pipeline.core.config import ConfigError, load_config
-    from xlp.pipeline.core.stage import fingerprints
-    from xlp.pipeline.core.registry import STAGES
-
     base = load_config(config, overrides)
     variants = list(base.study.variants)
     if not variants:
@@ -135,8 +135,6 @@ def print_plan(plan: StudyPlan, config: str, overrides: list[str], out: TextIO) 
 
     from omegaconf import OmegaConf
 
-    from xlp.xlstm_model import count_params
-
     print(f"study {plan.name}: {len(plan.variants)} variant(s), directory {plan.study_dir}", file=out)
     for data_dir in plan.data_runs:
         print(f"  data: {data_dir} (tokenizer, shard; shared by "
@@ -170,10 +168,6 @@ def submit_study(plan: StudyPlan, *, out: TextIO, dry_run: bool = False, check: 
     directories and their links to the data are made here (the filesystem is shared). When the jobs are
     done, `xlp study CONFIG --report-only` (or a plain `xlp study CONFIG`, which finds everything done)
     writes the report. Returns the exit status."""
-    from xlp.pipeline.runner import stage_states
-    from xlp.pipeline.core.registry import STAGES
-    from xlp.pipeline.cluster.submit import submit_slurm
-
     data_stages = [s for s in STAGES if s.name in DATA_STAGES]
     data_jobs: dict[Path, str] = {}
     for data_dir, cfg in plan.data_runs.items():

@@ -21,9 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
-from xlp.pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.stage import atomic_write_json, atomic_write_text, read_stage_json
+from xlp.pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
+from xlp.pipeline.study.plan import model_vocab
+from xlp.pipeline.train.monitor import read_metrics
+from xlp.xlstm_model import count_params
+from xlp.xlstm_model.counts import flops_per_token
 
 if TYPE_CHECKING:
     from xlp.pipeline.study.plan import StudyPlan
@@ -50,11 +54,6 @@ def family(model: dict) -> str:
 def collect(plan: "StudyPlan") -> list[dict]:
     """One record per variant whose eval stage is done (in the study's order)."""
     from omegaconf import OmegaConf
-
-    from xlp.pipeline.train.monitor import read_metrics
-    from xlp.pipeline.study.plan import model_vocab
-    from xlp.xlstm_model import count_params
-    from xlp.xlstm_model.counts import flops_per_token
 
     rows = []
     for v in plan.variants:

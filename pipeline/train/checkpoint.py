@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from xlp.pipeline.core.diskfull import disk_full, is_disk_full, writing
 from xlp.pipeline.core.stage import atomic_write_json
+from xlp.xlstm_model import build_model, save_model
 
 NAME_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp."
@@ -550,8 +551,6 @@ def gather_full_state(engine, *, rank: int) -> dict[str, torch.Tensor]:
 
 def export_model(state: dict[str, torch.Tensor], model_cfg: Any, out: Path) -> Path:
     """Write the consolidated model (safetensors + config.json) to `out` atomically (rank 0 only)."""
-    from xlp.xlstm_model import build_model, save_model
-
     out = Path(out)
     model = build_model(model_cfg)
     names = dict(model.named_parameters())

@@ -22,6 +22,10 @@ from typing import Any, Optional
 
 import torch
 
+from xlp.pipeline.core.config import section
+from xlp.pipeline.train import checkpoint as ckpt
+from xlp.pipeline.train.checkpoint import file_record
+
 ELASTIC_FILE = "elastic.safetensors"
 
 
@@ -86,9 +90,6 @@ def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
 def refuse_before_launch(cfg: Any, checkpoints: Path, world_size: int) -> Optional[str]:
     """The train stage's check before it starts any rank: the global batch splits over `world_size`
     ranks and matches the newest checkpoint's. Returns the resume line (or None); raises ResizeError."""
-    from xlp.pipeline.core.config import section
-    from xlp.pipeline.train import checkpoint as ckpt
-
     tc = section(cfg, "train")
     grad_accum_for(tc, world_size)
     found = ckpt.complete_checkpoints(checkpoints)
@@ -148,8 +149,6 @@ def save_state(engine, folder: Path, *, rank: int) -> dict[str, dict]:
     record {name: {bytes, sha256}} for the checkpoint's meta.json ({} on other ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
-
-    from xlp.pipeline.train.checkpoint import file_record
 
     base = _base_optimizer(engine)
     _link_optimizer_fragments(engine)

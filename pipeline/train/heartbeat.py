@@ -32,6 +32,7 @@ from typing import Optional
 
 from xlp.pipeline.core.layout import TrainLayout
 from xlp.pipeline.core.node import node_name
+from xlp.pipeline.core.stage import atomic_write_json
 
 # A rank's phases in the order it goes through them within a step (setup comes once, before step 1;
 # validate and save follow a step's training; finish comes once, after the last step).
@@ -88,8 +89,6 @@ class Heartbeat:
                               progress_at=time.time())
 
     def write(self) -> None:
-        from xlp.pipeline.core.stage import atomic_write_json
-
         with self._lock:
             self.state["alive_at"] = time.time()
             snapshot = dict(self.state)

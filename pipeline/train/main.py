@@ -26,9 +26,14 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from xlp.pipeline.core.config import load_config, section
 from xlp.pipeline.core.layout import RunLayout, TrainLayout
+from xlp.pipeline.core.lock import RunLock
+from xlp.pipeline.core.registry import STAGES
+from xlp.pipeline.core.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
 from xlp.pipeline.train import dist as xdist
 from xlp.pipeline.train.heartbeat import Heartbeat, beat_interval
+from xlp.pipeline.train.hooks import load_hooks
 from xlp.pipeline.train.trainer import StopRequest, Trainer
 
 T0 = time.perf_counter()
@@ -90,15 +95,10 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
     marker = lock = heartbeat = None
     try:
-        from xlp.pipeline.core.config import load_config
-        from xlp.pipeline.train.hooks import load_hooks
-
         cfg = load_config(Path(config) if config else layout.config, list(overrides))
         heartbeat = Heartbeat(out.heartbeat(d.rank), rank=d.rank,
                               interval_s=beat_interval(float(cfg.train.hang_timeout))).start()
         if record_stage and d.rank == 0:
-            from xlp.pipeline.core.lock import RunLock
-
             lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
             lock.acquire()
             marker = direct_run_marker(cfg, layout, out)
@@ -140,9 +140,6 @@ def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout):
     """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
     computes from the same config over the upstream stages' recorded fingerprints (a compute node need
     not see the corpus their listings cover)."""
-    from xlp.pipeline.core.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
-    from xlp.pipeline.core.registry import STAGES
-
     train = next(s for s in STAGES if s.name == "train")
     markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in train.needs}
     if all(m.get("status") == "done" for m in markers.values()):
@@ -158,8 +155,6 @@ def start_process_group(cfg, d: xdist.DistEnv) -> bool:
     """Threads, kernels and the process group of this rank as the config says. Returns whether the
     rank trains on a GPU."""
     import torch
-
-    from xlp.pipeline.core.config import section
 
     tc = section(cfg, "train")
     cuda = xdist.use_cuda(tc.device)

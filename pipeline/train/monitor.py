@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from xlp.pipeline.core.secrets import redact
 from xlp.xlstm_model.machine import GPU_PEAK_TFLOPS  # the table the benchmarks share
 
 
@@ -184,8 +185,6 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
     """The W&B run; a rerun of the stage continues the run whose id RUN_DIR/train/wandb_run_id holds."""
     import wandb
     from omegaconf import OmegaConf
-
-    from xlp.pipeline.core.secrets import redact
 
     id_file = out_dir / "wandb_run_id"
     if id_file.is_file():

@@ -16,11 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from xlp import tokenizer
+from xlp.pipeline.core.config import section
 from xlp.pipeline.core.layout import TrainLayout
 from xlp.pipeline.core.node import node_name
+from xlp.pipeline.core.stage import atomic_write_json
+from xlp.pipeline.data.loader import ShardLoader, shards_skipped_everywhere
+from xlp.pipeline.data.order import GlobalLoader, Mixture
+from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train import dist as xdist
+from xlp.pipeline.train import elastic
+from xlp.pipeline.train.elastic import check_resume, grad_accum_for
 from xlp.pipeline.train.heartbeat import Heartbeat
 from xlp.pipeline.train.hooks import TrainHooks
+from xlp.pipeline.train.monitor import Monitor, device_peak_flops, memory_metrics
+from xlp.pipeline.train.optim import StepGate, build_optimizer
+from xlp.pipeline.train.schedule import continuation_note, schedule_of
+from xlp.xlstm_model import build_model, count_params, flops_per_token
+from xlp.xlstm_model.hf import init_from
 
 EXIT_STOPPED = 143
 
@@ -68,7 +81,6 @@ def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
         return int(model_cfg.vocab_size)
     if not tokenizer_model.is_file():
         raise FileNotFoundError(f"model.vocab_size is null and there is no tokenizer at {tokenizer_model}")
-    from xlp import tokenizer
 
     return int(math.ceil(tokenizer.load(tokenizer_model).vocab_size / 64) * 64)
 
@@ -79,8 +91,6 @@ class Trainer:
                  started_at: Optional[float] = None, stage_heartbeat: Optional[Callable[[], None]] = None,
                  stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None):
         import torch
-
-        from xlp.pipeline.core.config import section
 
         self.cfg = cfg
         self.tc = section(cfg, "train")
@@ -149,24 +159,17 @@ class Trainer:
         """The model, DeepSpeed engine, loaders and monitor; the newest checkpoint restored."""
         import deepspeed
 
-        from xlp.pipeline.train.optim import StepGate, build_optimizer
-        from xlp.pipeline.train.schedule import schedule_of
-        from xlp.xlstm_model import build_model, count_params, flops_per_token
-
         tc = self.tc
         self._size_global_batch()
         self.model_cfg.vocab_size = resolve_vocab_size(self.model_cfg, self.tokenizer_model)
         latest = self._agree_on_checkpoint()
         if latest is not None:  # a resize that cannot work fails here, before the engine is built
-            from xlp.pipeline.train import checkpoint as ckpt
-            from xlp.pipeline.train.elastic import check_resume
 
             self.resized = check_resume(ckpt.read_meta(latest), tc, self.world)
         t_start = time.perf_counter()
         self._seed()
         model = build_model(self.model_cfg)
         if model.config.init_from:  # start from a checkpoint's weights instead of the init recipe
-            from xlp.xlstm_model.hf import init_from
 
             init_from(model, model.config.init_from)
         self.n_params = count_params(model)
@@ -201,10 +204,6 @@ class Trainer:
     def _size_global_batch(self) -> None:
         """grad_accum for this many ranks (derived from train.global_batch_size when it is set; a
         ResizeError names the numbers when it does not divide), and the mixture the loader draws."""
-        from xlp.pipeline.core.config import section
-        from xlp.pipeline.data.order import Mixture
-        from xlp.pipeline.train.elastic import grad_accum_for
-
         self.tc.grad_accum = grad_accum_for(self.tc, self.world)
         self.global_batch_rows = self.tc.micro_batch_size * self.tc.grad_accum * self.world
         data = section(self.cfg, "data")
@@ -215,8 +214,6 @@ class Trainer:
         """The checkpoint every rank resumes from (collective): the newest that verifies, or
         train.resume_from_step's; partial saves removed, damaged ones named in rank 0's log and moved
         aside (xlp.pipeline.train.checkpoint.choose). None: a fresh start."""
-        from xlp.pipeline.train import checkpoint as ckpt
-
         if self.rank == 0:
             self.out.root.mkdir(parents=True, exist_ok=True)
         return ckpt.choose(self.out.checkpoints, rank=self.rank, world_size=self.world,
@@ -225,9 +222,6 @@ class Trainer:
 
     def _continuation_note(self, checkpoint: Path) -> str:
         """What the learning rate does when the checkpoint's run had another train.steps."""
-        from xlp.pipeline.train import checkpoint as ckpt
-        from xlp.pipeline.train.schedule import continuation_note
-
         meta = ckpt.read_meta(checkpoint)
         if "train_steps" not in meta:  # a checkpoint from before runs recorded their length
             return ""
@@ -238,12 +232,9 @@ class Trainer:
     def _mixture_note(self, checkpoint: Path) -> str:
         """What a continuation with other data.mixture_phases means (from the checkpoint on, the new
         weights; steps it already took keep the weights they were drawn with)."""
-        from xlp.pipeline.train import checkpoint as ckpt
-
         old = ckpt.read_meta(checkpoint).get("mixture")
         if self.mixture is None or old is None:
             return ""
-        from xlp.pipeline.data.order import Mixture
 
         def at(phases: list, step: int) -> dict:
             return [w for start, w in phases if start <= step][-1]
@@ -277,9 +268,6 @@ class Trainer:
     def _loader(self, split: str, group: Optional[str] = None):
         """train: this rank's rows of the global order (xlp.pipeline.data.order); val: the val split (of
         one mixture group), split over the ranks."""
-        from xlp.pipeline.data.loader import ShardLoader
-        from xlp.pipeline.data.order import GlobalLoader
-
         if split == "train":
             return GlobalLoader(self.shard_dir, seq_len=self.seq_len, micro_batch_size=self.tc.micro_batch_size,
                                 rows_per_step=self.global_batch_rows, rank=self.rank, world_size=self.world,
@@ -307,9 +295,6 @@ class Trainer:
         return None
 
     def _start_monitor(self, latest: Optional[Path], no_val: Optional[str], t_start: float, t_engine: float) -> None:
-        from xlp.pipeline.core.config import section
-        from xlp.pipeline.train.monitor import Monitor, device_peak_flops
-
         tc = self.tc
         self.monitor = Monitor(enabled=self.rank == 0, out_dir=self.out.root, cfg=self.cfg,
                                wandb_cfg=section(self.cfg, "wandb"), total_steps=tc.steps, start_step=self.step,
@@ -428,8 +413,6 @@ class Trainer:
 
     def log(self, stats: StepStats) -> None:
         """The step's metrics to W&B and metrics.jsonl (validation first when it is due), a console line."""
-        from xlp.pipeline.train.monitor import memory_metrics
-
         tokens_per_s = self.tokens_per_step / stats.seconds
         metrics = {
             "train/loss": stats.loss,
@@ -475,8 +458,6 @@ class Trainer:
         every group's batches) and per mixture group."""
         import torch
 
-        from xlp.pipeline.train import checkpoint as ckpt
-
         rng = ckpt.rng_state()  # evaluation must not move the training RNG (exact resume)
         self.engine.eval()
         sums, by_group = [], {}
@@ -520,9 +501,6 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of this step: engine state, and each rank's RNG and loader position (JSON),
         every file fsynced and hashed; DiskFull/CheckpointError when it cannot be written whole."""
-        from xlp.pipeline.train import checkpoint as ckpt
-        from xlp.pipeline.train import elastic
-
         t = time.perf_counter()
         self._progress("save")
         tc = self.tc
@@ -551,9 +529,6 @@ class Trainer:
         """Continue from a checkpoint: engine state, counters, the run's loader state and this rank's RNG.
         On another number of ranks (a resizable run, checked in setup) the engine state comes from the
         checkpoint's elastic.safetensors, resharded, instead of DeepSpeed's per-rank files."""
-        from xlp.pipeline.train import checkpoint as ckpt
-        from xlp.pipeline.train import elastic
-
         meta = ckpt.read_meta(path)
         if int(meta["world_size"]) == self.world:
             meta, rank_state = ckpt.load(self.engine, path, rank=self.rank, world_size=self.world)
@@ -573,8 +548,6 @@ class Trainer:
         """The consolidated model (when trained to the end), result.json, the W&B summary."""
         import torch.distributed as dist
 
-        from xlp.pipeline.data.loader import shards_skipped_everywhere
-
         t_end = time.perf_counter()
         self._progress("finish")
         shards_skipped = shards_skipped_everywhere(self.loader)  # collective (an all-gather)
@@ -586,8 +559,6 @@ class Trainer:
             self._export_model()
         result = self._result(stopped, t_end, shards_skipped)
         if self.rank == 0:
-            from xlp.pipeline.core.stage import atomic_write_json
-
             atomic_write_json(self.out.result, result)
             self.monitor.summary({k: v for k, v in result.items() if v is not None})
             run = self.monitor.run
@@ -599,8 +570,6 @@ class Trainer:
 
     def _export_model(self) -> None:
         import torch.distributed as dist
-
-        from xlp.pipeline.train import checkpoint as ckpt
 
         state = ckpt.gather_full_state(self.engine, rank=self.rank)
         if self.rank == 0:
