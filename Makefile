@@ -9,13 +9,13 @@ PY := $(VENV)/bin/python
 # torch is installed first, on its own: a CPU machine gets this build (on CI it is a local file);
 # a GPU user sets TORCH_PIP_ARGS to their CUDA build, or installs torch into the venv beforehand.
 TORCH_PIP_ARGS ?= torch==2.13.0
-DEMO_CONFIG ?= configs/demo.yaml
+DEMO_CONFIG ?= demo
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-dev clean-demo help
 
 help:
-	@echo "make demo    run configs/demo.yaml end to end on CPU (creates $(VENV) if needed)"
+	@echo "make demo    run the packaged demo config (configs/demo.yaml) end to end on CPU (creates $(VENV) if needed)"
 	@echo "make test    install test dependencies and run the test suite"
 
 $(PY):

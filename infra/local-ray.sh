@@ -88,4 +88,4 @@ for _ in $(seq 90); do  # the Jobs API answers once the dashboard and its agent 
   sleep 1
 done
 echo "local-ray.sh: Ray head up with $WORKERS worker node(s); Jobs API at http://127.0.0.1:$DASH"
-echo "  xlp submit configs/demo.yaml --to ray --address http://127.0.0.1:$DASH --wait"
+echo "  xlp submit demo --to ray --address http://127.0.0.1:$DASH --wait"

@@ -154,7 +154,7 @@ def run_pipeline(
     layout = RunLayout(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
-    atomic_write_text(layout.config, redact_config_yaml(cfg))  # credentials masked (pipeline/secrets.py)
+    atomic_write_text(layout.config, redact_config_yaml(cfg))  # credentials masked (pipeline/core/secrets.py)
     inputs = input_digests(stages, cfg)  # the input listings, made once
     fps = fingerprints(stages, cfg, inputs=inputs)
     trajs = trajectories(stages, cfg, inputs=inputs)

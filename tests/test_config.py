@@ -152,11 +152,11 @@ def test_readme_comparison_command_resolves():
     import shlex
 
     readme = (REPO / "README.md").read_text()
-    found = re.search(r"`(xlp run configs/demo\.yaml model=tiny_llama[^`]*)`", readme)
+    found = re.search(r"`(xlp run demo model=tiny_llama[^`]*)`", readme)
     assert found, "README no longer shows the comparison command"
     args = shlex.split(found.group(1))[2:]  # after `xlp run`
-    out = subprocess.run(XLP + ["config"] + args, env=xlp_env(), capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
+    out = subprocess.run(XLP + ["config"] + args, env=xlp_env(), capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr  # `demo` is the packaged config: it resolves from any folder
     cfg = OmegaConf.create(out.stdout)
     assert cfg.model.arch == "llama" and list(cfg.model.slstm_at) == []
     assert cfg.run.name == "demo_llama"

@@ -1,4 +1,4 @@
-"""The training launch as a plan (pipeline/train/plan.py) and `xlp submit --dry-run`: GPU and multi-node
+"""The training launch as a plan (pipeline/cluster/plan.py) and `xlp submit --dry-run`: GPU and multi-node
 settings that cannot run on this machine, rendered and checked. Fast: nothing is queued or started."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Secrets stay out of what a run writes and logs (pipeline/secrets.py), and bad inputs fail with one
+"""Secrets stay out of what a run writes and logs (pipeline/core/secrets.py), and bad inputs fail with one
 line naming the file.
 
 The end-to-end tests plant WANDB_API_KEY, HF_TOKEN and a credentialed source URL, run the tiny

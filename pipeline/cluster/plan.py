@@ -1,6 +1,6 @@
 """What the training launch will start, decided without starting anything.
 
-The launchers (pipeline/train/launch.py) read the scheduler's view (Slurm's environment variables,
+The launchers (pipeline/cluster/launch.py) read the scheduler's view (Slurm's environment variables,
 Ray's resources) and call these functions for the plan they then carry out; `xlp submit --dry-run`
 calls the same functions with the allocation a config asks for (e.g. 2 nodes x 8 GPUs) and prints the
 result, so GPU and multi-node settings that cannot run on this machine are still rendered and tested.

@@ -5,9 +5,9 @@ directory, which must be on a filesystem the cluster's nodes share (so are `xlp 
 outputs). On the cluster, the job runs `xlp run` on that saved config.
 
 Before anything is queued, `--to slurm` also checks:
-- that slurm.* and train.* agree (pipeline/train/plan.py: e.g. train.device=cpu with slurm.gpus_per_node>0,
+- that slurm.* and train.* agree (pipeline/cluster/plan.py: e.g. train.device=cpu with slurm.gpus_per_node>0,
   fewer CPUs than ranks per node);
-- the request against the partition, from `sinfo` (pipeline/slurm_cluster.py): nodes, CPUs, GPUs (gpu
+- the request against the partition, from `sinfo` (pipeline/cluster/slurm.py): nodes, CPUs, GPUs (gpu
   gres) and memory per node, the largest job and the time limit; then `sbatch --test-only` for what
   only Slurm knows (accounts, QOS, features). Slurm accepts some requests no node can hold and leaves
   them PENDING forever; these checks refuse them with the key to change and a value that fits.
@@ -67,7 +67,7 @@ def submitted_config(cfg: DictConfig, run_dir: Path, launcher: str) -> tuple[Pat
     leaves it to auto.
 
     No secret is written: a value that came from a secret environment variable (or from one holding a
-    credentialed URL, see pipeline/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
+    credentialed URL, see pipeline/core/secrets.py) is saved as `${oc.env:NAME}`, which the job resolves
     from its own environment (Slurm: the submitting shell's, exported; Ray: the cluster's). A credential
     written literally in the config cannot be submitted safely: that is an error naming the key."""
     cfg = copy.deepcopy(cfg)
@@ -256,7 +256,7 @@ def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
 
 
 def launch_plan(job_cfg: DictConfig):
-    """The plan (pipeline/train/plan.py) of the train stage for the launcher `job_cfg` sets, on the
+    """The plan (pipeline/cluster/plan.py) of the train stage for the launcher `job_cfg` sets, on the
     allocation `slurm.*` asks for: an SrunPlan (slurm), a RayTrainPlan (ray), or a line (local)."""
     t = job_cfg.train
     user_env = {str(k): str(v) for k, v in t.env.items()}

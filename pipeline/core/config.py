@@ -60,7 +60,7 @@ class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)  # `xlp study` only (pipeline/study.py)
+    study: StudyConfig = field(default_factory=StudyConfig)  # `xlp study` only (pipeline/study/)
 
 
 

@@ -184,7 +184,7 @@ class TrainLayout:
 
 @dataclass(frozen=True)
 class StudyLayout:
-    """Where everything of a study (`xlp study`, pipeline/study.py) lives:
+    """Where everything of a study (`xlp study`, pipeline/study/) lives:
 
         STUDY_DIR/
           data/                 a run directory with the data stages the variants share (tokenizer, shard)

@@ -12,7 +12,7 @@ the configs `xlp submit` saves (which keep `${oc.env:NAME}` for values that came
 
 Secret environment variables (is_secret: WANDB_API_KEY, HF_TOKEN, any name ending in _TOKEN, _KEY,
 _SECRET, _PASSWORD, _PASSWD or _CREDENTIALS, and any variable whose value holds a credentialed URL)
-never go into a Ray runtime environment (Ray's agents log those): see pipeline/train/launch.py RayRanks for how the Ray Train workers get them.
+never go into a Ray runtime environment (Ray's agents log those): see pipeline/cluster/launch.py RayRanks for how the Ray Train workers get them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cheap listings of what a stage reads, for its fingerprint (see `Stage.inputs` in pipeline/stage.py).
+"""Cheap listings of what a stage reads, for its fingerprint (see `Stage.inputs` in pipeline/core/stage.py).
 
 A listing says what the inputs are without reading them: for the corpus (`data.sources`) the files
 the readers would open, each with its size and modification time; a file that is added, removed,

@@ -29,8 +29,6 @@ from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_t
 from xlp.pipeline.train.monitor import read_metrics
 from xlp.xlstm_model import count_params
 
-# The registry imports this module: torch and the evaluations are imported inside run().
-
 
 STAGE = registry.EVAL
 

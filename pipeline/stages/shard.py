@@ -42,9 +42,6 @@ from xlp.pipeline.data.work import (
 )
 from xlp.pipeline.stages.tokenizer import _sections, read_metrics
 
-# The registry imports this module: what the stage runs with (Ray, numpy, SentencePiece) is imported
-# inside run().
-
 
 STAGE = registry.SHARD
 

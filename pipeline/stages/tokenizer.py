@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from xlp.pipeline.core.schema.data import DataConfig
     from xlp.pipeline.data.readers import ReadStats
 
-# The registry (pipeline/stages/__init__.py) and the config schema import this module: what the stage
-# runs with (SentencePiece, Ray, the readers) is imported inside run().
-
 
 STAGE = registry.TOKENIZER
 

@@ -16,8 +16,6 @@ from xlp.pipeline.core.secrets import redact_config_yaml
 from xlp.pipeline.core.stage import StageContext, atomic_write_text
 from xlp.pipeline.train.elastic import refuse_before_launch
 
-# The registry imports this module: torch, DeepSpeed and the loop are imported inside run().
-
 STAGE = registry.TRAIN
 
 

@@ -20,7 +20,7 @@ Each variant is the config with its overrides applied after the command line's. 
     STUDY_DIR/<variant>/          a run directory: train/ and eval/ of its own; tokenizer/ and shard/
                                   are links to its data directory, so `xlp status` and `xlp run` on it
                                   work as on any run
-    STUDY_DIR/report.md           the study report with its PNGs (pipeline/eval/study_report.py)
+    STUDY_DIR/report.md           the study report with its PNGs (pipeline/study/report.py)
     STUDY_DIR/report.json         every number of the report, and the fingerprint it was made from
 
 Every step is cached as in `xlp run`: data stages by their fingerprint, each variant's train and eval

@@ -1,4 +1,4 @@
-"""STUDY_DIR/report.md: the variants of a study (pipeline/study.py) side by side, with PNG plots.
+"""STUDY_DIR/report.md: the variants of a study (pipeline/study/) side by side, with PNG plots.
 
 Read from each variant's run directory (nothing is recomputed): eval/results.json (parameters, held-out
 bits per byte, loss by position, generation cost), train/metrics.jsonl (loss curves against tokens

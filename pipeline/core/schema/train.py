@@ -98,7 +98,7 @@ class TrainConfig:
     # {zero_optimization: {reduce_bucket_size: 5e7}, communication_data_type: fp32}).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
-    # Environment variables for every rank, over the launcher's defaults (pipeline/train/plan.py), e.g.
+    # Environment variables for every rank, over the launcher's defaults (pipeline/cluster/plan.py), e.g.
     # {NCCL_SOCKET_IFNAME: ib0, NCCL_DEBUG: WARN}. Not for secrets: the job's environment has those.
     env: dict[str, str] = field(default_factory=dict)
 
