@@ -250,3 +250,39 @@ def test_pipeline_reruns_when_the_tokenizer_file_is_replaced(tmp_path):
     assert xlp_run(run_dir, *overrides) == {"tokenizer": "ran", "shard": "ran"}
     assert json.loads((run_dir / "tokenizer" / "stats.json").read_text())["sha256"] == two.sha256
     assert xlp_status(run_dir)["shard"] == "done"
+
+
+def test_data_on_error_is_in_the_train_fingerprint_and_continues_its_trajectory(tmp_path):
+    """The trainer reads data.on_error (a damaged shard fails the run, or is left out): the key is in the
+    train stage's fingerprint, and, as a continues key, a run trained before it was hashed (or one that
+    switches to skipping) continues from its checkpoints instead of training again."""
+    train = next(s for s in STAGES if s.name == "train")
+    base = load_config(TINY, [f"run.dir={tmp_path}"])
+    skip = load_config(TINY, [f"run.dir={tmp_path}", "data.on_error=skip"])
+    inputs = input_digests(STAGES, base)
+    up = {k: v for k, v in fingerprints(STAGES, base, inputs=inputs).items() if k in train.needs}
+    # the same upstream outputs: the key alone changes the train fingerprint, not its trajectory
+    assert fingerprint(train, skip, up, inputs=inputs) != fingerprint(train, base, up, inputs=inputs)
+    assert fingerprint(train, skip, up, trajectory=True, inputs=inputs) == \
+        fingerprint(train, base, up, trajectory=True, inputs=inputs)
+    # the trajectory leaves the key out entirely: the same hash as before the key was declared
+    assert "data.on_error" in train.reads and "data.on_error" in train.continues
+
+
+def test_fingerprints_of_runs_made_before_the_xlp_namespace_still_hold():
+    """Run directories made before the rename to xlp.* keep their stages: the fingerprints of the tiny
+    config (with fixed input digests and upstream fingerprints, so the values do not depend on this
+    machine's files) are the ones the code at 8b04bd9 computed. Only the train fingerprint changed
+    (data.on_error joined it), and its trajectory did not, so such a run continues its checkpoints."""
+    cfg = load_config("tiny", ["run.dir=runs/tiny", "data.sources=[/corpus]"])
+    by = {s.name: s for s in STAGES}
+    inputs = {spec: "a" * 64 for s in STAGES for spec in s.inputs}
+    up = {"tokenizer": "1" * 16, "shard": "2" * 16, "train": "3" * 16}
+    got = {n: fingerprint(by[n], cfg, up, inputs=inputs) for n in by}
+    got.update({n + "_trajectory": fingerprint(by[n], cfg, up, trajectory=True, inputs=inputs) for n in by})
+    before = {"eval": "6a587d8045016773", "eval_trajectory": "349002dd9a4fd91d", "shard": "a64938c8688a02f0",
+              "shard_trajectory": "a49a7bbc577b1c5a", "tokenizer": "aa50d3cafdf16578",
+              "tokenizer_trajectory": "98d5019d6ca084bf", "train": "69b7ace0a716d11b",
+              "train_trajectory": "1c9ed7ab5b6d605f"}  # computed by 8b04bd9's pipeline.stage.fingerprint
+    assert {k: v for k, v in got.items() if k != "train"} == {k: v for k, v in before.items() if k != "train"}
+    assert got["train"] != before["train"]  # data.on_error is hashed now; the trajectory above is the same

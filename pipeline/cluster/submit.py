@@ -249,7 +249,7 @@ def launch_plan_text(job_cfg: DictConfig, run_dir: Path) -> str:
         return plan
 
     layout = RunLayout(run_dir)
-    command = RankCommand(run_dir, layout.train.config, layout.train, layout.shard_dir)
+    command = RankCommand(run_dir, layout.config, layout.train, layout.shard_dir)
     if not plan.gpus_per_node:
         command.on_cpu()
     return plan.describe(command.argv(), log_pattern=f"{layout.train.logs}/rank_%t.log")

@@ -1,7 +1,7 @@
 """Where everything of a run lives: one class names every path of a run directory.
 
     RUN_DIR/
-      config.yaml                 the resolved config of the last `xlp run`
+      config.yaml                 the resolved config of the last `xlp run` (the training ranks read it too)
       .lock                       held while an `xlp run` works here
       .stale/<stage>-<fingerprint>/  an output a changed config or --force replaced (until `xlp clean`)
       submit/                     what `xlp submit` saved: configs, rendered sbatch scripts, job logs
@@ -10,7 +10,6 @@
       <stage>/stage.log           its output
       tokenizer/tokenizer.model   the SentencePiece model (tokenizer.vocab: its pieces; stats.json)
       shard/manifest.json         the shards' index; shard/<split>/*.tar the WebDataset shards
-      train/config.yaml           the config the ranks read
       train/checkpoints/          DeepSpeed checkpoints (step_<n>/)
       train/model/                the consolidated model (safetensors + config.json)
       train/metrics.jsonl         one row of metrics per step
@@ -147,10 +146,6 @@ class TrainLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
 
     @property
     def checkpoints(self) -> Path:

@@ -53,8 +53,9 @@ TRAIN = Stage(
     # wandb.* is read at run time but not hashed: monitoring settings change no result
     # the rows of each step: data.seq_len, data.streams, data.mixture's weights and phases, run.seed
     # (xlp.pipeline.data.order) and the global batch
+    # and which shards a damaged one leaves out (data.on_error: fail, or skip it)
     reads=("model", "train", "data.seq_len", "data.streams", "data.mixture", "data.mixture_phases", "run.seed",
-           "kernels"),
+           "kernels", "data.on_error"),
     # where the ranks run (and their transport settings, train.env), how often they log, validate and
     # save, what they keep, how long a rank may hang or how often it restarts, and the loader's worker
     # processes (the global order does not depend on them) change nothing the stage's training computes
@@ -64,9 +65,10 @@ TRAIN = Stage(
     # a longer (or shorter) run of the same trajectory continues from the checkpoints already there; so
     # does one on another number of ranks or micro-batch split of the same global batch (the ranks refuse
     # one whose global batch differs from its checkpoint's: pipeline/train/elastic.py), and one whose
-    # mixture phases changed (from the checkpoint on, the new weights apply)
+    # mixture phases changed (from the checkpoint on, the new weights apply), and one that now skips (or no
+    # longer skips) damaged shards (data.on_error, hashed since 2026-12-07: runs trained before continue)
     continues=("train.steps", "train.resume_from_step", "train.cpu_processes", "train.grad_accum",
-               "train.micro_batch_size", "data.mixture_phases"),
+               "train.micro_batch_size", "data.mixture_phases", "data.on_error"),
     needs=("tokenizer", "shard"),
     fn="xlp.pipeline.stages.train:run",
     resumable=True,

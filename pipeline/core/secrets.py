@@ -6,8 +6,8 @@
     (pre-signed S3/GCS URLs, Azure SAS tokens, `?token=` style API keys);
   - the value of every secret environment variable (is_secret_name) replaced by `***`, wherever it
     appears (a config that resolved `${oc.env:HF_TOKEN}` into some key).
-It is applied wherever a config or a list of sources is written: RUN_DIR/config.yaml, the train stage's
-train/config.yaml, the W&B run's config, the source names in metrics, stats.json and manifest.json, and
+It is applied wherever a config or a list of sources is written: RUN_DIR/config.yaml (which the training
+ranks read), the W&B run's config, the source names in metrics, stats.json and manifest.json, and
 the configs `xlp submit` saves (which keep `${oc.env:NAME}` for values that came from the environment).
 
 Secret environment variables (is_secret: WANDB_API_KEY, HF_TOKEN, any name ending in _TOKEN, _KEY,

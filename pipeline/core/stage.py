@@ -147,7 +147,9 @@ def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, traj
         "stage": stage.name,
         "version": FINGERPRINT_VERSION,
         "reads": select_keys(cfg, stage.reads, stage.ignores + (stage.continues if trajectory else ())),
-        "inputs": {spec: inputs[spec] for spec in sorted(stage.inputs)},
+        # named as before the xlp namespace (pipeline.data.listing:corpus): the module's import path is
+        # not what the stage read, and runs made before keep their fingerprints
+        "inputs": {spec.removeprefix("xlp."): inputs[spec] for spec in sorted(stage.inputs)},
         "upstream": {name: upstream[name] for name in sorted(stage.needs)},
     }
     if trajectory:

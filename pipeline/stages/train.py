@@ -12,8 +12,7 @@ import sys
 
 from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, launch, visible_devices_for_ranks
 from xlp.pipeline.core import registry
-from xlp.pipeline.core.secrets import redact_config_yaml
-from xlp.pipeline.core.stage import StageContext, atomic_write_text
+from xlp.pipeline.core.stage import StageContext
 from xlp.pipeline.train.elastic import refuse_before_launch
 
 STAGE = registry.TRAIN
@@ -23,10 +22,10 @@ def run(ctx: StageContext) -> dict:
     layout = ctx.layout
     out = layout.train
     out.root.mkdir(parents=True, exist_ok=True)
-    config = out.config  # the ranks read this copy: the run's config with our view of it
-    # credentials masked: the ranks read no source URL (they read the shards) and get secret
-    # variables from their environment
-    atomic_write_text(config, redact_config_yaml(ctx.cfg))
+    # One channel: the ranks read the run's config as the runner saved it (RUN_DIR/config.yaml, credentials
+    # masked: they read no source URL, and get secret variables from their environment), plus the
+    # launcher's overrides on their command line (train.device=cpu).
+    config = layout.config
     out.result.unlink(missing_ok=True)
     world = local_world_size(ctx.cfg)
     if world is not None:  # the global batch splits over the ranks, and matches the checkpoint's: checked
