@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -226,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _paragraphs(*texts: str) -> str:
     """Help text in paragraphs wrapped for a terminal (the parsers keep line breaks as written)."""
-    import textwrap
-
     return "\n\n".join(textwrap.fill(t, 100) for t in texts)
 
 

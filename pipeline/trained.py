@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
 from xlp.kernels.config import KernelsConfig
 from xlp.pipeline.core.config import merge_into
 from xlp.pipeline.core.errors import ConfigError
@@ -54,9 +57,6 @@ def model_settings(source: Path, overrides=()):
     """(KernelsConfig, DecodeConfig) for running the model of `source`: the `kernels` and `decode`
     sections of the run's config (RUN_DIR/config.yaml; their defaults for an export directory), then
     `overrides` (`kernels.*` / `decode.*` key=value items), validated."""
-    import yaml
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.create({"kernels": OmegaConf.structured(KernelsConfig),
                             "decode": OmegaConf.structured(DecodeConfig)})
     config_file = RunLayout(source).config

@@ -60,7 +60,12 @@ def test_the_wheel_installs_beside_hugging_face_without_sharing_a_file(wheel_env
         "print(json.dumps({f: sorted(n) for f, n in owners.items() if len(n) > 1}))\n"
     )
     shared = json.loads(sh([py, "-c", code], cwd=work, env=env).stdout)
-    assert shared == {}, f"files in site-packages that belong to two distributions: {shared}"
+    ours = {f: names for f, names in shared.items() if "xlstm-pipeline" in names}
+    assert ours == {}, f"files of ours that another distribution also installs: {ours}"
+    # Between other distributions, only the __init__.py of a package two of them fill (Ray's dependencies
+    # opencensus and opencensus-context both ship opencensus/__init__.py, pkgutil-style): no file of code.
+    others = sorted(f for f in shared if not f.endswith("__init__.py"))
+    assert others == [], f"files that belong to two other distributions: {others}"
     names = zipfile.ZipFile(wheel_env["wheel"]).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"xlp"}, f"the wheel installs top-level names other than xlp: {tops}"

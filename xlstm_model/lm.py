@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -288,7 +289,6 @@ def build_model(cfg: Union[ModelConfig, Any]) -> LanguageModel:
 def as_model_config(cfg: Union[ModelConfig, Any]) -> ModelConfig:
     if isinstance(cfg, ModelConfig):
         return cfg
-    from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
         obj = OmegaConf.to_object(cfg)

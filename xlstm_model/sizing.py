@@ -21,6 +21,7 @@ embedding included, a tied head counted once, the vocabulary as given.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -131,8 +132,6 @@ def match_params(family: str, target: float, *, vocab_size: int, base: Optional[
 
 def main(argv=None) -> int:
     """Print each family's shape for a target parameter count (and the overrides that give it)."""
-    import argparse
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=float, nargs="+", required=True, help="target parameter counts, e.g. 125e6")
     p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary (tokenizer's, rounded up to 64)")

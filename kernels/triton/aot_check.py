@@ -2,7 +2,11 @@
 (non-constexpr globals, bad dot shapes, type errors) the CPU interpreter does not.
     python -m xlp.kernels.triton.aot_check [bf16|fp32]
 """
-import itertools, sys
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -11,7 +15,6 @@ import xlp.kernels.triton.mlstm as M, xlp.kernels.triton.slstm as SL, xlp.kernel
 tgt = GPUTarget("cuda", 90, 32)
 def resource_usage(k) -> str:
     """Registers / stack (spills) / shared memory per thread block, from the cubin (no GPU needed)."""
-    import os, subprocess, tempfile
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if "cubin" not in k.asm or not os.path.exists(tool):
         return ""

@@ -23,7 +23,9 @@ environment, or Ray Train's ScalingConfig.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import os
 import shlex
 import shutil
@@ -418,7 +420,6 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
           f"xlp status {run_dir}", file=out, flush=True)
     if not wait:
         return 0
-    import asyncio
 
     async def stream() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -436,8 +437,6 @@ def print_ray_dry_run(cfg: DictConfig, job_cfg: DictConfig, *, address: Optional
                       entrypoint: str, runtime_env: dict, metadata: dict, run_dir: Path, out: TextIO) -> None:
     """The Ray job as it would be submitted, and the training launch plan on a cluster of the shape
     `slurm.*` describes (the real cluster's resources decide when the job runs)."""
-    import json
-
     s = cfg.slurm
     shape = f"{s.nodes} node(s) x {s.gpus_per_node} GPUs, {s.cpus_per_task} CPUs per node"
     print(f"xlp submit --to ray --dry-run: run {cfg.run.name} in {run_dir}\n"

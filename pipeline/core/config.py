@@ -15,6 +15,7 @@ Unknown keys and wrong types fail with the key, where it came from, and what is 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,7 @@ from xlp.pipeline.core.schema.study import StudyConfig
 from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
 from xlp.pipeline.core.schema.train import TrainConfig
 from xlp.pipeline.core.schema.wandb import WandbConfig
-from xlp.xlstm_model.config import ModelConfig
-from xlp.xlstm_model.config import DecodeConfig
+from xlp.xlstm_model.config import DecodeConfig, ModelConfig
 
 CONFIG_DIR = config_dir()  # the packaged configs (xlp.configs)
 # Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.
@@ -251,8 +251,6 @@ def _type_message(cfg: DictConfig, e: ValidationError, source: str) -> str:
 
 def _expected_type(full_key: str) -> str:
     """The declared type of a key, read from the dataclasses (e.g. `int`, `Optional[str]`)."""
-    import typing
-
     cls: Any = PipelineConfig
     typ: Any = None
     for part in full_key.split("."):

@@ -20,6 +20,8 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+from omegaconf import OmegaConf
+
 MASK = "***"
 
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
@@ -90,8 +92,6 @@ def redact(obj: Any, env: Optional[Mapping[str, str]] = None) -> Any:
 
 def redact_config_yaml(cfg: Any) -> str:
     """A resolved OmegaConf config as YAML, redacted (for RUN_DIR/config.yaml and the like)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
 
 

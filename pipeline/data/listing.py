@@ -19,6 +19,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import DictConfig, OmegaConf
+
 from xlp.pipeline.data.readers import GLOB_CHARS, _hidden, resolve_sources, stdlib_files, stdlib_root
 
 SMALL_FILE_BYTES = 1 << 20  # checkpoint files up to this size are hashed by content; bigger ones by size+mtime
@@ -29,8 +31,6 @@ _URL_KEYS = ("size", "ETag", "etag", "md5Hash", "crc32c", "content_md5", "checks
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
     value = OmegaConf.select(cfg, key, default=default) if isinstance(cfg, DictConfig) else default
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
         value = OmegaConf.to_container(value, resolve=True)

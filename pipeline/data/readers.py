@@ -32,7 +32,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sysconfig
+import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -690,9 +692,6 @@ def _jsonl(ref: FileRef, f: IO[bytes], text_field: str, on_error: str, stats: Re
 
 def _spooled(f: IO[bytes]) -> IO[bytes]:
     """A seekable copy of a stream (a compressed Parquet file) in a temporary file, not in memory."""
-    import shutil
-    import tempfile
-
     tmp = tempfile.TemporaryFile(prefix="xlp-parquet-")
     shutil.copyfileobj(f, tmp, 1 << 20)
     tmp.seek(0)

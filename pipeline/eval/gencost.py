@@ -22,11 +22,17 @@ indicative only: the allocator may reuse memory it kept.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from xlp.pipeline.core.resources import config_dir
 from xlp.pipeline.eval.common import param_bytes, tensor_bytes
@@ -148,8 +154,6 @@ def generation_cost(model, *, contexts: list[int], gen_tokens: int, prefill_chun
 
 def _model_from_config(name: str, vocab_size: int | None):
     """A randomly initialised model of configs/model/<name>.yaml (timing does not depend on training)."""
-    import yaml
-
     path = config_dir() / "model" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
     if vocab_size or not data.get("vocab_size"):
@@ -161,10 +165,6 @@ def _model_from_config(name: str, vocab_size: int | None):
 def main(argv=None) -> int:
     """`python -m xlp.pipeline.eval.gencost --models xlstm_125m llama_125m`: the eval stage's generation-cost
     measurement on randomly initialised models of configs/model/, side by side (no run needed)."""
-    import argparse
-    import json
-    import sys
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--models", nargs="+", default=["tiny", "tiny_llama"], help="configs/model/ names")
     p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
@@ -190,8 +190,6 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     mib = 2.0 ** 20
-    import os
-    import platform
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} {torch.get_num_threads()} threads, {platform.node()}"
     if device.type == "cuda":

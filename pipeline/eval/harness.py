@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -231,8 +232,6 @@ def _resolve_device(device: Any) -> torch.device:
 def _run_seq_len(run_dir: Path) -> Optional[int]:
     """data.seq_len of the run (its config.yaml), the context the model was trained on."""
     try:
-        import yaml
-
         cfg = yaml.safe_load(RunLayout(run_dir).config.read_text())
         return int(cfg["data"]["seq_len"])
     except (OSError, KeyError, TypeError, ValueError):

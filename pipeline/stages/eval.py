@@ -15,10 +15,13 @@ metrics), report.md with PNG plots, lm_eval/ (task data, task YAMLs, lm-eval's r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.config import section
@@ -28,7 +31,6 @@ from xlp.pipeline.eval import common, gencost, ppl, recall, report
 from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
 from xlp.pipeline.train.monitor import read_metrics
 from xlp.xlstm_model import count_params
-
 
 STAGE = registry.EVAL
 
@@ -74,7 +76,6 @@ def headline_metrics(results: dict) -> dict:
 
 def run(ctx: StageContext) -> dict:
     import torch
-    from omegaconf import OmegaConf
 
     t_start = time.time()
     cfg = ctx.cfg
@@ -197,7 +198,6 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
     res = run_tasks(lm, list(ec.tasks), include_path=task_dir, limit=ec.lm_eval_limit or None,
                     offline=ec.lm_eval_offline)
     flat = flatten_results(res)
-    import json
 
     from lm_eval.utils import handle_non_serializable
 

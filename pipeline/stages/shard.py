@@ -12,6 +12,7 @@ their records (size, sha256: a bad one is rewritten, counted in shards_damaged) 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
@@ -41,7 +42,6 @@ from xlp.pipeline.data.work import (
     verify_finished_partition,
 )
 from xlp.pipeline.stages.tokenizer import _sections, read_metrics
-
 
 STAGE = registry.SHARD
 
@@ -93,7 +93,6 @@ def run(ctx: StageContext) -> dict:
                 records[i] = rec
         # finished partitions keep their shards only when each matches its record (size, sha256;
         # threads: hashing releases the GIL); a partition with a bad one is redone
-        from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             checked = list(pool.map(lambda i: (i, verify_finished_partition(out, i)), sorted(records)))

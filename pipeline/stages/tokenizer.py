@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
@@ -28,8 +30,6 @@ STAGE = registry.TOKENIZER
 
 
 def _sections(cfg) -> tuple[DataConfig, TokenizerConfig]:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.tokenizer)
 
 

@@ -30,11 +30,12 @@ Every variant is checked before anything runs: a bad override names its variant.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xlp.pipeline.cluster.submit import submit_slurm
 from xlp.pipeline.core.config import ConfigError, load_config
@@ -131,10 +132,6 @@ def model_vocab(cfg: DictConfig) -> int:
 def print_plan(plan: StudyPlan, config: str, overrides: list[str], out: TextIO) -> None:
     """What `xlp study` would do, and the `xlp run` commands that do the same one step at a time (what to
     give `xlp submit` to run a variant on a cluster: each command then runs in its own job)."""
-    import shlex
-
-    from omegaconf import OmegaConf
-
     print(f"study {plan.name}: {len(plan.variants)} variant(s), directory {plan.study_dir}", file=out)
     for data_dir in plan.data_runs:
         print(f"  data: {data_dir} (tokenizer, shard; shared by "

@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+from omegaconf import OmegaConf
 
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.stage import atomic_write_json, atomic_write_text, read_stage_json
@@ -53,8 +56,6 @@ def family(model: dict) -> str:
 
 def collect(plan: "StudyPlan") -> list[dict]:
     """One record per variant whose eval stage is done (in the study's order)."""
-    from omegaconf import OmegaConf
-
     rows = []
     for v in plan.variants:
         layout = RunLayout(v.run_dir)
@@ -318,7 +319,6 @@ def log_wandb(plan: "StudyPlan", rows: list[dict], plots: list[Path]) -> Optiona
     mode = str(cfg.wandb.mode)
     if mode == "disabled":
         return None
-    import os
 
     import wandb
 

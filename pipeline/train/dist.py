@@ -11,6 +11,7 @@ CPU accelerator counts its devices from it, else from NUMA nodes).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -139,7 +140,6 @@ def import_muon_without_compile() -> None:
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
     if name in sys.modules or os.environ.get("XLP_DS_MUON_COMPILE", "0") == "1":
         return
-    import importlib
 
     import torch
 

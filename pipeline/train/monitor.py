@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from xlp.pipeline.core.secrets import redact
 from xlp.xlstm_model.machine import GPU_PEAK_TFLOPS  # the table the benchmarks share
@@ -51,8 +54,6 @@ def memory_metrics(cuda: bool) -> dict[str, float]:
         out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / gib
         out["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / gib
     try:
-        import psutil
-
         out["memory/rss_gib"] = psutil.Process().memory_info().rss / gib
     except ImportError:
         pass
@@ -107,8 +108,6 @@ class Monitor:
         if wandb_cfg.mode != "disabled":
             self.run = _init_wandb(out_dir, cfg, wandb_cfg, run_name)
         if sys.stdout.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -184,7 +183,6 @@ def _step_of(line: str) -> Optional[int]:
 def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
     """The W&B run; a rerun of the stage continues the run whose id RUN_DIR/train/wandb_run_id holds."""
     import wandb
-    from omegaconf import OmegaConf
 
     id_file = out_dir / "wandb_run_id"
     if id_file.is_file():

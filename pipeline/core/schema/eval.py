@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from xlp.pipeline.core.resources import config_dir
 
 PARTS = ("ppl", "long_context", "generation", "recall", "lm_eval")
@@ -21,8 +23,6 @@ CONFIG_EVAL_DIR = config_dir() / "eval"  # the packaged lm-eval task files
 
 def local_task_files() -> dict[str, Path]:
     """{task name: YAML file} of the lm-eval task definitions in configs/eval/ (the offline tasks)."""
-    import yaml
-
     out = {}
     for p in sorted(CONFIG_EVAL_DIR.glob("*.yaml")):
         try:
