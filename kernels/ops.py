@@ -5,30 +5,11 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from xlp.kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend, use_backend
-from xlp.kernels.reference.common import doc_starts_mask
+# xlp.kernels re-exports the backend controls and doc_starts_mask from here, beside the ops below
+from xlp.kernels.dispatch import BACKENDS, default_backend, resolve, set_default_backend, use_backend  # noqa: F401
+from xlp.kernels.reference.common import doc_starts_mask  # noqa: F401
 from xlp.kernels.reference.mlstm import MLSTMState
 from xlp.kernels.reference.slstm import SLSTMState
-
-__all__ = [
-    "BACKENDS",
-    "MLSTMState",
-    "SLSTMState",
-    "decode_linear",
-    "default_backend",
-    "doc_starts_mask",
-    "layer_norm",
-    "linear_cross_entropy",
-    "mlstm_chunkwise",
-    "mlstm_decode_mix",
-    "mlstm_parallel",
-    "mlstm_step",
-    "rms_norm",
-    "set_default_backend",
-    "slstm_sequence",
-    "slstm_step",
-    "use_backend",
-]
 
 
 def mlstm_parallel(

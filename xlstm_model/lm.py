@@ -10,7 +10,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -289,6 +288,8 @@ def build_model(cfg: Union[ModelConfig, Any]) -> LanguageModel:
 def as_model_config(cfg: Union[ModelConfig, Any]) -> ModelConfig:
     if isinstance(cfg, ModelConfig):
         return cfg
+    # the model runs where only torch (and triton) are installed: omegaconf only for the pipeline's configs
+    from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
         obj = OmegaConf.to_object(cfg)
