@@ -11,6 +11,9 @@ PY := $(VENV)/bin/python
 TORCH_PIP_ARGS ?= torch==2.13.0
 DEMO_CONFIG ?= demo
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): the suite waits on services and subprocesses more than it computes,
+# so three share the 2 cores of a small machine well; the cluster tests stay in one (tests/conftest.py)
+TEST_WORKERS ?= 3
 
 .PHONY: demo test install install-dev clean-demo help
 
@@ -42,7 +45,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/xlp status runs/demo
 
 test: $(VENV)/.installed-dev
-	$(PY) -P -m pytest $(PYTEST_ARGS)
+	$(PY) -P -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

@@ -402,7 +402,7 @@ def _ensure_ray() -> bool:
 
 def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, resumed: bool, log_path: str) -> dict:
     ctx = StageContext(
-        name=stage.name, cfg=cfg, run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
+        name=stage.name, cfg=stage.view(cfg), run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
     )
     watcher = _StopWatcher(Path(log_path).with_name(STOP_REQUESTED))
     try:

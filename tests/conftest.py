@@ -24,6 +24,20 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+# The machine-wide services: the local Slurm cluster (nodes xlp-node1..2) and the 2-node Ray cluster
+# (worker xlp-ray1) are network namespaces with fixed names and addresses, one of each per machine.
+# Under pytest-xdist (`make test` runs the suite in several processes) the tests that use them run in
+# one worker, one after another (an xdist_group), and the other tests spread over the other workers.
+CLUSTER_FIXTURES = frozenset({"slurm", "slurm_two_nodes", "uninterrupted", "ray_head"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the tests in this process; workers can import modules from tests/."""

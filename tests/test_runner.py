@@ -16,7 +16,7 @@ import pytest
 from conftest import XLP, xlp_env
 from xlp.pipeline.core.config import load_config
 from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
-from toy_stages import BROKEN_STAGES, TOY_STAGES
+from toy_stages import BROKEN_STAGES, TOY_STAGES, UNDECLARED_STAGES
 
 
 def calls(run_dir: Path) -> list[str]:
@@ -138,6 +138,18 @@ def test_failing_stage_is_marked_failed_with_its_error(tmp_path, ray_local):
     states = {s.name: s.status for s in stage_states(BROKEN_STAGES, cfg, tmp_path)}
     assert states == {"numbers": "done", "broken": "failed"}
     assert "Traceback" in (tmp_path / "broken" / "stage.log").read_text()
+
+
+def test_a_stage_reading_a_key_it_does_not_declare_fails_naming_it(tmp_path, ray_local):
+    """A stage gets only its declared keys (Stage.view): reading another (data.seq_len here, which
+    its fingerprint would not follow) fails the stage, naming the stage and the key; nothing written."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    with pytest.raises(PipelineError, match=r"stage 'undeclared' read the config key data.seq_len, which it "
+                                            r"does not declare"):
+        run_pipeline(cfg, stages=UNDECLARED_STAGES, out=io.StringIO())
+    assert {s.name: s.status for s in stage_states(UNDECLARED_STAGES, cfg, tmp_path)} == {"undeclared": "failed"}
+    assert not (tmp_path / "undeclared" / "numbers.txt").exists()
+    assert calls(tmp_path) == ["undeclared fresh"]
 
 
 def test_stage_output_is_echoed_to_the_terminal(tmp_path, ray_local):

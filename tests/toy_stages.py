@@ -49,9 +49,18 @@ def broken(ctx: StageContext) -> dict:
     raise ValueError("the input file example.jsonl line 3 is not JSON")
 
 
+def undeclared(ctx: StageContext) -> dict:
+    """Reads data.seq_len, which its declaration leaves out: its output would not follow that key."""
+    _count_call(ctx)
+    n = ctx.cfg.data.seq_len
+    atomic_write_text(ctx.out_dir / "numbers.txt", str(n))
+    return {"count": n}
+
+
 TOY_STAGES = [
     Stage("numbers", reads=("data.seq_len",), needs=(), fn="toy_stages:numbers", headline=("count",)),
     Stage("total", reads=("train.steps",), needs=("numbers",), fn="toy_stages:total"),
     Stage("report", reads=(), needs=("total",), fn="toy_stages:report"),
 ]
+UNDECLARED_STAGES = [Stage("undeclared", reads=("train.steps",), needs=(), fn="toy_stages:undeclared")]
 BROKEN_STAGES = TOY_STAGES[:1] + [Stage("broken", reads=(), needs=("numbers",), fn="toy_stages:broken")]

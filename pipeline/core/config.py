@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from xlp.kernels.config import KernelsConfig
+from xlp.pipeline.core.declared import section_object
 from xlp.pipeline.core.errors import ConfigError
 from xlp.pipeline.core.resources import config_dir, resolve_config
 from xlp.pipeline.core.schema.data import DataConfig
@@ -292,5 +293,6 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def section(cfg: DictConfig, name: str):
-    """A config section as its dataclass (e.g. `section(cfg, "model")` -> ModelConfig)."""
-    return OmegaConf.to_object(cfg[name])
+    """A config section as its dataclass (e.g. `section(cfg, "model")` -> ModelConfig). In a stage's
+    view of the config (Stage.view), the fields it does not declare raise UndeclaredKey when read."""
+    return section_object(cfg[name], name + ".")

@@ -7,6 +7,18 @@ from __future__ import annotations
 from xlp.pipeline.core.stage import Stage
 
 
+# Read by both data stages, hashed otherwise or changing nothing they write: data.mixture's groups
+# (the name and the sources of each) are in the corpus listing (Stage.inputs), its weights are the
+# train stage's; data.num_workers is how many Ray tasks run at once (the sample and the shards are
+# the same for any number).
+DATA_SEES = ("data.mixture", "data.num_workers")
+
+
+# What every stage may read without hashing it: where its metrics go (W&B), the run's name there, and
+# where the run directory is.
+MONITORING = ("wandb", "run.name", "run.dir")
+
+
 # ---- tokenizer
 TOKENIZER_READS = (
     "data.sources", "data.format", "data.text_field", "data.on_error", "data.max_doc_bytes",
@@ -23,6 +35,9 @@ TOKENIZER = Stage(
     description="train SentencePiece on a uniform sample of the corpus (or take tokenizer.path)",
     # the corpus files (path, size, mtime) and the content of tokenizer.path: pipeline/data/listing.py
     inputs=("xlp.pipeline.data.listing:corpus", "xlp.pipeline.data.listing:tokenizer_file"),
+    # SentencePiece's threads give the same model; the partitions concatenate their samples in corpus
+    # order, so the sample is the same for any data.partition_bytes
+    sees=DATA_SEES + ("tokenizer.num_threads", "data.partition_bytes"),
 )
 
 
@@ -44,6 +59,7 @@ SHARD = Stage(
     headline=("tokens", "shards", "docs_kept", "docs_empty", "files_skipped", "bad_records"),
     description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
     inputs=("xlp.pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
+    sees=DATA_SEES,
 )
 
 
@@ -75,6 +91,7 @@ TRAIN = Stage(
     headline=("final_loss", "val_loss", "tokens_per_s", "mfu", "skipped_steps"),
     description="DeepSpeed ZeRO training (gloo ranks on CPU, one rank per GPU); checkpoints, W&B",
     inputs=("xlp.pipeline.data.listing:init_from",),  # the model.init_from checkpoint's files (listing.py)
+    sees=MONITORING,
 )
 
 
@@ -91,6 +108,7 @@ EVAL = Stage(
     resumable=False,
     headline=EVAL_HEADLINE,
     description="held-out ppl/bpb, long context, generation cost, recall, lm-eval; report.md + plots",
+    sees=MONITORING,
 )
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from xlp.pipeline.core.declared import declared_view
 from xlp.pipeline.core.layout import STAGE_JSON, RunLayout
 
 # Bump when a stage's code changes what it writes, so old outputs become stale.
@@ -53,6 +54,10 @@ class Stage:
            hashes them, so an added or changed file reruns the stage. Import strings, like `fn`, so the
            registry stays cheap to import; stages naming the same function share one listing per
            `fingerprints()` call.
+    sees:  keys the stage reads at run time but does not hash, because they change nothing it writes
+           (monitoring, parallelism, the run's name) or are hashed another way (through `inputs`).
+           The stage gets a view of the config with `reads` and `sees` only (`view`): reading any
+           other key raises UndeclaredKey (pipeline/core/declared.py).
     """
 
     name: str
@@ -65,6 +70,11 @@ class Stage:
     headline: tuple[str, ...] = ()
     description: str = ""
     inputs: tuple[str, ...] = ()
+    sees: tuple[str, ...] = ()
+
+    def view(self, cfg: DictConfig) -> DictConfig:
+        """`cfg` as this stage may read it: its `reads` and `sees`; any other key raises UndeclaredKey."""
+        return declared_view(cfg, self.name, self.reads + self.sees)
 
     def load_fn(self) -> Callable[["StageContext"], dict]:
         module, _, attr = self.fn.partition(":")
@@ -76,7 +86,7 @@ class StageContext:
     """What a stage function gets: the resolved config, where to write, where its inputs are."""
 
     name: str
-    cfg: DictConfig  # the whole resolved, validated config (read-only)
+    cfg: DictConfig  # the resolved, validated config as the stage may read it (Stage.view; read-only)
     run_dir: Path
     fingerprint: str
     resumed: bool = False  # an interrupted attempt with the same fingerprint left outputs here

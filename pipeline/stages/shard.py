@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.config import section
 from xlp.pipeline.core.diskfull import writing
 from xlp.pipeline.core.secrets import redact
 from xlp.pipeline.core.stage import StageContext, atomic_write_json
@@ -41,14 +42,14 @@ from xlp.pipeline.data.work import (
     shard_partition,
     verify_finished_partition,
 )
-from xlp.pipeline.stages.tokenizer import _sections, read_metrics
+from xlp.pipeline.stages.tokenizer import read_metrics
 
 STAGE = registry.SHARD
 
 
 def run(ctx: StageContext) -> dict:
     t0 = time.time()
-    dc, _ = _sections(ctx.cfg)
+    dc = section(ctx.cfg, "data")
     layout = ctx.layout
     out = layout.shard_dir
     out.mkdir(parents=True, exist_ok=True)

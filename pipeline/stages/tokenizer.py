@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from omegaconf import OmegaConf
-
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.config import section
 from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
 from xlp.pipeline.core.stage import StageContext, atomic_write_json, atomic_write_text
 from xlp.pipeline.data.parallel import default_workers, run_parallel
@@ -27,10 +26,6 @@ if TYPE_CHECKING:
 
 
 STAGE = registry.TOKENIZER
-
-
-def _sections(cfg) -> tuple[DataConfig, TokenizerConfig]:
-    return OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.tokenizer)
 
 
 def read_metrics(stats: ReadStats) -> dict:
@@ -48,7 +43,8 @@ def read_metrics(stats: ReadStats) -> dict:
 
 def run(ctx: StageContext) -> dict:
     t0 = time.time()
-    dc, tc = _sections(ctx.cfg)
+    dc: DataConfig = section(ctx.cfg, "data")
+    tc: TokenizerConfig = section(ctx.cfg, "tokenizer")
     layout = ctx.layout
     stats = ReadStats()
     files = resolve_sources(dc.all_sources(), fmt=dc.format, on_error=dc.on_error,

@@ -26,10 +26,12 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from xlp.pipeline.core.config import load_config, section
 from xlp.pipeline.core.layout import RunLayout, TrainLayout
 from xlp.pipeline.core.lock import RunLock
-from xlp.pipeline.core.registry import STAGES
+from xlp.pipeline.core.registry import STAGES, TRAIN
 from xlp.pipeline.core.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
 from xlp.pipeline.train import dist as xdist
 from xlp.pipeline.train.heartbeat import Heartbeat, beat_interval
@@ -102,11 +104,13 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
             lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
             lock.acquire()
             marker = direct_run_marker(cfg, layout, out)
-        cuda = start_process_group(cfg, d)
-        trainer = Trainer(cfg, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
+        view = TRAIN.view(cfg)  # the ranks read only what the train stage declares (its fingerprint)
+        cuda = start_process_group(view, d)
+        trainer = Trainer(view, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
                           tokenizer_model=layout.tokenizer_model, env=d, cuda=cuda, hooks=load_hooks(hooks),
                           stop=stop, started_at=T0, stage_heartbeat=marker.beat if marker else None,
-                          stale_dir=layout.stale_dir, heartbeat=heartbeat)
+                          stale_dir=layout.stale_dir, heartbeat=heartbeat,
+                          run_config=OmegaConf.to_container(cfg, resolve=True))
         code = trainer.run()
         if marker is not None:
             if code == 0:
@@ -140,7 +144,7 @@ def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout):
     """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
     computes from the same config over the upstream stages' recorded fingerprints (a compute node need
     not see the corpus their listings cover)."""
-    train = next(s for s in STAGES if s.name == "train")
+    train = TRAIN
     markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in train.needs}
     if all(m.get("status") == "done" for m in markers.values()):
         upstream = {dep: m["fingerprint"] for dep, m in markers.items()}

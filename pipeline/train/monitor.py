@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import psutil
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from xlp.pipeline.core.secrets import redact
@@ -85,7 +84,7 @@ def read_metrics(path: Path) -> dict[int, dict]:
 class Monitor:
     """Rank 0's reporter. Other ranks get a Monitor with enabled=False, which does nothing."""
 
-    def __init__(self, *, enabled: bool, out_dir: Path, cfg: Any, wandb_cfg: Any, total_steps: int,
+    def __init__(self, *, enabled: bool, out_dir: Path, run_config: dict, wandb_cfg: Any, total_steps: int,
                  start_step: int, run_name: str):
         self.enabled = enabled
         self.total_steps = total_steps
@@ -106,7 +105,7 @@ class Monitor:
             path.unlink()
         self.jsonl = open(path, "a", buffering=1)
         if wandb_cfg.mode != "disabled":
-            self.run = _init_wandb(out_dir, cfg, wandb_cfg, run_name)
+            self.run = _init_wandb(out_dir, run_config, wandb_cfg, run_name)
         if sys.stdout.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
@@ -180,7 +179,7 @@ def _step_of(line: str) -> Optional[int]:
         return None
 
 
-def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
+def _init_wandb(out_dir: Path, run_config: dict, wandb_cfg: Any, run_name: str):
     """The W&B run; a rerun of the stage continues the run whose id RUN_DIR/train/wandb_run_id holds."""
     import wandb
 
@@ -204,7 +203,7 @@ def _init_wandb(out_dir: Path, cfg: Any, wandb_cfg: Any, run_name: str):
         tags=list(wandb_cfg.tags or []),
         name=wandb_cfg.name or run_name,
         notes=wandb_cfg.notes,
-        config=redact(OmegaConf.to_container(cfg, resolve=True)),  # no credentials in W&B
+        config=redact(run_config),  # no credentials in W&B
         id=run_id,
         resume="allow",
         mode=wandb_cfg.mode,

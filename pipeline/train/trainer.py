@@ -89,10 +89,13 @@ class Trainer:
     def __init__(self, cfg, *, out: TrainLayout, shard_dir: Path, tokenizer_model: Path, env: xdist.DistEnv,
                  cuda: bool, hooks: Optional[TrainHooks] = None, stop: Optional[StopRequest] = None,
                  started_at: Optional[float] = None, stage_heartbeat: Optional[Callable[[], None]] = None,
-                 stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None):
+                 stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None,
+                 run_config: Optional[dict] = None):
         import torch
 
-        self.cfg = cfg
+        self.cfg = cfg  # the train stage's view of the config (Stage.view: its declared keys only)
+        # the whole resolved config, as W&B shows the run (monitoring: it changes nothing trained)
+        self.run_config = run_config if run_config is not None else {}
         self.tc = section(cfg, "train")
         self.model_cfg = section(cfg, "model")
         self.out, self.shard_dir, self.tokenizer_model = out, Path(shard_dir), Path(tokenizer_model)
@@ -296,7 +299,7 @@ class Trainer:
 
     def _start_monitor(self, latest: Optional[Path], no_val: Optional[str], t_start: float, t_engine: float) -> None:
         tc = self.tc
-        self.monitor = Monitor(enabled=self.rank == 0, out_dir=self.out.root, cfg=self.cfg,
+        self.monitor = Monitor(enabled=self.rank == 0, out_dir=self.out.root, run_config=self.run_config,
                                wandb_cfg=section(self.cfg, "wandb"), total_steps=tc.steps, start_step=self.step,
                                run_name=str(self.cfg.run.name))
         if no_val is not None:
