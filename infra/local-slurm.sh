@@ -6,6 +6,7 @@
 #                                     namespace of its own with its own address and host name
 #                                     (infra/local-nodes.sh); CPUS_PER_NODE each (default: nproc)
 #   infra/local-slurm.sh stop         stop the daemons (the nodes' namespaces stay)
+#   infra/local-slurm.sh install      only install the packages (`make test` does, before the tests)
 # Installs slurm-wlm and munge with apt-get if they are missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,8 +21,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) NODES=$2; shift 2 ;;
     --nodes=*) NODES=${1#--nodes=}; shift ;;
-    stop|start) ACTION=$1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    stop|start|install) ACTION=$1; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "local-slurm.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,6 +43,11 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
 fi
+if [ "$ACTION" = install ]; then echo "local-slurm.sh: slurm-wlm and munge are installed"; exit 0; fi
+
+# one start at a time on this machine: a second caller waits, then finds the cluster up (below)
+exec 9>/run/lock/xlp-local-slurm.lock 2>/dev/null || exec 9>/tmp/xlp-local-slurm.lock
+flock 9
 
 SHAPE="# xlp-local-slurm v2 nodes=$NODES"  # v2: the version of this file's slurm.conf
 idle_nodes() { sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc)/' | sort -u | wc -l; }

@@ -13,7 +13,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 from xlp import tokenizer as tk
 from xlp.pipeline.trained import TOKENIZER_FILE, ExportError, find_model, load_any, model_settings

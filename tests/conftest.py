@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,18 +28,89 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-# The machine-wide services: the local Slurm cluster (nodes xlp-node1..2) and the 2-node Ray cluster
-# (worker xlp-ray1) are network namespaces with fixed names and addresses, one of each per machine.
-# Under pytest-xdist (`make test` runs the suite in several processes) the tests that use them run in
-# one worker, one after another (an xdist_group), and the other tests spread over the other workers.
-CLUSTER_FIXTURES = frozenset({"slurm", "slurm_two_nodes", "uninterrupted", "ray_head"})
+# `make test` runs the suite in several processes (pytest-xdist); what decides where a test runs:
+# - the machine-wide services are network namespaces with fixed names, one of each per machine: the
+#   local Slurm cluster (nodes xlp-node1..2) and the 2-node Ray cluster (worker xlp-ray1). The Ray
+#   cluster's tests run in one worker, one after another; the Slurm tests in two (the cluster queues
+#   their jobs; infra/local-slurm.sh starts it once); these groups start first: they are the longest;
+# - a module whose tests share a module-scoped fixture (a trained run, a built wheel) runs in one
+#   worker, so the fixture is made once;
+# - every other test goes wherever a worker is free.
+# pytest-xdist's own `xdist_group` marks do not reach its scheduler under pytest 9.2 (the node id it
+# rewrites is no longer the one pytest reports), so the workers write each test's group to a file as
+# they collect, and the scheduler below (xdist's LoadScope with these groups as scopes) reads it.
+SERVICE_GROUPS = {"slurm-nodes": {"slurm_two_nodes", "uninterrupted"}, "slurm": {"slurm"}, "ray-cluster": {"ray_head"}}
+# then the groups and tests that took longest (`make test PYTEST_ARGS=--durations=60`, 2026-12-07), so
+# that no long one starts last
+LONG_FIRST = ("test_wheel", "test_study", "test_export", "test_continue", "test_hang", "test_mixture.py",
+              "test_campaign.py", "test_fingerprint_inputs.py", "test_elastic", "test_secrets.py", "test_train")
+GROUPS_FILE = "XLP_TEST_GROUPS_FILE"
 
 
-@pytest.hookimpl(tryfirst=True)
+def _group(item) -> str:
+    names = set(getattr(item, "fixturenames", ()))
+    for group, fixtures in SERVICE_GROUPS.items():
+        if names & fixtures:
+            return group
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        if any(d.scope == "module" for d in defs):
+            return item.module.__name__
+    return item.nodeid
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and getattr(config.option, "numprocesses", None):
+        os.environ[GROUPS_FILE] = tempfile.mkstemp(prefix="xlp-test-groups-", suffix=".json")[1]
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+    groups = {item.nodeid: _group(item) for item in items}
+    def rank(item) -> int:
+        group = groups[item.nodeid]
+        if group in SERVICE_GROUPS:
+            return 0
+        name = item.nodeid.split("/")[-1]
+        return next((1 + i for i, prefix in enumerate(LONG_FIRST) if name.startswith(prefix)), 1 + len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: within a rank, the collection order
+    path = os.environ.get(GROUPS_FILE)
+    if path and os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        tmp = f"{path}.{os.getpid()}"
+        Path(tmp).write_text(json.dumps(groups))
+        os.replace(tmp, path)  # every worker collects the same tests: the last one written is as good
+
+
+if importlib.util.find_spec("xdist") is not None:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's LoadScope: each scope goes to one worker whole; the scopes are our groups."""
+
+        _groups: dict | None = None
+
+        def _reschedule(self, node) -> None:
+            """More work for a worker only when it is on its last test (xdist's LoadScope gives it more
+            with two left): a long group is not queued behind another worker's long test."""
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) > 1:
+                return
+            self._assign_work_unit(node)
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:
+                self._groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text())
+            return self._groups.get(nodeid, nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if os.environ.get(GROUPS_FILE):
+            config.option.loadscopereorder = False  # our order: the service groups first
+            return GroupScheduling(config, log)
+        return None
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +131,7 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
+def ray_head():
     """A real Ray cluster of two nodes for `xlp submit --to ray`: a head with the Jobs API and token
     authentication on this machine, and one worker node (xlp-ray1, a network namespace of its own;
     infra/local-ray.sh --workers 1). Yields the Jobs API address; stopped at the end of the session."""
@@ -69,13 +144,17 @@ def ray_head(tmp_path_factory):
             return s.getsockname()[1]
 
     port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2",
-               RAY_TEMP_DIR=str(tmp_path_factory.mktemp("ray")))
+    # a short path: Ray's socket files live under it (at most 107 bytes; pytest's tmp paths are longer)
+    temp = tempfile.mkdtemp(prefix="xrh", dir="/tmp")
+    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2", RAY_TEMP_DIR=temp)
     script = str(REPO / "infra" / "local-ray.sh")
-    proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield f"http://127.0.0.1:{dash}"
-    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+    try:  # stopped even when it failed to come up whole
+        proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def xlp_env(extra: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ NODES = ["xlp-node1", "xlp-node2"]
 # one rank per node, one thread each (2 cores here); enough steps that a rank can be killed between
 # the first checkpoint and the end; small partitions so that both nodes' Ray workers write shards
 TWO_NODES = ["slurm.nodes=2", "slurm.cpus_per_task=2", "train.cpu_processes=1", "train.threads=1",
-             "train.steps=100", "train.save_every=20", "data.partition_bytes=100000"]
+             "train.steps=60", "train.save_every=20", "data.partition_bytes=100000"]
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +134,26 @@ def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, 
 # ---------------------------------------------------------------------------------------------
 # Ray: a head here and a worker node (xlp-ray1), conftest.py's ray_head
 
-RAY_TWO_NODES = ["train.cpu_processes=2", "train.threads=1", "train.steps=100", "train.save_every=20",
+RAY_TWO_NODES = ["train.cpu_processes=2", "train.threads=1", "train.steps=60", "train.save_every=20",
                  "data.partition_bytes=100000"]  # two Ray Train workers, SPREAD: one per node
 
 
-def test_ray_worker_lost_restarts_from_the_checkpoint_bitwise(ray_head, uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_local(tmp_path_factory) -> Path:
+    """The same training as RAY_TWO_NODES (and the Slurm runs': 2 ranks of 1 thread), uninterrupted, by
+    the local launcher on this machine (the Ray tests run beside the Slurm ones, apart from their runs)."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    proc = subprocess.run([*XLP, "run", str(TINY), "--run-dir", str(run_dir), "--stages", "tokenizer,shard,train",
+                           *RAY_TWO_NODES], env=xlp_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return run_dir
+
+
+def test_ray_worker_lost_restarts_from_the_checkpoint_bitwise(ray_head, uninterrupted_local, tmp_path):
     """Ray Train restarts the ranks after one's process is killed (train.max_restarts), from the last
-    checkpoint, and the weights are the uninterrupted 2-node Slurm run's: the same world size gives the
-    same result whichever launcher started the ranks."""
+    checkpoint, and the weights are those of an uninterrupted run of 2 ranks by the local launcher (as
+    the 2-node Slurm runs' are, test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise): the same
+    world size gives the same result whichever launcher started the ranks."""
     run_dir = tmp_path / "run"
     job = subprocess.Popen([*XLP, "submit", str(TINY), "--to", "ray", "--address", ray_head, "--wait",
                             "--run-dir", str(run_dir), *RAY_TWO_NODES],
@@ -166,4 +178,4 @@ def test_ray_worker_lost_restarts_from_the_checkpoint_bitwise(ray_head, uninterr
     assert len(train["nodes"]) == 2 and "xlp-ray1" in train["nodes"]
     # rank 0 speaks for the ranks: the restarted group's part of its log follows the first attempt's
     assert "resumed from" in (run_dir / "train" / "logs" / "rank_0.log").read_text()
-    assert weights(run_dir) == weights(uninterrupted)
+    assert weights(run_dir) == weights(uninterrupted_local)

@@ -258,7 +258,8 @@ def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
 @needs_slurm
 def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = ["slurm.cpus_per_task=2", "train.steps=400", "train.save_every=10"]
+    # long enough to be cancelled after its first checkpoint, short enough to finish soon after
+    overrides = ["slurm.cpus_per_task=2", "train.steps=150", "train.save_every=10"]
     proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *overrides, check=True)
     job = job_id_of(proc.stdout)
     checkpoints = run_dir / "train" / "checkpoints"
@@ -274,7 +275,7 @@ def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_
     saved = complete_checkpoints(checkpoints)[-1][0]
 
     proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *overrides[:1],
-               "train.steps=400", "train.save_every=10", timeout=1500)
+               "train.steps=150", "train.save_every=10", timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:]
     for stage in ("tokenizer", "shard"):
         assert f"= {stage}: done" in proc.stdout  # done stages skipped
