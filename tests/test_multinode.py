@@ -5,6 +5,7 @@ uninterrupted run has, bit for bit. On a 2-node Ray cluster, Ray Train restarts 
 from the checkpoint, with the same result."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, XLP, xlp_env
-from test_submit import TINY, assert_pipeline_complete, job_id_of, xlp
+from test_submit import QUICK_EVAL, TINY, assert_pipeline_complete, job_id_of, xlp
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +29,7 @@ NODES = ["xlp-node1", "xlp-node2"]
 # one rank per node, one thread each (2 cores here); enough steps that a rank can be killed between
 # the first checkpoint and the end; small partitions so that both nodes' Ray workers write shards
 TWO_NODES = ["slurm.nodes=2", "slurm.cpus_per_task=2", "train.cpu_processes=1", "train.threads=1",
-             "train.steps=60", "train.save_every=20", "data.partition_bytes=100000"]
+             "train.steps=60", "train.save_every=20", "data.partition_bytes=100000", *QUICK_EVAL]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,13 @@ def test_two_slurm_nodes_run_the_whole_pipeline(uninterrupted):
     assert {s["node"] for s in manifest["shards"]} == set(NODES)
     srun = (run_dir / "train" / "logs" / "srun.log").read_text()
     assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun
+
+
+def test_two_slurm_nodes_train_what_one_machine_trains(uninterrupted, uninterrupted_local):
+    """The same world size gives the same weights, bit for bit, whichever launcher placed the ranks:
+    srun on two nodes and the local launcher on this machine (and Ray Train, compared with the same run
+    in test_ray_worker_lost_restarts_from_the_checkpoint_bitwise)."""
+    assert weights(uninterrupted) == weights(uninterrupted_local)
 
 
 def rank_pids_on(node: str) -> list[int]:
@@ -135,18 +143,31 @@ def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, 
 # Ray: a head here and a worker node (xlp-ray1), conftest.py's ray_head
 
 RAY_TWO_NODES = ["train.cpu_processes=2", "train.threads=1", "train.steps=60", "train.save_every=20",
-                 "data.partition_bytes=100000"]  # two Ray Train workers, SPREAD: one per node
+                 "data.partition_bytes=100000", *QUICK_EVAL]  # two Ray Train workers, SPREAD: one per node
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_local(tmp_path_factory) -> Path:
-    """The same training as RAY_TWO_NODES (and the Slurm runs': 2 ranks of 1 thread), uninterrupted, by
-    the local launcher on this machine (the Ray tests run beside the Slurm ones, apart from their runs)."""
-    run_dir = tmp_path_factory.mktemp("local") / "run"
-    proc = subprocess.run([*XLP, "run", str(TINY), "--run-dir", str(run_dir), "--stages", "tokenizer,shard,train",
-                           *RAY_TWO_NODES], env=xlp_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    """The same training as RAY_TWO_NODES and TWO_NODES (2 ranks of 1 thread), uninterrupted, by the
+    local launcher on this machine: the reference both the Slurm and the Ray runs are compared with (they
+    run in different pytest processes: made once, by the first that needs it, under a lock)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's folder, which every worker's folder is in
+    run_dir = base / "uninterrupted-local"
+    with open(base / "uninterrupted-local.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stage_json_or_none(run_dir, "train").get("status") != "done":
+            proc = subprocess.run([*XLP, "run", str(TINY), "--run-dir", str(run_dir), "--stages",
+                                   "tokenizer,shard,train", *RAY_TWO_NODES], env=xlp_env(), capture_output=True,
+                                  text=True, timeout=900)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return run_dir
+
+
+def stage_json_or_none(run_dir: Path, stage: str) -> dict:
+    path = run_dir / stage / "stage.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def test_ray_worker_lost_restarts_from_the_checkpoint_bitwise(ray_head, uninterrupted_local, tmp_path):

@@ -37,8 +37,10 @@ def wheel_env(tmp_path_factory) -> dict:
     sh([sys.executable, "-m", "venv", venv], cwd=root)
     py = venv / "bin" / "python"
     # torch first, on its own (as the Makefile does): the CPU build, never a CUDA one
-    sh([py, "-m", "pip", "install", "-q", TORCH], cwd=root)
-    sh([py, "-m", "pip", "install", "-q", f"{wheel}[hf,eval]"], cwd=root)
+    # --no-compile: Python compiles what the run imports when it imports it, not every file of torch,
+    # transformers and Ray up front (a minute of the install on two cores)
+    sh([py, "-m", "pip", "install", "-q", "--no-compile", TORCH], cwd=root)
+    sh([py, "-m", "pip", "install", "-q", "--no-compile", f"{wheel}[hf,eval]"], cwd=root)
     work = root / "empty"  # no source tree here: only what the wheel installed can be imported
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH", "VIRTUAL_ENV")}
