@@ -45,9 +45,15 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 if [ "$ACTION" = install ]; then echo "local-slurm.sh: slurm-wlm and munge are installed"; exit 0; fi
 
-# one start at a time on this machine: a second caller waits, then finds the cluster up (below)
-exec 9>/run/lock/xlp-local-slurm.lock 2>/dev/null || exec 9>/tmp/xlp-local-slurm.lock
-flock 9
+# one start at a time on this machine: a second caller waits, then finds the cluster up (below).
+# The daemons started below get the lock's descriptor closed (9>&-): one that inherited it would hold
+# the lock for as long as it runs, and every later caller would wait forever.
+LOCK=/run/lock/xlp-local-slurm.lock; [ -d /run/lock ] || LOCK=/tmp/xlp-local-slurm.lock
+exec 9>"$LOCK"
+if ! flock -w 300 9; then
+  echo "local-slurm.sh: another start has held $LOCK for 5 minutes (fuser -v $LOCK names it)" >&2
+  exit 1
+fi
 
 SHAPE="# xlp-local-slurm v2 nodes=$NODES"  # v2: the version of this file's slurm.conf
 idle_nodes() { sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc)/' | sort -u | wc -l; }
@@ -61,7 +67,7 @@ mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
 [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
 chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge 2>/dev/null || true
 chmod 0700 /etc/munge; chmod 0400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
+pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 9>&- 2>/dev/null || munged --force 9>&-
 
 CPUS=${CPUS_PER_NODE:-$(nproc)}
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
@@ -114,11 +120,11 @@ PartitionName=debug Nodes=$partition_nodes Default=YES MaxTime=INFINITE State=UP
 CONF
 rm -f "$CONF_DIR/cgroup.conf"  # none: slurmd autodetects; "disabled" is unknown to Slurm 22.05
 
-slurmctld -c  # -c: no state from a cluster of another shape (its jobs are gone with it)
+slurmctld -c 9>&-  # -c: no state from a cluster of another shape (its jobs are gone with it)
 if [ "$NODES" = 1 ]; then
-  mkdir -p "$STATE/d-$HOST"; slurmd
+  mkdir -p "$STATE/d-$HOST"; slurmd 9>&-
 else
-  for name in "${names[@]}"; do mkdir -p "$STATE/d-$name"; local_node_run "$name" slurmd -N "$name"; done
+  for name in "${names[@]}"; do mkdir -p "$STATE/d-$name"; local_node_run "$name" slurmd -N "$name" 9>&-; done
 fi
 for _ in $(seq 60); do
   if [ "$(idle_nodes)" -ge "$NODES" ]; then

@@ -66,6 +66,29 @@ def slurm():
     yield
 
 
+@needs_slurm
+def test_the_slurm_daemons_do_not_hold_the_start_lock(slurm):
+    # a daemon that inherited infra/local-slurm.sh's lock held it for its lifetime: every later start
+    # (another test module's, another checkout's) waited forever
+    lock = Path("/run/lock/xlp-local-slurm.lock") if Path("/run/lock").is_dir() else Path("/tmp/xlp-local-slurm.lock")
+    holders = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            comm = (proc_dir / "comm").read_text().strip()
+            if comm in ("bash", "flock"):  # a start running now holds it, as it must
+                continue
+            if any(os.readlink(fd) == str(lock) for fd in (proc_dir / "fd").iterdir()):
+                holders.append(f"{proc_dir.name} {comm}")
+        except OSError:  # a process that ended meanwhile
+            continue
+    assert holders == []
+    again = subprocess.run(["bash", str(REPO / "infra" / "local-slurm.sh"), "--nodes", "2"], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def slurm_jobs() -> set[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
     return set(out.split())
