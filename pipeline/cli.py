@@ -8,6 +8,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import xlp.pipeline as model_verbs  # export_main, generate_main: loaded on first use (torch)
 from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
 from xlp.pipeline.core.config import ConfigError, load_config
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
@@ -16,8 +17,6 @@ from xlp.pipeline.core.registry import STAGES, stage_names
 from xlp.pipeline.core.resources import config_dir, packaged_configs
 from xlp.pipeline.core.secrets import redact_config_yaml
 from xlp.pipeline.eval.compare import main as compare_main
-from xlp.pipeline.export import main as export_main
-from xlp.pipeline.generate import main as generate_main
 from xlp.pipeline.runner import PipelineError, Stopped, clean, human_bytes, run_pipeline, stage_states, stale_outputs
 from xlp.pipeline.study.plan import plan_study, print_plan, submit_study
 from xlp.pipeline.study.report import update_report
@@ -323,11 +322,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return export_main(args)
+    return model_verbs.export_main(args)
 
 
 def cmd_generate(args) -> int:
-    return generate_main(args)
+    return model_verbs.generate_main(args)
 
 
 def cmd_configs(args) -> int:

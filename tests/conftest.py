@@ -39,7 +39,7 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
 # pytest-xdist's own `xdist_group` marks do not reach its scheduler under pytest 9.2 (the node id it
 # rewrites is no longer the one pytest reports), so the workers write each test's group to a file as
 # they collect, and the scheduler below (xdist's LoadScope with these groups as scopes) reads it.
-SERVICE_GROUPS = {"slurm-nodes": {"slurm_two_nodes", "uninterrupted"}, "slurm": {"slurm"}, "ray-cluster": {"ray_head"}}
+SERVICE_GROUPS = {"slurm-nodes": {"slurm_two_nodes", "requeued"}, "slurm": {"slurm"}, "ray-cluster": {"ray_head"}}
 # then the groups and tests that took longest (`make test PYTEST_ARGS=--durations=60`, 2026-12-07), so
 # that no long one starts last
 LONG_FIRST = ("test_wheel", "test_study", "test_export", "test_continue", "test_hang", "test_mixture.py",

@@ -235,3 +235,17 @@ def test_the_ground_floor_loads_without_torch(module):
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("module", ["xlp.pipeline.cli", "xlp.pipeline.runner", "xlp.pipeline.cluster.launch",
+                                    "xlp.pipeline.cluster.submit", "xlp.pipeline.study.report"])
+def test_the_xlp_command_starts_without_torch(module):
+    """`xlp status`, `xlp submit`, `xlp run`'s driver and the launchers import no torch (nor numpy): 1.5 s of
+    CPU per command on a small machine. Only the verbs and stages that use a model load it, on first use."""
+    import subprocess
+
+    code = (f"import sys, {module}\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'deepspeed', 'xlp.xlstm_model.lm') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr

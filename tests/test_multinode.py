@@ -61,34 +61,6 @@ def weights(run_dir: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(slurm_two_nodes, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
-    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *TWO_NODES)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    return run_dir
-
-
-def test_two_slurm_nodes_run_the_whole_pipeline(uninterrupted):
-    run_dir = uninterrupted
-    assert_pipeline_complete(run_dir)
-    train = stage_json(run_dir, "train")["metrics"]
-    assert train["world_size"] == 2 and train["nodes"] == NODES
-    # the data stages' Ray tasks ran on both nodes: the manifest says which node wrote each shard
-    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
-    assert manifest["nodes"] == NODES
-    assert {s["node"] for s in manifest["shards"]} == set(NODES)
-    srun = (run_dir / "train" / "logs" / "srun.log").read_text()
-    assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun
-
-
-def test_two_slurm_nodes_train_what_one_machine_trains(uninterrupted, uninterrupted_local):
-    """The same world size gives the same weights, bit for bit, whichever launcher placed the ranks:
-    srun on two nodes and the local launcher on this machine (and Ray Train, compared with the same run
-    in test_ray_worker_lost_restarts_from_the_checkpoint_bitwise)."""
-    assert weights(uninterrupted) == weights(uninterrupted_local)
-
-
 def rank_pids_on(node: str) -> list[int]:
     """The training ranks' processes running on `node` (in its network namespace)."""
     pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
@@ -109,8 +81,13 @@ def slurm_state(job: str) -> tuple[str, int]:
     return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", 0))
 
 
-def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def requeued(slurm_two_nodes, tmp_path_factory) -> tuple[Path, str, tuple[str, int]]:
+    """The tiny pipeline on two Slurm nodes, whose node xlp-node2 loses its ranks (SIGKILL, as when a
+    node goes down) after the first checkpoint: the job requeues itself and finishes. One run for the
+    tests below (what two nodes run, what a requeue resumes, and that the weights are those of an
+    uninterrupted run of the same world size on one machine). Returns (run dir, job log, final state)."""
+    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
     proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *TWO_NODES, check=True)
     job = job_id_of(proc.stdout)
     first_checkpoint = run_dir / "train" / "checkpoints" / "step_00000020"
@@ -128,7 +105,29 @@ def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, 
     while (state := slurm_state(job))[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
         assert time.time() < deadline, f"job {job} still {state} after 15 minutes"
         time.sleep(2)
-    log = (run_dir / "submit" / f"slurm-{job}.out").read_text()
+    return run_dir, (run_dir / "submit" / f"slurm-{job}.out").read_text(), state
+
+
+def test_two_slurm_nodes_run_the_whole_pipeline(requeued):
+    run_dir, log, state = requeued
+    assert state[0] == "COMPLETED", log[-5000:]
+    assert_pipeline_complete(run_dir)
+    train = stage_json(run_dir, "train")["metrics"]
+    assert train["world_size"] == 2 and train["nodes"] == NODES
+    # the data stages' Ray tasks ran on both nodes: the manifest says which node wrote each shard
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert manifest["nodes"] == NODES
+    assert {s["node"] for s in manifest["shards"]} == set(NODES)
+    srun = (run_dir / "train" / "logs" / "srun.log").read_text()  # the requeued job's srun: both nodes again
+    assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun
+
+
+def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(requeued, uninterrupted_local):
+    """The requeued job resumes from its checkpoint and ends with the weights of an uninterrupted run of
+    the same world size, bit for bit, though that one ran on one machine by the local launcher: neither
+    the requeue nor where srun placed the ranks changes a bit (Ray Train's placement is compared with
+    the same run in test_ray_worker_lost_restarts_from_the_checkpoint_bitwise)."""
+    run_dir, log, state = requeued
     assert state == ("COMPLETED", 1), log[-5000:]
     assert "rank 1 on node xlp-node2" in log and "requeueing (restart 1 of at most 3)" in log
     assert "(restart 1) on xlp-node1" in log  # the same job, requeued by itself, not a new submission
@@ -136,7 +135,7 @@ def test_ranks_lost_on_a_node_requeue_the_job_and_resume_bitwise(uninterrupted, 
     train = stage_json(run_dir, "train")
     assert train["resumed"] and train["metrics"]["resumed_from_step"] >= 20
     assert train["metrics"]["nodes"] == NODES
-    assert weights(run_dir) == weights(uninterrupted)
+    assert weights(run_dir) == weights(uninterrupted_local)
 
 
 # ---------------------------------------------------------------------------------------------

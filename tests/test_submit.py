@@ -259,37 +259,17 @@ def test_slurm_srun_plan_places_the_ranks_where_it_says(slurm, tmp_path):
         assert got["NCCL_DEBUG"] == "WARN"
 
 
-@needs_slurm
-def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2",
-               *QUICK_EVAL)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "Slurm job" in proc.stdout and "COMPLETED" in proc.stdout
-    assert_pipeline_complete(run_dir)
-    script = next((run_dir / "submit").glob("*.sbatch")).read_text()
-    assert "#SBATCH --requeue" in script and "#SBATCH --cpus-per-task=2" in script
-    # the train stage started its ranks as an srun step of the job, and rank 0's output reached the stage log
-    assert "launch: srun, 2 ranks" in proc.stdout
-    assert "--ntasks-per-node=2" in (run_dir / "train" / "logs" / "srun.log").read_text()
-    assert (run_dir / "train" / "logs" / "rank_1.log").is_file()
-
-    # --stages eval reruns just that stage on the cluster.
-    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), "slurm.cpus_per_task=2",
-               *QUICK_EVAL, "--stages", "eval", "--force")
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "> eval: running" in proc.stdout
-    for stage in ("tokenizer", "shard", "train"):
-        assert f"> {stage}:" not in proc.stdout
-    assert_pipeline_complete(run_dir)
+# long enough to be cancelled after its first checkpoint (step 10), short enough to finish soon after
+CANCELLED = ["slurm.cpus_per_task=2", "train.steps=80", "train.save_every=10", *QUICK_EVAL]
 
 
-@needs_slurm
-def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    # long enough to be cancelled after its first checkpoint, short enough to finish soon after
-    overrides = ["slurm.cpus_per_task=2", "train.steps=150", "train.save_every=10", *QUICK_EVAL]
-    proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *overrides, check=True)
+@pytest.fixture(scope="module")
+def resubmitted(slurm, tmp_path_factory) -> tuple[Path, int, subprocess.CompletedProcess]:
+    """The tiny pipeline submitted to Slurm, its job cancelled (scancel) after the train stage's first
+    checkpoint, then submitted again with --wait: one run for the tests below. Returns (run dir, the
+    newest complete checkpoint's step when the job was cancelled, the second submission)."""
+    run_dir = tmp_path_factory.mktemp("cancelled") / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--run-dir", str(run_dir), *CANCELLED, check=True)
     job = job_id_of(proc.stdout)
     checkpoints = run_dir / "train" / "checkpoints"
     deadline = time.time() + 600
@@ -302,14 +282,42 @@ def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(slurm, tmp_
         time.sleep(1)
     assert stage_status(run_dir)["train"] in ("failed", "running")
     saved = complete_checkpoints(checkpoints)[-1][0]
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *CANCELLED, timeout=1500)
+    return run_dir, saved, proc
 
-    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *overrides, timeout=1500)
+
+@needs_slurm
+def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(resubmitted):
+    run_dir, saved, proc = resubmitted
     assert proc.returncode == 0, proc.stdout[-4000:]
     for stage in ("tokenizer", "shard"):
         assert f"= {stage}: done" in proc.stdout  # done stages skipped
     assert "> train: resuming" in proc.stdout
     resumed_at = int(proc.stdout.split("resumed from ", 1)[1].split("(step ", 1)[1].split(",")[0])
     assert resumed_at >= saved  # the step counter continues (SIGTERM may have saved a later one)
+    assert_pipeline_complete(run_dir)
+
+
+@needs_slurm
+def test_slurm_runs_the_tiny_pipeline_then_reruns_one_stage(resubmitted):
+    run_dir, _, proc = resubmitted
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Slurm job" in proc.stdout and "COMPLETED" in proc.stdout
+    assert_pipeline_complete(run_dir)
+    script = next((run_dir / "submit").glob("*.sbatch")).read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --cpus-per-task=2" in script
+    # the train stage started its ranks as an srun step of the job, and rank 0's output reached the stage log
+    assert "launch: srun, 2 ranks" in proc.stdout
+    assert "--ntasks-per-node=2" in (run_dir / "train" / "logs" / "srun.log").read_text()
+    assert (run_dir / "train" / "logs" / "rank_1.log").is_file()
+
+    # --stages eval reruns just that stage on the cluster.
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--run-dir", str(run_dir), *CANCELLED,
+               "--stages", "eval", "--force")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "> eval: running" in proc.stdout
+    for stage in ("tokenizer", "shard", "train"):
+        assert f"> {stage}:" not in proc.stdout
     assert_pipeline_complete(run_dir)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
+import xlp.pipeline.train as train_ranks  # its ray_train_loop loads torch on first use (PEP 562)
 from xlp.pipeline.cluster.plan import (
     RayCluster,
     SlurmAllocation,
@@ -49,8 +50,7 @@ from xlp.pipeline.core.secrets import is_secret
 from xlp.pipeline.core.stage import output_to
 from xlp.pipeline.train.dist import free_port
 from xlp.pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
-from xlp.pipeline.train.main import ray_train_loop
-from xlp.pipeline.train.trainer import EXIT_STOPPED, StopRequest
+from xlp.pipeline.train.stop import EXIT_STOPPED, StopRequest
 
 LAUNCHERS = ("auto", "local", "slurm", "ray")
 
@@ -821,6 +821,6 @@ def _ray_rank(config: dict) -> None:
     threading.Thread(target=watch, daemon=True).start()
     try:
         with output_to(log_path, append=True):  # a restarted worker (train.max_restarts) adds to its log
-            ray_train_loop({**{k: v for k, v in config.items() if k != "stop_file"}, "stop": stop})
+            train_ranks.ray_train_loop({**{k: v for k, v in config.items() if k != "stop_file"}, "stop": stop})
     finally:
         finished.set()

@@ -43,7 +43,7 @@ from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.registry import STAGES
 from xlp.pipeline.core.stage import fingerprints, read_stage_json
 from xlp.pipeline.runner import keep_stale, stage_states
-from xlp.xlstm_model import count_params
+from xlp import xlstm_model  # count_params loads torch on first use (PEP 562)
 
 DATA_STAGES = ("tokenizer", "shard")
 VARIANT_STAGES = ("train", "eval")
@@ -139,7 +139,7 @@ def print_plan(plan: StudyPlan, config: str, overrides: list[str], out: TextIO) 
     for v in plan.variants:
         mcfg = OmegaConf.to_container(v.cfg.model, resolve=True)
         mcfg["vocab_size"] = model_vocab(v.cfg)
-        params = count_params(mcfg)
+        params = xlstm_model.count_params(mcfg)
         print(f"  {v.name}: {mcfg['arch']}, d_model {mcfg['d_model']}, {mcfg['num_blocks']} blocks, "
               f"{params / 1e6:.2f}M parameters, {v.cfg.train.steps} steps -> {v.run_dir}", file=out)
     print("step by step (e.g. each as an `xlp submit ... --to slurm` job; link the data dirs first):", file=out)

@@ -29,8 +29,7 @@ from xlp.pipeline.core.stage import atomic_write_json, atomic_write_text, read_s
 from xlp.pipeline.eval.report import _f, _plt, _table, decode_speed_errorbar, label_axes, save_figure
 from xlp.pipeline.study.plan import model_vocab
 from xlp.pipeline.train.monitor import read_metrics
-from xlp.xlstm_model import count_params
-from xlp.xlstm_model.counts import flops_per_token
+from xlp import xlstm_model  # count_params, flops_per_token: torch, loaded on first use (PEP 562)
 
 if TYPE_CHECKING:
     from xlp.pipeline.study.plan import StudyPlan
@@ -81,10 +80,10 @@ def collect(plan: "StudyPlan") -> list[dict]:
         rows.append({
             "name": v.name, "family": family(model), "arch": model["arch"], "d_model": model["d_model"],
             "num_blocks": model["num_blocks"],
-            "params": int(info.get("params") or count_params(model)),
-            "params_non_embedding": count_params(model, exclude_embedding=True),
+            "params": int(info.get("params") or xlstm_model.count_params(model)),
+            "params_non_embedding": xlstm_model.count_params(model, exclude_embedding=True),
             "tokens": tokens, "seq_len": seq_len, "steps": info.get("train_steps"),
-            "flops": flops_per_token(model, seq_len) * tokens,
+            "flops": xlstm_model.flops_per_token(model, seq_len) * tokens,
             "train_s": tr.get("duration_s"), "tokens_per_s": tm.get("tokens_per_s"),
             "val_loss": trained.get("loss"), "val_bpb": trained.get("bpb"), "bytes_per_token": bpt,
             "untrained_bpb": (ppl.get("untrained") or {}).get("bpb"),

@@ -5,6 +5,7 @@ Modules
   trainer.py     the loop of one rank: Trainer.train_step / validate / save / restore / log, StepStats
   main.py        the rank's entry points: `python -m xlp.pipeline.train.main --run-dir RUN_DIR [KEY=VALUE ...]`
                  and `ray_train_loop` for Ray Train; reads the config, starts the process group
+  stop.py        StopRequest and EXIT_STOPPED (torch-free: what the launchers need of a rank)
   hooks.py       TrainHooks: where tests step into the loop (`--hooks module:name`), no-ops otherwise
   launch.py      starts the ranks (local processes, srun in an allocation, Ray Train workers) and
                  watches them with one `supervise()`: log streaming, stop on SIGTERM, failures, hangs
@@ -51,4 +52,27 @@ is not built (XLP_DS_SHM_COMM=1 builds it; torch caches JIT ops in $TORCH_EXTENS
 ~/.cache/torch_extensions/<python>_<cuda>/, so a CI cache of that directory builds each op once), and
 the CPU optimizer is torch's AdamW. On GPUs, train.offload_optimizer uses DeepSpeedCPUAdam, a JIT-built
 op cached the same way.
+
+The package's `ray_train_loop` (main.py's) is imported on first use (PEP 562): the launchers that hand it
+to Ray Train import this package without loading torch, which `xlp` commands do not need.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module of this package that defines it
+_EXPORTS = {"ray_train_loop": "main"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

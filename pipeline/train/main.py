@@ -36,7 +36,8 @@ from xlp.pipeline.core.stage import STAGE_JSON, StageMarker, fingerprint, finger
 from xlp.pipeline.train import dist as xdist
 from xlp.pipeline.train.heartbeat import Heartbeat, beat_interval
 from xlp.pipeline.train.hooks import load_hooks
-from xlp.pipeline.train.trainer import StopRequest, Trainer
+from xlp.pipeline.train.stop import StopRequest
+from xlp.pipeline.train.trainer import Trainer
 
 T0 = time.perf_counter()
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import psutil
-import torch
 from tqdm import tqdm
 
 from xlp.pipeline.core.secrets import redact
@@ -27,6 +26,8 @@ def device_peak_flops(precision: str, *, cuda: bool, configured_tflops: Optional
     if configured_tflops:
         return configured_tflops * 1e12, "config"
     if cuda:
+        import torch
+
         name = torch.cuda.get_device_name()
         for key, (bf16, fp32) in GPU_PEAK_TFLOPS:
             if key in name:
@@ -37,6 +38,8 @@ def device_peak_flops(precision: str, *, cuda: bool, configured_tflops: Optional
 
 def measure_cpu_flops(n: int = 512, seconds: float = 0.2) -> float:
     """fp32 matmul FLOP/s on this process's threads: the CPU's achievable peak, for MFU."""
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     reps, start = 0, time.perf_counter()
@@ -50,6 +53,8 @@ def memory_metrics(cuda: bool) -> dict[str, float]:
     gib = 1024**3
     out: dict[str, float] = {}
     if cuda:
+        import torch
+
         out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / gib
         out["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / gib
     try:

@@ -32,31 +32,12 @@ from xlp.pipeline.train.hooks import TrainHooks
 from xlp.pipeline.train.monitor import Monitor, device_peak_flops, memory_metrics
 from xlp.pipeline.train.optim import StepGate, build_optimizer
 from xlp.pipeline.train.schedule import continuation_note, schedule_of
+from xlp.pipeline.train.stop import EXIT_STOPPED, StopRequest
 from xlp.xlstm_model import build_model, count_params, flops_per_token
 from xlp.xlstm_model.hf import init_from
 
-EXIT_STOPPED = 143
-
-
 class NonFiniteError(RuntimeError):
     pass
-
-
-class StopRequest:
-    """Set by a signal handler or a watcher thread; the loop reads it once per step."""
-
-    def __init__(self) -> None:
-        self.signal: Optional[int] = None
-
-    def set(self, signum: int = signal.SIGTERM) -> None:
-        self.signal = signum
-
-    def on_signal(self, signum, frame) -> None:  # noqa: ARG002  (a signal handler)
-        self.set(signum)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
 
 
 @dataclass(frozen=True)
