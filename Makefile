@@ -34,9 +34,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[eval]"
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+# one install with every extra (not the demo's install plus a second one: each builds the editable wheel
+# and resolves again); it leaves the demo's marker too
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[dev,hf,eval]"
-	@touch $@
+	@touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -68,6 +68,7 @@ def _random_large(seed=0, **kw) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------ hf export
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_hf_export_logits_match_transformers(hf_export, tiny_run):
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +101,7 @@ def test_hf_roundtrip_random_weights(tmp_path, tie):
     assert torch.equal(g_theirs, ours.generate(ids[:1, :12], 6, temperature=0))
 
 
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_hf_tokenizer_round_trip(hf_export, tiny_run):
     from transformers import AutoTokenizer
 
@@ -120,6 +122,7 @@ def test_hf_tokenizer_round_trip(hf_export, tiny_run):
 
 
 # ------------------------------------------------------------------------------------- import
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_import_reproduces_logits_and_init_from(hf_export, tiny_run):
     ours = load_model(tiny_run / "train" / "model").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 70))
@@ -177,6 +180,7 @@ def test_old_xlstm_large_checkpoints_keep_rms_head_norm(tmp_path):
     assert load_model(tmp_path).config.resolved_head_norm == "rms"
 
 
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 @pytest.mark.parametrize("arch", ["xlstm", "llama"])
 def test_native_export_and_hf_refusal_cli(tiny_run, tmp_path, arch):
     """A run directory holding an xlstm (sLSTM) or llama model: native export works (and generates);
@@ -202,6 +206,7 @@ def test_native_export_and_hf_refusal_cli(tiny_run, tmp_path, arch):
 
 
 # ----------------------------------------------------------------------------------- generate
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
     assert _xlp("export", tiny_run, tmp_path / "nat", "--format", "native").returncode == 0
     outs = []
@@ -235,6 +240,7 @@ def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):
     assert r.returncode == 1 and "xlp generate: error: decode.mix='7x3'" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_model_settings_come_from_the_run_config(tiny_run, tmp_path):
     """generate / export run the model with the run's kernels.* and decode.* (defaults for an export
     directory), changed by kernels.* / decode.* overrides only."""

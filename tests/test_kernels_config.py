@@ -53,6 +53,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # the eval stage under the Triton interpreter: a minute
 def test_eval_stage_runs_the_triton_kernels_when_configured(tmp_path):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(TESTS),
