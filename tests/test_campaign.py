@@ -28,6 +28,7 @@ sys.path_importer_cache.clear()
 """
 
 
+@pytest.mark.slow  # every campaign part at tiny size, the pipeline part with DeepSpeed included
 def test_campaign_dry_run(tmp_path):
     block = tmp_path / "block"
     block.mkdir()

@@ -103,6 +103,7 @@ print("LOSSES", json.dumps(out))
 """
 
 
+@pytest.mark.slow  # Dynamo tracing the Triton kernels under the interpreter: a minute
 def test_compiled_training_with_triton_kernels_matches_eager():
     """The same with the Triton ops (mLSTM, norms, fused linear + cross-entropy) run by Triton's
     interpreter: the compiled graph calls them as custom ops, planned from their fake implementations
@@ -181,6 +182,7 @@ def test_model_yaml_reads_as_omegaconf_does():
         load_model_yaml("tiny", ["num_blocks=many"])
 
 
+@pytest.mark.slow  # two train stages of DeepSpeed ranks
 def test_train_stage_with_compile_follows_eager(tmp_path):
     """The train stage's ranks (DeepSpeed ZeRO-1, one gloo rank) with train.compile=true: the same
     losses as without, and the blocks did run through torch.compile (its checkpointing note is in

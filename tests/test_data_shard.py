@@ -230,6 +230,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow  # Ray shard tasks killed mid-run, then the rerun
 def test_kill_and_resume_writes_only_missing_shards(ray_here, tmp_path):
     corpus = tmp_path / "big"
     copy_py(corpus, ("email", "json", "http", "asyncio"), 900_000)
