@@ -204,6 +204,29 @@ def test_slurm_wait_shows_the_job_pending_then_running(slurm, tmp_path):
     assert "+ tokenizer: done" in proc.stdout
 
 
+@needs_slurm
+def test_slurm_job_whose_ray_head_cannot_start_ends_as_a_cluster_fault(slurm, tmp_path):
+    """`ray start --head` fails on the job's first node (its temp dir, RAY_TMPDIR from the submitting
+    shell, is a file: a real failing start; on a loaded node it times out instead). The job starts the
+    head again, at most 3 times in all, then ends with exit 75, a cluster fault that requeues up to
+    slurm.max_requeues times (0 here), instead of waiting without end for a head that never comes."""
+    not_a_dir = tmp_path / "ray-tmp-is-a-file"
+    not_a_dir.write_text("")
+    run_dir = tmp_path / "run"
+    proc = xlp("submit", str(TINY), "--to", "slurm", "--wait", "--stages", "tokenizer", "slurm.cpus_per_task=1",
+               "train.cpu_processes=1", "slurm.max_requeues=0", "--run-dir", str(run_dir), env=xlp_env({"RAY_TMPDIR": str(not_a_dir)}),
+               timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    job = job_id_of(proc.stdout)
+    for attempt in (1, 2, 3):
+        assert f"xlp job {job}: the Ray head did not come up on " in proc.stdout
+        assert f"(attempt {attempt} of 3; its output: {run_dir / 'submit'}/ray-{job}.log)" in proc.stdout, proc.stdout
+    assert f"xlp job {job}: pipeline exit status 75" in proc.stdout
+    assert f"xlp job {job}: not requeued: it already restarted 0 times (slurm.max_requeues)" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"Slurm job {job}: FAILED (exit code 75:0)"), proc.stdout[-2000:]
+    assert not (run_dir / "tokenizer").exists()  # no stage ran without its Ray cluster
+
+
 # Run as a batch job: the srun plan from the job's own environment (as SlurmRanks builds it), carried out
 # with a probe in place of the ranks; each probe says where it ran and what it was given.
 PLAN_PROBE = """
