@@ -289,7 +289,7 @@ def test_a_stopped_rank_is_named_and_xlp_run_exits_75(data_run, tmp_path, launch
 def test_a_killed_rank_is_named_and_a_rerun_resumes(data_run, tmp_path):
     run = tmp_path / "killed"
     shutil.copytree(data_run, run)
-    command = train_command(run, "train.steps=160", "train.save_every=10", f"train.hang_timeout={HANG_TIMEOUT}")
+    command = train_command(run, "train.steps=60", "train.save_every=10", f"train.hang_timeout={HANG_TIMEOUT}")
     proc = subprocess.Popen(command, env=xlp_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "train" / "metrics.jsonl"
     pid = None
@@ -314,8 +314,8 @@ def test_a_killed_rank_is_named_and_a_rerun_resumes(data_run, tmp_path):
     r = subprocess.run(command, env=xlp_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = marker(run)
-    assert m["status"] == "done" and m["metrics"]["step"] == 160, m
-    assert 10 <= m["metrics"]["resumed_from_step"] < 160 and m["metrics"]["resumed_from_step"] % 10 == 0, m
+    assert m["status"] == "done" and m["metrics"]["step"] == 60, m
+    assert 10 <= m["metrics"]["resumed_from_step"] < 60 and m["metrics"]["resumed_from_step"] % 10 == 0, m
     assert m["metrics"]["world_size"] == 2 and m["metrics"]["nodes"] == [node_name()], m
 
 
