@@ -12,10 +12,11 @@ TORCH_PIP_ARGS ?= torch==2.13.0
 DEMO_CONFIG ?= demo
 PYTEST_ARGS ?=
 # The project's dependencies are installed with uv (itself a pip install into the venv) when it
-# installs here: it resolves and installs the ~150 packages of the dev extras in about 15 s where pip
-# takes about 65 s on two cores; plain pip if uv cannot be installed. torch is always pip's: pip reads
+# installs here: it resolves and installs the ~150 packages of the dev extras faster than pip on two
+# cores (measured in README, Development); plain pip if uv cannot be installed. --compile-bytecode as
+# pip does: with PYTHONDONTWRITEBYTECODE set (as on CI) every process would compile torch from source. torch is always pip's: pip reads
 # this machine's pip configuration (the local CPU build), uv does not.
-PIP_INSTALL = $(PY) -m pip install --quiet uv && $(VENV)/bin/uv pip install --quiet --python $(PY)
+PIP_INSTALL = $(PY) -m pip install --quiet uv && $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)
 # test processes (pytest-xdist): the suite waits on services and subprocesses more than it computes,
 # so four share the 2 cores of a small machine well; tests/conftest.py says which tests share one
 TEST_WORKERS ?= 4
