@@ -230,6 +230,7 @@ def test_a_damaged_manifest_reruns_the_shard_stage_bookkeeping_only(data_run, tm
         m = read_marker(SHARD, shard)
         assert m["status"] == "failed" and m["damaged"].startswith(f"{manifest} is damaged: {reason}"), m
         (shard / "stage.json").write_text(marker_text)
+    manifest.write_bytes(good)
     (shard / "stage.json").write_text(unhashed)
     assert read_marker(SHARD, shard)["status"] == "done"  # an old marker over a whole manifest is accepted
 

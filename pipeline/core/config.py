@@ -116,8 +116,8 @@ def read_run_config(path: str | Path) -> str:
     """The text of a run directory's config.yaml, checked whole when `xlp run` sealed it (seal_run_config);
     ConfigError naming the file, what is wrong, and how to write it again."""
     path = Path(path)
-    fix = (f"run `xlp run CONFIG --run-dir {path.parent}` again (it writes the file first; stages that are "
-           "done stay done), or `xlp run` with the same config and overrides as before")
+    fix = (f"run `xlp run CONFIG --run-dir {path.parent}` with the run's config and overrides again: it writes "
+           "the file first, and the stages that are done stay done")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
