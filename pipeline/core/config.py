@@ -124,7 +124,12 @@ def read_run_config(path: str | Path) -> str:
         raise ConfigError(f"{path.parent} is not a run directory (no {path.name} in it)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the run's config: {e.strerror or e}") from None
-    text = raw.decode("utf-8", errors="replace")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        what = "damaged" if raw.startswith(RUN_CONFIG_HEAD.encode()) else "not UTF-8 text"
+        raise ConfigError(f"{path} is {what} (byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8); "
+                          f"{fix}") from None
     if not text.startswith(RUN_CONFIG_HEAD):
         return text
     body, tail_sep, digest = text.rpartition(RUN_CONFIG_TAIL)
