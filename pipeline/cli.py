@@ -10,7 +10,7 @@ from pathlib import Path
 
 import xlp.pipeline as model_verbs  # export_main, generate_main: loaded on first use (torch)
 from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
-from xlp.pipeline.core.config import ConfigError, load_config
+from xlp.pipeline.core.config import ConfigError, load_config, load_run_config
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.node import EXIT_RETRYABLE
 from xlp.pipeline.core.registry import STAGES, stage_names
@@ -346,10 +346,7 @@ def cmd_config(args) -> int:
 
 def cmd_status(args) -> int:
     run_dir = Path(args.run_dir)
-    config_file = RunLayout(run_dir).config
-    if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {config_file.name} in it)")
-    cfg = load_config(config_file)
+    cfg = load_run_config(RunLayout(run_dir).config)  # a damaged config.yaml: an error naming it
     states = stage_states(STAGES, cfg, run_dir)
     headline = {s.name: s.headline for s in STAGES}
     if args.json:
@@ -360,7 +357,9 @@ def cmd_status(args) -> int:
         metrics = s.marker.get("metrics", {})
         keys = [k for k in headline[s.name] if k in metrics] or list(metrics)[:3]
         shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
-        if s.status == "failed" and s.marker.get("error"):
+        if s.damaged:  # the whole reason: it names the file
+            shown = s.damaged
+        elif s.status == "failed" and s.marker.get("error"):
             shown = s.marker["error"].splitlines()[-1][:80]
         elif s.status == "running":
             shown = f"started {time.strftime('%H:%M:%S', time.localtime(s.marker['started_at']))} on {s.marker.get('host')}"
@@ -370,6 +369,9 @@ def cmd_status(args) -> int:
     print(f"run dir: {run_dir.resolve()}")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    if any(s.damaged for s in states):
+        print(f"damaged run files are not deleted: `xlp run CONFIG --run-dir {args.run_dir}` resumes those stages "
+              "(what they finished is checked and kept)")
     stale = stale_outputs(run_dir)
     if stale:
         print(f"kept outputs a changed config replaced ({human_bytes(sum(n for _, n in stale))}; "

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Callable, Iterable, Optional, TextIO
 
 from omegaconf import DictConfig
 
+from xlp.pipeline.core.config import seal_run_config
 from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.lock import RunLock
@@ -40,8 +40,10 @@ from xlp.pipeline.core.stage import (
     atomic_write_text,
     fingerprints,
     input_digests,
+    marker_status,
+    output_hashes,
     output_to,
-    read_stage_json,
+    read_marker,
     toposort,
     trajectories,
 )
@@ -49,9 +51,6 @@ from xlp.pipeline.core.stage import (
 TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
 STOP_REQUESTED = ".stop-requested"  # written by the driver to ask the stage's task to wind down
 HEARTBEAT_S = 10.0
-# A marker that says "running" but has not been refreshed for this long belongs to a dead run.
-STALE_HEARTBEAT_S = 60.0
-
 
 
 class Stopped(KeyboardInterrupt):
@@ -96,6 +95,11 @@ class StageState:
     def duration_s(self) -> Optional[float]:
         return self.marker.get("duration_s")
 
+    @property
+    def damaged(self) -> Optional[str]:
+        """What is wrong with the stage's marker or its recorded outputs (the stage reads as failed)."""
+        return self.marker.get("damaged")
+
 
 def stage_states(stages: list[Stage], cfg: DictConfig, run_dir: Path) -> list[StageState]:
     """Each stage's status in `run_dir` relative to `cfg`."""
@@ -103,30 +107,10 @@ def stage_states(stages: list[Stage], cfg: DictConfig, run_dir: Path) -> list[St
     layout = RunLayout(run_dir)
     states = []
     for stage in toposort(stages):
-        marker = read_stage_json(layout.stage_dir(stage.name))
-        status = _status(marker, fps[stage.name], run_dir)
+        marker = read_marker(stage, layout.stage_dir(stage.name))
+        status = marker_status(marker, fps[stage.name], run_dir)
         states.append(StageState(stage.name, status, fps[stage.name], marker))
     return states
-
-
-def _status(marker: dict, fp: str, run_dir: Path | None = None) -> str:
-    status = marker.get("status")
-    if status is None:
-        return "pending"
-    if status == "done":
-        return "done" if marker.get("fingerprint") == fp else "stale"
-    if status == "running" and _still_running(marker, run_dir):
-        return "running"
-    return "failed"  # it raised, or its process died without saying so (SIGKILL, node lost)
-
-
-def _still_running(marker: dict, run_dir: Path | None) -> bool:
-    if time.time() - marker.get("heartbeat_at", 0) > STALE_HEARTBEAT_S:
-        return False
-    if run_dir is not None and marker.get("host") == socket.gethostname():
-        return RunLock(run_dir).held_by_other()  # same machine: the lock tells at once
-    return True
-
 
 
 def run_pipeline(
@@ -154,7 +138,8 @@ def run_pipeline(
     layout = RunLayout(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
-    atomic_write_text(layout.config, redact_config_yaml(cfg))  # credentials masked (pipeline/core/secrets.py)
+    # credentials masked (pipeline/core/secrets.py); sealed with its sha256, so a damaged copy is never read
+    atomic_write_text(layout.config, seal_run_config(redact_config_yaml(cfg)))
     inputs = input_digests(stages, cfg)  # the input listings, made once
     fps = fingerprints(stages, cfg, inputs=inputs)
     trajs = trajectories(stages, cfg, inputs=inputs)
@@ -174,13 +159,13 @@ def run_pipeline(
             if stage.name not in selected:
                 continue
             stage_dir = layout.stage_dir(stage.name)
-            marker = read_stage_json(stage_dir)
+            marker = read_marker(stage, stage_dir)
             fp = fps[stage.name]
             if marker.get("status") == "done" and marker.get("fingerprint") == fp and not force:
                 print(f"= {stage.name}: done (fingerprint {fp}), skipped", file=out)
                 outcome[stage.name] = "skipped"
                 continue
-            _check_inputs(stage, run_dir, fps, config_source)
+            _check_inputs(stage, stages, run_dir, fps, config_source)
             resumed = _prepare_dir(stage, layout, marker, fp, trajs[stage.name], force, out)
             _run_one(stage, cfg, run_dir, fp, trajs[stage.name], resumed, out)
             outcome[stage.name] = "ran"
@@ -196,14 +181,17 @@ def run_pipeline(
     return outcome
 
 
-def _check_inputs(stage: Stage, run_dir: Path, fps: dict[str, str], config_source: str | None) -> None:
+def _check_inputs(stage: Stage, stages: list[Stage], run_dir: Path, fps: dict[str, str],
+                  config_source: str | None) -> None:
+    by_name = {s.name: s for s in stages}
     for dep in stage.needs:
-        marker = read_stage_json(RunLayout(run_dir).stage_dir(dep))
-        status = _status(marker, fps[dep])
+        marker = read_marker(by_name[dep], RunLayout(run_dir).stage_dir(dep))
+        status = marker_status(marker, fps[dep])
         if status != "done":
             cmd = f"xlp run {config_source or 'CONFIG'} --stages {dep}"
+            why = f" ({marker['damaged']})" if marker.get("damaged") else ""
             raise PipelineError(
-                f"stage {stage.name!r} needs stage {dep!r}, which is {status} in {run_dir}: "
+                f"stage {stage.name!r} needs stage {dep!r}, which is {status} in {run_dir}{why}: "
                 f"run `{cmd}` first (or run without --stages)"
             )
 
@@ -212,17 +200,27 @@ def _prepare_dir(stage: Stage, layout: RunLayout, marker: dict, fp: str, traject
                  out: TextIO) -> bool:
     """Keep the outputs of an interrupted attempt with the same fingerprint, or of the same trajectory
     (the stage continues them); move any other output aside to RUN_DIR/.stale/, never delete it.
-    Returns `resumed`."""
+    A damaged marker (or a done stage whose recorded outputs changed) is an interrupted attempt: of this
+    fingerprint, or of an unknown one when none can be read from it (the stage checks what it keeps:
+    shards against their records, checkpoints against their hashes). Returns `resumed`."""
     stage_dir = layout.stage_dir(stage.name)
-    same_fp = marker.get("fingerprint") == fp and marker.get("status") in ("running", "failed")
+    damaged = marker.get("damaged")
+    unknown = bool(damaged) and "fingerprint" not in marker
+    same_fp = (marker.get("fingerprint") == fp or unknown) and marker.get("status") in ("running", "failed")
     same_trajectory = bool(stage.continues) and marker.get("trajectory") == trajectory
     keep = stage.resumable and not force and stage_dir.exists() and (same_fp or same_trajectory)
-    if keep and not same_fp:
+    if damaged and keep:
+        print(f"~ {stage.name}: {damaged}; resuming the stage: what it finished is checked and kept",
+              file=out, flush=True)
+    elif keep and not same_fp:
         print(f"~ {stage.name}: the config changed only in {', '.join(stage.continues)}: continuing the "
               f"existing output (fingerprint {marker.get('fingerprint')} -> {fp})", file=out, flush=True)
     elif stage_dir.exists() and not keep and any(stage_dir.iterdir()):
         kept = keep_stale(layout, stage.name, marker)
         why = "--force" if force else "its config changed"
+        if damaged and not force:
+            why = (f"{damaged}; the stage reruns from the start" if not stage.resumable else
+                   f"{damaged}, written with another config (fingerprint {marker.get('fingerprint')})")
         print(f"~ {stage.name}: {why}; the previous output is kept in {kept} (`xlp clean {layout.root}` "
               "removes it)", file=out, flush=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +336,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
             retryable=isinstance(cause, RetryableFault)) from None
     tail.pump()
-    marker.done(metrics or {})
+    marker.done(metrics or {}, outputs=output_hashes(stage, stage_dir))
     print(f"+ {stage.name}: done in {marker.data['duration_s']:.1f}s {_short_metrics(stage, metrics)}", file=out,
           flush=True)
 

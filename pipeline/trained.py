@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from xlp.kernels.config import KernelsConfig
-from xlp.pipeline.core.config import merge_into
+from xlp.pipeline.core.config import merge_into, read_run_config
 from xlp.pipeline.core.errors import ConfigError
 from xlp.pipeline.core.layout import RunLayout
 from xlp.xlstm_model import load_model
@@ -61,7 +61,7 @@ def model_settings(source: Path, overrides=()):
                             "decode": OmegaConf.structured(DecodeConfig)})
     config_file = RunLayout(source).config
     if config_file.is_file():
-        data = yaml.safe_load(config_file.read_text()) or {}
+        data = yaml.safe_load(read_run_config(config_file)) or {}  # checked whole
         merge_into(cfg, {k: data[k] for k in SETTINGS_SECTIONS if data.get(k)}, f"config file {config_file}")
     for item in overrides:
         key, eq, _ = item.partition("=")

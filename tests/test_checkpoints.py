@@ -221,8 +221,7 @@ def test_shard_writer_disk_full(tmp_path, tmpfs):
 
 @needs_root
 def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
-    from xlp.pipeline.runner import _status
-    from xlp.pipeline.core.stage import StageMarker, atomic_write_json
+    from xlp.pipeline.core.stage import StageMarker, atomic_write_json, marker_status
 
     d = tmpfs(tmp_path / "stage", "64k")
     marker = StageMarker(d / "stage.json", "train", fingerprint="abc", trajectory="t", resumed=False)
@@ -239,7 +238,7 @@ def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
     marker.failed("DiskFull: No space left on device writing /x: free space or move run.dir")
     got = json.loads((d / "stage.json").read_text())
     assert got["status"] == "failed" and "No space left" in got["error"]
-    assert _status(got, "abc") == "failed"
+    assert marker_status(got, "abc") == "failed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,112 @@ def test_a_direct_launch_is_a_run_the_runner_knows(data_run, tmp_path):
     st = subprocess.run([*XLP, "status", str(run)], env=xlp_env(), capture_output=True, text=True, timeout=120)
     assert any(line.split()[:2] == ["train", "done"] for line in st.stdout.splitlines()), st.stdout
     assert os.path.isfile(run / "train" / "model" / "model.safetensors")
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"xlp run ended ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def status_row(run: Path, stage: str) -> str:
+    r = xlp("status", str(run))
+    return next(line for line in r.stdout.splitlines() if line.split()[:1] == [stage])
+
+
+@pytest.mark.slow
+def test_killed_after_the_last_checkpoint_the_rerun_keeps_the_final_metrics(data_run, tmp_path):
+    """Issue 29, items 7 and 5. `xlp run` killed (SIGKILL) after its ranks saved the last checkpoint and
+    ended, before it marked the stage done: the rerun resumes from that checkpoint with nothing left to
+    train, and the stage's final loss, validation loss and throughput are the ones the killed attempt
+    computed (from metrics.jsonl), not nan/None/0. Then the done marker truncated: `xlp status` names it,
+    and `xlp run` resumes the stage from its checkpoints (nothing moved to .stale/, nothing retrained)."""
+    run = fresh(data_run, tmp_path, "killed")
+    command = [*XLP, "run", str(TINY), f"run.dir={run}", *SMALL, "train.steps=4", "train.cpu_processes=1",
+               "--stages", "train"]
+    # its own session: the kill reaches the driver and the embedded Ray it started, not this test
+    proc = subprocess.Popen(command, env=xlp_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (run / "train" / "logs" / "heartbeat_0.json").is_file(), proc, "rank 0 started")
+        os.kill(proc.pid, signal.SIGSTOP)  # the driver can no longer mark the stage done; the ranks train on
+        wait_for(lambda: (run / "train" / ".task-ended").is_file(), proc, "the stage's end", timeout=600)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert marker(run)["status"] == "running"  # as the kill left it
+    killed = json.loads((run / "train" / "result.json").read_text())  # what the ranks computed before
+    assert killed["step"] == 4 and killed["final_loss"] == losses(run)[4] and killed["val_loss"] is not None
+    assert status_row(run, "train").split()[1] == "failed"
+
+    r = xlp(*command[len(XLP):])
+    assert "> train: resuming" in r.stdout, r.stdout
+    m = marker(run)["metrics"]
+    assert (m["step"], m["resumed_from_step"], m["loop_steps"]) == (4, 4, 0), m
+    assert m["final_loss"] == killed["final_loss"] and m["val_loss"] == killed["val_loss"], (m, killed)
+    assert m["tokens_per_s"] == pytest.approx(killed["tokens_per_s"], rel=1e-9) and m["mfu"] > 0, (m, killed)
+    assert m["metrics_from"] == str(run / "train" / "metrics.jsonl")
+    assert "nothing left to train; the final metrics are the recorded ones" in (run / "train" / "stage.log").read_text()
+
+    # item 5: the done marker cut short (a full disk, a bad copy): failed, and resumed in place
+    path = run / "train" / "stage.json"
+    path.write_bytes(path.read_bytes()[:300])
+    assert "failed" in status_row(run, "train") and f"{path} is damaged: truncated" in status_row(run, "train")
+    r = xlp(*command[len(XLP):])
+    assert f"~ train: {path} is damaged: truncated" in r.stdout and "> train: resuming" in r.stdout, r.stdout
+    assert not (run / ".stale").exists()
+    again = marker(run)["metrics"]
+    assert again["final_loss"] == killed["final_loss"] and again["resumed_from_step"] == 4
+    assert [s for s, _ in ckpt.complete_checkpoints(run / "train" / "checkpoints")] == [4]
+
+
+@pytest.mark.slow
+def test_a_damaged_manifest_reruns_the_shard_stage_bookkeeping_only(data_run, tmp_path):
+    """Issue 29, item 5: shard/manifest.json truncated, not text, or `{}`. A training rank's loader names
+    the file; `xlp status` shows the shard stage failed, naming it (against the sha256 its marker records,
+    or, for a marker written before it recorded one, by reading it); `xlp run` redoes the stage's
+    bookkeeping: every shard kept, the same manifest written again, the same fingerprint (so what was
+    trained on it stays done)."""
+    import hashlib
+
+    from xlp.pipeline.core.registry import SHARD
+    from xlp.pipeline.core.stage import read_marker
+    from xlp.pipeline.data.manifest import ManifestError
+    from xlp.pipeline.data.shards import load_manifest
+
+    run = fresh(data_run, tmp_path, "manifest")
+    shard = run / "shard"
+    manifest = shard / "manifest.json"
+    good, marker_text = manifest.read_bytes(), (shard / "stage.json").read_text()
+    before = json.loads(marker_text)
+    assert before["outputs"] == {"manifest.json": hashlib.sha256(good).hexdigest()}
+    unhashed = json.dumps({k: v for k, v in before.items() if k != "outputs"})  # a marker from before
+    for data, reason in ((good[:len(good) // 2], "truncated: "), (b"\x89PNG\r\n" + bytes(64), "not UTF-8 text"),
+                         (b"{}", "its dtype is None, not one of uint16, uint32")):
+        manifest.write_bytes(data)
+        with pytest.raises(ManifestError, match=f"{manifest} is damaged: {reason}"):
+            load_manifest(shard)  # what the loaders of a training rank read
+        m = read_marker(SHARD, shard)
+        assert m["status"] == "failed" and m["damaged"].startswith(f"{manifest} is damaged: its sha256 is "), m
+        (shard / "stage.json").write_text(unhashed)
+        m = read_marker(SHARD, shard)
+        assert m["status"] == "failed" and m["damaged"].startswith(f"{manifest} is damaged: {reason}"), m
+        (shard / "stage.json").write_text(marker_text)
+    manifest.write_bytes(good)
+    (shard / "stage.json").write_text(unhashed)
+    assert read_marker(SHARD, shard)["status"] == "done"  # an old marker over a whole manifest is accepted
+
+    manifest.write_bytes(good[:len(good) // 2])
+    (shard / "stage.json").write_text(marker_text)
+    row = status_row(run, "shard")
+    assert row.split()[1] == "failed" and f"{manifest} is damaged: its sha256 is" in row, row
+    r = xlp("run", str(TINY), f"run.dir={run}", *SMALL, "--stages", "tokenizer,shard")
+    assert "= tokenizer: done" in r.stdout and f"~ shard: {manifest} is damaged" in r.stdout, r.stdout
+    assert "> shard: resuming" in r.stdout, r.stdout
+    after = json.loads((shard / "stage.json").read_text())
+    assert after["status"] == "done" and after["fingerprint"] == before["fingerprint"]
+    assert after["metrics"]["shards_written"] == 0 and after["metrics"]["shards"] == before["metrics"]["shards"]
+    assert manifest.read_bytes() == good and after["outputs"] == before["outputs"]
+    assert not (run / ".stale").exists()

@@ -365,9 +365,48 @@ def test_compare_prints_runs_side_by_side(run_dir, evaluated, tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("val_bpb "))
     assert f"{evaluated['val_bpb']:.4g}" in line and "1.234" in line
-    assert out.splitlines()[0].split()[1:] == [run_dir.name, "other"]
+    # the eval stage was called directly here (no stage.json): both columns starred, with a note
+    assert out.splitlines()[0].split()[1:] == [run_dir.name + "*", "other*"]
+    assert "* other: its eval stage has no stage.json" in out
     assert "xlp_cloze_mc/acc" in out and "arch" in out
     assert main(["compare", str(tmp_path / "missing")]) == 1
+
+
+def test_compare_marks_an_eval_that_failed_or_is_stale(run_dir, evaluated, tmp_path, capsys):
+    """Issue 29, item 8: `xlp compare` printed a failed or stale eval's numbers as if done. Each run's eval
+    status is a row of its own; a column whose eval is not done with the run's config is starred, and a
+    note under the table says what its numbers are and how to evaluate it again."""
+    import shutil
+
+    from xlp.pipeline.cli import main
+    from xlp.pipeline.core.config import load_run_config
+    from xlp.pipeline.core.registry import STAGES
+    from xlp.pipeline.core.stage import StageMarker, fingerprints
+
+    fp = fingerprints(STAGES, load_run_config(run_dir / "config.yaml"))["eval"]
+    for name in ("done", "failed", "stale"):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        shutil.copy(run_dir / "config.yaml", run)
+        for f in ("metrics.json", "results.json"):
+            shutil.copy(run_dir / "eval" / f, run / "eval")
+        marker = StageMarker(run / "eval" / "stage.json", "eval", fingerprint="0123456789abcdef" if name == "stale" else fp,
+                             trajectory="t", resumed=False)
+        if name == "failed":
+            marker.failed("ValueError: eval.tasks: no task named 'hellaswag2'")
+        else:
+            marker.done(evaluated)
+    assert main(["compare", *(str(tmp_path / n) for n in ("done", "failed", "stale"))]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[1:] == ["done", "failed*", "stale*"]
+    assert lines[2].split() == ["eval", "stage", "done", "FAILED", "STALE"]
+    assert ("* failed: its eval failed (ValueError: eval.tasks: no task named 'hellaswag2'): the numbers are what "
+            f"it left, not a finished evaluation; `xlp run CONFIG --run-dir {tmp_path / 'failed'} --stages eval` "
+            "evaluates it again") in lines
+    assert ("* stale: its eval is stale: it finished with another config than config.yaml says now (fingerprint "
+            f"0123456789abcdef, now {fp})") in out
+    assert not any(line.startswith("* done") for line in lines)
 
 
 def test_report_plots_logged_to_offline_wandb(run_dir, evaluated, tmp_path):

@@ -248,3 +248,69 @@ def test_stage_registry_imports_nothing_heavy():
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=xlp_env(), check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_damaged_run_files_are_named_and_their_stage_resumes_in_place(tmp_path, ray_local, capsys):
+    """Issue 29, item 5 with the toy stages: a stage.json that is truncated, not an object, without a
+    fingerprint, a running one without its start, or not text reads as a failed attempt that names the
+    file (no crash in `xlp status` or `xlp run`), and the next run resumes the stage in place instead of
+    moving its output to .stale/; a recorded output whose sha256 changed reruns that stage alone; a
+    truncated or edited RUN_DIR/config.yaml is an error naming it, not a config with defaults."""
+    from xlp.pipeline.cli import main as xlp_main
+    from xlp.pipeline.core.config import ConfigError, load_run_config
+    from xlp.pipeline.core.stage import Stage
+
+    stages = [Stage("numbers", reads=("data.seq_len",), needs=(), fn="toy_stages:numbers", outputs=("numbers.txt",)),
+              *TOY_STAGES[1:]]
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    run_pipeline(cfg, stages=stages, out=io.StringIO())
+    path = tmp_path / "total" / "stage.json"
+    good = path.read_bytes()
+    fp = json.loads(good)["fingerprint"]
+    damages = {
+        "truncated": (good[:len(good) // 2], "truncated: "),
+        "no fingerprint": (b'{"status": "done"}', "no fingerprint"),
+        "a list": (b"[1, 2, 3]", "a JSON list, not an object"),
+        "no start": (json.dumps({"status": "running", "fingerprint": fp, "heartbeat_at": time.time()}).encode(),
+                     "a running marker without a number in 'started_at'"),
+        "not text": (bytes(range(256)), "not UTF-8 text (byte 0x80 at offset 128)"),
+    }
+    for name, (data, reason) in damages.items():
+        path.write_bytes(data)
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "train" / "stage.json").write_bytes(data)  # where `xlp status` looks (the real stages)
+        state = {s.name: s for s in stage_states(stages, cfg, tmp_path)}["total"]
+        assert state.status == "failed", name
+        assert state.damaged.startswith(f"{path} is damaged: ") and reason in state.damaged, (name, state.damaged)
+        assert xlp_main(["status", str(tmp_path)]) == 0, name
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train "))
+        assert row.split()[1] == "failed" and f"{tmp_path / 'train' / 'stage.json'} is damaged: {reason}" in row, row
+        if name in ("truncated", "no fingerprint"):  # the fingerprint read from what is left, and none at all
+            out = io.StringIO()
+            assert run_pipeline(cfg, stages=stages, out=out) == {"numbers": "skipped", "total": "ran",
+                                                                 "report": "skipped"}
+            assert f"~ total: {path} is damaged: {reason}" in out.getvalue() and "resuming" in out.getvalue()
+            assert calls(tmp_path)[-1] == "total resumed"
+            assert not (tmp_path / ".stale").exists()
+            assert json.loads(path.read_text())["status"] == "done"
+    path.write_bytes(good)
+    # an output whose sha256 its done marker recorded, changed: that stage resumes, nothing downstream reruns
+    numbers = tmp_path / "numbers" / "numbers.txt"
+    numbers.write_text(numbers.read_text()[:100])
+    state = {s.name: s for s in stage_states(stages, cfg, tmp_path)}["numbers"]
+    assert state.status == "failed" and f"{numbers} is damaged: its sha256 is " in state.damaged, state.damaged
+    assert run_pipeline(cfg, stages=stages, out=io.StringIO()) == {"numbers": "ran", "total": "skipped",
+                                                                   "report": "skipped"}
+    assert calls(tmp_path)[-1] == "numbers resumed" and len(numbers.read_text().split()) == 256
+    # RUN_DIR/config.yaml, truncated or edited, is named with what is wrong (by `xlp status` and the ranks)
+    config = tmp_path / "config.yaml"
+    text = config.read_text()
+    for data, reason in ((text[:len(text) // 2], "is truncated: it does not end with the sha256 line"),
+                         (text.replace("seq_len: 256", "seq_len: 512"), "is damaged or was edited")):
+        config.write_text(data)
+        assert xlp_main(["status", str(tmp_path)]) == 1
+        assert f"xlp status: error: {config} {reason}" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match=reason):
+            load_run_config(config)  # what a training rank reads
+    config.write_text(text.split("\n", 1)[1].rsplit("# sha256: ", 1)[0])  # as written before it was sealed
+    assert load_run_config(config).data.seq_len == 256

@@ -15,6 +15,8 @@ Unknown keys and wrong types fail with the key, where it came from, and what is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,60 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, _, value = item.partition("=")
         merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
     return finalize(cfg)
+
+
+# RUN_DIR/config.yaml: the resolved config `xlp run` saves and the training ranks, `xlp status`, export
+# and generate read back. It starts with RUN_CONFIG_HEAD and ends with the sha256 of everything before
+# its last line, so a truncated or damaged file is an error naming it instead of a config whose missing
+# keys silently take their defaults. A file without the head (written before 2026-12, or by hand) is
+# read as it is.
+RUN_CONFIG_HEAD = ("# written by `xlp run`: the resolved config of this run directory, which its training ranks "
+                   "read; the last line is the sha256 of the lines before it\n")
+RUN_CONFIG_TAIL = "# sha256: "
+_TAIL_RE = re.compile(r"[0-9a-f]{64}\n?")
+
+
+def seal_run_config(text: str) -> str:
+    """`text` (a resolved config as YAML) as RUN_DIR/config.yaml holds it: the head, then a sha256 line."""
+    body = RUN_CONFIG_HEAD + text if text.endswith("\n") else RUN_CONFIG_HEAD + text + "\n"
+    return f"{body}{RUN_CONFIG_TAIL}{hashlib.sha256(body.encode()).hexdigest()}\n"
+
+
+def read_run_config(path: str | Path) -> str:
+    """The text of a run directory's config.yaml, checked whole when `xlp run` sealed it (seal_run_config);
+    ConfigError naming the file, what is wrong, and how to write it again."""
+    path = Path(path)
+    fix = (f"run `xlp run CONFIG --run-dir {path.parent}` with the run's config and overrides again: it writes "
+           "the file first, and the stages that are done stay done")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path.parent} is not a run directory (no {path.name} in it)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the run's config: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        what = "damaged" if raw.startswith(RUN_CONFIG_HEAD.encode()) else "not UTF-8 text"
+        raise ConfigError(f"{path} is {what} (byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8); "
+                          f"{fix}") from None
+    if not text.startswith(RUN_CONFIG_HEAD):
+        return text
+    body, tail_sep, digest = text.rpartition(RUN_CONFIG_TAIL)
+    if not tail_sep or not _TAIL_RE.fullmatch(digest):
+        raise ConfigError(f"{path} is truncated: it does not end with the sha256 line `xlp run` writes "
+                          f"last ({len(raw)} bytes); {fix}")
+    actual = hashlib.sha256(body.encode()).hexdigest()
+    if actual != digest.strip():
+        raise ConfigError(f"{path} is damaged or was edited: the sha256 of its lines is {actual[:12]}..., its "
+                          f"last line says {digest.strip()[:12]}...; {fix}")
+    return text
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """A run directory's config.yaml (checked: read_run_config) as load_config loads any config file."""
+    read_run_config(path)
+    return load_config(Path(path), overrides)
 
 
 def finalize(cfg: DictConfig) -> DictConfig:

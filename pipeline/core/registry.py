@@ -4,6 +4,7 @@ they run. Declarations only: importing the registry imports no stage's code, so 
 training rank and `xlp status` read it cheaply. The stage functions live in xlp.pipeline.stages."""
 from __future__ import annotations
 
+from xlp.pipeline.core.layout import MANIFEST
 from xlp.pipeline.core.stage import Stage
 
 
@@ -60,6 +61,10 @@ SHARD = Stage(
     description="tokenize the corpus into WebDataset tar shards + manifest.json (Ray tasks)",
     inputs=("xlp.pipeline.data.listing:corpus",),  # the corpus files (path, size, mtime); the model is upstream
     sees=DATA_SEES,
+    # the manifest every reader starts from: its sha256 in the done marker; a damaged one makes the stage
+    # failed, and its rerun keeps the shards (checked against their records) and writes the manifest again
+    outputs=(MANIFEST,),
+    check="xlp.pipeline.data.manifest:manifest_problem",  # markers written before they recorded its sha256
 )
 
 

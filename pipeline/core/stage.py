@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xlp.pipeline.core.declared import declared_view
 from xlp.pipeline.core.layout import STAGE_JSON, RunLayout
+from xlp.pipeline.core.lock import RunLock
 
 # Bump when a stage's code changes what it writes, so old outputs become stale.
 # 2: the fingerprint hashes the stage's input listing (Stage.inputs) too.
@@ -71,6 +73,12 @@ class Stage:
     description: str = ""
     inputs: tuple[str, ...] = ()
     sees: tuple[str, ...] = ()
+    # files of RUN_DIR/<stage>/ whose sha256 the done marker records (`outputs`): one that no longer
+    # matches (truncated, overwritten) makes the stage "failed, resumable" instead of done
+    outputs: tuple[str, ...] = ()
+    # "module:function" taking the stage's directory and returning what is wrong with its outputs, or
+    # None: how a done marker written before it recorded `outputs` is checked
+    check: str = ""
 
     def view(self, cfg: DictConfig) -> DictConfig:
         """`cfg` as this stage may read it: its `reads` and `sees`; any other key raises UndeclaredKey."""
@@ -267,10 +275,13 @@ class StageMarker:
         self.data["heartbeat_at"] = time.time()
         self._write()
 
-    def done(self, metrics: dict) -> None:
+    def done(self, metrics: dict, outputs: Optional[dict[str, str]] = None) -> None:
+        """Mark the attempt done; `outputs`: {file name: sha256} of files `read_marker` checks later."""
         ended = time.time()
         self.data.update(status="done", ended_at=ended, heartbeat_at=ended,
                          duration_s=round(ended - self.data["started_at"], 3), metrics=metrics or {})
+        if outputs:
+            self.data["outputs"] = dict(outputs)
         self._write()
 
     def failed(self, error: str) -> None:
@@ -303,12 +314,148 @@ class StageMarker:
                   "the stage as failed once this run has ended", file=sys.stderr, flush=True)
 
 
+STATUSES = ("running", "done", "failed")
+# A marker that says "running" but has not been refreshed for this long belongs to a dead run.
+STALE_HEARTBEAT_S = 60.0
+
+
 def read_stage_json(stage_dir: Path) -> dict:
-    """The stage's marker, or {} when the stage never started (or the marker is unreadable)."""
+    """The stage's marker, {} when the stage never started. A marker that cannot be read or is not one
+    (truncated, not JSON, a field missing or of the wrong type) reads as a failed attempt (`damaged`:
+    why), with the fingerprint and trajectory that can still be read from it, if any: the runner
+    resumes its output instead of moving it aside, and `xlp status` names the file."""
+    path = Path(stage_dir) / STAGE_JSON
     try:
-        return json.loads((Path(stage_dir) / STAGE_JSON).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return {}
+    except OSError as e:
+        return damaged_marker(path, f"unreadable: {e.strerror or e}", b"")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return damaged_marker(path, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", raw)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "empty" if not text.strip() else "truncated" if json_cut_short(text) else "not JSON"
+        return damaged_marker(path, f"{what}: {e.msg} at character {e.pos} of {len(text)}", raw)
+    problem = marker_problem(data)
+    return damaged_marker(path, problem, raw) if problem else data
+
+
+def json_cut_short(text: str) -> bool:
+    """Whether `text`, which does not parse, looks like a JSON object cut short: it starts as one and
+    does not end as one (a write that stopped part way), rather than something else."""
+    stripped = text.strip()
+    return stripped.startswith("{") and not stripped.endswith("}")
+
+
+def marker_problem(data: Any) -> Optional[str]:
+    """What makes `data` not a stage marker StageMarker writes, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    status = data.get("status")
+    if status not in STATUSES:
+        return f"status {status!r} is none of {', '.join(STATUSES)}"
+    if not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
+        return "no fingerprint"
+    if status == "running":  # its age decides whether it still runs; `xlp status` shows its start
+        for key in ("started_at", "heartbeat_at"):
+            if not isinstance(data.get(key), (int, float)) or isinstance(data.get(key), bool):
+                return f"a running marker without a number in {key!r}"
+    optional = {"trajectory": str, "error": str, "host": str, "metrics": dict, "outputs": dict,
+                "started_at": (int, float), "heartbeat_at": (int, float), "ended_at": (int, float),
+                "duration_s": (int, float)}
+    for key, types in optional.items():
+        if key in data and data[key] is not None and not isinstance(data[key], types):
+            return f"{key!r} is a {type(data[key]).__name__}"
+    return None
+
+
+_SALVAGE = {key: re.compile(rb'"%s": "([0-9a-f]{16})"' % key.encode()) for key in ("fingerprint", "trajectory")}
+
+
+def damaged_marker(path: Path, reason: str, raw: bytes) -> dict:
+    """A damaged marker as a failed attempt. The fingerprint and trajectory StageMarker writes near the
+    start of the file are taken from what is left of it, so outputs of another config still move aside."""
+    out: dict[str, Any] = {"status": "failed", "damaged": f"{path} is damaged: {reason}",
+                           "error": f"{path} is damaged ({reason}); the stage resumes on the next `xlp run`"}
+    for key, pattern in _SALVAGE.items():
+        found = pattern.findall(raw)
+        if len(set(found)) == 1:
+            out[key] = found[0].decode()
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_hashes(stage: Stage, stage_dir: Path) -> dict[str, str]:
+    """{file: sha256} of the stage's `outputs` that exist in `stage_dir` (what its done marker records)."""
+    return {name: file_sha256(Path(stage_dir) / name) for name in stage.outputs if (Path(stage_dir) / name).is_file()}
+
+
+def outputs_problem(stage: Stage, stage_dir: Path, marker: dict) -> Optional[str]:
+    """What is wrong with the outputs of a done stage: a file whose sha256 is not the one its marker
+    recorded, or (a marker written before it recorded any) what the stage's `check` finds. None: whole."""
+    recorded = marker.get("outputs") or {}
+    for name in stage.outputs:
+        path = Path(stage_dir) / name
+        if name not in recorded:
+            continue
+        try:
+            digest = file_sha256(path)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except OSError as e:
+            return f"{path} is unreadable ({e.strerror or e})"
+        if digest != recorded[name]:
+            return (f"{path} is damaged: its sha256 is {digest[:12]}..., not the {recorded[name][:12]}... "
+                    f"{STAGE_JSON} recorded when the stage finished")
+    if stage.check and not any(name in recorded for name in stage.outputs):
+        module, _, attr = stage.check.partition(":")
+        return getattr(importlib.import_module(module), attr)(Path(stage_dir))
+    return None
+
+
+def read_marker(stage: Stage, stage_dir: Path) -> dict:
+    """The stage's marker (read_stage_json), with a done stage whose outputs are damaged (outputs_problem)
+    read as a failed attempt of the same fingerprint: the next run resumes it."""
+    marker = read_stage_json(stage_dir)
+    if marker.get("status") == "done":
+        problem = outputs_problem(stage, stage_dir, marker)
+        if problem:
+            return {**marker, "status": "failed", "damaged": problem,
+                    "error": f"{problem}; the stage resumes on the next `xlp run`"}
+    return marker
+
+
+def marker_status(marker: dict, fp: str, run_dir: Optional[Path] = None) -> str:
+    """done | stale | running | failed | pending: a stage's marker against the fingerprint the current
+    config gives it. A "running" marker whose run is gone (its heartbeat is old, or on this machine no
+    process holds the run directory's lock) is failed."""
+    status = marker.get("status")
+    if status is None:
+        return "pending"
+    if status == "done":
+        return "done" if marker.get("fingerprint") == fp else "stale"
+    if status == "running" and _still_running(marker, run_dir):
+        return "running"
+    return "failed"  # it raised, its process died without saying so (SIGKILL, node lost), or it is damaged
+
+
+def _still_running(marker: dict, run_dir: Optional[Path]) -> bool:
+    if time.time() - marker.get("heartbeat_at", 0) > STALE_HEARTBEAT_S:
+        return False
+    if run_dir is not None and marker.get("host") == socket.gethostname():
+        return RunLock(run_dir).held_by_other()  # same machine: the lock tells at once
+    return True
 
 
 @contextlib.contextmanager

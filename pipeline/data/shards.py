@@ -37,6 +37,7 @@ import numpy as np
 from xlp.pipeline.core.diskfull import DiskFull, disk_full, is_disk_full
 from xlp.pipeline.core.layout import MANIFEST  # the index's name in a shard dir (which may be a URL)
 from xlp.pipeline.core.node import node_name
+from xlp.pipeline.data.manifest import parse_manifest
 
 META_DIR = "meta"
 FORMAT = "xlp-webdataset-tokens-v2"  # v2: .npy members; v1 (raw members) is still read
@@ -472,10 +473,12 @@ def read_verified(base: str | Path, record: dict, parse: Optional[Callable[[byte
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
+    """The shard dir's manifest.json, checked (ManifestError naming the file when it is damaged)."""
     try:
-        return json.loads(open_bytes(shard_dir, MANIFEST))
+        raw = open_bytes(shard_dir, MANIFEST)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: run the shard stage first") from None
+    return parse_manifest(raw, f"{str(shard_dir).rstrip('/')}/{MANIFEST}")
 
 
 def build_manifest(out_dir: Path, *, dtype: np.dtype, tokenizer_info: dict, config: dict,

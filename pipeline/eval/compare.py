@@ -3,7 +3,9 @@
 
 Reads RUN_DIR/eval/metrics.json (written by the eval stage) and a few facts from
 RUN_DIR/eval/results.json (architecture, parameters, training tokens). Lower is better for
-losses, bpb and memory; higher for accuracies and tokens/s.
+losses, bpb and memory; higher for accuracies and tokens/s. The eval stage's status comes first: a
+column whose eval is not done with the run's config (failed, stale, running, or never marked) is
+starred and a note under the table says what its numbers are.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from xlp.pipeline.core.config import ConfigError, load_run_config
 from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.registry import EVAL, STAGES
+from xlp.pipeline.core.stage import fingerprints, marker_status, read_marker
 
 INFO_ROWS = (("arch", "arch"), ("params (M)", "params"), ("train steps", "train_steps"),
              ("tokens seen", "tokens_seen"), ("seq len", "seq_len"), ("device", "device"))
@@ -27,11 +32,18 @@ def _load(run_dir: Path) -> tuple[dict, dict]:
     metrics_file = layout.eval_metrics
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{run_dir}: no eval/metrics.json (run the eval stage: xlp run CONFIG --stages eval)")
-    metrics = json.loads(metrics_file.read_text())
+    try:
+        metrics = json.loads(metrics_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{metrics_file} is damaged ({e}): evaluate the run again "
+                         "(xlp run CONFIG --stages eval --force)") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{metrics_file} is damaged (a JSON {type(metrics).__name__}, not an object): evaluate "
+                         "the run again (xlp run CONFIG --stages eval --force)")
     info = {}
     try:
         info = json.loads(layout.eval_results.read_text()).get("info", {})
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # results.json gives only the info rows
         pass
     return metrics, info
 
@@ -65,12 +77,50 @@ def _order(keys: set[str]) -> list[str]:
         sorted((k for k in rest if k.startswith("recall_acc_")), key=lambda k: int(k.rsplit("_", 1)[1])) + gen + [k for k in rest if k.startswith("xlp_")]
 
 
+def eval_status(run_dir: Path) -> tuple[str, str]:
+    """The eval stage's status in `run_dir` (done | stale | running | failed | pending, as `xlp status`
+    says) and, when it is not done, a note on what its numbers are."""
+    layout = RunLayout(run_dir)
+    marker = read_marker(EVAL, layout.eval_dir)
+    unchecked = ""
+    try:
+        fp = fingerprints(STAGES, load_run_config(layout.config))[EVAL.name]
+    except (ConfigError, OSError, ValueError) as e:  # a damaged config.yaml, a corpus no longer there
+        fp = marker.get("fingerprint", "")
+        unchecked = f" (not checked against the run's config: {str(e).splitlines()[0]})"
+    status = marker_status(marker, fp, run_dir)
+    if status == "done":
+        return status, ""
+    cmd = f"`xlp run CONFIG --run-dir {run_dir} --stages eval` evaluates it again"
+    error = (marker.get("damaged") or marker.get("error") or "no error recorded").strip().splitlines()[-1]
+    notes = {
+        "stale": (f"its eval is stale: it finished with another config than {layout.config.name} says now "
+                  f"(fingerprint {marker.get('fingerprint')}, now {fp}): the numbers are of the run before that "
+                  f"change; {cmd}"),
+        "running": "its eval is still running: the numbers are of an earlier attempt, or partial",
+        "failed": f"its eval failed ({error}): the numbers are what it left, not a finished evaluation; {cmd}",
+        "pending": f"its eval stage has no stage.json: the numbers were not written by a finished eval stage; {cmd}",
+    }
+    return status, notes[status] + unchecked
+
+
 def compare_table(run_dirs: list[str]) -> list[list[str]]:
-    cols = []
+    return compare(run_dirs)[0]
+
+
+def compare(run_dirs: list[str]) -> tuple[list[list[str]], list[str]]:
+    """The table's rows and the notes under it (one per run whose eval is not done)."""
+    cols, notes = [], []
     for rd in run_dirs:
         metrics, info = _load(Path(rd))
-        cols.append((Path(rd).name or str(rd), metrics, info))
+        status, note = eval_status(Path(rd))
+        name = Path(rd).name or str(rd)
+        if status != "done":
+            name += "*"
+            notes.append(f"* {name[:-1]}: {note}")
+        cols.append((name, metrics, info, status))
     rows = [["metric"] + [c[0] for c in cols]]
+    rows.append(["eval stage"] + [c[3] if c[3] == "done" else c[3].upper() for c in cols])
     for label, key in INFO_ROWS:
         vals = [c[2].get(key) for c in cols]
         if key == "params":
@@ -79,7 +129,7 @@ def compare_table(run_dirs: list[str]) -> list[list[str]]:
     keys = set().union(*(c[1].keys() for c in cols))
     for k in _order(keys):
         rows.append([k] + [_fmt(c[1].get(k)) for c in cols])
-    return rows
+    return rows, notes
 
 
 def main(run_dirs: list[str], out: Optional[TextIO] = None) -> int:
@@ -88,8 +138,8 @@ def main(run_dirs: list[str], out: Optional[TextIO] = None) -> int:
         print("xlp compare: give one or more run directories", file=sys.stderr)
         return 2
     try:
-        rows = compare_table(run_dirs)
-    except FileNotFoundError as e:
+        rows, notes = compare(run_dirs)
+    except (FileNotFoundError, ValueError) as e:
         print(f"xlp compare: error: {e}", file=sys.stderr)
         return 1
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -97,6 +147,8 @@ def main(run_dirs: list[str], out: Optional[TextIO] = None) -> int:
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip(), file=out)
         if j == 0:
             print("  ".join("-" * w for w in widths), file=out)
+    for note in notes:
+        print(note, file=out)
     return 0
 
 

@@ -38,6 +38,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from xlp import tokenizer as tk
+from xlp.pipeline.core.config import read_run_config
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.eval.common import load_tokenizer, pick_device
 from xlp.pipeline.trained import model_settings
@@ -231,10 +232,13 @@ def _resolve_device(device: Any) -> torch.device:
 
 def _run_seq_len(run_dir: Path) -> Optional[int]:
     """data.seq_len of the run (its config.yaml), the context the model was trained on."""
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        return None
+    text = read_run_config(path)  # a damaged config.yaml is an error naming it, not a default context
     try:
-        cfg = yaml.safe_load(RunLayout(run_dir).config.read_text())
-        return int(cfg["data"]["seq_len"])
-    except (OSError, KeyError, TypeError, ValueError):
+        return int(yaml.safe_load(text)["data"]["seq_len"])
+    except (KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
 
 

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from xlp.pipeline.core.config import load_config, section
+from xlp.pipeline.core.config import load_run_config, section
 from xlp.pipeline.core.layout import RunLayout, TrainLayout
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.registry import STAGES, TRAIN
@@ -98,7 +98,7 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     own_group = not (dist.is_available() and dist.is_initialized())  # Ray Train starts its own
     marker = lock = heartbeat = None
     try:
-        cfg = load_config(Path(config) if config else layout.config, list(overrides))
+        cfg = load_run_config(Path(config) if config else layout.config, list(overrides))  # checked whole
         heartbeat = Heartbeat(out.heartbeat(d.rank), rank=d.rank,
                               interval_s=beat_interval(float(cfg.train.hang_timeout))).start()
         if record_stage and d.rank == 0:

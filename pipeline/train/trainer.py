@@ -29,7 +29,7 @@ from xlp.pipeline.train import elastic
 from xlp.pipeline.train.elastic import check_resume, grad_accum_for
 from xlp.pipeline.train.heartbeat import Heartbeat
 from xlp.pipeline.train.hooks import TrainHooks
-from xlp.pipeline.train.monitor import Monitor, device_peak_flops, memory_metrics
+from xlp.pipeline.train.monitor import Monitor, device_peak_flops, memory_metrics, read_metrics
 from xlp.pipeline.train.optim import StepGate, build_optimizer
 from xlp.pipeline.train.schedule import continuation_note, schedule_of
 from xlp.pipeline.train.stop import EXIT_STOPPED, StopRequest
@@ -539,9 +539,14 @@ class Trainer:
         # ("terminate called without an active exception") in 7 of 62 2-rank CPU runs; 0 of 30 with a
         # barrier last (the export ends with one too).
         dist.barrier()
+        recorded = None
+        if not stopped and self.resumed_from_step == self.step:
+            recorded = self._recorded_final_metrics()  # collective (a validation when none is recorded)
         if not stopped:
             self._export_model()
         result = self._result(stopped, t_end, shards_skipped)
+        if recorded is not None:
+            result.update(recorded)
         if self.rank == 0:
             atomic_write_json(self.out.result, result)
             self.monitor.summary({k: v for k, v in result.items() if v is not None})
@@ -551,6 +556,37 @@ class Trainer:
         self.monitor.message(f"loop {t_end - t_ready:.1f}s, export {time.perf_counter() - t_end:.1f}s")
         self.monitor.finish(exit_code=0)
         return EXIT_STOPPED if stopped else 0
+
+    def _recorded_final_metrics(self) -> dict:
+        """The final metrics when this attempt trained no step: it resumed from the checkpoint of the
+        last step, which an earlier attempt saved before it was killed (or lost its stage marker). Loss,
+        validation loss and throughput are that attempt's, from metrics.jsonl (the counters come from the
+        checkpoint); a validation loss metrics.jsonl lacks is measured again on the checkpoint's model
+        (collective: every rank validates or none)."""
+        import torch
+        import torch.distributed as dist
+
+        rows = read_metrics(self.out.metrics) if self.rank == 0 else {}
+        last = rows.get(self.step, {})
+        val_rows = [r for step, r in sorted(rows.items()) if step <= self.step and r.get("val/loss") is not None]
+        val_loss = val_rows[-1]["val/loss"] if val_rows and val_rows[-1]["step"] == self.step else None
+        need = torch.tensor([1.0 if self.rank == 0 and self.has_val and val_loss is None else 0.0],
+                            dtype=torch.float64, device=self.device)
+        dist.all_reduce(need)
+        if need.item() > 0:
+            self._progress("validate")
+            val_loss = self.validate()[0]
+        timed = [r for step, r in sorted(rows.items()) if step <= self.step and r.get("throughput/step_time_s")]
+        timed = timed[1:] or timed  # the first step recorded includes the warm-up, as _result leaves it out
+        seconds = sum(float(r["throughput/step_time_s"]) for r in timed)
+        tps = self.tokens_per_step * len(timed) / seconds if seconds > 0 else 0.0
+        final_loss = last.get("train/loss")
+        self.monitor.message(
+            f"resumed from the checkpoint of the last step ({self.step}): nothing left to train; the final "
+            f"metrics are the recorded ones (metrics.jsonl: loss {final_loss}, val loss {val_loss}, "
+            f"{tps:,.0f} tokens/s over {len(timed)} steps)")
+        return {"final_loss": final_loss, "val_loss": val_loss, "tokens_per_s": tps, "mfu": self._mfu(tps),
+                "metrics_from": str(self.out.metrics)}
 
     def _export_model(self) -> None:
         import torch.distributed as dist
