@@ -40,7 +40,14 @@ def wheel_env(tmp_path_factory) -> dict:
     # --no-compile: Python compiles what the run imports when it imports it, not every file of torch,
     # transformers and Ray up front (a minute of the install on two cores)
     sh([py, "-m", "pip", "install", "-q", "--no-compile", TORCH], cwd=root)
-    sh([py, "-m", "pip", "install", "-q", "--no-compile", f"{wheel}[hf,eval]"], cwd=root)
+    # the wheel and its dependencies with uv where `make install-dev` installed it (as fast as the venv's
+    # own install; pip otherwise): what is checked below, who owns each file (the distributions' RECORDs)
+    # and `pip check`, does not depend on the installer
+    uv = Path(sys.executable).parent / "uv"
+    if uv.is_file():
+        sh([uv, "pip", "install", "-q", "--python", py, f"{wheel}[hf,eval]"], cwd=root)
+    else:
+        sh([py, "-m", "pip", "install", "-q", "--no-compile", f"{wheel}[hf,eval]"], cwd=root)
     work = root / "empty"  # no source tree here: only what the wheel installed can be imported
     work.mkdir()
     # PYTHONDONTWRITEBYTECODE dropped too: with --no-compile it would make every process of the run compile
