@@ -61,22 +61,25 @@ def private_head():
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield env, f"127.0.0.1:{port}", head_temp, home, proc.stdout
     finally:  # SIGKILL: nothing there to save (`local-ray.sh stop` waits up to 10 s for SIGTERM)
-        kill_processes_of(temp)
+        kill_processes_of(temp, "ray.util.client.server", f":{port} ")
         subprocess.run(["rm", "-rf", str(temp)], timeout=60)
 
 
-def processes_of(directory: Path) -> list[int]:
+def processes_of(directory: Path, *also: str) -> list[int]:
     """Pids of a Ray node's processes: those whose command line names `directory` (its temp dir: the
-    raylet, its agents), and every process they started (its workers)."""
+    raylet, its agents) or holds all of `also` (the head's client server names only its address), and
+    every process they started (its workers)."""
     parent, cmdline = {}, {}
     for proc_dir in Path("/proc").iterdir():
         if proc_dir.name.isdigit():
             try:
                 parent[int(proc_dir.name)] = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline[int(proc_dir.name)] = (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+                cmdline[int(proc_dir.name)] = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace")
             except (OSError, IndexError, ValueError):
                 continue
-    found = {pid for pid, line in cmdline.items() if str(directory) in line and pid != os.getpid()}
+    found = {pid for pid, line in cmdline.items()
+             if pid != os.getpid() and (str(directory) in line or (also and all(a in line for a in also)))}
     while True:
         more = {pid for pid, ppid in parent.items() if ppid in found} - found
         if not more:
@@ -84,8 +87,8 @@ def processes_of(directory: Path) -> list[int]:
         found |= more
 
 
-def kill_processes_of(directory: Path) -> list[int]:
-    pids = processes_of(directory)
+def kill_processes_of(directory: Path, *also: str) -> list[int]:
+    pids = processes_of(directory, *also)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
