@@ -7,8 +7,9 @@
 #                                      RAY_NUM_CPUS each
 #   infra/local-ray.sh stop            stop it, workers included (only this head's cluster: other Ray
 #                                      instances on the machine stay)
-# Ray 2.60 turns on token authentication: the token is in ~/.ray/auth_token, which `xlp submit`
-# uses (with RAY_AUTH_MODE=token) when it submits from this machine.
+# Ray 2.60 turns on token authentication: the token is in ~/.ray/auth_token (mode 0600), which `xlp submit`
+# uses (with RAY_AUTH_MODE=token) when it submits from this machine. `ray start`'s output goes to
+# $RAY_TEMP_DIR/local-ray-start.log.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 WORKERS=0
@@ -18,7 +19,7 @@ while [ $# -gt 0 ]; do
     --workers) WORKERS=$2; shift 2 ;;
     --workers=*) WORKERS=${1#--workers=}; shift ;;
     stop|start) ACTION=$1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "local-ray.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +43,18 @@ if [ "$ACTION" = stop ]; then
 fi
 
 export RAY_AUTH_MODE=token
-"$RAY" get-auth-token --generate >/dev/null
+# The token lets whoever holds it run code on the cluster: only its owner may read it (Ray writes it
+# with the umask's mode, 0644 under the usual 022). A token an older start left readable is tightened.
+token_file=$HOME/.ray/auth_token
+( umask 077 && "$RAY" get-auth-token --generate >/dev/null )
+for f in "$token_file" "${RAY_AUTH_TOKEN_PATH:-}"; do
+  if [ -n "$f" ] && [ -f "$f" ] && [ -O "$f" ] && [ -n "$(find "$f" -perm /077 2>/dev/null)" ]; then
+    chmod 600 "$f" && echo "local-ray.sh: $f was readable by other users; it is mode 0600 now"
+  fi
+done
+# this head's own log of `ray start` (several heads may run on one machine), in its temp dir
+mkdir -p "$TEMP"
+LOG=$TEMP/local-ray-start.log
 HEAD_IP=127.0.0.1
 head_ip_args=()
 if [ "$WORKERS" -gt 0 ]; then
@@ -51,15 +63,16 @@ if [ "$WORKERS" -gt 0 ]; then
   HEAD_IP=$LOCAL_BRIDGE_IP  # where the worker nodes reach the head
   head_ip_args=(--node-ip-address "$HEAD_IP")
 fi
-if "$RAY" status --address "$HEAD_IP:$PORT" >/dev/null 2>&1; then
+# `ray status` on a port nothing listens on retries for about 40 s: ask it only when something answers there
+if timeout 5 bash -c "exec 3<>/dev/tcp/$HEAD_IP/$PORT" 2>/dev/null && "$RAY" status --address "$HEAD_IP:$PORT" >/dev/null 2>&1; then
   echo "local-ray.sh: Ray head already running on port $PORT"
 else
   "$RAY" start --head "${head_ip_args[@]}" --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
     --num-cpus "$CPUS" --disable-usage-stats --temp-dir "$TEMP" \
     --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
     --ray-client-server-port "$(free_port)" --metrics-export-port "$(free_port)" \
-    --runtime-env-agent-port "$(free_port)" >/tmp/local-ray-start.log 2>&1 \
-    || { cat /tmp/local-ray-start.log >&2; exit 1; }
+    --runtime-env-agent-port "$(free_port)" >"$LOG" 2>&1 \
+    || { cat "$LOG" >&2; echo "local-ray.sh: ray start failed; its log: $LOG" >&2; exit 1; }
 fi
 for k in $(seq "$WORKERS"); do
   node="xlp-ray$k"
@@ -69,8 +82,8 @@ for k in $(seq "$WORKERS"); do
   fi
   local_node_run "$node" "$RAY" start --address "$HEAD_IP:$PORT" --num-cpus "$CPUS" --disable-usage-stats \
     --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
-    --metrics-export-port "$(free_port)" --runtime-env-agent-port "$(free_port)" >>/tmp/local-ray-start.log 2>&1 \
-    || { tail -n 30 /tmp/local-ray-start.log >&2; exit 1; }
+    --metrics-export-port "$(free_port)" --runtime-env-agent-port "$(free_port)" >>"$LOG" 2>&1 \
+    || { tail -n 30 "$LOG" >&2; echo "local-ray.sh: worker $node failed to start; the log: $LOG" >&2; exit 1; }
 done
 alive_nodes() {
   "$(dirname "$RAY")/python" - "$HEAD_IP:$PORT" 2>/dev/null <<'PY' || echo 0
@@ -87,5 +100,5 @@ for _ in $(seq 90); do  # the Jobs API answers once the dashboard and its agent 
   curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$DASH/api/jobs/" >/dev/null 2>&1 && break
   sleep 1
 done
-echo "local-ray.sh: Ray head up with $WORKERS worker node(s); Jobs API at http://127.0.0.1:$DASH"
+echo "local-ray.sh: Ray head up with $WORKERS worker node(s); Jobs API at http://127.0.0.1:$DASH; log: $LOG"
 echo "  xlp submit demo --to ray --address http://127.0.0.1:$DASH --wait"

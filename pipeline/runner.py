@@ -30,7 +30,7 @@ from xlp.pipeline.core.config import seal_run_config
 from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.lock import RunLock
-from xlp.pipeline.core.node import RetryableFault
+from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
 from xlp.pipeline.core.registry import STAGES
 from xlp.pipeline.core.secrets import redact_config_yaml, redact_text
 from xlp.pipeline.core.stage import (
@@ -329,6 +329,9 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
     except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
         tail.pump()
         cause = getattr(e, "cause", None) or e
+        fault = None if isinstance(cause, RetryableFault) else ray_fault(e)
+        if fault is not None:  # the stage's own task was lost (its node died, its process was killed)
+            cause = RayNodeLost(_lost_message(fault))
         message = f"{type(cause).__name__}: {cause}".strip()
         marker.failed(message)
 
@@ -339,6 +342,11 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
     marker.done(metrics or {}, outputs=output_hashes(stage, stage_dir))
     print(f"+ {stage.name}: done in {marker.data['duration_s']:.1f}s {_short_metrics(stage, metrics)}", file=out,
           flush=True)
+
+
+def _lost_message(fault: BaseException) -> str:
+    said = " ".join(str(fault).split())
+    return f"the Ray cluster lost a node or a worker process the stage used ({type(fault).__name__}: {said[:500]})"
 
 
 def _first_lines(text: str, n: int = 12) -> str:
@@ -395,7 +403,21 @@ def _ensure_ray() -> bool:
         # (plain ray.init() would join that one).
         kwargs.update(address="local", num_cpus=os.cpu_count())
     ray.init(**kwargs)
+    _private_ray_token()
     return True
+
+
+def _private_ray_token() -> None:
+    """Make ~/.ray/auth_token its owner's only: an embedded Ray writes it when there is none, with the
+    umask's mode (readable by every user under the usual 022), and whoever holds it can run code on
+    every Ray cluster of this user that uses it."""
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        info = token.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:
+        pass  # none (token authentication off), or not ours to change
 
 
 def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, resumed: bool, log_path: str) -> dict:
@@ -407,8 +429,12 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
         with output_to(Path(log_path)):
             try:
                 return stage.load_fn()(ctx) or {}
-            except BaseException:
+            except BaseException as e:
                 print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
+                # Decided here, where the whole chain is: only the outermost exception crosses to the driver.
+                fault = ray_fault(e) if isinstance(e, Exception) and not isinstance(e, RetryableFault) else None
+                if fault is not None:
+                    raise RayNodeLost(_lost_message(fault)) from e
                 raise
     finally:
         try:

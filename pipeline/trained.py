@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from xlp.kernels.config import KernelsConfig
-from xlp.pipeline.core.config import merge_into, read_run_config
+from xlp.pipeline.core.config import merge_into, parse_override, read_run_config
 from xlp.pipeline.core.errors import ConfigError
 from xlp.pipeline.core.layout import RunLayout
 from xlp.xlstm_model import load_model
@@ -68,7 +68,7 @@ def model_settings(source: Path, overrides=()):
         if not eq or key.split(".")[0] not in SETTINGS_SECTIONS:
             raise ConfigError(f"override {item!r}: only kernels.* and decode.* keys can be set here "
                               "(e.g. kernels.backend=triton decode.fused=true)")
-        merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
+        merge_into(cfg, parse_override(item), f"command-line override {key!r}")
     kernels, decode = OmegaConf.to_object(cfg["kernels"]), OmegaConf.to_object(cfg["decode"])
     for part in (kernels, decode):
         try:

@@ -270,3 +270,83 @@ def test_submit_help_explains_the_checks_and_dry_run():
                    "slurm.gpus_per_node"):
         assert phrase in text, phrase
     assert re.search(r"--wait .*pending reason", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile and careless values on their way into the sbatch script (issue 29, item 1)
+
+# the issue's command, as the shell passes it: YAML's double quotes make `\n` a line break
+INJECTED_NAME = r'run.name="y\nid > /tmp/pwned\n#"'
+
+
+@pytest.mark.parametrize("override, message", [
+    (INJECTED_NAME, r"config key `run.name` is 'y\nid > /tmp/pwned\n#': use letters, digits"),
+    ("slurm.account=a b; echo x", "config key `slurm.account` is 'a b; echo x': a Slurm account is letters"),
+    (r'slurm.partition="gpu\n#SBATCH --qos=top"', r"config key `slurm.partition` is 'gpu\n#SBATCH --qos=top'"),
+    (r'slurm.job_name="x`id`"', "config key `slurm.job_name` is 'x`id`': use letters, digits"),
+    (r'slurm.extra=["--qos=high\nid"]', r"config key `slurm.extra[0]` is '--qos=high\nid': it holds the control "
+                                        r"character(s) '\n'"),
+    ("slurm.extra=[id]", "config key `slurm.extra[0]` is 'id': each slurm.extra item is an sbatch option"),
+    ("slurm.extra=[\"--comment='open\"]", "config key `slurm.extra[0]` is \"--comment='open\": No closing quotation"),
+    ("run.name=" + "a" * 300, "config key `run.name` is 300 characters long ('aaaa"),
+    ("run.name=`id`", "command-line override 'run.name': the value '`id`' is not valid YAML"),
+    ('run.name="`id`"', "config key `run.name` is '`id`': use letters, digits"),
+    (r'run.dir="/tmp/x\ny"', r"config key `run.dir` is '/tmp/x\ny': it holds the control character(s) '\n'"),
+], ids=["issue-injection", "account", "partition", "job-name", "extra-newline", "extra-not-option", "extra-quote",
+        "name-300-chars", "name-backtick-unquoted", "name-backtick", "run-dir"])
+def test_a_value_that_would_break_the_sbatch_script_is_a_config_error(override, message, tmp_path, monkeypatch, capsys):
+    """`xlp submit ... --dry-run --no-check` with a hostile or careless value: exit 1 with the key and what it
+    may hold, no traceback, nothing written (the issue: a newline in run.name made `id > /tmp/pwned` a
+    command of the script and hid the #SBATCH lines after it)."""
+    from xlp.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default run directory is runs/${run.name}, relative
+    assert main(["submit", str(TINY), "--to", "slurm", "--dry-run", "--no-check", override]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err, captured.err
+    assert captured.err.startswith("xlp submit: error: config") or "override" in captured.err
+    assert "Traceback" not in captured.err and "#SBATCH" not in captured.out
+    assert list(tmp_path.iterdir()) == []
+
+
+def sbatch_options(script: str) -> list[str]:
+    """The options sbatch reads from `script`: the #SBATCH lines before the first command, each split as
+    sbatch splits it (quotes and backslashes as the shell reads them; an unquoted '#' ends the line)."""
+    options = []
+    for line in script.splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            options += shlex.split(line[len("#SBATCH"):], comments=True)
+        elif line.strip() and not line.strip().startswith("#"):
+            break
+    return options
+
+
+def test_the_dry_run_script_keeps_every_sbatch_line_before_its_first_command(tmp_path, monkeypatch, capsys):
+    """Every slurm.* value in its place; a run directory with a space, a '#' and a quote reaches sbatch
+    whole; the script is valid bash; a --run-dir with a line break is refused, naming it."""
+    from xlp.pipeline.cli import main
+    from xlp.pipeline.cluster.submit import late_sbatch_lines
+    from xlp.pipeline.core.layout import RunLayout
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "odd run #1 'x'"
+    assert main(["submit", str(TINY), "--to", "slurm", "--dry-run", "--no-check", "--run-dir", str(run_dir),
+                 "slurm.partition=gpu,debug", "slurm.account=proj_1.a", "slurm.job_name=xlp-odd.1",
+                 "slurm.extra=[--qos=high, \"#SBATCH --comment='a b'\"]"]) == 0
+    out = capsys.readouterr().out
+    script = out.split("== sbatch script (")[1].split("\n", 1)[1].split("\n== training launch")[0]
+    assert late_sbatch_lines(script) == []
+    options = sbatch_options(script)
+    assert len(options) == script.count("\n#SBATCH")  # one option a line: every #SBATCH line is read
+    for option in ("--job-name=xlp-odd.1", "--partition=gpu,debug", "--account=proj_1.a", "--qos=high",
+                   "--comment=a b", "--time=24:00:00", "--requeue", "--signal=B:TERM@300",
+                   f"--output={RunLayout(run_dir).slurm_log('%j')}"):
+        assert option in options, (option, options)
+    syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=60)
+    assert syntax.returncode == 0, syntax.stderr
+    assert not run_dir.exists()
+
+    bad_dir = tmp_path / "a\nid #"
+    assert main(["submit", str(TINY), "--to", "slurm", "--dry-run", "--no-check", "--run-dir", str(bad_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "the run directory (--run-dir or run.dir)" in err and r"control character(s) '\n'" in err, err

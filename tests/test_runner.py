@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from conftest import XLP, xlp_env
 from xlp.pipeline.core.config import load_config
 from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
-from toy_stages import BROKEN_STAGES, TOY_STAGES, UNDECLARED_STAGES
+from toy_stages import BROKEN_STAGES, FAR_STAGES, TOY_STAGES, UNDECLARED_STAGES
 
 
 def calls(run_dir: Path) -> list[str]:
@@ -150,6 +151,67 @@ def test_a_stage_reading_a_key_it_does_not_declare_fails_naming_it(tmp_path, ray
     assert {s.name: s.status for s in stage_states(UNDECLARED_STAGES, cfg, tmp_path)} == {"undeclared": "failed"}
     assert not (tmp_path / "undeclared" / "numbers.txt").exists()
     assert calls(tmp_path) == ["undeclared fresh"]
+
+
+def test_a_stage_whose_process_is_killed_fails_as_the_clusters_fault_and_resumes(tmp_path, ray_local):
+    """The stage's own Ray worker SIGKILLed (the OOM killer, its node lost, by hand) while the stage waits on
+    its task: Ray's WorkerCrashedError, a retryable failure (`xlp run` exits 75; a Slurm job requeues
+    itself), not the run's own error; the rerun keeps the done stage and resumes. (tests/test_ray_faults.py
+    takes a whole node away under a stage's task on a cluster of two.)"""
+    import threading
+
+    (tmp_path / "hold").touch()  # the stage's task waits while this exists
+    killed = []
+
+    def kill_the_stage() -> None:
+        started, deadline = tmp_path / "far" / "started", time.time() + 120
+        while not started.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        pid = int((tmp_path / "far" / "stage_pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_the_stage, daemon=True)
+    killer.start()
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    try:
+        with pytest.raises(PipelineError, match=r"stage 'far' failed: RayNodeLost: the Ray cluster lost a node or a "
+                                                r"worker process the stage used \(WorkerCrashedError: ") as failed:
+            run_pipeline(cfg, stages=FAR_STAGES, out=io.StringIO())
+    finally:
+        (tmp_path / "hold").unlink()
+        killer.join(timeout=10)
+    assert killed and failed.value.retryable
+    assert {s.name: s.status for s in stage_states(FAR_STAGES, cfg, tmp_path)} == {"numbers": "done", "far": "failed"}
+    out = io.StringIO()
+    assert run_pipeline(cfg, stages=FAR_STAGES, out=out) == {"numbers": "skipped", "far": "ran"}
+    assert "> far: resuming" in out.getvalue() and (tmp_path / "far" / "far.txt").is_file()
+    assert calls(tmp_path) == ["numbers fresh", "far fresh", "far resumed"]
+
+
+def test_a_ray_fault_is_found_anywhere_in_the_error_chain(ray_local):
+    """What the stage's task raises crosses to the driver without its chain: the task decides from the whole
+    chain (Ray's wrapped cause, `raise ... from`, an error raised while handling another)."""
+    from ray.exceptions import NodeDiedError, ObjectFreedError, RayTaskError
+
+    from xlp.pipeline.core.node import ray_fault
+
+    lost = NodeDiedError("Task failed because the node it was running on is dead")
+    assert ray_fault(lost) is lost
+    assert ray_fault(RayTaskError("fn", "tb", lost)) is lost
+    try:
+        try:
+            raise lost
+        except NodeDiedError:
+            raise ValueError("could not read shard 3")  # noqa: B904 - what a careless handler does
+    except ValueError as wrapped:
+        assert ray_fault(wrapped) is lost
+    try:
+        raise OSError("disk") from lost
+    except OSError as chained:
+        assert ray_fault(chained) is lost
+    assert ray_fault(ValueError("the input file example.jsonl line 3 is not JSON")) is None
+    assert ray_fault(ObjectFreedError("00" * 28, None, "")) is None  # the program freed it: its own error
 
 
 def test_stage_output_is_echoed_to_the_terminal(tmp_path, ray_local):

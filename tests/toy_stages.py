@@ -57,6 +57,37 @@ def undeclared(ctx: StageContext) -> dict:
     return {"count": n}
 
 
+def _far_work(started: str, hold: str) -> str:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    with open(started, "w") as f:
+        f.write(f"{os.getpid()} {node}")
+    until = time.time() + 120
+    while os.path.exists(hold) and time.time() < until:
+        time.sleep(0.1)
+    return node
+
+
+def far(ctx: StageContext) -> dict:
+    """A stage whose work runs in a Ray task on another node than the stage's own when the cluster has
+    one, as the data stages' tasks do. While RUN_DIR/hold exists, the task waits (up to 120 s: for a
+    test to take its node, or the stage's process, away); RUN_DIR/far/stage_pid names the stage's process."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    _count_call(ctx)
+    (ctx.out_dir / "stage_pid").write_text(str(os.getpid()))
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    work = ray.remote(num_cpus=0, max_retries=0)(_far_work)
+    if others:
+        work = work.options(scheduling_strategy=NodeAffinitySchedulingStrategy(others[0], soft=False))
+    node = ray.get(work.remote(str(ctx.out_dir / "started"), str(ctx.run_dir / "hold")))
+    atomic_write_text(ctx.out_dir / "far.txt", node)
+    return {"far_node": node}
+
+
 TOY_STAGES = [
     Stage("numbers", reads=("data.seq_len",), needs=(), fn="toy_stages:numbers", headline=("count",)),
     Stage("total", reads=("train.steps",), needs=("numbers",), fn="toy_stages:total"),
@@ -64,3 +95,4 @@ TOY_STAGES = [
 ]
 UNDECLARED_STAGES = [Stage("undeclared", reads=("train.steps",), needs=(), fn="toy_stages:undeclared")]
 BROKEN_STAGES = TOY_STAGES[:1] + [Stage("broken", reads=(), needs=("numbers",), fn="toy_stages:broken")]
+FAR_STAGES = TOY_STAGES[:1] + [Stage("far", reads=(), needs=("numbers",), fn="toy_stages:far")]

@@ -27,6 +27,7 @@ import asyncio
 import copy
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ from xlp.pipeline.cluster.plan import (
 from xlp.pipeline.cluster.slurm import SlurmQueryError, never_starts, read_partition, request_errors
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.resources import sbatch_template
+from xlp.pipeline.core.schema.names import control_characters
 from xlp.pipeline.core.secrets import env_references, secret_keys
 from xlp.pipeline.core.stage import atomic_write_text
 
@@ -121,6 +123,14 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         optional.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
     python = s.python or sys.executable
     layout = RunLayout(run_dir)
+    # The config's values were checked when it was loaded (core/schema/names.py); these come from elsewhere
+    # (--run-dir, the directory xlp submit runs in): a line break in one would end its line of the script.
+    for what, value in (("the run directory (--run-dir or run.dir)", run_dir), ("the job's config file", config),
+                        ("the working directory xlp submit runs in", os.getcwd()), ("slurm.python", python)):
+        bad = control_characters(str(value))
+        if bad:
+            raise SubmitError(f"{what} {str(value)!r} holds the control character(s) {', '.join(bad)}, which would "
+                              "break the sbatch script; use a path without them")
     values = {
         "job_name": s.job_name or f"xlp-{cfg.run.name}",
         "nodes": s.nodes,
@@ -130,7 +140,7 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         "optional_lines": "\n".join(optional),
         "workdir": shlex.quote(os.getcwd()),  # relative paths in the config mean what they meant here
         "run_dir": shlex.quote(str(run_dir)),
-        "slurm_log": shlex.quote(str(layout.slurm_log("%j"))),  # sbatch fills in %j
+        "slurm_log": sbatch_quote(str(layout.slurm_log("%j"))),  # sbatch fills in %j
         # the shell fills in the job id: the directory quoted, the file name not
         "ray_log": f"{shlex.quote(str(layout.submit_dir))}/{layout.ray_log('$SLURM_JOB_ID').name}",
         "config": shlex.quote(str(config)),
@@ -141,7 +151,34 @@ def render_sbatch(cfg: DictConfig, *, config: Path, run_dir: Path, only: Optiona
         "stages": f"--stages {','.join(only)}" if only else "",
         "force": "--force" if force else "",
     }
-    return Template(SBATCH_TEMPLATE.read_text()).substitute(values)
+    script = Template(SBATCH_TEMPLATE.read_text()).substitute(values)
+    late = late_sbatch_lines(script)
+    if late:  # sbatch would ignore them: a job without the time limit, log or requeue asked for
+        raise SubmitError(f"the rendered sbatch script has #SBATCH lines after its first command ({late[0]!r}): "
+                          "sbatch would ignore them; this is a bug in xlp: please report it with the config")
+    return script
+
+
+def sbatch_quote(text: str) -> str:
+    """`text` as one argument of an #SBATCH line: sbatch splits those lines at spaces and reads quotes and
+    backslashes as the shell does (and backslashes inside quotes too), and an unquoted '#' starts a comment."""
+    if re.fullmatch(r"[A-Za-z0-9_./%+=:,@-]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def late_sbatch_lines(script: str) -> list[str]:
+    """The #SBATCH lines of `script` that come after its first command: sbatch stops reading options
+    there, so these are silently ignored."""
+    seen_command = False
+    late = []
+    for line in script.splitlines()[1:]:
+        stripped = line.strip()
+        if seen_command and line.startswith("#SBATCH"):
+            late.append(line)
+        elif stripped and not stripped.startswith("#"):
+            seen_command = True
+    return late
 
 
 def submit_slurm(cfg: DictConfig, *, run_dir: Path, only: Optional[list[str]], force: bool, wait: bool,

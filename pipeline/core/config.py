@@ -32,6 +32,7 @@ from xlp.pipeline.core.errors import ConfigError
 from xlp.pipeline.core.resources import config_dir, resolve_config
 from xlp.pipeline.core.schema.data import DataConfig
 from xlp.pipeline.core.schema.eval import EvalConfig
+from xlp.pipeline.core.schema.names import check_name, check_no_control
 from xlp.pipeline.core.schema.slurm import SlurmConfig
 from xlp.pipeline.core.schema.study import StudyConfig
 from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
@@ -49,6 +50,12 @@ class RunConfig:
     name: str = "demo"
     dir: str = "runs/${run.name}"  # RUN_DIR: stage outputs, stage.json markers, the resolved config
     seed: int = 0
+
+    def validate(self) -> None:
+        # run.name becomes a directory, the Slurm job's name and a line of its sbatch script
+        check_name("run.name", self.name, names="the run directory, the Slurm job and the W&B run",
+                   example="run.name=tiny_v2")
+        check_no_control("run.dir", self.dir, "it is a path, written into the sbatch script")
 
 
 @dataclass
@@ -91,7 +98,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merge_into(cfg, {group: read_yaml(group_file(group, name, CONFIG_DIR))}, f"override {group}={name}")
     for item in dot_overrides:
         key, _, value = item.partition("=")
-        merge_into(cfg, OmegaConf.from_dotlist([item]), f"command-line override {key!r}")
+        merge_into(cfg, parse_override(item), f"command-line override {key!r}")
     return finalize(cfg)
 
 
@@ -147,6 +154,19 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """A run directory's config.yaml (checked: read_run_config) as load_config loads any config file."""
     read_run_config(path)
     return load_config(Path(path), overrides)
+
+
+def parse_override(item: str) -> DictConfig:
+    """A `key=value` override as a config; the value is read as YAML (`[a, b]`, `3`, `"text"`). A value
+    YAML cannot read (one starting with a backtick, '@' or '%', an unclosed quote or bracket) is a
+    ConfigError naming the key, not a parser's traceback."""
+    key, _, value = item.partition("=")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        said = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"command-line override {key!r}: the value {value!r} is not valid YAML ({said}); "
+                          f"if it is text, quote it for YAML inside the shell's quotes, e.g. '{key}=\"text\"'") from None
 
 
 def finalize(cfg: DictConfig) -> DictConfig:
@@ -334,7 +354,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key `{key}` is {value!r}; valid values: {', '.join(choices)}")
-    for section in ("data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm", "study"):
+    for section in ("run", "data", "tokenizer", "model", "train", "eval", "kernels", "decode", "slurm", "study"):
         obj = OmegaConf.to_object(cfg[section])
         check = getattr(obj, "validate", None)
         if check is not None:

@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import Optional
+
+from xlp.pipeline.core.schema.names import check_name, check_no_control
+
+# what Slurm takes as a partition (several: comma-separated) and an account name
+PARTITION_RE = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def parse_time(text: str) -> Optional[int]:
@@ -12,7 +19,7 @@ def parse_time(text: str) -> Optional[int]:
     text = str(text).strip()
     if text.lower() in ("infinite", "unlimited", "-1"):
         return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    m = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?", text)
     if not m:
         raise ValueError(f"not a Slurm time: {text!r}")
     days, a, b, c = m.groups()
@@ -53,7 +60,32 @@ class SlurmConfig:
             if getattr(self, key) < least:
                 raise ValueError(f"config key `slurm.{key}` is {getattr(self, key)}; must be >= {least}")
         try:
+            check_no_control("slurm.time", self.time)
             parse_time(self.time)
         except ValueError:
             raise ValueError(f"config key `slurm.time` is {self.time!r}; use Slurm's format: minutes, "
                              "HH:MM:SS or D-HH:MM:SS (e.g. 24:00:00)") from None
+        # Each of these is pasted into an #SBATCH line of the job's script (xlp.pipeline.cluster.submit):
+        # only what Slurm accepts there, and never a line break.
+        if self.job_name:
+            check_name("slurm.job_name", self.job_name, names="the Slurm job", example="slurm.job_name=xlp-tiny")
+        for key, pattern, what, listed, example in (
+                ("partition", PARTITION_RE, "a Slurm partition (several: comma-separated)", "sinfo -s", "gpu"),
+                ("account", ACCOUNT_RE, "a Slurm account", "sacctmgr show assoc user=$USER", "proj123")):
+            value = getattr(self, key)
+            if value and not pattern.fullmatch(str(value)):
+                raise ValueError(f"config key `slurm.{key}` is {value!r}: {what} is letters, digits, '_', '-' and "
+                                 f"'.' (`{listed}` lists yours), e.g. slurm.{key}={example}")
+        for i, line in enumerate(self.extra):
+            key = f"slurm.extra[{i}]"
+            check_no_control(key, line)
+            option = str(line).removeprefix("#SBATCH").strip()
+            try:
+                words = shlex.split(option, comments=True)
+            except ValueError as e:  # sbatch reads quotes as the shell does, and stops the job at an unmatched one
+                raise ValueError(f"config key `{key}` is {line!r}: {e}; close the quote") from None
+            if not words or not words[0].startswith("-"):
+                raise ValueError(f"config key `{key}` is {line!r}: each slurm.extra item is an sbatch option, "
+                                 "e.g. slurm.extra=[--qos=high,--mem=64G]")
+        if self.python is not None:
+            check_no_control("slurm.python", self.python)

@@ -1,12 +1,11 @@
 """`study.*`: the variants of `xlp study` (xlp.pipeline.study)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from xlp.pipeline.core.schema.names import NAME_RE
 
 RESERVED_NAMES = ("data", "report", "wandb")  # and data-*: names in the study directory (StudyLayout)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # keys a variant may not set: the study sets them for each variant
 STUDY_OWNED = ("run.name", "run.dir", "wandb.group", "study")
 
@@ -29,7 +28,7 @@ class StudyConfig:
         seen: dict[str, int] = {}
         for i, v in enumerate(self.variants):
             where = f"study.variants[{i}]"
-            if not v.name or not NAME_RE.match(v.name):
+            if not v.name or not NAME_RE.fullmatch(v.name):
                 raise ValueError(f"{where}: name {v.name!r} must be letters, digits, '_', '-', '.' (it names the "
                                  "variant's directory), e.g. name: xlstm_small")
             if v.name in RESERVED_NAMES or v.name.startswith("data-"):
