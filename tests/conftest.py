@@ -43,7 +43,8 @@ SERVICE_GROUPS = {"slurm-nodes": {"slurm_two_nodes", "requeued"}, "slurm": {"slu
 # then the groups and tests that took longest (`make test PYTEST_ARGS=--durations=60`, 2026-12-07), so
 # that no long one starts last
 LONG_FIRST = ("test_wheel", "test_study", "test_export", "test_continue", "test_hang", "test_mixture.py",
-              "test_campaign.py", "test_fingerprint_inputs.py", "test_elastic", "test_secrets.py", "test_train")
+              "test_campaign.py", "test_fingerprint_inputs.py", "test_elastic", "test_secrets.py", "test_ray_faults",
+              "test_train")
 GROUPS_FILE = "XLP_TEST_GROUPS_FILE"
 
 
