@@ -185,7 +185,6 @@ def test_another_trajectorys_checkpoint_is_refused_and_never_pruned(tmp_path):
 
     # an older version's checkpoint is resumed as this run's, with a note
     (root / ckpt.name_of(20) / ckpt.META).unlink()
-    shutil.rmtree(root / ckpt.name_of(10))
     assert ckpt.choose(root, rank=0, world_size=1, trajectory=OURS, say=said.append) == root / ckpt.name_of(5)
     assert said == [f"checkpoint {ckpt.name_of(5)} records no trajectory (saved by an older version): resuming it "
                     "as this run's; checkpoints without one are never pruned (delete them once they are not needed)"]
@@ -431,6 +430,11 @@ def test_resume_from_step(tmp_path, shards):
         assert torch.equal(full[k], again[k]), k
 
 
+def tree(root: Path) -> dict[str, int]:
+    """Every file under `root`: its size."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def rehash(folder: Path, name: str) -> None:
     """Record `name`'s new size and sha256 in meta.json, as a forger who can write the folder would."""
     meta = ckpt.read_meta(folder)
@@ -446,8 +450,8 @@ def test_forged_and_foreign_checkpoints_are_refused(tmp_path, shards):
     run = tmp_path / "a"
     train(run, shards, short, procs=1)
     root = run / "train" / "checkpoints"
-    listing = {p.name: sorted(q.name for q in p.iterdir()) for p in root.iterdir()}
-    assert sorted(listing) == [ckpt.name_of(2), ckpt.name_of(4)]
+    listing = tree(root)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [2, 4]
     trajectory = ckpt.read_meta(root / ckpt.name_of(4))[ckpt.TRAJECTORY]
     assert len(trajectory) == 16 and ckpt.read_meta(root / ckpt.name_of(2))[ckpt.TRAJECTORY] == trajectory
 
@@ -463,8 +467,8 @@ def test_forged_and_foreign_checkpoints_are_refused(tmp_path, shards):
     with pytest.raises(TrainFailed, match=rf"{ckpt.name_of(4)} is not this run's: it records train trajectory "
                                           rf"{trajectory}, and this run's is (?!{trajectory})[0-9a-f]{{16}}"):
         train(b, shards, [*other, f"train.checkpoint_dir={root}"], procs=1)
-    assert {p.name: sorted(q.name for q in p.iterdir()) for p in root.iterdir()} == listing  # nothing written, pruned
-    assert all(ckpt.verify(root / name) == [] for name in listing)
+    assert tree(root) == listing  # nothing written, moved or pruned
+    assert all(ckpt.verify(p) == [] for _, p in ckpt.complete_checkpoints(root))
 
     # item 2: a forged model-states pickle, meta.json re-hashed to match
     marker = tmp_path / "pwned"
@@ -476,7 +480,7 @@ def test_forged_and_foreign_checkpoints_are_refused(tmp_path, shards):
                                           rf"its pickle names {os.mkdir.__module__}\.mkdir"):
         train(run, shards, [*short, "train.steps=6"], procs=1)
     assert not marker.exists()
-    assert sorted(p.name for p in root.iterdir()) == sorted(listing)  # the forged checkpoint is kept, for a look
+    assert sorted(tree(root)) == sorted(listing)  # the forged checkpoint is kept, for a look
 
 
 class FillDiskAfterFirstSave(TrainHooks):
