@@ -457,15 +457,15 @@ def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional
     stopped branch continues); CheckpointError naming the available steps when there is none, or
     when it is damaged. Newer checkpoints of the old trajectory are set aside as superseded.
 
-    trajectory: this run's train trajectory fingerprint. A candidate recording another one is refused
-    (CheckpointError naming both; nothing is moved); one recording none (saved before checkpoints
-    recorded it) is resumed, with a note through `say`."""
+    trajectory: this run's train trajectory fingerprint (rank 0's counts). A candidate recording
+    another one is refused (CheckpointError naming both; nothing is moved); one recording none (saved
+    before checkpoints recorded it) is resumed, with a note through `say`."""
     root = Path(root)
     plan: Any = None
     if rank == 0:
         try:
             remove_partial(root)
-            plan = _candidates(root, resume_from_step)
+            plan = dict(_candidates(root, resume_from_step), ours=trajectory or "")
         except Exception as e:  # noqa: BLE001
             plan = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)}
     plan = _broadcast(plan)
@@ -473,10 +473,10 @@ def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional
         raise CheckpointError(plan["error"])
     chosen: Optional[str] = None
     damaged: list[tuple[str, list[str]]] = []
-    ours = trajectory or ""
+    ours = plan["ours"]  # rank 0's trajectory: every rank decides alike
     for cand in plan["candidates"]:
         theirs = plan["trajectories"].get(cand)
-        if theirs and theirs != ours:  # the same decision on every rank: rank 0's plan
+        if theirs and theirs != ours:
             raise CheckpointError(
                 f"checkpoint {cand} is not this run's: it records train trajectory {theirs}, and this run's is "
                 f"{ours or '(none)'} (another run's checkpoint, or one trained with another config); resuming it "
