@@ -14,6 +14,7 @@ run's checkpoints through a symlink and through train.checkpoint_dir, all refuse
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -28,7 +29,8 @@ import torch
 
 from xlp.pipeline.core.diskfull import DiskFull, disk_full, free_bytes
 from xlp.pipeline.core.errors import PipelineError
-from xlp.pipeline.core.layout import TrainLayout, check_train_paths
+from xlp.pipeline.core.layout import RunLayout, TrainLayout, check_train_paths
+from xlp.pipeline.runner import clean, keep_stale
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.hooks import TrainHooks
 from test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
@@ -259,6 +261,20 @@ def test_checkpoint_folders_linked_out_of_the_run_are_refused(tmp_path):
         check_train_paths(run, out, str(target), create=True)
     assert ckpt.complete_checkpoints(out.checkpoints)
     assert [s for s, _ in ckpt.complete_checkpoints(other)] == [30]  # nothing of the other run's touched
+
+
+def test_a_stale_folder_linked_out_of_the_run_is_neither_filled_nor_cleaned(tmp_path):
+    run, theirs = RunLayout(tmp_path / "run"), tmp_path / "other" / ".stale"
+    (theirs / "train-0123").mkdir(parents=True)
+    (theirs / "train-0123" / "model.safetensors").write_bytes(b"another run's weights")
+    (run.root / "train").mkdir(parents=True)
+    run.stale_dir.symlink_to(theirs)
+    for act in (lambda: clean(run.root, io.StringIO()), lambda: keep_stale(run, "train", {"fingerprint": "ab"}),
+                lambda: check_train_paths(run.root, run.train, None)):
+        with pytest.raises(PipelineError, match=rf"{run.stale_dir} leads out of the run directory {run.root} "
+                                                rf"through a symlink \(to {theirs}\)"):
+            act()
+    assert (theirs / "train-0123" / "model.safetensors").is_file() and (run.root / "train").is_dir()
 
 
 def test_rng_state_through_json_is_exact():

@@ -227,20 +227,41 @@ def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def leads_out(run_root: Path, path: Path) -> Optional[Path]:
+    """Where `path`, a path in the run directory, really is when a symlink on the way takes it out of
+    the run directory (None when it stays inside, or is not there)."""
+    if not os.path.lexists(path):
+        return None
+    real = _real(path)
+    return None if _inside(real, _real(run_root)) else real
+
+
+def check_stale_dir(layout: RunLayout) -> Path:
+    """RUN_DIR/.stale, refused (PipelineError) when a symlink takes it out of the run directory: outputs
+    moved there would land in another folder, and `xlp clean` would delete what is there."""
+    real = leads_out(layout.root, layout.stale_dir)
+    if real is not None:
+        raise PipelineError(
+            f"{layout.stale_dir} leads out of the run directory {layout.root} through a symlink (to {real}): "
+            "replaced outputs would be moved there and `xlp clean` would delete what that folder holds. Remove the "
+            f"link (`rm {layout.stale_dir}`); the run makes a folder of its own")
+    return layout.stale_dir
+
+
 def check_train_paths(run_root: Path, out: TrainLayout, checkpoint_dir: Optional[str], *,
                       create: bool = False) -> None:
     """Refuse a train output that a symlink takes out of the run directory: the run writes its
     checkpoints there, prunes old ones and resumes the newest, so a link to another run's folder would
-    make that run's checkpoints this run's. Checked: the train folder, its checkpoints folder and each
-    entry in it (an entry may not lead out of the checkpoints folder). `checkpoint_dir`
-    (train.checkpoint_dir) is the one place outside the user names explicitly: the checkpoints folder
-    is then a link to it (made here when `create` and there is none yet, or in place of an empty folder).
-    An out_dir outside the run directory (a rank's --out-dir) is its own root.
-    Raises PipelineError naming the path, where it leads and the fix."""
+    make that run's checkpoints this run's. Checked: RUN_DIR/.stale (check_stale_dir), the train
+    folder, its checkpoints folder and each entry in it (an entry may not lead out of the checkpoints
+    folder). `checkpoint_dir` (train.checkpoint_dir) is the one place outside that the user names
+    explicitly: the checkpoints folder is then a link to it (made here when `create` and there is none
+    yet, or in place of an empty folder). An out_dir outside the run directory (a rank's --out-dir) is
+    its own root. Raises PipelineError naming the path, where it leads and the fix."""
     run_root, root = Path(os.path.abspath(run_root)), Path(os.path.abspath(out.root))
+    check_stale_dir(RunLayout(run_root))  # where a resume sets damaged or superseded checkpoints aside
     base = run_root if _inside(root, run_root) else root
-    real_base = _real(base)
-    if root != base and not _inside(_real(root), real_base):
+    if root != base and leads_out(base, root) is not None:
         raise PipelineError(
             f"{root} leads out of the run directory {base} through a symlink (to {_real(root)}): this run would "
             "write its checkpoints and model there, prune and resume what it finds as its own. Remove the link "
@@ -265,7 +286,7 @@ def check_train_paths(run_root: Path, out: TrainLayout, checkpoint_dir: Optional
         real_folder = _real(target)
     else:
         real_folder = _real(folder)
-        if os.path.lexists(folder) and not _inside(real_folder, real_base):
+        if leads_out(base, folder) is not None:
             raise PipelineError(
                 f"{folder} leads out of the run directory {base} through a symlink (to {real_folder}): checkpoints "
                 "there may be another run's, and this run would write, prune and resume them as its own. Remove "

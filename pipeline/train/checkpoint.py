@@ -46,7 +46,7 @@ Loading DeepSpeed's files: DeepSpeed reads them with torch.load(weights_only=Fal
 whatever a pickle names (a forged `mp_rank_00_model_states.pt`, with meta.json re-hashed to match,
 would run its payload). While `load` runs, DeepSpeed's checkpoint engine loads through torch's
 weights-only unpickler instead, which may construct tensors, containers and numbers and, beyond
-those, only DEEPSPEED_GLOBALS (the classes DeepSpeed's own ZeRO 0-3 files hold); a file that names
+those, only deepspeed_globals() (the classes DeepSpeed's own ZeRO 0-3 files hold); a file that names
 anything else fails with UnsafeCheckpoint naming the file and the global, before any of it runs.
 (Restricting the load itself rather than scanning the files first: what is checked is what is
 loaded, in the one read DeepSpeed does anyway, with no window between a check and the load.)
