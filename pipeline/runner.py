@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from xlp.pipeline.core.config import seal_run_config
 from xlp.pipeline.core.errors import PipelineError
-from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.core.layout import RunLayout, check_stale_dir
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
 from xlp.pipeline.core.registry import STAGES
@@ -230,6 +230,7 @@ def _prepare_dir(stage: Stage, layout: RunLayout, marker: dict, fp: str, traject
 def keep_stale(layout: RunLayout, stage: str, marker: dict) -> Path:
     """Move RUN_DIR/<stage> to RUN_DIR/.stale/<stage>-<its fingerprint> (one atomic rename)."""
     fp = marker.get("fingerprint") or f"unmarked-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_stale_dir(layout)
     target = layout.stale_output(stage, fp)
     n = 1
     while target.exists():
@@ -260,6 +261,7 @@ def clean(run_dir: Path, out: TextIO) -> int:
     lock = RunLock(Path(run_dir))
     lock.acquire()  # not while an `xlp run` may be moving outputs there
     try:
+        check_stale_dir(RunLayout(run_dir))  # deletes only what is in the run directory
         freed = 0
         for path, size in stale_outputs(run_dir):
             shutil.rmtree(path) if path.is_dir() else path.unlink()

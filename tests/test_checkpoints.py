@@ -1,14 +1,20 @@
-"""Verified checkpoints and disk-full failures (issue 16, items 4-5).
+"""Verified checkpoints and disk-full failures (issue 16, items 4-5); forged and foreign checkpoints
+(issue 29, items 2-3).
 
 Fast: the verify function (truncated, missing, changed files), choosing the checkpoint to resume from
-(fallback, train.resume_from_step), RNG state through JSON bit for bit, DiskFull, ShardWriter and
-stage.json on a full tmpfs (root only).
-Slow (real DeepSpeed, 2 gloo ranks as in test_train.py): a truncated newest checkpoint falls back to
-the previous one and ends bitwise equal; train.resume_from_step; a checkpoint save that fills its disk.
+(fallback, train.resume_from_step, another trajectory's refused, an older version's resumed), pruning
+only this trajectory's, RNG state through JSON bit for bit, DiskFull, ShardWriter and stage.json on a
+full tmpfs (root only), a forged pickle refused by the restricted load, checkpoint folders that a
+symlink takes out of the run directory.
+Slow (real DeepSpeed, gloo ranks as in test_train.py): a truncated newest checkpoint falls back to
+the previous one (saved before checkpoints recorded their trajectory) and ends bitwise equal;
+train.resume_from_step; a checkpoint save that fills its disk; a forged model-states pickle, another
+run's checkpoints through a symlink and through train.checkpoint_dir, all refused on real ranks.
 """
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -22,6 +28,9 @@ import pytest
 import torch
 
 from xlp.pipeline.core.diskfull import DiskFull, disk_full, free_bytes
+from xlp.pipeline.core.errors import PipelineError
+from xlp.pipeline.core.layout import RunLayout, TrainLayout, check_train_paths
+from xlp.pipeline.runner import clean, keep_stale
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.hooks import TrainHooks
 from test_train import make_shards, train, weights  # noqa: F401  (make_shards: the fixture's)
@@ -147,8 +156,125 @@ def test_prune_never_removes_the_new_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):
         fake_checkpoint(root, step, FILES)
-    ckpt.prune(root, keep=1, protect=root / ckpt.name_of(20))
+    ckpt.prune(root, keep=1, trajectory=None, protect=root / ckpt.name_of(20))
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [20, 30]
+
+
+OURS, THEIRS = "0123456789abcdef", "fedcba9876543210"
+
+
+def test_another_trajectorys_checkpoint_is_refused_and_never_pruned(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 5, FILES)  # saved before checkpoints recorded their trajectory
+    for step in (10, 20):
+        fake_checkpoint(root, step, FILES, trajectory=OURS)
+    fake_checkpoint(root, 30, FILES, trajectory=THEIRS)  # another run's, in the same folder
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(ckpt.CheckpointError, match=rf"{ckpt.name_of(30)} is not this run's: it records train "
+                                                   rf"trajectory {THEIRS}, and this run's is {OURS}"):
+        ckpt.choose(root, rank=0, world_size=1, trajectory=OURS, aside=tmp_path / ".stale")
+    assert sorted(p.name for p in root.iterdir()) == before and not (tmp_path / ".stale").exists()
+
+    # pruning to one keeps the newest of ours, and neither the other run's nor the unmarked one
+    ckpt.prune(root, keep=1, trajectory=OURS, protect=root / ckpt.name_of(20))
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [5, 20, 30]
+
+    # the other run's checkpoint moved out: ours resumes
+    shutil.move(root / ckpt.name_of(30), tmp_path / "theirs")
+    said: list[str] = []
+    assert ckpt.choose(root, rank=0, world_size=1, trajectory=OURS, say=said.append) == root / ckpt.name_of(20)
+    assert not said  # ours: nothing to say
+
+    # an older version's checkpoint is resumed as this run's, with a note
+    (root / ckpt.name_of(20) / ckpt.META).unlink()
+    assert ckpt.choose(root, rank=0, world_size=1, trajectory=OURS, say=said.append) == root / ckpt.name_of(5)
+    assert said == [f"checkpoint {ckpt.name_of(5)} records no trajectory (saved by an older version): resuming it "
+                    "as this run's; checkpoints without one are never pruned (delete them once they are not needed)"]
+
+
+def test_restricted_load_refuses_a_forged_pickle(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # what DeepSpeed's files hold loads: tensors, containers, torch.Size and its own data classes
+    good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                         "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]},
+                "param_shapes": [{"w": torch.Size([2, 2])}], "module": {"w": torch.ones(2, 2)}, "ds_version": "x"},
+               good)
+    state = ckpt.restricted_load(good, map_location="cpu")
+    assert state["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
+    assert torch.equal(state["module"]["w"], torch.ones(2, 2))
+
+    # a forged model-states file: real torch.save of a payload that creates a directory when unpickled
+    marker = tmp_path / "pwned"
+    forged = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "dp_world_size": _Boom(str(marker))}, forged)
+    with pytest.raises(ckpt.UnsafeCheckpoint, match=rf"refusing to load checkpoint file {forged}: its pickle names "
+                                                    rf"{os.mkdir.__module__}\.mkdir"):
+        ckpt.restricted_load(forged, map_location="cpu")
+    assert not marker.exists()
+    torch.load(forged, weights_only=False)  # what DeepSpeed's own load would do: the payload runs
+    assert marker.is_dir()
+
+
+def test_checkpoint_folders_linked_out_of_the_run_are_refused(tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other" / "checkpoints"
+    out = TrainLayout(run / "train")
+    other.mkdir(parents=True)
+    fake_checkpoint(other, 30, FILES, trajectory=THEIRS)
+    check_train_paths(run, out, None)  # nothing there yet
+    out.root.mkdir(parents=True)
+    out.checkpoints.symlink_to(other)
+    with pytest.raises(PipelineError, match=rf"{out.checkpoints} leads out of the run directory {run} through a "
+                                            rf"symlink \(to {other}\).*set train.checkpoint_dir={other}"):
+        check_train_paths(run, out, None)
+    check_train_paths(run, out, str(other))  # the place the user names explicitly
+    with pytest.raises(PipelineError, match=rf"train.checkpoint_dir is {tmp_path}/elsewhere, but "
+                                            rf"{out.checkpoints} is a link to {other}"):
+        check_train_paths(run, out, str(tmp_path / "elsewhere"))
+    # a link inside the run directory is the run's own
+    out.checkpoints.unlink()
+    (run / "ckpt").mkdir()
+    out.checkpoints.symlink_to(run / "ckpt")
+    check_train_paths(run, out, None)
+    # a step folder linked in from outside
+    (run / "ckpt" / ckpt.name_of(30)).symlink_to(other / ckpt.name_of(30))
+    with pytest.raises(PipelineError, match=rf"{ckpt.name_of(30)} is a symlink that leads out of the checkpoints"):
+        check_train_paths(run, out, None)
+    # the train folder itself
+    shutil.rmtree(out.root)
+    out.root.symlink_to(other.parent)
+    with pytest.raises(PipelineError, match=rf"{out.root} leads out of the run directory"):
+        check_train_paths(run, out, None)
+    out.root.unlink()
+    # train.checkpoint_dir: the run makes the link (in place of an empty folder); a folder with
+    # checkpoints of its own stays and is refused
+    out.checkpoints.mkdir(parents=True)
+    target = tmp_path / "big" / "run1"
+    check_train_paths(run, out, str(target), create=True)
+    assert out.checkpoints.is_symlink() and out.checkpoints.resolve() == target.resolve()
+    out.checkpoints.unlink()
+    fake_checkpoint(out.checkpoints, 10, FILES)
+    with pytest.raises(PipelineError, match=rf"{out.checkpoints} is a folder of the run directory"):
+        check_train_paths(run, out, str(target), create=True)
+    assert ckpt.complete_checkpoints(out.checkpoints)
+    assert [s for s, _ in ckpt.complete_checkpoints(other)] == [30]  # nothing of the other run's touched
+
+
+def test_a_stale_folder_linked_out_of_the_run_is_neither_filled_nor_cleaned(tmp_path):
+    run, theirs = RunLayout(tmp_path / "run"), tmp_path / "other" / ".stale"
+    (theirs / "train-0123").mkdir(parents=True)
+    (theirs / "train-0123" / "model.safetensors").write_bytes(b"another run's weights")
+    (run.root / "train").mkdir(parents=True)
+    run.stale_dir.symlink_to(theirs)
+    for act in (lambda: clean(run.root, io.StringIO()), lambda: keep_stale(run, "train", {"fingerprint": "ab"}),
+                lambda: check_train_paths(run.root, run.train, None)):
+        with pytest.raises(PipelineError, match=rf"{run.stale_dir} leads out of the run directory {run.root} "
+                                                rf"through a symlink \(to {theirs}\)"):
+            act()
+    assert (theirs / "train-0123" / "model.safetensors").is_file() and (run.root / "train").is_dir()
 
 
 def test_rng_state_through_json_is_exact():
@@ -279,11 +405,16 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, shards):
     (root / ckpt.name_of(10) / "rank_00000.pt").write_bytes(pickle.dumps(_Boom(str(marker))))
     shutil.rmtree(run / "train" / "model")
     (run / "train" / "result.json").unlink()
+    # step 10 as a version before issue 29 saved it: no trajectory in meta.json (it still resumes)
+    meta = ckpt.read_meta(root / ckpt.name_of(10))
+    assert meta.pop(ckpt.TRAJECTORY) == ckpt.read_meta(newest)[ckpt.TRAJECTORY]
+    (root / ckpt.name_of(10) / ckpt.META).write_text(json.dumps(meta))
 
     result = train(run, shards, COMMON)
     assert result["step"] == 20
     log = rank0_log(run)
     assert f"{newest} is damaged: {victim}: truncated" in log, log[-3000:]
+    assert f"{ckpt.name_of(10)} records no trajectory (saved by an older version): resuming it" in log
     assert f"resumed from {root / ckpt.name_of(10)}" in log
     assert (run / ".stale" / f"train-{newest.name}-damaged").is_dir()  # kept until `xlp clean`
     assert ckpt.verify(newest) == []  # saved again, whole
@@ -312,6 +443,59 @@ def test_resume_from_step(tmp_path, shards):
     again = weights(run)
     for k in full:
         assert torch.equal(full[k], again[k]), k
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Every file under `root`: its size."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rehash(folder: Path, name: str) -> None:
+    """Record `name`'s new size and sha256 in meta.json, as a forger who can write the folder would."""
+    meta = ckpt.read_meta(folder)
+    meta[ckpt.FILES][name] = ckpt.file_record(folder / name)
+    (folder / ckpt.META).write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+def test_forged_and_foreign_checkpoints_are_refused(tmp_path, shards):
+    from xlp.pipeline.cluster.launch import TrainFailed
+
+    short = [*COMMON, "train.steps=4", "train.save_every=2", "train.eval_every=0"]
+    run = tmp_path / "a"
+    train(run, shards, short, procs=1)
+    root = run / "train" / "checkpoints"
+    listing = tree(root)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [2, 4]
+    trajectory = ckpt.read_meta(root / ckpt.name_of(4))[ckpt.TRAJECTORY]
+    assert len(trajectory) == 16 and ckpt.read_meta(root / ckpt.name_of(2))[ckpt.TRAJECTORY] == trajectory
+
+    # item 3: another run (another learning rate) whose checkpoints folder is a link to run a's
+    b = tmp_path / "b"
+    (b / "train").mkdir(parents=True)
+    (b / "train" / "checkpoints").symlink_to(root)
+    other = [*short, "train.lr=2e-3", "train.steps=8"]
+    with pytest.raises(TrainFailed, match=rf"{b}/train/checkpoints leads out of the run directory {b} through a "
+                                          rf"symlink \(to {root}\)"):
+        train(b, shards, other, procs=1)
+    # named explicitly, the folder is used, and a's checkpoints are refused as another trajectory's
+    with pytest.raises(TrainFailed, match=rf"{ckpt.name_of(4)} is not this run's: it records train trajectory "
+                                          rf"{trajectory}, and this run's is (?!{trajectory})[0-9a-f]{{16}}"):
+        train(b, shards, [*other, f"train.checkpoint_dir={root}"], procs=1)
+    assert tree(root) == listing  # nothing written, moved or pruned
+    assert all(ckpt.verify(p) == [] for _, p in ckpt.complete_checkpoints(root))
+
+    # item 2: a forged model-states pickle, meta.json re-hashed to match
+    marker = tmp_path / "pwned"
+    newest = root / ckpt.name_of(4)
+    torch.save({"module": {}, "dp_world_size": _Boom(str(marker))}, newest / "mp_rank_00_model_states.pt")
+    rehash(newest, "mp_rank_00_model_states.pt")
+    assert ckpt.verify(newest) == []
+    with pytest.raises(TrainFailed, match=rf"refusing to load checkpoint file {newest}/mp_rank_00_model_states.pt: "
+                                          rf"its pickle names {os.mkdir.__module__}\.mkdir"):
+        train(run, shards, [*short, "train.steps=6"], procs=1)
+    assert not marker.exists()
+    assert sorted(tree(root)) == sorted(listing)  # the forged checkpoint is kept, for a look
 
 
 class FillDiskAfterFirstSave(TrainHooks):

@@ -137,6 +137,26 @@ def test_a_direct_launch_is_a_run_the_runner_knows(data_run, tmp_path):
     st = subprocess.run([*XLP, "status", str(run)], env=xlp_env(), capture_output=True, text=True, timeout=120)
     assert any(line.split()[:2] == ["train", "done"] for line in st.stdout.splitlines()), st.stdout
     assert os.path.isfile(run / "train" / "model" / "model.safetensors")
+    # its checkpoints record the trajectory the runner computes (issue 29: whose checkpoints they are)
+    root = run / "train" / "checkpoints"
+    assert {ckpt.read_meta(p)[ckpt.TRAJECTORY] for _, p in ckpt.complete_checkpoints(root)} == {m["trajectory"]}
+
+    # issue 29, item 3, as the user met it: the checkpoints folder a symlink to another run's folder; a
+    # longer run (which continues this one's output) is refused before any rank starts, nothing touched
+    ours = tmp_path / "ours"
+    shutil.move(root, ours)
+    other = tmp_path / "elsewhere" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "keep.txt").write_text("another run's\n")
+    root.symlink_to(other)
+    r = subprocess.run([*XLP, "run", str(TINY), f"run.dir={run}", *SMALL, "train.steps=12", "--stages", "train"],
+                       env=xlp_env(), capture_output=True, text=True, timeout=600)
+    said = r.stdout + r.stderr
+    assert r.returncode != 0, said[-3000:]
+    assert (f"{root} leads out of the run directory {run} through a symlink (to {other})" in said
+            and f"set train.checkpoint_dir={other}" in said), said[-3000:]
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]  # nothing written there, nothing pruned
+    assert marker(run)["status"] == "failed"
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:

@@ -10,7 +10,8 @@
       <stage>/stage.log           its output
       tokenizer/tokenizer.model   the SentencePiece model (tokenizer.vocab: its pieces; stats.json)
       shard/manifest.json         the shards' index; shard/<split>/*.tar the WebDataset shards
-      train/checkpoints/          DeepSpeed checkpoints (step_<n>/)
+      train/checkpoints/          DeepSpeed checkpoints (step_<n>/); a link to train.checkpoint_dir when
+                                  that is set (check_train_paths: no other link out of the run dir)
       train/model/                the consolidated model (safetensors + config.json)
       train/metrics.jsonl         one row of metrics per step
       train/result.json           rank 0's summary of the attempt
@@ -22,8 +23,12 @@ Stages get their directories from here; no module spells these names itself.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from xlp.pipeline.core.errors import PipelineError
 
 # File names inside a directory, for the code that gets the directory alone (a stage's dir, a shard
 # dir that may be a URL, an exported model dir).
@@ -212,3 +217,85 @@ class StudyLayout:
 
     def plot(self, name: str) -> Path:
         return self.root / name
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def leads_out(run_root: Path, path: Path) -> Optional[Path]:
+    """Where `path`, a path in the run directory, really is when a symlink on the way takes it out of
+    the run directory (None when it stays inside, or is not there)."""
+    if not os.path.lexists(path):
+        return None
+    real = _real(path)
+    return None if _inside(real, _real(run_root)) else real
+
+
+def check_stale_dir(layout: RunLayout) -> Path:
+    """RUN_DIR/.stale, refused (PipelineError) when a symlink takes it out of the run directory: outputs
+    moved there would land in another folder, and `xlp clean` would delete what is there."""
+    real = leads_out(layout.root, layout.stale_dir)
+    if real is not None:
+        raise PipelineError(
+            f"{layout.stale_dir} leads out of the run directory {layout.root} through a symlink (to {real}): "
+            "replaced outputs would be moved there and `xlp clean` would delete what that folder holds. Remove the "
+            f"link (`rm {layout.stale_dir}`); the run makes a folder of its own")
+    return layout.stale_dir
+
+
+def check_train_paths(run_root: Path, out: TrainLayout, checkpoint_dir: Optional[str], *,
+                      create: bool = False) -> None:
+    """Refuse a train output that a symlink takes out of the run directory: the run writes its
+    checkpoints there, prunes old ones and resumes the newest, so a link to another run's folder would
+    make that run's checkpoints this run's. Checked: RUN_DIR/.stale (check_stale_dir), the train
+    folder, its checkpoints folder and each entry in it (an entry may not lead out of the checkpoints
+    folder). `checkpoint_dir` (train.checkpoint_dir) is the one place outside that the user names
+    explicitly: the checkpoints folder is then a link to it (made here when `create` and there is none
+    yet, or in place of an empty folder). An out_dir outside the run directory (a rank's --out-dir) is
+    its own root. Raises PipelineError naming the path, where it leads and the fix."""
+    run_root, root = Path(os.path.abspath(run_root)), Path(os.path.abspath(out.root))
+    check_stale_dir(RunLayout(run_root))  # where a resume sets damaged or superseded checkpoints aside
+    base = run_root if _inside(root, run_root) else root
+    if root != base and leads_out(base, root) is not None:
+        raise PipelineError(
+            f"{root} leads out of the run directory {base} through a symlink (to {_real(root)}): this run would "
+            "write its checkpoints and model there, prune and resume what it finds as its own. Remove the link "
+            f"(`rm {root}`) to keep the train stage's output in the run directory; to keep checkpoints "
+            "elsewhere, set train.checkpoint_dir=PATH")
+    folder = root / "checkpoints"
+    if checkpoint_dir:
+        target = Path(checkpoint_dir).expanduser()
+        if not os.path.lexists(folder) or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+            if create:  # an empty folder holds nothing to lose
+                if os.path.lexists(folder):
+                    folder.rmdir()
+                target.mkdir(parents=True, exist_ok=True)
+                root.mkdir(parents=True, exist_ok=True)
+                os.symlink(target, folder)
+        elif not (folder.is_symlink() and _real(folder) == _real(target)):
+            now = f"a link to {os.readlink(folder)}" if folder.is_symlink() else "a folder of the run directory"
+            raise PipelineError(
+                f"train.checkpoint_dir is {target}, but {folder} is {now}: the run would not know which checkpoints "
+                f"are its own. Move the checkpoints you want this run to continue from into {target} and remove "
+                f"{folder} (the run links it to {target}), or unset train.checkpoint_dir")
+        real_folder = _real(target)
+    else:
+        real_folder = _real(folder)
+        if leads_out(base, folder) is not None:
+            raise PipelineError(
+                f"{folder} leads out of the run directory {base} through a symlink (to {real_folder}): checkpoints "
+                "there may be another run's, and this run would write, prune and resume them as its own. Remove "
+                f"the link (`rm {folder}`) to keep this run's checkpoints in the run directory, or, if {real_folder} "
+                f"is where this run's checkpoints belong, set train.checkpoint_dir={real_folder}")
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_symlink() and not _inside(_real(entry), real_folder):
+                raise PipelineError(
+                    f"{entry} is a symlink that leads out of the checkpoints folder (to {_real(entry)}): this run "
+                    "would resume or prune it as its own checkpoint. Remove the link, or copy the checkpoint in "
+                    "if it is this run's")

@@ -78,11 +78,12 @@ TRAIN = Stage(
     reads=("model", "train", "data.seq_len", "data.streams", "data.mixture", "data.mixture_phases", "run.seed",
            "kernels", "data.on_error"),
     # where the ranks run (and their transport settings, train.env), how often they log, validate and
-    # save, what they keep, how long a rank may hang or how often it restarts, and the loader's worker
-    # processes (the global order does not depend on them) change nothing the stage's training computes
+    # save, what they keep and where (train.checkpoint_dir), how long a rank may hang or how often it
+    # restarts, and the loader's worker processes (the global order does not depend on them) change
+    # nothing the stage's training computes
     ignores=("train.launcher", "train.device", "train.log_every", "train.save_every", "train.keep_checkpoints",
-             "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops", "train.num_workers",
-             "train.env", "train.hang_timeout", "train.max_restarts"),
+             "train.checkpoint_dir", "train.eval_every", "train.eval_batches", "train.threads", "train.peak_tflops",
+             "train.num_workers", "train.env", "train.hang_timeout", "train.max_restarts"),
     # a longer (or shorter) run of the same trajectory continues from the checkpoints already there; so
     # does one on another number of ranks or micro-batch split of the same global batch (the ranks refuse
     # one whose global batch differs from its checkpoint's: pipeline/train/elastic.py), and one whose

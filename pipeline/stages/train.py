@@ -12,6 +12,7 @@ import sys
 
 from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, launch, visible_devices_for_ranks
 from xlp.pipeline.core import registry
+from xlp.pipeline.core.layout import check_train_paths
 from xlp.pipeline.core.stage import StageContext
 from xlp.pipeline.train.elastic import refuse_before_launch
 
@@ -21,6 +22,8 @@ STAGE = registry.TRAIN
 def run(ctx: StageContext) -> dict:
     layout = ctx.layout
     out = layout.train
+    # before any rank starts (the ranks check again: a run started without `xlp run` too)
+    check_train_paths(layout.root, out, ctx.cfg.train.checkpoint_dir, create=True)
     out.root.mkdir(parents=True, exist_ok=True)
     # One channel: the ranks read the run's config as the runner saved it (RUN_DIR/config.yaml, credentials
     # masked: they read no source URL, and get secret variables from their environment), plus the

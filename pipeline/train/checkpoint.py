@@ -8,8 +8,9 @@ Layout of `RUN_DIR/train/checkpoints/`:
         rank_00000.json ...   ours, one per rank: RNG states, the run's loader state (the same on
                               every rank: any world size can read it) (JSON, never unpickled)
         elastic.safetensors   resizable runs: whole fp32 parameters and Adam moments (elastic.py)
-        meta.json             written last: step, tokens seen, ranks, ZeRO stage, and under "files"
-                              every other file's {"bytes", "sha256"}
+        meta.json             written last: step, tokens seen, ranks, ZeRO stage, the train stage's
+                              trajectory fingerprint (whose run it is), and under "files" every
+                              other file's {"bytes", "sha256"}
     .tmp.step_00000060/       being written: ignored, removed on the next start
 Set aside on a resume (never deleted; `xlp clean` removes them): a checkpoint that failed verification
 to `RUN_DIR/.stale/train-step_00000090-damaged/`, and, under train.resume_from_step, the old
@@ -34,6 +35,22 @@ present, of its size, with its sha256); a damaged one is named with its file and
 log, set aside, and the previous one tried. A failed save (e.g. out of disk space) removes its
 `.tmp.` folder and fails with a message naming the file; the older checkpoints are untouched.
 
+Whose checkpoint it is: meta.json records the trajectory fingerprint of the run that saved it (the
+train stage's fingerprint without the keys a run may change and continue: xlp.pipeline.core.stage).
+A resume refuses a checkpoint of another trajectory, naming both (another run's folder, or one trained
+with another learning rate, would otherwise continue as this run); pruning deletes only this
+trajectory's checkpoints. A checkpoint saved before meta.json recorded it resumes (with a note) and is
+never pruned.
+
+Loading DeepSpeed's files: DeepSpeed reads them with torch.load(weights_only=False), which runs
+whatever a pickle names (a forged `mp_rank_00_model_states.pt`, with meta.json re-hashed to match,
+would run its payload). While `load` runs, DeepSpeed's checkpoint engine loads through torch's
+weights-only unpickler instead, which may construct tensors, containers and numbers and, beyond
+those, only deepspeed_globals() (the classes DeepSpeed's own ZeRO 0-3 files hold); a file that names
+anything else fails with UnsafeCheckpoint naming the file and the global, before any of it runs.
+(Restricting the load itself rather than scanning the files first: what is checked is what is
+loaded, in the one read DeepSpeed does anyway, with no window between a check and the load.)
+
 The learning-rate schedule is a function of the step, so the step restores it.
 """
 from __future__ import annotations
@@ -42,6 +59,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -66,8 +84,16 @@ FILES = "files"  # meta.json key: {relative path: {"bytes": int, "sha256": hex}}
 HASH_CHUNK = 16 << 20
 
 
+TRAJECTORY = "trajectory"  # meta.json key: the train stage's trajectory fingerprint of the run that saved it
+FOREIGN_PREFIX = "foreign."
+
+
 class CheckpointError(RuntimeError):
     pass
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file whose pickle names a global DeepSpeed's checkpoints never hold."""
 
 
 def name_of(step: int) -> str:
@@ -252,10 +278,12 @@ def _broadcast(obj: Any) -> Any:
 
 
 def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: dict, keep: int,
-         write_extra: Optional[Callable[[Path], dict[str, dict]]] = None) -> Path:
+         write_extra: Optional[Callable[[Path], dict[str, dict]]] = None, aside: Optional[Path] = None) -> Path:
     """Save a checkpoint of `step` (collective: every rank calls it). Returns its final path.
     `write_extra(folder)`, called on every rank after DeepSpeed's files, writes more files into the
     checkpoint and returns their records ({name: file_record}), e.g. xlp.pipeline.train.elastic.save_state.
+    `meta[TRAJECTORY]` (rank 0's) says whose checkpoint it is: older checkpoints of that trajectory are
+    pruned to `keep`; one of this step that is not of it is moved aside (`_set_aside`), not replaced.
 
     Raises DiskFull (naming the file) when the disk fills up, CheckpointError on other write errors;
     either way the `.tmp.` folder is removed and the older checkpoints are left as they were."""
@@ -310,6 +338,8 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
                         files[rel] = file_record(tmp / rel)
             atomic_write_json(tmp / META, dict(meta, **{FILES: dict(sorted(files.items()))}))
             _fsync_dir(tmp)
+            if final.exists() and _trajectory_of(final) != (meta.get(TRAJECTORY) or ""):
+                _set_aside(final, "foreign", aside)  # not ours to replace: kept
             if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
                 trash = root / (TMP_PREFIX + "old." + name)
                 os.replace(final, trash)
@@ -319,7 +349,7 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
             problems = verify(final, full_hash=False)  # cheap: every file there, of its size
             if problems:
                 raise CheckpointError(f"checkpoint {final} is not whole right after saving: {'; '.join(problems)}")
-            prune(root, keep, protect=final)
+            prune(root, keep, trajectory=meta.get(TRAJECTORY), protect=final)
         except Exception as e:  # noqa: BLE001
             outcome = _failure(e, tmp / META if tmp.exists() else final)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -329,9 +359,11 @@ def save(engine, root: Path, step: int, *, rank: int, rank_state: dict, meta: di
     return final
 
 
-def prune(root: Path, keep: int, protect: Optional[Path] = None) -> None:
-    """Delete all but the `keep` newest complete checkpoints; never `protect` (the one just saved)."""
-    found = complete_checkpoints(root)
+def prune(root: Path, keep: int, *, trajectory: Optional[str], protect: Optional[Path] = None) -> None:
+    """Delete all but the `keep` newest complete checkpoints of `trajectory` (meta.json's; None: those
+    that record none); never `protect` (the one just saved), nor any other run's (or an older
+    version's) checkpoint that shares the folder."""
+    found = [(s, p) for s, p in complete_checkpoints(root) if _trajectory_of(p) == (trajectory or "")]
     for _, path in found[:-keep] if keep > 0 else []:
         if protect is not None and path == Path(protect):
             continue
@@ -355,6 +387,17 @@ def _fsync_dir(path: Path) -> None:
 
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META).read_text())
+
+
+def _trajectory_of(path: Path) -> Optional[str]:
+    """The trajectory checkpoint `path` records: "" when it records none (an older version's), None
+    when its meta.json cannot be read (so it matches no run's)."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError):
+        return None
+    value = meta.get(TRAJECTORY) if isinstance(meta, dict) else None
+    return str(value) if value else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +444,8 @@ def verify(path: Path, *, share: tuple[int, int] = (0, 1), full_hash: bool = Tru
 
 
 def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional[int] = None,
-           say: Callable[[str], None] = print, aside: Optional[Path] = None) -> Optional[Path]:
+           say: Callable[[str], None] = print, aside: Optional[Path] = None,
+           trajectory: Optional[str] = None) -> Optional[Path]:
     """The checkpoint to resume from, verified (collective: every rank calls it and hashes its share
     of each candidate's files). None when there is none (a fresh start).
 
@@ -411,13 +455,17 @@ def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional
     but none verifies, CheckpointError (rather than silently training from step 0).
     resume_from_step N: the checkpoint of step N, or a newer one a run resumed from N wrote (so a
     stopped branch continues); CheckpointError naming the available steps when there is none, or
-    when it is damaged. Newer checkpoints of the old trajectory are set aside as superseded."""
+    when it is damaged. Newer checkpoints of the old trajectory are set aside as superseded.
+
+    trajectory: this run's train trajectory fingerprint (rank 0's counts). A candidate recording
+    another one is refused (CheckpointError naming both; nothing is moved); one recording none (saved
+    before checkpoints recorded it) is resumed, with a note through `say`."""
     root = Path(root)
     plan: Any = None
     if rank == 0:
         try:
             remove_partial(root)
-            plan = _candidates(root, resume_from_step)
+            plan = dict(_candidates(root, resume_from_step), ours=trajectory or "")
         except Exception as e:  # noqa: BLE001
             plan = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)}
     plan = _broadcast(plan)
@@ -425,7 +473,15 @@ def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional
         raise CheckpointError(plan["error"])
     chosen: Optional[str] = None
     damaged: list[tuple[str, list[str]]] = []
+    ours = plan["ours"]  # rank 0's trajectory: every rank decides alike
     for cand in plan["candidates"]:
+        theirs = plan["trajectories"].get(cand)
+        if theirs and theirs != ours:
+            raise CheckpointError(
+                f"checkpoint {cand} is not this run's: it records train trajectory {theirs}, and this run's is "
+                f"{ours or '(none)'} (another run's checkpoint, or one trained with another config); resuming it "
+                f"would continue that training as this run. Nothing was changed: move it out of {root}, or "
+                "use another run.dir (or train.checkpoint_dir)")
         problems = sum(_all_gather(verify(Path(cand), share=(rank, world_size))), [])
         if not problems:
             chosen = cand
@@ -444,9 +500,12 @@ def choose(root: Path, *, rank: int, world_size: int, resume_from_step: Optional
         for cand, _ in damaged:
             kept = _set_aside(Path(cand), "damaged", aside)
             say(f"the damaged checkpoint is kept in {kept}; resuming from the previous whole one, {chosen}")
+        if trajectory and not plan["trajectories"].get(chosen):
+            say(f"checkpoint {Path(chosen).name} records no trajectory (saved by an older version): resuming it as "
+                "this run's; checkpoints without one are never pruned (delete them once they are not needed)")
         chosen_step = int(NAME_RE.match(Path(chosen).name).group(1))  # type: ignore[union-attr]
         for step, p in complete_checkpoints(root):
-            if step > chosen_step:
+            if step > chosen_step and _trajectory_of(p) in ("", ours):  # another run's is not ours to move
                 kept = _set_aside(p, "superseded", aside)
                 say(f"train.resume_from_step={resume_from_step}: the newer checkpoint {p.name} is kept in {kept}")
     _barrier()
@@ -468,7 +527,7 @@ def _set_aside(path: Path, kind: str, aside: Optional[Path]) -> Path:
             return target
         except OSError:  # e.g. EXDEV: checkpoints on their own file system
             pass
-    prefix = {"damaged": DAMAGED_PREFIX, "superseded": SUPERSEDED_PREFIX}[kind]
+    prefix = {"damaged": DAMAGED_PREFIX, "superseded": SUPERSEDED_PREFIX, "foreign": FOREIGN_PREFIX}[kind]
     target = path.with_name(prefix + path.name)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(path, target)
@@ -478,8 +537,9 @@ def _set_aside(path: Path, kind: str, aside: Optional[Path]) -> Path:
 def _candidates(root: Path, resume_from_step: Optional[int]) -> dict:
     """Rank 0: the checkpoints to try in order, newest first."""
     found = complete_checkpoints(root)
+    trajectories = {str(p): _trajectory_of(p) for _, p in found}
     if resume_from_step is None:
-        return {"candidates": [str(p) for _, p in reversed(found)]}
+        return {"candidates": [str(p) for _, p in reversed(found)], "trajectories": trajectories}
     n = resume_from_step
     branch = []
     for step, p in reversed(found):
@@ -495,12 +555,13 @@ def _candidates(root: Path, resume_from_step: Optional[int]) -> dict:
         steps = ", ".join(str(s) for s, _ in found) or "none"
         return {"error": f"train.resume_from_step={n}: there is no checkpoint of step {n} in {root}; "
                          f"available steps: {steps}"}
-    return {"candidates": [str(branch[0])]}
+    return {"candidates": [str(branch[0])], "trajectories": trajectories}
 
 
 def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]:
     """Load model, optimizer and engine state from checkpoint `path`; returns (meta, this rank's state).
-    Our own files are JSON; DeepSpeed's are read by DeepSpeed (torch.load, see the README)."""
+    Our own files are JSON; DeepSpeed's are read by DeepSpeed through the weights-only unpickler
+    (`restricted_load`): UnsafeCheckpoint, before anything in it runs, when one names another global."""
     path = Path(path)
     meta = read_meta(path)
     if meta.get("world_size") != world_size:
@@ -509,12 +570,72 @@ def load(engine, path: Path, *, rank: int, world_size: int) -> tuple[dict, dict]
             "Resume with the same number of ranks (train.cpu_processes or GPUs), or start a fresh run dir "
             "with train.global_batch_size set (a resizable run)."
         )
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    with _RestrictedLoads(engine):
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     rank_state = read_json_file(path / rank_state_name(rank))
     return meta, rank_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpickling DeepSpeed's files: weights only
+
+
+def deepspeed_globals() -> list:
+    """What DeepSpeed's own checkpoint files hold beyond what torch's weights-only unpickler allows
+    (tensors, storages, OrderedDict, torch.Size, numbers, strings, containers): read from the pickles of
+    its ZeRO 0-3 files, fp32 and bf16. Plain data classes: constructing one runs no code of the file's."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def restricted_load(path: Any, map_location: Any = None) -> Any:
+    """torch.load of a DeepSpeed checkpoint file through the weights-only unpickler, allowing
+    `deepspeed_globals()` besides torch's own list. A pickle naming anything else (os.system, a
+    module's function, another class) raises UnsafeCheckpoint naming the file and the global."""
+    allowed = deepspeed_globals()
+    try:
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: for this load only
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        torch.serialization.add_safe_globals(allowed)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
+        what = (f"names {m.group(1)}" if m else
+                "needs more than tensors and containers (" + text.strip().splitlines()[-1][:300] + ")")
+        raise UnsafeCheckpoint(
+            f"refusing to load checkpoint file {path}: its pickle {what}, which DeepSpeed's checkpoints never "
+            "hold (unpickling it would run that code). Loading stopped before any of it ran. The file was "
+            "changed or forged after the save (its meta.json may have been re-hashed to match): do not resume "
+            "from this checkpoint; move its folder out of the checkpoints folder to resume from the previous "
+            "one. (A newer DeepSpeed that saves another plain data class: add it to "
+            "xlp.pipeline.train.checkpoint.deepspeed_globals.)") from None
+
+
+class _RestrictedLoads:
+    """While active, DeepSpeed's checkpoint engine of `engine` loads through `restricted_load` (every
+    file DeepSpeed's load_checkpoint reads goes through its engine's `load`)."""
+
+    def __init__(self, engine):
+        self.ce = engine.checkpoint_engine
+
+    def __enter__(self) -> "_RestrictedLoads":
+        self.ce.load = self._load  # an instance attribute shadows the class's method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.ce.load
+
+    @staticmethod
+    def _load(path, map_location=None, *args, **kwargs):
+        return restricted_load(path, map_location=map_location)
 
 
 # ---------------------------------------------------------------------------------------------

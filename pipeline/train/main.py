@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from xlp.pipeline.core.config import load_run_config, section
-from xlp.pipeline.core.layout import RunLayout, TrainLayout
+from xlp.pipeline.core.layout import RunLayout, TrainLayout, check_train_paths
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.registry import STAGES, TRAIN
 from xlp.pipeline.core.stage import STAGE_JSON, StageMarker, fingerprint, fingerprints, read_stage_json
@@ -99,19 +99,26 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
     marker = lock = heartbeat = None
     try:
         cfg = load_run_config(Path(config) if config else layout.config, list(overrides))  # checked whole
+        # before anything is written: no checkpoints folder that a symlink takes to another run's
+        check_train_paths(layout.root, out, cfg.train.checkpoint_dir, create=d.rank == 0)
         heartbeat = Heartbeat(out.heartbeat(d.rank), rank=d.rank,
                               interval_s=beat_interval(float(cfg.train.hang_timeout))).start()
-        if record_stage and d.rank == 0:
-            lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
-            lock.acquire()
-            marker = direct_run_marker(cfg, layout, out)
+        trajectory = None  # rank 0 decides which checkpoints are this run's
+        if d.rank == 0:
+            if record_stage:
+                lock = RunLock(layout.root)  # as `xlp run` holds it: no second run interleaves with this one
+                lock.acquire()
+            upstream = upstream_fingerprints(cfg, layout)
+            trajectory = fingerprint(TRAIN, cfg, upstream, trajectory=True)
+            if record_stage:
+                marker = direct_run_marker(cfg, layout, out, upstream)
         view = TRAIN.view(cfg)  # the ranks read only what the train stage declares (its fingerprint)
         cuda = start_process_group(view, d)
         trainer = Trainer(view, out=out, shard_dir=Path(shard_dir) if shard_dir else layout.shard_dir,
                           tokenizer_model=layout.tokenizer_model, env=d, cuda=cuda, hooks=load_hooks(hooks),
                           stop=stop, started_at=T0, stage_heartbeat=marker.beat if marker else None,
                           stale_dir=layout.stale_dir, heartbeat=heartbeat,
-                          run_config=OmegaConf.to_container(cfg, resolve=True))
+                          run_config=OmegaConf.to_container(cfg, resolve=True), trajectory=trajectory)
         code = trainer.run()
         if marker is not None:
             if code == 0:
@@ -141,16 +148,19 @@ def run_rank(run_dir: Path, *, config: Optional[Path] = None, out_dir: Optional[
             dist.destroy_process_group()
 
 
-def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout):
-    """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
-    computes from the same config over the upstream stages' recorded fingerprints (a compute node need
-    not see the corpus their listings cover)."""
-    train = TRAIN
-    markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in train.needs}
+def upstream_fingerprints(cfg, layout: RunLayout) -> dict[str, str]:
+    """The fingerprints of the stages training reads, as the runner computes them: the upstream stages'
+    recorded ones (a compute node need not see the corpus their listings cover)."""
+    markers = {dep: read_stage_json(layout.stage_dir(dep)) for dep in TRAIN.needs}
     if all(m.get("status") == "done" for m in markers.values()):
-        upstream = {dep: m["fingerprint"] for dep, m in markers.items()}
-    else:  # upstream not done here (or never recorded): what the runner would compute
-        upstream = fingerprints(STAGES, cfg)
+        return {dep: m["fingerprint"] for dep, m in markers.items()}
+    return fingerprints(STAGES, cfg)  # upstream not done here (or never recorded): what the runner would compute
+
+
+def direct_run_marker(cfg, layout: RunLayout, out: TrainLayout, upstream: dict[str, str]):
+    """The train stage's stage.json for a run started without `xlp run`, with the fingerprint the runner
+    computes from the same config over `upstream` (upstream_fingerprints)."""
+    train = TRAIN
     return StageMarker(out.root / STAGE_JSON, "train", fingerprint=fingerprint(train, cfg, upstream),
                        trajectory=fingerprint(train, cfg, upstream, trajectory=True),
                        resumed=any(out.checkpoints.glob("step_*")))

@@ -71,7 +71,7 @@ class Trainer:
                  cuda: bool, hooks: Optional[TrainHooks] = None, stop: Optional[StopRequest] = None,
                  started_at: Optional[float] = None, stage_heartbeat: Optional[Callable[[], None]] = None,
                  stale_dir: Optional[Path] = None, heartbeat: Optional[Heartbeat] = None,
-                 run_config: Optional[dict] = None):
+                 run_config: Optional[dict] = None, trajectory: Optional[str] = None):
         import torch
 
         self.cfg = cfg  # the train stage's view of the config (Stage.view: its declared keys only)
@@ -81,6 +81,8 @@ class Trainer:
         self.model_cfg = section(cfg, "model")
         self.out, self.shard_dir, self.tokenizer_model = out, Path(shard_dir), Path(tokenizer_model)
         self.stale_dir = Path(stale_dir) if stale_dir else out.root.parent / ".stale"
+        # the train stage's trajectory fingerprint (rank 0's is the one that counts): whose checkpoints these are
+        self.trajectory = trajectory
         self.rank, self.world = env.rank, env.world_size
         self.cuda = cuda
         self.device = torch.device(f"cuda:{env.local_rank}") if cuda else torch.device("cpu")
@@ -202,7 +204,7 @@ class Trainer:
             self.out.root.mkdir(parents=True, exist_ok=True)
         return ckpt.choose(self.out.checkpoints, rank=self.rank, world_size=self.world,
                            resume_from_step=self.tc.resume_from_step, say=lambda text: print(text, flush=True),
-                           aside=self.stale_dir)
+                           aside=self.stale_dir, trajectory=self.trajectory)
 
     def _continuation_note(self, checkpoint: Path) -> str:
         """What the learning rate does when the checkpoint's run had another train.steps."""
@@ -497,13 +499,15 @@ class Trainer:
                 "mixture": self.mixture.to_json() if self.mixture is not None else None,
                 "resume_from_step": tc.resume_from_step,  # a branch's lineage (checkpoint.choose)
                 # the schedule it was on: a continuation with another train.steps says what that means
-                "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay}
+                "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay,
+                # whose checkpoint it is: a resume refuses another trajectory's, pruning deletes only this one's
+                ckpt.TRAJECTORY: self.trajectory}
         # the loader state of the whole run (every rank's stream positions merged): loads on any world size
         loader_state = self.loader.global_state(ckpt.all_gather(self.loader.snapshots()))
         ckpt.save(self.engine, self.out.checkpoints, self.step, rank=self.rank, keep=tc.keep_checkpoints, meta=meta,
                   rank_state={"rng": ckpt.rng_state(), "loader": loader_state},
                   write_extra=(lambda folder: elastic.save_state(self.engine, folder, rank=self.rank))
-                  if resizable else None)
+                  if resizable else None, aside=self.stale_dir)
         self.last_saved = self.step
         self.timing["ckpt_s"] += time.perf_counter() - t
         self.monitor.message(f"checkpoint: step {self.step} -> {self.out.checkpoints / ckpt.name_of(self.step)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from xlp.pipeline.core.secrets import is_secret_name
@@ -76,6 +77,10 @@ class TrainConfig:
     # checkpoints, evaluation, logging
     save_every: int = 100  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
+    # Where the checkpoints go when not in RUN_DIR/train/checkpoints (an absolute path, e.g. a bigger
+    # file system): that folder is then a link to it. Any other link out of the run directory is refused
+    # (it could hold another run's checkpoints). Use one folder per run.
+    checkpoint_dir: Optional[str] = None
     eval_every: int = 50  # steps between validation passes (0: only at the end)
     eval_batches: int = 8  # validation micro-batches per rank per pass (0: the whole val split)
     log_every: int = 10  # steps between console lines (W&B and metrics.jsonl get every step)
@@ -153,6 +158,9 @@ class TrainConfig:
             raise bad("offload_optimizer", "needs train.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise bad("offload_params", "needs train.zero_stage=3")
+        if self.checkpoint_dir is not None and not Path(str(self.checkpoint_dir)).expanduser().is_absolute():
+            raise bad("checkpoint_dir", f"is {self.checkpoint_dir!r}; must be an absolute path (every node and rank "
+                      "resolves it alike), or null for RUN_DIR/train/checkpoints")
         if self.resume_from_step is not None and self.resume_from_step < 1:
             raise bad("resume_from_step", f"is {self.resume_from_step}; must be >= 1 or null")
         if self.global_batch_size is not None and (self.global_batch_size < 1 or
