@@ -13,6 +13,7 @@ import sys
 from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, launch, visible_devices_for_ranks
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.stage import StageContext
+from xlp.pipeline.data.fit import val_split_check
 from xlp.pipeline.train.elastic import refuse_before_launch
 
 STAGE = registry.TRAIN
@@ -33,6 +34,9 @@ def run(ctx: StageContext) -> dict:
         resized = refuse_before_launch(ctx.cfg, out.checkpoints, world)
         if resized:
             print(f"train: {resized}", flush=True)
+        # a val split with no row is refused here, before the ranks start (they check again: Slurm, Ray)
+        val_split_check(layout.shard_dir, groups=list(ctx.cfg.data.mixture) or [None],
+                        seq_len=int(ctx.cfg.data.seq_len), world_size=world)
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),

@@ -35,6 +35,13 @@ class TokenizerConfig:
             )
         if self.vocab_size > 1 << 32:
             raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
+        if self.path is None and self.vocab_size > self.sample_bytes:
+            # each piece SentencePiece adds merges pieces of the sample (BPE) or is a substring kept for
+            # its frequency in it (unigram): far fewer pieces than sampled bytes; refused before sampling
+            raise ValueError(
+                f"tokenizer.vocab_size={self.vocab_size} is more than the {self.sample_bytes} bytes of text it is "
+                f"learnt from (tokenizer.sample_bytes): set tokenizer.vocab_size well below that (e.g. "
+                f"{suggested_vocab(self.sample_bytes)}), or raise tokenizer.sample_bytes")
         if not 0.0 < self.character_coverage <= 1.0:
             raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
         if self.sample_bytes < 1:
@@ -43,3 +50,10 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
         if self.num_threads < 0:
             raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")
+
+
+def suggested_vocab(text_bytes: int) -> int:
+    """A vocabulary size a sample of `text_bytes` bytes gives: one piece per KiB (the defaults' ratio:
+    8000 pieces from 8 MiB), a multiple of 64, at most the default 8000, at least 320 (specials and
+    byte pieces)."""
+    return max(320, min(8000, text_bytes // 1024 // 64 * 64))
