@@ -13,6 +13,7 @@ again (Slurm, Ray: the rank count is known there first).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -31,16 +32,32 @@ def val_split_check(shard_dir: str | Path, *, groups: list[Optional[str]], seq_l
     shards = [s for s in manifest["shards"] if s["split"] == "val"]
     if not shards and val_fraction in (None, 0, 0.0):  # no val split, as asked (or a manifest that does not say)
         return f"no val split (the shards were made with data.val_fraction={val_fraction})"
+    near = manifest.get("near_val") or {}
     for group in groups:
         mine = [s for s in shards if group is None or s.get("group", "") == group]
-        problem = _no_row(shard_dir, mine, group, seq_len, world_size, val_fraction)
+        problem = _no_row(shard_dir, mine, group, seq_len, world_size, val_fraction, near.get(group or ""))
         if problem:
             raise ValueError(problem)
     return None
 
 
+def val_fraction_that_works(near: Optional[list], val_tokens: int, need: int) -> Optional[float]:
+    """The smallest data.val_fraction (3 decimals) that moves enough train documents into the val split
+    for it to hold `need` tokens, from the manifest's near_val (the train documents with the smallest
+    split keys, with their tokens); None when they do not tell."""
+    total = val_tokens
+    for key, tokens in near or []:
+        if tokens is None:
+            return None
+        total += int(tokens)
+        if total >= need:
+            fraction = math.floor(key * 1000 + 1) / 1000  # above the key: that document goes to val
+            return fraction if fraction < 1.0 else None
+    return None
+
+
 def _no_row(shard_dir: str | Path, shards: list[dict], group: Optional[str], seq_len: int, world_size: int,
-            val_fraction) -> Optional[str]:
+            val_fraction, near: Optional[list]) -> Optional[str]:
     tokens = sum(int(s["tokens"]) for s in shards)
     if tokens >= world_size * (seq_len + 1):  # some stream holds a whole row (pigeonhole): no need to read
         return None
@@ -60,7 +77,11 @@ def _no_row(shard_dir: str | Path, shards: list[dict], group: Optional[str], seq
     best = max(streams, default=0)
     if best >= 2:
         fixes.append(f"data.seq_len <= {best - 1}")
-    fixes.append(f"a larger data.val_fraction (now {val_fraction})" if val_fraction else "data.val_fraction > 0")
+    # val tokens enough for a row on some rank whatever their spread (pigeonhole); data.val_fraction is
+    # part of the shard stage's fingerprint, so the shards are made again
+    enough = val_fraction_that_works(near, tokens, world_size * (seq_len + 1))
+    fixes.append(f"data.val_fraction={enough} (now {val_fraction}; the shard stage runs again)" if enough
+                 else f"a larger data.val_fraction (now {val_fraction})")
     fixes.append("more data in it")
     return (f"{which} gives no validation row: it has {have}{spread}, and a row takes data.seq_len + 1 = "
             f"{seq_len + 1} tokens. Set {', or '.join(fixes)} (data.val_fraction=0 trains without validation, "
