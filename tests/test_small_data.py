@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_the_train_stage_refuses_it_before_any_rank_starts(tmp_path):
     run_dir = tmp_path / "run"
     short = [np.asarray([5, 6, 7, 8, 9, 10, 11, 12, 13, 2])]
     write_shards(run_dir / "shard", {"": {"train": docs_of(30, 0), "val": short}})
-    cfg = load_config(TINY, [f"run.dir={run_dir}", f"data.seq_len={S}", "train.cpu_processes=2"])
+    cfg = load_config(TINY, [f"run.dir={run_dir}", f"data.seq_len={S}", "train.cpu_processes=2", "model.vocab_size=64"])
     ctx = StageContext(name="train", cfg=TRAIN.view(cfg), run_dir=run_dir, fingerprint="t")
     with pytest.raises(ValueError, match=r"the val split gives no validation row: .*data.seq_len <= 9"):
         run(ctx)
@@ -217,3 +218,37 @@ def test_a_vocabulary_larger_than_the_corpus_is_refused_before_sampling(tmp_path
     with pytest.raises(ValueError, match=r"^tokenizer.vocab_size=2000000 is more than the corpus's \d+ bytes of text "
                                          r"\(data.sources\) can give pieces: set tokenizer.vocab_size=\d+"):
         run(ctx)  # raised before the Ray tasks that sample (none is started: no Ray here)
+
+
+def test_a_micro_batch_that_cannot_fit_memory_is_refused_before_the_ranks(tmp_path):
+    """`data.seq_len=20000` on configs/tiny.yaml (2 CPU ranks): before, the ranks grew until Ray's memory
+    monitor killed them, naming no key. Here with a machine of 16 GiB available (deterministic), then
+    through the train stage with a length no machine holds."""
+    from xlp.pipeline.core.registry import TRAIN
+    from xlp.pipeline.stages.train import run
+    from xlp.pipeline.train.memory import GiB, refuse_if_it_cannot_fit
+
+    tok = tmp_path / "no-tokenizer"  # model.vocab_size is set: no tokenizer read
+    cfg = load_config(TINY, ["data.seq_len=20000", "model.vocab_size=512"])
+    with pytest.raises(ValueError) as e:
+        refuse_if_it_cannot_fit(cfg, tok, ranks=2, available=16 * GiB)
+    msg = str(e.value)
+    assert msg.startswith("train.micro_batch_size=4 rows of data.seq_len=20000 tokens cannot fit this machine's "
+                          "memory: 2 rank(s) x ("), msg
+    assert "16.0 GiB is available. Set train.micro_batch_size=" in msg and "model.activation_checkpointing=true" in msg
+    rows = int(re.search(r"train.micro_batch_size=(\d+) \(", msg).group(1))
+    seq = int(re.search(r"data.seq_len=(\d+),", msg).group(1))
+    assert 1 <= rows < 4 and 64 <= seq < 20000
+    for fix in (f"train.micro_batch_size={rows}", f"data.seq_len={seq}", "model.activation_checkpointing=true"):
+        refuse_if_it_cannot_fit(load_config(TINY, ["data.seq_len=20000", "model.vocab_size=512", fix]), tok,
+                                ranks=2, available=16 * GiB)  # each value it names fits
+    refuse_if_it_cannot_fit(load_config(TINY, ["model.vocab_size=512"]), tok, ranks=2, available=16 * GiB)
+
+    run_dir = tmp_path / "run"
+    write_shards(run_dir / "shard", {"": {"train": docs_of(30, 0), "val": docs_of(3, 1)}})
+    cfg = load_config(TINY, [f"run.dir={run_dir}", "data.seq_len=4000000", "model.vocab_size=512",
+                             "train.cpu_processes=2", "train.device=cpu"])
+    ctx = StageContext(name="train", cfg=TRAIN.view(cfg), run_dir=run_dir, fingerprint="t")
+    with pytest.raises(ValueError, match=r"^train.micro_batch_size=4 rows of data.seq_len=4000000 tokens cannot fit"):
+        run(ctx)
+    assert not (run_dir / "train" / "logs").exists()  # no rank was started
