@@ -199,7 +199,7 @@ def test_settings_that_cannot_work_are_refused_before_the_first_stage(tmp_path):
     assert ("xlp run: error: data.val_fraction=0 makes no val split, and the eval stage's parts ppl, long_context, "
             "lm_eval read it: set data.val_fraction=0.01 (the default), or run eval.parts=[generation, recall]") in err, err
     err = xlp_refused("tokenizer.vocab_size=10000000", run_dir=tmp_path / "b")
-    assert ("tokenizer.vocab_size=10000000 is more than the 8388608 bytes of text it is learnt from "
+    assert ("tokenizer.vocab_size=10000000 asks for more pieces than the 8388608 bytes of text they are learnt from "
             "(tokenizer.sample_bytes): set tokenizer.vocab_size well below that (e.g. 8000)") in err, err
     # without the eval stage, a run without a val split is fine (its validation is skipped)
     cfg = load_config(TINY, ["data.val_fraction=0"])
@@ -215,9 +215,14 @@ def test_a_vocabulary_larger_than_the_corpus_is_refused_before_sampling(tmp_path
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "data.sources=[stdlib:json]", "tokenizer.vocab_size=2000000",
                              "tokenizer.sample_bytes=1000000000"])
     ctx = StageContext(name="tokenizer", cfg=TOKENIZER.view(cfg), run_dir=tmp_path, fingerprint="t")
-    with pytest.raises(ValueError, match=r"^tokenizer.vocab_size=2000000 is more than the corpus's \d+ bytes of text "
-                                         r"\(data.sources\) can give pieces: set tokenizer.vocab_size=\d+"):
+    with pytest.raises(ValueError, match=r"^tokenizer.vocab_size=2000000 asks for more pieces than the corpus's \d+ "
+                                         r"bytes of text \(data.sources\) can give: set tokenizer.vocab_size=\d+") as e:
         run(ctx)  # raised before the Ray tasks that sample (none is started: no Ray here)
+    from xlp import tokenizer as tk
+
+    suggested = int(re.search(r"set tokenizer.vocab_size=(\d+)", str(e.value)).group(1))
+    docs = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]  # what stdlib:json reads
+    assert tk.train(docs, vocab_size=suggested, num_threads=1).vocab_size == suggested  # the value it names works
 
 
 def test_a_micro_batch_that_cannot_fit_memory_is_refused_before_the_ranks(tmp_path):
