@@ -404,15 +404,15 @@ def test_eval_on_a_full_disk_names_the_file_and_leaves_no_result(run_dir, tmp_pa
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(eval_dir)], check=True)
     try:
         filler = eval_dir / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-        with open(filler, "r+b") as f:
-            f.truncate(filler.stat().st_size - 16 * 1024)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill the disk to the last byte, then give back 16 KiB
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 16 * 1024)
         parts = ["eval.parts=[ppl]", "eval.baseline=false", "eval.ppl_batches=2", "eval.plots=true"]
         with pytest.raises(DiskFull) as e:
             run(stage_ctx(copy, parts))
