@@ -257,3 +257,26 @@ def test_a_micro_batch_that_cannot_fit_memory_is_refused_before_the_ranks(tmp_pa
     with pytest.raises(ValueError, match=r"^train.micro_batch_size=4 rows of data.seq_len=4000000 tokens cannot fit"):
         run(ctx)
     assert not (run_dir / "train" / "logs").exists()  # no rank was started
+
+
+@pytest.mark.slow
+def test_stdlib_json_runs_with_the_tiny_defaults(tmp_path):
+    """README's small real corpus: `xlp run configs/tiny.yaml 'data.sources=[stdlib:json]'` (5 documents).
+    Before: no document hashed into the val split, and the train ranks failed ("loader stream 6 of 8 gets
+    no samples"). Here (a small model, 4 steps): its document with the smallest split key goes to val,
+    4 train samples are read as 4 streams, and it trains and validates."""
+    from test_continue import xlp
+
+    run = tmp_path / "json"
+    r = xlp("run", str(TINY), "data.sources=[stdlib:json]", f"run.dir={run}", "model.d_model=32", "model.num_blocks=2",
+            "model.num_heads=2", "model.slstm_at=[1]", "model.slstm_num_heads=2", "train.steps=4", "train.eval_every=4",
+            "train.save_every=4", "wandb.mode=disabled", "--stages", "tokenizer,shard,train")
+    shard = json.loads((run / "shard" / "stage.json").read_text())["metrics"]
+    assert shard["val_docs"] == 1 and shard["train_docs"] == shard["docs_kept"] - 1 and list(shard["val_forced"]) == [""]
+    assert "the corpus got no val document at data.val_fraction=0.1: its train document with the smallest split key" \
+        in r.stdout, r.stdout[-3000:]
+    samples = json.loads((run / "shard" / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert samples < 8 and f"data: the train split has {samples} samples: read as {samples} streams, not " \
+        "data.streams=8" in r.stdout, r.stdout[-3000:]
+    train = json.loads((run / "train" / "stage.json").read_text())
+    assert train["status"] == "done" and math.isfinite(train["metrics"]["val_loss"])
