@@ -96,6 +96,15 @@ def test_a_val_split_without_a_row_is_refused_naming_the_group(tmp_path):
                           "10 tokens"), msg
     assert "data.seq_len <= 9" in msg and "a larger data.val_fraction (now 0.1)" in msg, msg
     assert val_split_check(shards, groups=["web", "code"], seq_len=9, world_size=1) is None  # the value it named
+    # the shard stage records the train documents a larger val_fraction moves first (split key, tokens):
+    # with them, a val_fraction that gives a row is named
+    manifest = json.loads((shards / MANIFEST).read_text())
+    manifest["near_val"] = {"code": [[0.1234, 12], [0.2071, 40], [0.6, 900]]}
+    (shards / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.208 \(now 0.1; the shard stage runs again\)"):
+        val_split_check(shards, groups=["code"], seq_len=S, world_size=1)  # 10 + 12 + 40 tokens >= 33
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.601 \(now 0.1"):
+        val_split_check(shards, groups=["code"], seq_len=S, world_size=4)  # 4 ranks: 4 x 33 tokens for sure
 
     # two short samples: a row on one rank, none on two (each rank's stream holds one sample)
     pair = [np.asarray(list(range(5, 24)) + [2]), np.asarray(list(range(30, 49)) + [2])]  # 20 tokens each
