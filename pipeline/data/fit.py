@@ -7,7 +7,8 @@
 Validation reads each val split (each data.mixture group's) as one stream per rank
 (xlp.pipeline.data.loader.ShardLoader); a stream of t tokens gives (t - 1) // data.seq_len whole rows.
 A split none of whose streams holds a row would validate nothing (0/0: val/loss nan), so it is refused
-before training, naming the group, data.val_fraction and a data.seq_len that works. The train stage
+before training, naming the group, a data.seq_len that works and data.val_fraction (a value that works,
+from the train documents the manifest's `near_val` lists as the next to go to val). The train stage
 runs this before it launches the ranks (local launcher: it knows their number), and every rank runs it
 again (Slurm, Ray: the rank count is known there first).
 """
