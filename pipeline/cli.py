@@ -13,6 +13,7 @@ from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
 from xlp.pipeline.core.config import ConfigError, load_config, load_run_config
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.node import EXIT_RETRYABLE
+from xlp.pipeline.core.preflight import check_run
 from xlp.pipeline.core.registry import STAGES, stage_names
 from xlp.pipeline.core.resources import config_dir, packaged_configs
 from xlp.pipeline.core.secrets import redact_config_yaml
@@ -310,6 +311,7 @@ def cmd_submit(args) -> int:
         plan = plan_study(args.config, args.overrides, study_dir=args.run_dir)  # every variant checked first
         return submit_study(plan, out=sys.stdout, dry_run=args.dry_run, check=not args.no_check, force=args.force)
     only = _stage_list(args.stages)
+    check_run(cfg, only or stage_names())  # what cannot work is refused before anything is queued
     run_dir = Path(args.run_dir or cfg.run.dir).absolute()
     kw = dict(run_dir=run_dir, only=only, force=args.force, wait=args.wait, out=sys.stdout, dry_run=args.dry_run)
     if args.to == "slurm":

@@ -31,6 +31,7 @@ from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.core.layout import RunLayout, check_stale_dir
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
+from xlp.pipeline.core.preflight import check_run
 from xlp.pipeline.core.registry import STAGES
 from xlp.pipeline.core.secrets import redact_config_yaml, redact_text
 from xlp.pipeline.core.stage import (
@@ -134,6 +135,7 @@ def run_pipeline(
     unknown = [n for n in selected if n not in names]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+    check_run(cfg, selected)  # settings that cannot work together, refused before the first stage
 
     layout = RunLayout(run_dir)
     lock = RunLock(run_dir)

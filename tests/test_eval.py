@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -422,3 +423,48 @@ def test_report_plots_logged_to_offline_wandb(run_dir, evaluated, tmp_path):
     images = sorted(p.name for p in (offline / "files" / "media" / "images").rglob("*.png"))
     assert len(images) == 4 and any(n.startswith("loss_vs_context") for n in images)
     assert list((offline / "files" / "media" / "table").rglob("long_context*.table.json"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_eval_on_a_full_disk_names_the_file_and_leaves_no_result(run_dir, tmp_path):
+    """Issue 29 item 9: a real tmpfs under RUN_DIR/eval, filled but for 16 KiB (results.json fits, the
+    first plot does not): the stage fails with the message the shard and train stages give, and eval/
+    holds no results.json, metrics.json or report.md; with space again, a rerun writes them all."""
+    import errno
+    import shutil
+
+    from xlp.pipeline.core.diskfull import DiskFull
+    from xlp.pipeline.stages.eval import run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval"))
+    eval_dir = copy / "eval"
+    eval_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(eval_dir)], check=True)
+    try:
+        filler = eval_dir / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill the disk to the last byte, then give back 16 KiB
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 16 * 1024)
+        parts = ["eval.parts=[ppl]", "eval.baseline=false", "eval.ppl_batches=2", "eval.plots=true"]
+        with pytest.raises(DiskFull) as e:
+            run(stage_ctx(copy, parts))
+        assert re.fullmatch(rf"No space left on device writing {re.escape(str(eval_dir))}/\S+: free space or move "
+                            r"run\.dir", str(e.value)), str(e.value)
+        left = sorted(p.name for p in eval_dir.iterdir())
+        assert not {"results.json", "metrics.json", "report.md"} & set(left), left
+        assert not list(eval_dir.glob("*.png")), left
+        assert (eval_dir / ".partial" / "results.json").is_file()  # what it wrote, out of the way
+        filler.unlink()
+        metrics = run(stage_ctx(copy, parts))
+        assert json.loads((eval_dir / "metrics.json").read_text())["val_bpb"] == metrics["val_bpb"]
+        assert (eval_dir / "results.json").is_file() and (eval_dir / "report.md").is_file()
+        assert not (eval_dir / ".partial").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(eval_dir)], check=False)

@@ -9,6 +9,7 @@ from typing import Any
 
 # public name -> the module of this package that defines it
 _EXPORTS = {
+    "ActivationBytes": "counts",
     "ModelConfig": "config",
     "count_params": "counts",
     "flops_per_token": "counts",

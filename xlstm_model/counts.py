@@ -54,3 +54,51 @@ def flops_per_token(cfg: Union[ModelConfig, Any], seq_len: int) -> float:
             chunk = min(cfg.mlstm_chunk_size, seq_len)
             forward += nh * (2 * chunk * (dqk + dv) + 4 * dqk * dv)
     return 3.0 * forward
+
+
+class ActivationBytes:
+    """Bytes a training forward pass keeps for its backward pass (the tensors autograd saves, each storage
+    once, parameters left out), as a + b*S + c*B*S for a micro-batch of B rows of S tokens: measured on
+    the real model at three short shapes ((1, P), (2, P), (1, 2P)) with the ops of the device it is
+    built on, then extrapolated. A lower bound of a step's memory: the backward pass needs more
+    (gradients, temporaries), and an op that grows faster than S (attention's S x S on some paths)
+    is counted as linear."""
+
+    def __init__(self, model: nn.Module, probe_len: int = 128):
+        self.probe_len = P = int(probe_len)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a few hundred tiny ops: more threads only contend (10x slower on 2 busy cores)
+        try:
+            f11, f21, f12 = (self._measure(model, b, s) for b, s in ((1, P), (2, P), (1, 2 * P)))
+        finally:
+            torch.set_num_threads(threads)
+        self.c = max(0.0, (f21 - f11) / P)
+        self.b = max(0.0, (f12 - f11) / P - self.c)
+        self.a = max(0.0, f11 - self.b * P - self.c * P)
+
+    def __call__(self, batch: int, seq_len: int) -> float:
+        return self.a + self.b * seq_len + self.c * batch * seq_len
+
+    @staticmethod
+    def _measure(model: nn.Module, batch: int, seq_len: int) -> int:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+            return t
+
+        device = next(model.parameters()).device
+        x = torch.zeros(batch, seq_len, dtype=torch.int64, device=device)
+        starts = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        starts[:, 0] = True
+        was_training = model.training
+        model.train()
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x, doc_starts=starts, targets=x)
+        finally:
+            model.train(was_training)
+        return sum(seen.values())

@@ -19,7 +19,8 @@ How data is split and ordered (all of it a function of seed and epoch, nothing e
 - A stream concatenates its samples' tokens (documents end with <eos>) and cuts rows of S+1 tokens
   that overlap by one: input_ids = row[:-1], targets = row[1:]. doc_starts marks each document's first
   token, and position 0 of every row. In endless mode a stream runs on into the next epoch; with
-  `epochs=n` it stops after n epochs and drops its last incomplete batch.
+  `epochs=n` it stops after n epochs and drops its last incomplete batch (`partial=True`: yields it,
+  with fewer rows; the rows are always whole).
 - A DataLoader worker makes whole batches from its own stream; batches arrive round-robin from the
   workers.
 
@@ -251,14 +252,21 @@ class _Streams(IterableDataset):
             while True:
                 x = np.empty((B, S + 1), dtype=np.int64)
                 d = np.empty((B, S + 1), dtype=bool)
-                if not all(rows.take(x[b], d[b]) for b in range(B)):  # the last incomplete batch is dropped
-                    break
+                n = 0
+                while n < B and rows.take(x[n], d[n]):
+                    n += 1
+                if n < B:  # the stream ended: its last incomplete batch is dropped, or kept (L.partial)
+                    if not (L.partial and n):
+                        break
+                    x, d = x[:n], d[:n]
                 xt = torch.from_numpy(x)
                 doc_starts = torch.from_numpy(d[:, :S].copy())
                 doc_starts[:, 0] = True
                 batch = {"input_ids": xt[:, :-1].contiguous(), "targets": xt[:, 1:].contiguous(),
                          "doc_starts": doc_starts}
                 yield batch, plan.take_notes(), None
+                if n < B:
+                    break
         except Exception as e:  # (not `except ShardError`: that name may be gone when a generator
             if info is None or not isinstance(e, ShardError):  # is closed at interpreter exit)
                 raise
@@ -274,7 +282,7 @@ class ShardLoader:
     def __init__(self, shard_dir: str | Path, *, split: str, seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, epochs: Optional[int] = None,
                  shuffle: bool = True, pin_memory: bool = False, prefetch_factor: int = 4,
-                 on_error: str = "fail", group: Optional[str] = None):
+                 on_error: str = "fail", group: Optional[str] = None, partial: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if seq_len < 1 or batch_size < 1:
@@ -289,6 +297,9 @@ class ShardLoader:
         self.split, self.seq_len, self.batch_size = split, int(seq_len), int(batch_size)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.seed, self.epochs, self.shuffle = int(seed), epochs, shuffle
+        # with `epochs`: a stream's last incomplete batch (fewer rows) is yielded, not dropped (validation
+        # of a split smaller than a batch)
+        self.partial = partial
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.manifest = load_manifest(self.shard_dir)
         self.group = group  # a data.mixture group: only its shards (None: every shard of the split)
@@ -343,7 +354,8 @@ class ShardLoader:
         other = ShardLoader(self.shard_dir, split=self.split, seq_len=self.seq_len, batch_size=self.batch_size,
                             rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
                             seed=self.seed, epochs=1, shuffle=self.shuffle, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor, on_error=self.on_error, group=self.group)
+                            prefetch_factor=self.prefetch_factor, on_error=self.on_error, group=self.group,
+                            partial=self.partial)
         other._start_epoch = epoch
         return other
 
@@ -360,6 +372,15 @@ class ShardLoader:
         for path, problem in plan.take_notes():  # shards it had to read (fewer shards than streams)
             self._note_skipped(path, problem)
         return total
+
+    def stream_tokens(self, epoch: int = 0) -> list[int]:
+        """Tokens each stream (every rank's and worker's) reads in one epoch; a stream of t tokens gives
+        (t - 1) // seq_len rows. Reads the shards when there are fewer than streams."""
+        plan = self._plan()
+        out = [plan.stream_tokens(g, epoch) for g in range(self.n_streams)]
+        for path, problem in plan.take_notes():
+            self._note_skipped(path, problem)
+        return out
 
     def common_epoch_batches(self, epoch: int = 0) -> int:
         """The fewest batches any rank gets from one epoch: iterate that many on every rank so that

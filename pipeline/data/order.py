@@ -12,7 +12,8 @@ nothing else: not of the number of ranks, loader workers or the micro-batch spli
 
 - Each mixture group (one group, "", without `data.mixture`) reads its own train shards as `streams`
   endless streams (xlp.pipeline.data.loader's plan with n_streams=streams: shuffled by (seed, epoch), a
-  stream reads every streams-th shard, or every streams-th sample when there are fewer shards). A
+  stream reads every streams-th shard, or every streams-th sample when there are fewer shards); a
+  group with fewer train samples than `streams` is read as one stream per sample (`group_streams`). A
   stream is cut into rows of S+1 tokens overlapping by one by the loader's row packing (_Rows, the
   same code ShardLoader packs with).
 - Global row i belongs to a group chosen by weight (`Apportioner`: the group furthest below its share
@@ -264,11 +265,12 @@ class _RankRows(IterableDataset):
         order = Apportioner.restored(L.mixture, L.rows_per_step, self.start["apportioner"])
         one_group = len(L.mixture.groups) == 1  # group row q = global row i: no apportioning
         streams: dict[tuple[int, int], _Stream] = {}
-        by_slot: list[Optional[_Stream]] = [None] * (len(L.mixture.groups) * L.streams)  # the same, by g*K+k
+        by_slot: list[Optional[_Stream]] = [None] * sum(L.group_streams)  # the same, by slot0[g]+k
         caches = [OrderedDict() for _ in L.mixture.groups]  # parsed shards, per group, shared by its streams
         saved = self.start["streams"]
         group_rows = list(order.totals)  # the q of the next row of each group
-        B, S, W, r, K = L.micro_batch_size, L.seq_len, L.world_size, L.rank, L.streams
+        B, S, W, r = L.micro_batch_size, L.seq_len, L.world_size, L.rank
+        Ks, slot0 = L.group_streams, L._slot0
         first = order.row
         t = 0
         while True:
@@ -291,12 +293,13 @@ class _RankRows(IterableDataset):
             x = np.empty((B, S + 1), dtype=np.int64)
             d = np.empty((B, S + 1), dtype=bool)
             for b, (i, g, q) in enumerate(picks):
-                s = by_slot[g * K + q % K]
+                K = Ks[g]
+                s = by_slot[slot0[g] + q % K]
                 if s is None:
                     at = saved.get(f"{g}/{q % K}")
                     s = (_Stream(L._plan(g, caches[g]), q % K, S, int(at[0]), tuple(at[1:])) if at
                          else _Stream(L._plan(g, caches[g]), q % K, S))
-                    by_slot[g * K + q % K] = streams[(g, q % K)] = s
+                    by_slot[slot0[g] + q % K] = streams[(g, q % K)] = s
                 if s.index < q // K:
                     s.seek(q // K)
                 s.take(x[b], d[b])
@@ -343,6 +346,10 @@ class GlobalLoader:
                 raise ValueError(f"no train shards of mixture group {name!r} in {self.shard_dir} (groups there: "
                                  f"{have}); rerun the shard stage with this data.mixture")
             self.group_shards.append(mine)
+        # A group with fewer train samples than `streams` is read as one stream per sample (each stream
+        # needs a sample of its own): a function of the shards, so the order stays a function of them.
+        self.group_streams = group_streams(self.group_shards, self.streams)
+        self._slot0 = [sum(self.group_streams[:g]) for g in range(len(self.group_streams))]
         # where the run stands: the rows every rank consumed (advanced as this rank's batches are
         # consumed: at a step boundary the ranks agree), and the stream positions to restart from
         self._order = Apportioner(self.mixture, self.rows_per_step)
@@ -351,8 +358,19 @@ class GlobalLoader:
         self.skipped: dict[str, str] = {}  # shard path -> why it was left out (data.on_error=skip)
 
     def _plan(self, group: int, shared: OrderedDict) -> _Plan:
-        return _SharedPlan(self.shard_dir, self.group_shards[group], self.dtype, self.streams, self.seed, True,
-                           self.on_error, shared=shared, capacity=self.streams + 1)
+        k = self.group_streams[group]
+        return _SharedPlan(self.shard_dir, self.group_shards[group], self.dtype, k, self.seed, True,
+                           self.on_error, shared=shared, capacity=k + 1)
+
+    def fewer_streams(self) -> list[str]:
+        """One line per group read with fewer streams than data.streams (too few train samples); for the log."""
+        out = []
+        for name, shards, k in zip(self.mixture.groups, self.group_shards, self.group_streams):
+            if k < self.streams:
+                which = f"mixture group {name!r}" if name else "the train split"
+                out.append(f"{which} has {sum(s['samples'] for s in shards)} samples: read as {k} streams, "
+                           f"not data.streams={self.streams}")
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._streams = self.snapshots()
@@ -412,6 +430,12 @@ class GlobalLoader:
     def rows_by_group(self) -> dict[str, int]:
         """Global rows drawn from each group so far (all ranks), at a step boundary."""
         return dict(zip(self.mixture.groups, self._order.totals))
+
+
+def group_streams(group_shards: list[list[dict]], streams: int) -> list[int]:
+    """The streams each group's train shards are read as: data.streams, or the group's sample count when
+    it has fewer samples (a stream with no sample of its own would have no rows)."""
+    return [max(1, min(streams, sum(int(s["samples"]) for s in shards))) for shards in group_shards]
 
 
 def merge_snapshots(snapshots: list[dict[str, list[int]]]) -> dict[str, list[int]]:

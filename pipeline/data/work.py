@@ -147,6 +147,9 @@ class ShardJob:
     encoder: str = "auto"  # data.encoder: auto (the quickest encoder that agrees) | sentencepiece
     encoder_threads: int = 1  # threads of the fast encoder (workers x threads = the CPUs)
     plan: str = ""  # readers.partition_digest(files): kept shards must have been written from these files
+    # the split key of a document that goes to val whatever data.val_fraction says: its group's val
+    # split got no document otherwise (xlp.pipeline.stages.shard)
+    force_val: Optional[float] = None
 
 
 class PartitionEncoder:
@@ -237,6 +240,17 @@ class PartitionEncoder:
         return rec
 
 
+NEAR_VAL = 16  # train documents recorded by their split key: the first a larger data.val_fraction moves
+
+
+def near_val(docs: list) -> list[list]:
+    """The NEAR_VAL train documents (split key, tokens) with the smallest split keys, in key order: a
+    document goes to the val split when its key is below data.val_fraction, so these are the ones a
+    larger val_fraction moves there first (xlp.pipeline.data.fit names a val_fraction that works from
+    them). tokens None: not known (a document of a shard a killed attempt finished)."""
+    return [list(d) for d in sorted(docs, key=lambda d: d[0])[:NEAR_VAL]]
+
+
 def part_record_path(out_dir: Path, partition: int) -> Path:
     return Path(out_dir) / META_DIR / f"part-{partition:05d}.json"
 
@@ -265,19 +279,23 @@ def shard_partition(job: ShardJob, report) -> dict:
             shard_bytes=job.shard_bytes, start_index=len(done), start_sample=sum(r["samples"] for r in done),
             group=job.group, plan=job.plan)
     seen = {split: 0 for split in SPLITS}
-    batch: list[tuple[str, str, str]] = []  # (split, source, text)
+    batch: list[tuple[str, str, str, float]] = []  # (split, source, text, split key)
     batch_chars = 0
+    near: list[tuple[float, Optional[int]]] = []  # (split key, tokens) of train documents: near_val()
 
     def encode_and_write() -> None:
         nonlocal batch, batch_chars, encode_s
         if not batch:
             return
         t0 = time.perf_counter()
-        ids = encoder.encode_batch([text for _, _, text in batch])
+        ids = encoder.encode_batch([text for _, _, text, _ in batch])
         encode_s += time.perf_counter() - t0
-        for (split, source, _), doc in zip(batch, ids):
+        for (split, source, _, u), doc in zip(batch, ids):
             writers[split].add_doc(np.concatenate([np.asarray(doc, dtype=np.int64), eos]), source)
+            if split == "train":
+                near.append((u, len(doc) + 1))
         batch, batch_chars = [], 0
+        near[:] = near_val(near)
 
     try:
         for i, (source, text) in enumerate(_docs(job.files, job.opts, stats, report)):
@@ -286,11 +304,13 @@ def shard_partition(job: ShardJob, report) -> dict:
                 continue
             stats.add(source, "docs_kept")
             u = hash_unit(doc_hash(text))
-            split = "val" if u < job.val_fraction else "train"
+            split = "val" if u < job.val_fraction or u == job.force_val else "train"
             seen[split] += 1
             if seen[split] <= skip[split]:
+                if split == "train":
+                    near.append((u, None))  # its token count is in a finished shard, not known here
                 continue  # already in a finished shard
-            batch.append((split, source, text))
+            batch.append((split, source, text, u))
             batch_chars += len(text)
             if batch_chars >= job.encode_batch_chars:
                 encode_and_write()
@@ -304,7 +324,8 @@ def shard_partition(job: ShardJob, report) -> dict:
     written = [r for w in writers.values() for r in w.finished]
     record = {"partition": job.partition, "files": len(job.files), "plan": job.plan, "stats": stats.to_dict(),
               "shards_written": len(written), "shards_kept": len(kept_records), "shards_damaged": damaged,
-              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, **encoder.record(),
+              "docs_written": {s: seen[s] - skip[s] for s in SPLITS}, "near_val": near_val(near),
+              **encoder.record(),
               # where the task's time went (python benchmarks/bench_data.py prints the stage's sums)
               "seconds": round(time.perf_counter() - started, 4), "encode_seconds": round(encode_s, 4)}
     path = part_record_path(out_dir, job.partition)

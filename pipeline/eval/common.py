@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from xlp import tokenizer
+from xlp.pipeline.core.diskfull import writing
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.stage import atomic_write_json
 from xlp.pipeline.data.shards import load_manifest, open_bytes, read_shard
@@ -133,7 +134,9 @@ def finite(x: float) -> Optional[float]:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_json(Path(path), obj)
+    """`obj` as JSON, atomically; a full disk raises DiskFull naming `path`."""
+    with writing(path):
+        atomic_write_json(Path(path), obj)
 
 
 def param_bytes(model) -> int:

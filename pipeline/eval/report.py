@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from xlp.pipeline.core.diskfull import writing
 from xlp.pipeline.core.stage import atomic_write_text
 
 PLOTS = ("train_loss.png", "loss_vs_context.png", "memory_vs_context.png", "recall.png")
@@ -45,8 +46,11 @@ def label_axes(ax, xlabel: str, ylabel: str, title: str, *, title_size: Optional
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write and close the figure (an open one keeps its memory for the process's life)."""
     fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path)
+    finally:
+        _plt().close(fig)
     return path
 
 
@@ -298,7 +302,8 @@ def write_report(path: Path, results: dict, plots: list[Path]) -> Path:
             md.append("\nstderr: binomial standard error of 0/1 metrics over the documents scored.\n")
         md.append("")
 
-    atomic_write_text(path, "\n".join(md))
+    with writing(path):
+        atomic_write_text(path, "\n".join(md))
     return path
 
 

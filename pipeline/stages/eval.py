@@ -10,7 +10,8 @@ Parts (`eval.parts`, each optional; see pipeline/eval/):
                 bundled configs/eval/ tasks on cloze items built from the val split)
 
 Writes RUN_DIR/eval/: results.json (everything), metrics.json (headline numbers, also the stage's
-metrics), report.md with PNG plots, lm_eval/ (task data, task YAMLs, lm-eval's results), wandb/.
+metrics), report.md with PNG plots, lm_eval/ (task data, task YAMLs, lm-eval's results), wandb/. The
+result files appear there only when all of them are whole (`run`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from omegaconf import OmegaConf
 
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.config import section
+from xlp.pipeline.core.diskfull import DiskFull, disk_full, is_disk_full, writing
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.stage import StageContext, atomic_write_text
 from xlp.pipeline.eval import common, gencost, ppl, recall, report
@@ -33,6 +36,7 @@ from xlp.pipeline.train.monitor import read_metrics
 from xlp.xlstm_model import count_params
 
 STAGE = registry.EVAL
+PARTIAL = ".partial"  # RUN_DIR/eval/.partial/: this attempt's result files until all are whole
 
 
 def _log(msg: str) -> None:
@@ -75,6 +79,37 @@ def headline_metrics(results: dict) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    """The eval stage. Its result files (results.json, metrics.json, report.md, the plots,
+    lm_eval/results.json) are written into RUN_DIR/eval/.partial/ and moved into RUN_DIR/eval/ once all
+    are whole (metrics.json last): a failed eval leaves nothing there that looks like a result (what it
+    wrote stays in .partial/, which the next run moves to RUN_DIR/.stale/ with the rest of the attempt).
+    A full disk anywhere raises DiskFull naming the file (or the eval folder, when the writer did not say)."""
+    out = ctx.layout.eval_dir
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    try:
+        return _run(ctx, partial)
+    except Exception as e:
+        if partial.exists():
+            _log(f"eval: failed; what it had written is in {partial} (not a result)")
+        if not isinstance(e, DiskFull) and is_disk_full(e):
+            raise disk_full(getattr(e, "filename", None) or out) from e
+        raise
+
+
+def _publish(partial: Path, out: Path, last_name: str) -> None:
+    """Move the result files from `partial` into `out` (renames: no disk space needed); `last_name`
+    (metrics.json, what `xlp compare` reads) last."""
+    files = sorted(p for p in partial.rglob("*") if p.is_file())
+    last = [p for p in files if p.relative_to(partial) == Path(last_name)]
+    for p in [p for p in files if p not in last] + last:
+        target = out / p.relative_to(partial)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    shutil.rmtree(partial)
+
+
+def _run(ctx: StageContext, partial: Path) -> dict:
     import torch
 
     t_start = time.time()
@@ -83,7 +118,9 @@ def run(ctx: StageContext) -> dict:
     section(cfg, "kernels").apply()  # the run's kernels.*, whatever this process's environment says
     layout = ctx.layout
     out = layout.eval_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if partial.exists():  # an earlier attempt's, called directly (the runner moves a failed attempt aside)
+        shutil.rmtree(partial)
+    partial.mkdir()
     run_dir = Path(ctx.run_dir)
     shard_dir = layout.shard_dir
     threads = common.set_threads(ec.threads)
@@ -152,26 +189,28 @@ def run(ctx: StageContext) -> dict:
     del untrained
 
     if "lm_eval" in ec.parts:
-        results["lm_eval"] = _lm_eval(ec, layout, shard_dir, model, tok, seq_len, device)
+        results["lm_eval"] = _lm_eval(ec, layout, shard_dir, model, tok, seq_len, device,
+                                      partial / layout.lm_eval_dir.relative_to(out) / "results.json")
 
     info["seconds"] = round(time.time() - t_start, 1)
     headline = headline_metrics(results)
-    common.write_json(layout.eval_results, results)
-    common.write_json(layout.eval_metrics, headline)
+    common.write_json(partial / layout.eval_results.name, results)
     plots = []
     if ec.plots:
-        plots = report.make_plots(out, results, train_log, mcfg.arch)
-    path = report.write_report(layout.eval_report, results, plots)
-    _log(f"eval: report {path}")
+        plots = report.make_plots(partial, results, train_log, mcfg.arch)
+    report.write_report(partial / layout.eval_report.name, results, plots)
+    common.write_json(partial / layout.eval_metrics.name, headline)
     wandb_id = None
     if str(cfg.wandb.mode) != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         wandb_id = report.log_wandb(out, cfg, headline, results, plots)
-    return {**headline, "report": str(path), "plots": [p.name for p in plots], "wandb_run_id": wandb_id,
+    _publish(partial, out, layout.eval_metrics.name)
+    _log(f"eval: report {layout.eval_report}")
+    return {**headline, "report": str(layout.eval_report), "plots": [p.name for p in plots], "wandb_run_id": wandb_id,
             "seconds": info["seconds"]}
 
 
-def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, device) -> dict:
+def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, device, results_file: Path) -> dict:
     t0 = time.time()
     lm_dir = layout.lm_eval_dir
     if ec.lm_eval_offline:
@@ -202,7 +241,8 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
     from lm_eval.utils import handle_non_serializable
 
     keep = {k: v for k, v in res.items() if k not in ("samples",)}
-    atomic_write_text(lm_dir / "results.json", json.dumps(keep, indent=2, default=handle_non_serializable))
+    with writing(results_file):
+        atomic_write_text(results_file, json.dumps(keep, indent=2, default=handle_non_serializable))
     for task, metrics in flat.items():
         _log(f"eval lm-eval: {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "stderr" not in k))
     return {"tasks": list(ec.tasks), "limit": ec.lm_eval_limit, "max_length": max_length, "items": len(items),

@@ -11,8 +11,11 @@ their records (size, sha256: a bad one is rewritten, counted in shards_damaged) 
 """
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
 
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
@@ -23,6 +26,7 @@ from xlp.pipeline.core.stage import StageContext, atomic_write_json
 from xlp.pipeline.data.parallel import default_workers, run_parallel
 from xlp.pipeline.data.readers import ReadStats, partition_digest, plan_partitions, resolve_sources
 from xlp.pipeline.data.shards import (
+    META_DIR,
     SPLITS,
     build_manifest,
     dtype_name,
@@ -38,6 +42,7 @@ from xlp.pipeline.data.work import (
     duplicates,
     hash_partition,
     load_part_record,
+    near_val,
     part_record_path,
     shard_partition,
     verify_finished_partition,
@@ -112,18 +117,38 @@ def run(ctx: StageContext) -> dict:
     tok_ref = tok  # pickled once per task as the model bytes
     workers = dc.num_workers or default_workers()
     threads = max(1, default_workers() // workers)  # workers x threads = the CPUs Ray has
-    jobs = [ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
-                     dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
-                     shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i], encoder=dc.encoder,
-                     encoder_threads=threads, plan=plans[i]) for i in todo]
+
+    def job(i: int, force_val: Optional[float] = None) -> ShardJob:
+        return ShardJob(partition=i, files=parts[i], opts=opts, out_dir=str(out), tokenizer=tok_ref,
+                        dtype=dtype.str, val_fraction=dc.val_fraction, sample_tokens=dc.sample_tokens,
+                        shard_bytes=dc.shard_bytes, drop=drops[i], group=part_groups[i], encoder=dc.encoder,
+                        encoder_threads=threads, plan=plans[i], force_val=force_val)
+
     t1 = time.time()
-    new = run_parallel(shard_partition, jobs, num_workers=dc.num_workers, total_bytes=total,
+    new = run_parallel(shard_partition, [job(i) for i in todo], num_workers=dc.num_workers, total_bytes=total,
                        done_bytes=sum(sizes[i] for i in records), desc="shard", progress_dir=out / ".progress")
-    t_shard = time.time() - t1
     resumed_parts = len(records)
     for i, rec in zip(todo, new):
         records[i] = rec
         damaged.extend(rec.get("shards_damaged", []))
+    # a group whose val split got no document (a corpus of a few documents): its train document with the
+    # smallest split key goes there instead, its partition written again (deterministic: a function of
+    # the corpus and data.val_fraction)
+    forced = {}
+    if dc.val_fraction > 0:
+        for group, i, key in _groups_without_val(out, records, part_groups):
+            print(f"shard: {_group_name(group)} got no val document at data.val_fraction={dc.val_fraction}: its "
+                  f"train document with the smallest split key ({key:.4f}) goes to the val split (partition {i}'s "
+                  "shards are written again)", flush=True)
+            for split in SPLITS:
+                remove_shards_from(out, split, i, 0)
+            part_record_path(out, i).unlink(missing_ok=True)
+            rec, = run_parallel(shard_partition, [job(i, force_val=key)], num_workers=1, total_bytes=sizes[i],
+                                desc="shard", progress_dir=out / ".progress")
+            records[i] = rec
+            new.append(rec)
+            forced[group] = key
+    t_shard = time.time() - t1
     for problem in damaged:
         print(f"resume: {problem}", flush=True)
     for i in sorted(records):
@@ -141,6 +166,11 @@ def run(ctx: StageContext) -> dict:
     manifest = build_manifest(out, dtype=dtype, tokenizer_info=tok_info, config=config,
                               read_counts=counts, per_source=stats.per_source,
                               listed={k: v for k, v in rm.items() if isinstance(v, list)})
+    # per group, the train documents a larger data.val_fraction would move to val first (xlp.pipeline.data.fit)
+    near: dict[str, list] = {}
+    for i in sorted(records):
+        near.setdefault(part_groups[i], []).extend(records[i].get("near_val", []))
+    manifest["near_val"] = {group: near_val(docs) for group, docs in near.items()}
     if manifest["tokens"] == 0:  # an empty corpus fails here, not later in train
 
         raise ValueError(
@@ -185,7 +215,33 @@ def run(ctx: StageContext) -> dict:
     })
     if dc.mixture:
         metrics["groups"] = manifest["groups"]
+    if forced:  # the groups whose one val document was forced there (split key): none had hashed into it
+        metrics["val_forced"] = forced
     return metrics
+
+
+def _group_name(group: str) -> str:
+    return f"data.mixture group {group!r}" if group else "the corpus"
+
+
+def _groups_without_val(out: Path, records: dict[int, dict], part_groups: list[str]) -> list[tuple[str, int, float]]:
+    """(group, partition, split key) for each group with train documents but no val document (read from
+    the shard records): the partition holding its train document with the smallest split key, and that key."""
+    docs: dict[str, dict[str, int]] = {}
+    for meta in (out / META_DIR).glob("*.tar.json"):
+        rec = json.loads(meta.read_text())
+        counts = docs.setdefault(rec.get("group", ""), {split: 0 for split in SPLITS})
+        counts[rec["split"]] = counts.get(rec["split"], 0) + rec["docs"]
+    out_list = []
+    for group, counts in sorted(docs.items()):
+        if counts["val"] or counts["train"] < 2:  # one document is the train split; none to spare
+            continue
+        nearest = [(rec["near_val"][0][0], i) for i, rec in records.items()
+                   if part_groups[i] == group and rec.get("near_val")]
+        if nearest:
+            key, i = min(nearest)
+            out_list.append((group, i, key))
+    return out_list
 
 
 def encoder_metrics(records: list[dict]) -> dict:

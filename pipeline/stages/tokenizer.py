@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from xlp import tokenizer as tk
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.config import section
-from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
+from xlp.pipeline.core.schema.tokenizer import TokenizerConfig, fixed_pieces, suggested_vocab
 from xlp.pipeline.core.stage import StageContext, atomic_write_json, atomic_write_text
 from xlp.pipeline.data.parallel import default_workers, run_parallel
 from xlp.pipeline.data.readers import ReadStats, plan_partitions, resolve_sources
@@ -51,6 +51,11 @@ def run(ctx: StageContext) -> dict:
                             partition_bytes=dc.partition_bytes, stats=stats)
     parts = plan_partitions(files, dc.partition_bytes)
     total = sum(f.size for f in files)
+    if not tc.path and 0 < total < tc.vocab_size - fixed_pieces(tc.byte_fallback):
+        # refused before sampling (SentencePiece names the exact bound after it)
+        raise ValueError(
+            f"tokenizer.vocab_size={tc.vocab_size} asks for more pieces than the corpus's {total} bytes of text "
+            f"(data.sources) can give: set tokenizer.vocab_size={suggested_vocab(total, tc.byte_fallback)} (or add data)")
     rate = 0.0 if tc.path else min(1.0, tc.sample_bytes / max(1, total))
     heldout_rate = min(1.0 - rate, tc.heldout_bytes / max(1, total))
     if rate >= 1.0:  # everything trains the tokenizer: measure on (part of) the training sample

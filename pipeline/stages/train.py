@@ -14,7 +14,9 @@ from xlp.pipeline.cluster.launch import choose_launcher, count_gpus, launch, vis
 from xlp.pipeline.core import registry
 from xlp.pipeline.core.layout import check_train_paths
 from xlp.pipeline.core.stage import StageContext
+from xlp.pipeline.data.fit import val_split_check
 from xlp.pipeline.train.elastic import refuse_before_launch
+from xlp.pipeline.train.memory import refuse_if_it_cannot_fit
 
 STAGE = registry.TRAIN
 
@@ -30,12 +32,17 @@ def run(ctx: StageContext) -> dict:
     # launcher's overrides on their command line (train.device=cpu).
     config = layout.config
     out.result.unlink(missing_ok=True)
-    world = local_world_size(ctx.cfg)
+    world, gpus = local_ranks(ctx.cfg)
     if world is not None:  # the global batch splits over the ranks, and matches the checkpoint's: checked
 
         resized = refuse_before_launch(ctx.cfg, out.checkpoints, world)
         if resized:
             print(f"train: {resized}", flush=True)
+        if not gpus:  # CPU ranks: a micro-batch whose activations cannot fit is refused, not killed later
+            refuse_if_it_cannot_fit(ctx.cfg, layout.tokenizer_model, world)
+        # a val split with no row is refused here, before the ranks start (they check again: Slurm, Ray)
+        val_split_check(layout.shard_dir, groups=list(ctx.cfg.data.mixture) or [None],
+                        seq_len=int(ctx.cfg.data.seq_len), world_size=world)
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),
@@ -47,14 +54,15 @@ def run(ctx: StageContext) -> dict:
     return result
 
 
-def local_world_size(cfg) -> "int | None":
-    """The ranks the local launcher will start (one per GPU, else train.cpu_processes); None under
-    slurm or ray, where the ranks check the resize themselves."""
+def local_ranks(cfg) -> "tuple[int | None, int]":
+    """(the ranks the local launcher will start: one per GPU, else train.cpu_processes; the GPUs they
+    use). (None, 0) under slurm or ray, where the ranks check the resize themselves."""
     try:
         if choose_launcher(str(cfg.train.launcher)) != "local":
-            return None
+            return None, 0
     except Exception:  # noqa: BLE001  (launch() reports a bad launcher)
-        return None
+        return None, 0
     env = dict(os.environ)
     visible_devices_for_ranks(env)
-    return count_gpus(env, str(cfg.train.device)) or int(cfg.train.cpu_processes)
+    gpus = count_gpus(env, str(cfg.train.device))
+    return gpus or int(cfg.train.cpu_processes), gpus

@@ -21,6 +21,7 @@ from xlp.pipeline.core.config import section
 from xlp.pipeline.core.layout import TrainLayout
 from xlp.pipeline.core.node import node_name
 from xlp.pipeline.core.stage import atomic_write_json
+from xlp.pipeline.data.fit import val_split_check
 from xlp.pipeline.data.loader import ShardLoader, shards_skipped_everywhere
 from xlp.pipeline.data.order import GlobalLoader, Mixture
 from xlp.pipeline.train import checkpoint as ckpt
@@ -261,7 +262,7 @@ class Trainer:
                                 mixture=self.mixture, on_error=str(self.cfg.data.on_error))
         return ShardLoader(self.shard_dir, split=split, seq_len=self.seq_len, batch_size=self.tc.micro_batch_size,
                            rank=self.rank, world_size=self.world, num_workers=0, seed=self.seed,
-                           on_error=str(self.cfg.data.on_error), group=group)
+                           on_error=str(self.cfg.data.on_error), group=group, partial=True)
 
     @property
     def val_groups(self) -> list[Optional[str]]:
@@ -269,16 +270,12 @@ class Trainer:
         return list(self.mixture.groups) if self.mixture is not None else [None]
 
     def _check_val_split(self) -> Optional[str]:
-        """None when there is a val split (for every mixture group); else why not (a corpus too small
-        for data.val_fraction)."""
-        try:
-            for group in self.val_groups:
-                self._loader("val", group)
-        except ValueError as e:
-            self.has_val = False
-            return str(e)
-        self.has_val = True
-        return None
+        """None when every mixture group's val split gives this many ranks a validation row; why not,
+        when the shards hold no val split on purpose (data.val_fraction=0). A val split with no row
+        raises ValueError naming the group and what works (xlp.pipeline.data.fit)."""
+        skipped = val_split_check(self.shard_dir, groups=self.val_groups, seq_len=self.seq_len, world_size=self.world)
+        self.has_val = skipped is None
+        return skipped
 
     def _start_monitor(self, latest: Optional[Path], no_val: Optional[str], t_start: float, t_engine: float) -> None:
         tc = self.tc
@@ -287,6 +284,8 @@ class Trainer:
                                run_name=str(self.cfg.run.name))
         if no_val is not None:
             self.monitor.message(f"validation skipped: {no_val}")
+        for line in self.loader.fewer_streams():
+            self.monitor.message(f"data: {line}")
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
@@ -457,7 +456,9 @@ class Trainer:
         return (float(total[0] / total[1]) if total[1] > 0 else float("nan")), by_group
 
     def _val_sums(self, group: Optional[str]):
-        """(loss x targets, targets) over train.eval_batches val micro-batches of every rank."""
+        """(loss x targets, targets) over up to train.eval_batches val micro-batches of every rank: what
+        the split has (a stream's last batch may have fewer rows; a rank whose stream has ended
+        contributes nothing)."""
         import torch
         import torch.distributed as dist
 
@@ -470,17 +471,33 @@ class Trainer:
                 batch = next(it, None)
                 self._progress("validate")
                 have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank runs the same number (ZeRO-3)
+                dist.all_reduce(have, op=dist.ReduceOp.MAX)
                 if have.item() < 1:
                     break
+                n += 1
+                if batch is None:
+                    # the others still validate: run the same forward passes (ZeRO-3 gathers the
+                    # parameters in them, collectively) on one row whose loss is not counted
+                    self._val_forward(self._batch(self._blank_row()))
+                    continue
                 batch = self._batch(batch)
-                loss = self.engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
+                loss = self._val_forward(batch)
                 count = (batch["targets"] != -100).sum().double()
                 total[0] += loss.double() * count
                 total[1] += count
-                n += 1
         dist.all_reduce(total)
         return total
+
+    def _val_forward(self, batch):
+        return self.engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
+
+    def _blank_row(self) -> dict:
+        import torch
+
+        row = torch.zeros(1, self.seq_len, dtype=torch.int64)
+        starts = torch.zeros(1, self.seq_len, dtype=torch.bool)
+        starts[:, 0] = True
+        return {"input_ids": row, "targets": row.clone(), "doc_starts": starts}
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.type not in TOKENIZER_TYPES:
             raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
-        n_min = 4 + (256 if self.byte_fallback else 0)
+        n_min = fixed_pieces(self.byte_fallback)
         if self.path is None and self.vocab_size <= n_min:
             raise ValueError(
                 f"tokenizer.vocab_size must exceed {n_min} (specials"
@@ -35,6 +35,13 @@ class TokenizerConfig:
             )
         if self.vocab_size > 1 << 32:
             raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
+        if self.path is None and self.vocab_size - n_min > self.sample_bytes:
+            # each piece SentencePiece learns merges pieces of the sample (BPE) or is a substring kept for
+            # its frequency in it (unigram): far fewer pieces than sampled bytes; refused before sampling
+            raise ValueError(
+                f"tokenizer.vocab_size={self.vocab_size} asks for more pieces than the {self.sample_bytes} bytes "
+                f"of text they are learnt from (tokenizer.sample_bytes): set tokenizer.vocab_size well below that "
+                f"(e.g. {suggested_vocab(self.sample_bytes, self.byte_fallback)}), or raise tokenizer.sample_bytes")
         if not 0.0 < self.character_coverage <= 1.0:
             raise ValueError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
         if self.sample_bytes < 1:
@@ -43,3 +50,15 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.heldout_bytes must be >= 0, got {self.heldout_bytes}")
         if self.num_threads < 0:
             raise ValueError(f"tokenizer.num_threads must be >= 0, got {self.num_threads}")
+
+
+def fixed_pieces(byte_fallback: bool) -> int:
+    """Pieces every vocabulary has whatever its text: the specials, and the 256 bytes with byte fallback."""
+    return 4 + (256 if byte_fallback else 0)
+
+
+def suggested_vocab(text_bytes: int, byte_fallback: bool = True) -> int:
+    """A vocabulary size text of `text_bytes` bytes can give: the fixed pieces and one learnt piece per
+    64 bytes, at most the default 8000 in all."""
+    fixed = fixed_pieces(byte_fallback)
+    return fixed + max(1, min(8000 - fixed, text_bytes // 64))
