@@ -13,7 +13,7 @@ from xlp.pipeline.cluster.submit import SubmitError, submit_ray, submit_slurm
 from xlp.pipeline.core.config import ConfigError, load_config, load_run_config
 from xlp.pipeline.core.layout import RunLayout, StudyLayout
 from xlp.pipeline.core.node import EXIT_RETRYABLE
-from xlp.pipeline.core.preflight import check_run
+from xlp.pipeline.core.preflight import check_run, config_notes
 from xlp.pipeline.core.registry import STAGES, stage_names
 from xlp.pipeline.core.resources import config_dir, packaged_configs
 from xlp.pipeline.core.secrets import redact_config_yaml
@@ -269,7 +269,9 @@ def cmd_run(args) -> int:
     if cfg.study.variants:
         print(f"note: {args.config} is a study ({len(cfg.study.variants)} variants); `xlp run` runs its config without "
               f"any variant's overrides: `xlp study {args.config}` runs the variants", file=sys.stderr)
-    run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, config_source=args.config)
+    # the user's command without --stages/--force: hints that name a command to run keep their overrides
+    rerun = ["xlp", "run", args.config, *args.overrides] + (["--run-dir", args.run_dir] if args.run_dir else [])
+    run_pipeline(cfg, only=only, force=args.force, run_dir=args.run_dir, rerun=rerun)
     return 0
 
 
@@ -342,7 +344,10 @@ def cmd_configs(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(redact_config_yaml(load_config(args.config, args.overrides)), end="")  # terminals get logged too
+    cfg = load_config(args.config, args.overrides)
+    print(redact_config_yaml(cfg), end="")  # terminals get logged too
+    for note in config_notes(cfg):  # on stderr: stdout stays the YAML, for files and pipes
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

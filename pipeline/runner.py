@@ -14,6 +14,7 @@ import ctypes
 import functools
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -22,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, TextIO
+from typing import Callable, Iterable, Optional, Sequence, TextIO
 
 from omegaconf import DictConfig
 
@@ -31,7 +32,7 @@ from xlp.pipeline.core.errors import PipelineError
 from xlp.pipeline.core.layout import RunLayout, check_stale_dir
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
-from xlp.pipeline.core.preflight import check_run
+from xlp.pipeline.core.preflight import check_run, config_notes
 from xlp.pipeline.core.registry import STAGES
 from xlp.pipeline.core.secrets import redact_config_yaml, redact_text
 from xlp.pipeline.core.stage import (
@@ -122,9 +123,12 @@ def run_pipeline(
     force: bool = False,
     run_dir: str | os.PathLike | None = None,
     out: TextIO | None = None,
-    config_source: str | None = None,
+    rerun: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError."""
+    """Run what is missing or stale. Returns {stage: "ran" | "skipped"}; raises PipelineError.
+
+    rerun: the user's command without --stages and --force (`xlp run CONFIG key=value ... [--run-dir D]`),
+    from which the hint for a stage whose inputs are not done is made (so it keeps their overrides)."""
     if stages is None:
         stages = STAGES
     out = out or sys.stdout
@@ -146,11 +150,17 @@ def run_pipeline(
     fps = fingerprints(stages, cfg, inputs=inputs)
     trajs = trajectories(stages, cfg, inputs=inputs)
     print(f"run dir: {run_dir}", file=out)
+    for note in config_notes(cfg):
+        print(f"note: {note}", file=out)
 
     outcome: dict[str, str] = {}
     started_ray = False
     previous_sigterm = None
     try:
+        # before Ray starts: a selected stage whose inputs are not done, nor selected, cannot run
+        for stage in order:
+            if stage.name in selected:
+                _check_inputs(stage, stages, run_dir, fps, rerun, selected)
         started_ray = _ensure_ray()
         # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
         if threading.current_thread() is threading.main_thread():
@@ -167,7 +177,7 @@ def run_pipeline(
                 print(f"= {stage.name}: done (fingerprint {fp}), skipped", file=out)
                 outcome[stage.name] = "skipped"
                 continue
-            _check_inputs(stage, stages, run_dir, fps, config_source)
+            _check_inputs(stage, stages, run_dir, fps, rerun)
             resumed = _prepare_dir(stage, layout, marker, fp, trajs[stage.name], force, out)
             _run_one(stage, cfg, run_dir, fp, trajs[stage.name], resumed, out)
             outcome[stage.name] = "ran"
@@ -184,18 +194,46 @@ def run_pipeline(
 
 
 def _check_inputs(stage: Stage, stages: list[Stage], run_dir: Path, fps: dict[str, str],
-                  config_source: str | None) -> None:
+                  rerun: Sequence[str] | None, selected: Iterable[str] = ()) -> None:
+    """PipelineError when a stage `stage` needs is not done (and not among `selected`, which run before
+    it in this call), with the command that makes them: the user's own (`rerun`), shell-quoted, with
+    --stages naming every upstream stage that is not done."""
+    if all(dep in selected for dep in stage.needs):
+        return
     by_name = {s.name: s for s in stages}
+    layout = RunLayout(run_dir)
+    markers: dict[str, dict] = {}
+    status: dict[str, str] = {}
+    # only the stages upstream: a marker's read checks the outputs it records (a train stage's checkpoints)
+    for s in toposort(stages):
+        if s.name in _upstream(stage.name, by_name):
+            markers[s.name] = read_marker(s, layout.stage_dir(s.name))
+            status[s.name] = marker_status(markers[s.name], fps[s.name])
     for dep in stage.needs:
-        marker = read_marker(by_name[dep], RunLayout(run_dir).stage_dir(dep))
-        status = marker_status(marker, fps[dep])
-        if status != "done":
-            cmd = f"xlp run {config_source or 'CONFIG'} --stages {dep}"
-            why = f" ({marker['damaged']})" if marker.get("damaged") else ""
-            raise PipelineError(
-                f"stage {stage.name!r} needs stage {dep!r}, which is {status} in {run_dir}{why}: "
-                f"run `{cmd}` first (or run without --stages)"
-            )
+        if status[dep] == "done" or dep in selected:
+            continue
+        todo = [name for name in status if status[name] != "done"]  # in dependency order
+        base = list(rerun) if rerun else ["xlp", "run", "CONFIG"]
+        cmd = shlex.join(base + ["--stages", ",".join(todo)])
+        if not rerun:  # a placeholder, not a command to paste as it is
+            cmd = cmd.replace("CONFIG", "CONFIG [key=value ...]", 1)
+        why = f" ({markers[dep]['damaged']})" if markers[dep].get("damaged") else ""
+        raise PipelineError(
+            f"stage {stage.name!r} needs stage {dep!r}, which is {status[dep]} in {run_dir}{why}: "
+            f"run `{cmd}` first (or run without --stages)"
+        )
+
+
+def _upstream(name: str, by_name: dict[str, Stage]) -> set[str]:
+    """Every stage `name` needs, directly or through others."""
+    seen: set[str] = set()
+    todo = list(by_name[name].needs)
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.add(dep)
+            todo.extend(by_name[dep].needs)
+    return seen
 
 
 def _prepare_dir(stage: Stage, layout: RunLayout, marker: dict, fp: str, trajectory: str, force: bool,

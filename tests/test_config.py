@@ -160,3 +160,52 @@ def test_readme_comparison_command_resolves():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.model.arch == "llama" and list(cfg.model.slstm_at) == []
     assert cfg.run.name == "demo_llama"
+
+
+def test_list_key_given_one_value_names_the_list_to_write(tmp_path, capsys):
+    """`data.sources=/tmp/x` (no brackets) is refused as OmegaConf and Hydra refuse it, but with the key and
+    the value written as a list (quoted for the shell); that suggestion, pasted, is accepted. In a file:
+    `sources: [/tmp/x]`; null: `[]`."""
+    import shlex
+
+    from xlp.pipeline.cli import main as xlp_main
+
+    assert xlp_main(["config", str(DEMO), "data.sources=/tmp/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("xlp config: error: config key `data.sources` (command-line override 'data.sources') is a "
+                           "list (list[str]), given one value '/tmp/x': write it as a list, 'data.sources=[/tmp/x]'")
+    assert xlp_main(["config", str(DEMO), *shlex.split(err.rsplit(", ", 1)[1])]) == 0
+    assert "sources:\n  - /tmp/x\n" in capsys.readouterr().out
+    bad = write(tmp_path / "bad.yaml", "data:\n  sources: /tmp/x\n")
+    with pytest.raises(ConfigError, match=rf"`data.sources` \(config file {bad}\) is a list .* `sources: \[/tmp/x\]`"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"`eval.context_multipliers` .* given one value 2: .*'eval.context_multipliers=\[2\]'"):
+        load_config(DEMO, ["eval.context_multipliers=2"])
+    with pytest.raises(ConfigError, match=r"`data.sources` .* cannot be null: write \[\] for an empty list"):
+        load_config(write(tmp_path / "null.yaml", "data:\n  sources: null\n"))
+
+
+def test_mixture_clears_or_names_the_inherited_sources(tmp_path, capsys):
+    """A mixture config over a base that sets data.sources: the run's log (and `xlp config`) says that
+    data.sources is not read; `sources: []` beside the mixture clears it (no note); an empty data.sources
+    without a mixture is still refused."""
+    from xlp.pipeline.cli import main as xlp_main
+
+    write(tmp_path / "base.yaml", "data:\n  sources: ['stdlib:json']\n")
+    mix = "  mixture:\n    web: {sources: ['stdlib:email'], weight: 0.7}\n    code: {sources: ['stdlib:asyncio']}\n"
+    kept = write(tmp_path / "kept.yaml", "defaults: [base.yaml]\ndata:\n" + mix)
+    cleared = write(tmp_path / "cleared.yaml", "defaults: [base.yaml]\ndata:\n  sources: []\n" + mix)
+    note = ("note: data.sources ['stdlib:json'] is not read: the groups of data.mixture (web, code) are the corpus. "
+            "`sources: []` beside the mixture under `data:` (or data.sources=[]) clears it")
+    # `xlp run`: the note is in the run's log, before anything runs (here the shard stage's missing input stops it)
+    assert xlp_main(["run", str(kept), f"run.dir={tmp_path / 'run'}", "--stages", "shard"]) == 1
+    out = capsys.readouterr().out
+    assert note in out.splitlines(), out
+    assert xlp_main(["config", str(kept)]) == 0
+    assert note in capsys.readouterr().err.splitlines()
+    assert xlp_main(["config", str(cleared)]) == 0
+    shown = capsys.readouterr()
+    assert "sources: []" in shown.out and "note:" not in shown.err
+    assert xlp_main(["config", str(kept), "data.sources=[]"]) == 0 and "note:" not in capsys.readouterr().err
+    assert xlp_main(["config", str(DEMO), "data.sources=[]"]) == 1
+    assert "data.sources is empty" in capsys.readouterr().err

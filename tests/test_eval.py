@@ -468,3 +468,32 @@ def test_eval_on_a_full_disk_names_the_file_and_leaves_no_result(run_dir, tmp_pa
         assert not (eval_dir / ".partial").exists()
     finally:
         subprocess.run(["umount", "-l", str(eval_dir)], check=False)
+
+
+def test_lm_eval_command_finds_any_run_dirs_tasks_after_a_move(tmp_path, monkeypatch, capsys):
+    """The lm-eval command for a run directory (`--model_args run_dir=RUN_DIR`, no --include_path) finds the
+    tasks the eval stage wrote there, and they read that run's items even after the run directory was moved
+    (their absolute path is the old one); run from another working directory than the repository. lm-eval's
+    `dummy` model stands in for a trained one: what is checked is which task files and items are read."""
+    from xlp.pipeline.eval.cloze import write_items, write_task_dir
+
+    old, new = tmp_path / "old run", tmp_path / "moved" / "run"
+    lm_dir = old / "eval" / "lm_eval"
+    items = [{"id": i, "doc": i, "context": f"line {i}\n", "target": f"x = value_{i}", "word_context": f"line {i}\nx =",
+              "word": f" value_{i}", "choices": [f"x = value_{i}", "pass"], "label": 0, "text": f"line {i}\nx = value_{i}"}
+             for i in range(3)]
+    write_task_dir(lm_dir / "tasks", write_items(items, lm_dir / "cloze.jsonl"))
+    new.parent.mkdir()
+    old.rename(new)
+    # the harness's own command line (main) in this process, from another working directory, with lm-eval's
+    # dummy model registered (the wrapper registers only `xlp`)
+    import lm_eval.models.dummy  # noqa: F401
+    from xlp.pipeline.eval.harness import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    main(["run", "--model", "dummy", "--model_args", f"run_dir={new}", "--tasks", "xlp_cloze",
+          "--output_path", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert re.search(r"\|xlp_cloze\s*\|", out), out[-2000:]
+    assert str(old) in (new / "eval" / "lm_eval" / "tasks" / "xlp_cloze.yaml").read_text()  # the run's files as written

@@ -376,3 +376,23 @@ def test_damaged_run_files_are_named_and_their_stage_resumes_in_place(tmp_path, 
             load_run_config(config)  # what a training rank reads
     config.write_text(text.split("\n", 1)[1].rsplit("# sha256: ", 1)[0])  # as written before it was sealed
     assert load_run_config(config).data.seq_len == 256
+
+
+def test_missing_input_hint_is_the_users_command(tmp_path, capsys):
+    """`xlp run CONFIG overrides --stages train` where the data stages never ran: refused before Ray
+    starts, with a command to paste that keeps the config, every override (shell-quoted: the brackets,
+    a space) and --run-dir, and names every upstream stage that is not done."""
+    import shlex
+
+    from xlp.pipeline.cli import main as xlp_main
+
+    config = tmp_path / "my configs" / "small.yaml"
+    config.parent.mkdir()
+    config.write_text("run:\n  name: hint\ndata:\n  sources: [stdlib:json]\n")
+    overrides = [f"run.dir={tmp_path / 'the run'}", "data.sources=[stdlib:json, stdlib:email]", "train.steps=3"]
+    for extra, stages, todo in (([], "train", "tokenizer,shard"), (["--run-dir", str(tmp_path / "other")], "shard", "tokenizer")):
+        assert xlp_main(["run", str(config), *overrides, "--stages", stages, *extra]) == 1
+        err = capsys.readouterr().err
+        hint = err.split("run `", 1)[1].split("` first", 1)[0]
+        assert shlex.split(hint) == ["xlp", "run", str(config), *overrides, *extra, "--stages", todo], err
+        assert "'data.sources=[stdlib:json, stdlib:email]'" in hint and f"'{config}'" in hint

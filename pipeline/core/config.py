@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +274,7 @@ def merge_into(cfg: DictConfig, update: Any, source: str) -> None:
     except ConfigKeyError as e:
         raise ConfigError(_unknown_key_message(cfg, e, source)) from None
     except ValidationError as e:
-        raise ConfigError(_type_message(cfg, e, source)) from None
+        raise ConfigError(_type_message(cfg, e, source, update)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_key_of(e)}: {_msg_of(e)}") from None
     # A `???` (mandatory) value does not replace a default when merged: mark it missing here, so that
@@ -319,15 +320,58 @@ def _unknown_key_message(cfg: DictConfig, e: ConfigKeyError, source: str) -> str
     )
 
 
-def _type_message(cfg: DictConfig, e: ValidationError, source: str) -> str:
+def _type_message(cfg: DictConfig, e: ValidationError, source: str, update: Any = None) -> str:
     full_key = _key_of(e)
     expected = _expected_type(full_key)
+    given = _given_value(update, full_key)
+    if typing.get_origin(_declared_type(full_key)) in (list, tuple) and not isinstance(given, (list, tuple, dict)):
+        return _list_message(full_key, expected, given, source)
     value = getattr(e, "msg", str(e)).split("\n")[0]
     return f"wrong type for config key `{full_key}` ({source}): expected {expected}. ({value})"
 
 
+_UNSET = object()
+
+
+def _given_value(update: Any, full_key: str) -> Any:
+    """The value `update` gives `full_key` (dotted), or _UNSET."""
+    node = OmegaConf.to_container(update, resolve=False) if isinstance(update, DictConfig) else update
+    for part in full_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _UNSET
+        node = node[part]
+    return node
+
+
+def _list_message(full_key: str, expected: str, given: Any, source: str) -> str:
+    """A list-typed key given one value (`data.sources=/tmp/x`): refused, as OmegaConf and Hydra refuse
+    it, with the value written as a list to copy. Not wrapped silently: `a,b` would become one path, and
+    the same key in a file and on the command line would mean different things."""
+    if given is _UNSET:
+        return f"config key `{full_key}` ({source}) is a list ({expected}): write its value in brackets, e.g. [a, b]"
+    if given is None:
+        return (f"config key `{full_key}` ({source}) is a list ({expected}) and cannot be null: "
+                f"write [] for an empty list")
+    text = str(given)
+    leaf = full_key.rpartition(".")[2]
+    if source.startswith("command-line"):
+        # quoted for the shell: zsh stops at unmatched brackets, bash may expand them as a glob
+        fix = shlex.quote(f"{full_key}=[{text}]")
+    else:
+        fix = f"`{leaf}: [{text}]`"
+    return f"config key `{full_key}` ({source}) is a list ({expected}), given one value {given!r}: write it as a list, {fix}"
+
+
 def _expected_type(full_key: str) -> str:
     """The declared type of a key, read from the dataclasses (e.g. `int`, `Optional[str]`)."""
+    typ = _declared_type(full_key)
+    if typ is None:
+        return "a different type"
+    return getattr(typ, "__name__", None) if isinstance(typ, type) else str(typ).replace("typing.", "")
+
+
+def _declared_type(full_key: str) -> Any:
+    """The declared type of a key (a typing object), or None when no dataclass declares it."""
     cls: Any = PipelineConfig
     typ: Any = None
     for part in full_key.split("."):
@@ -340,9 +384,7 @@ def _expected_type(full_key: str) -> str:
         typ = cls = hints[name]
         if index and typing.get_args(typ):  # an element of a list
             typ = cls = typing.get_args(typ)[0]
-    if typ is None:
-        return "a different type"
-    return getattr(typ, "__name__", None) if isinstance(typ, type) else str(typ).replace("typing.", "")
+    return typ
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Iterable
 from omegaconf import DictConfig
 
 from xlp.pipeline.core.errors import ConfigError
+from xlp.pipeline.core.secrets import redact
 
 # eval.parts that read the val split (perplexity, loss by position, cloze items from val documents)
 VAL_PARTS = ("ppl", "long_context", "lm_eval")
@@ -29,3 +30,16 @@ def check_run(cfg: DictConfig, stages: Iterable[str]) -> None:
             raise ConfigError(
                 f"data.val_fraction=0 makes no val split, and the eval stage's parts {', '.join(reads_val)} read "
                 f"it: set data.val_fraction=0.01 (the default), or run {drop}")
+
+
+def config_notes(cfg: DictConfig) -> list[str]:
+    """What a valid config does that its keys alone may not say, for the run's log (`xlp run`) and
+    `xlp config`: a value the run does not read because another key takes its place."""
+    notes = []
+    mixture = list(cfg.data.mixture or {})
+    sources = list(cfg.data.sources or [])
+    if mixture and sources:
+        # inherited (a base config, the default [stdlib]) or given: either way the groups are the corpus
+        notes.append(f"data.sources {redact(sources)} is not read: the groups of data.mixture ({', '.join(mixture)}) are "
+                     "the corpus. `sources: []` beside the mixture under `data:` (or data.sources=[]) clears it")
+    return notes

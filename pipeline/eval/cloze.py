@@ -16,13 +16,16 @@ as context (starting at a line start). One JSONL record per item:
 The task definitions are lm-eval YAML in configs/eval/ (xlp_cloze: loglikelihood of the last word ->
 perplexity and greedy accuracy, as LAMBADA; xlp_cloze_mc: multiple choice -> acc, acc_norm; xlp_cloze_gen: generate_until "\\n"
 -> exact_match; xlp_heldout: loglikelihood_rolling -> word/byte perplexity, bits per byte). Their
-`dataset_kwargs.data_files` point at runs/demo; `write_task_dir` writes copies pointing at this
-run's JSONL, which is what the stage (and `--include_path RUN_DIR/eval/lm_eval/tasks`) uses.
+`dataset_kwargs.data_files` is a placeholder; `write_task_dir` writes copies reading this run's JSONL
+(RUN_DIR/eval/lm_eval/tasks/, by absolute path, as lm-eval's loader reads a relative one from the
+working directory), and `relocated_task_dir` points them at the JSONL beside them again when the run
+directory was moved or copied (`python -m xlp.pipeline.eval.harness` does, for any run directory).
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ from xlp.pipeline.eval.common import val_documents
 from xlp.pipeline.core.schema.eval import local_task_files
 
 DATA_FILE = "cloze.jsonl"
+TASKS_DIR = "tasks"  # beside DATA_FILE: RUN_DIR/eval/lm_eval/{cloze.jsonl,tasks/}
+TASK_HEADER = "# Written by the eval stage"
 MIN_LINE, MAX_LINE = 8, 100
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 
@@ -118,7 +123,32 @@ def write_task_dir(task_dir: Path, data_file: Path) -> list[str]:
         data = yaml.safe_load(src.read_text())
         data.setdefault("dataset_kwargs", {})["data_files"] = {"test": str(Path(data_file).resolve())}
         (task_dir / src.name).write_text(
-            f"# Written by the eval stage from {src.name} in configs/eval/, with this run's data file.\n"
+            f"{TASK_HEADER} from {src.name} in configs/eval/, with this run's data file.\n"
             + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         names.append(name)
     return names
+
+
+def relocated_task_dir(task_dir: Path, into: Path) -> Path:
+    """`task_dir` (as write_task_dir wrote it) when its task files read the data file beside it
+    (task_dir/../cloze.jsonl); else a copy of it in `into` whose task files do: a run directory that
+    was moved or copied (from a cluster, to another mount) keeps pointing at its own items."""
+    data_file = (task_dir.parent / DATA_FILE).resolve()
+    if not data_file.is_file():  # the task files alone (copied without their items): as they are
+        return task_dir
+    wrong = {}
+    for path in sorted(task_dir.glob("*.yaml")):
+        text = path.read_text()
+        if not text.startswith(TASK_HEADER):
+            continue  # a task file of the user's: theirs as it is
+        data = yaml.safe_load(text)
+        files = data.setdefault("dataset_kwargs", {}).get("data_files") or {}
+        if files != {"test": str(data_file)}:
+            data["dataset_kwargs"]["data_files"] = {"test": str(data_file)}
+            wrong[path.name] = text.splitlines()[0] + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if not wrong:
+        return task_dir
+    shutil.copytree(task_dir, into)
+    for name, text in wrong.items():
+        (into / name).write_text(text)
+    return into

@@ -4,8 +4,12 @@ From the lm_eval command line (lm-eval discovers no models outside its own packa
 runs lm_eval's CLI after registering ours; every lm_eval option works as usual):
 
     HF_DATASETS_OFFLINE=1 python -m xlp.pipeline.eval.harness run --model xlp \\
-        --model_args run_dir=runs/demo --tasks xlp_cloze xlp_cloze_mc \\
-        --include_path runs/demo/eval/lm_eval/tasks --limit 50 --output_path out/ --log_samples
+        --model_args run_dir=$RUN_DIR --tasks xlp_cloze xlp_cloze_mc \\
+        --limit 50 --output_path out/ --log_samples
+
+Without --include_path, the tasks the eval stage wrote in RUN_DIR/eval/lm_eval/tasks are included
+(`--include_path OTHER_RUN/eval/lm_eval/tasks`: another run's items); they read the items beside them
+wherever the run directory is now (moved, copied from a cluster).
 
 `run_dir=` loads RUN_DIR/train/model and RUN_DIR/tokenizer/tokenizer.model (or give `model_dir=` and
 `tokenizer=`). The bundled offline tasks are defined in configs/eval/*.yaml; the eval stage writes
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +45,7 @@ from lm_eval.api.registry import register_model
 from xlp import tokenizer as tk
 from xlp.pipeline.core.config import read_run_config
 from xlp.pipeline.core.layout import RunLayout
+from xlp.pipeline.eval.cloze import TASKS_DIR, relocated_task_dir
 from xlp.pipeline.eval.common import load_tokenizer, pick_device
 from xlp.pipeline.trained import model_settings
 from xlp.xlstm_model import load_model, sample
@@ -285,12 +291,59 @@ def run_tasks(lm: LM, tasks: list[str], *, include_path: Optional[Path], limit: 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """lm_eval's own command line, with the `xlp` model registered."""
+    """lm_eval's own command line, with the `xlp` model registered and the run's tasks found: without
+    --include_path, `--model_args run_dir=RUN_DIR` includes RUN_DIR/eval/lm_eval/tasks; a tasks directory
+    the eval stage wrote reads the items beside it wherever the run directory is now."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
-    cli_evaluate()
+    args = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="xlp-lm-eval-") as tmp:
+        sys.argv = [sys.argv[0]] + with_run_tasks(args, Path(tmp) / TASKS_DIR)
+        cli_evaluate()
+
+
+def with_run_tasks(args: list[str], scratch: Path) -> list[str]:
+    """lm_eval command-line `args` with --include_path set as `main` says (a relocated copy goes to
+    `scratch`)."""
+    include, at = None, None
+    for i, a in enumerate(args):
+        if a == "--include_path" and i + 1 < len(args):
+            include, at = args[i + 1], i
+        elif a.startswith("--include_path="):
+            include, at = a.partition("=")[2], i
+    if include is None:
+        run_dir = _model_arg(args, "run_dir")
+        if run_dir is None:
+            return args
+        tasks = RunLayout(Path(run_dir)).lm_eval_dir / TASKS_DIR
+        if not tasks.is_dir():
+            print(f"xlp: no {tasks} (the eval stage writes it when eval.parts has lm_eval): only lm-eval's own "
+                  "tasks are available; give --include_path DIR for tasks of your own", file=sys.stderr)
+            return args
+        return args + ["--include_path", str(relocated_task_dir(tasks, scratch))]
+    found = relocated_task_dir(Path(include), scratch) if Path(include).is_dir() else Path(include)
+    if str(found) == include:
+        return args
+    args = [a for j, a in enumerate(args) if j != at and not (j == at + 1 and args[at] == "--include_path")]
+    return args + ["--include_path", str(found)]
+
+
+def _model_arg(args: list[str], key: str) -> Optional[str]:
+    """The value of `key` in --model_args / -a (`k=v,k2=v2` or `k=v k2=v2`), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a not in ("--model_args", "-a") and not a.startswith("--model_args="):
+            continue
+        items = [a.partition("=")[2]] if a.startswith("--model_args=") else []
+        for b in args[i + 1:]:
+            if b.startswith("-"):
+                break
+            items.append(b)
+        for item in ",".join(items).split(","):
+            k, eq, v = item.partition("=")
+            if eq and k.strip() == key:
+                value = v.strip()
+    return value
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from xlp.pipeline.core.diskfull import DiskFull, disk_full, is_disk_full, writin
 from xlp.pipeline.core.layout import RunLayout
 from xlp.pipeline.core.stage import StageContext, atomic_write_text
 from xlp.pipeline.eval import common, gencost, ppl, recall, report
-from xlp.pipeline.eval.cloze import DATA_FILE, build_items, write_items, write_task_dir
+from xlp.pipeline.eval.cloze import DATA_FILE, TASKS_DIR, build_items, write_items, write_task_dir
 from xlp.pipeline.train.monitor import read_metrics
 from xlp.xlstm_model import count_params
 
@@ -229,7 +229,7 @@ def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, d
         raise RuntimeError("eval: no val document has a line to predict; the bundled lm-eval tasks need a bigger "
                            "val split (data.val_fraction)")
     data = write_items(items, lm_dir / DATA_FILE)
-    task_dir = lm_dir / "tasks"
+    task_dir = lm_dir / TASKS_DIR
     write_task_dir(task_dir, data)
     max_length = ec.lm_eval_max_length or seq_len
     lm = XLPLM(model=model, tokenizer=tok, device=device.type, batch_size=ec.lm_eval_batch_size, max_length=max_length)

@@ -45,6 +45,8 @@ class DataConfig:
     # Named groups of sources drawn by weight in training, e.g. {web: {sources: [...], weight: 0.7},
     # code: {sources: [...], weight: 0.3}} (weights are normalised; 1 when left out). The shard stage
     # writes each group's shards apart; empty: one group, data.sources.
+    # With a mixture, data.sources is not read (`xlp run` says so when it is not []): `sources: []` clears
+    # one a base config set.
     mixture: dict[str, Any] = field(default_factory=dict)
     # Later weights: [{step: 900, weights: {web: 0.5, code: 0.5}}, ...]: from that step on (an annealing
     # phase); a group left out gets weight 0. Changing a phase the run has not reached continues it.
@@ -70,8 +72,10 @@ class DataConfig:
         return out
 
     def validate(self) -> None:
-        if not self.sources:
-            raise ValueError("data.sources is empty: give files, dirs, globs, URLs, hf://name or stdlib")
+        # with a mixture data.sources is not read, and [] is how a mixture config clears an inherited one
+        if not self.sources and not self.mixture:
+            raise ValueError("data.sources is empty: give files, dirs, globs, URLs, hf://name or stdlib "
+                             "(e.g. 'data.sources=[/data/*.jsonl]'), or data.mixture groups")
         for i, s in enumerate(self.sources):
             if not isinstance(s, str) or not s.strip():
                 raise ValueError(f"data.sources[{i}] is empty")
@@ -122,7 +126,8 @@ def validate_mixture(mixture: dict, phases: list) -> None:
         sources = group["sources"]
         if isinstance(sources, str) or not isinstance(sources, list) or not sources or \
                 not all(isinstance(x, str) and x.strip() for x in sources):
-            raise ValueError(f"{where}.sources must be a non-empty list of files, dirs, globs or URLs")
+            example = f"sources: [{sources}]" if isinstance(sources, str) and sources.strip() else "sources: [web/*.jsonl]"
+            raise ValueError(f"{where}.sources must be a non-empty list of files, dirs, globs or URLs, e.g. {example}")
         weight = group.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
             raise ValueError(f"{where}.weight is {weight!r}; must be a number > 0")
