@@ -459,3 +459,24 @@ def test_damaged_run_files_are_named_and_their_stage_resumes_in_place(tmp_path, 
             load_run_config(config)  # what a training rank reads
     config.write_text(text.split("\n", 1)[1].rsplit("# sha256: ", 1)[0])  # as written before it was sealed
     assert load_run_config(config).data.seq_len == 256
+
+
+def test_the_echo_leaves_out_log_only_parts_wherever_the_reads_split_them(tmp_path):
+    """The terminal's echo of a stage log reads whatever the stage has written so far: a log-only part
+    (a failure's traceback) is left out even when a read ends inside its marker, and the log's earlier
+    attempts are not echoed."""
+    from xlp.pipeline.runner import LOG_ONLY_BEGIN, LOG_ONLY_END, _LogTail
+
+    log = tmp_path / "stage.log"
+    log.write_text("an earlier attempt\n")
+    now = f"step 1 ✓\npartial {LOG_ONLY_BEGIN}Traceback ...\nKeyboardInterrupt\n{LOG_ONLY_END}last [xlp] line\n"
+    out = io.StringIO()
+    tail = _LogTail(log, out)
+    data = now.encode()
+    with open(log, "ab") as f:
+        for i in range(len(data)):  # one byte per read: every split, a character's bytes included
+            f.write(data[i:i + 1])
+            f.flush()
+            tail.pump()
+    tail.pump(final=True)
+    assert out.getvalue() == "step 1 ✓\npartial last [xlp] line\n"
