@@ -18,7 +18,7 @@ from xlp.pipeline.core.registry import STAGES, stage_names
 from xlp.pipeline.core.resources import config_dir, packaged_configs
 from xlp.pipeline.core.secrets import redact_config_yaml
 from xlp.pipeline.eval.compare import main as compare_main
-from xlp.pipeline.runner import PipelineError, Stopped, clean, human_bytes, run_pipeline, stage_states, stale_outputs
+from xlp.pipeline.runner import CTRL_C, PipelineError, Stopped, clean, human_bytes, run_pipeline, stage_states, stale_outputs
 from xlp.pipeline.study.plan import plan_study, print_plan, submit_study
 from xlp.pipeline.study.report import update_report
 from xlp.pipeline.study.run import run_study, summary_line
@@ -193,12 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a trained model (+ tokenizer) for use outside the pipeline",
         description="Export RUN_DIR's trained model (RUN_DIR/train/model) with its tokenizer. --format hf: "
         "transformers' xLSTM (arch xlstm_large only; AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)); "
-        "--format native: our safetensors + config.json + tokenizer.model (every arch).",
+        "--format native: our safetensors + config.json + tokenizer.model (every arch). OUT must not exist or be "
+        "empty (--force replaces an earlier export there, keeping it as OUT.replaced-<time>).",
     )
     export.add_argument("source", metavar="RUN_DIR", help="a run directory (or an export directory)")
     export.add_argument("out", metavar="OUT", help="output directory")
     export.add_argument("--format", required=True, choices=("hf", "native"), help="output format")
     export.add_argument("--no-check", action="store_true", help="hf: skip the tokenizer round-trip check")
+    export.add_argument("--force", action="store_true", help="OUT holds an earlier export: replace it (the earlier "
+                        "one is moved to OUT.replaced-<time>, not deleted)")
 
     gen = sub.add_parser(
         "generate",
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         sigterm = isinstance(e, Stopped) and e.args and e.args[0] == "SIGTERM"
-        print(f"xlp {args.command}: {'stopped by SIGTERM' if sigterm else 'interrupted'}; "
+        print(f"xlp {args.command}: stopped by {'SIGTERM' if sigterm else CTRL_C}; "
               "run the same command again to resume", file=sys.stderr)
         return 143 if sigterm else 130
 

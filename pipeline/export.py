@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from xlp import tokenizer as tk
@@ -33,14 +36,19 @@ CHECK_TEXTS = (
 
 
 
-def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, log=sys.stderr) -> Path:
+def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, force: bool = False,
+           log=sys.stderr) -> Path:
+    """Write `source`'s model to `out`, which must not exist or be empty; `force`: an earlier export
+    there is moved aside (to OUT.replaced-<time>), never deleted. The export is written beside `out` and
+    renamed to it when whole, so a failed or killed export never looks like one."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+    out = Path(out)
+    _check_out(out, force)
 
     model_settings(Path(source))[0].apply()  # the run's kernels.* for any model code that runs here
 
     model_dir, tok_path = find_model(Path(source))
-    out = Path(out)
     if out.resolve() == model_dir.resolve():
         raise ExportError(f"{out}: the output directory is the model's own directory")
     cfg_data = json.loads((model_dir / "config.json").read_text())
@@ -54,25 +62,71 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, l
         to_hf_config(cfg)  # refuses unmappable models before anything is loaded or written
 
     tok = tk.load(tok_path)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "native":
-        if model is None:  # a plain copy keeps the bytes (and dtype) exactly
-            shutil.copyfile(model_dir / "model.safetensors", out / "model.safetensors")
-            shutil.copyfile(model_dir / "config.json", out / "config.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if fmt == "native":
+            if model is None:  # a plain copy keeps the bytes (and dtype) exactly
+                shutil.copyfile(model_dir / "model.safetensors", partial / "model.safetensors")
+                shutil.copyfile(model_dir / "config.json", partial / "config.json")
+            else:
+                save_model(model, cfg, partial)
+            tok.save(partial / TOKENIZER_FILE)
+            what = f"{cfg.arch} model (native: safetensors + config.json + {TOKENIZER_FILE})"
         else:
-            save_model(model, cfg, out)
-        tok.save(out / TOKENIZER_FILE)
-        print(f"exported {cfg.arch} model (native: safetensors + config.json + {TOKENIZER_FILE}) to {out}", file=log)
-        return out
-
-    if model is None:
-        model = load_any(model_dir)
-    save_hf(model, cfg, out, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    write_hf_tokenizer(tok, out)
-    if check_tokenizer:
-        check_hf_tokenizer(tok, out)
-    print(f"exported xlstm_large model (transformers xLSTM + tokenizer) to {out}", file=log)
+            if model is None:
+                model = load_any(model_dir)
+            save_hf(model, cfg, partial, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+            write_hf_tokenizer(tok, partial)
+            if check_tokenizer:
+                check_hf_tokenizer(tok, partial)
+            what = "xlstm_large model (transformers xLSTM + tokenizer)"
+        partial.chmod(0o755)  # mkdtemp's 0700 would keep the export from the user's group
+        kept = _set_aside(out, force)
+        os.replace(partial, out)  # onto a missing or empty directory
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # an unfinished export of ours, nothing else
+        raise
+    if kept is not None:
+        print(f"the previous export in {out} is kept in {kept} (--force; delete it when it is no longer needed)",
+              file=log)
+    print(f"exported {what} to {out}", file=log)
     return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an output path that holds something, before any work: an earlier export is replaced only
+    with --force (and kept aside then); anything else is never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(f"{out} exists and is not a directory: give another output path")
+    held = sorted(p.name for p in out.iterdir())
+    if not held:
+        return
+    listed = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+    if not (out / "config.json").is_file():
+        raise ExportError(f"{out} exists and holds files that are not an export ({listed}): nothing was "
+                          "written; give another output path")
+    if not force:
+        raise ExportError(f"{out} already holds an export ({listed}): nothing was written; give another "
+                          "output path, or add --force to replace it (the previous export is then kept in "
+                          f"{out.name}.replaced-<time> beside it)")
+
+
+def _set_aside(out: Path, force: bool) -> Path | None:
+    """Move an earlier export at `out` to OUT.replaced-<time> (checked again: it may have appeared while
+    this export ran). Returns where it went; None when `out` is missing or empty."""
+    _check_out(out, force)
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    kept = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}.{n}")
+    os.replace(out, kept)
+    return kept
 
 
 def write_hf_tokenizer(tok, out: Path) -> None:
@@ -127,7 +181,8 @@ def check_hf_tokenizer(tok, out: Path, texts=CHECK_TEXTS) -> None:
 
 def main(args) -> int:
     try:
-        export(Path(args.source), Path(args.out), args.format, check_tokenizer=not args.no_check)
+        export(Path(args.source), Path(args.out), args.format, check_tokenizer=not args.no_check,
+               force=args.force)
     except (ExportError, ValueError) as e:
         print(f"xlp export: error: {e}", file=sys.stderr)
         return 1

@@ -4,12 +4,14 @@ For each stage, in dependency order: a stage whose `stage.json` says done with t
 fingerprint is skipped; otherwise its inputs must be done (run earlier in this call, or before), its
 directory is cleared (or kept, when an interrupted attempt with the same fingerprint can resume), and
 its function runs as a Ray task in the embedded (or connected) Ray instance. The stage's output goes
-to `RUN_DIR/<stage>/stage.log`, which this process echoes to the terminal, so Ray's own log lines
-stay out of the user's way.
+to `RUN_DIR/<stage>/stage.log`, which this process echoes to the terminal (what the stage writes in this
+attempt; a failure's traceback stays in the log, the terminal gets the stage's own message), so Ray's own
+log lines stay out of the user's way.
 """
 from __future__ import annotations
 
 import _thread
+import codecs
 import ctypes
 import functools
 import logging
@@ -55,8 +57,17 @@ STOP_REQUESTED = ".stop-requested"  # written by the driver to ask the stage's t
 HEARTBEAT_S = 10.0
 
 
+CTRL_C = "Ctrl-C (SIGINT)"
+
+# The stage's task writes what is for its log file only (a failed stage's traceback, the note that a stop
+# was requested) between these lines; the terminal gets the stage's own message and the log's path instead.
+LOG_ONLY_BEGIN = "[xlp] --- for the log only (not shown on the terminal) ---\n"
+LOG_ONLY_END = "[xlp] --- end of the log-only part ---\n"
+
+
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (preemption, a scheduler's time limit, `kill`): stop the running stage gracefully."""
+    """SIGTERM (preemption, a scheduler's time limit, `kill`) or Ctrl-C: stop the running stage gracefully.
+    Its argument says which: "SIGTERM" or CTRL_C."""
 
 
 class _StopRequests:
@@ -72,9 +83,11 @@ class _StopRequests:
             raise KeyboardInterrupt  # a second Ctrl-C: stop waiting at once
 
     def pending(self) -> str | None:
+        """What asked the run to stop: the first signal. Ray's processes share the terminal's process group, so
+        a Ctrl-C reaches them too, and what they do then (a SIGTERM back to the driver) is not the user's ask."""
         if not self.received:
             return None
-        return "SIGTERM" if signal.SIGTERM in self.received else "Ctrl-C"
+        return "SIGTERM" if self.received[0] == signal.SIGTERM else CTRL_C
 
 
 _stop_requests = _StopRequests()
@@ -335,8 +348,8 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
     ended_marker = stage_dir / TASK_ENDED
     ended_marker.unlink(missing_ok=True)
     (stage_dir / STOP_REQUESTED).unlink(missing_ok=True)
+    tail = _LogTail(log_path, out)  # before the task starts: a resumed stage appends to its old log
     task = _remote_stage().remote(stage, cfg, str(run_dir), fp, resumed, str(log_path))
-    tail = _LogTail(log_path, out)
     try:
         last_beat = time.time()
         while True:
@@ -351,7 +364,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
                 break
         metrics = ray.get(task)
     except KeyboardInterrupt:  # Stopped (SIGTERM or a first Ctrl-C), or a second Ctrl-C
-        why = _stop_requests.pending() or "Ctrl-C"
+        why = _stop_requests.pending() or CTRL_C
         print(f"! {stage.name}: {why}: stopping the stage (up to {STOP_GRACE_S:.0f}s to wind down)", file=out, flush=True)
         # The task raises KeyboardInterrupt inside the stage when it sees the request file, so the
         # stage can save its state (the train stage checkpoints); only if it does not end in time
@@ -363,14 +376,14 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         while not ended_marker.exists() and time.time() < deadline:
             time.sleep(0.5)
             tail.pump()
-        tail.pump()
+        tail.pump(final=True)
         if not ended_marker.exists():
             ray.cancel(task, force=True)
         marker.failed(f"interrupted ({why}); rerun to resume")
         raise Stopped(why) from None
     except Exception as e:  # the stage raised: Ray wraps it; show the stage's own message
-        tail.pump()
-        cause = getattr(e, "cause", None) or e
+        tail.pump(final=True)
+        cause = _stage_error(e)
         fault = None if isinstance(cause, RetryableFault) else ray_fault(e)
         if fault is not None:  # the stage's own task was lost (its node died, its process was killed)
             cause = RayNodeLost(_lost_message(fault))
@@ -380,10 +393,26 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         raise PipelineError(
             f"stage {stage.name!r} failed: {_first_lines(message)}\n  full log: {log_path}",
             retryable=isinstance(cause, RetryableFault)) from None
-    tail.pump()
+    tail.pump(final=True)
     marker.done(metrics or {}, outputs=output_hashes(stage, stage_dir))
     print(f"+ {stage.name}: done in {marker.data['duration_s']:.1f}s {_short_metrics(stage, metrics)}", file=out,
           flush=True)
+
+
+def _stage_error(error: BaseException) -> BaseException:
+    """The stage's own exception inside Ray's wrappers: a RayTaskError (from the stage's task, or from a
+    task the stage waited for, e.g. a data task that met a bad record) carries the remote traceback in its
+    text, which the log already holds."""
+    from ray.exceptions import RayTaskError
+
+    seen: set[int] = set()
+    while isinstance(error, RayTaskError) and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        error = cause
+    return error
 
 
 def _lost_message(fault: BaseException) -> str:
@@ -410,22 +439,64 @@ def _fmt(value) -> str:
 
 
 class _LogTail:
-    """Echoes what the stage appends to its log file."""
+    """Echoes what the stage appends to its log file in this attempt (from the size the log had when the
+    tail was made: a resumed or continued stage appends to the log of its earlier attempts), without the
+    log-only parts (LOG_ONLY_BEGIN ... LOG_ONLY_END)."""
 
     def __init__(self, path: Path, out: TextIO):
-        self.path, self.out, self.pos = path, out, 0
+        self.path, self.out = path, out
+        try:
+            self.pos = path.stat().st_size
+        except FileNotFoundError:
+            self.pos = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""  # text that may be the start of a marker, echoed (or not) once the rest is read
+        self.muted = False
 
-    def pump(self) -> None:
+    def pump(self, final: bool = False) -> None:
+        """Echo what is new; `final`: the stage has ended, echo what was held back too."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.pos)
                 chunk = f.read()
         except FileNotFoundError:
             return
-        if chunk:
-            self.pos += len(chunk)
-            self.out.write(chunk.decode("utf-8", errors="replace"))
+        self.pos += len(chunk)
+        text = self.held + self.decoder.decode(chunk, final=final)
+        self.held = ""
+        shown = []
+        while text:
+            marker = LOG_ONLY_END if self.muted else LOG_ONLY_BEGIN
+            i = text.find(marker)
+            if i < 0:
+                if not final:
+                    keep = _marker_start(text, marker)
+                    text, self.held = text[:len(text) - keep], text[len(text) - keep:]
+                if not self.muted:
+                    shown.append(text)
+                break
+            if not self.muted:
+                shown.append(text[:i])
+            text = text[i + len(marker):]
+            self.muted = not self.muted
+        if any(shown):
+            self.out.write("".join(shown))
             self.out.flush()
+
+
+def _marker_start(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (0: none)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def log_only(text: str) -> None:
+    """Write `text` to the stage's log (the task's stderr) between the markers the terminal's echo leaves out."""
+    sys.stdout.flush()
+    sys.stderr.write(f"{LOG_ONLY_BEGIN}{text.rstrip(chr(10))}\n{LOG_ONLY_END}")
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +543,7 @@ def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, re
             try:
                 return stage.load_fn()(ctx) or {}
             except BaseException as e:
-                print(redact_text(traceback.format_exc()), end="", file=sys.stderr, flush=True)
+                log_only(redact_text(traceback.format_exc()))
                 # Decided here, where the whole chain is: only the outermost exception crosses to the driver.
                 fault = ray_fault(e) if isinstance(e, Exception) and not isinstance(e, RetryableFault) else None
                 if fault is not None:
@@ -505,8 +576,8 @@ class _StopWatcher:
     def _watch(self) -> None:
         while not self.closed.wait(self.poll_s):
             if self.path.exists():
-                print(f"[xlp] stop requested: interrupting the stage (thread {self.target.name}, "
-                      f"SIGINT handler {signal.getsignal(signal.SIGINT)!r})", file=sys.stderr, flush=True)
+                log_only(f"[xlp] stop requested: interrupting the stage (thread {self.target.name}, "
+                         f"SIGINT handler {signal.getsignal(signal.SIGINT)!r})")
                 if self.target is threading.main_thread():
                     _thread.interrupt_main()
                 else:  # not the main thread: no signal reaches it; an asynchronous exception does

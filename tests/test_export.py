@@ -205,6 +205,48 @@ def test_native_export_and_hf_refusal_cli(tiny_run, tmp_path, arch):
     assert (tmp_path / "native" / "tokenizer.model").is_file()
 
 
+def test_export_refuses_an_existing_export_and_force_keeps_it(tmp_path, capsys):
+    """Issue 29, item 12: `xlp export` wrote over an existing output directory. Now it refuses, naming
+    it and the fix; --force replaces an earlier export and keeps it aside; a folder that is not an
+    export is never replaced."""
+    from xlp import tokenizer as tk
+    from xlp.pipeline.cli import main as xlp_main
+
+    run = tmp_path / "run"
+    model = _random_large(vocab_size=300)
+    save_model(model, model.config, run / "train" / "model")
+    (run / "tokenizer").mkdir()
+    docs = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300)]
+    tk.train(docs, vocab_size=300, model_type="bpe").save(run / "tokenizer" / "tokenizer.model")
+    out = tmp_path / "exported"
+    out.mkdir()  # an empty directory is written into
+    assert xlp_main(["export", str(run), str(out), "--format", "native"]) == 0
+    assert f"to {out}" in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"config.json", "model.safetensors", "tokenizer.model"}
+
+    assert xlp_main(["export", str(run), str(out), "--format", "native"]) == 1
+    err = capsys.readouterr().err
+    assert f"xlp export: error: {out} already holds an export (config.json, model.safetensors, tokenizer.model): " \
+           "nothing was written; give another output path, or add --force to replace it" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no partial export left
+
+    assert xlp_main(["export", str(run), str(out), "--format", "native", "--force"]) == 0
+    err = capsys.readouterr().err
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("exported.replaced-")]
+    assert len(kept) == 1 and {p.name: p.read_bytes() for p in kept[0].iterdir()} == before
+    assert f"the previous export in {out} is kept in {kept[0]} (--force" in err, err
+    assert (out / "model.safetensors").read_bytes() == before["model.safetensors"]
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert xlp_main(["export", str(run), str(notes), "--format", "native", "--force"]) == 1
+    assert f"{notes} exists and holds files that are not an export (todo.txt)" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
 # ----------------------------------------------------------------------------------- generate
 @pytest.mark.slow  # tiny_run: a 2-rank training run
 def test_xlp_generate_on_real_run_and_exports(tiny_run, hf_export, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import XLP, xlp_env
+from conftest import REPO, XLP, xlp_env
 from xlp.pipeline.core.config import load_config
 from xlp.pipeline.runner import PipelineError, run_pipeline, stage_states
 from toy_stages import BROKEN_STAGES, FAR_STAGES, TOY_STAGES, UNDECLARED_STAGES
@@ -273,24 +273,107 @@ def test_second_run_on_same_dir_is_refused_while_first_holds_it(tmp_path):
         lock.release()
 
 
-@pytest.mark.slow
-def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
+# `xlp run` (its main(), as the console script calls it) on the toy stages: the registry's list is the
+# one every part of the runner and the CLI reads. argv: RUN_DIR, then `xlp run` arguments after CONFIG.
+TOY_XLP_RUN = textwrap.dedent(
+    """
+    import sys
+    from xlp.pipeline.core import registry
+    from xlp.pipeline.core.stage import Stage
+    from toy_stages import TOY_STAGES
+    from xlp.pipeline.cli import main
+    # `numbers` continues its output when data.seq_len changes (as train does on train.steps)
+    registry.STAGES[:] = [Stage("numbers", reads=("data.seq_len",), needs=(), fn="toy_stages:numbers",
+                                continues=("data.seq_len",)), *TOY_STAGES[1:]]
+    config = sys.argv[1] + "/toy.yaml"
+    open(config, "w").write("run:\\n  name: toy\\n")
+    sys.exit(main(["run", config, "--run-dir", sys.argv[1], *sys.argv[2:]]))
+    """
+)
+
+
+def _stop_xlp_run(run_dir: Path, signum: int) -> subprocess.CompletedProcess:
+    """`xlp run` on the toy stages, sent `signum` once its second stage runs: SIGINT to its whole process
+    group, as a terminal's Ctrl-C is (Ray's processes get it too); SIGTERM to it alone, as `kill` does."""
     env = xlp_env({"TOY_STAGE_SLEEP": "120"})
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    started = tmp_path / "total" / "started"
+    proc = subprocess.Popen([sys.executable, "-c", TOY_XLP_RUN, str(run_dir)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = run_dir / "total" / "started"
     deadline = time.time() + 120
     while not started.exists():
         assert proc.poll() is None and time.time() < deadline, "the stage never started"
         time.sleep(0.2)
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
     assert time.time() - t0 < 30, "the stage was not stopped promptly"
-    assert proc.returncode != 0
-    assert "SIGTERM: stopping the stage" in output
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_stage_gracefully_and_marks_it_interrupted(tmp_path):
+    r = _stop_xlp_run(tmp_path, signal.SIGTERM)
+    assert r.returncode == 143, r.stdout + r.stderr
+    assert "! total: SIGTERM: stopping the stage" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "xlp run: stopped by SIGTERM; run the same command again to resume"
     marker = json.loads((tmp_path / "total" / "stage.json").read_text())
     assert marker["status"] == "failed" and "interrupted (SIGTERM)" in marker["error"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_ctrl_c_in_one_line_without_a_traceback(tmp_path):
+    """Issue 29, item 12: Ctrl-C printed the stage's KeyboardInterrupt traceback and a debug line, then
+    "stopped by SIGTERM" (Ray's processes, which the terminal's SIGINT reaches too, sent one back). Now
+    one line names Ctrl-C; the traceback and the note stay in the stage's log."""
+    r = _stop_xlp_run(tmp_path, signal.SIGINT)
+    assert r.returncode == 130, r.stdout + r.stderr
+    shown = r.stdout + r.stderr
+    assert "Traceback" not in shown and "[xlp]" not in shown and "SIGTERM" not in shown, shown
+    assert "! total: Ctrl-C (SIGINT): stopping the stage" in r.stdout
+    assert r.stderr.strip().splitlines() == ["xlp run: stopped by Ctrl-C (SIGINT); run the same command again "
+                                             "to resume"], r.stderr
+    marker = json.loads((tmp_path / "total" / "stage.json").read_text())
+    assert marker["status"] == "failed" and "interrupted (Ctrl-C (SIGINT))" in marker["error"]
+    log = (tmp_path / "total" / "stage.log").read_text()
+    assert "KeyboardInterrupt" in log and "stop requested" in log
+
+
+@pytest.mark.slow
+def test_a_continued_stage_echoes_only_what_it_writes_now(tmp_path):
+    """Issue 29, item 12: a continued (or resumed) stage appends to its log; `xlp run` echoed the whole
+    log, the earlier attempt's lines as if they ran again. Now only this attempt's lines; the log has both."""
+    first = subprocess.run([sys.executable, "-c", TOY_XLP_RUN, str(tmp_path), "--stages", "numbers",
+                            "data.seq_len=256"], env=xlp_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "wrote 256 numbers" in first.stdout, first.stdout + first.stderr
+    second = subprocess.run([sys.executable, "-c", TOY_XLP_RUN, str(tmp_path), "--stages", "numbers",
+                             "data.seq_len=10"], env=xlp_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "numbers: the config changed only in data.seq_len: continuing" in second.stdout
+    assert "wrote 10 numbers" in second.stdout and "wrote 256 numbers" not in second.stdout, second.stdout
+    log = (tmp_path / "numbers" / "stage.log").read_text()
+    assert log.index("wrote 256 numbers") < log.index("wrote 10 numbers")
+
+
+@pytest.mark.slow
+def test_a_data_error_shows_the_stages_message_not_rays_traceback(tmp_path):
+    """Issue 29, item 12: a bad record met in a data task printed 8-48 lines of Ray traceback (echoed from
+    the log, and Ray's remote traceback in the error's text) before the clear line. Now the terminal has
+    the stage's own message and the log's path; the log keeps the traceback."""
+    bad = tmp_path / "bad.jsonl"
+    good = "".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(200))
+    bad.write_text(good + '{"text": "unterminated\n' + good)  # line 201: not JSON
+    run_dir = tmp_path / "run"
+    r = subprocess.run([*XLP, "run", str(REPO / "configs" / "tiny.yaml"), f"data.sources=[{bad}]",
+                        "tokenizer.vocab_size=300", "--stages", "tokenizer", "--run-dir", str(run_dir)],
+                       env=xlp_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    shown = r.stdout + r.stderr
+    assert "Traceback" not in shown and "ray::" not in shown and "RayTaskError" not in shown, shown
+    log = run_dir / "tokenizer" / "stage.log"
+    err = r.stderr.strip().splitlines()
+    assert err[0].startswith("xlp run: error: stage 'tokenizer' failed: DataError: ") and str(bad) in err[0], err
+    assert err[1:] == [f"  full log: {log}"], err
+    assert "Traceback" in log.read_text()
 
 
 def test_ignored_keys_stay_out_of_the_fingerprint():
@@ -396,3 +479,24 @@ def test_missing_input_hint_is_the_users_command(tmp_path, capsys):
         hint = err.split("run `", 1)[1].split("` first", 1)[0]
         assert shlex.split(hint) == ["xlp", "run", str(config), *overrides, *extra, "--stages", todo], err
         assert "'data.sources=[stdlib:json, stdlib:email]'" in hint and f"'{config}'" in hint
+
+
+def test_the_echo_leaves_out_log_only_parts_wherever_the_reads_split_them(tmp_path):
+    """The terminal's echo of a stage log reads whatever the stage has written so far: a log-only part
+    (a failure's traceback) is left out even when a read ends inside its marker, and the log's earlier
+    attempts are not echoed."""
+    from xlp.pipeline.runner import LOG_ONLY_BEGIN, LOG_ONLY_END, _LogTail
+
+    log = tmp_path / "stage.log"
+    log.write_text("an earlier attempt\n")
+    now = f"step 1 ✓\npartial {LOG_ONLY_BEGIN}Traceback ...\nKeyboardInterrupt\n{LOG_ONLY_END}last [xlp] line\n"
+    out = io.StringIO()
+    tail = _LogTail(log, out)
+    data = now.encode()
+    with open(log, "ab") as f:
+        for i in range(len(data)):  # one byte per read: every split, a character's bytes included
+            f.write(data[i:i + 1])
+            f.flush()
+            tail.pump()
+    tail.pump(final=True)
+    assert out.getvalue() == "step 1 ✓\npartial last [xlp] line\n"
