@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, TextIO
 
 from xlp import tokenizer as tk
 from xlp.pipeline.trained import TOKENIZER_FILE, ExportError, find_model, load_any, model_settings
@@ -37,10 +38,12 @@ CHECK_TEXTS = (
 
 
 def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, force: bool = False,
-           log=sys.stderr) -> Path:
+           log: Optional[TextIO] = None) -> Path:
     """Write `source`'s model to `out`, which must not exist or be empty; `force`: an earlier export
     there is moved aside (to OUT.replaced-<time>), never deleted. The export is written beside `out` and
-    renamed to it when whole, so a failed or killed export never looks like one."""
+    renamed to it when whole, so a failed or killed export never looks like one. `log`: where the
+    one-line report goes (sys.stderr as it is when called, not as it was at import)."""
+    log = log or sys.stderr
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
     out = Path(out)

@@ -205,7 +205,7 @@ def test_native_export_and_hf_refusal_cli(tiny_run, tmp_path, arch):
     assert (tmp_path / "native" / "tokenizer.model").is_file()
 
 
-def test_export_refuses_an_existing_export_and_force_keeps_it(tmp_path, capsys):
+def test_export_refuses_an_existing_export_and_force_keeps_it(tmp_path, capfd):
     """Issue 29, item 12: `xlp export` wrote over an existing output directory. Now it refuses, naming
     it and the fix; --force replaces an earlier export and keeps it aside; a folder that is not an
     export is never replaced."""
@@ -221,19 +221,19 @@ def test_export_refuses_an_existing_export_and_force_keeps_it(tmp_path, capsys):
     out = tmp_path / "exported"
     out.mkdir()  # an empty directory is written into
     assert xlp_main(["export", str(run), str(out), "--format", "native"]) == 0
-    assert f"to {out}" in capsys.readouterr().err
+    assert f"to {out}" in capfd.readouterr().err
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"config.json", "model.safetensors", "tokenizer.model"}
 
     assert xlp_main(["export", str(run), str(out), "--format", "native"]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert f"xlp export: error: {out} already holds an export (config.json, model.safetensors, tokenizer.model): " \
            "nothing was written; give another output path, or add --force to replace it" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no partial export left
 
     assert xlp_main(["export", str(run), str(out), "--format", "native", "--force"]) == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("exported.replaced-")]
     assert len(kept) == 1 and {p.name: p.read_bytes() for p in kept[0].iterdir()} == before
     assert f"the previous export in {out} is kept in {kept[0]} (--force" in err, err
@@ -243,7 +243,7 @@ def test_export_refuses_an_existing_export_and_force_keeps_it(tmp_path, capsys):
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     assert xlp_main(["export", str(run), str(notes), "--format", "native", "--force"]) == 1
-    assert f"{notes} exists and holds files that are not an export (todo.txt)" in capsys.readouterr().err
+    assert f"{notes} exists and holds files that are not an export (todo.txt)" in capfd.readouterr().err
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
 
 
