@@ -513,10 +513,8 @@ def _ensure_ray() -> bool:
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if not os.environ.get("RAY_ADDRESS"):
         # "local": a new embedded instance, even when a `ray start` cluster runs on this machine
-        # (plain ray.init() would join that one). worker_niceness 0: Ray runs its workers at nice 15,
-        # and the stages' work (tokenizing, the training ranks the local launcher starts) would then
-        # yield the CPU to anything else on the machine, as torchrun's ranks do not.
-        kwargs.update(address="local", num_cpus=os.cpu_count(), _system_config={"worker_niceness": 0})
+        # (plain ray.init() would join that one).
+        kwargs.update(address="local", num_cpus=os.cpu_count())
     ray.init(**kwargs)
     _private_ray_token()
     return True

@@ -500,19 +500,3 @@ def test_the_echo_leaves_out_log_only_parts_wherever_the_reads_split_them(tmp_pa
             tail.pump()
     tail.pump(final=True)
     assert out.getvalue() == "step 1 ✓\npartial last [xlp] line\n"
-
-
-@pytest.mark.slow
-def test_the_embedded_rays_stages_run_at_the_drivers_priority():
-    """Ray runs its workers at nice 15; the embedded Ray of `xlp run` runs them at nice 0, so a stage's
-    work and the training ranks the local launcher starts from it do not yield the CPU to everything
-    else on the machine (in a fresh process: the test session's own Ray is not the one checked)."""
-    code = ("import os, ray\n"
-            "from xlp.pipeline.runner import _ensure_ray\n"
-            "assert _ensure_ray()\n"
-            "print('niceness', os.nice(0), ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()))\n"
-            "ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[-3:] == ["niceness", "0", "0"], r.stdout
