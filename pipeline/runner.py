@@ -515,7 +515,20 @@ def _ensure_ray() -> bool:
         # "local": a new embedded instance, even when a `ray start` cluster runs on this machine
         # (plain ray.init() would join that one).
         kwargs.update(address="local", num_cpus=os.cpu_count())
-    ray.init(**kwargs)
+        # An embedded start can time out on a loaded machine ("The current node timed out during
+        # startup"): one more try before the run fails, naming both causes.
+        try:
+            ray.init(**kwargs)
+        except Exception as first:  # noqa: BLE001 - Ray raises a bare Exception for a failed start
+            ray.shutdown()
+            try:
+                ray.init(**kwargs)
+            except Exception as second:  # noqa: BLE001
+                ray.shutdown()
+                raise PipelineError(f"could not start an embedded Ray instance, twice: {first}; then: {second}",
+                                    retryable=True) from second
+    else:
+        ray.init(**kwargs)
     _private_ray_token()
     return True
 

@@ -301,7 +301,10 @@ def _stop_xlp_run(run_dir: Path, signum: int) -> subprocess.CompletedProcess:
     started = run_dir / "total" / "started"
     deadline = time.time() + 120
     while not started.exists():
-        assert proc.poll() is None and time.time() < deadline, "the stage never started"
+        if proc.poll() is not None:  # ended before its stage started: say why
+            raise AssertionError(f"xlp run ended ({proc.returncode}) before the stage started: "
+                                 f"{proc.stdout.read()[-2000:]}{proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "the stage never started"
         time.sleep(0.2)
     t0 = time.time()
     os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
@@ -500,3 +503,21 @@ def test_the_echo_leaves_out_log_only_parts_wherever_the_reads_split_them(tmp_pa
             tail.pump()
     tail.pump(final=True)
     assert out.getvalue() == "step 1 ✓\npartial last [xlp] line\n"
+
+
+def test_an_embedded_ray_that_cannot_start_is_tried_twice_and_named(tmp_path):
+    """A real failing start (RAY_TMPDIR is a file): the embedded Ray is started a second time (a start
+    that timed out on a loaded machine often comes up then), and after the second failure the run fails
+    as retryable, naming both causes, instead of Ray's bare exception."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code = ("from xlp.pipeline.runner import _ensure_ray\n"
+            "from xlp.pipeline.core.errors import PipelineError\n"
+            "try:\n    _ensure_ray()\nexcept PipelineError as e:\n    print('retryable', e.retryable, e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(not_a_dir)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout.strip().splitlines()[-1]
+    assert said.startswith("retryable True could not start an embedded Ray instance, twice: "), said
+    assert said.count("Not a directory") == 2, said
