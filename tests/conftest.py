@@ -168,3 +168,17 @@ def xlp_env(extra: dict | None = None) -> dict:
 
 
 XLP = [sys.executable, "-m", "xlp.pipeline.cli"]
+
+
+def fill_disk(path: Path) -> None:
+    """Write `path` until its file system is full to the last byte (ENOSPC, as a real full disk gives)."""
+    import errno
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)

@@ -347,18 +347,12 @@ def test_shard_writer_disk_full(tmp_path, tmpfs):
 
 @needs_root
 def test_stage_json_says_failed_on_a_full_disk(tmp_path, tmpfs):
+    from conftest import fill_disk
     from xlp.pipeline.core.stage import StageMarker, atomic_write_json, marker_status
 
     d = tmpfs(tmp_path / "stage", "64k")
     marker = StageMarker(d / "stage.json", "train", fingerprint="abc", trajectory="t", resumed=False)
-    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
-    try:  # fill the disk to the last byte
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    fill_disk(d / "filler")
     with pytest.raises(OSError):
         atomic_write_json(d / "probe.json", {"x": 1})  # an atomic rewrite has no room
     marker.failed("DiskFull: No space left on device writing /x: free space or move run.dir")

@@ -431,8 +431,9 @@ def test_eval_on_a_full_disk_names_the_file_and_leaves_no_result(run_dir, tmp_pa
     """Issue 29 item 9: a real tmpfs under RUN_DIR/eval, filled but for 16 KiB (results.json fits, the
     first plot does not): the stage fails with the message the shard and train stages give, and eval/
     holds no results.json, metrics.json or report.md; with space again, a rerun writes them all."""
-    import errno
     import shutil
+
+    from conftest import fill_disk
 
     from xlp.pipeline.core.diskfull import DiskFull
     from xlp.pipeline.stages.eval import run
@@ -444,14 +445,7 @@ def test_eval_on_a_full_disk_names_the_file_and_leaves_no_result(run_dir, tmp_pa
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(eval_dir)], check=True)
     try:
         filler = eval_dir / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:  # fill the disk to the last byte, then give back 16 KiB
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        fill_disk(filler)  # to the last byte, then give back 16 KiB
         os.truncate(filler, filler.stat().st_size - 16 * 1024)
         parts = ["eval.parts=[ppl]", "eval.baseline=false", "eval.ppl_batches=2", "eval.plots=true"]
         with pytest.raises(DiskFull) as e:
