@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from xlp.pipeline.core.config import seal_run_config
 from xlp.pipeline.core.errors import PipelineError
-from xlp.pipeline.core.layout import RunLayout, check_stale_dir
+from xlp.pipeline.core.layout import CTRL_C, STOP_REQUESTED, RunLayout, check_stale_dir
 from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
 from xlp.pipeline.core.preflight import check_run, config_notes
@@ -53,11 +53,8 @@ from xlp.pipeline.core.stage import (
 )
 
 TASK_ENDED = ".task-ended"  # written by the stage's task when its function has returned or raised
-STOP_REQUESTED = ".stop-requested"  # written by the driver to ask the stage's task to wind down
 HEARTBEAT_S = 10.0
 
-
-CTRL_C = "Ctrl-C (SIGINT)"
 
 # The stage's task writes what is for its log file only (a failed stage's traceback, the note that a stop
 # was requested) between these lines; the terminal gets the stage's own message and the log's path instead.
@@ -371,7 +368,7 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
         # is it killed. (Not ray.cancel: its interrupt does nothing in a worker that inherited
         # SIGINT ignored, e.g. under `nohup ... &`; the task's watcher handles that.) Wait for the
         # task's own end marker.
-        (stage_dir / STOP_REQUESTED).touch()
+        atomic_write_text(stage_dir / STOP_REQUESTED, why + "\n")  # the train ranks name it in their log
         deadline = time.time() + STOP_GRACE_S
         while not ended_marker.exists() and time.time() < deadline:
             time.sleep(0.5)

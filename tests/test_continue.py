@@ -219,6 +219,36 @@ def test_killed_after_the_last_checkpoint_the_rerun_keeps_the_final_metrics(data
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_training_is_named_ctrl_c_by_the_ranks_too(data_run, tmp_path):
+    """Issue 29, item 12 (rest): a Ctrl-C of `xlp run` (SIGINT to its process group, as a terminal
+    sends it) while the train stage runs. The stage's task stops its ranks with SIGTERM, and their log
+    said "stopped by SIGTERM at step N"; now the ranks' line names the Ctrl-C (from `xlp run`'s stop
+    request), a checkpoint is saved, the user sees one line, and the rerun resumes from that step."""
+    run = fresh(data_run, tmp_path, "ctrl_c")
+    command = [*XLP, "run", str(TINY), f"run.dir={run}", *SMALL, "train.steps=100000", "train.cpu_processes=1",
+               "--stages", "train"]
+    proc = subprocess.Popen(command, env=xlp_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = run / "train" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and max(read_metrics(metrics), default=0) >= 2, proc, "step 2")
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "xlp run: stopped by Ctrl-C (SIGINT); run the same command again to resume"
+    log = (run / "train" / "logs" / "rank_0.log").read_text()
+    said = [line for line in log.splitlines() if "stopped by" in line]
+    assert len(said) == 1 and "stopped by Ctrl-C (SIGINT) at step" in said[0] and "checkpoint saved" in said[0], said
+    step = int(said[0].split(" at step ")[1].split(";")[0])
+    assert "SIGTERM" not in stdout + stderr + log
+    saved = [ckpt.read_meta(path)["step"] for _, path in ckpt.complete_checkpoints(run / "train" / "checkpoints")]
+    assert max(saved) == step, saved
+
+    # a longer WSD run whose decay starts after `step`: the same trajectory, so it continues from there
+    r = xlp(*command[len(XLP):-2], f"train.steps={2 * step + 2}", "--stages", "train")
+    assert "> train: resuming" in r.stdout and marker(run)["metrics"]["resumed_from_step"] == step, r.stdout
+
+
+@pytest.mark.slow
 def test_a_damaged_manifest_reruns_the_shard_stage_bookkeeping_only(data_run, tmp_path):
     """Issue 29, item 5: shard/manifest.json truncated, not text, or `{}`. A training rank's loader names
     the file; `xlp status` shows the shard stage failed, naming it (against the sha256 its marker records,

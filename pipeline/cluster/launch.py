@@ -221,7 +221,7 @@ def supervise(ranks: Ranks, out: TrainLayout, *, stream: IO[str], grace_s: float
     if outcome is None:
         return ranks.n
     if outcome == STOPPED:
-        name = signal.Signals(received[0]).name if received else "SIGTERM"
+        name = out.stop_reason() or (signal.Signals(received[0]).name if received else "SIGTERM")
         raise TrainInterrupted(f"train stopped by {name}; the ranks saved a checkpoint "
                                f"({out.checkpoints}); rerun the stage to resume")
     log = out.rank_log(outcome.rank)

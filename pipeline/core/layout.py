@@ -36,6 +36,10 @@ STAGE_JSON = "stage.json"
 STAGE_LOG = "stage.log"
 MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"
+# written by `xlp run` into a running stage's folder to ask its task to wind down; it holds what asked
+# (e.g. "Ctrl-C (SIGINT)"), which the train ranks then name instead of the SIGTERM their launcher sends
+STOP_REQUESTED = ".stop-requested"
+CTRL_C = "Ctrl-C (SIGINT)"  # how a stop by the terminal's interrupt is named, everywhere
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,17 @@ class TrainLayout:
 
     def heartbeat(self, rank: int) -> Path:
         return self.logs / f"heartbeat_{rank}.json"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / STOP_REQUESTED
+
+    def stop_reason(self) -> Optional[str]:
+        """What asked `xlp run` to stop this stage, as its stop request says; None without one."""
+        try:
+            return self.stop_request.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
 
 @dataclass(frozen=True)

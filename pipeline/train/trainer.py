@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from xlp import tokenizer
 from xlp.pipeline.core.config import section
-from xlp.pipeline.core.layout import TrainLayout
+from xlp.pipeline.core.layout import CTRL_C, TrainLayout
 from xlp.pipeline.core.node import node_name
 from xlp.pipeline.core.stage import atomic_write_json
 from xlp.pipeline.data.fit import val_split_check
@@ -123,8 +123,8 @@ class Trainer:
             if self._due(self.tc.save_every) or stopped:
                 self.save()
             if stopped:
-                name = signal.Signals(self.stop.signal).name if self.stop.requested else "a signal on another rank"
-                self.monitor.message(f"stopped by {name} at step {self.step}; checkpoint saved; rerun to resume")
+                self.monitor.message(f"stopped by {self._stop_cause()} at step {self.step}; checkpoint saved; "
+                                     "rerun to resume")
                 break
             if self.t_first_done is None:
                 self.t_first_done = time.perf_counter()
@@ -132,6 +132,16 @@ class Trainer:
         if not stopped and self.last_saved != self.step:
             self.save()
         return self.finish(stopped, t_ready)
+
+    def _stop_cause(self) -> str:
+        """What asked the ranks to stop: `xlp run`'s stop request names what stopped it (a Ctrl-C there
+        reaches the ranks as their launcher's SIGTERM); else the signal this rank got."""
+        asked = self.out.stop_reason()
+        if asked is not None:
+            return asked
+        if not self.stop.requested:
+            return "a signal on another rank"
+        return CTRL_C if self.stop.signal == signal.SIGINT else signal.Signals(self.stop.signal).name
 
     def _progress(self, phase: str, reading_data: bool = False) -> None:
         if self.heartbeat is not None:
