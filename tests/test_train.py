@@ -437,6 +437,26 @@ def test_sigterm_saves_checkpoint(tmp_path, shards):
 
 
 @pytest.mark.slow
+def test_a_step_out_of_memory_names_the_keys_that_size_it(tmp_path, shards):
+    """Issue 29, item 10 (the GPU side): a step whose memory cannot be allocated failed with the
+    allocator's own words only (CUDA's out-of-memory error, or torch's CPU allocator under a cgroup or
+    ulimit the pre-check cannot see), naming no key. Reproduced for real on CPU: the rank's address space
+    is capped after its first forward pass (RLIMIT_AS), so the backward pass cannot allocate. The failure
+    names the rank, the step, train.micro_batch_size, data.seq_len and values to set."""
+    from xlp.pipeline.cluster.launch import TrainFailed
+
+    run = tmp_path / "oom"
+    with pytest.raises(TrainFailed) as failed:
+        train(run, shards, ["train.steps=2", "data.seq_len=4096", "train.micro_batch_size=8", "train.eval_every=0",
+                            "train.save_every=0"], procs=1, hooks="train_faults:MEMORY_FULL_AT_1")
+    said = str(failed.value)
+    assert "StepOutOfMemory: step 1 ran out of CPU memory on rank 0 with train.micro_batch_size=8 rows of " \
+           "data.seq_len=4096 tokens" in said, said
+    assert "can't allocate memory" in said and "Set train.micro_batch_size=4 (raise train.grad_accum to keep the " \
+           "batch), or data.seq_len=2048" in said, said
+
+
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_fail(tmp_path, shards):
     from xlp.pipeline.core.node import RetryableFault
     from xlp.pipeline.cluster.launch import TrainFailed

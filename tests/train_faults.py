@@ -46,7 +46,27 @@ class StallAfterSave(TrainHooks):
             time.sleep(3600)
 
 
+class MemoryFullAt(TrainHooks):
+    """The rank's address space is capped (RLIMIT_AS, as `ulimit -v` caps it) at what it uses once
+    `step`'s forward pass is done: the backward pass then cannot map memory for the activations'
+    gradients, a real allocation failure where it happens (torch's CPU allocator raises)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def loss(self, step, rank, loss):
+        if step == self.step:
+            import resource
+
+            status = open("/proc/self/status").read()
+            used = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (used, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            print(f"[hook] capped at {used >> 20} MiB", flush=True)
+        return loss
+
+
 NAN_LOSS_AT_3_4 = NanLoss(range(3, 5))
 NAN_LOSS_AT_2_6 = NanLoss(range(2, 7))
 KILL_AFTER_SAVE_30 = KillAfterSave(30)
 STALL_RANK_1_AFTER_SAVE_10 = StallAfterSave(10, rank=1)
+MEMORY_FULL_AT_1 = MemoryFullAt(1)

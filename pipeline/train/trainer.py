@@ -41,6 +41,16 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StepOutOfMemory(RuntimeError):
+    """A training step could not allocate its memory; the message names the keys that size it."""
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's failure (torch says "can't allocate memory")."""
+    return (type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)
+            or "CUDA out of memory" in str(error))
+
+
 @dataclass(frozen=True)
 class StepStats:
     """One optimizer step as every rank sees it after the step's all-reduce."""
@@ -116,7 +126,12 @@ class Trainer:
         t_ready = time.perf_counter()
         stopped = False
         while self.step < self.tc.steps:
-            stats = self.train_step()
+            try:
+                stats = self.train_step()
+            except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
+                if not _out_of_memory(e):
+                    raise
+                raise StepOutOfMemory(self._out_of_memory_message(e)) from e
             self.account(stats)
             self.log(stats)
             stopped = stats.stop
@@ -132,6 +147,18 @@ class Trainer:
         if not stopped and self.last_saved != self.step:
             self.save()
         return self.finish(stopped, t_ready)
+
+    def _out_of_memory_message(self, error: RuntimeError) -> str:
+        """The step's allocation failed (CUDA's out-of-memory error, or the CPU allocator's on a machine
+        whose memory the pre-check could not see, e.g. a cgroup or ulimit): name the keys that size it."""
+        B, S = int(self.cfg.train.micro_batch_size), int(self.cfg.data.seq_len)
+        said = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        fixes = [f"train.micro_batch_size={B // 2} (raise train.grad_accum to keep the batch)"] if B > 1 else []
+        fixes.append(f"data.seq_len={max(64, S // 2 // 64 * 64)}")
+        if not self.model_cfg.activation_checkpointing:
+            fixes.append("model.activation_checkpointing=true")
+        return (f"step {self.step} ran out of {self.device.type.upper()} memory on rank {self.rank} with "
+                f"train.micro_batch_size={B} rows of data.seq_len={S} tokens ({said}). Set {', or '.join(fixes)}")
 
     def _stop_cause(self) -> str:
         """What asked the ranks to stop: `xlp run`'s stop request names what stopped it (a Ctrl-C there
