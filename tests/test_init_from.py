@@ -150,6 +150,13 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     cfg = load_run_config(run / "config.yaml")
     assert cfg.model.arch == "xlstm_large" and cfg.model.d_model == 128 and cfg.model.vocab_size == 512
+    # the export and `xlp generate` start now, beside the loss check below (each is mostly start-up)
+    out, prompt = tmp_path / "export", "import json\n"
+    export = subprocess.Popen([*XLP, "export", run, out, "--format", "hf"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    generate = subprocess.Popen([*XLP, "generate", run, "--prompt", prompt, "--max-new-tokens", "10",
+                                 "--temperature", "0", "--ignore-eos"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     # the first step's loss is transformers' own on the same rows (2 ranks x 4 rows)
     rows = [next(iter(GlobalLoader(run / "shard", seq_len=cfg.data.seq_len, micro_batch_size=4, rows_per_step=8,
@@ -164,13 +171,10 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     assert result["step"] == 20 and math.isfinite(result["final_loss"]) and result["params"] > 0
 
     # the --format hf export reloads in transformers, which greedy-decodes what `xlp generate` prints
-    out = tmp_path / "export"
-    r = subprocess.run([*XLP, "export", run, out, "--format", "hf"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    prompt = "import json\n"
-    r = subprocess.run([*XLP, "generate", run, "--prompt", prompt, "--max-new-tokens", "10", "--temperature", "0",
-                        "--ignore-eos"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, err = export.communicate(timeout=300)
+    assert export.returncode == 0, err[-3000:]
+    printed, err = generate.communicate(timeout=300)
+    assert generate.returncode == 0, err[-3000:]
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     back.generation_config.eos_token_id = None  # as --ignore-eos
     tok = tk.load(run / "tokenizer" / "tokenizer.model")
@@ -178,4 +182,4 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     with torch.no_grad():
         new = back.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
     assert len(new) == 10
-    assert r.stdout == prompt + tok.decode(new) + "\n"
+    assert printed == prompt + tok.decode(new) + "\n"
