@@ -1,8 +1,9 @@
 """Conversion between our xlstm_large LanguageModel and the Hugging Face transformers xLSTM format
 (`model_type: xlstm`, `xLSTMForCausalLM`, the xLSTM 7B layout).
 
-Pure tensor renaming plus config translation: nothing here imports transformers, so the extra stays
-optional. Both directions check every config option that changes the network's function and refuse,
+Pure tensor renaming plus config translation (the config half, torch-free, in hf_config.py): nothing here
+imports transformers, so the extra stays optional. CheckpointReader reads any flat range of any converted
+tensor without loading the checkpoint (what a ZeRO-3 rank keeps: pipeline/train/zero_load.py). Both directions check every config option that changes the network's function and refuse,
 naming the option, where the two implementations cannot compute the same thing.
 
 Mapping (ours -> transformers, weight_mode "single"; "fused" keeps our fused matrices):
