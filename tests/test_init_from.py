@@ -148,6 +148,7 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
                         "train.eval_every=20", "--stages", "tokenizer,shard,train", "--run-dir", run],
                        capture_output=True, text=True, cwd=run, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    assert "each rank built its ZeRO-3 partitions and read only those" in (run / "train" / "stage.log").read_text()
     cfg = load_run_config(run / "config.yaml")
     assert cfg.model.arch == "xlstm_large" and cfg.model.d_model == 128 and cfg.model.vocab_size == 512
     # the export and `xlp generate` start now, beside the loss check below (each is mostly start-up)

@@ -305,6 +305,10 @@ class Trainer:
             self.monitor.message(f"validation skipped: {no_val}")
         for line in self.loader.fewer_streams():
             self.monitor.message(f"data: {line}")
+        if latest is None and self.model_cfg.init_from:
+            how = ("each rank built its ZeRO-3 partitions and read only those" if self.partitioned
+                   else "every rank loaded it whole")
+            self.monitor.message(f"weights: model.init_from={self.model_cfg.init_from} ({how})")
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
