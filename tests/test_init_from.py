@@ -121,6 +121,17 @@ def _transformers_step_loss(model, batch: dict) -> float:
     return total / count
 
 
+@pytest.mark.slow  # tiny_data: the tokenizer and shard stages (Ray)
+def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused(tiny_data, tmp_path):
+    from xlp.pipeline.train.trainer import resolve_vocab_size
+
+    tok = tiny_data / "tokenizer" / "tokenizer.model"  # 512 ids
+    cfg = ModelConfig(arch="xlstm_large", vocab_size=384, init_from=f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match=r"vocabulary has 384 ids, the run's tokenizer .* 512"):
+        resolve_vocab_size(cfg, tok)
+    assert resolve_vocab_size(ModelConfig(arch="xlstm_large", vocab_size=576, init_from=f"hf:{tmp_path}"), tok) == 576
+
+
 @pytest.mark.slow  # a 2-rank ZeRO-3 training run of 20 steps
 def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     transformers = pytest.importorskip("transformers")
