@@ -286,3 +286,17 @@ def test_fingerprints_of_runs_made_before_the_xlp_namespace_still_hold():
               "train_trajectory": "1c9ed7ab5b6d605f"}  # computed by 8b04bd9's pipeline.stage.fingerprint
     assert {k: v for k, v in got.items() if k != "train"} == {k: v for k, v in before.items() if k != "train"}
     assert got["train"] != before["train"]  # data.on_error is hashed now; the trajectory above is the same
+
+
+def test_a_key_added_later_is_hashed_only_when_set(tmp_path):
+    """train.exp_decay_steps (the exp schedule's, added with a null default) is in the train fingerprint
+    when set, and absent when null: runs made before it existed keep their fingerprints (the test above)."""
+    train = next(s for s in STAGES if s.name == "train")
+    base = load_config(TINY, [f"run.dir={tmp_path}"])
+    inputs = input_digests(STAGES, base)
+    up = {k: v for k, v in fingerprints(STAGES, base, inputs=inputs).items() if k in train.needs}
+    exp = load_config(TINY, [f"run.dir={tmp_path}", "train.schedule=exp", "train.exp_decay_steps=15"])
+    exp_null = load_config(TINY, [f"run.dir={tmp_path}", "train.schedule=exp"])
+    got = {fingerprint(train, c, up, inputs=inputs) for c in (base, exp, exp_null)}
+    assert len(got) == 3
+    assert "train.exp_decay_steps" in train.added and "exp_decay_steps" in base.train

@@ -15,6 +15,9 @@ from xlp.pipeline.core.config import ConfigError, load_config
 
 RECIPE_DIR = REPO / "configs" / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+# pretraining recipes: the model from configs/model/, the corpus the one key to give
+PRETRAIN = [p for p in RECIPES if not p.stem.startswith("continue_")]
+CONTINUE = RECIPE_DIR / "continue_xlstm_7b.yaml"
 CORPUS = ["/shared/corpus/*.jsonl"]
 SOURCES = "data.sources=[" + ",".join(CORPUS) + "]"
 
@@ -53,14 +56,15 @@ def xlp_config(*args) -> subprocess.CompletedProcess:
 
 
 def test_the_recipes_are_there():
-    assert {p.stem for p in RECIPES} >= {"xlstm_large_400m", "llama_400m", "xlstm_large_1.3b", "xlstm_large_7b"}
+    assert {p.stem for p in RECIPES} >= {"xlstm_large_400m", "llama_400m", "xlstm_large_1.3b", "xlstm_large_7b",
+                                         "continue_xlstm_7b"}
     assert (RECIPE_DIR / "README.md").is_file()
     readme = (RECIPE_DIR / "README.md").read_text()
     for p in RECIPES:
         assert p.name in readme, f"configs/recipes/README.md does not list {p.name}"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", PRETRAIN, ids=lambda p: p.stem)
 def test_recipe_resolves_through_the_cli_to_what_it_says(recipe):
     proc = xlp_config(recipe, SOURCES)
     assert proc.returncode == 0, proc.stderr
@@ -76,7 +80,7 @@ def test_recipe_resolves_through_the_cli_to_what_it_says(recipe):
     for key, value in expected.items():
         assert got[key] == value, f"{recipe.name}: `{key}` resolved to {got[key]!r}, the recipe says {value!r}"
 
-    assert got["train.schedule"] == "wsd"
+    assert got["train.schedule"] == ("exp" if recipe.stem == "xlstm_large_7b" else "wsd")  # the 7B paper's
     assert got["train.precision"] == "bf16"
     assert got["slurm.gpus_per_node"] == 8
     assert got["model.arch"] == ("llama" if recipe.stem.startswith("llama") else "xlstm_large")
@@ -97,7 +101,7 @@ def test_recipe_without_a_corpus_names_the_missing_key(recipe):
     assert "`data.sources`" in proc.stderr and "data.sources=[" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", PRETRAIN, ids=lambda p: p.stem)
 def test_recipe_sbatch_renders_its_allocation(recipe, tmp_path):
     from xlp.pipeline.cluster.submit import render_sbatch
 
@@ -112,7 +116,7 @@ def test_recipe_sbatch_renders_its_allocation(recipe, tmp_path):
     assert f"#SBATCH --time={slurm['time']}" in lines
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", PRETRAIN, ids=lambda p: p.stem)
 def test_recipe_trains_on_about_20_tokens_per_parameter(recipe):
     """The token budget in the recipes' comments, from the project's own parameter count."""
     from xlp.xlstm_model import count_params
@@ -156,3 +160,38 @@ def test_a_mandatory_value_is_not_filled_in_by_a_default(tmp_path):
     assert list(cfg.data.sources) == ["a.txt"] and cfg.train.steps == 7
     with pytest.raises(ConfigError, match="`train.steps`"):
         load_config(REPO / "configs" / "demo.yaml", ["train.steps=???"])
+
+
+def test_the_continue_recipe_takes_its_model_from_the_checkpoint(tmp_path):
+    """continue_xlstm_7b.yaml: the checkpoint, its tokenizer and the corpus are what the user gives; the model
+    comes from the checkpoint's config.json (here a small one in the transformers format), the optimizer and
+    schedule are the xLSTM 7B paper's, and it renders its 16-node allocation."""
+    import torch
+
+    from xlp.pipeline.cluster.submit import render_sbatch
+    from xlp.xlstm_model import ModelConfig, build_model
+    from xlp.xlstm_model.hf import save_hf
+
+    proc = xlp_config(CONTINUE, SOURCES)
+    assert proc.returncode == 1 and "`model.init_from`" in proc.stderr and "`tokenizer.path`" in proc.stderr, proc.stderr
+    cfg = ModelConfig(arch="xlstm_large", vocab_size=512, d_model=128, num_blocks=2, num_heads=4, tie_weights=False)
+    torch.manual_seed(0)
+    save_hf(build_model(cfg), cfg, tmp_path / "ckpt")
+    given = [SOURCES, f"model.init_from=hf:{tmp_path / 'ckpt'}", f"tokenizer.path={tmp_path / 'ckpt'}"]
+    proc = xlp_config(CONTINUE, *given)
+    assert proc.returncode == 0, proc.stderr
+    got = flat(yaml.safe_load(proc.stdout))
+    assert (got["model.arch"], got["model.d_model"], got["model.num_blocks"], got["model.vocab_size"]) == \
+        ("xlstm_large", 128, 2, 512)
+    assert got["model.activation_checkpointing"] is True  # the recipe's, not the checkpoint's
+    assert got["train.schedule"] == "exp" and got["train.betas"] == [0.99, 0.95] and got["train.grad_clip"] == 0.5
+    assert got["train.zero_stage"] == 3 and got["train.precision"] == "bf16"
+    raw = flat(read(CONTINUE))
+    for key in RECIPE_KEYS + ("train.betas", "train.grad_clip", "model.init_from"):
+        assert key in raw, f"{CONTINUE.name} leaves `{key}` to the defaults"
+    t, s = load_config(CONTINUE, given).train, read(CONTINUE)["slurm"]
+    tokens = t.steps * t.micro_batch_size * t.grad_accum * s["nodes"] * s["gpus_per_node"] * 8192
+    assert f"{tokens:,} tokens" in CONTINUE.read_text()
+    script = render_sbatch(load_config(CONTINUE, given), config=tmp_path / "config.yaml", run_dir=tmp_path / "run",
+                           only=None, force=False)
+    assert "#SBATCH --nodes=16" in script.splitlines()

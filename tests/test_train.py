@@ -177,6 +177,31 @@ def test_schedules():
     assert all(lr_at(s, **wsd) >= lr_at(s + 1, **wsd) for s in range(10, 110))
 
 
+def test_exp_schedule_is_the_xlstm_7b_one():
+    """xLSTM 7B (../shared/reference/xlstm-papers.md): 3,000 warmup steps, exponential decay reaching 0.1x the
+    peak at step 500k, a 7,000-step linear cooldown ending the 550k steps; with a fixed rate a longer run
+    follows the same curve until its own cooldown (so it can be continued)."""
+    from xlp.pipeline.core.schema.train import TrainConfig
+    from xlp.pipeline.train.schedule import continuation_note
+
+    x7b = dict(lr=5e-4, min_lr=5e-5, warmup=3000, steps=550_000, schedule="exp", wsd_decay=7000 / 550_000,
+               exp_decay_steps=497_000)
+    assert lr_at(3000, **x7b) == pytest.approx(5e-4) and lr_at(1500, **x7b) == pytest.approx(2.5e-4)
+    assert lr_at(500_000, **x7b) == pytest.approx(5e-5)  # 0.1x the peak at step 500k
+    at_cooldown = lr_at(543_000, **x7b)
+    assert at_cooldown == pytest.approx(5e-4 * 0.1 ** (540_000 / 497_000))  # still exponential at step 543k
+    assert lr_at(546_500, **x7b) == pytest.approx(at_cooldown / 2) and lr_at(550_000, **x7b) == 0.0
+    lrs = [lr_at(s, **x7b) for s in range(3000, 550_001, 1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    longer = dict(x7b, steps=700_000)  # same curve until the shorter run's cooldown
+    assert all(lr_at(s, **longer) == lr_at(s, **x7b) for s in (10, 3000, 100_000, 543_000))
+    note = continuation_note(at=200_000, old_steps=550_000, old_schedule="exp", old_warmup=3000,
+                             old_wsd_decay=7000 / 550_000, old_exp_decay_steps=497_000, new_steps=700_000)
+    assert "exactly the run configured with train.steps=700000" in note
+    with pytest.raises(ValueError, match="train.min_lr"):
+        TrainConfig(schedule="exp", min_lr=0.0).validate()
+
+
 def test_param_groups_exclude_norms_biases_embeddings():
     from xlp.xlstm_model import ModelConfig, build_model
 

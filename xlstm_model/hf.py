@@ -1,8 +1,9 @@
 """Conversion between our xlstm_large LanguageModel and the Hugging Face transformers xLSTM format
 (`model_type: xlstm`, `xLSTMForCausalLM`, the xLSTM 7B layout).
 
-Pure tensor renaming plus config translation: nothing here imports transformers, so the extra stays
-optional. Both directions check every config option that changes the network's function and refuse,
+Pure tensor renaming plus config translation (the config half, torch-free, in hf_config.py): nothing here
+imports transformers, so the extra stays optional. CheckpointReader reads any flat range of any converted
+tensor without loading the checkpoint (what a ZeRO-3 rank keeps: pipeline/train/zero_load.py). Both directions check every config option that changes the network's function and refuse,
 naming the option, where the two implementations cannot compute the same thing.
 
 Mapping (ours -> transformers, weight_mode "single"; "fused" keeps our fused matrices):
@@ -20,11 +21,9 @@ Mapping (ours -> transformers, weight_mode "single"; "fused" keeps our fused mat
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,105 +32,24 @@ from torch import Tensor
 
 from xlp.xlstm_model.config import ModelConfig
 from xlp.xlstm_model.io import WEIGHTS, load_config
+from xlp.xlstm_model.hf_config import (  # noqa: F401 (re-exported: the config half lives there, torch-free)
+    CHECKPOINT_KEYS,
+    HF_CACHE_MULTIPLE,
+    HF_KERNEL_EPS_EXPORT,
+    INIT_FROM_SCHEMES,
+    HFConversionError,
+    _functional_diff,
+    check_same_architecture,
+    checkpoint_model_keys,
+    disagreements,
+    from_hf_config,
+    parse_init_from,
+    read_hf_config,
+    to_hf_config,
+)
 from xlp.xlstm_model.lm import build_model
 
 PathLike = Union[str, os.PathLike]
-# transformers' xLSTM adds this eps to the mLSTM normaliser max(|n.q|, exp(-m)); ours adds none.
-HF_KERNEL_EPS_EXPORT = 0.0
-# transformers rounds q/k and v widths up to a multiple of 64 when it allocates the generation cache.
-HF_CACHE_MULTIPLE = 64
-
-
-class HFConversionError(ValueError):
-    """The model (or checkpoint) uses an option the other side cannot express."""
-
-
-def _round_up(x: float, m: int) -> int:  # transformers' round_up_to_next_multiple_of
-    return int(((x + m - 1) // m) * m)
-
-
-def _factor_for(dim: int, d: int) -> float:
-    """A factor f with int(d * f) == dim (transformers truncates; ours rounds)."""
-    f = dim / d
-    for _ in range(4):
-        if int(d * f) == dim:
-            return f
-        f = math.nextafter(f, math.inf)
-    raise HFConversionError(f"cannot express width {dim} as int({d} * factor)")
-
-
-# ----------------------------------------------------------------------------------------- export
-def to_hf_config(cfg: ModelConfig, *, bos_id: int = 2, eos_id: int = 3, pad_id: int = 0,
-                 weight_mode: str = "single") -> dict:
-    """Our ModelConfig -> transformers xLSTMConfig fields (a JSON-able dict)."""
-    cfg.validate()
-    if cfg.arch != "xlstm_large":
-        why = ("the NeurIPS xLSTM[a:b] stack (pre/post up-projection blocks, sLSTM) has no transformers class"
-               if cfg.arch == "xlstm" else "the Llama baseline is not an xLSTM")
-        raise HFConversionError(
-            f"model.arch={cfg.arch!r}: --format hf writes transformers' xLSTM (xLSTM 7B layout), which only "
-            f"arch 'xlstm_large' maps to; {why}. Use --format native (safetensors + our config + tokenizer)."
-        )
-    if cfg.vocab_size is None:
-        raise HFConversionError("model.vocab_size is not set")
-    if cfg.resolved_head_norm != "layer":
-        raise HFConversionError(
-            f"model.head_norm={cfg.resolved_head_norm!r}: transformers' xLSTM normalises each head with a "
-            "LayerNorm (xLSTM 7B); a model trained with RMS head norms cannot be mapped onto it"
-        )
-    d = cfg.d_model
-    for key, dim in (("qk_dim_factor", cfg.qk_dim), ("v_dim_factor", cfg.v_dim)):
-        if dim % HF_CACHE_MULTIPLE:
-            raise HFConversionError(
-                f"model.{key}: width {dim} is not a multiple of {HF_CACHE_MULTIPLE}; transformers' xLSTM sizes "
-                f"its generation cache as round_up(d_model * factor, {HF_CACHE_MULTIPLE}) and would not match"
-            )
-    caps = {}
-    for ours, theirs, value in (("gate_soft_cap", "gate_soft_cap", cfg.resolved_gate_soft_cap),
-                                ("logit_soft_cap", "output_logit_soft_cap", cfg.resolved_logit_soft_cap)):
-        if value == 0:
-            raise HFConversionError(
-                f"model.{ours}=0 (off): transformers' xLSTM config takes a float cap and always applies it; "
-                "an uncapped model cannot be expressed")
-        caps[theirs] = float(value)
-    ffn_factor = cfg.ffn_dim / d
-    if _round_up(d * ffn_factor, cfg.ffn_multiple_of) != cfg.ffn_dim:
-        raise HFConversionError(f"model.ffn_factor: FFN width {cfg.ffn_dim} is not reproducible by transformers' rounding")
-    if weight_mode != "single":
-        # transformers 5.x cannot even build a fused xLSTM (its _init_weights slices the fused gate bias
-        # wrongly), so exports use the separate q/k/v/o/i/f matrices of the xLSTM 7B checkpoints.
-        raise HFConversionError(f"weight_mode {weight_mode!r}: export writes 'single' only (fused checkpoints import)")
-    return {
-        "architectures": ["xLSTMForCausalLM"],
-        "model_type": "xlstm",
-        "vocab_size": int(cfg.vocab_size),
-        "hidden_size": d,
-        "embedding_dim": d,
-        "num_hidden_layers": cfg.num_blocks,
-        "num_blocks": cfg.num_blocks,
-        "num_heads": cfg.num_heads,
-        "use_bias": False,
-        "add_out_norm": True,
-        "norm_reduction_force_float32": True,
-        "norm_eps": float(cfg.norm_eps),
-        "eps": HF_KERNEL_EPS_EXPORT,
-        "qk_dim_factor": _factor_for(cfg.qk_dim, d),
-        "v_dim_factor": _factor_for(cfg.v_dim, d),
-        "ffn_proj_factor": ffn_factor,
-        "ffn_round_up_to_multiple_of": cfg.ffn_multiple_of,
-        **caps,
-        "tie_word_embeddings": bool(cfg.tie_weights),
-        "weight_mode": weight_mode,
-        "chunk_size": cfg.mlstm_chunk_size,
-        "mode": "inference",
-        "return_last_states": True,
-        "inference_state_dtype": "float32",
-        "use_cache": True,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": "float32",
-    }
 
 
 def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig, weight_mode: str = "single") -> dict[str, Tensor]:
@@ -191,107 +109,78 @@ def save_hf(model: torch.nn.Module, cfg: ModelConfig, directory: PathLike, *, we
 
 
 # ----------------------------------------------------------------------------------------- import
-def from_hf_config(hf: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
-    """transformers xLSTMConfig fields -> our ModelConfig (arch xlstm_large). Fields of `base` that the
-    HF config does not determine (init, activation checkpointing, ...) are kept."""
-    if hf.get("model_type") != "xlstm":
-        raise HFConversionError(f"model_type {hf.get('model_type')!r}: only transformers' 'xlstm' converts")
-    if hf.get("use_bias", False):
-        raise HFConversionError("use_bias=true: our xlstm_large has no biases in q/k/v/o, out, FFN and norms")
-    d = int(hf.get("hidden_size") or hf.get("embedding_dim"))
-    nb = int(hf.get("num_hidden_layers") or hf.get("num_blocks"))
-    if hf.get("embedding_dim") not in (None, d):
-        raise HFConversionError(f"embedding_dim={hf['embedding_dim']} differs from hidden_size={d}")
-    nh = int(hf.get("num_heads", 8))
-    qk = int(d * float(hf.get("qk_dim_factor", 0.5)))
-    v = int(d * float(hf.get("v_dim_factor", 1.0)))
-    mult = int(hf.get("ffn_round_up_to_multiple_of", 64))
-    ffn = _round_up(d * float(hf.get("ffn_proj_factor", 2.667)), mult)
-    caps = {}
-    for ours, theirs, default in (("gate_soft_cap", "gate_soft_cap", 15.0),
-                                  ("logit_soft_cap", "output_logit_soft_cap", 30.0)):
-        val = hf.get(theirs, default)
-        caps[ours] = 0.0 if val is None else float(val)
-    eps = float(hf.get("eps", 1e-6))
-    if eps > 1e-5:
-        raise HFConversionError(f"eps={eps}: our mLSTM normaliser has no eps term; only eps <= 1e-5 is accepted")
-    if eps:
-        warnings.warn(f"transformers' xLSTM adds eps={eps} to the mLSTM normaliser; ours adds none "
-                      "(outputs differ by about that relative amount where the normaliser is ~1)")
-    base_fields = dataclasses.asdict(base) if base is not None else {}
-    keep = {k: base_fields[k] for k in ("init", "activation_checkpointing", "checkpoint_policy", "init_from")
-            if k in base_fields}
-    cfg = ModelConfig(
-        arch="xlstm_large",
-        vocab_size=int(hf["vocab_size"]),
-        d_model=d,
-        num_blocks=nb,
-        num_heads=nh,
-        slstm_at=[],
-        tie_weights=bool(hf.get("tie_word_embeddings", False)),
-        qk_dim_factor=qk / d,
-        v_dim_factor=v / d,
-        ffn_factor=ffn / d,
-        ffn_multiple_of=mult,
-        norm_eps=float(hf.get("norm_eps", 1e-6)),
-        mlstm_chunk_size=int(hf.get("chunk_size", 64)),
-        head_norm="layer",
-        **caps,
-        **keep,
-    )
-    cfg.validate()
-    for name, ours, theirs in (("qk_dim_factor", cfg.qk_dim, qk), ("v_dim_factor", cfg.v_dim, v),
-                               ("ffn_factor", cfg.ffn_dim, ffn)):
-        if ours != theirs:
-            raise HFConversionError(f"{name}: our width {ours} != transformers' {theirs}")
-    return cfg
+def hf_weight_plan(cfg: ModelConfig, hf_names) -> dict[str, list[str]]:
+    """Which transformers weights make each of our tensors: {our name: [their names]}, concatenated along
+    dim 0 in that order (fused and single weight modes; an xLSTMModel checkpoint without the `backbone.`
+    prefix). A tied model's head is the embedding (no entry). HFConversionError names a weight the
+    checkpoint lacks, or one it has that this conversion does not know."""
+    names = set(hf_names)
+    prefix = "backbone." if any(k.startswith("backbone.") for k in names) else ""
+    left = set(names)
+    plan: dict[str, list[str]] = {}
+
+    def take(name: str) -> str:
+        real = name if name.startswith("lm_head.") else prefix + name.removeprefix("backbone.")
+        if real not in names:
+            raise HFConversionError(f"checkpoint lacks weight {real!r}")
+        left.discard(real)
+        return real
+
+    plan["embedding.weight"] = [take("backbone.embeddings.weight")]
+    plan["norm.weight"] = [take("backbone.out_norm.weight")]
+    if "lm_head.weight" in names:
+        head = take("lm_head.weight")
+        if not cfg.tie_weights:
+            plan["head.weight"] = [head]
+    elif not cfg.tie_weights:
+        raise HFConversionError("checkpoint lacks lm_head.weight and does not tie it to the embeddings")
+    for i in range(cfg.num_blocks):
+        s, t = f"blocks.{i}.", f"backbone.blocks.{i}."
+        plan[s + "norm.weight"] = [take(t + "norm_mlstm.weight")]
+        plan[s + "ffn_norm.weight"] = [take(t + "norm_ffn.weight")]
+        plan[s + "head_norm.weight"] = [take(t + "mlstm_layer.multihead_norm.weight")]
+        plan[s + "out.weight"] = [take(t + "mlstm_layer.out_proj.weight")]
+        plan[s + "ffn.down.weight"] = [take(t + "ffn.proj_down.weight")]
+        if prefix + t.removeprefix("backbone.") + "mlstm_layer.qkv_opreact.weight" in names:  # fused
+            plan[s + "qkvo.weight"] = [take(t + "mlstm_layer.qkv_opreact.weight")]
+            plan[s + "if_gates.weight"] = [take(t + "mlstm_layer.ifgate_preact.weight")]
+            plan[s + "if_gates.bias"] = [take(t + "mlstm_layer.ifgate_preact.bias")]
+            plan[s + "ffn.gate_up.weight"] = [take(t + "ffn.proj_up_gate_z.weight")]
+            continue
+        plan[s + "qkvo.weight"] = [take(t + f"mlstm_layer.{n}.weight") for n in ("q", "k", "v", "ogate_preact")]
+        plan[s + "if_gates.weight"] = [take(t + "mlstm_layer.igate_preact.weight"),
+                                       take(t + "mlstm_layer.fgate_preact.weight")]
+        plan[s + "if_gates.bias"] = [take(t + "mlstm_layer.igate_preact.bias"),
+                                     take(t + "mlstm_layer.fgate_preact.bias")]
+        plan[s + "ffn.gate_up.weight"] = [take(t + "ffn.proj_up_gate.weight"), take(t + "ffn.proj_up.weight")]
+    if left:
+        raise HFConversionError(f"checkpoint has weights this conversion does not know: {sorted(left)[:5]}")
+    return plan
 
 
 def from_hf_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """transformers xLSTMForCausalLM names (either weight_mode) -> our state dict names."""
-    out: dict[str, Tensor] = {}
-    hs = dict(hf_state)
-    if not any(k.startswith("backbone.") for k in hs):  # an xLSTMModel checkpoint (no LM head prefix)
-        hs = {("backbone." + k if not k.startswith("lm_head.") else k): t for k, t in hs.items()}
-
-    def take(name: str) -> Tensor:
-        if name not in hs:
-            raise HFConversionError(f"checkpoint lacks weight {name!r}")
-        return hs.pop(name)
-
-    out["embedding.weight"] = take("backbone.embeddings.weight")
-    out["norm.weight"] = take("backbone.out_norm.weight")
-    if "lm_head.weight" in hs:
-        head = take("lm_head.weight")
-        if cfg.tie_weights and not torch.equal(head, out["embedding.weight"]):
+    plan = hf_weight_plan(cfg, hf_state)
+    out = {ours: hf_state[parts[0]] if len(parts) == 1 else torch.cat([hf_state[n] for n in parts])
+           for ours, parts in plan.items()}
+    if cfg.tie_weights:
+        head = hf_state.get("lm_head.weight")
+        if head is not None and not torch.equal(head, out["embedding.weight"]):
             raise HFConversionError("tie_word_embeddings=true but lm_head.weight differs from the embeddings")
-        out["head.weight"] = head
-    elif cfg.tie_weights:
         out["head.weight"] = out["embedding.weight"]
-    else:
-        raise HFConversionError("checkpoint lacks lm_head.weight and does not tie it to the embeddings")
-    for i in range(cfg.num_blocks):
-        s, t = f"blocks.{i}.", f"backbone.blocks.{i}."
-        out[s + "norm.weight"] = take(t + "norm_mlstm.weight")
-        out[s + "ffn_norm.weight"] = take(t + "norm_ffn.weight")
-        out[s + "head_norm.weight"] = take(t + "mlstm_layer.multihead_norm.weight")
-        out[s + "out.weight"] = take(t + "mlstm_layer.out_proj.weight")
-        out[s + "ffn.down.weight"] = take(t + "ffn.proj_down.weight")
-        if t + "mlstm_layer.qkv_opreact.weight" in hs:  # fused
-            out[s + "qkvo.weight"] = take(t + "mlstm_layer.qkv_opreact.weight")
-            out[s + "if_gates.weight"] = take(t + "mlstm_layer.ifgate_preact.weight")
-            out[s + "if_gates.bias"] = take(t + "mlstm_layer.ifgate_preact.bias")
-            out[s + "ffn.gate_up.weight"] = take(t + "ffn.proj_up_gate_z.weight")
-            continue
-        out[s + "qkvo.weight"] = torch.cat([take(t + f"mlstm_layer.{n}.weight") for n in ("q", "k", "v", "ogate_preact")])
-        out[s + "if_gates.weight"] = torch.cat([take(t + "mlstm_layer.igate_preact.weight"),
-                                                take(t + "mlstm_layer.fgate_preact.weight")])
-        out[s + "if_gates.bias"] = torch.cat([take(t + "mlstm_layer.igate_preact.bias"),
-                                              take(t + "mlstm_layer.fgate_preact.bias")])
-        out[s + "ffn.gate_up.weight"] = torch.cat([take(t + "ffn.proj_up_gate.weight"), take(t + "ffn.proj_up.weight")])
-    if hs:
-        raise HFConversionError(f"checkpoint has weights this conversion does not know: {sorted(hs)[:5]}")
     return out
+
+
+def _safetensors_files(root: Path) -> dict[str, str]:
+    """{weight name: file name} of a checkpoint directory: sharded (model.safetensors.index.json) or one
+    model.safetensors."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    if (root / "model.safetensors").is_file():
+        return {k: "model.safetensors" for k in _safetensors_header(root / "model.safetensors")[0]}
+    raise HFConversionError(f"{root}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors checkpoints convert)")
 
 
 def read_hf_checkpoint(directory: PathLike) -> tuple[dict, dict[str, Tensor]]:
@@ -300,22 +189,86 @@ def read_hf_checkpoint(directory: PathLike) -> tuple[dict, dict[str, Tensor]]:
     from safetensors.torch import load_file
 
     root = Path(directory)
-    cfg_file = root / "config.json"
-    if not cfg_file.is_file():
-        raise HFConversionError(f"{root}: no config.json (not a transformers checkpoint directory)")
-    hf_cfg = json.loads(cfg_file.read_text())
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise HFConversionError(f"{root}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors checkpoints convert)")
+    hf_cfg = read_hf_config(root)
     state: dict[str, Tensor] = {}
-    for f in files:
+    for f in sorted(set(_safetensors_files(root).values())):
         state.update(load_file(str(root / f)))
     return hf_cfg, state
+
+
+# safetensors' dtype names -> torch's (the float types checkpoints hold)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data) of a .safetensors file: 8 bytes of header length (little-endian), the
+    JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes, row-major."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class CheckpointReader:
+    """A checkpoint (`model.init_from`'s "hf:DIR" or "native:DIR") read tensor by tensor, in our names,
+    without loading it whole: `shape(name)`, and `read_flat(name, start, stop)`, the elements [start, stop)
+    of our tensor flattened, which reads just those bytes of the files (positioned reads, not a memory map:
+    the process holds only what it asked for). A rank that keeps one partition of each tensor (ZeRO-3)
+    reads that much."""
+
+    def __init__(self, spec: str):
+        scheme, path = parse_init_from(spec)
+        self.root = Path(path)
+        if scheme == "hf":
+            self.config = from_hf_config(read_hf_config(self.root))
+            files = _safetensors_files(self.root)
+            self.plan = hf_weight_plan(self.config, files)
+        else:
+            self.config = load_config(self.root)
+            files = {k: WEIGHTS for k in _safetensors_files_native(self.root)}
+            self.plan = {k: [k] for k in files if not (self.config.tie_weights and k == "head.weight")}
+        self._entries: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
+        for file in sorted(set(files.values())):
+            header, data = _safetensors_header(self.root / file)
+            for name, info in header.items():
+                if info["dtype"] not in _ST_DTYPES:
+                    raise HFConversionError(f"{self.root / file}: {name} is {info['dtype']}; only float weights load")
+                self._entries[name] = (self.root / file, data + int(info["data_offsets"][0]),
+                                       _ST_DTYPES[info["dtype"]], tuple(info["shape"]))
+
+    def names(self) -> list[str]:
+        return list(self.plan)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shapes = [self._entries[n][3] for n in self.plan[name]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def read_flat(self, name: str, start: int, stop: int) -> Tensor:
+        """Elements [start, stop) of our tensor `name`, flattened (1-D, the checkpoint's dtype)."""
+        pieces, offset = [], 0
+        for part in self.plan[name]:
+            path, at, dtype, shape = self._entries[part]
+            size = math.prod(shape)
+            lo, hi = max(start, offset) - offset, min(stop, offset + size) - offset
+            if lo < hi:
+                item = torch.empty((), dtype=dtype).element_size()
+                buf = bytearray((hi - lo) * item)
+                with open(path, "rb") as f:
+                    f.seek(at + lo * item)
+                    if f.readinto(buf) != len(buf):
+                        raise HFConversionError(f"{path}: truncated ({part} ends past the end of the file)")
+                pieces.append(torch.frombuffer(buf, dtype=dtype))
+            offset += size
+        if not pieces:
+            return torch.empty(0, dtype=self._entries[self.plan[name][0]][2])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _safetensors_files_native(root: Path) -> list[str]:
+    if not (root / WEIGHTS).is_file():
+        raise HFConversionError(f"{root}: no {WEIGHTS} (not a model directory saved by this package)")
+    return list(_safetensors_header(root / WEIGHTS)[0])
 
 
 def load_hf_model(directory: PathLike, base: Optional[ModelConfig] = None, dtype: torch.dtype = torch.float32):
@@ -348,43 +301,6 @@ def load_converted(model: torch.nn.Module, state: dict[str, Tensor], dtype: Opti
 
 
 # ---------------------------------------------------------------------------------- init_from
-INIT_FROM_SCHEMES = ("hf", "native")
-# Fields that change the network's function; these must agree between a checkpoint and the run.
-_FUNCTIONAL = ("arch", "vocab_size", "d_model", "num_blocks", "num_heads", "slstm_at", "tie_weights",
-               "mlstm_proj_factor", "conv_kernel", "qkv_blocksize", "slstm_num_heads", "slstm_forget_gate",
-               "slstm_ffn_factor", "rope_theta")
-
-
-def _functional_diff(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
-    xlstm_only = ("mlstm_proj_factor", "conv_kernel", "qkv_blocksize", "slstm_num_heads", "slstm_forget_gate",
-                  "slstm_ffn_factor")
-    diffs = []
-    for key in _FUNCTIONAL:
-        if key == "vocab_size" or (key in xlstm_only and ours.arch != "xlstm") or (key == "rope_theta" and ours.arch != "llama"):
-            continue
-        a, b = getattr(ours, key), getattr(theirs, key)
-        if a != b:
-            diffs.append(f"model.{key}={b!r} (run has {a!r})")
-    derived = [("qk dim", "qk_dim"), ("v dim", "v_dim"), ("ffn dim", "ffn_dim"),
-               ("gate soft cap", "resolved_gate_soft_cap"), ("logit soft cap", "resolved_logit_soft_cap"),
-               ("head norm", "resolved_head_norm")] if ours.arch == "xlstm_large" else []
-    for label, attr in derived:
-        a, b = getattr(ours, attr), getattr(theirs, attr)
-        if a != b:
-            diffs.append(f"{label} {b!r} (run has {a!r})")
-    if not math.isclose(ours.norm_eps, theirs.norm_eps, rel_tol=1e-6):
-        diffs.append(f"model.norm_eps={theirs.norm_eps!r} (run has {ours.norm_eps!r})")
-    return diffs
-
-
-def parse_init_from(spec: str) -> tuple[str, str]:
-    scheme, sep, path = spec.partition(":")
-    if not sep or scheme not in INIT_FROM_SCHEMES or not path:
-        raise ValueError(f"expected 'hf:PATH' (a transformers xLSTM checkpoint directory) or 'native:PATH' "
-                         f"(a model directory we saved), got {spec!r}")
-    return scheme, path
-
-
 def init_from(model: torch.nn.Module, spec: str) -> ModelConfig:
     """Overwrite `model`'s weights with the checkpoint `spec` names ("hf:PATH" or "native:PATH"), after
     checking that its architecture equals the run's (an error lists every difference as the
@@ -402,12 +318,6 @@ def init_from(model: torch.nn.Module, spec: str) -> ModelConfig:
         state = load_file(str(Path(path) / WEIGHTS))
         if theirs.tie_weights and "head.weight" not in state:
             state["head.weight"] = state["embedding.weight"]
-    diffs = _functional_diff(ours, theirs)
-    if theirs.vocab_size != ours.vocab_size:
-        diffs.append(f"vocab size {theirs.vocab_size} (run has {ours.vocab_size}: the run's tokenizer must be "
-                     "the checkpoint's)")
-    if diffs:
-        raise ValueError(f"model.init_from={spec}: the checkpoint's architecture differs from the run's: "
-                         + "; ".join(diffs))
+    check_same_architecture(ours, theirs, spec)
     load_converted(model, state)
     return theirs

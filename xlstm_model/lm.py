@@ -33,7 +33,7 @@ def make_block(cfg: ModelConfig, index: int) -> nn.Module:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size is None:
@@ -46,7 +46,8 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
-        self.init_weights()
+        if init:  # False: the weights are about to come from a checkpoint (and may be partitioned already)
+            self.init_weights()
         # How hidden_states runs a block: run_block itself, or its torch.compile'd form (compile_blocks).
         # A plain attribute, not a submodule: compiling changes no parameter name or state dict key.
         self._run_block: Callable[..., Tensor] = run_block
@@ -279,10 +280,11 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def build_model(cfg: Union[ModelConfig, Any]) -> LanguageModel:
+def build_model(cfg: Union[ModelConfig, Any], *, init: bool = True) -> LanguageModel:
     """Build the model a config describes (ModelConfig, an OmegaConf node, or a dict).
-    cfg.vocab_size must be set. Weights are initialised by the papers' recipes."""
-    return LanguageModel(as_model_config(cfg))
+    cfg.vocab_size must be set. Weights are initialised by the papers' recipes; init=False leaves
+    PyTorch's default initialisation, for weights a checkpoint is about to overwrite."""
+    return LanguageModel(as_model_config(cfg), init=init)
 
 
 def as_model_config(cfg: Union[ModelConfig, Any]) -> ModelConfig:

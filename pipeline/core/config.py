@@ -40,6 +40,7 @@ from xlp.pipeline.core.schema.tokenizer import TokenizerConfig
 from xlp.pipeline.core.schema.train import TrainConfig
 from xlp.pipeline.core.schema.wandb import WandbConfig
 from xlp.xlstm_model.config import DecodeConfig, ModelConfig
+from xlp.xlstm_model.hf_config import checkpoint_model_keys, disagreements
 
 CONFIG_DIR = config_dir()  # the packaged configs (xlp.configs)
 # Config groups: a `defaults:` entry or a CLI override `group=name` picks configs/<group>/<name>.yaml.
@@ -84,8 +85,11 @@ CHOICES = {
 # Loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The validated, resolved config of a run: defaults <- YAML file <- overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                model_from_checkpoint: bool = True) -> DictConfig:
+    """The validated, resolved config of a run: defaults <- YAML file <- overrides. With
+    `model.init_from=hf:DIR`, the model's architecture keys then come from DIR/config.json
+    (model_from_checkpoint; see take_model_from_checkpoint)."""
     cfg = OmegaConf.structured(PipelineConfig)
     if path is not None:
         path = resolve_config(path)  # a file, or a packaged config's name (`tiny`, `recipes/xlstm_large_7b`)
@@ -100,7 +104,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in dot_overrides:
         key, _, value = item.partition("=")
         merge_into(cfg, parse_override(item), f"command-line override {key!r}")
+    if model_from_checkpoint:
+        take_model_from_checkpoint(cfg, [item.partition("=")[0] for item in dot_overrides])
     return finalize(cfg)
+
+
+def take_model_from_checkpoint(cfg: DictConfig, override_keys: list[str]) -> None:
+    """`model.init_from=hf:DIR`: the model keys the checkpoint decides (architecture, sizes, vocabulary,
+    untied head, soft caps: xlp.xlstm_model.hf_config.CHECKPOINT_KEYS) are set from DIR/config.json, over
+    the config file's (a `defaults:` model group included), so the user does not copy them. A model.* key
+    given on the command line that describes another network is refused, naming both values."""
+    try:
+        spec = OmegaConf.select(cfg, "model.init_from", throw_on_missing=False)
+    except OmegaConfBaseException:
+        return  # an interpolation that does not resolve: finalize() names it
+    if not isinstance(spec, str) or not spec.startswith("hf:") or len(spec) == 3:
+        return
+    try:
+        keys = checkpoint_model_keys(spec[3:])
+    except ValueError as e:  # HFConversionError: no config.json, not JSON, an option we cannot express
+        raise ConfigError(f"model.init_from={spec}: {e}") from None
+    given = {k.removeprefix("model."): cfg.model[k.removeprefix("model.")] for k in override_keys
+             if k.startswith("model.") and k.removeprefix("model.") in keys}
+    given = {k: list(v) if isinstance(v, ListConfig) else v for k, v in given.items()}
+    conflicts = disagreements(keys, given)
+    if conflicts:
+        raise ConfigError(
+            f"model.init_from={spec}: the model's architecture comes from {Path(spec[3:]) / 'config.json'}, and "
+            f"the command line disagrees with it: {'; '.join(conflicts)}. Drop these overrides (the checkpoint "
+            "decides them), or start from another checkpoint")
+    merge_into(cfg, {"model": keys}, f"model.init_from={spec} ({Path(spec[3:]) / 'config.json'})")
 
 
 # RUN_DIR/config.yaml: the resolved config `xlp run` saves and the training ranks, `xlp status`, export
@@ -154,7 +187,9 @@ def read_run_config(path: str | Path) -> str:
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """A run directory's config.yaml (checked: read_run_config) as load_config loads any config file."""
     read_run_config(path)
-    return load_config(Path(path), overrides)
+    # the run's model section already holds what `xlp run` took from a model.init_from checkpoint: the run
+    # dir stays readable (status, generate, export) after that checkpoint has moved
+    return load_config(Path(path), overrides, model_from_checkpoint=False)
 
 
 def parse_override(item: str) -> DictConfig:

@@ -98,6 +98,7 @@ TRAIN = Stage(
     description="DeepSpeed ZeRO training (gloo ranks on CPU, one rank per GPU); checkpoints, W&B",
     inputs=("xlp.pipeline.data.listing:init_from",),  # the model.init_from checkpoint's files (listing.py)
     sees=MONITORING,
+    added=("train.exp_decay_steps",),  # the exp schedule's (2026-12): null unless it is used
 )
 
 

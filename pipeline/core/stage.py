@@ -79,6 +79,9 @@ class Stage:
     # "module:function" taking the stage's directory and returning what is wrong with its outputs, or
     # None: how a done marker written before it recorded `outputs` is checked
     check: str = ""
+    # keys inside `reads` declared after runs were made, with a null default: hashed only when set, so
+    # the runs made before (and any run that leaves them null) keep their fingerprints
+    added: tuple[str, ...] = ()
 
     def view(self, cfg: DictConfig) -> DictConfig:
         """`cfg` as this stage may read it: its `reads` and `sees`; any other key raises UndeclaredKey."""
@@ -140,6 +143,25 @@ def select_keys(cfg: DictConfig, keys: Iterable[str], ignores: Iterable[str] = (
     return out
 
 
+def _without_unset(values: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """`values` (select_keys') without those of `keys` whose value is None."""
+    for key in keys:
+        top = next((k for k in values if key == k or key.startswith(k + ".")), None)
+        if top is None:
+            continue
+        if key == top:
+            if values[top] is None:
+                del values[top]
+            continue
+        node = values[top]
+        *parents, leaf = key[len(top) + 1:].split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] is None:
+            del node[leaf]
+    return values
+
+
 def input_digests(stages: Iterable[Stage], cfg: DictConfig) -> dict[str, str]:
     """sha256 of each input listing the stages name (Stage.inputs), each listing computed once."""
     out: dict[str, str] = {}
@@ -164,7 +186,8 @@ def fingerprint(stage: Stage, cfg: DictConfig, upstream: dict[str, str], *, traj
     payload = {
         "stage": stage.name,
         "version": FINGERPRINT_VERSION,
-        "reads": select_keys(cfg, stage.reads, stage.ignores + (stage.continues if trajectory else ())),
+        "reads": _without_unset(select_keys(cfg, stage.reads, stage.ignores + (stage.continues if trajectory else ())),
+                                stage.added),
         # named as before the xlp namespace (pipeline.data.listing:corpus): the module's import path is
         # not what the stage read, and runs made before keep their fingerprints
         "inputs": {spec.removeprefix("xlp."): inputs[spec] for spec in sorted(stage.inputs)},

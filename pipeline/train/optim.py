@@ -20,7 +20,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or id(p) in embedding_params or name.endswith(".bias"):
+        # a parameter ZeRO-3 partitioned when it was built (zero.Init) keeps its shape in ds_shape
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        if ndim < 2 or id(p) in embedding_params or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -34,6 +34,7 @@ from xlp.pipeline.train.monitor import Monitor, device_peak_flops, memory_metric
 from xlp.pipeline.train.optim import StepGate, build_optimizer
 from xlp.pipeline.train.schedule import continuation_note, schedule_of
 from xlp.pipeline.train.stop import EXIT_STOPPED, StopRequest
+from xlp.pipeline.train.zero_load import build_partitioned
 from xlp.xlstm_model import build_model, count_params, flops_per_token
 from xlp.xlstm_model.hf import init_from
 
@@ -70,6 +71,13 @@ class StepStats:
 def resolve_vocab_size(model_cfg, tokenizer_model: Path) -> int:
     """model.vocab_size, or the tokenizer's vocabulary rounded up to a multiple of 64."""
     if model_cfg.vocab_size:
+        if model_cfg.init_from and tokenizer_model.is_file():  # a checkpoint's vocabulary: ids past it would crash
+            have = tokenizer.load(tokenizer_model).vocab_size
+            if have > model_cfg.vocab_size:
+                raise ValueError(
+                    f"model.init_from={model_cfg.init_from}: the checkpoint's vocabulary has {model_cfg.vocab_size} "
+                    f"ids, the run's tokenizer ({tokenizer_model}) {have}; use the checkpoint's tokenizer "
+                    f"(tokenizer.path) or one of at most {model_cfg.vocab_size} ids (tokenizer.vocab_size)")
         return int(model_cfg.vocab_size)
     if not tokenizer_model.is_file():
         raise FileNotFoundError(f"model.vocab_size is null and there is no tokenizer at {tokenizer_model}")
@@ -192,11 +200,8 @@ class Trainer:
             self.resized = check_resume(ckpt.read_meta(latest), tc, self.world)
         t_start = time.perf_counter()
         self._seed()
-        model = build_model(self.model_cfg)
-        if model.config.init_from:  # start from a checkpoint's weights instead of the init recipe
-
-            init_from(model, model.config.init_from)
-        self.n_params = count_params(model)
+        model = self._build_model(fresh=latest is None)
+        self.n_params = count_params(self.model_cfg if self.partitioned else model)
         if tc.compile:  # train.compile: compiled blocks, fused AdamW (CPU Adam keeps its own step)
             model.compile_blocks(backend=tc.compile_backend)
         cpu_adam = self.cuda and tc.offload_optimizer
@@ -225,6 +230,19 @@ class Trainer:
         self.flops_per_token = float(flops_per_token(self.model_cfg, self.seq_len))
         self._start_monitor(latest, no_val, t_start, time.perf_counter())
 
+    def _build_model(self, fresh: bool):
+        """The model, initialised by the recipe or, on a fresh start, from model.init_from (a resumed run's
+        weights come from its checkpoint). Under ZeRO-3, model.init_from builds it partitioned: each rank
+        holds and reads only its share of every tensor (zero_load)."""
+        spec = self.model_cfg.init_from if fresh else None
+        self.partitioned = bool(spec) and self.tc.zero_stage == 3
+        if self.partitioned:
+            return build_partitioned(self.model_cfg, self.tc.deepspeed_config(self.world, self.cuda))
+        model = build_model(self.model_cfg)
+        if spec:  # start from a checkpoint's weights instead of the init recipe
+            init_from(model, spec)
+        return model
+
     def _size_global_batch(self) -> None:
         """grad_accum for this many ranks (derived from train.global_batch_size when it is set; a
         ResizeError names the numbers when it does not divide), and the mixture the loader draws."""
@@ -251,6 +269,7 @@ class Trainer:
             return ""
         return continuation_note(at=self.step, old_steps=int(meta["train_steps"]), old_schedule=meta["schedule"],
                                  old_warmup=int(meta["warmup"]), old_wsd_decay=float(meta["wsd_decay"]),
+                                 old_exp_decay_steps=meta.get("exp_decay_steps"),
                                  new_steps=self.tc.steps)
 
     def _mixture_note(self, checkpoint: Path) -> str:
@@ -323,6 +342,10 @@ class Trainer:
             self.monitor.message(f"validation skipped: {no_val}")
         for line in self.loader.fewer_streams():
             self.monitor.message(f"data: {line}")
+        if latest is None and self.model_cfg.init_from:
+            how = ("each rank built its ZeRO-3 partitions and read only those" if self.partitioned
+                   else "every rank loaded it whole")
+            self.monitor.message(f"weights: model.init_from={self.model_cfg.init_from} ({how})")
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
@@ -554,6 +577,7 @@ class Trainer:
                 "resume_from_step": tc.resume_from_step,  # a branch's lineage (checkpoint.choose)
                 # the schedule it was on: a continuation with another train.steps says what that means
                 "train_steps": tc.steps, "schedule": tc.schedule, "warmup": tc.warmup, "wsd_decay": tc.wsd_decay,
+                "exp_decay_steps": tc.exp_decay_steps,
                 # whose checkpoint it is: a resume refuses another trajectory's, pruning deletes only this one's
                 ckpt.TRAJECTORY: self.trajectory}
         # the loader state of the whole run (every rank's stream positions merged): loads on any world size

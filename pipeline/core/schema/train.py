@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from xlp.pipeline.core.secrets import is_secret_name
 
-SCHEDULES = ("cosine", "wsd")
+SCHEDULES = ("cosine", "wsd", "exp")
 PRECISIONS = ("fp32", "bf16")
 LAUNCHERS = ("auto", "local", "slurm", "ray")
 DEVICES = ("auto", "cpu")
@@ -67,8 +67,14 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the decay
     warmup: int = 10  # steps of linear warmup from 0 to lr
-    schedule: str = "cosine"  # cosine (warmup, cosine decay to min_lr) | wsd (warmup-stable-decay)
-    wsd_decay: float = 0.2  # wsd: fraction of train.steps spent in the final (linear) decay
+    # cosine (warmup, cosine decay to min_lr) | wsd (warmup-stable-decay) | exp (warmup, exponential decay,
+    # linear cooldown to 0: the xLSTM 7B schedule, pipeline/train/schedule.py)
+    schedule: str = "cosine"
+    wsd_decay: float = 0.2  # wsd, exp: fraction of train.steps spent in the final (linear) decay
+    # exp: steps after the warmup in which the learning rate falls exponentially from lr to min_lr (it goes on
+    # falling at that rate until the cooldown). A fixed rate: a longer run follows the same curve, so it can
+    # be continued. null: min_lr is reached where the cooldown starts (the rate then depends on train.steps).
+    exp_decay_steps: Optional[int] = None
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -139,6 +145,11 @@ class TrainConfig:
             raise bad("lr", f"is {self.lr}; must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise bad("min_lr", f"is {self.min_lr}; must be between 0 and train.lr ({self.lr})")
+        if self.exp_decay_steps is not None and self.exp_decay_steps < 1:
+            raise bad("exp_decay_steps", f"is {self.exp_decay_steps}; must be >= 1 or null")
+        if self.schedule == "exp" and not self.min_lr > 0:
+            raise bad("min_lr", f"is {self.min_lr}; the exp schedule decays from train.lr towards it by a ratio, so "
+                      "it must be > 0 (e.g. 0.1 x train.lr, as xLSTM 7B)")
         if not 0 < self.wsd_decay <= 1:
             raise bad("wsd_decay", f"is {self.wsd_decay}; must be in (0, 1]")
         if self.weight_decay < 0:
