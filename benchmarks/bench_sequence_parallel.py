@@ -6,8 +6,10 @@ For each S and train.sequence_parallel N, N fresh processes (gloo over a file) e
 xLSTM-large model (configs/model/tiny_xlstm_large.yaml, reference kernels, fp32) and run forward +
 backward on their S/N tokens of one row, the mLSTM state passed between them
 (xlp.xlstm_model.sequence_parallel). Per rank it reports:
-- peak activation memory: the rise of the peak resident set size (VmHWM, reset just before the step
-  via /proc/self/clear_refs) over the resident size after the model is built, the largest over ranks;
+- peak activation memory: the rise of the peak resident set size (VmHWM, reset just before the first
+  step via /proc/self/clear_refs) over the resident size after the model is built, the largest over
+  ranks. The ranks run with MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so that freed tensors go back to
+  the system (glibc otherwise raises the threshold after the first large free and keeps them);
 - bytes this rank sends per step (its all-gather inputs and backward all-reduces): independent of S;
 - tokens/s of the group: S / the slowest rank's step time (after one warm-up step).
 On a machine with fewer cores than ranks x threads the ranks share cores: tokens/s then measures the
@@ -66,18 +68,19 @@ def _rank(rank: int, size: int, init: str, out: str, seq_len: int, steps: int, t
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocator, first calls)
     dist.barrier()
     base = reset_peak_rss()
     dist.all_gather, dist.all_reduce = counted_gather, counted_reduce
+    step()  # memory and bytes: the first step; time: the steps after it
+    peak = peak_rss() - base
+    dist.all_gather, dist.all_reduce = real_gather, real_reduce
+    dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - t0) / steps
-    dist.all_gather, dist.all_reduce = real_gather, real_reduce
-    peak = peak_rss() - base
     Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"peak_bytes": peak, "sent_bytes": sent[0] // steps, "seconds": seconds}))
+        {"peak_bytes": peak, "sent_bytes": sent[0], "seconds": seconds}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -101,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = ap.parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # the ranks inherit it (see the docstring)
     from xlp.xlstm_model.machine import cpu_name
 
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")

@@ -26,6 +26,7 @@ def _backends() -> list[str]:
     return ["reference", "triton"]
 
 
+@pytest.mark.slow  # ~35 s on 2 cores: 3 processes running the Triton interpreter
 def test_mlstm_state_passes_exactly_over_three_ranks(tmp_path):
     """3 ranks (the fold over two earlier slices), reference and Triton (interpreted on CPU): h and the
     gradients of q, k, v, i, f equal one process's; documents start in the first slice and run across
@@ -150,3 +151,19 @@ def test_four_ranks_zero2_match_and_resume_without_sequence_parallel(sp_shards, 
     assert (f"resuming 4-rank checkpoint step {SP_HALF} on 2 ranks, sequence_parallel 2 -> 1 (global batch 8 rows, "
             "same order)") in log, log[-2000:]
     _assert_same_steps(run, one_rank_run, range(SP_HALF + 1, SP_STEPS + 1), rel=1e-5)
+
+
+def test_grid_and_config_errors_name_the_keys():
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.train.dist import grid
+
+    g = grid(5, 8, 2, 64)
+    assert (g.dp_rank, g.dp_size, g.sp_rank, g.sp_size) == (2, 4, 1, 2)
+    with pytest.raises(ValueError, match=r"train.sequence_parallel=3 does not divide the 4 rank\(s\)"):
+        grid(0, 4, 3, 60)
+    with pytest.raises(ValueError, match="train.sequence_parallel=2 does not divide data.seq_len=33"):
+        grid(0, 2, 2, 33)
+    with pytest.raises(Exception, match="train.sequence_parallel"):
+        load_config(None, ["train.sequence_parallel=0"])
+    with pytest.raises(Exception, match="train.compile"):
+        load_config(None, ["train.sequence_parallel=2", "train.compile=true"])
