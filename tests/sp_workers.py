@@ -66,7 +66,12 @@ def kernel_rank(rank: int, size: int, init: str, out: str, S: int, backends: lis
 
 
 def model_config(arch: str) -> dict:
+    """A tiny model of `arch`; "xlstm/full" and "xlstm_large/selective": that arch with activation
+    checkpointing (the recomputed forward all-gathers again in the backward, on every rank alike)."""
+    arch, _, policy = arch.partition("/")
     cfg = dict(arch=arch, vocab_size=64, d_model=32, num_blocks=2, num_heads=2, mlstm_chunk_size=16)
+    if policy:
+        cfg.update(activation_checkpointing=True, checkpoint_policy=policy)
     if arch == "xlstm":
         cfg.update(conv_kernel=4, qkv_blocksize=4)
     return cfg
@@ -103,7 +108,7 @@ def model_rank(rank: int, size: int, init: str, out: str, S: int, archs: list[st
         loss = model(local["input_ids"], doc_starts=local["doc_starts"], targets=local["targets"]) * count / total * size
         loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
-        torch.save({"loss": loss.detach(), "grads": grads}, Path(out) / f"{arch}-{rank}.pt")
+        torch.save({"loss": loss.detach(), "grads": grads}, Path(out) / f"{arch.replace('/', '-')}-{rank}.pt")
     _leave(dist)
 
 

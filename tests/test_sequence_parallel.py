@@ -48,9 +48,10 @@ def test_mlstm_state_passes_exactly_over_three_ranks(tmp_path):
 
 
 def test_language_model_loss_and_gradients_match_one_rank(tmp_path):
-    """xlstm_large and xlstm (its causal conv reads over the cut), 2 ranks: the ranks' losses (slice sum
-    / row targets x N) average to the full loss, and their parameter gradients to the full ones."""
-    N, S, archs = 2, 40, ["xlstm_large", "xlstm"]
+    """xlstm_large and xlstm (its causal conv reads over the cut), 2 ranks, also under activation
+    checkpointing: the ranks' losses (slice sum / row targets x N) average to the full loss, and their
+    parameter gradients to the full ones."""
+    N, S, archs = 2, 40, ["xlstm_large", "xlstm", "xlstm/full", "xlstm_large/selective"]
     sp_workers.spawn(sp_workers.model_rank, N, tmp_path, S, archs)
     batch = sp_workers.model_batch(S)
     for arch in archs:
@@ -58,7 +59,7 @@ def test_language_model_loss_and_gradients_match_one_rank(tmp_path):
         model = build_model(sp_workers.model_config(arch))
         loss = model(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
         loss.backward()
-        parts = [torch.load(tmp_path / f"{arch}-{r}.pt") for r in range(N)]
+        parts = [torch.load(tmp_path / f"{arch.replace('/', '-')}-{r}.pt") for r in range(N)]
         _close(sum(p["loss"] for p in parts) / N, loss.detach(), f"{arch}: loss")
         for name, p in model.named_parameters():
             _close(sum(part["grads"][name] for part in parts) / N, p.grad, f"{arch}: grad of {name}")
