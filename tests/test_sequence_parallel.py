@@ -168,3 +168,11 @@ def test_grid_and_config_errors_name_the_keys():
         load_config(None, ["train.sequence_parallel=0"])
     with pytest.raises(Exception, match="train.compile"):
         load_config(None, ["train.sequence_parallel=2", "train.compile=true"])
+    # what the sections cannot see alone is refused when the config loads, before any rank starts
+    with pytest.raises(Exception, match="model.arch 'llama' is not supported"):
+        load_config(None, ["train.sequence_parallel=2", "model.arch=llama"])
+    with pytest.raises(Exception, match=r"model.slstm_at=\[1\]"):
+        load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm", "model.slstm_at=[1]"])
+    with pytest.raises(Exception, match="does not divide data.seq_len=33"):
+        load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=33"])
+    load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=64"])

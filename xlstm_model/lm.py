@@ -86,18 +86,9 @@ class LanguageModel(nn.Module):
         tokens (xlp.xlstm_model.sequence_parallel) and every mLSTM layer passes the state over the
         group (collective). None: whole rows again. ValueError for the architectures that have no
         exact parallel form here (sLSTM blocks, the Llama baseline). Returns self."""
-        if sp is not None and sp.size > 1:
-            cfg = self.config
-            if cfg.arch == "llama":
-                raise ValueError(
-                    f"train.sequence_parallel={sp.size}: model.arch 'llama' is not supported (sequence "
-                    "parallelism passes the mLSTM's recurrent state between ranks; attention would need every "
-                    "earlier rank's keys and values); use train.sequence_parallel=1, or arch xlstm/xlstm_large")
-            if cfg.arch == "xlstm" and cfg.slstm_at:
-                raise ValueError(
-                    f"train.sequence_parallel={sp.size}: the sLSTM blocks (model.slstm_at={list(cfg.slstm_at)}) "
-                    "are a nonlinear recurrence with no parallel form (their state could only be passed rank to "
-                    "rank in order, no faster than one rank); use model.slstm_at=[] or train.sequence_parallel=1")
+        error = self.config.sequence_parallel_error(sp.size if sp is not None else 1)
+        if error:
+            raise ValueError(error)
         for block in self.blocks:
             block.sp = sp if sp is not None and sp.size > 1 else None
         return self
