@@ -263,7 +263,20 @@ class Trainer:
 
         names: list[Any] = [None] * self.world
         dist.all_gather_object(names, node_name())
+        self.rank_nodes = names
         return sorted(set(names))
+
+    def _groups_across_nodes(self) -> list[str]:
+        """The sequence-parallel groups whose ranks are on more than one node (their per-layer
+        exchange then crosses the network), as log lines."""
+        g, lines = self.grid, []
+        for d in range(g.dp_size if g.sp_size > 1 else 0):
+            nodes = sorted(set(self.rank_nodes[d * g.sp_size:(d + 1) * g.sp_size]))
+            if len(nodes) > 1:
+                lines.append(f"sequence-parallel group {d} (ranks {d * g.sp_size}-{(d + 1) * g.sp_size - 1}) spans "
+                             f"nodes {', '.join(nodes)}: its state exchange crosses the network every layer; put a "
+                             f"multiple of train.sequence_parallel={g.sp_size} ranks on each node")
+        return lines
 
     def _seed(self) -> None:
         import numpy as np
@@ -309,6 +322,8 @@ class Trainer:
             self.monitor.message(f"validation skipped: {no_val}")
         for line in self.loader.fewer_streams():
             self.monitor.message(f"data: {line}")
+        for line in self._groups_across_nodes():
+            self.monitor.message(line)
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
