@@ -176,3 +176,21 @@ def test_grid_and_config_errors_name_the_keys():
     with pytest.raises(Exception, match="does not divide data.seq_len=33"):
         load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=33"])
     load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=64"])
+
+
+def test_sequence_parallel_continues_the_trajectory():
+    """Another train.sequence_parallel reruns the train stage (another fingerprint) but continues the
+    same trajectory (its checkpoints resume: the global batch and row order do not depend on it)."""
+    from xlp.pipeline.core.config import load_config
+    from xlp.pipeline.core.registry import STAGES
+    from xlp.pipeline.core.stage import fingerprint
+
+    stage = {s.name: s for s in STAGES}["train"]
+    up = {"tokenizer": "t", "shard": "s"}
+
+    def fp(sp: int, trajectory: bool) -> str:
+        cfg = load_config(None, ["model.arch=xlstm_large", "data.seq_len=64", f"train.sequence_parallel={sp}"])
+        return fingerprint(stage, cfg, up, trajectory=trajectory)
+
+    assert fp(1, False) != fp(2, False)
+    assert fp(1, True) == fp(2, True)
