@@ -125,11 +125,14 @@ def _assert_same_steps(run, ref, steps, rel):
 
 
 @pytest.mark.slow
-def test_two_sequence_parallel_ranks_train_as_one(sp_shards, one_rank_run, tmp_path):
+@pytest.mark.parametrize("zero", [0, 3])
+def test_two_sequence_parallel_ranks_train_as_one(sp_shards, one_rank_run, tmp_path, zero):
+    """ZeRO-0, and ZeRO-3 (its parameter gathers in module hooks interleave with the state exchange)."""
     from test_train import train
 
     run = tmp_path / "sp2"
-    result = train(run, sp_shards, [*SP_RUN, f"train.steps={SP_STEPS}", "train.sequence_parallel=2"], procs=2)
+    result = train(run, sp_shards, [*SP_RUN, f"train.steps={SP_STEPS}", "train.sequence_parallel=2",
+                                     f"train.zero_stage={zero}"], procs=2)
     assert result["sequence_parallel"] == 2 and result["world_size"] == 2 and result["grad_accum"] == 2
     log = (run / "train" / "logs" / "rank_0.log").read_text()
     assert "sequence_parallel 2 (1 data-parallel group(s) of 2 ranks, 16 tokens of each row a rank)" in log
