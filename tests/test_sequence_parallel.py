@@ -48,10 +48,11 @@ def test_mlstm_state_passes_exactly_over_three_ranks(tmp_path):
 
 
 def test_language_model_loss_and_gradients_match_one_rank(tmp_path):
-    """xlstm_large and xlstm (its causal conv reads over the cut), 2 ranks, also under activation
-    checkpointing: the ranks' losses (slice sum / row targets x N) average to the full loss, and their
+    """2 ranks: xlstm_large, xlstm (its causal conv reads over the cut) under full activation
+    checkpointing, xlstm_large under selective checkpointing (the recomputed forwards exchange again in
+    the backward): the ranks' losses (slice sum / row targets x N) average to the full loss, and their
     parameter gradients to the full ones."""
-    N, S, archs = 2, 40, ["xlstm_large", "xlstm", "xlstm/full", "xlstm_large/selective"]
+    N, S, archs = 2, 40, ["xlstm_large", "xlstm/full", "xlstm_large/selective"]
     sp_workers.spawn(sp_workers.model_rank, N, tmp_path, S, archs)
     batch = sp_workers.model_batch(S)
     for arch in archs:
