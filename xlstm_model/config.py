@@ -76,6 +76,22 @@ class ModelConfig:
     init_from: Optional[str] = None
 
     # ---------------------------------------------------------------------------------------------
+    def sequence_parallel_error(self, ranks: int) -> Optional[str]:
+        """Why this model cannot train with train.sequence_parallel=`ranks` (None: it can): the state
+        passing exists for the mLSTM (and the NeurIPS block's causal conv) only."""
+        if ranks <= 1:
+            return None
+        if self.arch == "llama":
+            return (f"train.sequence_parallel={ranks}: model.arch 'llama' is not supported (sequence parallelism "
+                    "passes the mLSTM's recurrent state between ranks; attention would need every earlier rank's "
+                    "keys and values); use train.sequence_parallel=1, or arch xlstm/xlstm_large")
+        if self.arch == "xlstm" and self.slstm_at:
+            return (f"train.sequence_parallel={ranks}: the sLSTM blocks (model.slstm_at={list(self.slstm_at)}) are "
+                    "a nonlinear recurrence with no parallel form (their state could only be passed rank to rank "
+                    "in order, no faster than one rank); use model.slstm_at=[] or train.sequence_parallel=1")
+        return None
+
+    # ---------------------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
         """Raise ValueError naming the bad key (`model.<key>`); returns self so calls can chain."""
 

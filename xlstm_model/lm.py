@@ -18,6 +18,7 @@ from xlp.kernels.dispatch import preload_triton
 from xlp.xlstm_model.config import ModelConfig
 from xlp.xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
 from xlp.xlstm_model.llama import LlamaBlock
+from xlp.xlstm_model.sequence_parallel import SeqParallel
 from xlp.xlstm_model.xlstm import MLSTMBlock, SLSTMBlock
 from xlp.xlstm_model.xlstm_large import XLSTMLargeBlock
 
@@ -80,6 +81,22 @@ class LanguageModel(nn.Module):
         preload_triton()
         self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
         return self
+
+    def set_sequence_parallel(self, sp: Optional[SeqParallel]) -> "LanguageModel":
+        """Train on slices of each row (train.sequence_parallel): `forward` then takes this rank's
+        tokens (xlp.xlstm_model.sequence_parallel) and every mLSTM layer passes the state over the
+        group (collective). None: whole rows again. ValueError for the architectures that have no
+        exact parallel form here (sLSTM blocks, the Llama baseline). Returns self."""
+        error = self.config.sequence_parallel_error(sp.size if sp is not None else 1)
+        if error:
+            raise ValueError(error)
+        for block in self.blocks:
+            block.sp = sp if sp is not None and sp.size > 1 else None
+        return self
+
+    @property
+    def sequence_parallel(self) -> Optional[SeqParallel]:
+        return getattr(self.blocks[0], "sp", None) if len(self.blocks) else None
 
     @property
     def blocks_compiled(self) -> bool:

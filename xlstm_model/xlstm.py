@@ -15,6 +15,7 @@ from torch import Tensor
 
 from xlp import kernels
 from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model import sequence_parallel as seqpar
 from xlp.xlstm_model.layers import CausalConv1d, GatedFFN, HeadwiseLinear, LayerNorm, MultiHeadNorm, std_in, std_out
 
 
@@ -22,6 +23,9 @@ class MLSTMBlock(nn.Module):
     """LayerNorm -> up-projection (x2) into a cell branch and a gate branch z;
     cell branch: causal conv + swish -> head-wise q, k (from the conv output) and v (from before it)
     -> mLSTM -> multi-head norm + learnable skip; output gate swish(z); down-projection; residual."""
+
+    # set by LanguageModel.set_sequence_parallel: x holds this rank's slice of each row
+    sp: Optional[seqpar.SeqParallel] = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,10 +57,13 @@ class MLSTMBlock(nn.Module):
             self.gates.bias[nh:].copy_(torch.linspace(3.0, 6.0, nh))
         nn.init.normal_(self.down.weight, std=std_out(cfg))
 
-    def _mix_in(self, x: Tensor, reset: Optional[Tensor], conv_state: Optional[Tensor]):
+    def _mix_in(self, x: Tensor, reset: Optional[Tensor], conv_state: Optional[Tensor],
+                sp: Optional[seqpar.SeqParallel] = None):
         """(B, S, D) -> per-head q, k, v (B, NH, S, DH), gates i, f (B, NH, S), and what the output needs."""
         B, S, _ = x.shape
         x_m, z = self.up(self.norm(x)).chunk(2, dim=-1)
+        if sp is not None:  # the conv reads the previous rank's last inputs
+            conv_state = seqpar.halo(x_m, reset, self.conv.kernel_size - 1, sp)
         x_c, conv_state = self.conv(x_m, reset, conv_state)
         x_c = F.silu(x_c)
         q, k, v = self.q(x_c), self.k(x_c), self.v(x_m)
@@ -77,6 +84,11 @@ class MLSTMBlock(nn.Module):
         self, x: Tensor, reset: Optional[Tensor] = None, state: Optional[Any] = None, return_state: bool = False
     ):
         conv_state, cell_state = state if state is not None else (None, None)
+        sp = self.sp if state is None and not return_state else None
+        if sp is not None:
+            q, k, v, i, f, x_c, z, _ = self._mix_in(x, reset, None, sp)
+            h = seqpar.mlstm_chunkwise(q, k, v, i, f, sp=sp, chunk_size=self.cfg.mlstm_chunk_size, doc_starts=reset)
+            return self._mix_out(x, h.transpose(1, 2), x_c, z)
         q, k, v, i, f, x_c, z, conv_state = self._mix_in(x, reset, conv_state)
         out = kernels.mlstm_chunkwise(
             q, k, v, i, f,

@@ -13,10 +13,14 @@ from torch import Tensor
 
 from xlp import kernels
 from xlp.xlstm_model.config import ModelConfig
+from xlp.xlstm_model import sequence_parallel as seqpar
 from xlp.xlstm_model.layers import GatedFFN, MultiHeadNorm, RMSNorm, soft_cap, std_in, std_out
 
 
 class XLSTMLargeBlock(nn.Module):
+    # set by LanguageModel.set_sequence_parallel: x holds this rank's slice of each row
+    sp: Optional[seqpar.SeqParallel] = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -64,6 +68,9 @@ class XLSTMLargeBlock(nn.Module):
         self, x: Tensor, reset: Optional[Tensor] = None, state: Optional[Any] = None, return_state: bool = False
     ):
         q, k, v, i, f, o = self._mix_in(x)
+        if self.sp is not None and state is None and not return_state:
+            h = seqpar.mlstm_chunkwise(q, k, v, i, f, sp=self.sp, chunk_size=self.cfg.mlstm_chunk_size, doc_starts=reset)
+            return self._mix_out(x, h.transpose(1, 2), o)
         out = kernels.mlstm_chunkwise(
             q, k, v, i, f,
             chunk_size=self.cfg.mlstm_chunk_size,

@@ -439,6 +439,15 @@ def validate(cfg: DictConfig) -> None:
                 check()
             except (ValueError, TypeError) as e:
                 raise ConfigError(str(e)) from None
+    sp = int(cfg.train.sequence_parallel)
+    if sp > 1:  # what the sections cannot see alone (the ranks check the world when they start)
+        error = OmegaConf.to_object(cfg.model).sequence_parallel_error(sp)
+        if error:
+            raise ConfigError(error)
+        if int(cfg.data.seq_len) % sp:
+            raise ConfigError(f"train.sequence_parallel={sp} does not divide data.seq_len={cfg.data.seq_len}: every "
+                              f"rank of a group holds seq_len / sequence_parallel tokens of each row; use a "
+                              f"data.seq_len divisible by {sp}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

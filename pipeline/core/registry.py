@@ -89,7 +89,7 @@ TRAIN = Stage(
     # one whose global batch differs from its checkpoint's: pipeline/train/elastic.py), and one whose
     # mixture phases changed (from the checkpoint on, the new weights apply), and one that now skips (or no
     # longer skips) damaged shards (data.on_error, hashed since 2026-12-07: runs trained before continue)
-    continues=("train.steps", "train.resume_from_step", "train.cpu_processes", "train.grad_accum",
+    continues=("train.steps", "train.resume_from_step", "train.cpu_processes", "train.sequence_parallel", "train.grad_accum",
                "train.micro_batch_size", "data.mixture_phases", "data.on_error"),
     needs=("tokenizer", "shard"),
     fn="xlp.pipeline.stages.train:run",

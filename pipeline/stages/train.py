@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> dict:
             refuse_if_it_cannot_fit(ctx.cfg, layout.tokenizer_model, world)
         # a val split with no row is refused here, before the ranks start (they check again: Slurm, Ray)
         val_split_check(layout.shard_dir, groups=list(ctx.cfg.data.mixture) or [None],
-                        seq_len=int(ctx.cfg.data.seq_len), world_size=world)
+                        seq_len=int(ctx.cfg.data.seq_len), world_size=world // int(ctx.cfg.train.sequence_parallel))
     ranks = launch(ctx.run_dir, config=config, cpu_processes=int(ctx.cfg.train.cpu_processes),
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),

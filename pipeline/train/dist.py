@@ -155,3 +155,32 @@ def import_muon_without_compile() -> None:
         pass
     finally:
         torch.compile = real
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a rank sits in world = data-parallel groups x train.sequence_parallel: consecutive ranks
+    form a sequence-parallel group (one node holds a group where the launcher puts consecutive ranks
+    on one node), and share each row of their data-parallel rank's batch."""
+
+    dp_rank: int
+    dp_size: int
+    sp_rank: int
+    sp_size: int
+
+
+def grid(rank: int, world_size: int, sequence_parallel: int, seq_len: int) -> Grid:
+    """The rank's place in the grid; ValueError naming train.sequence_parallel when it does not divide
+    the world or data.seq_len."""
+    sp = int(sequence_parallel)
+    if sp < 1:
+        raise ValueError(f"train.sequence_parallel={sp}: must be >= 1")
+    if world_size % sp:
+        raise ValueError(f"train.sequence_parallel={sp} does not divide the {world_size} rank(s): the world is "
+                         f"data-parallel groups x sequence_parallel; use a divisor of {world_size}, or "
+                         f"{sp} x k ranks (train.cpu_processes or GPUs)")
+    if seq_len % sp:
+        raise ValueError(f"train.sequence_parallel={sp} does not divide data.seq_len={seq_len}: every rank of a "
+                         f"group holds seq_len / sequence_parallel tokens of each row; use a data.seq_len "
+                         f"divisible by {sp}")
+    return Grid(dp_rank=rank // sp, dp_size=world_size // sp, sp_rank=rank % sp, sp_size=sp)

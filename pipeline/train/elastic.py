@@ -25,6 +25,7 @@ import torch
 from xlp.pipeline.core.config import section
 from xlp.pipeline.train import checkpoint as ckpt
 from xlp.pipeline.train.checkpoint import file_record
+from xlp.pipeline.train.dist import grid
 
 ELASTIC_FILE = "elastic.safetensors"
 
@@ -57,23 +58,28 @@ def grad_accum_for(tc: Any, world_size: int) -> int:
 
 def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
     """What changes when the checkpoint `meta` continues on `world_size` ranks with config `tc`: None
-    when nothing does, else a line for the log. ResizeError when it cannot work."""
+    when nothing does, else a line for the log. ResizeError when it cannot work. The global batch counts
+    data-parallel groups (world / train.sequence_parallel); DeepSpeed's files count every rank."""
+    sp = int(getattr(tc, "sequence_parallel", 1) or 1)
+    old_sp = int(meta.get("sequence_parallel", 1))
     old_world = int(meta.get("world_size", world_size))
     old_ga = int(meta.get("grad_accum", tc.grad_accum))
     old_micro = int(meta.get("micro_batch_size", tc.micro_batch_size))
-    old_G = int(meta.get("global_batch_size", old_micro * old_ga * old_world))
-    ga = grad_accum_for(tc, world_size)
-    G = int(tc.micro_batch_size) * ga * world_size
+    old_G = int(meta.get("global_batch_size", old_micro * old_ga * (old_world // old_sp)))
+    dp = world_size // sp
+    ga = grad_accum_for(tc, dp)
+    G = int(tc.micro_batch_size) * ga * dp
     step = meta.get("step")
+    groups = (lambda n, s: f"{n} rank(s)" if s == 1 else f"{n // s} group(s) of {s} sequence-parallel ranks")
     if G != old_G:
         fix = (f"set train.global_batch_size={old_G} (grad_accum is then derived for any number of ranks "
                f"dividing it)" if tc.global_batch_size is None else
                f"set train.global_batch_size={old_G}, or start a fresh run.dir")
         raise ResizeError(
             f"the checkpoint of step {step} was trained with a global batch of {old_G} rows ({old_micro} x "
-            f"grad_accum {old_ga} x {old_world} rank(s)); this launch would take {G} "
-            f"({tc.micro_batch_size} x {ga} x {world_size} rank(s)): {fix}")
-    if old_world == world_size and old_ga == ga and old_micro == tc.micro_batch_size:
+            f"grad_accum {old_ga} x {groups(old_world, old_sp)}); this launch would take {G} "
+            f"({tc.micro_batch_size} x {ga} x {groups(world_size, sp)}): {fix}")
+    if old_world == world_size and old_ga == ga and old_micro == tc.micro_batch_size and old_sp == sp:
         return None
     if old_world != world_size and not meta.get("elastic"):
         raise ResizeError(
@@ -83,6 +89,8 @@ def check_resume(meta: dict, tc: Any, world_size: int) -> Optional[str]:
     changes = [f"grad_accum {old_ga} -> {ga}"] if old_ga != ga else []
     if old_micro != tc.micro_batch_size:
         changes.append(f"micro_batch_size {old_micro} -> {tc.micro_batch_size}")
+    if old_sp != sp:
+        changes.append(f"sequence_parallel {old_sp} -> {sp}")
     return (f"resuming {old_world}-rank checkpoint step {step} on {world_size} rank{'s' if world_size > 1 else ''}"
             + (", " + ", ".join(changes) if changes else "") + f" (global batch {G} rows, same order)")
 
@@ -91,7 +99,8 @@ def refuse_before_launch(cfg: Any, checkpoints: Path, world_size: int) -> Option
     """The train stage's check before it starts any rank: the global batch splits over `world_size`
     ranks and matches the newest checkpoint's. Returns the resume line (or None); raises ResizeError."""
     tc = section(cfg, "train")
-    grad_accum_for(tc, world_size)
+    split = grid(0, world_size, int(getattr(tc, "sequence_parallel", 1) or 1), int(section(cfg, "data").seq_len))
+    grad_accum_for(tc, split.dp_size)
     found = ckpt.complete_checkpoints(checkpoints)
     if tc.resume_from_step is not None:
         found = [(s, p) for s, p in found if s == tc.resume_from_step]

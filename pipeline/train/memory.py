@@ -73,7 +73,9 @@ def refuse_if_it_cannot_fit(cfg, tokenizer_model: Path, ranks: int, available: O
         return
     mcfg = section(cfg, "model")
     mcfg.vocab_size = resolve_vocab_size(mcfg, tokenizer_model)
-    B, S = int(cfg.train.micro_batch_size), int(cfg.data.seq_len)
+    # a rank holds seq_len / train.sequence_parallel tokens of each row (the summaries it exchanges are small)
+    sp = max(1, int(cfg.train.get("sequence_parallel", 1) or 1))
+    B, S = int(cfg.train.micro_batch_size), int(cfg.data.seq_len) // sp
     d, L, V = mcfg.d_model, mcfg.num_blocks, mcfg.vocab_size
     generous = B * S * (GENEROUS_BYTES * d * L + 8 * V) + 8 * (32 * d * d * L + 2 * V * d) + PROCESS
     if ranks * generous <= available:
@@ -90,13 +92,15 @@ def refuse_if_it_cannot_fit(cfg, tokenizer_model: Path, ranks: int, available: O
     per_token = PEAK * (act.b + act.c * B)
     tokens = int((per_rank - fixed - PEAK * act.a) // per_token) if per_token > 0 else 0
     if tokens >= 64:
-        fixes.append(f"data.seq_len={tokens // 64 * 64}")
+        fixes.append(f"data.seq_len={tokens // 64 * 64 * sp}")
     if not mcfg.activation_checkpointing:
         fixes.append("model.activation_checkpointing=true")
     if ranks > 1:
         fixes.append(f"fewer ranks (train.cpu_processes, now {ranks})")
     raise ValueError(
-        f"train.micro_batch_size={B} rows of data.seq_len={S} tokens cannot fit this machine's memory: {ranks} "
+        f"train.micro_batch_size={B} rows of data.seq_len={S * sp} tokens"
+        + (f" ({S} a rank, train.sequence_parallel={sp})" if sp > 1 else "")
+        + f" cannot fit this machine's memory: {ranks} "
         f"rank(s) x ({fixed / GiB:.2f} GiB for the process, weights and gradients + {act(B, S) / GiB:.1f} GiB of "
         f"activations kept for the backward pass, and {BACKWARD_MIN - 1:.0%} more while it runs) = {need / GiB:.1f} GiB "
         f"at least, and {available / GiB:.1f} GiB is "

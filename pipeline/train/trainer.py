@@ -37,6 +37,7 @@ from xlp.pipeline.train.stop import EXIT_STOPPED, StopRequest
 from xlp.pipeline.train.zero_load import build_partitioned
 from xlp.xlstm_model import build_model, count_params, flops_per_token
 from xlp.xlstm_model.hf import init_from
+from xlp.xlstm_model.sequence_parallel import SeqParallel
 
 class NonFiniteError(RuntimeError):
     pass
@@ -106,6 +107,9 @@ class Trainer:
         self.cuda = cuda
         self.device = torch.device(f"cuda:{env.local_rank}") if cuda else torch.device("cpu")
         self.seq_len = int(cfg.data.seq_len)
+        # world = data-parallel groups x train.sequence_parallel (ValueError naming the key when it does not split)
+        self.grid = xdist.grid(self.rank, self.world, int(self.tc.sequence_parallel), self.seq_len)
+        self.sp = None  # this rank's sequence-parallel group (setup), when train.sequence_parallel > 1
         self.seed = int(cfg.run.seed)
         self.hooks = hooks or TrainHooks()
         self.stage_heartbeat = stage_heartbeat  # called on rank 0 now and then (a direct run's stage.json)
@@ -193,6 +197,7 @@ class Trainer:
 
         tc = self.tc
         self._size_global_batch()
+        self.sp = self._sequence_parallel_group()
         self.model_cfg.vocab_size = resolve_vocab_size(self.model_cfg, self.tokenizer_model)
         latest = self._agree_on_checkpoint()
         if latest is not None:  # a resize that cannot work fails here, before the engine is built
@@ -201,6 +206,7 @@ class Trainer:
         t_start = time.perf_counter()
         self._seed()
         model = self._build_model(fresh=latest is None)
+        model.set_sequence_parallel(self.sp)  # ValueError for the architectures it cannot split
         self.n_params = count_params(self.model_cfg if self.partitioned else model)
         if tc.compile:  # train.compile: compiled blocks, fused AdamW (CPU Adam keeps its own step)
             model.compile_blocks(backend=tc.compile_backend)
@@ -246,11 +252,26 @@ class Trainer:
     def _size_global_batch(self) -> None:
         """grad_accum for this many ranks (derived from train.global_batch_size when it is set; a
         ResizeError names the numbers when it does not divide), and the mixture the loader draws."""
-        self.tc.grad_accum = grad_accum_for(self.tc, self.world)
-        self.global_batch_rows = self.tc.micro_batch_size * self.tc.grad_accum * self.world
+        self.tc.grad_accum = grad_accum_for(self.tc, self.grid.dp_size)
+        self.global_batch_rows = self.tc.micro_batch_size * self.tc.grad_accum * self.grid.dp_size
         data = section(self.cfg, "data")
         self.data_cfg = data
         self.mixture = Mixture.from_config(data.mixture, data.mixture_phases) if data.mixture else None
+
+    def _sequence_parallel_group(self):
+        """This rank's SeqParallel (collective: every rank creates every group, in the same order), or
+        None with train.sequence_parallel=1."""
+        import torch.distributed as dist
+
+        g = self.grid
+        if g.sp_size == 1:
+            return None
+        mine = None
+        for d in range(g.dp_size):
+            group = dist.new_group(ranks=list(range(d * g.sp_size, (d + 1) * g.sp_size)))
+            if d == g.dp_rank:
+                mine = group
+        return SeqParallel(mine, g.sp_rank, g.sp_size)
 
     def _agree_on_checkpoint(self) -> Optional[Path]:
         """The checkpoint every rank resumes from (collective): the newest that verifies, or
@@ -298,7 +319,20 @@ class Trainer:
 
         names: list[Any] = [None] * self.world
         dist.all_gather_object(names, node_name())
+        self.rank_nodes = names
         return sorted(set(names))
+
+    def _groups_across_nodes(self) -> list[str]:
+        """The sequence-parallel groups whose ranks are on more than one node (their per-layer
+        exchange then crosses the network), as log lines."""
+        g, lines = self.grid, []
+        for d in range(g.dp_size if g.sp_size > 1 else 0):
+            nodes = sorted(set(self.rank_nodes[d * g.sp_size:(d + 1) * g.sp_size]))
+            if len(nodes) > 1:
+                lines.append(f"sequence-parallel group {d} (ranks {d * g.sp_size}-{(d + 1) * g.sp_size - 1}) spans "
+                             f"nodes {', '.join(nodes)}: its state exchange crosses the network every layer; put a "
+                             f"multiple of train.sequence_parallel={g.sp_size} ranks on each node")
+        return lines
 
     def _seed(self) -> None:
         import numpy as np
@@ -313,11 +347,12 @@ class Trainer:
         one mixture group), split over the ranks."""
         if split == "train":
             return GlobalLoader(self.shard_dir, seq_len=self.seq_len, micro_batch_size=self.tc.micro_batch_size,
-                                rows_per_step=self.global_batch_rows, rank=self.rank, world_size=self.world,
+                                rows_per_step=self.global_batch_rows, rank=self.grid.dp_rank,
+                                world_size=self.grid.dp_size,
                                 num_workers=self.tc.num_workers, seed=self.seed, streams=self.data_cfg.streams,
                                 mixture=self.mixture, on_error=str(self.cfg.data.on_error))
         return ShardLoader(self.shard_dir, split=split, seq_len=self.seq_len, batch_size=self.tc.micro_batch_size,
-                           rank=self.rank, world_size=self.world, num_workers=0, seed=self.seed,
+                           rank=self.grid.dp_rank, world_size=self.grid.dp_size, num_workers=0, seed=self.seed,
                            on_error=str(self.cfg.data.on_error), group=group, partial=True)
 
     @property
@@ -329,7 +364,8 @@ class Trainer:
         """None when every mixture group's val split gives this many ranks a validation row; why not,
         when the shards hold no val split on purpose (data.val_fraction=0). A val split with no row
         raises ValueError naming the group and what works (xlp.pipeline.data.fit)."""
-        skipped = val_split_check(self.shard_dir, groups=self.val_groups, seq_len=self.seq_len, world_size=self.world)
+        skipped = val_split_check(self.shard_dir, groups=self.val_groups, seq_len=self.seq_len,
+                                  world_size=self.grid.dp_size)
         self.has_val = skipped is None
         return skipped
 
@@ -346,6 +382,8 @@ class Trainer:
             how = ("each rank built its ZeRO-3 partitions and read only those" if self.partitioned
                    else "every rank loaded it whole")
             self.monitor.message(f"weights: model.init_from={self.model_cfg.init_from} ({how})")
+        for line in self._groups_across_nodes():
+            self.monitor.message(line)
         if latest is not None:
             self.monitor.message(f"resumed from {latest} (step {self.step}, {self.tokens_seen:,} tokens seen)")
             if self.resized:
@@ -358,13 +396,17 @@ class Trainer:
                 self.monitor.message(f"continuing a run of another length: {note}")
         self.monitor.message(
             f"train: {self.model_cfg.arch}, {self.n_params / 1e6:.2f}M params, ZeRO-{tc.zero_stage}, {tc.precision}, "
-            f"{self.world} rank(s) on {'GPU' if self.cuda else 'CPU'}, {tc.steps} steps")
+            f"{self.world} rank(s) on {'GPU' if self.cuda else 'CPU'}, {tc.steps} steps"
+            + (f", sequence_parallel {self.grid.sp_size} ({self.grid.dp_size} data-parallel group(s) of "
+               f"{self.grid.sp_size} ranks, {self.seq_len // self.grid.sp_size} tokens of each row a rank)"
+               if self.grid.sp_size > 1 else ""))
         self.peak_flops = 0.0
         if self.rank == 0:
             self.peak_flops, source = device_peak_flops(tc.precision, cuda=self.cuda, configured_tflops=tc.peak_tflops)
             self.monitor.summary({"throughput/peak_flops_per_device": self.peak_flops,
                                   "throughput/peak_source": source, "model/params": self.n_params,
-                                  "model/flops_per_token": self.flops_per_token})
+                                  "model/flops_per_token": self.flops_per_token,
+                                  "train/sequence_parallel": self.grid.sp_size})
         now = time.perf_counter()
         self.monitor.message(f"ready in {now - self.started_at:.1f}s (start-up {t_start - self.started_at:.1f}s, "
                              f"model and engine {t_engine - t_start:.1f}s, MFU reference {now - t_engine:.1f}s)")
@@ -390,8 +432,10 @@ class Trainer:
             self._progress("train", reading_data=True)
             batch = self._batch(next(self.data))
             self._progress("train")
-            rows_hash += float(batch["row_hash"])
+            if self.grid.sp_rank == 0:  # a group's ranks share its rows: count them once
+                rows_hash += float(batch["row_hash"])
             loss = engine(batch["input_ids"], doc_starts=batch["doc_starts"], targets=batch["targets"])
+            loss = self._row_share(loss, batch["targets"])
             loss = self.hooks.loss(self.step, self.rank, loss)
             lv = loss.detach().double()
             finite = torch.isfinite(lv)
@@ -420,6 +464,21 @@ class Trainer:
         return StepStats(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, applied=applied,
                          seconds=time.perf_counter() - t0, stop=all_stops > 0, batch_hash=int(all_rows_hash))
 
+    def _row_share(self, loss, targets):
+        """With sequence parallelism: this rank's slice mean -> (slice's token-loss sum / the rows' targets)
+        x N. DeepSpeed averages gradients over all dp x N ranks, so that average is then exactly the mean
+        over whole rows, averaged over the data-parallel groups (what one rank per group would compute);
+        and the logged loss (the world's sum / (grad_accum x world)) is the same mean."""
+        if self.sp is None:
+            return loss
+        import torch
+        import torch.distributed as dist
+
+        count = (targets != -100).sum().to(torch.float64)
+        total = count.clone()
+        dist.all_reduce(total, group=self.sp.group)
+        return loss * (count * self.sp.size / total.clamp(min=1)).to(loss.dtype)
+
     def _zero0_grad_norm(self) -> float:
         """Under ZeRO-0 the gradients are whole and averaged on every rank after the boundary backward."""
         import torch
@@ -430,6 +489,9 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _batch(self, batch: dict) -> dict:
+        if self.sp is not None:  # this rank's tokens of each row
+            batch = {k: (self.sp.take(v, 1) if k in ("input_ids", "targets", "doc_starts") else v)
+                     for k, v in batch.items()}
         if self.cuda:
             return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         return batch
@@ -569,7 +631,7 @@ class Trainer:
         tc = self.tc
         resizable = tc.global_batch_size is not None
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_total,
-                "world_size": self.world, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
+                "world_size": self.world, "sequence_parallel": self.grid.sp_size, "zero_stage": tc.zero_stage, "precision": tc.precision, "time": time.time(),
                 # the global batch and its split; `elastic`: elastic.safetensors is there (any world size)
                 "global_batch_size": self.global_batch_rows, "micro_batch_size": tc.micro_batch_size,
                 "grad_accum": tc.grad_accum, "elastic": resizable,
@@ -693,6 +755,7 @@ class Trainer:
             "params": self.n_params,
             "ranks": self.world,
             "world_size": self.world,
+            "sequence_parallel": self.grid.sp_size,
             "nodes": self.nodes,
             "resumed_from_step": self.resumed_from_step,
             "global_batch_size": self.global_batch_rows,

@@ -62,6 +62,11 @@ class TrainConfig:
     # Fingerprinted: compiled kernels and the fused step round differently, so the weights differ.
     compile: bool = False
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (see COMPILE_BACKENDS)
+    # Ranks that share each row (sequence parallelism, xlp.xlstm_model.sequence_parallel): the world is
+    # data-parallel groups x sequence_parallel, consecutive ranks a group; rank j of a group holds tokens
+    # [j S/N, (j+1) S/N) of every row and the mLSTM state passes between them exactly. Must divide the
+    # ranks and data.seq_len. The rows of a step and the global batch count data-parallel groups.
+    sequence_parallel: int = 1
 
     # AdamW; no weight decay on norms, biases, embeddings and gate biases (any tensor with ndim < 2)
     lr: float = 1e-3  # peak learning rate
@@ -122,7 +127,7 @@ class TrainConfig:
             return ValueError(f"config key `train.{key}` {msg}")
 
         for key in ("steps", "micro_batch_size", "cpu_processes", "grad_accum", "keep_checkpoints",
-                    "max_bad_steps"):
+                    "max_bad_steps", "sequence_parallel"):
             if getattr(self, key) < 1:
                 raise bad(key, f"is {getattr(self, key)}; must be >= 1")
         for key in ("warmup", "max_restarts", "save_every", "eval_every", "eval_batches", "log_every", "num_workers",
@@ -165,6 +170,9 @@ class TrainConfig:
         if self.compile and self.zero_stage == 3:
             raise bad("compile", "needs train.zero_stage <= 2: ZeRO-3 gathers each block's parameters in module "
                       "hooks, which compiled blocks are not tested with; use train.compile=false with ZeRO-3")
+        if self.compile and self.sequence_parallel > 1:
+            raise bad("compile", "is not tested with train.sequence_parallel > 1 (the state exchange is a "
+                      "collective inside every block); use train.compile=false or train.sequence_parallel=1")
         if self.offload_optimizer and self.zero_stage < 1:
             raise bad("offload_optimizer", "needs train.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
