@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8, help="data.streams of the global loader row")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (median, spread)")
     ap.add_argument("--hf", action="store_true",
-                    help="also time a Hugging Face byte-level BPE (tokenizers) of --vocab-size trained on the same sample")
+                    help="also time a Hugging Face byte-level BPE (tokenizers) of --vocab-size trained on the "
+                    "same sample")
     ap.add_argument("--hf-tokenizer", help="also time this Hugging Face tokenizer.json (or a folder holding one)")
     ap.add_argument("--compare-encoders", action="store_true",
                     help="also time the shard stage with data.encoder=sentencepiece")
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             hf_raw = median(rows["raw hf tokenizer, 1 thread"])
             for n in args.workers:
                 v = rows[f"shard stage, {n} worker{'s' if n > 1 else ''}, hf tokenizer"]
-                print(f"shard stage, {n} worker(s), hf tokenizer: {median(v) / (n * hf_raw):.2f}x raw hf tokenizer per core")
+                print(f"shard stage, {n} worker(s), hf tokenizer: {median(v) / (n * hf_raw):.2f}x raw hf "
+                      "tokenizer per core")
         print("goal: the shard stage at >= 1.2x raw SentencePiece per core")
         print(f"\nwhere the shard stage's time went (medians over rounds, seconds):\n{'':40s}" +
               "".join(f"{k:>14s}" for k in ("stage", "driver", "encode", "task other", "idle workers")))

@@ -120,7 +120,8 @@ def test_shards_made_with_it_decode_back_to_the_text(bytelevel, tmp_path):
                    encode_batch_chars=4096)  # several batches
     rec = shard_partition(job, lambda *a: None)
     assert rec["encoder"] == "tokenizers" and rec["docs_written"]["train"] == len(want)
-    tokens = np.concatenate([t for p in sorted(out.glob("*.tar")) for _, t, _ in read_shard(p.read_bytes(), np.dtype("<u2"))])
+    tokens = np.concatenate([t for p in sorted(out.glob("*.tar"))
+                             for _, t, _ in read_shard(p.read_bytes(), np.dtype("<u2"))])
     ends = np.nonzero(tokens == tok.eos_id)[0]
     docs = np.split(tokens, ends + 1)[:-1]
     assert len(docs) == len(want)
@@ -175,7 +176,8 @@ def test_exports_reload_in_transformers_and_generate(bytelevel, tmp_path, capfd)
         ids = tok.encode(text)
         assert theirs.encode(text, add_special_tokens=False) == ids
         assert theirs.decode(ids) == text
-    assert theirs.eos_token_id == tok.eos_id == json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert theirs.eos_token_id == tok.eos_id == hf_config["eos_token_id"]
 
     texts = []
     for source in (run.root, tmp_path / "hf"):  # (the native export finds its tokenizer.json as find_model does)

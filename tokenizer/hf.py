@@ -149,7 +149,8 @@ class HFTokenizer:
             raise HFTokenizerError(
                 f"{where}: no end-of-text token (the shard stage ends every document with one): no "
                 f"tokenizer_config.json eos_token beside it, and none of {', '.join(ROLE_NAMES['eos'])} in its "
-                "vocabulary; add one (eos_token in tokenizer_config.json beside tokenizer.json) or use another tokenizer")
+                "vocabulary; add one (eos_token in tokenizer_config.json beside tokenizer.json) or use another "
+                "tokenizer")
         self.eos_id: int = int(ids["eos"])
         # as GPT-2/NeoX: without its own begin and pad tokens, <|endoftext|> begins and pads too
         self.bos_id: int = int(ids["bos"] if ids["bos"] is not None else self.eos_id)

@@ -3,8 +3,9 @@
 A listing says what the inputs are without reading them: for the corpus (`data.sources`) the files
 the readers would open, each with its size and modification time; a file that is added, removed,
 rewritten or touched changes the listing, so the data stages rerun. Single small files a stage takes
-whole (`tokenizer.path`: a SentencePiece model, or a Hugging Face tokenizer's files) are hashed by content; a checkpoint directory (`model.init_from`) is listed,
-its small files hashed and its big ones (weights) taken by size and modification time.
+whole (`tokenizer.path`: a SentencePiece model, or a Hugging Face tokenizer's files) are hashed by
+content; a checkpoint directory (`model.init_from`) is listed, its small files hashed and its big ones
+(weights) taken by size and modification time.
 
 Each function takes the resolved config and returns something JSON-able; the stage fingerprint hashes
 it (`xlp.pipeline.core.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing

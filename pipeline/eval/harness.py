@@ -12,9 +12,10 @@ Without --include_path, the tasks the eval stage wrote in RUN_DIR/eval/lm_eval/t
 wherever the run directory is now (moved, copied from a cluster).
 
 `run_dir=` loads RUN_DIR/train/model and the run's tokenizer (RUN_DIR/tokenizer/tokenizer.model or
-tokenizer.json; or give `model_dir=` and `tokenizer=`, a tokenizer file or folder). The bundled offline tasks are defined in configs/eval/*.yaml; the eval stage writes
-their data (built from the val split) and a copy of the YAML pointing at it into
-RUN_DIR/eval/lm_eval/tasks/. From Python: `XLPLM(model=model, tokenizer=tok)`.
+tokenizer.json; or give `model_dir=` and `tokenizer=`, a tokenizer file or folder). The bundled offline
+tasks are defined in configs/eval/*.yaml; the eval stage writes their data (built from the val split)
+and a copy of the YAML pointing at it into RUN_DIR/eval/lm_eval/tasks/. From Python:
+`XLPLM(model=model, tokenizer=tok)`.
 
 How requests are scored (the training loop's document semantics, see xlp.pipeline.eval.common):
 - loglikelihood(context, continuation): context and continuation are encoded separately (our
