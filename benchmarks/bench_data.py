@@ -2,15 +2,20 @@
 
     python benchmarks/bench_data.py                      # the stdlib corpus, a fresh 8k BPE tokenizer
     python benchmarks/bench_data.py --tokenizer runs/demo/tokenizer/tokenizer.model --workers 1 2
+    python benchmarks/bench_data.py --hf                 # + a Hugging Face byte-level BPE beside SentencePiece
+    python benchmarks/bench_data.py --hf-tokenizer ckpt/ # + a given tokenizer.json (or a folder holding one)
 
 Prints the machine, the command, and, over --rounds interleaved rounds (median and min-max):
   raw sentencepiece  MB/s of SentencePiece encoding the corpus in one thread (per core)
   raw word cache     the same through tokenizer/wordcache.py (each distinct word once; a cold cache per round)
   raw fast encoder   the same through tokenizer/fast.py (Hugging Face `tokenizers`, one thread)
+  raw hf tokenizer   (--hf, --hf-tokenizer) a Hugging Face tokenizer.json (tokenizer/hf.py), one thread;
+                     --hf trains a byte-level BPE (GPT-NeoX style) of the same vocabulary size on the same sample
   raw ..., 2 processes  the corpus split over 2 plain processes (a forked pool, no Ray): what this
                      machine itself gives 2 workers; "ceiling" is its ratio to 1 thread
   shard stage        MB/s of the shard stage end to end (read, split, encode, pack, write tar + manifest)
-                     with N Ray workers, per core against raw SentencePiece (goal >= 1.2x)
+                     with N Ray workers, per core against raw SentencePiece (goal >= 1.2x); with the hf
+                     tokenizer too (--hf): each worker encodes in `tokenizers`' own threads (CPUs / workers)
   scaling            shard stage 2 workers / 1 worker, per round (goal >= 1.9x)
   where the time went  per shard row (medians): the driver outside the tasks, the tasks' encoding and
                      the rest of their work (read, split, pack, write, hash), and the workers' idle time
@@ -69,8 +74,14 @@ def machine() -> str:
     import sentencepiece
     import torch
 
+    try:
+        import tokenizers
+
+        hf = f", tokenizers {tokenizers.__version__}"
+    except ImportError:
+        hf = ""
     return (f"{cpu}, {cores} cores usable; python {platform.python_version()}, torch {torch.__version__}, "
-            f"ray {ray.__version__}, sentencepiece {sentencepiece.__version__}")
+            f"ray {ray.__version__}, sentencepiece {sentencepiece.__version__}{hf}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loader-batches", type=int, default=400)
     ap.add_argument("--streams", type=int, default=8, help="data.streams of the global loader row")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (median, spread)")
+    ap.add_argument("--hf", action="store_true",
+                    help="also time a Hugging Face byte-level BPE (tokenizers) of --vocab-size trained on the "
+                    "same sample")
+    ap.add_argument("--hf-tokenizer", help="also time this Hugging Face tokenizer.json (or a folder holding one)")
     ap.add_argument("--compare-encoders", action="store_true",
                     help="also time the shard stage with data.encoder=sentencepiece")
     ap.add_argument("--json", help="also write the numbers here")
@@ -125,6 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         trained = RunLayout(work)  # the tokenizer stage's output, copied into each run below
         trained.tokenizer_dir.mkdir()
         tok.save(trained.tokenizer_model)
+        hf_tok = None
+        if args.hf_tokenizer:
+            hf_tok = tk.load(args.hf_tokenizer)
+        elif args.hf:
+            t = time.perf_counter()
+            hf_tok = tk.train_bytelevel_bpe(docs[::8], vocab_size=args.vocab_size)
+            print(f"hf tokenizer: trained byte-level BPE vocab {hf_tok.vocab_size} on every 8th document in "
+                  f"{time.perf_counter() - t:.1f}s")
+        hf_trained = RunLayout(work / "hf")
+        if hf_tok is not None:
+            hf_tok.save_to(hf_trained.tokenizer_dir)
+            for name, one in (("sentencepiece", tok), ("hf tokenizer", hf_tok)):
+                n_tok = sum(map(len, one.encode_batch(docs[::16], num_threads=1)))
+                sample = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs[::16])
+                print(f"compression, {name}: {sample / n_tok:.2f} bytes per token (every 16th document)")
 
         if max(args.workers) >= 2:  # forked now, before Ray's threads exist in this process
             from multiprocessing import get_context
@@ -155,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def shard_rate(n: int, encoder: str) -> float:
             run = RunLayout(work / f"run{n}-{encoder}")
-            if not run.tokenizer_dir.exists():
-                shutil.copytree(trained.tokenizer_dir, run.tokenizer_dir)
+            if not run.tokenizer_dir.exists():  # encoder "hf": the Hugging Face tokenizer's run
+                shutil.copytree(hf_trained.tokenizer_dir if encoder == "hf" else trained.tokenizer_dir,
+                                run.tokenizer_dir)
             run.shard_dir.mkdir(exist_ok=True)
             ov = [f"data.sources={json.dumps(args.sources)}", f"data.num_workers={n}",
-                  f"data.seq_len={args.seq_len}", f"data.encoder={encoder}"]
+                  f"data.seq_len={args.seq_len}", f"data.encoder={'auto' if encoder == 'hf' else encoder}"]
             if args.partition_mb:
                 ov.append(f"data.partition_bytes={int(args.partition_mb * (1 << 20))}")
             ctx = StageContext(name="shard", cfg=load_config(None, ov), run_dir=run.root, fingerprint="bench")
@@ -200,10 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                 measures["raw word cache, 2 processes"] = lambda: two_processes("wordcache")
         if fast is not None:
             measures["raw fast encoder, 1 thread"] = lambda: raw(fast.encode_batch)
+        if hf_tok is not None:
+            measures["raw hf tokenizer, 1 thread"] = lambda: raw(lambda d: hf_tok.encode_batch(d, num_threads=1))
         encoders = ["auto", "sentencepiece"] if args.compare_encoders else ["auto"]
+        if hf_tok is not None:
+            encoders.append("hf")
         for n in args.workers:
             for enc in encoders:
-                measures[f"shard stage, {n} worker{'s' if n > 1 else ''}, data.encoder={enc}"] = (
+                what = "hf tokenizer" if enc == "hf" else f"data.encoder={enc}"
+                measures[f"shard stage, {n} worker{'s' if n > 1 else ''}, {what}"] = (
                     lambda n=n, enc=enc: shard_rate(n, enc))
         for r in range(args.rounds):
             for name, measure in measures.items():
@@ -223,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:52s} {median(v):11.2f} {min(v):6.2f}-{max(v):<6.2f} {ratio:29.2f}x")
             results.setdefault("rows", {})[name] = {"mb_s": v, "median": median(v), "per_core_vs_raw_spm": ratio}
         for enc in encoders:
-            one = rows.get(f"shard stage, 1 worker, data.encoder={enc}")
-            two = rows.get(f"shard stage, 2 workers, data.encoder={enc}")
+            what = "hf tokenizer" if enc == "hf" else f"data.encoder={enc}"
+            one = rows.get(f"shard stage, 1 worker, {what}")
+            two = rows.get(f"shard stage, 2 workers, {what}")
             if one and two:
                 per_round = [b / a for a, b in zip(one, two)]
                 results[f"scaling_2w_over_1w_{enc}"] = per_round
-                print(f"scaling, data.encoder={enc}: 2 workers / 1 worker = {median(per_round):.2f}x "
+                print(f"scaling, {what}: 2 workers / 1 worker = {median(per_round):.2f}x "
                       f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}; goal >= 1.9x)")
         for kind in ("sentencepiece", "word cache"):
             one, two = rows.get(f"raw {kind}, 1 thread"), rows.get(f"raw {kind}, 2 processes")
@@ -237,13 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"ceiling_2p_over_1_{kind.replace(' ', '')}"] = per_round
                 print(f"ceiling, raw {kind}: 2 processes / 1 thread = {median(per_round):.2f}x "
                       f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}; what 2 workers could reach here)")
+        if hf_tok is not None:
+            hf_raw = median(rows["raw hf tokenizer, 1 thread"])
+            for n in args.workers:
+                v = rows[f"shard stage, {n} worker{'s' if n > 1 else ''}, hf tokenizer"]
+                print(f"shard stage, {n} worker(s), hf tokenizer: {median(v) / (n * hf_raw):.2f}x raw hf "
+                      "tokenizer per core")
         print("goal: the shard stage at >= 1.2x raw SentencePiece per core")
         print(f"\nwhere the shard stage's time went (medians over rounds, seconds):\n{'':40s}" +
               "".join(f"{k:>14s}" for k in ("stage", "driver", "encode", "task other", "idle workers")))
         for (n, enc), per_round in times.items():
             med = {k: median([r[k] for r in per_round]) for k in per_round[0]}
             results.setdefault("time_split", {})[f"{n}w-{enc}"] = med
-            print(f"{f'{n} worker(s), data.encoder={enc}':40s}" + "".join(f"{med[k]:14.2f}" for k in med))
+            what = "hf tokenizer" if enc == "hf" else f"data.encoder={enc}"
+            print(f"{f'{n} worker(s), {what}':40s}" + "".join(f"{med[k]:14.2f}" for k in med))
 
         shard_dir = RunLayout(work / f"run{args.workers[-1]}-auto").shard_dir
         loader = ShardLoader(shard_dir, split="train", seq_len=args.seq_len, batch_size=args.batch_size)

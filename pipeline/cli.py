@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a trained model (+ tokenizer) for use outside the pipeline",
         description="Export RUN_DIR's trained model (RUN_DIR/train/model) with its tokenizer. --format hf: "
         "transformers' xLSTM (arch xlstm_large only; AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)); "
-        "--format native: our safetensors + config.json + tokenizer.model (every arch). OUT must not exist or be "
-        "empty (--force replaces an earlier export there, keeping it as OUT.replaced-<time>).",
+        "--format native: our safetensors + config.json + the run's tokenizer (tokenizer.model or tokenizer.json; "
+        "every arch). OUT must not exist or be empty (--force replaces an earlier export there, keeping it as "
+        "OUT.replaced-<time>).",
     )
     export.add_argument("source", metavar="RUN_DIR", help="a run directory (or an export directory)")
     export.add_argument("out", metavar="OUT", help="output directory")

@@ -1,11 +1,12 @@
 """`xlp export`: take a trained model out of the pipeline.
 
-  --format native   our safetensors + config.json + tokenizer.model (every arch; `xlp generate` and
+  --format native   our safetensors + config.json + the run's tokenizer (tokenizer.model, or
+                    tokenizer.json for a Hugging Face one) (every arch; `xlp generate` and
                     `model.init_from=native:DIR` read it)
   --format hf       transformers' xLSTM (arch xlstm_large only): config.json (model_type xlstm) +
-                    model.safetensors with its weight names + a transformers tokenizer built from our
-                    SentencePiece model, so AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)
-                    load it without this package.
+                    model.safetensors with its weight names + a transformers tokenizer (built from our
+                    SentencePiece model, or the run's tokenizer.json as a PreTrainedTokenizerFast), so
+                    AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT) load it without this package.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def export(source: Path, out: Path, fmt: str, *, check_tokenizer: bool = True, f
                 shutil.copyfile(model_dir / "config.json", partial / "config.json")
             else:
                 save_model(model, cfg, partial)
-            tok.save(partial / TOKENIZER_FILE)
-            what = f"{cfg.arch} model (native: safetensors + config.json + {TOKENIZER_FILE})"
+            saved = tok.save_to(partial)
+            what = f"{cfg.arch} model (native: safetensors + config.json + {saved.name})"
         else:
             if model is None:
                 model = load_any(model_dir)
@@ -133,6 +134,33 @@ def _set_aside(out: Path, force: bool) -> Path | None:
 
 
 def write_hf_tokenizer(tok, out: Path) -> None:
+    """The run's tokenizer as transformers loads it (AutoTokenizer.from_pretrained(out)): a Hugging Face
+    tokenizer as itself (write_fast_tokenizer), a SentencePiece model as a LlamaTokenizer (below)."""
+    if tok.kind == "hf":
+        write_fast_tokenizer(tok, out)
+    else:
+        write_llama_tokenizer(tok, out)
+
+
+def write_fast_tokenizer(tok, out: Path) -> None:
+    """tokenizer.json (its bytes unchanged) + tokenizer_config.json + special_tokens_map.json naming its
+    special tokens: transformers' PreTrainedTokenizerFast, adding no bos/eos when encoding (as ours)."""
+    tok.save_to(out)  # tokenizer.json (and our roles file, rewritten just below)
+    roles = tok.roles
+    specials = {f"{role}_token": text for role, text in roles.items()}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def write_llama_tokenizer(tok, out: Path) -> None:
     """tokenizer.model + tokenizer_config.json + special_tokens_map.json: transformers' LlamaTokenizer
     reads our SentencePiece model (identity normalisation, no dummy prefix, byte fallback). If
     transformers is installed, its converted fast tokenizer (tokenizer.json) is written too, so loading
@@ -166,7 +194,7 @@ def write_hf_tokenizer(tok, out: Path) -> None:
 
 def check_hf_tokenizer(tok, out: Path, texts=CHECK_TEXTS) -> None:
     """Raise ExportError if the exported transformers tokenizer encodes or decodes any check text
-    differently from our SentencePiece model. Skipped (with a note) without transformers."""
+    differently from the run's tokenizer. Skipped (with a note) without transformers."""
     try:
         from transformers import AutoTokenizer
     except ImportError:

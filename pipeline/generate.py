@@ -1,7 +1,7 @@
 """`xlp generate`: sample a continuation of a prompt from a trained model, streaming the text to the
 terminal as tokens arrive; tokens/s on stderr at the end.
 
-Reads a run directory (RUN_DIR/train/model + RUN_DIR/tokenizer/tokenizer.model) or an export
+Reads a run directory (RUN_DIR/train/model + RUN_DIR/tokenizer/tokenizer.model or .json) or an export
 directory (`xlp export`, native or hf format). Decoding uses xlp.xlstm_model.decode: the prompt in
 segments, then one step per token on a preallocated state (on GPU: compiled with torch.compile and
 captured in a CUDA graph). Settings: the run's `kernels.*` and `decode.*` config keys (their

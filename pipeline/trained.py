@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from xlp import tokenizer as tk
 from xlp.kernels.config import KernelsConfig
 from xlp.pipeline.core.config import merge_into, parse_override, read_run_config
 from xlp.pipeline.core.errors import ConfigError
@@ -17,7 +18,7 @@ from xlp.xlstm_model import load_model
 from xlp.xlstm_model.config import DecodeConfig
 from xlp.xlstm_model.hf import load_hf_model
 
-TOKENIZER_FILE = "tokenizer.model"  # in an exported directory (the name transformers' LlamaTokenizer reads)
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece model in an exported directory (LlamaTokenizer reads it)
 
 
 class ExportError(ValueError):
@@ -25,14 +26,14 @@ class ExportError(ValueError):
 
 
 def find_model(source: Path) -> tuple[Path, Path]:
-    """(model dir, tokenizer.model) of a run directory (RUN_DIR/train/model, RUN_DIR/tokenizer) or of
-    an export directory (both inside)."""
+    """(model dir, tokenizer file) of a run directory (RUN_DIR/train/model, RUN_DIR/tokenizer) or of
+    an export directory (both inside): tokenizer.model, or tokenizer.json for a Hugging Face tokenizer."""
     source = Path(source)
     run = RunLayout(source)
     if (run.train.model_dir / "config.json").is_file():
         model_dir, tok = run.train.model_dir, run.tokenizer_model
     elif (source / "config.json").is_file():
-        model_dir, tok = source, source / TOKENIZER_FILE
+        model_dir, tok = source, tk.find_in(source)
     else:
         raise ExportError(f"{source}: neither a run directory with a trained model (RUN_DIR/train/model/) "
                           "nor an exported model directory (config.json)")

@@ -12,9 +12,12 @@ import hashlib
 import io
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -24,6 +27,7 @@ MODEL_TYPES = ("bpe", "unigram")
 # cut at line ends into pieces of about this many characters before training.
 TRAIN_CHUNK_CHARS = 2048
 MAX_SENTENCE_BYTES = 16384
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 class TokenizerError(ValueError):
@@ -32,6 +36,9 @@ class TokenizerError(ValueError):
 
 class Tokenizer:
     """A SentencePiece model with the pipeline's specials; pickles as its model bytes (for Ray)."""
+
+    kind = "spm"
+    FILE = "tokenizer.model"
 
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
@@ -90,6 +97,30 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()
+
+    def save_to(self, folder: str | Path) -> Path:
+        """Write tokenizer.model into `folder` (what tokenizer.load(folder) reads); returns its path."""
+        self.save(Path(folder) / self.FILE)
+        return Path(folder) / self.FILE
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for in decoded text: byte-fallback pieces `<0xNN>` one, specials
+        (control and unknown pieces) none, other pieces their text with `▁` read as a space. Summed over
+        a token sequence this is len(decode(ids).encode()), without decoding."""
+        import numpy as np
+
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        specials = {self.pad_id, self.eos_id, self.bos_id, self.unk_id}
+        sp = self._sp
+        for i in range(self.vocab_size):
+            if i in specials or sp.is_control(i) or sp.is_unknown(i):
+                continue
+            piece = sp.id_to_piece(i)
+            if _BYTE_PIECE.match(piece):
+                out[i] = 1
+            else:
+                out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write the .model file atomically (a temporary name renamed when whole)."""

@@ -8,7 +8,9 @@
                                   (config-<time>.yaml, config-<time>.sbatch, slurm-<job>.out, ray-<job>.log)
       <stage>/stage.json          a stage's marker (status, fingerprint, times, metrics)
       <stage>/stage.log           its output
-      tokenizer/tokenizer.model   the SentencePiece model (tokenizer.vocab: its pieces; stats.json)
+      tokenizer/tokenizer.model   the SentencePiece model (tokenizer.vocab: its pieces; stats.json), or
+      tokenizer/tokenizer.json    a Hugging Face tokenizer (tokenizer.path; tokenizer_config.json: its
+                                  special tokens' roles, when a config gave them)
       shard/manifest.json         the shards' index; shard/<split>/*.tar the WebDataset shards
       train/checkpoints/          DeepSpeed checkpoints (step_<n>/); a link to train.checkpoint_dir when
                                   that is set (check_train_paths: no other link out of the run dir)
@@ -36,6 +38,7 @@ STAGE_JSON = "stage.json"
 STAGE_LOG = "stage.log"
 MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 # written by `xlp run` into a running stage's folder to ask its task to wind down; it holds what asked
 # (e.g. "Ctrl-C (SIGINT)"), which the train ranks then name instead of the SIGTERM their launcher sends
 STOP_REQUESTED = ".stop-requested"
@@ -97,7 +100,10 @@ class RunLayout:
 
     @property
     def tokenizer_model(self) -> Path:
-        return self.tokenizer_dir / TOKENIZER_MODEL
+        """The run's tokenizer file: tokenizer.json where the stage wrote a Hugging Face tokenizer, else
+        tokenizer.model (the stage writes one of them into an emptied directory)."""
+        hf = self.tokenizer_dir / TOKENIZER_JSON
+        return hf if hf.is_file() else self.tokenizer_dir / TOKENIZER_MODEL
 
     @property
     def tokenizer_vocab(self) -> Path:

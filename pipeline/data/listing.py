@@ -3,8 +3,9 @@
 A listing says what the inputs are without reading them: for the corpus (`data.sources`) the files
 the readers would open, each with its size and modification time; a file that is added, removed,
 rewritten or touched changes the listing, so the data stages rerun. Single small files a stage takes
-whole (`tokenizer.path`) are hashed by content; a checkpoint directory (`model.init_from`) is listed,
-its small files hashed and its big ones (weights) taken by size and modification time.
+whole (`tokenizer.path`: a SentencePiece model, or a Hugging Face tokenizer's files) are hashed by
+content; a checkpoint directory (`model.init_from`) is listed, its small files hashed and its big ones
+(weights) taken by size and modification time.
 
 Each function takes the resolved config and returns something JSON-able; the stage fingerprint hashes
 it (`xlp.pipeline.core.stage.input_digests`). Nothing here raises for a missing or unreadable input: the listing
@@ -21,6 +22,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from xlp import tokenizer as tk
 from xlp.pipeline.data.readers import GLOB_CHARS, _hidden, resolve_sources, stdlib_files, stdlib_root
 
 SMALL_FILE_BYTES = 1 << 20  # checkpoint files up to this size are hashed by content; bigger ones by size+mtime
@@ -183,8 +185,20 @@ def tree_identity(path: str | os.PathLike, small: int = SMALL_FILE_BYTES) -> dic
 
 
 def tokenizer_file(cfg: Any) -> Optional[dict]:
-    """`tokenizer.path`, when set: the content hash of the SentencePiece model it names."""
-    return file_identity(_cfg_get(cfg, "tokenizer.path"))
+    """`tokenizer.path`, when set: the content hash of the SentencePiece model it names, or, for a Hugging
+    Face tokenizer (a tokenizer.json, or a folder holding one), of each file the tokenizer is read from
+    (tokenizer.json and the special-token configs beside it)."""
+    spec = _cfg_get(cfg, "tokenizer.path")
+    if not spec or ("://" in str(spec) and not str(spec).startswith("file://")):
+        return file_identity(spec)
+    path = os.path.expanduser(str(spec)[len("file://"):] if str(spec).startswith("file://") else str(spec))
+    try:
+        if not os.path.isdir(path) and not tk.is_hf(path):
+            return file_identity(spec)  # a SentencePiece model: as before (fingerprints of old runs hold)
+        return {"path": os.path.abspath(path),
+                "files": [[p.name, sha256_file(p)] for p in tk.source_files(path)]}
+    except Exception as e:  # noqa: BLE001
+        return {"path": str(spec), "error": _error(e)}
 
 
 def init_from(cfg: Any) -> Optional[dict]:

@@ -136,7 +136,7 @@ class ShardJob:
     files: list[FileRef]
     opts: ReadOptions
     out_dir: str
-    tokenizer: object  # tokenizer.Tokenizer (pickles as its model bytes)
+    tokenizer: object  # tokenizer.Tokenizer or HFTokenizer (pickles as its file's bytes)
     dtype: str
     val_fraction: float
     sample_tokens: int
@@ -145,7 +145,7 @@ class ShardJob:
     group: str = ""  # the data.mixture group of the partition's files ("": no mixture)
     encode_batch_chars: int = 1 << 18
     encoder: str = "auto"  # data.encoder: auto (the quickest encoder that agrees) | sentencepiece
-    encoder_threads: int = 1  # threads of the fast encoder (workers x threads = the CPUs)
+    encoder_threads: int = 1  # threads of the fast or Hugging Face encoder (workers x threads = the CPUs)
     plan: str = ""  # readers.partition_digest(files): kept shards must have been written from these files
     # the split key of a document that goes to val whatever data.val_fraction says: its group's val
     # split got no document otherwise (xlp.pipeline.stages.shard)
@@ -166,7 +166,10 @@ class PartitionEncoder:
       choice is the same on a busy machine and an idle one.
     - fast (tokenizer/fast.py, Hugging Face `tokenizers`): tried only where the word cache cannot be
       made; used only if it was also the quicker on the first batch.
-    The partition's record says which encoded it, what the check found, and why."""
+    The partition's record says which encoded it, what the check found, and why.
+
+    A Hugging Face tokenizer (tokenizer/hf.py) is its own encoder ("tokenizers"): batched, in the library's
+    own thread pool of `threads` threads; data.encoder does not apply (there is nothing to compare with)."""
 
     WARMUP_BATCHES = 3  # word-cache batches after the check before its hit rate is judged
     MIN_HIT_RATE = 0.5  # below this share of words from the cache, SentencePiece is the quicker
@@ -213,6 +216,9 @@ class PartitionEncoder:
         return want
 
     def encode_batch(self, texts: list[str]) -> list:
+        if getattr(self.tok, "kind", "spm") == "hf":
+            self.name = "tokenizers"
+            return self.tok.encode_batch(texts, num_threads=self.threads)
         if self.mode == "sentencepiece":
             return self.tok.encode_batch(texts, num_threads=1)
         if self.checked is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -59,27 +58,14 @@ def load_tokenizer(run_dir: Path):
     return tokenizer.load(RunLayout(run_dir).tokenizer_model)
 
 
-_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
 def token_byte_lengths(tok, vocab_size: Optional[int] = None) -> np.ndarray:
-    """UTF-8 bytes each token id stands for in decoded text: byte-fallback pieces `<0xNN>` are one
-    byte, specials (`<pad>`, `<unk>`, `<bos>`, `<eos>`) and ids past the tokenizer (the model's
-    vocabulary is rounded up to a multiple of 64) none, other pieces their text with SentencePiece's
-    `▁` read as a space. Summed over a token sequence this is len(decode(ids).encode()) (a test
-    checks), without decoding every evaluated row."""
-    n = max(tok.vocab_size, vocab_size or 0)
-    out = np.zeros(n, dtype=np.int64)
-    specials = {tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id}
-    sp = tok._sp
-    for i in range(tok.vocab_size):
-        if i in specials or sp.is_control(i) or sp.is_unknown(i):
-            continue
-        piece = sp.id_to_piece(i)
-        if _BYTE_PIECE.match(piece):
-            out[i] = 1
-        else:
-            out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    """UTF-8 bytes each token id stands for in decoded text (the tokenizer's token_bytes: SentencePiece's
+    byte pieces one byte, specials none, a byte-level BPE's tokens one byte per character), ids past the
+    tokenizer (the model's vocabulary is rounded up to a multiple of 64) none. Summed over a token
+    sequence this is len(decode(ids).encode()) (a test checks), without decoding every evaluated row."""
+    own = tok.token_bytes()
+    out = np.zeros(max(len(own), vocab_size or 0), dtype=np.int64)
+    out[:len(own)] = own
     return out
 
 

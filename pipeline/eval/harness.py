@@ -11,10 +11,11 @@ Without --include_path, the tasks the eval stage wrote in RUN_DIR/eval/lm_eval/t
 (`--include_path OTHER_RUN/eval/lm_eval/tasks`: another run's items); they read the items beside them
 wherever the run directory is now (moved, copied from a cluster).
 
-`run_dir=` loads RUN_DIR/train/model and RUN_DIR/tokenizer/tokenizer.model (or give `model_dir=` and
-`tokenizer=`). The bundled offline tasks are defined in configs/eval/*.yaml; the eval stage writes
-their data (built from the val split) and a copy of the YAML pointing at it into
-RUN_DIR/eval/lm_eval/tasks/. From Python: `XLPLM(model=model, tokenizer=tok)`.
+`run_dir=` loads RUN_DIR/train/model and the run's tokenizer (RUN_DIR/tokenizer/tokenizer.model or
+tokenizer.json; or give `model_dir=` and `tokenizer=`, a tokenizer file or folder). The bundled offline
+tasks are defined in configs/eval/*.yaml; the eval stage writes their data (built from the val split)
+and a copy of the YAML pointing at it into RUN_DIR/eval/lm_eval/tasks/. From Python:
+`XLPLM(model=model, tokenizer=tok)`.
 
 How requests are scored (the training loop's document semantics, see xlp.pipeline.eval.common):
 - loglikelihood(context, continuation): context and continuation are encoded separately (our
@@ -75,7 +76,7 @@ class XLPLM(LM):
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             if tokenizer is None:
                 if run_dir is None:
-                    raise ValueError("xlp model: give tokenizer=PATH/tokenizer.model (or run_dir=)")
+                    raise ValueError("xlp model: give tokenizer=PATH/tokenizer.model or tokenizer.json (or run_dir=)")
                 tokenizer = load_tokenizer(Path(run_dir))
             else:
                 tokenizer = tk.load(tokenizer)
@@ -220,7 +221,7 @@ class XLPLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return f"xlp-spm-{self.tok.sha256[:12]}"
+        return f"xlp-{self.tok.kind}-{self.tok.sha256[:12]}"
 
 
 def _resolve_device(device: Any) -> torch.device:

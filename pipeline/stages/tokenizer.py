@@ -1,7 +1,9 @@
-"""The `tokenizer` stage: train SentencePiece on a uniform sample of the corpus (or take
-`tokenizer.path`), and measure chars per token on a held-out sample.
+"""The `tokenizer` stage: train SentencePiece (or, tokenizer.type=bytelevel_bpe, a Hugging Face
+byte-level BPE) on a uniform sample of the corpus, or take `tokenizer.path` (a SentencePiece model, a
+Hugging Face tokenizer.json or a folder holding one), and measure chars per token on a held-out sample.
 
-Outputs in RUN_DIR/tokenizer/: tokenizer.model (SentencePiece), tokenizer.vocab (piece<TAB>id),
+Outputs in RUN_DIR/tokenizer/: tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face, with a
+tokenizer_config.json naming its special tokens when its config did), tokenizer.vocab (piece<TAB>id),
 stats.json. The sample is drawn in parallel, one Ray task per partition of the corpus: a document is
 in it when a keyed hash of its text falls under tokenizer.sample_bytes / corpus bytes, so the sample
 is uniform over documents and the same on every run.
@@ -80,17 +82,21 @@ def run(ctx: StageContext) -> dict:
         if not sample:
             raise ValueError("tokenizer stage: the corpus has no documents to train on (data.sources)")
         threads = tc.num_threads or default_workers()
-        tok = tk.train(sample, vocab_size=tc.vocab_size, model_type=tc.type, byte_fallback=tc.byte_fallback,
-                       character_coverage=tc.character_coverage, num_threads=threads, seed=tc.seed)
+        if tc.type == "bytelevel_bpe":
+            tok = tk.train_bytelevel_bpe(sample, vocab_size=tc.vocab_size)
+        else:
+            tok = tk.train(sample, vocab_size=tc.vocab_size, model_type=tc.type, byte_fallback=tc.byte_fallback,
+                           character_coverage=tc.character_coverage, num_threads=threads, seed=tc.seed)
         source = "trained"
     t_train = time.time() - t1
-    tok.save(layout.tokenizer_model)
+    saved = tok.save_to(layout.tokenizer_dir)
     atomic_write_text(layout.tokenizer_vocab,
                       "".join(f"{tok.id_to_piece(i)}\t{i}\n" for i in range(tok.vocab_size)))
     measure = heldout if heldout else sample[: max(1, len(sample) // 10)]
     cpt = tk.chars_per_token(tok, measure, num_threads=tc.num_threads or default_workers())
     stats_json = {
-        "model": layout.tokenizer_model.name,
+        "model": saved.name,
+        "kind": tok.kind,  # spm (SentencePiece) | hf (Hugging Face tokenizers)
         "source": source,
         "sha256": tok.sha256,
         "vocab_size": tok.vocab_size,

@@ -7,7 +7,9 @@ from typing import Optional
 from xlp.pipeline.core.schema.data import MiB
 
 
-TOKENIZER_TYPES = ("bpe", "unigram")
+# bpe, unigram: SentencePiece; bytelevel_bpe: a Hugging Face `tokenizers` byte-level BPE (GPT-NeoX style)
+TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel_bpe")
+BYTELEVEL_FIXED = 256 + 2  # the byte alphabet, <|endoftext|> and <|padding|>
 
 
 @dataclass
@@ -15,9 +17,11 @@ class TokenizerConfig:
     """`tokenizer.*`"""
 
     vocab_size: int = 8000
-    path: Optional[str] = None  # an existing SentencePiece model instead of training one
-    type: str = "bpe"  # bpe | unigram
-    byte_fallback: bool = True
+    # an existing tokenizer instead of training one: a SentencePiece .model, a Hugging Face tokenizer.json,
+    # or a folder holding one (a transformers checkpoint)
+    path: Optional[str] = None
+    type: str = "bpe"  # bpe | unigram (SentencePiece) | bytelevel_bpe (Hugging Face tokenizers)
+    byte_fallback: bool = True  # SentencePiece only (a byte-level BPE has every byte)
     character_coverage: float = 0.9995
     sample_bytes: int = 8 * MiB  # about this much text, a uniform sample of documents, trains it
     heldout_bytes: int = 1 * MiB  # about this much other text measures chars per token
@@ -27,11 +31,12 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.type not in TOKENIZER_TYPES:
             raise ValueError(f"tokenizer.type is {self.type!r}; valid values: {', '.join(TOKENIZER_TYPES)}")
-        n_min = fixed_pieces(self.byte_fallback)
+        n_min = BYTELEVEL_FIXED if self.type == "bytelevel_bpe" else fixed_pieces(self.byte_fallback)
         if self.path is None and self.vocab_size <= n_min:
             raise ValueError(
                 f"tokenizer.vocab_size must exceed {n_min} (specials"
-                f"{' + 256 byte pieces' if self.byte_fallback else ''}), got {self.vocab_size}"
+                f"{' + 256 byte pieces' if self.byte_fallback or self.type == 'bytelevel_bpe' else ''}), "
+                f"got {self.vocab_size}"
             )
         if self.vocab_size > 1 << 32:
             raise ValueError(f"tokenizer.vocab_size too large: {self.vocab_size}")
