@@ -95,11 +95,21 @@ def test_the_reader_reads_any_flat_range_of_our_tensors(tmp_path):
 # --------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """A run directory with the tiny config's tokenizer (512 ids) and shards, no training."""
-    run_dir = tmp_path_factory.mktemp("data")
-    r = subprocess.run([*XLP, "run", REPO / "configs" / "tiny.yaml", "--stages", "tokenizer,shard", "--run-dir",
-                        run_dir], capture_output=True, text=True, cwd=run_dir, timeout=600)
+    """A run directory whose tokenizer is a Hugging Face byte-level BPE `tokenizer.json` (512 ids, trained
+    with `tokenizers` on the stdlib corpus, as a released checkpoint brings its own) and whose shards the
+    tiny config's shard stage made with it; no training."""
+    from test_tokenizer_fast import stdlib_docs
+    from xlp import tokenizer as tk
+
+    root = tmp_path_factory.mktemp("data")
+    tk.train_bytelevel_bpe(stdlib_docs("json", "email"), vocab_size=512).save_to(root / "bpe")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    r = subprocess.run([*XLP, "run", REPO / "configs" / "tiny.yaml", f"tokenizer.path={root / 'bpe' / 'tokenizer.json'}",
+                        "--stages", "tokenizer,shard", "--run-dir", run_dir],
+                       capture_output=True, text=True, cwd=run_dir, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     return run_dir
 
 
@@ -125,7 +135,7 @@ def _transformers_step_loss(model, batch: dict) -> float:
 def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused(tiny_data, tmp_path):
     from xlp.pipeline.train.trainer import resolve_vocab_size
 
-    tok = tiny_data / "tokenizer" / "tokenizer.model"  # 512 ids
+    tok = tiny_data / "tokenizer" / "tokenizer.json"  # 512 ids
     cfg = ModelConfig(arch="xlstm_large", vocab_size=384, init_from=f"hf:{tmp_path}")
     with pytest.raises(ValueError, match=r"vocabulary has 384 ids, the run's tokenizer .* 512"):
         resolve_vocab_size(cfg, tok)
@@ -154,11 +164,13 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     run.mkdir()
     for stage in ("tokenizer", "shard"):  # the tokenizer and shards made once for the module
         shutil.copytree(tiny_data / stage, run / stage, symlinks=True)
+    bpe = tiny_data.parent / "bpe" / "tokenizer.json"  # the same tokenizer.path: the data stages stay done
     r = subprocess.run([*XLP, "run", REPO / "configs" / "tiny.yaml", f"model.init_from=hf:{ckpt}",
-                        "model.num_blocks=2", "train.zero_stage=3", "train.steps=20", "train.save_every=20",
+                        f"tokenizer.path={bpe}", "model.num_blocks=2", "train.zero_stage=3", "train.steps=20", "train.save_every=20",
                         "train.eval_every=20", "--stages", "tokenizer,shard,train", "--run-dir", run],
                        capture_output=True, text=True, cwd=run, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    assert "= tokenizer: done" in r.stdout and "= shard: done" in r.stdout, r.stdout
     assert "each rank built its ZeRO-3 partitions and read only those" in (run / "train" / "stage.log").read_text()
     cfg = load_run_config(run / "config.yaml")
     assert cfg.model.arch == "xlstm_large" and cfg.model.d_model == 128 and cfg.model.vocab_size == 512
@@ -189,7 +201,7 @@ def test_continue_a_transformers_checkpoint_under_zero3(tiny_data, tmp_path):
     assert generate.returncode == 0, err[-3000:]
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     back.generation_config.eos_token_id = None  # as --ignore-eos
-    tok = tk.load(run / "tokenizer" / "tokenizer.model")
+    tok = tk.load(run / "tokenizer" / "tokenizer.json")
     ids = torch.tensor([tok.encode(prompt, add_bos=False)])
     with torch.no_grad():
         new = back.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
