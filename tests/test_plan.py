@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -17,6 +18,7 @@ from xlp.pipeline.cluster.plan import (RayCluster, RayTrainPlan, SlurmAllocation
                                  ray_train_plan, slurm_consistency_errors, srun_plan)
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+PRETRAINING = [r for r in RECIPES if not r.stem.startswith("continue_")]  # no checkpoint to give
 SOURCES = "data.sources=[/shared/corpus/*.jsonl]"
 TWO_BY_EIGHT = ["slurm.gpus_per_node=8", "slurm.nodes=2"]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -53,10 +55,25 @@ def assert_two_nodes_of_eight_gpus(plan: SrunPlan, first_node: str):
 # every recipe on 2 nodes x 8 GPUs
 
 
+def continue_keys(tmp_path: Path) -> list[str]:
+    """What a continued-pretraining recipe needs from its user: a released checkpoint (here a tiny
+    transformers-format one written by our exporter) and its tokenizer."""
+    import torch
+
+    from xlp.xlstm_model import ModelConfig, build_model, hf
+
+    cfg = ModelConfig(arch="xlstm_large", vocab_size=384, d_model=128, num_blocks=2, num_heads=2, tie_weights=False)
+    torch.manual_seed(0)
+    hf.save_hf(build_model(cfg), cfg, tmp_path / "ckpt")
+    return [f"model.init_from=hf:{tmp_path / 'ckpt'}", f"tokenizer.path={tmp_path / 'ckpt'}"]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_dry_run_on_two_nodes_of_eight_gpus(recipe, tmp_path):
     run_dir = tmp_path / "run"
-    proc = xlp_submit(recipe, "--to", "slurm", "--dry-run", "--no-check", SOURCES, *TWO_BY_EIGHT, "--run-dir", run_dir)
+    given = continue_keys(tmp_path) if recipe.stem.startswith("continue_") else []
+    proc = xlp_submit(recipe, "--to", "slurm", "--dry-run", "--no-check", SOURCES, *TWO_BY_EIGHT, *given,
+                      "--run-dir", run_dir)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     lines = out.splitlines()
@@ -73,17 +90,17 @@ def test_recipe_dry_run_on_two_nodes_of_eight_gpus(recipe, tmp_path):
     assert not run_dir.exists()  # nothing written
 
     # the same plans as objects: srun on the allocation asked for, Ray Train on a cluster of that shape
-    plan = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT], run_dir, "slurm"))
+    plan = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT, *given], run_dir, "slurm"))
     assert isinstance(plan, SrunPlan)
     assert_two_nodes_of_eight_gpus(plan, "<first node of the job>")
-    ray = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT], run_dir, "ray"))
+    ray = launch_plan(job_config(recipe, [SOURCES, *TWO_BY_EIGHT, *given], run_dir, "ray"))
     assert isinstance(ray, RayTrainPlan)
     assert (ray.num_workers, ray.use_gpu, ray.placement_strategy, ray.nodes) == (16, True, "SPREAD", 2)
     assert ray.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
     assert ray.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
-@pytest.mark.parametrize("recipe", RECIPES[:1], ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", PRETRAINING[:1], ids=lambda p: p.stem)
 def test_ray_dry_run_prints_the_job_and_spreads_the_workers(recipe, tmp_path):
     run_dir = tmp_path / "run"
     proc = xlp_submit(recipe, "--to", "ray", "--dry-run", SOURCES, *TWO_BY_EIGHT, "--run-dir", run_dir)
@@ -176,10 +193,11 @@ def test_inconsistent_slurm_and_train_keys_are_refused_before_anything(overrides
     assert "Traceback" not in proc.stderr and not run_dir.exists()
 
 
-def test_the_defaults_and_recipes_are_consistent():
+def test_the_defaults_and_recipes_are_consistent(tmp_path):
     assert slurm_consistency_errors(load_config(REPO / "configs" / "demo.yaml")) == []
     for recipe in RECIPES:
-        assert slurm_consistency_errors(load_config(recipe, [SOURCES])) == []
+        given = [] if recipe in PRETRAINING else continue_keys(tmp_path)
+        assert slurm_consistency_errors(load_config(recipe, [SOURCES, *given])) == []
 
 
 def test_bad_slurm_and_train_env_values_name_the_key():
