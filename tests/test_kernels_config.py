@@ -107,3 +107,34 @@ def test_apply_sets_the_process_defaults_over_the_environment(monkeypatch):
         kernels.set_default_backend(saved[0])
         mlstm_launch.clear()
         mlstm_launch.update(saved[1])
+
+
+def test_dispatch_records_the_backend_each_op_ran_with():
+    """Issue 32: a GPU run that silently computed with the reference ops shows in the record the train and
+    eval stages put in their metrics (kernel_backends). Eager calls record each time; a compiled graph
+    records once, at its trace, and the record is no guard: a graph is not recompiled when it changes."""
+    import torch
+
+    from xlp import kernels
+    from xlp.kernels.dispatch import reset_used_backends, used_backends
+
+    x, w = torch.randn(2, 16), torch.rand(16) + 0.5
+    reset_used_backends()
+    kernels.rms_norm(x, w)  # auto on CPU tensors: the reference
+    with kernels.use_backend("triton"):  # forced (the Triton interpreter runs it on this CPU)
+        kernels.rms_norm(x, w)
+    assert used_backends() == {"cpu": {"rms_norm": ["reference", "triton"]}}
+
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda t: kernels.layer_norm(t, w, None), backend=count_graphs, fullgraph=True)
+    reset_used_backends()
+    f(x)
+    assert used_backends() == {"cpu": {"layer_norm": ["reference"]}}
+    reset_used_backends()
+    f(x)
+    assert used_backends() == {} and len(graphs) == 1
