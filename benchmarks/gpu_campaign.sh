@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_campaign.sh OUTDIR [--pipeline-wheels DIR] [--peer-wheels DIR]   # on the GPU machine
 #   bash benchmarks/gpu_campaign.sh OUTDIR --dry-run                                     # every part, tiny, on a CPU
+#                                                       (the pipeline part beside the others: it mostly waits)
 #
 # Parts, in the order of what we know least, each under its own timeout (so one that fails or hangs leaves the
 # others' results), all together bounded to 540 s (a part gets what is left when its turn comes):
@@ -126,7 +127,10 @@ RESULTS=(--json "$OUTDIR/results.jsonl")
 if [ $DRY -eq 1 ]; then
   # tiny models on the CPU: the same commands, options and files, seconds instead of minutes (one training
   # shape: a second costs as much again and runs no other code)
-  part pipeline 240 env XLP_CAMPAIGN_PART=pipeline bash -c 'pipeline --dry-run'
+  # The pipeline part mostly waits (Ray's start, each rank's imports, the runner's polls): here it runs beside
+  # the others, its output shown when it ends (on the GPU every part has the card to itself, one at a time).
+  part pipeline 240 env XLP_CAMPAIGN_PART=pipeline bash -c 'pipeline --dry-run' > "$WORK/pipeline.out" 2>&1 &
+  BESIDE=$!
   part train 150 env XLP_CAMPAIGN_PART=train "$PY" benchmarks/bench_train_step.py --models tiny_xlstm_large,tiny_llama \
     --device cpu --compile-backend aot_eager --vocab-size 512 --steps 1 --warmup 1 --shape 2x64 "${RESULTS[@]}"
   part peers 60 env XLP_CAMPAIGN_PART=peers bash -c 'peers --dry-run'
@@ -134,6 +138,8 @@ if [ $DRY -eq 1 ]; then
     --vocab-size 512 --contexts 16,32 --new-tokens 4 --warmup 1 --fused --variant pdl:pdl=true \
     --variant compiled:fused=false "${RESULTS[@]}"
   part kernels 120 env XLP_CAMPAIGN_PART=kernels TRITON_INTERPRET=1 "$PY" benchmarks/bench_kernels.py --check-cpu
+  wait "$BESIDE"
+  cat "$WORK/pipeline.out"
 else
   part pipeline 210 env XLP_CAMPAIGN_PART=pipeline bash -c 'pipeline'
   part train 125 env XLP_CAMPAIGN_PART=train "$PY" benchmarks/bench_train_step.py --models xlstm_large_400m,llama_400m \

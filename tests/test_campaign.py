@@ -59,7 +59,8 @@ def test_campaign_dry_run(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     log = (out / "campaign.log").read_text()
     parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
-    assert parts == [["pipeline", "0"], ["train", "0"], ["peers", "0"], ["decode", "0"], ["kernels", "0"]]
+    # the dry run's pipeline part runs beside the others (its line comes when it ends)
+    assert sorted(parts) == [["decode", "0"], ["kernels", "0"], ["peers", "0"], ["pipeline", "0"], ["train", "0"]]
     assert "commit: test" in log
     assert f"xlp: {REPO} through an import shim on PYTHONPATH" in log
     # no more than a lent machine gives back from its $OUT (8 files)

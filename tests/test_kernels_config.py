@@ -48,7 +48,7 @@ for backend, env in (("triton", "reference"), ("auto", "triton")):
     os.environ["XLP_KERNEL_BACKEND"] = env
     calls.clear()
     metrics = run(stage_ctx(run_dir, [*small, f"kernels.backend={backend}"]))
-    out[backend] = {"calls": dict(calls), "val_loss": metrics["val_loss"]}
+    out[backend] = {"calls": dict(calls), "val_loss": metrics["val_loss"], "kernel_backends": metrics["kernel_backends"]}
 print("RESULT " + json.dumps(out))
 """
 
@@ -71,6 +71,10 @@ def test_eval_stage_runs_the_triton_kernels_when_configured(tmp_path):
     # kernels.backend=auto on CPU tensors (XLP_KERNEL_BACKEND=triton in the environment): none did
     assert sum(auto["calls"].values()) == 0, auto
     assert abs(triton["val_loss"] - auto["val_loss"]) < 1e-3 * abs(auto["val_loss"]), out
+    # the stage's metrics say which backend each op ran with (issue 32: a GPU run's fallback shows there)
+    assert triton["kernel_backends"] == {"cpu": {op: ["triton"] for op in triton["calls"]}}, triton
+    assert set(auto["kernel_backends"]) == {"cpu"} and {"mlstm_chunkwise", "mlstm_step"} <= set(auto["kernel_backends"]["cpu"])
+    assert all(used == ["reference"] for used in auto["kernel_backends"]["cpu"].values()), auto
 
 
 def test_kernels_config_validates_and_formats():
