@@ -171,3 +171,44 @@ def test_campaign_out_of_time_still_prints_the_table(tmp_path):
         assert f"== {name}: skipped, no time left ==" in run.stdout
         assert f"| {name} | skipped (no time left) | 0 |" in (tmp_path / "out" / "table.md").read_text()
     assert "| batch-1 decode tok/s, best | - | >= 1,800 | unmeasured |" in run.stdout
+
+
+def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A real (minimal, valid) wheel: the files, METADATA, WHEEL and a RECORD with their hashes."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+                     f"{len(text.encode())}\n" for path, text in files.items()) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, text in {**files, f"{info}/RECORD": record}.items():
+            z.writestr(p, text)
+    return path
+
+
+def test_campaign_wheels_installs_only_what_is_missing(tmp_path):
+    """--pipeline-wheels / --peer-wheels: a wheel of a package this python already has (torch, numpy: what
+    `pip download` brings as dependencies) is left out, so the machine's own build stays the one imported;
+    a source archive is named and left out; the rest is installed offline into the target folder."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "xlp_campaign_probe", "1.0", {"xlp_campaign_probe.py": "VALUE = 42\n"})
+    _wheel(wheels, "numpy", "0.0.1", {"numpy/__init__.py": "raise ImportError('the wheel, not the installed numpy')\n"})
+    (wheels / "antlr4-python3-runtime-4.9.3.tar.gz").write_bytes(b"not a wheel")
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "campaign_wheels.py"), str(wheels), str(target)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "left out (not a wheel; build one with `pip wheel --no-deps`): antlr4-python3-runtime-4.9.3.tar.gz" in r.stdout
+    assert re.search(r"already installed: numpy \S+ \(left out: numpy-0.0.1-py3-none-any.whl\)", r.stdout), r.stdout
+    assert "installing 1 wheels into" in r.stdout
+    assert (target / "xlp_campaign_probe.py").is_file() and not (target / "numpy").exists()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    probe = subprocess.run([sys.executable, "-c", "import numpy, xlp_campaign_probe; print(xlp_campaign_probe.VALUE)"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "42", probe.stderr
