@@ -2,7 +2,7 @@
 
     python benchmarks/campaign_pipeline.py RUN_DIR [--json PATH] [--dry-run] [key=value ...]
 
-1. `xlp run campaign_gpu` (configs/campaign_gpu.yaml: an xlstm_large of ~127M parameters on the embedded
+1. `xlp run campaign_gpu` (configs/campaign_gpu.yaml: an xlstm_large of ~126M parameters on the embedded
    corpus, bf16, train.compile, ZeRO-1 on one rank over NCCL, the Triton kernels), every stage: tokenizer,
    shard, train, eval. Each must end done.
 2. `xlp run ... --stages train --force`: the same training again from step 0 (the first attempt's output

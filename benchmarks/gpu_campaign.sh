@@ -7,7 +7,7 @@
 #
 # Parts, in the order of what we know least, each under its own timeout (so one that fails or hangs leaves the
 # others' results), all together bounded to 540 s (a part gets what is left when its turn comes):
-#   pipeline  python benchmarks/campaign_pipeline.py: `xlp run campaign_gpu` (xlstm_large ~127M, embedded corpus,
+#   pipeline  python benchmarks/campaign_pipeline.py: `xlp run campaign_gpu` (xlstm_large ~126M, embedded corpus,
 #             bf16, train.compile, ZeRO-1 on one NCCL rank, Triton kernels), every stage; then the training
 #             again, stopped by SIGTERM and resumed, bitwise equal; fails if a stage fell back to the
 #             reference ops on CUDA (the wheels' install included)                                    210 s

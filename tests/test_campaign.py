@@ -199,12 +199,12 @@ def test_campaign_wheels_installs_only_what_is_missing(tmp_path):
     wheels.mkdir()
     _wheel(wheels, "xlp_campaign_probe", "1.0", {"xlp_campaign_probe.py": "VALUE = 42\n"})
     _wheel(wheels, "numpy", "0.0.1", {"numpy/__init__.py": "raise ImportError('the wheel, not the installed numpy')\n"})
-    (wheels / "antlr4-python3-runtime-4.9.3.tar.gz").write_bytes(b"not a wheel")
+    (wheels / "deepspeed-0.19.8.tar.gz").write_bytes(b"not a wheel")
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "campaign_wheels.py"), str(wheels), str(target)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "left out (not a wheel; build one with `pip wheel --no-deps`): antlr4-python3-runtime-4.9.3.tar.gz" in r.stdout
+    assert "left out (not a wheel; build one with `pip wheel --no-deps`): deepspeed-0.19.8.tar.gz" in r.stdout
     assert re.search(r"already installed: numpy \S+ \(left out: numpy-0.0.1-py3-none-any.whl\)", r.stdout), r.stdout
     assert "installing 1 wheels into" in r.stdout
     assert (target / "xlp_campaign_probe.py").is_file() and not (target / "numpy").exists()
