@@ -212,3 +212,34 @@ def test_campaign_wheels_installs_only_what_is_missing(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import numpy, xlp_campaign_probe; print(xlp_campaign_probe.VALUE)"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "42", probe.stderr
+
+
+def test_campaign_pipeline_verdicts():
+    """The pipeline part's two verdicts a CPU dry run cannot reach: an op that fell back to the reference on
+    CUDA fails the part, naming the stage and the op; trainings that differ say whether before the stop
+    (not reproducible here) or after it (the resume is not exact)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("campaign_pipeline", REPO / "benchmarks" / "campaign_pipeline.py")
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    used = {"cuda": {"mlstm_chunkwise": ["triton"], "rms_norm": ["fallback", "triton"], "mlstm_step": ["reference"]},
+            "cpu": {"layer_norm": ["reference"]}}
+    assert cp.fallbacks("eval", used) == [
+        "stage eval computed rms_norm with the reference ops on CUDA (no Triton kernel; the stage log names why)"]
+    assert cp.fallbacks("train", None) == []
+
+    ref = {s: {"step": s, "train/loss": 1.0 / s, "train/grad_norm": 0.5, "data/batch_hash": s} for s in range(1, 7)}
+    same = cp.compare(ref, {s: dict(r) for s, r in ref.items()}, 6, resumed_at=3)
+    assert same["losses_equal"] and same["before_stop_equal"] and same["steps_compared"] == 6
+    after = {s: dict(r) for s, r in ref.items()}
+    after[5]["train/loss"] += 1e-12
+    got = cp.compare(ref, after, 6, resumed_at=3)
+    assert not got["losses_equal"] and got["before_stop_equal"] and got["first_diff_step"] == 5
+    assert got["diff"].startswith("step 5: train/loss 0.2 then 0.2000000000")
+    before = {s: dict(r) for s, r in ref.items()}
+    before[2]["data/batch_hash"] = 99
+    got = cp.compare(ref, before, 6, resumed_at=3)
+    assert not got["before_stop_equal"] and got["diff"] == "step 2: data/batch_hash 2 then 99"
+    assert cp.compare(ref, {s: r for s, r in ref.items() if s != 6}, 6, 3)["diff"] == (
+        "step 6 missing from the resumed training's metrics")
