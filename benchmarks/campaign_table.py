@@ -88,7 +88,7 @@ def print_pipeline(rec: dict) -> None:
     print("\n## Pipeline (`xlp run campaign_gpu`, every stage, then a SIGTERM and a resume)\n")
     stages = rec.get("stages") or {}
     print("| " + " | ".join(f"{k} s" for k in stages) + " | train tok/s | MFU | peak GiB | val loss | val bpb | "
-          "stopped at step | resumed from | bitwise |")
+          "SIGTERM at step | resumed from | bitwise |")
     print("|---" * (len(stages) + 8) + "|")
     bw = rec.get("bitwise") or {}
     same = "-" if not bw else ("yes" if bw.get("losses_equal") and bw.get("weights_equal") else
