@@ -2,6 +2,7 @@
 # Every GPU goal in one short run (issues 21, 32), sized for one lent H100/H200: at most 9 minutes.
 #
 #   bash benchmarks/gpu_campaign.sh OUTDIR [--pipeline-wheels DIR] [--peer-wheels DIR]   # on the GPU machine
+#   bash benchmarks/campaign_wheels.sh WHEELS   # before, where pip reaches PyPI: WHEELS/pipeline, WHEELS/peers
 #   bash benchmarks/gpu_campaign.sh OUTDIR --dry-run                                     # every part, tiny, on a CPU
 #                                                       (the pipeline part beside the others: it mostly waits)
 #
@@ -29,8 +30,9 @@
 # xlp.* importable). The pipeline part also needs the project's dependencies (Ray, DeepSpeed, OmegaConf,
 # WebDataset, ...): importable already, or wheels in --pipeline-wheels DIR, installed offline into
 # CAMPAIGN_WORK (benchmarks/campaign_wheels.py: only what this python lacks). The peers part needs
-# mlstm_kernels and xlstm: importable, or --peer-wheels DIR (a folder filled beforehand with
-# `pip download mlstm_kernels xlstm`); without them the table says "peer not installed". PYTHON=... picks
+# mlstm_kernels and xlstm: importable, or --peer-wheels DIR (a folder filled beforehand: `pip download
+# mlstm_kernels xlstm`, or benchmarks/campaign_wheels.sh, which fills both folders); without them the table
+# says "peer not installed". PYTHON=... picks
 # the interpreter; COMMIT=... names the commit measured when the copy has no .git. Exit status: 0 when
 # every part exited 0.
 set -uo pipefail
