@@ -39,7 +39,7 @@ from typing import Any, Optional
 CONFIG = "campaign_gpu"
 # CPU, tiny: the three runs' code paths in seconds. Enough steps that the SIGTERM (relayed by xlp's driver,
 # the stage's task and the launcher, about a second) lands before the training ends.
-DRY = ["data.sources=[stdlib:json,stdlib:email]", "tokenizer.vocab_size=512", "data.seq_len=32", "data.val_fraction=0.1",
+DRY = ["data.sources=[stdlib:json]", "tokenizer.vocab_size=512", "data.seq_len=32", "data.val_fraction=0.1",
        "model.d_model=32", "model.num_blocks=1", "model.num_heads=2", "train.device=cpu", "train.cpu_processes=1",
        "train.threads=1", "train.precision=fp32", "train.compile=false", "train.micro_batch_size=2",
        "train.steps=150", "train.warmup=2", "train.eval_every=0", "train.eval_batches=1", "train.log_every=50",
