@@ -379,9 +379,9 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as f:
             for r in rows:
-                f.write(json.dumps({"model": args.model, "machine": machine(device), **r}) + "\n")
+                f.write(json.dumps({"bench": "decode", "model": args.model, "machine": machine(device), **r}) + "\n")
             for name in failed:
-                f.write(json.dumps({"model": args.model, "variant": name, "error": "failed to set up"}) + "\n")
+                f.write(json.dumps({"bench": "decode", "model": args.model, "variant": name, "error": "failed to set up"}) + "\n")
     return 0 if rows and not failed else 1
 
 

@@ -130,7 +130,7 @@ def measure(name: str, mode: str, batch: int, seq: int, *, device: torch.device,
     peak_tflops = gpu_peak_tflops(torch.cuda.get_device_name(device), precision == "bf16") if device.type == "cuda" else None
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None
     n_params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "arch": cfg.arch, "params": n_params, "mode": mode, "batch": batch, "seq_len": seq,
+    return {"bench": "train_step", "model": name, "arch": cfg.arch, "params": n_params, "mode": mode, "batch": batch, "seq_len": seq,
             "precision": precision, "checkpoint": policy, "backend": backend if mode == "compiled" else None,
             "tokens_per_s": tokens_per_s, "ms_per_step": ms, "ms_min": 1e3 * min(times), "mfu": mfu,
             "flops_per_token": fpt, "peak_gib": peak / 2**30, "setup_s": setup_s, "first_loss": first_loss,
@@ -232,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   vocab_size=args.vocab_size, overrides=args.overrides)
                 except Exception as e:  # noqa: BLE001 - one failing row (OOM, a compile error) must not lose the rest
                     traceback.print_exc()
-                    row = {"model": name, "mode": mode, "batch": batch, "seq_len": seq,
+                    row = {"bench": "train_step", "model": name, "mode": mode, "batch": batch, "seq_len": seq,
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
                 gc.collect()  # the row's model and optimizer states go before the next is built
                 if device.type == "cuda":

@@ -2,9 +2,10 @@
 
     python benchmarks/campaign_table.py OUTDIR
 
-Reads OUTDIR/campaign.log, kernels.log, train.jsonl and decode.jsonl (what the campaign's
-parts wrote; a part that failed or ran out of time shows as missing figures) and prints Markdown:
-the parts, the goals (met / NOT met / unmeasured), the training step per shape and model, and the
+Reads OUTDIR/campaign.log, kernels.log and results.jsonl (what the campaign's parts wrote, each row's
+"bench" saying whose: pipeline, train_step, peer, decode; a part that failed or ran out of time shows as
+missing figures) and prints Markdown: the parts, the goals (met / NOT met / unmeasured), the pipeline run,
+the training step per shape and model, the peers (our/peer ratios, or "peer not installed") and the
 decode rows, each with its ratios. Standard library only.
 """
 from __future__ import annotations
@@ -54,6 +55,74 @@ def kernel_check(outdir: Path) -> tuple[str, str]:
     return f"{ok} ok, {bad} FAIL", ("met" if done and not bad else ("NOT met" if ok or bad else "unmeasured"))
 
 
+def bench_of(row: dict[str, Any]) -> str:
+    """Whose row: its "bench", else (files of campaigns before results.jsonl) what its keys say."""
+    if "bench" in row:
+        return str(row["bench"])
+    return "decode" if "variant" in row else "train_step"
+
+
+def pipeline_verdict(rec: Optional[dict]) -> tuple[str, str]:
+    if rec is None:
+        return "-", "unmeasured"
+    if rec.get("ok"):
+        return f"every stage done; resumed at step {rec.get('resumed_from_step')}, bitwise equal", "met"
+    return "FAILED: " + "; ".join(rec.get("failed") or ["?"])[:200], "NOT met"
+
+
+def backends_text(backends: Optional[dict]) -> str:
+    """{device: {op: [backends]}} as `cuda: 5 ops triton` / `cuda: rms_norm FELL BACK`."""
+    if not backends:
+        return "-"
+    parts = []
+    for device, ops in sorted(backends.items()):
+        by: dict[str, list[str]] = {}
+        for op, used in sorted(ops.items()):
+            by.setdefault("+".join(used), []).append(op)
+        parts.append(f"{device}: " + ", ".join(
+            f"{len(v)} ops {k}" if k != "fallback" else f"{', '.join(v)} FELL BACK to the reference" for k, v in by.items()))
+    return "; ".join(parts)
+
+
+def print_pipeline(rec: dict) -> None:
+    print("\n## Pipeline (`xlp run campaign_gpu`, every stage, then a SIGTERM and a resume)\n")
+    stages = rec.get("stages") or {}
+    print("| " + " | ".join(f"{k} s" for k in stages) + " | train tok/s | MFU | peak GiB | val loss | val bpb | "
+          "SIGTERM at step | resumed from | bitwise |")
+    print("|---" * (len(stages) + 8) + "|")
+    bw = rec.get("bitwise") or {}
+    same = "-" if not bw else ("yes" if bw.get("losses_equal") and bw.get("weights_equal") else
+                               f"NO ({bw.get('diff') or 'model files differ'})")
+    mfu = rec.get("mfu")
+    print("| " + " | ".join(fmt(v, ".1f") for v in stages.values()) + f" | {fmt(rec.get('tokens_per_s'))} | "
+          f"{fmt(100 * mfu if mfu is not None else None, '.1f', '%')} | {fmt(rec.get('peak_gib'), '.1f')} | "
+          f"{fmt(rec.get('val_loss'), '.3f')} | {fmt(rec.get('val_bpb'), '.3f')} | {rec.get('sigterm_at_step', '-')} | "
+          f"{rec.get('resumed_from_step', '-')} | {same} |")
+    kb = rec.get("kernel_backends") or {}
+    print(f"\nKernels the stages ran: train {backends_text(kb.get('train'))}; eval {backends_text(kb.get('eval'))}.")
+    for line in rec.get("failed") or []:
+        print(f"\n- FAILED: {line}")
+
+
+def print_peers(rows: list[dict]) -> None:
+    print("\n## Peers (the official code beside ours, one process, one GPU)\n")
+    print("| peer | what | shape | ours | peer | ours/peer |\n|---|---|---|---|---|---|")
+    for r in rows:
+        status = r.get("status")
+        if status == "not installed":
+            print(f"| {r['peer']} | peer not installed | | | | |")
+        elif status != "ok":
+            print(f"| {r['peer']} | {r.get('what', '')} {r.get('kernel') or r.get('mode') or ''} | | {status}: "
+                  f"{(r.get('error') or '')[:80]} | | |")
+        elif "ours_ms" in r:
+            print(f"| {r['peer']} | {r['what']}, {r['kernel']} | B{r['batch']}xS{r['seq_len']} | {r['ours_ms']:.2f} ms | "
+                  f"{r['peer_ms']:.2f} ms | {r['ours_over_peer']:.2f}x |")
+        else:
+            print(f"| {r['peer']} | {r['what']}, ours {r['mode']} | B{r['batch']}xS{r['seq_len']} | "
+                  f"{r['ours_tokens_per_s']:,.0f} tok/s, {r['ours_peak_gib']:.1f} GiB | {r['peer_tokens_per_s']:,.0f} tok/s, "
+                  f"{r['peer_peak_gib']:.1f} GiB | {r['ours_over_peer']:.2f}x |")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
@@ -74,9 +143,12 @@ def main(argv: list[str]) -> int:
         note = {"124": " (timed out)", "137": " (killed)", "skipped": " (no time left)"}.get(rc, "")
         print(f"| {name} | {rc}{note} | {secs} |")
 
-    train = [r for r in read_jsonl(outdir / "train.jsonl")]
+    rows = read_jsonl(outdir / "results.jsonl") + read_jsonl(outdir / "train.jsonl") + read_jsonl(outdir / "decode.jsonl")
+    train = [r for r in rows if bench_of(r) == "train_step"]
     ok = [r for r in train if "error" not in r]
-    decode = read_jsonl(outdir / "decode.jsonl")
+    decode = [r for r in rows if bench_of(r) == "decode"]
+    peers = [r for r in rows if bench_of(r) == "peer"]
+    pipeline = next((r for r in reversed(rows) if bench_of(r) == "pipeline"), None)
     decode_ok = [r for r in decode if "error" not in r]
     subject = next((r["model"] for r in ok if r.get("arch") != "llama"), None)
     baseline = next((r["model"] for r in ok if r.get("arch") == "llama"), None)
@@ -91,6 +163,9 @@ def main(argv: list[str]) -> int:
                      and (r["batch"], r["seq_len"]) == shape), None)
 
     print("\n## Goals\n\n| goal | measured | target | |\n|---|---|---|---|")
+    measured, state = pipeline_verdict(pipeline)
+    print(f"| the pipeline on this GPU: every stage, exact resume after SIGTERM, no reference ops on CUDA | {measured} "
+          f"| all | {state} |")
     measured, state = kernel_check(outdir)
     print(f"| Triton kernels vs the float64 reference | {measured} | all ok | {state} |")
     for shape in shapes:
@@ -115,6 +190,9 @@ def main(argv: list[str]) -> int:
     which = f" ({best_decode['variant']}, {best_decode['ctx']} context)" if best_decode else ""
     print(f"| batch-1 decode tok/s, best{which} | {fmt(dtps)} | >= {DECODE_GOAL:,.0f} | {verdict(dtps, DECODE_GOAL)} |")
 
+    if pipeline is not None:
+        print_pipeline(pipeline)
+
     if train:
         print("\n## Training step (forward, backward, fused AdamW; bf16 autocast)\n")
         print("| shape | model | mode | tok/s | ms/step | MFU | peak GiB | set-up s | compiled/eager | vs baseline |")
@@ -138,6 +216,9 @@ def main(argv: list[str]) -> int:
                     print(f"| B{shape[0]}xS{shape[1]} | {model} | {mode} | {r['tokens_per_s']:,.0f} | "
                           f"{r['ms_per_step']:.1f} | {mfu} | {r['peak_gib']:.1f} | {r['setup_s']:.0f} | "
                           f"{fmt(speedup, '.2f', 'x')} | {fmt(vs, '.2f', 'x')} |")
+
+    if peers:
+        print_peers(peers)
 
     if decode:
         print("\n## Batch-1 decode (tokens/s; each ending in a host sync)\n")

@@ -35,6 +35,10 @@ TRITON_MODULES = {
 
 _triton_cache: dict[str, Any] = {}  # op -> callable, or the exception that made it unavailable
 _warned: set[str] = set()
+# What each op ran with in this process: {(device type, op): {backend}}, backend "triton", "reference" (asked
+# for: the default backend, use_backend, backend=...) or "fallback" ("auto" on CUDA without a Triton kernel).
+# A run on a GPU that silently computed with the reference ops is only visible here (used_backends).
+_used: dict[tuple[str, str], set[str]] = {}
 
 
 
@@ -58,12 +62,36 @@ def preload_triton() -> None:
         _load_triton(op)
 
 
+@torch.compiler.assume_constant_result
+def _note(device: str, op: str, backend: str) -> bool:
+    """Record that `op` ran on `device` with `backend`. Under torch.compile this runs once, while the graph
+    is traced (the result is taken as a constant): no guard on the record, so no recompile when it grows."""
+    _used.setdefault((device, op), set()).add(backend)
+    return True
+
+
+def used_backends() -> dict[str, dict[str, list[str]]]:
+    """{device type: {op: [backends]}}: what each op resolved to in this process so far (compiled code
+    counts once, at its trace). Backends: "triton", "reference" (asked for), "fallback" (auto found no
+    Triton kernel for CUDA tensors and used the reference)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for (device, op), backends in sorted(_used.items()):
+        out.setdefault(device, {})[op] = sorted(backends)
+    return out
+
+
+def reset_used_backends() -> None:
+    _used.clear()
+
+
 def resolve(op: str, backend: Optional[str], *tensors: Optional[torch.Tensor]) -> Callable:
     """The callable that runs `op` for these tensors under `backend` (None/"auto" as described above)."""
     if op not in TRITON_MODULES:
         raise KeyError(f"unknown kernel op {op!r}")
     name = _check_name(backend) if backend is not None else default_backend()
+    device = next((t.device.type for t in tensors if t is not None), "none")
     if name == "reference":
+        _note(device, op, "reference")
         return getattr(reference, op)
     if name == "triton":
         fn = _load_triton(op)
@@ -72,14 +100,19 @@ def resolve(op: str, backend: Optional[str], *tensors: Optional[torch.Tensor]) -
                 f"kernel backend 'triton' requested for {op}, but xlp.kernels.triton.{TRITON_MODULES[op]}.{op} "
                 f"is not available ({type(fn).__name__}: {fn}). Use backend='reference' or 'auto'."
             ) from fn
+        _note(device, op, "triton")
         return fn
     # auto
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if on_cuda:
         fn = _load_triton(op)
         if not isinstance(fn, Exception):
+            _note("cuda", op, "triton")
             return fn
         if op not in _warned:
             _warned.add(op)
             warnings.warn(f"no Triton kernel for {op} ({fn}); using the reference implementation", stacklevel=3)
+        _note("cuda", op, "fallback")
+        return getattr(reference, op)
+    _note(device, op, "reference")
     return getattr(reference, op)

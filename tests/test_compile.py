@@ -193,9 +193,12 @@ def test_train_stage_with_compile_follows_eager(tmp_path):
     common = ["model.arch=xlstm_large", "train.zero_stage=1", "train.steps=4", "train.eval_every=0",
               "train.eval_batches=1", "train.save_every=0"]
     train(tmp_path / "eager", shards, common, procs=1)
-    train(tmp_path / "compiled", shards, [*common, "train.compile=true", "train.compile_backend=aot_eager",
-                                          "model.activation_checkpointing=true", "model.checkpoint_policy=selective"],
-          procs=1)
+    result = train(tmp_path / "compiled", shards, [*common, "train.compile=true", "train.compile_backend=aot_eager",
+                                                   "model.activation_checkpointing=true",
+                                                   "model.checkpoint_policy=selective"], procs=1)
+    # issue 32: compiled blocks record the backend each op ran with (at their trace), as eager ones do
+    assert result["kernel_backends"] == {"cpu": {op: ["reference"] for op in (
+        "layer_norm", "linear_cross_entropy", "mlstm_chunkwise", "rms_norm")}}
     ref, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4] and ref[4] < ref[1]
     assert [got[s] for s in ref] == pytest.approx([ref[s] for s in ref], rel=1e-5)

@@ -48,7 +48,7 @@ for backend, env in (("triton", "reference"), ("auto", "triton")):
     os.environ["XLP_KERNEL_BACKEND"] = env
     calls.clear()
     metrics = run(stage_ctx(run_dir, [*small, f"kernels.backend={backend}"]))
-    out[backend] = {"calls": dict(calls), "val_loss": metrics["val_loss"]}
+    out[backend] = {"calls": dict(calls), "val_loss": metrics["val_loss"], "kernel_backends": metrics["kernel_backends"]}
 print("RESULT " + json.dumps(out))
 """
 
@@ -71,6 +71,10 @@ def test_eval_stage_runs_the_triton_kernels_when_configured(tmp_path):
     # kernels.backend=auto on CPU tensors (XLP_KERNEL_BACKEND=triton in the environment): none did
     assert sum(auto["calls"].values()) == 0, auto
     assert abs(triton["val_loss"] - auto["val_loss"]) < 1e-3 * abs(auto["val_loss"]), out
+    # the stage's metrics say which backend each op ran with (issue 32: a GPU run's fallback shows there)
+    assert triton["kernel_backends"] == {"cpu": {op: ["triton"] for op in triton["calls"]}}, triton
+    assert set(auto["kernel_backends"]) == {"cpu"} and {"mlstm_chunkwise", "mlstm_step"} <= set(auto["kernel_backends"]["cpu"])
+    assert all(used == ["reference"] for used in auto["kernel_backends"]["cpu"].values()), auto
 
 
 def test_kernels_config_validates_and_formats():
@@ -107,3 +111,34 @@ def test_apply_sets_the_process_defaults_over_the_environment(monkeypatch):
         kernels.set_default_backend(saved[0])
         mlstm_launch.clear()
         mlstm_launch.update(saved[1])
+
+
+def test_dispatch_records_the_backend_each_op_ran_with():
+    """Issue 32: a GPU run that silently computed with the reference ops shows in the record the train and
+    eval stages put in their metrics (kernel_backends). Eager calls record each time; a compiled graph
+    records once, at its trace, and the record is no guard: a graph is not recompiled when it changes."""
+    import torch
+
+    from xlp import kernels
+    from xlp.kernels.dispatch import reset_used_backends, used_backends
+
+    x, w = torch.randn(2, 16), torch.rand(16) + 0.5
+    reset_used_backends()
+    kernels.rms_norm(x, w)  # auto on CPU tensors: the reference
+    with kernels.use_backend("triton"):  # forced (the Triton interpreter runs it on this CPU)
+        kernels.rms_norm(x, w)
+    assert used_backends() == {"cpu": {"rms_norm": ["reference", "triton"]}}
+
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda t: kernels.layer_norm(t, w, None), backend=count_graphs, fullgraph=True)
+    reset_used_backends()
+    f(x)
+    assert used_backends() == {"cpu": {"layer_norm": ["reference"]}}
+    reset_used_backends()
+    f(x)
+    assert used_backends() == {} and len(graphs) == 1

@@ -33,6 +33,7 @@ from xlp.pipeline.core.stage import StageContext, atomic_write_text
 from xlp.pipeline.eval import common, gencost, ppl, recall, report
 from xlp.pipeline.eval.cloze import DATA_FILE, TASKS_DIR, build_items, write_items, write_task_dir
 from xlp.pipeline.train.monitor import read_metrics
+from xlp.kernels.dispatch import reset_used_backends, used_backends
 from xlp.xlstm_model import count_params
 
 STAGE = registry.EVAL
@@ -116,6 +117,7 @@ def _run(ctx: StageContext, partial: Path) -> dict:
     cfg = ctx.cfg
     ec = section(cfg, "eval")
     section(cfg, "kernels").apply()  # the run's kernels.*, whatever this process's environment says
+    reset_used_backends()  # the stage's metrics name the kernels this stage ran (a Ray worker runs many tasks)
     layout = ctx.layout
     out = layout.eval_dir
     if partial.exists():  # an earlier attempt's, called directly (the runner moves a failed attempt aside)
@@ -207,7 +209,7 @@ def _run(ctx: StageContext, partial: Path) -> dict:
     _publish(partial, out, layout.eval_metrics.name)
     _log(f"eval: report {layout.eval_report}")
     return {**headline, "report": str(layout.eval_report), "plots": [p.name for p in plots], "wandb_run_id": wandb_id,
-            "seconds": info["seconds"]}
+            "seconds": info["seconds"], "kernel_backends": used_backends()}
 
 
 def _lm_eval(ec, layout: RunLayout, shard_dir: Path, model, tok, seq_len: int, device, results_file: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from xlp import tokenizer
+from xlp.kernels.dispatch import used_backends
 from xlp.pipeline.core.config import section
 from xlp.pipeline.core.layout import CTRL_C, TrainLayout
 from xlp.pipeline.core.node import node_name
@@ -767,4 +768,6 @@ class Trainer:
             "loop_s": (t_end - self.t_first_done) if self.t_first_done else 0.0,
             "loop_steps": max(0, self.step - self._first_step_of_attempt),
             **self.timing,
+            # {device type: {op: backends}} in this rank: "fallback" on cuda = a GPU run computed with the reference ops
+            "kernel_backends": used_backends(),
         }
