@@ -131,7 +131,9 @@ if [ $DRY -eq 1 ]; then
   # shape: a second costs as much again and runs no other code)
   # The pipeline part mostly waits (Ray's start, each rank's imports, the runner's polls): here it runs beside
   # the others, its output shown when it ends (on the GPU every part has the card to itself, one at a time).
-  part pipeline 240 env XLP_CAMPAIGN_PART=pipeline bash -c 'pipeline --dry-run' > "$WORK/pipeline.out" 2>&1 &
+  # Its limit is twice what it takes alone (three `xlp run`s, ~85 s): in the test suite, beside three other
+  # test processes on 2 cores, it took more than 240 s once.
+  part pipeline 480 env XLP_CAMPAIGN_PART=pipeline bash -c 'pipeline --dry-run' > "$WORK/pipeline.out" 2>&1 &
   BESIDE=$!
   part train 150 env XLP_CAMPAIGN_PART=train "$PY" benchmarks/bench_train_step.py --models tiny_xlstm_large,tiny_llama \
     --device cpu --compile-backend aot_eager --vocab-size 512 --steps 1 --warmup 1 --shape 2x64 "${RESULTS[@]}"

@@ -55,7 +55,7 @@ def test_campaign_dry_run(tmp_path):
                CAMPAIGN_WORK=str(tmp_path / "work"))
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=500)
+                         env=env, capture_output=True, text=True, timeout=800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     log = (out / "campaign.log").read_text()
     parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
