@@ -25,6 +25,9 @@ from xlp.pipeline.core.stage import fingerprints
 from xlp.pipeline.data import listing
 
 pytest.importorskip("tokenizers")
+# lm-eval's datasets and transformers read local files here: no hub look-ups (they wait on the network)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # a document holding the end-of-text token's text: plain text here, never a document boundary
 SPECIAL_TEXT = "a document that mentions <|endoftext|> and <|padding|> in its text\n"
@@ -221,6 +224,14 @@ def _val_shards(out: Path, tok, docs: list[str]) -> Path:
     return out
 
 
+def _split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The encoding of context + continuation cut by bytes: the continuation's tokens are those from the first
+    one holding a byte of the continuation (the adapter cuts by decoded text; this counts token bytes)."""
+    whole = tok.encode(context + continuation)
+    cut = int(np.searchsorted(np.cumsum(tok.token_bytes()[whole]), len(context.encode()), side="right"))
+    return whole[:cut], whole[cut:]
+
+
 def _direct_logprobs(model, tok, ctx: list[int], cont: list[int]):
     """(log-probabilities of `cont`'s tokens after <eos> + ctx, whether each is the argmax), from one plain
     forward pass of one row in float64 (the state reset at the first context token, as a document in
@@ -265,14 +276,18 @@ def test_lm_eval_adapter_scores_with_a_bytelevel_tokenizer(hf_run, tmp_path):
     res = run_tasks(lm, ["xlp_cloze", "xlp_cloze_mc", "xlp_heldout", "xlp_cloze_gen"], include_path=tmp_path / "tasks",
                     limit=4, log_samples=True)
     samples = res["samples"]
-    n = 0
+    n = apart = 0
     for task in ("xlp_cloze", "xlp_cloze_mc"):
         for s in samples[task]:
             for args, resp in zip(s["arguments"], s["resps"]):
-                lp, top = _direct_logprobs(model, tok, tok.encode(args[0]), tok.encode(args[1]))
+                ctx, cont = _split(tok, args[0], args[1])
+                lp, top = _direct_logprobs(model, tok, ctx, cont)
                 assert resp[0][0] == pytest.approx(float(lp.sum()), abs=2e-3, rel=1e-4), (task, args[1])
                 assert bool(resp[0][1]) == bool(top.all())
+                apart += tok.encode(args[0]) + tok.encode(args[1]) != ctx + cont
                 n += 1
+    # some contexts end with a blank line: "\n\n" is one token there, but "\n", "\n" before the next line
+    assert apart > 0
     nll = nbytes = 0.0
     for s in samples["xlp_heldout"]:  # one window (max_length 4096): every token of the text, once
         text = s["arguments"][0][0]
