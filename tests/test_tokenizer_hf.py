@@ -253,7 +253,18 @@ def _direct_logprobs(model, tok, ctx: list[int], cont: list[int]):
 MIXED = "\n".join(NON_ENGLISH[:5]) + "\nKöln, Zürich and Malmö: größe_wert = 3\n"
 
 
-def test_lm_eval_adapter_scores_with_a_bytelevel_tokenizer(hf_run, tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as before after it: tiny ops only contend on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_lm_eval_adapter_scores_with_a_bytelevel_tokenizer(hf_run, one_thread, tmp_path):
     """lm-evaluation-harness driving `--model xlp` on a run whose tokenizer is a byte-level BPE tokenizer.json
     (the eval stage's cloze items from val shards of code and mixed-script text): loglikelihood and
     multiple choice equal the model's own log-probabilities of the same tokens; loglikelihood_rolling is
