@@ -202,8 +202,12 @@ def test_untrained_recall_near_chance(run_dir):
 
 
 def _direct_loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
-    """log P(continuation | context) with one plain forward pass of one row (no batching, no padding)."""
-    ctx, cont = tok.encode(context), tok.encode(continuation)
+    """log P(continuation | context) with one plain forward pass of one row (no batching, no padding). The
+    continuation's tokens: those of the encoded context + continuation from the first one holding a byte
+    of the continuation."""
+    whole = tok.encode(context + continuation)
+    cut = int(np.searchsorted(np.cumsum(tok.token_bytes()[whole]), len(context.encode()), side="right"))
+    ctx, cont = whole[:cut], whole[cut:]
     full = [tok.eos_id] + ctx + cont
     x = torch.tensor([full[:-1]])
     d = torch.zeros_like(x, dtype=torch.bool)

@@ -6,6 +6,7 @@ the same ids) and `xlp generate`. A tokenizer without an end-of-text token is re
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -24,6 +25,9 @@ from xlp.pipeline.core.stage import fingerprints
 from xlp.pipeline.data import listing
 
 pytest.importorskip("tokenizers")
+# lm-eval's datasets and transformers read local files here: no hub look-ups (they wait on the network)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # a document holding the end-of-text token's text: plain text here, never a document boundary
 SPECIAL_TEXT = "a document that mentions <|endoftext|> and <|padding|> in its text\n"
@@ -146,7 +150,22 @@ def test_fingerprint_hashes_the_tokenizer_files(bytelevel, tmp_path):
     assert fingerprints(STAGES, cfg)["shard"] != after["shard"]
 
 
-def test_exports_reload_in_transformers_and_generate(bytelevel, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def hf_run(bytelevel, tmp_path_factory):
+    """A run directory as the tokenizer and train stages leave it: the byte-level tokenizer.json and a model
+    (xLSTM-large, random weights, vocabulary 1024 > the tokenizer's 1000). Returns (RunLayout, the model).
+    Read only by the tests (export, generate and the lm-eval adapter write elsewhere)."""
+    from test_export import _random_large
+    from xlp.xlstm_model import save_model
+
+    run = RunLayout(tmp_path_factory.mktemp("hf-run") / "run")
+    model = _random_large(vocab_size=1024)
+    save_model(model, model.config, run.train.model_dir)
+    tk.load(bytelevel).save_to(run.tokenizer_dir)
+    return run, model
+
+
+def test_exports_reload_in_transformers_and_generate(bytelevel, hf_run, tmp_path, capfd):
     """A run directory with a model and the byte-level tokenizer: `xlp export --format hf` writes a
     tokenizer AutoTokenizer loads and that encodes as ours; --format native keeps tokenizer.json; `xlp
     generate` reads the run and the hf export alike, and eval's byte lengths come from the tokenizer."""
@@ -155,19 +174,14 @@ def test_exports_reload_in_transformers_and_generate(bytelevel, tmp_path, capfd)
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from test_export import _random_large
     from xlp.pipeline import generate
     from xlp.pipeline.cli import main as xlp_main
     from xlp.pipeline.eval.common import token_byte_lengths
     from xlp.pipeline.export import CHECK_TEXTS
     from xlp.pipeline.trained import find_model
-    from xlp.xlstm_model import save_model
 
-    run = RunLayout(tmp_path / "run")
-    model = _random_large(vocab_size=1024)
-    save_model(model, model.config, run.train.model_dir)
+    run, model = hf_run
     tok = tk.load(bytelevel)
-    tok.save_to(run.tokenizer_dir)
     assert xlp_main(["export", str(run.root), str(tmp_path / "hf"), "--format", "hf"]) == 0
     assert xlp_main(["export", str(run.root), str(tmp_path / "native"), "--format", "native"]) == 0
     assert {p.name for p in (tmp_path / "native").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
@@ -192,6 +206,147 @@ def test_exports_reload_in_transformers_and_generate(bytelevel, tmp_path, capfd)
 
     blen = token_byte_lengths(tk.load(run.tokenizer_model), 1024)
     assert len(blen) == 1024 and blen[1000:].sum() == 0 and blen[tok.eos_id] == 0
+
+
+def _val_shards(out: Path, tok, docs: list[str]) -> Path:
+    """`docs` in the val split of a shard dir, each ending with <eos>, written as the shard stage writes
+    them (its ShardWriter and manifest)."""
+    from xlp.pipeline.data.shards import MANIFEST, ShardWriter, build_manifest
+
+    out.mkdir(parents=True)
+    writer = ShardWriter(out, "val", 0, dtype=np.dtype("<u2"), sample_tokens=512, shard_bytes=1 << 20)
+    for ids in tok.encode_batch(docs, add_eos=True):
+        writer.add_doc(np.asarray(ids, dtype=np.int64), "test")
+    writer.close()
+    manifest = build_manifest(out, dtype=np.dtype("<u2"), tokenizer_info={"eos_id": tok.eos_id, "sha256": tok.sha256},
+                              config={}, read_counts={}, per_source={})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def _split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The encoding of context + continuation cut by bytes: the continuation's tokens are those from the first
+    one holding a byte of the continuation (the adapter cuts by decoded text; this counts token bytes)."""
+    whole = tok.encode(context + continuation)
+    cut = int(np.searchsorted(np.cumsum(tok.token_bytes()[whole]), len(context.encode()), side="right"))
+    return whole[:cut], whole[cut:]
+
+
+def _direct_logprobs(model, tok, ctx: list[int], cont: list[int]):
+    """(log-probabilities of `cont`'s tokens after <eos> + ctx, whether each is the argmax), from one plain
+    forward pass of one row in float64 (the state reset at the first context token, as a document in
+    training): no batching, padding, windows or recurrent steps."""
+    import torch
+
+    full = [tok.eos_id] + ctx + cont
+    x = torch.tensor([full[:-1]])
+    d = torch.zeros_like(x, dtype=torch.bool)
+    d[0, :2] = True
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x, doc_starts=d)[0].double(), dim=-1)[len(ctx):]
+    tgt = torch.tensor(cont)
+    return logp.gather(-1, tgt[:, None])[:, 0], logp.argmax(-1) == tgt
+
+
+# a held-out document of mixed scripts for the cloze items and bits per byte: its lines 4 and 5 are cloze
+# candidates (an ASCII word in them) after Cyrillic, CJK and Arabic lines
+MIXED = "\n".join(NON_ENGLISH[:5]) + "\nKöln, Zürich and Malmö: größe_wert = 3\n"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as before after it: tiny ops only contend on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_lm_eval_adapter_scores_with_a_bytelevel_tokenizer(hf_run, one_thread, tmp_path):
+    """lm-evaluation-harness driving `--model xlp` on a run whose tokenizer is a byte-level BPE tokenizer.json
+    (the eval stage's cloze items from val shards of code and mixed-script text): loglikelihood and
+    multiple choice equal the model's own log-probabilities of the same tokens; loglikelihood_rolling is
+    their sum over the text (and lm-eval's bits per byte follows from it); generate_until is the model's
+    greedy decode, cut at the stop string, and stops at any stop string."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from xlp.pipeline.eval.cloze import build_items, write_items, write_task_dir
+    from xlp.pipeline.eval.harness import XLPLM, run_tasks
+
+    run, model = hf_run
+    lm = XLPLM(run_dir=str(run.root), device="cpu", batch_size=3, max_length=4096)
+    tok = lm.tok
+    assert isinstance(tok, tk.HFTokenizer) and lm.tokenizer_name.startswith("xlp-hf-") and lm.eot_token_id == 0
+    docs = stdlib_docs("asyncio")[:3] + [MIXED]
+    items = build_items(_val_shards(tmp_path / "shard", tok, docs), tok, n_items=4, context_chars=200, seed=0)
+    assert len(items) == 4 and any("Москва" in it["context"] for it in items)
+    write_task_dir(tmp_path / "tasks", write_items(items, tmp_path / "cloze.jsonl"))
+    res = run_tasks(lm, ["xlp_cloze", "xlp_cloze_mc", "xlp_heldout", "xlp_cloze_gen"], include_path=tmp_path / "tasks",
+                    limit=4, log_samples=True)
+    samples = res["samples"]
+    n = apart = 0
+    for task in ("xlp_cloze", "xlp_cloze_mc"):
+        for s in samples[task]:
+            for args, resp in zip(s["arguments"], s["resps"]):
+                ctx, cont = _split(tok, args[0], args[1])
+                lp, top = _direct_logprobs(model, tok, ctx, cont)
+                assert resp[0][0] == pytest.approx(float(lp.sum()), abs=2e-3, rel=1e-4), (task, args[1])
+                assert bool(resp[0][1]) == bool(top.all())
+                apart += tok.encode(args[0]) + tok.encode(args[1]) != ctx + cont
+                n += 1
+    # some contexts end with a blank line: "\n\n" is one token there, but "\n", "\n" before the next line
+    assert apart > 0
+    nll = nbytes = 0.0
+    for s in samples["xlp_heldout"]:  # one window (max_length 4096): every token of the text, once
+        text = s["arguments"][0][0]
+        lp, _ = _direct_logprobs(model, tok, [], tok.encode(text))
+        assert s["resps"][0][0] == pytest.approx(float(lp.sum()), abs=2e-3, rel=1e-4)
+        nll, nbytes = nll - float(lp.sum()), nbytes + len(text.encode())
+        n += 1
+    # lm-eval's bits per byte: UTF-8 bytes of the texts (the mixed-script one has more bytes than characters)
+    assert res["results"]["xlp_heldout"]["bits_per_byte,none"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4)
+    for s in samples["xlp_cloze_gen"]:  # greedy until "\n" = the model's own greedy decode, cut there
+        ids = torch.tensor([tok.encode(s["arguments"][0][0])])
+        want = tok.decode(model.generate(ids, 48, temperature=0)[0, ids.shape[1]:].tolist())
+        got = s["resps"][0][0]
+        assert "\n" not in got and (want.split("\n")[0] == got if "\n" in want else want.startswith(got))
+        n += 1
+    assert n == 4 + 16 + 4 + 4
+
+    # a stop string taken from the greedy text itself: the output ends right before its first occurrence
+    context = items[0]["context"]
+    ids = torch.tensor([tok.encode(context)])
+    greedy = tok.decode(model.generate(ids, 24, temperature=0)[0, ids.shape[1]:].tolist())
+    stop = next(greedy[i:i + 2] for i in range(4, len(greedy) - 2) if "\ufffd" not in greedy[i:i + 2])
+    req = Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 24}), 0)
+    assert lm.generate_until([req]) == [greedy[:greedy.index(stop)]]
+
+
+def test_bits_per_byte_counts_the_utf8_bytes_of_bytelevel_tokens(hf_run, tmp_path):
+    """The eval stage's bits per byte (ppl.perplexity over val shards, byte lengths from the tokenizer) on
+    mixed-script text, tokenized by a byte-level BPE whose tokens can hold parts of a character: -sum(log2 p)
+    over the predicted tokens / the text's UTF-8 bytes, computed here by hand."""
+    import torch
+
+    from xlp.pipeline.eval.common import token_byte_lengths
+    from xlp.pipeline.eval.ppl import perplexity
+
+    run, model = hf_run
+    tok = tk.load(run.tokenizer_model)
+    ids = tok.encode(MIXED)
+    nbytes = len(MIXED.encode())
+    assert nbytes > len(MIXED) + 100  # Cyrillic, CJK, Arabic, emoji: bytes, not characters, count
+    # the val stream: an empty document's <eos>, then MIXED and its <eos>: one row predicts MIXED and its <eos>
+    shard_dir = _val_shards(tmp_path / "shard", tok, ["", MIXED])
+    res = perplexity({"trained": model}, shard_dir, seq_len=len(ids) + 1, batch_size=1, max_batches=0,
+                     byte_lengths=token_byte_lengths(tok, model.config.vocab_size), device=torch.device("cpu"),
+                     log=lambda *a: None)
+    lp, _ = _direct_logprobs(model, tok, [], ids + [tok.eos_id])
+    assert (res["trained"]["tokens"], res["trained"]["bytes"]) == (len(ids) + 1, nbytes)
+    assert res["trained"]["bpb"] == pytest.approx(-float(lp.sum()) / math.log(2) / nbytes, rel=1e-5)
 
 
 @pytest.mark.slow  # Ray: xlp run's tokenizer and shard stages

@@ -18,11 +18,15 @@ and a copy of the YAML pointing at it into RUN_DIR/eval/lm_eval/tasks/. From Pyt
 `XLPLM(model=model, tokenizer=tok)`.
 
 How requests are scored (the training loop's document semantics, see xlp.pipeline.eval.common):
-- loglikelihood(context, continuation): context and continuation are encoded separately (our
-  SentencePiece has no dummy prefix, so the continuation's tokens do not depend on the context),
-  the row is `<eos> + context + continuation` with the state reset at the first context token,
-  truncated on the left to `max_length` tokens of input; the result is the summed log-probability of
-  the continuation's tokens and whether each is the argmax.
+- loglikelihood(context, continuation): `context + continuation` is encoded as one text (the tokens
+  the model reads it as) and cut after its last token lying wholly inside the context; the tokens after
+  the cut are the continuation's (a token spanning the cut, such as ".__" of "events.__all__" under a
+  byte-level BPE, is scored with the continuation, as lm-eval's own models do). Encoding the two apart
+  would give tokens the text never has: GPT-2/NeoX's byte-level BPE ends a context's closing blank line
+  with one "\n\n" token but reads "\n", "\n" before a following line. The row is `<eos> + context +
+  continuation` with the state reset at the first context token, truncated on the left to `max_length`
+  tokens of input; the result is the summed log-probability of the continuation's tokens and whether
+  each is the argmax.
 - loglikelihood_rolling(text): `<eos> + text` in windows of `max_length` predictions; every token is
   predicted once, each window with as much preceding context as fits (lm-eval's disjoint windows).
 - generate_until(context, {until, max_gen_toks, ...}): the context is read with the recurrent
@@ -129,14 +133,28 @@ class XLPLM(LM):
     def _encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text)) if text else []
 
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens): the encoding of `context + continuation` cut after its last
+        token whose text lies wholly inside `context` (see the module docstring)."""
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        if whole[:len(ctx)] == ctx:
+            return ctx, whole[len(ctx):]
+        j = 0
+        while j < min(len(ctx), len(whole)) and whole[j] == ctx[j]:
+            j += 1
+        while j < len(whole) - 1 and context.startswith(self.tok.decode(whole[:j + 1])):
+            j += 1
+        return whole[:j], whole[j:]
+
     # ---------------------------------------------------------------------------- lm-eval API
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         rows = []
         for req in requests:
             context, continuation = req.args[0], req.args[1]
-            ctx, cont = self._encode(context), self._encode(continuation)
-            if not cont:
+            if not continuation:
                 raise ValueError(f"empty continuation for context {context[-40:]!r}")
+            ctx, cont = self.encode_pair(context, continuation)
             full = [self.eos] + ctx + cont
             keep = self.max_length + 1
             reset = len(full) <= keep
