@@ -3,10 +3,11 @@
     python benchmarks/campaign_table.py OUTDIR
 
 Reads OUTDIR/campaign.log, kernels.log and results.jsonl (what the campaign's parts wrote, each row's
-"bench" saying whose: pipeline, train_step, peer, decode; a part that failed or ran out of time shows as
-missing figures) and prints Markdown: the parts, the goals (met / NOT met / unmeasured), the pipeline run,
-the training step per shape and model, the peers (our/peer ratios, or "peer not installed") and the
-decode rows, each with its ratios. Standard library only.
+"bench" saying whose: pipeline, train_step, peer, decode, seqpar; a part that failed or ran out of time
+shows as missing figures) and prints Markdown: the parts, the goals (met / NOT met / unmeasured), the
+pipeline run, the training step per shape and model, the peers (our/peer ratios, or "peer not installed"),
+the decode rows, each with its ratios, and sequence parallelism on 2 GPUs (or why it is unmeasured).
+Standard library only.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any, Optional
 TRAIN_GOALS = {2048: (100_000, 1.0), 8192: (110_000, 1.35)}
 PEAK_GIB_GOAL = 34.0
 DECODE_GOAL = 1_800.0  # batch-1 tokens/s
+# Issue 31: peak activation memory per rank with train.sequence_parallel=2, over that of one rank, at most
+SEQPAR_MEMORY_GOAL = 0.6
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -104,6 +107,31 @@ def print_pipeline(rec: dict) -> None:
         print(f"\n- FAILED: {line}")
 
 
+def seqpar_verdict(rows: list[dict]) -> tuple[str, str, str]:
+    """(what, measured, verdict) of the sequence-parallel memory goal: the sp=2 / sp=1 peak activation
+    memory per rank at the longest S measured with both; or why it is unmeasured."""
+    skipped = next((r["status"] for r in rows if r.get("status", "ok") != "ok"), None)
+    ok = {(r["S"], r["sp"]): r for r in rows if r.get("status", "ok") == "ok"}
+    both = sorted(S for S, sp in ok if sp == 2 and (S, 1) in ok and ok[S, 1]["peak_mib"] > 0)
+    if not both:
+        return "", skipped or "-", "unmeasured"
+    S = both[-1]
+    ratio = ok[S, 2]["peak_mib"] / ok[S, 1]["peak_mib"]
+    return f", S={S:,}", f"{ratio:.2f}x", verdict(ratio, SEQPAR_MEMORY_GOAL, at_most=True)
+
+
+def print_seqpar(rows: list[dict]) -> None:
+    print("\n## Sequence parallelism (one row over the ranks of a group; fp32, Triton, NCCL)\n")
+    print("| S | sequence_parallel | peak activation MiB a rank | vs sp=1 | sent KiB a rank a step | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    for r in ok:
+        one = next((o for o in ok if o["S"] == r["S"] and o["sp"] == 1), None)
+        vs = r["peak_mib"] / one["peak_mib"] if one and r["sp"] != 1 and one["peak_mib"] > 0 else None
+        print(f"| {r['S']:,} | {r['sp']} | {r['peak_mib']:,.1f} | {fmt(vs, '.2f', 'x')} | {r['sent_kib']:,.1f} | "
+              f"{r['tokens_per_s']:,.0f} |")
+
+
 def print_peers(rows: list[dict]) -> None:
     print("\n## Peers (the official code beside ours, one process, one GPU)\n")
     print("| peer | what | shape | ours | peer | ours/peer |\n|---|---|---|---|---|---|")
@@ -131,7 +159,9 @@ def main(argv: list[str]) -> int:
     print("# GPU campaign")
     log = outdir / "campaign.log"
     lines = log.read_text().splitlines() if log.is_file() else []
-    header = [line for line in lines if not line.startswith("part\t")]
+    # the lines before the first part's (a part may append its output after them: seqpar)
+    first = next((n for n, line in enumerate(lines) if line.startswith("part\t")), len(lines))
+    header = lines[:first]
     if header:
         print("\n```\n" + "\n".join(header).strip() + "\n```")
 
@@ -149,6 +179,7 @@ def main(argv: list[str]) -> int:
     decode = [r for r in rows if bench_of(r) == "decode"]
     peers = [r for r in rows if bench_of(r) == "peer"]
     pipeline = next((r for r in reversed(rows) if bench_of(r) == "pipeline"), None)
+    seqpar = [r for r in rows if bench_of(r) == "seqpar"]
     decode_ok = [r for r in decode if "error" not in r]
     subject = next((r["model"] for r in ok if r.get("arch") != "llama"), None)
     baseline = next((r["model"] for r in ok if r.get("arch") == "llama"), None)
@@ -189,6 +220,9 @@ def main(argv: list[str]) -> int:
     dtps = best_decode["tokens_per_s"] if best_decode else None
     which = f" ({best_decode['variant']}, {best_decode['ctx']} context)" if best_decode else ""
     print(f"| batch-1 decode tok/s, best{which} | {fmt(dtps)} | >= {DECODE_GOAL:,.0f} | {verdict(dtps, DECODE_GOAL)} |")
+    where, measured, state = seqpar_verdict(seqpar)
+    print(f"| sequence_parallel=2 on 2 GPUs: peak activation memory a rank / sequence_parallel=1{where} | {measured} | "
+          f"<= {SEQPAR_MEMORY_GOAL:.2f}x | {state} |")
 
     if pipeline is not None:
         print_pipeline(pipeline)
@@ -237,6 +271,9 @@ def main(argv: list[str]) -> int:
             vs = " / ".join(f"{x:.2f}x" for x in ratios) if ratios and v != "compiled" else "-"
             name = "fused" if v == "base" else v
             print(f"| {name} | " + " | ".join(cells) + f" | {vs} |")
+
+    if any(r.get("status", "ok") == "ok" for r in seqpar):
+        print_seqpar(seqpar)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU goal in one short run (issues 21, 32), sized for one lent H100/H200: at most 9 minutes.
+# Every GPU goal in one short run (issues 21, 31, 32), sized for one lent H100/H200: at most 9 minutes.
 #
 #   bash benchmarks/gpu_campaign.sh OUTDIR [--pipeline-wheels DIR] [--peer-wheels DIR]   # on the GPU machine
 #   bash benchmarks/campaign_wheels.sh WHEELS   # before, where pip reaches PyPI: WHEELS/pipeline, WHEELS/peers
@@ -20,10 +20,15 @@
 #   decode    python benchmarks/bench_decode.py: batch-1 decode of xlstm_large_400m after 1k/16k tokens,
 #             the fused step, with programmatic dependent launch (pdl) and the compiled step          60 s
 #   kernels   python benchmarks/bench_kernels.py --check: every Triton kernel against float64        45 s
+#   seqpar    python benchmarks/bench_sequence_parallel.py --device cuda: train.sequence_parallel 1 and 2 on
+#             2 GPUs (NCCL, Triton), peak activation memory per rank, bytes exchanged, tokens/s at S=32k
+#             and 8k; with fewer than 2 GPUs (`nvidia-smi -L`) nothing runs and the table says
+#             "unmeasured (needs >= 2 GPUs, found K)"                                               60 s
 # Then one table (benchmarks/campaign_table.py) of every figure against its goal, with the ratios.
-# Files in OUTDIR (8, what a lent machine's $OUT gives back): campaign.log (command, commit, machine, and a
-# line `part<TAB>NAME<TAB>EXIT<TAB>SECONDS` per part), <part>.log for the five parts, results.jsonl (one JSON
-# line per measurement, "bench" says whose), table.md (the table). The run directory and the installed
+# Files in OUTDIR (8, what a lent machine's $OUT gives back): campaign.log (command, commit, machine, a
+# line `part<TAB>NAME<TAB>EXIT<TAB>SECONDS` per part, and the seqpar part's output, which has no file of its
+# own), <part>.log for the other five parts, results.jsonl (one JSON line per measurement, "bench" says
+# whose), table.md (the table). The run directory and the installed
 # wheels go to CAMPAIGN_WORK (default: a new folder under /tmp, named in campaign.log; never deleted).
 #
 # What it needs: python3 with torch and triton, and no install of the project (benchmarks/_xlp_path.sh makes
@@ -82,9 +87,11 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 } 2>&1 | tee "$OUTDIR/campaign.log"
 
 part() {  # part NAME BUDGET_S COMMAND...: run it under min(BUDGET, time left), log to OUTDIR/NAME.log
+  # (PART_LOG=FILE: appended to FILE instead)
   local name=$1 budget=$2
   shift 2
-  local now left limit rc
+  local now left limit rc log="$OUTDIR/$name.log" append=
+  if [ -n "${PART_LOG:-}" ]; then log=$PART_LOG; append=-a; fi
   now=$(date +%s)
   left=$(( DEADLINE - now ))
   limit=$(( budget < left ? budget : left ))
@@ -94,7 +101,7 @@ part() {  # part NAME BUDGET_S COMMAND...: run it under min(BUDGET, time left), 
     return
   fi
   echo "== $name (limit ${limit}s; $(( now - T0 ))s so far) =="
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee $append "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "!! $name TIMED OUT after ${limit}s"
   printf 'part\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - now ))" >> "$OUTDIR/campaign.log"
@@ -122,7 +129,22 @@ peers() {
   fi
   "$PY" benchmarks/campaign_peers.py --json "$OUTDIR/results.jsonl" "$@"
 }
-export -f pipeline peers
+# Sequence parallelism needs 2 GPUs; a machine with fewer says so in results.jsonl (the table's line) and
+# the part succeeds (the campaign on one lent GPU is complete).
+seqpar() {
+  local gpus
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+  gpus=${gpus:-0}
+  if [ "$gpus" -lt 2 ]; then
+    echo "seqpar: unmeasured (needs >= 2 GPUs, found $gpus)"
+    printf '{"bench": "seqpar", "status": "unmeasured (needs >= 2 GPUs, found %d)", "gpus": %d}\n' "$gpus" "$gpus" \
+      >> "$OUTDIR/results.jsonl"
+    return 0
+  fi
+  "$PY" benchmarks/bench_sequence_parallel.py --device cuda --sp 1 2 --seq 32768 8192 --steps 2 \
+    --json "$OUTDIR/results.jsonl" "$@"
+}
+export -f pipeline peers seqpar
 export PY OUTDIR WORK PIPELINE_WHEELS PEER_WHEELS
 RESULTS=(--json "$OUTDIR/results.jsonl")
 
@@ -142,6 +164,8 @@ if [ $DRY -eq 1 ]; then
     --vocab-size 512 --contexts 16,32 --new-tokens 4 --warmup 1 --fused --variant pdl:pdl=true \
     --variant compiled:fused=false "${RESULTS[@]}"
   part kernels 120 env XLP_CAMPAIGN_PART=kernels TRITON_INTERPRET=1 "$PY" benchmarks/bench_kernels.py --check-cpu
+  # on a CPU: only the GPU count is checked ("unmeasured"); with 2 GPUs, short rows
+  PART_LOG="$OUTDIR/campaign.log" part seqpar 60 env XLP_CAMPAIGN_PART=seqpar bash -c 'seqpar --seq 1024 --steps 1'
   wait "$BESIDE"
   cat "$WORK/pipeline.out"
 else
@@ -152,6 +176,7 @@ else
   part decode 60 env XLP_CAMPAIGN_PART=decode "$PY" benchmarks/bench_decode.py --model xlstm_large_400m \
     --contexts 1024,16384 --new-tokens 64 --fused --variant pdl:pdl=true --variant compiled:fused=false "${RESULTS[@]}"
   part kernels 45 env XLP_CAMPAIGN_PART=kernels "$PY" benchmarks/bench_kernels.py --check
+  PART_LOG="$OUTDIR/campaign.log" part seqpar 60 env XLP_CAMPAIGN_PART=seqpar bash -c 'seqpar'
 fi
 
 echo "== table ($(( $(date +%s) - T0 ))s so far) =="

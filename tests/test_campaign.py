@@ -60,7 +60,8 @@ def test_campaign_dry_run(tmp_path):
     log = (out / "campaign.log").read_text()
     parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
     # the dry run's pipeline part runs beside the others (its line comes when it ends)
-    assert sorted(parts) == [["decode", "0"], ["kernels", "0"], ["peers", "0"], ["pipeline", "0"], ["train", "0"]]
+    assert sorted(parts) == [["decode", "0"], ["kernels", "0"], ["peers", "0"], ["pipeline", "0"], ["seqpar", "0"],
+                             ["train", "0"]]
     assert "commit: test" in log
     assert f"xlp: {REPO} through an import shim on PYTHONPATH" in log
     # no more than a lent machine gives back from its $OUT (8 files)
@@ -98,6 +99,10 @@ def test_campaign_dry_run(tmp_path):
         (v, c) for v in ("base", "pdl", "compiled") for c in (16, 32))
     assert all(r["same_argmax"] and r["tokens_per_s"] > 0 for r in decode)
     assert [r["fused"] for r in decode if r["ctx"] == 16] == [True, True, False]
+    # sequence parallelism needs 2 GPUs: on this CPU machine only the count is checked (no benchmark runs)
+    assert [r for r in rows if r["bench"] == "seqpar"] == [
+        {"bench": "seqpar", "status": "unmeasured (needs >= 2 GPUs, found 0)", "gpus": 0}]
+    assert "seqpar: unmeasured (needs >= 2 GPUs, found 0)" in log  # its output: in campaign.log, no file of its own
 
     table = (out / "table.md").read_text()
     assert table in run.stdout  # the table is the run's last output
@@ -108,6 +113,8 @@ def test_campaign_dry_run(tmp_path):
     assert re.search(r"^\| Triton kernels vs the float64 reference \| \d+ ok, 0 FAIL \| all ok \| met \|$", table, re.M)
     assert re.search(r"^\| B2xS64 \| tiny_xlstm_large \| compiled \| [\d,]+ \| ", table, re.M)
     assert re.search(r"^\| fused \| [\d,]+ \| [\d,]+ \| [\d.]+x / [\d.]+x \|$", table, re.M)
+    assert ("| sequence_parallel=2 on 2 GPUs: peak activation memory a rank / sequence_parallel=1 | "
+            "unmeasured (needs >= 2 GPUs, found 0) | <= 0.60x | unmeasured |") in table
 
 
 def test_campaign_table_judges_goals(tmp_path):
@@ -132,7 +139,11 @@ def test_campaign_table_judges_goals(tmp_path):
                {"bench": "peer", "peer": "mlstm_kernels", "status": "ok", "what": "mlstm chunkwise fwd+bwd",
                 "kernel": "chunkwise--triton_xl_chunk", "batch": 32, "seq_len": 2048, "ours_ms": 9.3, "peer_ms": 15.0,
                 "ours_over_peer": 15.0 / 9.3},
-               {"bench": "peer", "peer": "xlstm", "status": "not installed", "error": "ModuleNotFoundError: xlstm"}]
+               {"bench": "peer", "peer": "xlstm", "status": "not installed", "error": "ModuleNotFoundError: xlstm"},
+               *({"bench": "seqpar", "status": "ok", "device": "cuda", "S": S, "sp": sp, "peak_mib": peak,
+                  "sent_kib": 70.0 * (sp - 1), "tokens_per_s": tps}
+                 for S, sp, peak, tps in ((32768, 1, 1000.0, 5e5), (32768, 2, 520.0, 8e5), (8192, 1, 250.0, 4e5),
+                                          (8192, 2, 140.0, 5e5)))]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     (tmp_path / "kernels.log").write_text("  [ok] rms_norm float32\n  [FAIL] mlstm_chunkwise bfloat16\n")
     (tmp_path / "campaign.log").write_text("commit: abc1234\npart\tkernels\t1\t30\npart\ttrain_2k\t0\t150\n"
@@ -158,6 +169,9 @@ def test_campaign_table_judges_goals(tmp_path):
     assert "Kernels the stages ran: train cuda: 1 ops triton, rms_norm FELL BACK to the reference; eval -." in t
     assert "| mlstm_kernels | mlstm chunkwise fwd+bwd, chunkwise--triton_xl_chunk | B32xS2048 | 9.30 ms | 15.00 ms | 1.61x |" in t
     assert "| xlstm | peer not installed | | | | |" in t
+    assert ("| sequence_parallel=2 on 2 GPUs: peak activation memory a rank / sequence_parallel=1, S=32,768 | 0.52x | "
+            "<= 0.60x | met |") in t
+    assert "| 32,768 | 2 | 520.0 | 0.52x | 70.0 | 800,000 |" in t and "| 8,192 | 1 | 250.0 | - | 0.0 | 400,000 |" in t
 
 
 def test_campaign_out_of_time_still_prints_the_table(tmp_path):
@@ -167,10 +181,11 @@ def test_campaign_out_of_time_still_prints_the_table(tmp_path):
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(tmp_path / "out"), "--dry-run"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
-    for name in ("pipeline", "train", "peers", "decode", "kernels"):
+    for name in ("pipeline", "train", "peers", "decode", "kernels", "seqpar"):
         assert f"== {name}: skipped, no time left ==" in run.stdout
         assert f"| {name} | skipped (no time left) | 0 |" in (tmp_path / "out" / "table.md").read_text()
     assert "| batch-1 decode tok/s, best | - | >= 1,800 | unmeasured |" in run.stdout
+    assert "| sequence_parallel=2 on 2 GPUs: peak activation memory a rank / sequence_parallel=1 | - | <= 0.60x | unmeasured |" in run.stdout
 
 
 def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:

@@ -169,6 +169,56 @@ def test_ray_plan_from_the_cluster_nodes():
     assert ray_train_plan(cluster, cpu_processes=3, device="cpu").num_workers == 3
 
 
+def test_plans_keep_each_sequence_parallel_group_on_one_node():
+    """train.sequence_parallel=N: groups of N consecutive ranks; srun and Ray Train number the ranks node
+    by node, so a multiple of N ranks a node keeps every group on one node; otherwise the plans name the
+    groups that span nodes (and a world N does not divide)."""
+    two_by_eight = SlurmAllocation(nodes=2, first_node="n1", gpus_per_node=8, cpus_per_node=64)
+    plan = srun_plan(two_by_eight, cpu_processes=1, sequence_parallel=4)
+    whole = "sequence_parallel 4: 4 group(s) of 4 consecutive ranks, each on one node (8 ranks a node, a multiple of 4)"
+    assert plan.groups() == [whole]
+    assert whole in plan.describe().splitlines() and plan.summary().endswith(f"; {whole}")
+    assert srun_plan(two_by_eight, cpu_processes=1).groups() == []  # no sequence parallelism: nothing said
+
+    three = srun_plan(SlurmAllocation(nodes=2, first_node="n1", gpus_per_node=0, cpus_per_node=6), cpu_processes=3,
+                      sequence_parallel=2)
+    (line,) = three.groups()
+    assert line.startswith("sequence_parallel 2: 1 of 3 group(s) span nodes (group 1 (ranks 2-3) spans nodes 1, 2): "
+                           "their state exchange crosses the network in every layer; 3 ranks a node is not a "
+                           "multiple of 2: put a multiple of 2 ranks on each node"), line
+    assert srun_plan(two_by_eight, cpu_processes=1, sequence_parallel=3).groups() == [
+        "sequence_parallel 3: does not divide the 16 ranks; the train stage refuses to start (use a "
+        "train.sequence_parallel that divides 16)"]
+
+    gpus = ray_train_plan(RayCluster(nodes=2, cpus=128, gpus=16), cpu_processes=1, sequence_parallel=8)
+    assert gpus.per_node() == [8, 8]
+    assert "sequence_parallel 8: 2 group(s) of 8 consecutive ranks, each on one node" in gpus.describe()
+    # 6 CPU workers spread over 4 nodes: 2, 2, 1, 1; the third pair is split
+    cpus = ray_train_plan(RayCluster(nodes=4, cpus=16, gpus=0), cpu_processes=6, sequence_parallel=2)
+    assert cpus.per_node() == [2, 2, 1, 1]
+    assert "1 of 3 group(s) span nodes (group 2 (ranks 4-5) spans nodes 3, 4)" in cpus.describe()
+    packed = ray_train_plan(RayCluster(nodes=1, cpus=4, gpus=0), cpu_processes=4, sequence_parallel=2)
+    assert packed.groups() == ["sequence_parallel 2: 2 group(s) of 2 consecutive ranks, each on one node "
+                               "(4 ranks a node, a multiple of 2)"]
+
+
+def test_submit_refuses_a_sequence_parallel_that_does_not_divide_the_job():
+    cfg = load_config(TINY, ["model.arch=xlstm_large", "model.slstm_at=[]", "train.sequence_parallel=4", "slurm.nodes=2",
+                             "slurm.gpus_per_node=3", "slurm.cpus_per_task=3"])
+    assert ("train.sequence_parallel=4 does not divide the job's 6 ranks (slurm.nodes=2 x slurm.gpus_per_node=3): "
+            "set train.sequence_parallel to a divisor of 6, or slurm.gpus_per_node to a multiple of 4"
+            ) in slurm_consistency_errors(cfg)
+    assert slurm_consistency_errors(load_config(TINY, ["model.arch=xlstm_large", "model.slstm_at=[]", "train.sequence_parallel=2"])) == []
+
+
+def test_submit_dry_run_says_where_sequence_parallel_groups_go(tmp_path):
+    proc = xlp_submit(TINY, "--to", "slurm", "--dry-run", "--no-check", "model.arch=xlstm_large", "model.slstm_at=[]",
+                      "train.sequence_parallel=2", "slurm.nodes=2", "slurm.gpus_per_node=3", "slurm.cpus_per_task=3",
+                      "--run-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert "sequence_parallel 2: 1 of 3 group(s) span nodes (group 1 (ranks 2-3) spans nodes 1, 2)" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # consistency of slurm.* and train.*
 

@@ -126,18 +126,29 @@ def _assert_same_steps(run, ref, steps, rel):
             (s, got[s]["train/loss"], want[s]["train/loss"])
 
 
+# train.compile: the blocks through torch.compile (aot_eager: Dynamo and AOTAutograd as inductor runs them,
+# PyTorch's kernels), the state exchange a graph break in each block
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 3])
-def test_two_sequence_parallel_ranks_train_as_one(sp_shards, one_rank_run, tmp_path, zero):
-    """ZeRO-0, and ZeRO-3 (its parameter gathers in module hooks interleave with the state exchange)."""
+@pytest.mark.parametrize("zero, extra", [(0, []), (3, []), (1, COMPILED)], ids=["zero0", "zero3", "compiled"])
+def test_two_sequence_parallel_ranks_train_as_one(sp_shards, one_rank_run, tmp_path, zero, extra, monkeypatch):
+    """ZeRO-0; ZeRO-3 (its parameter gathers in module hooks interleave with the state exchange);
+    compiled blocks under ZeRO-1 against the eager 1-rank run."""
     from test_train import train
 
+    if extra:  # the ranks' logs say where Dynamo's graphs end (PyTorch's own logging)
+        monkeypatch.setenv("TORCH_LOGS", "graph_breaks")
     run = tmp_path / "sp2"
     result = train(run, sp_shards, [*SP_RUN, f"train.steps={SP_STEPS}", "train.sequence_parallel=2",
-                                     f"train.zero_stage={zero}"], procs=2)
+                                     f"train.zero_stage={zero}", *extra], procs=2)
     assert result["sequence_parallel"] == 2 and result["world_size"] == 2 and result["grad_accum"] == 2
     log = (run / "train" / "logs" / "rank_0.log").read_text()
     assert "sequence_parallel 2 (1 data-parallel group(s) of 2 ranks, 16 tokens of each row a rank)" in log
+    if extra:  # the blocks were traced by Dynamo, which broke its graph at the exchange only
+        breaks = [line for line in log.splitlines() if "Graph break" in line]
+        assert breaks and all("sequence_parallel.py" in line for line in breaks), log[-3000:]
     _assert_same_steps(run, one_rank_run, range(1, SP_STEPS + 1), rel=1e-5)
 
 
@@ -159,6 +170,35 @@ def test_four_ranks_zero2_match_and_resume_without_sequence_parallel(sp_shards, 
     _assert_same_steps(run, one_rank_run, range(SP_HALF + 1, SP_STEPS + 1), rel=1e-5)
 
 
+MIXTURE = "data.mixture={web: {sources: [web.jsonl], weight: 0.7}, code: {sources: [code.jsonl], weight: 0.3}}"
+MIX_STEPS = 4
+
+
+@pytest.mark.slow
+def test_mixture_with_sequence_parallel_trains_as_one_rank(tmp_path):
+    """A data.mixture run (two groups drawn by weight, validation per group) on 2 ranks of one
+    sequence-parallel group: the same rows, losses, per-group tokens and per-group validation losses as
+    1 rank; and `train/sequence_parallel` reaches the offline W&B run."""
+    from test_train import make_shards, read_wandb_summary, train
+
+    shards = tmp_path / "shard"
+    make_shards(shards, train_docs=120, val_docs=20, group="web", partition=0)
+    make_shards(shards, train_docs=120, val_docs=20, seed=10, group="code", partition=1)
+    mix = [*SP_RUN, MIXTURE, f"train.steps={MIX_STEPS}", f"train.eval_every={MIX_STEPS}"]
+    train(tmp_path / "ref", shards, mix, procs=1)
+    result = train(tmp_path / "sp2", shards, [*mix, "train.sequence_parallel=2", "wandb.mode=offline"], procs=2)
+    assert result["sequence_parallel"] == 2
+    _assert_same_steps(tmp_path / "sp2", tmp_path / "ref", range(1, MIX_STEPS + 1), rel=1e-5)
+    got, want = _steps(tmp_path / "sp2")[MIX_STEPS], _steps(tmp_path / "ref")[MIX_STEPS]
+    for key in ("data/tokens/web", "data/tokens/code"):
+        assert got[key] == want[key] > 0, key
+    for key in ("val/loss", "val/loss/web", "val/loss/code"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    files = sorted((tmp_path / "sp2" / "train" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    assert read_wandb_summary(files[0])["train/sequence_parallel"] == 2
+
+
 def test_grid_and_config_errors_name_the_keys():
     from xlp.pipeline.core.config import load_config
     from xlp.pipeline.train.dist import grid
@@ -171,8 +211,6 @@ def test_grid_and_config_errors_name_the_keys():
         grid(0, 2, 2, 33)
     with pytest.raises(Exception, match="train.sequence_parallel"):
         load_config(None, ["train.sequence_parallel=0"])
-    with pytest.raises(Exception, match="train.compile"):
-        load_config(None, ["train.sequence_parallel=2", "train.compile=true"])
     # what the sections cannot see alone is refused when the config loads, before any rank starts
     with pytest.raises(Exception, match="model.arch 'llama' is not supported"):
         load_config(None, ["train.sequence_parallel=2", "model.arch=llama"])
@@ -181,6 +219,10 @@ def test_grid_and_config_errors_name_the_keys():
     with pytest.raises(Exception, match="does not divide data.seq_len=33"):
         load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=33"])
     load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=64"])
+    load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=64", "train.compile=true"])
+    with pytest.raises(Exception, match="use model.activation_checkpointing=false, or train.compile=false"):
+        load_config(None, ["train.sequence_parallel=2", "model.arch=xlstm_large", "data.seq_len=64", "train.compile=true",
+                           "model.activation_checkpointing=true"])
 
 
 def test_sequence_parallel_continues_the_trajectory():

@@ -60,13 +60,16 @@ def synthetic_docs(n_docs: int, seed: int, vocab: int = VOCAB) -> list[np.ndarra
 
 
 def make_shards(out_dir: Path, *, train_docs: int = 400, val_docs: int = 60, shard_bytes: int = 8_000,
-                seed: int = 0) -> Path:
-    """A shard-stage output (manifest.json + tar shards) written with the data library."""
+                seed: int = 0, group: str = "", partition: int = 0) -> Path:
+    """A shard-stage output (manifest.json + tar shards) written with the data library. `group`: the
+    shards are that data.mixture group's; call once per group (each its own `partition`) into one folder,
+    and the manifest lists them all."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(VOCAB)
     for split, n, s in (("train", train_docs, seed), ("val", val_docs, seed + 1)):
-        w = ShardWriter(out_dir, split, 0, dtype=dtype, sample_tokens=512, shard_bytes=shard_bytes)
+        w = ShardWriter(out_dir, split, partition, dtype=dtype, sample_tokens=512, shard_bytes=shard_bytes,
+                        group=group)
         for doc in synthetic_docs(n, s):
             w.add_doc(doc, "synthetic")
         w.close()
@@ -99,7 +102,20 @@ def write_config(run_dir: Path, overrides: list[str]) -> Path:
 
 
 def read_wandb_history(run_file: Path) -> list[dict]:
-    """The history rows of an offline W&B run file (`run-<id>.wandb`).
+    """The history rows of an offline W&B run file (`run-<id>.wandb`)."""
+    return read_wandb_records(run_file, "history")
+
+
+def read_wandb_summary(run_file: Path) -> dict:
+    """The run summary of an offline W&B run file: each key's last value."""
+    out: dict = {}
+    for update in read_wandb_records(run_file, "summary"):
+        out.update(update)
+    return out
+
+
+def read_wandb_records(run_file: Path, kind: str) -> list[dict]:
+    """The records of one kind ("history" rows, "summary" updates) of an offline W&B run file, as dicts.
 
     The file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
     records, each with a 7-byte header (crc32, little-endian uint16 length, type: 1 full, 2 first,
@@ -116,17 +132,19 @@ def read_wandb_history(run_file: Path) -> list[dict]:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, rtype = struct.unpack("<IHB", data[pos:pos + 7])
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
-        if kind == 0 and length == 0:
+        if rtype == 0 and length == 0:
             continue
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
+        buf = chunk if rtype in (1, 2) else buf + chunk
+        if rtype in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+            if rec.WhichOneof("record_type") != kind:
+                continue
+            items = rec.history.item if kind == "history" else rec.summary.update
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items})
     return rows
 
 

@@ -18,7 +18,7 @@ from xlp.kernels.dispatch import preload_triton
 from xlp.xlstm_model.config import ModelConfig
 from xlp.xlstm_model.layers import LayerNorm, RMSNorm, soft_cap, std_in
 from xlp.xlstm_model.llama import LlamaBlock
-from xlp.xlstm_model.sequence_parallel import SeqParallel
+from xlp.xlstm_model.sequence_parallel import SeqParallel, keep_exchange_out_of_compile
 from xlp.xlstm_model.xlstm import MLSTMBlock, SLSTMBlock
 from xlp.xlstm_model.xlstm_large import XLSTMLargeBlock
 
@@ -79,6 +79,7 @@ class LanguageModel(nn.Module):
         Triton ops are custom ops with fake implementations: the graph calls them as they are. The
         embedding, final norm and fused linear + cross-entropy stay outside. Returns self."""
         preload_triton()
+        keep_exchange_out_of_compile()  # sequence parallelism: its collectives run between the graphs
         self._run_block = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
         return self
 

@@ -95,7 +95,24 @@ def all_gather(x: Tensor, sp: SeqParallel) -> Tensor:
     """(N, *x.shape): every rank's x, differentiable (see _AllGather)."""
     if sp.size == 1:
         return x[None]
+    return _GATHER[0](x, sp)
+
+
+def _gather(x: Tensor, sp: SeqParallel) -> Tensor:
     return _AllGather.apply(x, sp.group, sp.rank, sp.size)
+
+
+_GATHER = [_gather]  # what all_gather calls: _gather, or (once blocks are compiled) its Dynamo-disabled form
+
+
+def keep_exchange_out_of_compile() -> None:
+    """Compiled blocks (LanguageModel.compile_blocks) with sequence parallelism: Dynamo does not trace the
+    exchange; it ends the block's graph before it and starts another after it (one graph break per
+    exchange), so the collective and its backward run eagerly, in the same order on every rank, and the
+    math on either side is compiled. Called before any compile (torch.compiler imports Dynamo: seconds,
+    which an uncompiled run does not pay)."""
+    if _GATHER[0] is _gather:
+        _GATHER[0] = torch.compiler.disable(_gather)
 
 
 def _tie(out: Tensor, unused: Tensor) -> Tensor:

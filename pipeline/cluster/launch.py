@@ -102,11 +102,12 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
            shard_dir: Optional[Path] = None, threads: int = 0, stream: Optional[IO[str]] = None,
            extra_env: Optional[dict] = None, grace_s: float = 600.0, launcher: str = "auto",
            device: str = "auto", hooks: Optional[str] = None, hang_timeout: float = 600.0,
-           max_restarts: int = 0) -> int:
+           max_restarts: int = 0, sequence_parallel: int = 1) -> int:
     """Run the ranks to completion. Returns the number of ranks; raises TrainFailed (RanksLost: a rank
     hung or was lost; see supervise) or TrainInterrupted. hang_timeout: `train.hang_timeout` (0: off).
     max_restarts: `train.max_restarts`, for Ray Train, which restarts lost workers itself (a Slurm job
-    requeues itself instead: slurm.max_requeues)."""
+    requeues itself instead: slurm.max_requeues). sequence_parallel: `train.sequence_parallel`, whose
+    groups the Slurm and Ray plans place (and name in their launch line)."""
     run_dir = Path(run_dir)
     out = TrainLayout(Path(out_dir)) if out_dir else RunLayout(run_dir).train
     out.logs.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,8 @@ def launch(run_dir: Path, *, config: Path, cpu_processes: int, out_dir: Optional
     start = {"local": LocalRanks, "slurm": SlurmRanks, "ray": RayRanks}[how]
     _clear_rank_logs(out.logs)
     options = {"max_restarts": max_restarts} if how == "ray" else {}
+    if how in ("slurm", "ray"):
+        options["sequence_parallel"] = sequence_parallel
     ranks = start(command, cpu_processes=cpu_processes, threads=threads, device=device,
                   extra_env=extra_env or {}, stream=stream, **options)
     return supervise(ranks, out, stream=stream, grace_s=grace_s, hang_timeout=hang_timeout)
@@ -547,7 +550,7 @@ class SlurmRanks(Ranks):
     else train.cpu_processes) on every node of the job; rendezvous on the job's first node."""
 
     def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
-                 extra_env: dict, stream: IO[str]):
+                 extra_env: dict, stream: IO[str], sequence_parallel: int = 1):
         self.out = command.out
         base = dict(os.environ)
         visible_devices_for_ranks(base)
@@ -555,7 +558,7 @@ class SlurmRanks(Ranks):
         alloc = SlurmAllocation.from_env(base, first_node=master, gpus_per_node=slurm_gpus_per_node(base, device),
                                          cpus_fallback=len(os.sched_getaffinity(0)))
         plan = srun_plan(alloc, cpu_processes=cpu_processes, threads=threads, device=device, master_port=port,
-                         user_env=extra_env, inherited_env=base)
+                         user_env=extra_env, inherited_env=base, sequence_parallel=sequence_parallel)
         self.n = plan.ranks
         for key in (*_SLURM_STEP_VARS, *_TORCH_RANK_VARS):
             base.pop(key, None)
@@ -688,7 +691,7 @@ class RayRanks(Ranks):
     is a file every worker watches (RUN_DIR/train/logs/STOP)."""
 
     def __init__(self, command: RankCommand, *, cpu_processes: int, threads: int, device: str,
-                 extra_env: dict, stream: IO[str], max_restarts: int = 0):
+                 extra_env: dict, stream: IO[str], max_restarts: int = 0, sequence_parallel: int = 1):
         import ray
 
         if not ray.is_initialized():
@@ -701,7 +704,8 @@ class RayRanks(Ranks):
         passed = {k: v for k, v in os.environ.items()
                   if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
         plan = ray_train_plan(RayCluster.from_nodes(ray.nodes()), cpu_processes=cpu_processes, threads=threads,
-                              device=device, user_env=extra_env, inherited_env=passed)
+                              device=device, user_env=extra_env, inherited_env=passed,
+                              sequence_parallel=sequence_parallel)
         self.n = n = plan.num_workers
         if not plan.use_gpu:
             command.on_cpu()
@@ -722,7 +726,8 @@ class RayRanks(Ranks):
                                  worker_runtime_env={"env_vars": worker_env}),
         )
         _say(stream, f"launch: ray train, {n} workers ({'GPU' if plan.use_gpu else 'CPU'}; {plan.placement_strategy} "
-                     f"over {plan.nodes} node(s); cluster {dict(resources)})")
+                     f"over {plan.nodes} node(s); cluster {dict(resources)})"
+                     + "".join(f"; {line} (expected; Ray places the workers)" for line in plan.groups()))
         self.out = command.out
         self.box: dict = {}
         self.abandoned = False

@@ -11,6 +11,11 @@ r // ranks_per_node with LOCAL_RANK = r % ranks_per_node and drives cuda:LOCAL_R
 rank sees all of the node's GPUs, so NCCL can use peer-to-peer links between them); the rendezvous is
 on the allocation's first node.
 
+Sequence parallelism (train.sequence_parallel=N): a group is N consecutive ranks (pipeline/train/dist.py).
+srun places ranks node by node, and Ray Train numbers its workers node by node, so every group is on one
+node exactly when each node has a multiple of N ranks; the plans say whether that holds, and name the
+groups that span nodes otherwise (their state exchange then crosses the network in every layer).
+
 Environment of every rank, lowest priority first: the launching environment; the plan's defaults
 (TORCH_NCCL_ASYNC_ERROR_HANDLING=1 on GPUs unless the environment sets it; DS_ACCELERATOR=cpu and
 OMP_NUM_THREADS on CPU); `train.env` from the config.
@@ -45,6 +50,33 @@ def _rank_defaults(inherited_env: Mapping[str, str], *, gpus: bool, cpu_threads:
     if gpus:
         return {k: v for k, v in NCCL_DEFAULTS.items() if k not in inherited_env}
     return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cpu_threads)}
+
+
+def sequence_parallel_groups(per_node: Sequence[int], sp: int) -> list[str]:
+    """Where the sequence-parallel groups of `sp` consecutive ranks fall on nodes holding `per_node[i]`
+    ranks each (ranks numbered node by node), as lines for a person; [] with sp=1."""
+    world = sum(per_node)
+    if sp <= 1 or world == 0:
+        return []
+    if world % sp:
+        return [f"sequence_parallel {sp}: does not divide the {world} ranks; the train stage refuses to start "
+                f"(use a train.sequence_parallel that divides {world})"]
+    node_of = [n for n, count in enumerate(per_node) for _ in range(count)]
+    spans = []
+    for d in range(world // sp):
+        nodes = sorted(set(node_of[d * sp:(d + 1) * sp]))
+        if len(nodes) > 1:
+            spans.append(f"group {d} (ranks {d * sp}-{(d + 1) * sp - 1}) spans nodes "
+                         + ", ".join(str(n + 1) for n in nodes))
+    counts = sorted(set(per_node))
+    per = "/".join(str(c) for c in counts)
+    if not spans:
+        return [f"sequence_parallel {sp}: {world // sp} group(s) of {sp} consecutive ranks, each on one node "
+                f"({per} ranks a node, a multiple of {sp})"]
+    shown = spans[:3] + ([f"{len(spans) - 3} more"] if len(spans) > 3 else [])
+    return [f"sequence_parallel {sp}: {len(spans)} of {world // sp} group(s) span nodes ({'; '.join(shown)}): "
+            f"their state exchange crosses the network in every layer; {per} ranks a node is not a multiple of "
+            f"{sp}: put a multiple of {sp} ranks on each node (GPUs or train.cpu_processes per node)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,10 +116,15 @@ class SrunPlan:
     master_port: Optional[int]  # None: picked when the job starts (dry run)
     env: dict[str, str] = field(default_factory=dict)  # set for every rank, over the launching environment
     job_id: Optional[str] = None
+    sequence_parallel: int = 1  # train.sequence_parallel: ranks per group (consecutive ranks)
 
     @property
     def ranks(self) -> int:
         return self.nodes * self.ranks_per_node
+
+    def groups(self) -> list[str]:
+        """Where the sequence-parallel groups fall (see sequence_parallel_groups); [] without them."""
+        return sequence_parallel_groups([self.ranks_per_node] * self.nodes, self.sequence_parallel)
 
     def placement(self, rank: int) -> tuple[int, int, Optional[int]]:
         """(node index, LOCAL_RANK, GPU index on that node or None) of `rank`: srun's block distribution
@@ -109,7 +146,7 @@ class SrunPlan:
         kind = "GPU" if self.gpus_per_node else "CPU"
         return (f"{self.ranks} ranks ({self.nodes} node(s) x {self.ranks_per_node} {kind} ranks, "
                 f"rendezvous {self.master_addr}:{self.master_port or '<port picked at start>'}, "
-                f"job {self.job_id or '<not started>'})")
+                f"job {self.job_id or '<not started>'})" + "".join(f"; {line}" for line in self.groups()))
 
     def describe(self, rank_argv: Sequence[str] = (), log_pattern: str = "RUN_DIR/train/logs/rank_%t.log") -> str:
         """Several lines for a person: the srun command, where the ranks go, their environment."""
@@ -125,6 +162,7 @@ class SrunPlan:
             node, local, gpu = self.placement(rank)
             lines.append(f"  rank {rank}: node {node + 1} of {self.nodes}, LOCAL_RANK={local}"
                          + (f", cuda:{gpu}" if gpu is not None else ""))
+        lines.extend(self.groups())
         lines.append(f"rendezvous: MASTER_ADDR={self.master_addr}, "
                      f"MASTER_PORT={self.master_port or '<a free port there, or one the job id picks>'}")
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
@@ -133,10 +171,11 @@ class SrunPlan:
 
 def srun_plan(alloc: SlurmAllocation, *, cpu_processes: int, threads: int = 0, device: str = "auto",
               master_port: Optional[int] = None, user_env: Optional[Mapping[str, str]] = None,
-              inherited_env: Optional[Mapping[str, str]] = None) -> SrunPlan:
+              inherited_env: Optional[Mapping[str, str]] = None, sequence_parallel: int = 1) -> SrunPlan:
     """The srun step for `alloc`: one rank per GPU on each node, else `cpu_processes` CPU ranks (with
     train.device=cpu always); the node's CPUs split evenly between its ranks. `user_env` (train.env)
-    wins over the plan's defaults, which yield to `inherited_env` (the launching environment)."""
+    wins over the plan's defaults, which yield to `inherited_env` (the launching environment).
+    `sequence_parallel`: train.sequence_parallel, whose groups the plan places (SrunPlan.groups)."""
     gpus = 0 if device == "cpu" else alloc.gpus_per_node
     per_node = gpus or cpu_processes
     cpus_per_rank = max(1, alloc.cpus_per_node // per_node)
@@ -145,7 +184,8 @@ def srun_plan(alloc: SlurmAllocation, *, cpu_processes: int, threads: int = 0, d
         env["MASTER_PORT"] = str(master_port)
     env.update(_rank_defaults(inherited_env or {}, gpus=bool(gpus), cpu_threads=threads or cpus_per_rank))
     env.update(user_env or {})
-    return SrunPlan(alloc.nodes, per_node, gpus, cpus_per_rank, alloc.first_node, master_port, env, alloc.job_id)
+    return SrunPlan(alloc.nodes, per_node, gpus, cpus_per_rank, alloc.first_node, master_port, env, alloc.job_id,
+                    max(1, int(sequence_parallel)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +217,25 @@ class RayTrainPlan:
     placement_strategy: str  # PACK (one node) | SPREAD (workers spread across the nodes)
     nodes: int
     env: dict[str, str] = field(default_factory=dict)  # set for every worker, over the variables passed on
+    sequence_parallel: int = 1  # train.sequence_parallel: workers per group (consecutive world ranks)
+    gpus_per_node: int = 0  # each node's GPUs (an even share of the cluster's): where GPU workers go
+
+    def per_node(self) -> list[int]:
+        """Workers on each node as the plan expects them: a node's GPUs filled (GPU workers), the workers
+        dealt out evenly (SPREAD), or all on one node (PACK). Ray decides at launch; the trainer's log names
+        the groups that did span nodes."""
+        if self.placement_strategy == "PACK" or self.nodes <= 1:
+            return [self.num_workers]
+        if self.use_gpu and self.gpus_per_node:
+            full, rest = divmod(self.num_workers, self.gpus_per_node)
+            return [self.gpus_per_node] * full + ([rest] if rest else [])
+        base, extra = divmod(self.num_workers, self.nodes)
+        return [base + (1 if n < extra else 0) for n in range(self.nodes) if base or n < extra]
+
+    def groups(self) -> list[str]:
+        """Where the sequence-parallel groups fall: Ray Train numbers the workers node by node (see
+        sequence_parallel_groups); [] without them."""
+        return sequence_parallel_groups(self.per_node(), self.sequence_parallel)
 
     def scaling_config_kwargs(self) -> dict:
         """Keyword arguments of ray.train.ScalingConfig."""
@@ -191,15 +250,17 @@ class RayTrainPlan:
             f"resources_per_worker={self.resources_per_worker}, placement_strategy={self.placement_strategy!r})",
             f"workers: {self.num_workers} {kind} workers on {self.nodes} node(s)"
             + (", spread across the nodes" if self.placement_strategy == "SPREAD" else ""),
+            *self.groups(),
             "environment: " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())),
         ])
 
 
 def ray_train_plan(cluster: RayCluster, *, cpu_processes: int, threads: int = 0, device: str = "auto",
                    user_env: Optional[Mapping[str, str]] = None,
-                   inherited_env: Optional[Mapping[str, str]] = None) -> RayTrainPlan:
+                   inherited_env: Optional[Mapping[str, str]] = None, sequence_parallel: int = 1) -> RayTrainPlan:
     """One worker per GPU of the cluster, else `cpu_processes` CPU workers (the cluster's CPUs split
-    between them for their threads); spread across the nodes when there are several."""
+    between them for their threads); spread across the nodes when there are several.
+    `sequence_parallel`: train.sequence_parallel, whose groups the plan places (RayTrainPlan.groups)."""
     gpus = 0 if device == "cpu" else int(cluster.gpus)
     n = gpus or cpu_processes
     resources = {"CPU": 1.0, "GPU": 1.0} if gpus else {"CPU": 1.0}
@@ -207,7 +268,9 @@ def ray_train_plan(cluster: RayCluster, *, cpu_processes: int, threads: int = 0,
     cpu_threads = threads or max(1, int(cluster.cpus or n) // n)
     env = _rank_defaults(inherited_env or {}, gpus=bool(gpus), cpu_threads=cpu_threads)
     env.update(user_env or {})
-    return RayTrainPlan(n, gpus > 0, resources, strategy, cluster.nodes, env)
+    gpus_per_node = gpus // cluster.nodes if gpus and cluster.nodes else 0
+    return RayTrainPlan(n, gpus > 0, resources, strategy, cluster.nodes, env, max(1, int(sequence_parallel)),
+                        gpus_per_node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,4 +308,13 @@ def slurm_consistency_errors(cfg) -> list[str]:
     if s.nodes > 1 and t.launcher == "local":
         errors.append(f"train.launcher=local trains on the first of the slurm.nodes={s.nodes} nodes only: set "
                       "train.launcher=auto (srun on every node) or slurm.nodes=1")
+    sp = int(t.sequence_parallel)
+    gpus = 0 if t.device == "cpu" else int(s.gpus_per_node)
+    per_node = gpus or int(t.cpu_processes)
+    nodes = 1 if t.launcher == "local" else int(s.nodes)
+    if sp > 1 and (nodes * per_node) % sp:
+        what = f"slurm.gpus_per_node={gpus}" if gpus else f"train.cpu_processes={per_node}"
+        errors.append(f"train.sequence_parallel={sp} does not divide the job's {nodes * per_node} ranks "
+                      f"(slurm.nodes={nodes} x {what}): set train.sequence_parallel to a divisor of "
+                      f"{nodes * per_node}, or {what.split('=')[0]} to a multiple of {sp}")
     return errors

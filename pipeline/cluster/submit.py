@@ -300,7 +300,7 @@ def launch_plan(job_cfg: DictConfig):
     t = job_cfg.train
     user_env = {str(k): str(v) for k, v in t.env.items()}
     common = dict(cpu_processes=int(t.cpu_processes), threads=int(t.threads), device=str(t.device),
-                  user_env=user_env, inherited_env=os.environ)
+                  user_env=user_env, inherited_env=os.environ, sequence_parallel=int(t.sequence_parallel))
     if t.launcher == "ray":
         return ray_train_plan(planned_ray_cluster(job_cfg.slurm), **common)
     if t.launcher in ("slurm", "auto"):

@@ -444,6 +444,12 @@ def validate(cfg: DictConfig) -> None:
         error = OmegaConf.to_object(cfg.model).sequence_parallel_error(sp)
         if error:
             raise ConfigError(error)
+        if cfg.train.compile and cfg.model.activation_checkpointing:
+            raise ConfigError(
+                f"train.compile=true with train.sequence_parallel={sp} and model.activation_checkpointing=true: the "
+                "state exchange is a graph break in each block, and Dynamo runs a checkpointed block with a graph "
+                "break inside it eagerly (nothing of it compiled); use model.activation_checkpointing=false, or "
+                "train.compile=false")
         if int(cfg.data.seq_len) % sp:
             raise ConfigError(f"train.sequence_parallel={sp} does not divide data.seq_len={cfg.data.seq_len}: every "
                               f"rank of a group holds seq_len / sequence_parallel tokens of each row; use a "

@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> dict:
                    out_dir=out.root, shard_dir=layout.shard_dir, threads=int(ctx.cfg.train.threads),
                    stream=sys.stdout, launcher=str(ctx.cfg.train.launcher), device=str(ctx.cfg.train.device),
                    hang_timeout=float(ctx.cfg.train.hang_timeout), max_restarts=int(ctx.cfg.train.max_restarts),
+                   sequence_parallel=int(ctx.cfg.train.sequence_parallel),
                    extra_env={str(k): str(v) for k, v in ctx.cfg.train.env.items()})
     result = json.loads(out.result.read_text())
     result["ranks"] = ranks

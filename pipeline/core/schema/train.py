@@ -170,9 +170,6 @@ class TrainConfig:
         if self.compile and self.zero_stage == 3:
             raise bad("compile", "needs train.zero_stage <= 2: ZeRO-3 gathers each block's parameters in module "
                       "hooks, which compiled blocks are not tested with; use train.compile=false with ZeRO-3")
-        if self.compile and self.sequence_parallel > 1:
-            raise bad("compile", "is not tested with train.sequence_parallel > 1 (the state exchange is a "
-                      "collective inside every block); use train.compile=false or train.sequence_parallel=1")
         if self.offload_optimizer and self.zero_stage < 1:
             raise bad("offload_optimizer", "needs train.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
