@@ -26,7 +26,6 @@ importable with xlp.* (benchmarks/_xlp_path.sh); benchmarks/gpu_campaign.sh inst
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -35,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from xlp.pipeline.core.stage import file_sha256
 
 CONFIG = "campaign_gpu"
 # CPU, tiny: the three runs' code paths in seconds. Enough steps that the SIGTERM (relayed by xlp's driver,
@@ -45,14 +46,6 @@ DRY = ["data.sources=[stdlib:json]", "tokenizer.vocab_size=512", "data.seq_len=3
        "train.steps=150", "train.warmup=2", "train.eval_every=0", "train.eval_batches=1", "train.log_every=50",
        "eval.parts=[ppl]", "eval.ppl_batches=1", "eval.baseline=false", "eval.plots=false", "eval.threads=1"]
 STAGES = ("tokenizer", "shard", "train", "eval")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stage_json(run_dir: Path, stage: str) -> dict[str, Any]:
@@ -157,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed += fallbacks(stage, rec["kernel_backends"][stage])
     if not a.dry_run and "cuda" not in (rec["kernel_backends"]["train"] or {}):
         failed.append("the train stage ran no kernel op on CUDA (train.device, or no GPU visible?)")
-    ref_model = {f.name: sha256(f) for f in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
+    ref_model = {f.name: file_sha256(f) for f in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
 
     # 2. the training again, stopped by SIGTERM midway; 3. resumed
     if not failed:
@@ -194,9 +187,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 failed.append(f"the first training's output is not in {run_dir / '.stale'}")
             else:
                 ref_rows = metrics_rows(stale[-1] / "metrics.jsonl")
-                ref_model = {f.name: sha256(f) for f in sorted((stale[-1] / "model").glob("*.safetensors"))}
+                ref_model = {f.name: file_sha256(f) for f in sorted((stale[-1] / "model").glob("*.safetensors"))}
             cmp = compare(ref_rows, metrics_rows(metrics), steps, resumed)
-            new_model = {f.name: sha256(f) for f in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
+            new_model = {f.name: file_sha256(f) for f in sorted((run_dir / "train" / "model").glob("*.safetensors"))}
             cmp["weights_equal"] = bool(ref_model) and new_model == ref_model
             rec["bitwise"] = cmp
             if not cmp["before_stop_equal"]:
