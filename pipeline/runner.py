@@ -36,7 +36,7 @@ from xlp.pipeline.core.lock import RunLock
 from xlp.pipeline.core.node import RayNodeLost, RetryableFault, ray_fault
 from xlp.pipeline.core.preflight import check_run, config_notes
 from xlp.pipeline.core.registry import STAGES
-from xlp.pipeline.core.secrets import redact_config_yaml, redact_text
+from xlp.pipeline.core.secrets import forwarded_env, redact_config_yaml, redact_text
 from xlp.pipeline.core.stage import (
     Stage,
     StageContext,
@@ -171,7 +171,11 @@ def run_pipeline(
         for stage in order:
             if stage.name in selected:
                 _check_inputs(stage, stages, run_dir, fps, rerun, selected)
-        started_ray = _ensure_ray()
+        ray_mode = _ensure_ray()
+        started_ray = ray_mode is not None
+        # Tasks of an embedded Ray are this process's children and inherit its environment; on a Ray
+        # this process did not start, the stage tasks get the variables our code reads from it.
+        env = None if (ray_mode or _ray_mode) == "embedded" else forwarded_env()
         # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
         if threading.current_thread() is threading.main_thread():
             _stop_requests.received.clear()
@@ -189,16 +193,14 @@ def run_pipeline(
                 continue
             _check_inputs(stage, stages, run_dir, fps, rerun)
             resumed = _prepare_dir(stage, layout, marker, fp, trajs[stage.name], force, out)
-            _run_one(stage, cfg, run_dir, fp, trajs[stage.name], resumed, out)
+            _run_one(stage, cfg, run_dir, fp, trajs[stage.name], resumed, out, env)
             outcome[stage.name] = "ran"
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm[0])
             signal.signal(signal.SIGINT, previous_sigterm[1])
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            _disconnect_ray()
         lock.release()
     return outcome
 
@@ -332,7 +334,9 @@ def human_bytes(n: float) -> str:
 
 
 def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: str, resumed: bool,
-             out: TextIO) -> None:
+             out: TextIO, env: Optional[tuple[dict[str, str], dict[str, str]]] = None) -> None:
+    """Run one stage as a Ray task. `env`: (plain, secret) variables to give the task (forwarded_env):
+    the plain ones in its runtime environment, the secret ones as an object it reads (never logged)."""
     import ray
 
     layout = RunLayout(run_dir)
@@ -346,7 +350,11 @@ def _run_one(stage: Stage, cfg: DictConfig, run_dir: Path, fp: str, trajectory: 
     ended_marker.unlink(missing_ok=True)
     (stage_dir / STOP_REQUESTED).unlink(missing_ok=True)
     tail = _LogTail(log_path, out)  # before the task starts: a resumed stage appends to its old log
-    task = _remote_stage().remote(stage, cfg, str(run_dir), fp, resumed, str(log_path))
+    remote, secret = _remote_stage(), {}
+    if env is not None:
+        plain, secret = env
+        remote = remote.options(runtime_env={"env_vars": plain})
+    task = remote.remote(stage, cfg, str(run_dir), fp, resumed, str(log_path), ray.put(secret))
     try:
         last_beat = time.time()
         while True:
@@ -500,12 +508,16 @@ def log_only(text: str) -> None:
 # Ray
 
 
-def _ensure_ray() -> bool:
-    """Connect to Ray: the cluster in RAY_ADDRESS if set, else start an embedded one. True if started."""
+_ray_mode: Optional[str] = None  # how _ensure_ray last connected this process
+
+
+def _ensure_ray() -> Optional[str]:
+    """Connect to Ray: the cluster in RAY_ADDRESS if set ("connected"), else start an embedded one
+    ("embedded"); None when this process is connected already (whoever connected it disconnects)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if not os.environ.get("RAY_ADDRESS"):
@@ -527,7 +539,18 @@ def _ensure_ray() -> bool:
     else:
         ray.init(**kwargs)
     _private_ray_token()
-    return True
+    global _ray_mode
+    _ray_mode = "connected" if os.environ.get("RAY_ADDRESS") else "embedded"
+    return _ray_mode
+
+
+def _disconnect_ray() -> None:
+    """Undo _ensure_ray: stop the embedded Ray, or leave the cluster."""
+    import ray
+
+    global _ray_mode
+    ray.shutdown()
+    _ray_mode = None
 
 
 def _private_ray_token() -> None:
@@ -543,7 +566,9 @@ def _private_ray_token() -> None:
         pass  # none (token authentication off), or not ours to change
 
 
-def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, resumed: bool, log_path: str) -> dict:
+def _execute_stage_impl(stage: Stage, cfg: DictConfig, run_dir: str, fp: str, resumed: bool, log_path: str,
+                        secret_env: Optional[dict[str, str]] = None) -> dict:
+    os.environ.update(secret_env or {})  # a worker of this run only (Ray starts one per job)
     ctx = StageContext(
         name=stage.name, cfg=stage.view(cfg), run_dir=Path(run_dir), fingerprint=fp, resumed=resumed, log_file=Path(log_path)
     )

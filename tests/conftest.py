@@ -61,8 +61,48 @@ def _group(item) -> str:
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER") is None and getattr(config.option, "numprocesses", None):
-        os.environ[GROUPS_FILE] = tempfile.mkstemp(prefix="xlp-test-groups-", suffix=".json")[1]
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        if getattr(config.option, "numprocesses", None):
+            os.environ[GROUPS_FILE] = tempfile.mkstemp(prefix="xlp-test-groups-", suffix=".json")[1]
+        _start_shared_ray(config)
+
+
+# One Ray for the whole session (tests/ray_service.py), started here, in the process that starts the
+# test workers, so that they inherit its address in RAY_ADDRESS: every `xlp run` a test starts, and every
+# pipeline a test runs in its own process, connects to it (the runner passes the driver's XLP_*, WANDB_*,
+# ... variables to the stage tasks, as on any cluster). Its workers run in a folder of their own, not in
+# the test's working directory: a stage that depends on its task's working directory fails here.
+_shared_ray: dict = {}
+
+
+def _start_shared_ray(config) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cwd = tempfile.mkdtemp(prefix="xlp-test-ray-")
+    proc = subprocess.Popen([sys.executable, str(TESTS_DIR / "ray_service.py"), str(os.cpu_count() or 2)],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    address, _, auth_mode = proc.stdout.readline().strip().partition(" ")
+    if proc.poll() is not None or not address:
+        proc.kill()
+        raise pytest.UsageError(f"the tests' shared Ray did not start (tests/ray_service.py, exit {proc.wait()})")
+    _shared_ray.update(proc=proc, cwd=cwd)
+    os.environ["RAY_ADDRESS"] = address
+    if auth_mode:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_unconfigure(config):
+    proc = _shared_ray.pop("proc", None)
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a stuck shutdown must not hang the session's end
+            proc.kill()
+        shutil.rmtree(_shared_ray.pop("cwd"), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -116,17 +156,13 @@ if importlib.util.find_spec("xdist") is not None:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the tests in this process; workers can import modules from tests/."""
+    """This process connected to the session's shared Ray (its workers can import modules from tests/)."""
     import logging
 
     import ray
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
 
@@ -147,7 +183,8 @@ def ray_head():
     port, dash = free_port(), free_port()
     # a short path: Ray's socket files live under it (at most 107 bytes; pytest's tmp paths are longer)
     temp = tempfile.mkdtemp(prefix="xrh", dir="/tmp")
-    env = dict(os.environ, RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2", RAY_TEMP_DIR=temp)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's shared Ray
+    env.update(RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2", RAY_TEMP_DIR=temp)
     script = str(REPO / "infra" / "local-ray.sh")
     try:  # stopped even when it failed to come up whole
         proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
@@ -158,9 +195,13 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def xlp_env(extra: dict | None = None) -> dict:
-    """Environment for `xlp` subprocesses: tests/ importable (toy stages), W&B offline."""
+def xlp_env(extra: dict | None = None, *, embedded_ray: bool = False) -> dict:
+    """Environment for `xlp` subprocesses: tests/ importable (toy stages), W&B offline; the session's
+    shared Ray, or with `embedded_ray` none: `xlp run` starts its own (a test that breaks its Ray, or
+    reads its logs or temp dir)."""
     env = dict(os.environ)
+    if embedded_ray:
+        env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.update(extra or {})

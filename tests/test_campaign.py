@@ -53,6 +53,7 @@ def test_campaign_dry_run(tmp_path):
     (block / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(block), COMMIT="test",
                CAMPAIGN_WORK=str(tmp_path / "work"))
+    env.pop("RAY_ADDRESS", None)  # as on a GPU machine: its `xlp run` starts its own Ray, under the shim
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=800)

@@ -235,7 +235,7 @@ KILLABLE_RUN = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sigkill_mid_stage_leaves_it_not_done_and_rerun_completes(tmp_path):
-    env = xlp_env({"TOY_STAGE_SLEEP": "120"})
+    env = xlp_env({"XLP_TEST_TOY_SLEEP": "120"})
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = tmp_path / "total" / "started"
@@ -253,7 +253,7 @@ def test_sigkill_mid_stage_leaves_it_not_done_and_rerun_completes(tmp_path):
     assert states == {"numbers": "done", "total": "failed", "report": "pending"}
     assert not (tmp_path / "total" / "total.txt").exists()
 
-    env["TOY_STAGE_SLEEP"] = "0"
+    env["XLP_TEST_TOY_SLEEP"] = "0"
     rerun = subprocess.run([sys.executable, "-c", KILLABLE_RUN, str(tmp_path)], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "= numbers: done" in rerun.stdout and "> total: resuming" in rerun.stdout
@@ -294,8 +294,9 @@ TOY_XLP_RUN = textwrap.dedent(
 
 def _stop_xlp_run(run_dir: Path, signum: int) -> subprocess.CompletedProcess:
     """`xlp run` on the toy stages, sent `signum` once its second stage runs: SIGINT to its whole process
-    group, as a terminal's Ctrl-C is (Ray's processes get it too); SIGTERM to it alone, as `kill` does."""
-    env = xlp_env({"TOY_STAGE_SLEEP": "120"})
+    group, as a terminal's Ctrl-C is (its embedded Ray's processes get it too); SIGTERM to it alone, as
+    `kill` does (here to an `xlp run` on a Ray it did not start: the session's)."""
+    env = xlp_env({"XLP_TEST_TOY_SLEEP": "120"}, embedded_ray=signum == signal.SIGINT)
     proc = subprocess.Popen([sys.executable, "-c", TOY_XLP_RUN, str(run_dir)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = run_dir / "total" / "started"

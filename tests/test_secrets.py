@@ -202,7 +202,7 @@ def test_no_secret_in_run_dir_or_ray_logs_local_launcher(tmp_path):
     run_dir = tmp_path / "run"
     try:
         proc = subprocess.run(XLP + ["run", str(_config(tmp_path)), "--stages", STAGES, "--run-dir", str(run_dir)],
-                              env=xlp_env({**env, "RAY_TMPDIR": str(ray_tmp)}),
+                              env=xlp_env({**env, "RAY_TMPDIR": str(ray_tmp)}, embedded_ray=True),
                               capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
         assert "launch: local processes" in proc.stdout

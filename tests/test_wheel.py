@@ -53,7 +53,8 @@ def wheel_env(tmp_path_factory) -> dict:
     # PYTHONDONTWRITEBYTECODE dropped too: with --no-compile it would make every process of the run compile
     # torch, Ray and transformers from source again (import torch: 2.9 s of CPU instead of 1.4 s here)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONSAFEPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
+           if k not in ("PYTHONPATH", "PYTHONSAFEPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE",
+                        "RAY_ADDRESS")}  # an embedded Ray: the session's runs the clone's install
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return {"py": py, "xlp": venv / "bin" / "xlp", "work": work, "env": env, "wheel": wheel}

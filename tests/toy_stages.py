@@ -29,7 +29,7 @@ def total(ctx: StageContext) -> dict:
     # A stage that can be killed part way: it marks that it started, then waits if told to.
     (ctx.out_dir / "started").write_text(str(os.getpid()))
     # Short sleeps: Ray's cancel raises KeyboardInterrupt between Python bytecodes, as in real stages.
-    until = time.time() + float(os.environ.get("TOY_STAGE_SLEEP", "0"))
+    until = time.time() + float(os.environ.get("XLP_TEST_TOY_SLEEP", "0"))
     while time.time() < until:
         time.sleep(0.1)
     result = sum(values) * ctx.cfg.train.steps

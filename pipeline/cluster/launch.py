@@ -46,7 +46,7 @@ from xlp.pipeline.cluster.plan import (
 )
 from xlp.pipeline.core.layout import RunLayout, TrainLayout
 from xlp.pipeline.core.node import RetryableFault, node_name
-from xlp.pipeline.core.secrets import is_secret
+from xlp.pipeline.core.secrets import forwarded_env
 from xlp.pipeline.core.stage import output_to
 from xlp.pipeline.train.dist import free_port
 from xlp.pipeline.train.heartbeat import Hang, HangDetector, describe, last_position, read_heartbeat
@@ -677,12 +677,11 @@ def _signal_step(job_id: str, step_name: str, signal_name: str = "TERM") -> bool
 # ---------------------------------------------------------------------------------------------
 # Ray: Ray Train workers
 
-# The workers get their environment from Ray (the job's runtime env), not from this process: these
-# are passed on. Secret ones (xlp.pipeline.core.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
+# The workers get their environment from Ray (the job's runtime env), not from this process: the
+# variables xlp.pipeline.core.secrets.forwarded_env names are passed on. Secret ones (xlp.pipeline.core.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
 # a value with a credentialed URL) never go into the runtime env, which Ray's agents log: they travel as a Ray object (in the
 # object store, not in any log or in Ray Train's stored run config), which each worker reads into its
 # environment before the rank starts.
-_RAY_WORKER_ENV_PREFIXES = ("XLP_", "WANDB_", "TRITON_", "DS_", "DEEPSPEED_", "NCCL_", "TORCH_", "HF_", "OMP_")
 
 
 class RayRanks(Ranks):
@@ -701,15 +700,14 @@ class RayRanks(Ranks):
 
         resources = ray.cluster_resources()
 
-        passed = {k: v for k, v in os.environ.items()
-                  if k.startswith(_RAY_WORKER_ENV_PREFIXES) and k != "XLP_CUDA_VISIBLE_DEVICES"}
+        passed, secret = forwarded_env()
+        passed.pop("XLP_CUDA_VISIBLE_DEVICES", None)
         plan = ray_train_plan(RayCluster.from_nodes(ray.nodes()), cpu_processes=cpu_processes, threads=threads,
                               device=device, user_env=extra_env, inherited_env=passed,
                               sequence_parallel=sequence_parallel)
         self.n = n = plan.num_workers
         if not plan.use_gpu:
             command.on_cpu()
-        secret = {k: passed.pop(k) for k in list(passed) if is_secret(k, passed[k])}
         self.secrets_ref = ray.put(secret)  # kept alive (we own it) until the workers have read it
         worker_env = {**rank_env(passed, cpu_threads=None, extra_env={}),
                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **plan.env}  # print() to the log

@@ -434,6 +434,9 @@ def submit_ray(cfg: DictConfig, *, address: Optional[str], run_dir: Path, only: 
     if "://" not in address:
         address = f"http://{address}"
     os.environ.update(_ray_auth_env())
+    # Ray's client takes RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over the address it is given: a
+    # RAY_ADDRESS naming another cluster (or a GCS address, not a Jobs API) would win over --address.
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:

@@ -60,6 +60,23 @@ def secret_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if is_secret_name(k) and v}
 
 
+# What a Ray task or worker on a cluster gets from the process that started it, when that process is not
+# its parent (an `xlp run` driver connected to a running cluster; Ray Train's workers): the variables our
+# code and its libraries read, by prefix. The secret ones among them never go into a Ray runtime
+# environment (Ray's agents log it): they travel as a Ray object that the task reads into its environment.
+FORWARDED_ENV_PREFIXES = ("XLP_", "WANDB_", "TRITON_", "DS_", "DEEPSPEED_", "NCCL_", "TORCH_", "HF_", "OMP_")
+
+
+def forwarded_env(env: Optional[Mapping[str, str]] = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The variables of `env` (default: this process's) that a Ray task started on a cluster should see,
+    split into (plain, secret): the plain ones for its runtime environment, the secret ones to pass as an
+    object."""
+    env = os.environ if env is None else env
+    passed = {k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    secret = {k: passed.pop(k) for k in list(passed) if is_secret(k, passed[k])}
+    return passed, secret
+
+
 def _secret_values(env: Optional[Mapping[str, str]]) -> list[str]:
     values = {v for v in secret_env(env).values() if len(v) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)  # longest first: one value may contain another

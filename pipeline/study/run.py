@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
 from xlp.pipeline.core.errors import PipelineError
-from xlp.pipeline.runner import _ensure_ray, run_pipeline
+from xlp.pipeline.runner import _disconnect_ray, _ensure_ray, run_pipeline
 from xlp.pipeline.study.plan import DATA_STAGES, VARIANT_STAGES, StudyPlan, link_data
 from xlp.pipeline.study.report import update_report
 
@@ -53,9 +53,7 @@ def run_study(plan: StudyPlan, *, out: TextIO | None = None, force: bool = False
                       file=out, flush=True)
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            _disconnect_ray()
     outcome.report = update_report(plan, out=out)
     return outcome
 
