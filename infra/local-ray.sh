@@ -36,9 +36,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 if [ "$ACTION" = stop ]; then
   # `ray stop` would end every Ray instance on the machine; end the processes of this head's session.
   session="$TEMP/|ray\.util\.client\.server --address=[0-9.]*:$PORT "
-  pkill -TERM -f -- "$session" 2>/dev/null || true
-  for _ in $(seq 20); do pgrep -f -- "$session" >/dev/null || break; sleep 0.5; done
-  pkill -KILL -f -- "$session" 2>/dev/null || true
+  # with every process they started: the raylet's dashboard and runtime-env agents rename themselves
+  # (ray::DashboardAgent), so no pattern finds them, and once the raylet is gone they live on
+  tree() { local p; for p in "$@"; do echo "$p"; tree $(pgrep -P "$p"); done; }
+  pids=$(tree $(pgrep -f -- "$session"))
+  [ -n "$pids" ] && kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 20); do alive=$(ps -o pid= -p "$(echo $pids | tr ' ' ,)" 2>/dev/null) || break; [ -n "$alive" ] || break; sleep 0.5; done
+  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
   echo "local-ray.sh: stopped the head in $TEMP"; exit 0
 fi
 
