@@ -73,6 +73,7 @@ def pytest_configure(config):
 # ... variables to the stage tasks, as on any cluster). Its workers run in a folder of their own, not in
 # the test's working directory: a stage that depends on its task's working directory fails here.
 _shared_ray: dict = {}
+SHARED_RAY_TEMP_DIR = "XLP_TEST_RAY_TEMP_DIR"
 
 
 def _start_shared_ray(config) -> None:
@@ -81,14 +82,16 @@ def _start_shared_ray(config) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cwd = tempfile.mkdtemp(prefix="xlp-test-ray-")
-    proc = subprocess.Popen([sys.executable, str(TESTS_DIR / "ray_service.py"), str(os.cpu_count() or 2)],
+    temp = tempfile.mkdtemp(prefix="xtr", dir="/tmp")  # short: Ray's socket paths (at most 107 bytes)
+    proc = subprocess.Popen([sys.executable, str(TESTS_DIR / "ray_service.py"), str(os.cpu_count() or 2), temp],
                             env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     address, _, auth_mode = proc.stdout.readline().strip().partition(" ")
     if proc.poll() is not None or not address:
         proc.kill()
         raise pytest.UsageError(f"the tests' shared Ray did not start (tests/ray_service.py, exit {proc.wait()})")
-    _shared_ray.update(proc=proc, cwd=cwd)
+    _shared_ray.update(proc=proc, cwd=cwd, temp=temp)
     os.environ["RAY_ADDRESS"] = address
+    os.environ[SHARED_RAY_TEMP_DIR] = temp  # its logs, for the tests that search them
     if auth_mode:
         os.environ["RAY_AUTH_MODE"] = auth_mode
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -103,6 +106,7 @@ def pytest_unconfigure(config):
         except Exception:  # noqa: BLE001 - a stuck shutdown must not hang the session's end
             proc.kill()
         shutil.rmtree(_shared_ray.pop("cwd"), ignore_errors=True)
+        shutil.rmtree(_shared_ray.pop("temp"), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

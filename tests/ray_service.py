@@ -1,8 +1,9 @@
 """The test session's shared Ray: started once by the pytest process that runs (or hands out) the tests,
 used by every `xlp run` the tests start (RAY_ADDRESS), stopped at the end of the session.
 
-    python tests/ray_service.py NUM_CPUS     prints the address and RAY_AUTH_MODE, then holds the
-                                             instance until SIGTERM or SIGINT
+    python tests/ray_service.py NUM_CPUS TEMP_DIR   prints the address and RAY_AUTH_MODE, then holds
+                                                   the instance (its files in TEMP_DIR) until SIGTERM or
+                                                   SIGINT, or until the process that started it ends
 
 An embedded Ray per `xlp run` costs about 5 CPU-seconds to start and 5% of a core while it lives (seven
 processes); the suite starts about fifty: shared, they cost that once. A test that needs a Ray of its own
@@ -21,7 +22,7 @@ import ray
 
 def main() -> None:
     ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
+             logging_level=logging.ERROR, _temp_dir=sys.argv[2])
     # how a driver connects: the address, and the authentication mode ray.init chose (a driver without
     # RAY_AUTH_MODE=token is refused by a Ray with token authentication; the token is ~/.ray/auth_token)
     print(ray.get_runtime_context().gcs_address, os.environ.get("RAY_AUTH_MODE", ""), flush=True)

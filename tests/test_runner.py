@@ -292,6 +292,44 @@ TOY_XLP_RUN = textwrap.dedent(
 )
 
 
+# `xlp run` of one stage, env_probe (tests/toy_stages.py). argv: RUN_DIR.
+ENV_PROBE_RUN = textwrap.dedent(
+    """
+    import sys
+    from xlp.pipeline.core import registry
+    from xlp.pipeline.core.stage import Stage
+    from xlp.pipeline.cli import main
+    registry.STAGES[:] = [Stage("probe", reads=(), needs=(), fn="toy_stages:env_probe")]
+    config = sys.argv[1] + "/toy.yaml"
+    open(config, "w").write("run:\\n  name: toy\\n")
+    sys.exit(main(["run", config, "--run-dir", sys.argv[1]]))
+    """
+)
+
+
+def test_xlp_run_on_a_running_ray_passes_its_variables_to_the_stage_tasks(tmp_path):
+    """`xlp run` on a Ray it did not start (the session's, in RAY_ADDRESS), whose workers have the Ray's
+    environment, not the shell's: the stage's task sees the driver's XLP_* variables, a secret one too
+    (XLP_TEST_PROBE_KEY: a *_KEY name), and not a variable outside the passed prefixes; the secret's
+    value is in none of that Ray's files (its logs, its runtime-env agent's)."""
+    import secrets
+
+    from conftest import SHARED_RAY_TEMP_DIR
+
+    secret = "probe-" + secrets.token_hex(12)
+    env = xlp_env({"XLP_TEST_PLAIN": "plain value", "XLP_TEST_PROBE_KEY": secret, "NOT_PASSED_PROBE": "x"})
+    assert env.get("RAY_ADDRESS"), "no shared Ray in this session"
+    r = subprocess.run([sys.executable, "-c", ENV_PROBE_RUN, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = json.loads((tmp_path / "probe" / "env.json").read_text())
+    assert seen == {"XLP_TEST_PLAIN": "plain value", "XLP_TEST_PROBE_KEY": secret, "NOT_PASSED_PROBE": None}
+    files = [f for f in Path(os.environ[SHARED_RAY_TEMP_DIR]).rglob("*") if f.is_file() and not f.is_socket()]
+    assert any(f.suffix in (".log", ".out", ".err") for f in files), "no Ray logs to search"
+    assert [f for f in files if secret.encode() in f.read_bytes()] == []
+    assert secret not in r.stdout + r.stderr
+
+
 def _stop_xlp_run(run_dir: Path, signum: int) -> subprocess.CompletedProcess:
     """`xlp run` on the toy stages, sent `signum` once its second stage runs: SIGINT to its whole process
     group, as a terminal's Ctrl-C is (its embedded Ray's processes get it too); SIGTERM to it alone, as

@@ -4,6 +4,7 @@ Importable by Ray workers because the tests put this folder on PYTHONPATH before
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -96,3 +97,15 @@ TOY_STAGES = [
 UNDECLARED_STAGES = [Stage("undeclared", reads=("train.steps",), needs=(), fn="toy_stages:undeclared")]
 BROKEN_STAGES = TOY_STAGES[:1] + [Stage("broken", reads=(), needs=("numbers",), fn="toy_stages:broken")]
 FAR_STAGES = TOY_STAGES[:1] + [Stage("far", reads=(), needs=("numbers",), fn="toy_stages:far")]
+
+
+# What env_probe reports: a variable `xlp run` passes to its stage tasks on a Ray it did not start, a
+# secret one (by its name's suffix), and one it does not pass.
+PROBED = ("XLP_TEST_PLAIN", "XLP_TEST_PROBE_KEY", "NOT_PASSED_PROBE")
+
+
+def env_probe(ctx: StageContext) -> dict:
+    """Writes which of PROBED the stage's task sees, and their values, to env.json."""
+    seen = {name: os.environ.get(name) for name in PROBED}
+    atomic_write_text(ctx.out_dir / "env.json", json.dumps(seen))
+    return {"seen": sum(v is not None for v in seen.values())}
