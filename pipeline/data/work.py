@@ -253,7 +253,8 @@ def near_val(docs: list) -> list[list]:
     """The NEAR_VAL train documents (split key, tokens) with the smallest split keys, in key order: a
     document goes to the val split when its key is below data.val_fraction, so these are the ones a
     larger val_fraction moves there first (xlp.pipeline.data.fit names a val_fraction that works from
-    them). tokens None: not known (a document of a shard a killed attempt finished)."""
+    them). tokens None: not known (manifests written before a resumed partition counted the documents of
+    the shards a killed attempt finished)."""
     return [list(d) for d in sorted(docs, key=lambda d: d[0])[:NEAR_VAL]]
 
 
@@ -312,10 +313,13 @@ def shard_partition(job: ShardJob, report) -> dict:
             u = hash_unit(doc_hash(text))
             split = "val" if u < job.val_fraction or u == job.force_val else "train"
             seen[split] += 1
-            if seen[split] <= skip[split]:
-                if split == "train":
-                    near.append((u, None))  # its token count is in a finished shard, not known here
-                continue  # already in a finished shard
+            if seen[split] <= skip[split]:  # already in a finished shard
+                if split == "train" and (len(near) < NEAR_VAL or u < max(k for k, _ in near)):
+                    # among the near_val ones so far: encoded again for its token count (a few documents
+                    # per partition), so the manifest is the one an uninterrupted attempt writes
+                    near.append((u, len(encoder.encode_batch([text])[0]) + 1))
+                    near[:] = near_val(near)
+                continue
             batch.append((split, source, text, u))
             batch_chars += len(text)
             if batch_chars >= job.encode_batch_chars:
