@@ -98,6 +98,7 @@ def _start_shared_ray(config) -> None:
 
 
 def pytest_unconfigure(config):
+    _ray_cluster.stop()
     proc = _shared_ray.pop("proc", None)
     if proc is not None:
         proc.terminate()
@@ -171,32 +172,69 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+class _RayCluster:
+    """The 2-node Ray cluster of `ray_head`: started by the first test that asks for it, stopped once the
+    last of the tests that use it in a row has run (they run in one process, one after another: see
+    SERVICE_GROUPS), so that it does not idle through the rest of the session (about 5% of a core);
+    a test that asks for it later starts it again."""
+
+    def __init__(self) -> None:
+        self.env: dict | None = None
+        self.address: str | None = None
+
+    def start(self) -> str:
+        import socket
+        import subprocess
+
+        if self.address is not None:
+            return self.address
+
+        def free_port() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        port, dash = free_port(), free_port()
+        # a short path: Ray's socket files live under it (at most 107 bytes; pytest's tmp paths are longer)
+        temp = tempfile.mkdtemp(prefix="xrh", dir="/tmp")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's shared Ray
+        env.update(RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2", RAY_TEMP_DIR=temp)
+        self.env = env  # stopped even when it failed to come up whole
+        proc = subprocess.run(["bash", str(REPO / "infra" / "local-ray.sh"), "--workers", "1"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            self.stop()
+            raise AssertionError(f"infra/local-ray.sh --workers 1 failed:\n{proc.stdout}{proc.stderr}")
+        self.address = f"http://127.0.0.1:{dash}"
+        return self.address
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.env is None:
+            return
+        subprocess.run(["bash", str(REPO / "infra" / "local-ray.sh"), "stop"], env=self.env, capture_output=True,
+                       timeout=120)
+        shutil.rmtree(self.env["RAY_TEMP_DIR"], ignore_errors=True)
+        self.env = self.address = None
+
+
+_ray_cluster = _RayCluster()
+
+
+@pytest.fixture
 def ray_head():
     """A real Ray cluster of two nodes for `xlp submit --to ray`: a head with the Jobs API and token
     authentication on this machine, and one worker node (xlp-ray1, a network namespace of its own;
-    infra/local-ray.sh --workers 1). Yields the Jobs API address; stopped at the end of the session."""
-    import socket
-    import subprocess
+    infra/local-ray.sh --workers 1). Yields the Jobs API address; shared by the tests that use it in a
+    row (_RayCluster)."""
+    yield _ray_cluster.start()
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
-    port, dash = free_port(), free_port()
-    # a short path: Ray's socket files live under it (at most 107 bytes; pytest's tmp paths are longer)
-    temp = tempfile.mkdtemp(prefix="xrh", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's shared Ray
-    env.update(RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="2", RAY_TEMP_DIR=temp)
-    script = str(REPO / "infra" / "local-ray.sh")
-    try:  # stopped even when it failed to come up whole
-        proc = subprocess.run(["bash", script, "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield f"http://127.0.0.1:{dash}"
-    finally:
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+def pytest_runtest_teardown(item, nextitem):
+    uses = lambda it: it is not None and "ray_head" in getattr(it, "fixturenames", ())  # noqa: E731
+    if uses(item) and not uses(nextitem):
+        _ray_cluster.stop()
 
 
 def xlp_env(extra: dict | None = None, *, embedded_ray: bool = False) -> dict:
