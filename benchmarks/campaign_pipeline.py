@@ -43,7 +43,7 @@ CONFIG = "campaign_gpu"
 DRY = ["data.sources=[stdlib:json]", "tokenizer.vocab_size=512", "data.seq_len=32", "data.val_fraction=0.1",
        "model.d_model=32", "model.num_blocks=1", "model.num_heads=2", "train.device=cpu", "train.cpu_processes=1",
        "train.threads=1", "train.precision=fp32", "train.compile=false", "train.micro_batch_size=2",
-       "train.steps=150", "train.warmup=2", "train.eval_every=0", "train.eval_batches=1", "train.log_every=50",
+       "train.steps=100", "train.warmup=2", "train.eval_every=0", "train.eval_batches=1", "train.log_every=50",
        "eval.parts=[ppl]", "eval.ppl_batches=1", "eval.baseline=false", "eval.plots=false", "eval.threads=1"]
 STAGES = ("tokenizer", "shard", "train", "eval")
 

@@ -52,11 +52,11 @@ def test_campaign_dry_run(tmp_path):
     block.mkdir()
     (block / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(block), COMMIT="test",
-               CAMPAIGN_WORK=str(tmp_path / "work"))
+               CAMPAIGN_WORK=str(tmp_path / "work"), CAMPAIGN_SECONDS="900")  # the pipeline part's 800 s fit
     env.pop("RAY_ADDRESS", None)  # as on a GPU machine: its `xlp run` starts its own Ray, under the shim
     out = tmp_path / "out"
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=800)
+                         env=env, capture_output=True, text=True, timeout=1000)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     log = (out / "campaign.log").read_text()
     parts = [line.split("\t")[1:3] for line in log.splitlines() if line.startswith("part\t")]
