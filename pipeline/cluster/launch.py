@@ -678,10 +678,11 @@ def _signal_step(job_id: str, step_name: str, signal_name: str = "TERM") -> bool
 # Ray: Ray Train workers
 
 # The workers get their environment from Ray (the job's runtime env), not from this process: the
-# variables xlp.pipeline.core.secrets.forwarded_env names are passed on. Secret ones (xlp.pipeline.core.secrets.is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ...,
-# a value with a credentialed URL) never go into the runtime env, which Ray's agents log: they travel as a Ray object (in the
-# object store, not in any log or in Ray Train's stored run config), which each worker reads into its
-# environment before the rank starts.
+# variables xlp.pipeline.core.secrets.forwarded_env names are passed on. The secret ones among them
+# (is_secret: WANDB_API_KEY, HF_TOKEN, *_TOKEN, *_KEY, ..., a value with a credentialed URL) never go into
+# the runtime env, which Ray's agents log: they travel as a Ray object (in the object store, not in any
+# log or in Ray Train's stored run config), which each worker reads into its environment before the
+# rank starts.
 
 
 class RayRanks(Ranks):
