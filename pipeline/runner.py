@@ -171,11 +171,10 @@ def run_pipeline(
         for stage in order:
             if stage.name in selected:
                 _check_inputs(stage, stages, run_dir, fps, rerun, selected)
-        ray_mode = _ensure_ray()
-        started_ray = ray_mode is not None
+        started_ray = _ensure_ray() is not None
         # Tasks of an embedded Ray are this process's children and inherit its environment; on a Ray
         # this process did not start, the stage tasks get the variables our code reads from it.
-        env = None if (ray_mode or _ray_mode) == "embedded" else forwarded_env()
+        env = None if _ray_mode == "embedded" else forwarded_env()
         # After ray.init, which installs a SIGTERM handler of its own that aborts the driver.
         if threading.current_thread() is threading.main_thread():
             _stop_requests.received.clear()

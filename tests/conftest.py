@@ -183,17 +183,12 @@ class _RayCluster:
         self.address: str | None = None
 
     def start(self) -> str:
-        import socket
         import subprocess
+
+        from xlp.pipeline.train.dist import free_port
 
         if self.address is not None:
             return self.address
-
-        def free_port() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
-
         port, dash = free_port(), free_port()
         # a short path: Ray's socket files live under it (at most 107 bytes; pytest's tmp paths are longer)
         temp = tempfile.mkdtemp(prefix="xrh", dir="/tmp")
