@@ -62,12 +62,17 @@ def preload_triton() -> None:
         _load_triton(op)
 
 
-@torch.compiler.assume_constant_result
 def _note(device: str, op: str, backend: str) -> bool:
     """Record that `op` ran on `device` with `backend`. Under torch.compile this runs once, while the graph
     is traced (the result is taken as a constant): no guard on the record, so no recompile when it grows."""
     _used.setdefault((device, op), set()).add(backend)
     return True
+
+
+# What torch.compiler.assume_constant_result(_note) does, without its `import torch._dynamo`: 1.1 CPU-s in
+# every process that imports the kernels (a stage task, `xlp generate`), most of which never compile.
+# tests/test_kernels_config.py checks that Dynamo still takes the result as a constant.
+_note._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def used_backends() -> dict[str, dict[str, list[str]]]:

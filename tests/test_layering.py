@@ -249,3 +249,22 @@ def test_the_xlp_command_starts_without_torch(module):
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("module", ["xlp.pipeline.stages.train", "xlp.pipeline.stages.eval", "xlp.pipeline.generate",
+                                    "xlp.pipeline.export"])
+def test_the_model_and_kernels_load_without_dynamo(module):
+    """The processes that use a model without compiling it (the train stage's pre-launch checks, the eval
+    stage, `xlp generate` and `xlp export`) do not import torch._dynamo: 1.1 s of CPU each on a small
+    machine. Building a model and running a kernel does not load it either; compiling does."""
+    import subprocess
+
+    code = (f"import sys, torch, {module}\n"
+            "from xlp import kernels\n"
+            "from xlp.xlstm_model import ModelConfig, build_model\n"
+            "model = build_model(ModelConfig(arch='xlstm', vocab_size=64, d_model=32, num_blocks=2, num_heads=2))\n"
+            "model(torch.randint(0, 64, (1, 16)))\n"
+            "kernels.rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
