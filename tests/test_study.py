@@ -152,7 +152,8 @@ def test_prefill_last_only_logits_equal_the_full_forward():
 
 # ------------------------------------------------------------------------------------------ a real study
 
-SMALL = ("train:\n  steps: 6\n  save_every: 6\n  eval_every: 3\n  log_every: 3\n"
+SMALL = ("wandb:\n  mode: offline\n"  # tiny.yaml logs none; the study logs to its W&B group
+         "train:\n  steps: 6\n  save_every: 6\n  eval_every: 3\n  log_every: 3\n"
          "eval:\n  parts: [ppl, long_context, generation]\n  baseline: false\n  threads: 1\n")
 
 

@@ -282,8 +282,9 @@ def test_slurm_srun_plan_places_the_ranks_where_it_says(slurm, tmp_path):
         assert got["NCCL_DEBUG"] == "WARN"
 
 
-# long enough to be cancelled after its first checkpoint (step 10), short enough to finish soon after
-CANCELLED = ["slurm.cpus_per_task=2", "train.steps=80", "train.save_every=10", *QUICK_EVAL]
+# long enough to be cancelled after its first checkpoint (step 10), short enough to finish soon after; with
+# a W&B run (offline), which the resubmitted job continues
+CANCELLED = ["slurm.cpus_per_task=2", "train.steps=80", "train.save_every=10", "wandb.mode=offline", *QUICK_EVAL]
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +320,11 @@ def test_slurm_cancelled_job_resubmitted_resumes_from_its_checkpoint(resubmitted
     resumed_at = int(proc.stdout.split("resumed from ", 1)[1].split("(step ", 1)[1].split(",")[0])
     assert resumed_at >= saved  # the step counter continues (SIGTERM may have saved a later one)
     assert_pipeline_complete(run_dir)
+    # the W&B run too: the resubmitted job's rank 0 logged to the cancelled job's run id (one offline folder
+    # per job, each named after the run id)
+    run_id = (run_dir / "train" / "wandb_run_id").read_text().strip()
+    folders = sorted((run_dir / "train" / "wandb").glob("offline-run-*"))
+    assert len(folders) >= 2 and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}, folders
 
 
 @needs_slurm
