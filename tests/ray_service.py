@@ -21,6 +21,11 @@ import ray
 
 
 def main() -> None:
+    # No log monitor (`ray start --include-log-monitor=false`, which ray.init cannot ask for): it forwards
+    # workers' output to drivers that want it, and none of the suite's does (log_to_driver=False: stage
+    # output goes to the stage logs); it rescans the session's log files all session long (22 CPU-s of a
+    # 17-minute suite, measured with process accounting).
+    ray._private.node.Node.start_log_monitor = lambda self: None
     ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR, _temp_dir=sys.argv[2])
     # how a driver connects: the address, and the authentication mode ray.init chose (a driver without
