@@ -5,6 +5,7 @@ pipeline/ from cli down to core/). A failure names the module, the line and the 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -223,17 +224,21 @@ def test_every_package_folder_is_in_pyproject():
     assert folders <= listed, f"folders with Python files missing from pyproject's packages: {sorted(folders - listed)}"
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter of this venv, outside the clone (what it imports is only what the
+    installed package and the code load)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+
+
 @pytest.mark.parametrize("module", ["xlp.pipeline.core.config", "xlp.pipeline.core.registry", "xlp.pipeline.core.lock"])
 def test_the_ground_floor_loads_without_torch(module):
     """Loading and validating a config needs neither torch nor the model code."""
-    import subprocess
-
     code = (f"import sys, {module}\n"
             "from xlp.pipeline.core.config import load_config\n"
             "cfg = load_config('tiny')\n"
             "heavy = sorted(m for m in ('torch', 'triton', 'deepspeed', 'ray', 'xlp.xlstm_model.lm') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    out = fresh_python(code)
     assert out.returncode == 0, out.stderr
 
 
@@ -242,12 +247,10 @@ def test_the_ground_floor_loads_without_torch(module):
 def test_the_xlp_command_starts_without_torch(module):
     """`xlp status`, `xlp submit`, `xlp run`'s driver and the launchers import no torch (nor numpy): 1.5 s of
     CPU per command on a small machine. Only the verbs and stages that use a model load it, on first use."""
-    import subprocess
-
     code = (f"import sys, {module}\n"
             "heavy = sorted(m for m in ('torch', 'numpy', 'deepspeed', 'xlp.xlstm_model.lm') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    out = fresh_python(code)
     assert out.returncode == 0, out.stderr
 
 
@@ -257,8 +260,6 @@ def test_the_model_and_kernels_load_without_dynamo(module):
     """The processes that use a model without compiling it (the train stage's pre-launch checks, the eval
     stage, `xlp generate` and `xlp export`) do not import torch._dynamo: 1.1 s of CPU each on a small
     machine. Building a model and running a kernel does not load it either; compiling does."""
-    import subprocess
-
     code = (f"import sys, torch, {module}\n"
             "from xlp import kernels\n"
             "from xlp.xlstm_model import ModelConfig, build_model\n"
@@ -266,5 +267,5 @@ def test_the_model_and_kernels_load_without_dynamo(module):
             "model(torch.randint(0, 64, (1, 16)))\n"
             "kernels.rms_norm(torch.randn(2, 8), torch.ones(8))\n"
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    out = fresh_python(code)
     assert out.returncode == 0, out.stderr
